@@ -1,0 +1,16 @@
+//! `orderfleet`: the operator CLI. Parses arguments and hands over to the library.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = orderfleet::cli::Cli::parse();
+    orderfleet::worker::init_logging(cli.log_format);
+    match orderfleet::cli::run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("orderfleet: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

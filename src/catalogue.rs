@@ -1,0 +1,215 @@
+//! The event catalogue: every detail-type on the bus, who produces it and who consumes it.
+//!
+//! This table is the single source for routing (the EventBridge rules in
+//! [`crate::topology`]), for `docs/events.md` and for the JSON Schemas in `schemas/`, which a
+//! test checks against it. The typed payloads live in [`crate::events`].
+
+use crate::topology::HandlerName::{self, *};
+
+/// The `source` of events published by the storefront (the e-commerce platform, or
+/// `orderfleet publish`, its simulator).
+pub const STOREFRONT_SOURCE: &str = "orderfleet.storefront";
+
+/// Who publishes an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Producer {
+    Storefront,
+    Handler(HandlerName),
+}
+
+/// One detail-type of the catalogue.
+#[derive(Debug, Clone, Copy)]
+pub struct EventSpec {
+    pub detail_type: &'static str,
+    pub producer: Producer,
+    pub consumers: &'static [HandlerName],
+    pub description: &'static str,
+}
+
+impl EventSpec {
+    pub fn source(&self) -> String {
+        match self.producer {
+            Producer::Storefront => STOREFRONT_SOURCE.to_string(),
+            Producer::Handler(h) => h.source(),
+        }
+    }
+}
+
+/// Looks a detail-type up in the catalogue.
+pub fn spec(detail_type: &str) -> Option<&'static EventSpec> {
+    EVENTS.iter().find(|e| e.detail_type == detail_type)
+}
+
+const fn ev(
+    detail_type: &'static str,
+    producer: Producer,
+    consumers: &'static [HandlerName],
+    description: &'static str,
+) -> EventSpec {
+    EventSpec {
+        detail_type,
+        producer,
+        consumers,
+        description,
+    }
+}
+
+use Producer::{Handler as By, Storefront};
+
+/// Every event of the fleet. Analytics archives all of them.
+pub const EVENTS: &[EventSpec] = &[
+    // From the storefront.
+    ev(
+        "OrderPlaced",
+        Storefront,
+        &[Orders, Analytics],
+        "A customer placed an order: customer, lines, shipping address, payment token.",
+    ),
+    ev(
+        "OrderCancellationRequested",
+        Storefront,
+        &[Orders, Analytics],
+        "The customer or the store asks to cancel an order that has not shipped.",
+    ),
+    ev(
+        "StockReceived",
+        Storefront,
+        &[Inventory, Analytics],
+        "The warehouse received units of a SKU.",
+    ),
+    ev(
+        "ProductUpserted",
+        Storefront,
+        &[Inventory, Analytics],
+        "A catalogue product was created or changed.",
+    ),
+    // From orders.
+    ev(
+        "OrderAccepted",
+        By(Orders),
+        &[Inventory, Payments, Notifications, Analytics],
+        "The order passed validation; stock and payment are requested.",
+    ),
+    ev(
+        "OrderRejected",
+        By(Orders),
+        &[Notifications, Analytics],
+        "The order failed validation; the reasons are listed.",
+    ),
+    ev(
+        "OrderReadyToShip",
+        By(Orders),
+        &[Fulfillment, Analytics],
+        "Stock is reserved and payment authorized: the order can ship.",
+    ),
+    ev(
+        "OrderCancelled",
+        By(Orders),
+        &[Inventory, Payments, Notifications, Analytics],
+        "The order is cancelled; stock and money are to be given back.",
+    ),
+    ev(
+        "OrderCompleted",
+        By(Orders),
+        &[Notifications, Personalization, Analytics],
+        "The order shipped and was paid: a purchase.",
+    ),
+    // From inventory.
+    ev(
+        "InventoryReserved",
+        By(Inventory),
+        &[Orders, Analytics],
+        "Every line of the order is reserved.",
+    ),
+    ev(
+        "InventoryRejected",
+        By(Inventory),
+        &[Orders, Analytics],
+        "Stock was short for at least one line; nothing is reserved.",
+    ),
+    ev(
+        "InventoryReleased",
+        By(Inventory),
+        &[Orders, Analytics],
+        "The order's reservation was released (or there was none to release).",
+    ),
+    ev(
+        "InventoryCommitted",
+        By(Inventory),
+        &[Analytics],
+        "The order shipped: reserved units left the warehouse.",
+    ),
+    // From payments.
+    ev(
+        "PaymentAuthorized",
+        By(Payments),
+        &[Orders, Analytics],
+        "The provider authorized the order total.",
+    ),
+    ev(
+        "PaymentFailed",
+        By(Payments),
+        &[Orders, Analytics],
+        "The provider declined the authorization or the capture.",
+    ),
+    ev(
+        "PaymentCaptured",
+        By(Payments),
+        &[Orders, Analytics],
+        "The authorized amount was captured at shipment.",
+    ),
+    ev(
+        "PaymentVoided",
+        By(Payments),
+        &[Orders, Analytics],
+        "The authorization was voided (or there was nothing to void).",
+    ),
+    ev(
+        "PaymentRefunded",
+        By(Payments),
+        &[Orders, Notifications, Analytics],
+        "A captured payment was refunded.",
+    ),
+    // From fulfillment.
+    ev(
+        "OrderShipped",
+        By(Fulfillment),
+        &[Orders, Inventory, Payments, Notifications, Analytics],
+        "The carrier accepted the shipment; carries the tracking number.",
+    ),
+    ev(
+        "OrderDelivered",
+        By(Fulfillment),
+        &[Orders, Analytics],
+        "The carrier delivered the parcel.",
+    ),
+    ev(
+        "DeliveryFailed",
+        By(Fulfillment),
+        &[Orders, Inventory, Payments, Analytics],
+        "The carrier could not deliver and returned the parcel.",
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_detail_type_is_listed_once_and_archived() {
+        for (i, e) in EVENTS.iter().enumerate() {
+            assert!(
+                EVENTS[i + 1..]
+                    .iter()
+                    .all(|o| o.detail_type != e.detail_type),
+                "{} listed twice",
+                e.detail_type
+            );
+            assert!(
+                e.consumers.contains(&Analytics),
+                "{} not archived",
+                e.detail_type
+            );
+        }
+    }
+}

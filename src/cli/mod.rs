@@ -1,0 +1,60 @@
+//! The `orderfleet` operator CLI: one file per command. The binary only parses arguments.
+
+pub mod migrate;
+pub mod provision;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::worker::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "orderfleet",
+    version,
+    about = "Operate the orderfleet worker fleet"
+)]
+pub struct Cli {
+    /// Log format of diagnostics on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "ORDERFLEET_LOG_FORMAT",
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update the bus, queues, DLQs, rules and queue policies (idempotent).
+    Provision(provision::Args),
+    /// Apply the versioned SQL migrations, each in a transaction.
+    Migrate(migrate::Args),
+}
+
+/// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
+pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Provision(args) => provision::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
+    }
+}
+
+/// `--prefix`, shared by every command that touches AWS resources.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrefixArg {
+    /// Prefix of every resource name: the bus, queues `<prefix>-<handler>` and DLQs.
+    #[arg(long, env = "ORDERFLEET_PREFIX", default_value = "orderfleet")]
+    pub prefix: String,
+}
+
+/// `--database-url`, shared by every command that reads PostgreSQL.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseArg {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}

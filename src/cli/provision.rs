@@ -1,0 +1,40 @@
+//! `orderfleet provision`: applies the topology and prints what changed.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::aws::Clients;
+use crate::cli::PrefixArg;
+use crate::topology::{Topology, DEFAULT_MAX_RECEIVE_COUNT};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub prefix: PrefixArg,
+    /// Receives before SQS moves a failing message to the DLQ.
+    #[arg(long, env = "ORDERFLEET_MAX_RECEIVE_COUNT", default_value_t = DEFAULT_MAX_RECEIVE_COUNT,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_receive_count: u32,
+    /// Print the changes as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: Args) -> Result<ExitCode> {
+    let mut topo = Topology::with_prefix(&args.prefix.prefix);
+    topo.max_receive_count = args.max_receive_count;
+    let clients = Clients::from_env().await;
+    let changes = crate::provision::provision(&clients, &topo).await?;
+    if args.json {
+        println!("{}", serde_json::json!({ "changes": changes }));
+    } else if changes.is_empty() {
+        println!("provision: everything is in place; nothing changed");
+    } else {
+        for c in &changes {
+            println!("{:<60} {}", c.resource, c.action);
+        }
+        println!("provision: {} change(s)", changes.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}

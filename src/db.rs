@@ -1,0 +1,90 @@
+//! PostgreSQL: the connection pool and the versioned migrations.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+/// The migrations, in order. Each runs in its own transaction and is recorded in
+/// `schema_migrations`; a version that is already recorded is skipped.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "spine", include_str!("../migrations/0001_spine.sql")),
+    (
+        2,
+        "inventory",
+        include_str!("../migrations/0002_inventory.sql"),
+    ),
+];
+
+/// Builds a pool for `url` with at most `max_size` connections. Connections are opened lazily,
+/// so this does not fail when the database is down; the first query does.
+pub fn pool(url: &str, max_size: usize) -> Result<Pool> {
+    let mut config = tokio_postgres::Config::from_str(url)
+        .with_context(|| "DATABASE_URL is not a valid PostgreSQL URL".to_string())?;
+    if config.get_application_name().is_none() {
+        config.application_name("orderfleet");
+    }
+    config.connect_timeout(Duration::from_secs(5));
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .context("building the database pool")
+}
+
+/// Applies every migration not yet applied. Concurrent runs are serialised by an advisory lock.
+/// Returns the versions it applied.
+pub async fn migrate(pool: &Pool) -> Result<Vec<i32>> {
+    let mut client = pool.get().await.context("connecting to the database")?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    integer     PRIMARY KEY,
+                 name       text        NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .context("creating schema_migrations")?;
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        // Held until commit: a second migrator waits here, then sees the version recorded.
+        tx.execute("SELECT pg_advisory_xact_lock(7355608)", &[])
+            .await?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[&version],
+            )
+            .await?
+            .is_some();
+        if done {
+            tx.rollback().await?;
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("applying migration {version} ({name})"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await?;
+        tx.commit()
+            .await
+            .with_context(|| format!("committing migration {version} ({name})"))?;
+        applied.push(version);
+    }
+    Ok(applied)
+}

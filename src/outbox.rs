@@ -1,0 +1,243 @@
+//! The inbox and the outbox: exactly-once effects on top of at-least-once delivery.
+//!
+//! The inbox is a processed-message row keyed by (handler, event key), inserted in the
+//! handler's own transaction: a redelivered event finds its row and is acknowledged with no
+//! effect. The outbox holds the events a handler emitted, also in that transaction; the
+//! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
+//! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use deadpool_postgres::{Pool, Transaction};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::handlers::NewEvent;
+use crate::outcome::{error_chain, HandlerError};
+
+/// Records that `handler` processed the event with `key`. Returns false when it already had:
+/// the caller must then apply nothing. A concurrent duplicate blocks on the primary key until
+/// the first transaction ends, so two deliveries can never both apply.
+pub async fn claim(
+    tx: &Transaction<'_>,
+    handler: &str,
+    key: &str,
+    detail_type: &str,
+) -> Result<bool, HandlerError> {
+    let n = tx
+        .execute(
+            "INSERT INTO processed_messages (handler, event_key, detail_type)
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&handler, &key, &detail_type],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("recording the processed message", &e))?;
+    Ok(n == 1)
+}
+
+/// Writes `events` to the outbox in `tx`, each with a fresh `event_id` that is also stamped
+/// into its detail. Returns the ids.
+pub async fn insert(
+    tx: &Transaction<'_>,
+    source: &str,
+    events: &[NewEvent],
+) -> Result<Vec<Uuid>, HandlerError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO outbox (event_id, source, detail_type, detail) VALUES ($1, $2, $3, $4)",
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("preparing the outbox insert", &e))?;
+    let mut ids = Vec::with_capacity(events.len());
+    for ev in events {
+        let id = Uuid::new_v4();
+        let mut detail = ev.detail.clone();
+        if let Value::Object(map) = &mut detail {
+            map.insert("event_id".into(), Value::String(id.to_string()));
+        }
+        tx.execute(&stmt, &[&id, &source, &ev.detail_type, &detail])
+            .await
+            .map_err(|e| HandlerError::from_db("writing the outbox", &e))?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Publishes outbox rows to the bus with PutEvents, 10 per call (the API's limit).
+#[derive(Clone)]
+pub struct Relay {
+    pool: Pool,
+    events: aws_sdk_eventbridge::Client,
+    bus_name: String,
+    wake: Arc<Notify>,
+}
+
+/// What one relay pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPass {
+    pub published: usize,
+    pub failed: usize,
+}
+
+impl Relay {
+    pub fn new(pool: Pool, events: aws_sdk_eventbridge::Client, bus_name: String) -> Self {
+        Relay {
+            pool,
+            events,
+            bus_name,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// A handle that wakes the relay at once; the runtime pokes it after a commit that wrote
+    /// to the outbox, so events leave without waiting for the next poll.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Publishes up to 10 unpublished rows. Rows are locked with `FOR UPDATE SKIP LOCKED`, so
+    /// any number of relays can run at once without publishing a row twice in the normal case;
+    /// a crash after PutEvents and before the commit republishes, which consumers absorb.
+    pub async fn publish_once(&self) -> Result<RelayPass> {
+        let mut client = self.pool.get().await.context("relay: database pool")?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT id, event_id, source, detail_type, detail FROM outbox
+                 WHERE published_at IS NULL ORDER BY id LIMIT 10 FOR UPDATE SKIP LOCKED",
+                &[],
+            )
+            .await
+            .context("relay: reading the outbox")?;
+        if rows.is_empty() {
+            return Ok(RelayPass::default());
+        }
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let detail: Value = row.get(4);
+            entries.push(
+                PutEventsRequestEntry::builder()
+                    .event_bus_name(&self.bus_name)
+                    .source(row.get::<_, String>(2))
+                    .detail_type(row.get::<_, String>(3))
+                    .detail(detail.to_string())
+                    .build(),
+            );
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let out = match self
+            .events
+            .put_events()
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let err = error_chain(&e);
+                tx.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
+                    &[&ids, &err],
+                )
+                .await?;
+                tx.commit().await?;
+                anyhow::bail!("relay: PutEvents failed: {err}");
+            }
+        };
+        // Entries of the response line up with the request; an entry with an error code failed
+        // on its own and stays in the outbox for the next pass.
+        let mut published = Vec::new();
+        let mut failed = 0;
+        for (i, id) in ids.iter().enumerate() {
+            match out.entries().get(i) {
+                Some(entry) if entry.error_code().is_none() => published.push(*id),
+                Some(entry) => {
+                    failed += 1;
+                    let err = format!(
+                        "{}: {}",
+                        entry.error_code().unwrap_or_default(),
+                        entry.error_message().unwrap_or_default()
+                    );
+                    tx.execute(
+                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
+                        &[id, &err],
+                    )
+                    .await?;
+                }
+                None => failed += 1,
+            }
+        }
+        tx.execute(
+            "UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)",
+            &[&published],
+        )
+        .await?;
+        tx.commit().await.context("relay: marking rows published")?;
+        Ok(RelayPass {
+            published: published.len(),
+            failed,
+        })
+    }
+
+    /// Runs until `stop`: publishes while there is work, then waits for a wake-up or the
+    /// poll interval (other processes write to the outbox too). Errors back off, up to 5 s.
+    pub async fn run(self, stop: CancellationToken, poll: Duration) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.publish_once().await {
+                Ok(pass) if pass.published + pass.failed == 10 && pass.failed == 0 => continue,
+                Ok(pass) => {
+                    if pass.failed > 0 {
+                        tracing::warn!(failed = pass.failed, "relay: entries failed; retrying");
+                        sleep_or_stop(&stop, backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    backoff = Duration::from_millis(100);
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "relay: pass failed; backing off");
+                    sleep_or_stop(&stop, backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Publishes until the outbox is empty or `deadline` passes (used at shutdown).
+    pub async fn drain(&self, deadline: Duration) -> Result<usize> {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut total = 0;
+        while tokio::time::Instant::now() < until {
+            let pass = self.publish_once().await?;
+            total += pass.published;
+            if pass.published + pass.failed == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}

@@ -1,0 +1,692 @@
+//! The SQS consumer runtime, written once and shared by every handler.
+//!
+//! Per queue: receive loops long-poll for up to ten messages each, but only ask for as many
+//! as there are free concurrency permits (back pressure); each message runs as its own task;
+//! deletes go through the batching [`acker::Acker`]; the process-wide [`lease::Leases`] keeps
+//! in-flight messages invisible. A handler's typed outcome decides what happens next:
+//!
+//! | outcome | action |
+//! |---|---|
+//! | success or duplicate | delete |
+//! | retry | ChangeMessageVisibility to the backoff for this receive count |
+//! | retry on the last allowed receive | dead-letter as `exhausted` |
+//! | permanent, poison | send the body to the DLQ with the reason, then delete |
+//! | panic, timeout | retry |
+//!
+//! Shutdown (see [`Consumer::run`]) stops receiving, lets running handlers finish until the
+//! grace deadline, makes unstarted messages visible at once, and flushes deletes.
+
+pub mod acker;
+pub mod backoff;
+pub mod lease;
+pub mod notify;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use aws_sdk_sqs::types::{
+    Message, MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
+};
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::catalogue;
+use crate::envelope::Envelope;
+use crate::handlers::{Context, Handler};
+use crate::metrics::Counters;
+use crate::outbox;
+use crate::outcome::{error_chain, FailureKind, HandlerError};
+use acker::Acker;
+use backoff::RetryPolicy;
+use lease::Leases;
+
+/// Message attributes the runtime puts on a dead-lettered message.
+pub mod attrs {
+    pub const KIND: &str = "orderfleet.failure.kind";
+    pub const REASON: &str = "orderfleet.failure.reason";
+    pub const HANDLER: &str = "orderfleet.failure.handler";
+    pub const RECEIVE_COUNT: &str = "orderfleet.failure.receive_count";
+    pub const SOURCE_QUEUE: &str = "orderfleet.failure.source_queue";
+    pub const FAILED_AT: &str = "orderfleet.failure.at";
+    pub const ORIGINAL_MESSAGE_ID: &str = "orderfleet.original_message_id";
+}
+
+/// Longest failure reason kept on a dead-lettered message.
+const MAX_REASON_BYTES: usize = 1024;
+/// How often the lease task looks for leases to extend.
+pub const LEASE_TICK: Duration = Duration::from_secs(1);
+/// Slack required on top of the lease tick.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Settings of one queue's consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub queue_url: String,
+    pub dlq_url: String,
+    /// Messages handled at once.
+    pub concurrency: usize,
+    /// Receive loops; each holds up to ten permits while it polls.
+    pub receivers: usize,
+    pub wait_time_secs: i32,
+    /// Visibility set at receive and by each lease extension.
+    pub visibility_timeout: Duration,
+    pub handler_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// The queue's maxReceiveCount: on that receive, a retry becomes a dead-letter.
+    pub max_receive_count: u32,
+    pub delete_flush: Duration,
+    /// Running handlers get this long to finish after a stop is requested.
+    pub shutdown_grace: Duration,
+}
+
+impl ConsumerConfig {
+    /// The default number of receive loops for a concurrency: enough to keep every permit busy.
+    pub fn default_receivers(concurrency: usize) -> usize {
+        concurrency.div_ceil(10).clamp(1, 8)
+    }
+}
+
+/// What a queue says about itself, read at startup.
+#[derive(Debug, Clone)]
+pub struct QueueFacts {
+    pub queue_url: String,
+    pub dlq_url: String,
+    pub max_receive_count: u32,
+    pub visibility_timeout: Duration,
+    pub retention: Duration,
+}
+
+/// Reads the queue's attributes and checks that the consumer can run safely on it: the queue
+/// exists and has a redrive policy whose DLQ exists. The error says what to change.
+pub async fn inspect_queue(sqs: &aws_sdk_sqs::Client, queue_name: &str) -> Result<QueueFacts> {
+    let url = queue_url(sqs, queue_name).await?;
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(&url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading attributes of queue {queue_name}: {}",
+                error_chain(&e)
+            )
+        })?;
+    let attrs = out.attributes().cloned().unwrap_or_default();
+    let get = |k: QueueAttributeName| attrs.get(&k).cloned();
+    let Some(policy) = get(QueueAttributeName::RedrivePolicy) else {
+        bail!(
+            "queue {queue_name} has no RedrivePolicy, so failing messages would never reach a \
+             dead-letter queue; run `orderfleet provision`, or set a RedrivePolicy with a \
+             deadLetterTargetArn and maxReceiveCount on the queue"
+        );
+    };
+    let policy: serde_json::Value = serde_json::from_str(&policy)
+        .with_context(|| format!("queue {queue_name}: RedrivePolicy is not JSON"))?;
+    let dlq_arn = policy["deadLetterTargetArn"]
+        .as_str()
+        .with_context(|| format!("queue {queue_name}: RedrivePolicy lacks deadLetterTargetArn"))?;
+    let max_receive_count = match &policy["maxReceiveCount"] {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+    .with_context(|| format!("queue {queue_name}: RedrivePolicy lacks maxReceiveCount"))?
+        as u32;
+    let dlq_name = dlq_arn.rsplit(':').next().unwrap_or(dlq_arn);
+    let dlq_url = queue_url(sqs, dlq_name).await.with_context(|| {
+        format!("queue {queue_name}: its dead-letter queue {dlq_name} is missing")
+    })?;
+    let secs = |k: QueueAttributeName, default: u64| {
+        get(k)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(default))
+    };
+    Ok(QueueFacts {
+        queue_url: url,
+        dlq_url,
+        max_receive_count,
+        visibility_timeout: secs(QueueAttributeName::VisibilityTimeout, 30),
+        retention: secs(QueueAttributeName::MessageRetentionPeriod, 345_600),
+    })
+}
+
+/// Resolves a queue name to its URL, with an error that names the queue.
+pub async fn queue_url(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<String> {
+    let out = sqs
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "queue {name} does not exist or cannot be reached ({}); run `orderfleet provision`",
+                error_chain(&e)
+            )
+        })?;
+    out.queue_url()
+        .map(str::to_string)
+        .with_context(|| format!("GetQueueUrl for {name} returned no URL"))
+}
+
+/// Checks the settings against the queue. Every error names the flag to change.
+pub fn validate(cfg: &ConsumerConfig, facts: &QueueFacts) -> Result<()> {
+    if cfg.visibility_timeout < 2 * LEASE_TICK + LEASE_MARGIN {
+        bail!(
+            "the visibility timeout ({}s) must be at least {}s so that the lease task can extend \
+             it before it runs out; raise --visibility-timeout-secs or the queue's VisibilityTimeout",
+            cfg.visibility_timeout.as_secs(),
+            (2 * LEASE_TICK + LEASE_MARGIN).as_secs()
+        );
+    }
+    if cfg.handler_timeout + LEASE_MARGIN >= backoff::MAX_VISIBILITY {
+        bail!(
+            "--handler-timeout-secs ({}) plus a margin must stay under SQS's 12-hour visibility \
+             ceiling, beyond which a lease cannot keep the message hidden",
+            cfg.handler_timeout.as_secs()
+        );
+    }
+    if cfg.shutdown_grace >= Duration::from_secs(3600) {
+        bail!("--shutdown-grace-secs must be under an hour");
+    }
+    let waits = cfg.retry.worst_case_total(facts.max_receive_count);
+    let runs = cfg.handler_timeout * facts.max_receive_count;
+    if waits + runs >= facts.retention {
+        bail!(
+            "the retry schedule does not fit the queue: {} attempts with backoff up to {}s can take \
+             {}s, but the queue keeps messages only {}s; lower --retry-cap-secs or \
+             --retry-base-secs, or raise the queue's MessageRetentionPeriod",
+            facts.max_receive_count,
+            cfg.retry.cap.as_secs(),
+            (waits + runs).as_secs(),
+            facts.retention.as_secs()
+        );
+    }
+    if cfg.concurrency == 0 || cfg.receivers == 0 {
+        bail!("--concurrency and --receivers must be at least 1");
+    }
+    Ok(())
+}
+
+/// What one message's handling came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Executed {
+    /// The handler's effects committed; it emitted this many events.
+    Applied { emitted: usize },
+    /// The event was processed before; nothing was applied.
+    Duplicate,
+}
+
+/// Runs `handler` on `event` in one transaction: the inbox claim, the handler's effects and
+/// its outbox rows commit together or not at all. This is the whole exactly-once story; it
+/// knows nothing of SQS and is reused by the in-process benchmark.
+pub async fn execute(
+    handler: &dyn Handler,
+    pool: &Pool,
+    event: &Envelope,
+    receive_count: u32,
+) -> Result<Executed, HandlerError> {
+    let mut client = pool.get().await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| HandlerError::from_db("beginning a transaction", &e))?;
+    if !outbox::claim(&tx, handler.name(), event.event_key(), &event.detail_type).await? {
+        return Ok(Executed::Duplicate);
+    }
+    let mut cx = Context::new(&tx, receive_count);
+    handler.handle(event, &mut cx).await?;
+    let emitted = std::mem::take(&mut cx.emitted);
+    drop(cx);
+    outbox::insert(&tx, &handler.source(), &emitted).await?;
+    tx.commit()
+        .await
+        .map_err(|e| HandlerError::from_db("committing", &e))?;
+    Ok(Executed::Applied {
+        emitted: emitted.len(),
+    })
+}
+
+/// One queue's consumer.
+pub struct Consumer {
+    pub cfg: ConsumerConfig,
+    pub sqs: aws_sdk_sqs::Client,
+    pub pool: Pool,
+    pub handler: Arc<dyn Handler>,
+    pub leases: Leases,
+    pub counters: Arc<Counters>,
+    /// Poked after a commit that wrote to the outbox.
+    pub relay_wake: Option<Arc<Notify>>,
+}
+
+struct Shared {
+    cfg: ConsumerConfig,
+    sqs: aws_sdk_sqs::Client,
+    pool: Pool,
+    handler: Arc<dyn Handler>,
+    leases: Leases,
+    counters: Arc<Counters>,
+    relay_wake: Option<Arc<Notify>>,
+    queue_url: Arc<str>,
+    acker: Acker,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl Consumer {
+    /// Consumes until `stop` is cancelled, then shuts down in order:
+    /// 1. the receive loops stop, aborting their long polls;
+    /// 2. running handlers get `shutdown_grace` to finish; after that they are aborted and
+    ///    their messages made visible again;
+    /// 3. messages received but not started are made visible again at once;
+    /// 4. pending deletes are flushed.
+    pub async fn run(self, stop: CancellationToken) -> Result<()> {
+        let (acker, acker_task) = Acker::spawn(
+            self.sqs.clone(),
+            self.cfg.queue_url.clone(),
+            self.cfg.delete_flush,
+            self.counters.clone(),
+        );
+        let shared = Arc::new(Shared {
+            queue_url: Arc::from(self.cfg.queue_url.as_str()),
+            cfg: self.cfg,
+            sqs: self.sqs,
+            pool: self.pool,
+            handler: self.handler,
+            leases: self.leases,
+            counters: self.counters,
+            relay_wake: self.relay_wake,
+            acker,
+            stop: stop.clone(),
+            hard_stop: CancellationToken::new(),
+        });
+        let permits = Arc::new(Semaphore::new(shared.cfg.concurrency));
+        let tracker = TaskTracker::new();
+        let mut receivers = tokio::task::JoinSet::new();
+        for _ in 0..shared.cfg.receivers {
+            receivers.spawn(receive_loop(
+                shared.clone(),
+                permits.clone(),
+                tracker.clone(),
+            ));
+        }
+        while receivers.join_next().await.is_some() {}
+
+        tracker.close();
+        let handler = shared.handler.name().to_string();
+        if tokio::time::timeout(shared.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                handler,
+                running = tracker.len(),
+                "shutdown grace ran out; aborting running handlers and releasing their messages"
+            );
+            shared.hard_stop.cancel();
+            tracker.wait().await;
+        }
+        drop(shared);
+        // The acker ends once the last handle (held by `shared`) is gone and its queue is flushed.
+        acker_task.await.context("acker task")?;
+        tracing::info!(handler, "consumer stopped");
+        Ok(())
+    }
+}
+
+async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: TaskTracker) {
+    let mut error_backoff = Duration::from_millis(200);
+    loop {
+        // Back pressure: wait for one free slot, then take up to nine more that are free now.
+        let first = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut held = vec![first];
+        while held.len() < 10 {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => held.push(p),
+                Err(_) => break,
+            }
+        }
+        let request = shared
+            .sqs
+            .receive_message()
+            .queue_url(&*shared.queue_url)
+            .max_number_of_messages(held.len() as i32)
+            .wait_time_seconds(shared.cfg.wait_time_secs)
+            .visibility_timeout(shared.cfg.visibility_timeout.as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send();
+        let result = tokio::select! {
+            // Dropping the request aborts the long poll.
+            _ = shared.stop.cancelled() => return,
+            r = request => r,
+        };
+        let received_at = Instant::now();
+        match result {
+            Ok(out) => {
+                error_backoff = Duration::from_millis(200);
+                let messages = out.messages.unwrap_or_default();
+                if messages.is_empty() {
+                    Counters::inc(&shared.counters.empty_receives);
+                }
+                // Surplus permits drop here, back into the pool.
+                for (msg, permit) in messages.into_iter().zip(held.drain(..)) {
+                    Counters::inc(&shared.counters.received);
+                    tracker.spawn(process(shared.clone(), msg, received_at, permit));
+                }
+            }
+            Err(e) => {
+                Counters::inc(&shared.counters.receive_errors);
+                tracing::warn!(
+                    handler = shared.handler.name(),
+                    error = %error_chain(&e),
+                    backoff_ms = error_backoff.as_millis() as u64,
+                    "receive failed; backing off"
+                );
+                drop(held);
+                let jittered = error_backoff.mul_f64(1.0 + fastrand::f64());
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(jittered) => {}
+                }
+                error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn receive_count(msg: &Message) -> u32 {
+    msg.attributes()
+        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+async fn process(
+    shared: Arc<Shared>,
+    msg: Message,
+    received_at: Instant,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let Some(receipt) = msg.receipt_handle().map(str::to_string) else {
+        return;
+    };
+    let counters = &shared.counters;
+    counters.in_flight.fetch_add(1, Relaxed);
+    let lease = shared.leases.hold(
+        shared.queue_url.clone(),
+        receipt.clone(),
+        received_at,
+        shared.cfg.visibility_timeout,
+        counters.clone(),
+    );
+    let count = receive_count(&msg);
+    let body = msg.body().unwrap_or_default();
+    let span = tracing::info_span!(
+        "message",
+        handler = shared.handler.name(),
+        event_id = tracing::field::Empty,
+        detail_type = tracing::field::Empty,
+        order_id = tracing::field::Empty,
+        receive_count = count,
+    );
+    async {
+        if shared.stop.is_cancelled() {
+            // Received while stopping: give it back now rather than after the visibility timeout.
+            drop(lease);
+            release(&shared, &receipt).await;
+            return;
+        }
+        let started = Instant::now();
+        let outcome = match Envelope::decode(body) {
+            Err(e) => Err(e),
+            Ok(event) => {
+                let span = tracing::Span::current();
+                span.record("event_id", event.id.as_str());
+                span.record("detail_type", event.detail_type.as_str());
+                if let Some(order) = event.order_id() {
+                    span.record("order_id", order);
+                }
+                run_guarded(&shared, event, count).await
+            }
+        };
+        drop(lease);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(Some(Executed::Applied { emitted })) => {
+                Counters::inc(&counters.succeeded);
+                if emitted > 0 {
+                    if let Some(wake) = &shared.relay_wake {
+                        wake.notify_one();
+                    }
+                }
+                tracing::info!(outcome = "succeeded", emitted, elapsed_ms, "handled");
+                shared.acker.delete(receipt);
+            }
+            Ok(Some(Executed::Duplicate)) => {
+                Counters::inc(&counters.duplicates);
+                tracing::info!(
+                    outcome = "duplicate",
+                    elapsed_ms,
+                    "already processed; acknowledged"
+                );
+                shared.acker.delete(receipt);
+            }
+            Ok(None) => release(&shared, &receipt).await,
+            Err(HandlerError::Retry { reason, after }) => {
+                if count >= shared.cfg.max_receive_count {
+                    let reason = format!("retries exhausted after {count} receives: {reason}");
+                    dead_letter(
+                        &shared,
+                        &msg,
+                        &receipt,
+                        FailureKind::Exhausted,
+                        &reason,
+                        count,
+                    )
+                    .await;
+                } else {
+                    let delay = after.unwrap_or_else(|| shared.cfg.retry.delay(count));
+                    Counters::inc(&counters.retried);
+                    tracing::warn!(
+                        outcome = "retry",
+                        delay_ms = delay.as_millis() as u64,
+                        reason,
+                        "will retry"
+                    );
+                    set_visibility(&shared, &receipt, delay).await;
+                }
+            }
+            Err(HandlerError::Permanent { reason }) => {
+                dead_letter(
+                    &shared,
+                    &msg,
+                    &receipt,
+                    FailureKind::Permanent,
+                    &reason,
+                    count,
+                )
+                .await;
+            }
+            Err(HandlerError::Poison { reason }) => {
+                dead_letter(&shared, &msg, &receipt, FailureKind::Poison, &reason, count).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    counters.in_flight.fetch_sub(1, Relaxed);
+}
+
+/// Runs the handler in its own task so that a panic is caught, bounded by the handler timeout
+/// and by the hard stop. `Ok(None)` means it was aborted by the hard stop and the message
+/// should be released.
+async fn run_guarded(
+    shared: &Arc<Shared>,
+    event: Envelope,
+    count: u32,
+) -> Result<Option<Executed>, HandlerError> {
+    if catalogue::spec(&event.detail_type).is_none() {
+        return Err(HandlerError::permanent(format!(
+            "unknown detail-type {:?} (source {:?}); it is not in the event catalogue",
+            event.detail_type, event.source
+        )));
+    }
+    let (handler, pool) = (shared.handler.clone(), shared.pool.clone());
+    let mut task = tokio::spawn(
+        async move { execute(&*handler, &pool, &event, count).await }.in_current_span(),
+    );
+    tokio::select! {
+        joined = tokio::time::timeout(shared.cfg.handler_timeout, &mut task) => match joined {
+            Ok(Ok(result)) => result.map(Some),
+            Ok(Err(join)) if join.is_panic() => {
+                Counters::inc(&shared.counters.panics);
+                Err(HandlerError::retry(format!("handler panicked: {}", panic_text(join))))
+            }
+            Ok(Err(join)) => Err(HandlerError::retry(format!("handler task failed: {join}"))),
+            Err(_) => {
+                task.abort();
+                Counters::inc(&shared.counters.timeouts);
+                Err(HandlerError::retry(format!(
+                    "handler timed out after {}s",
+                    shared.cfg.handler_timeout.as_secs()
+                )))
+            }
+        },
+        _ = shared.hard_stop.cancelled() => {
+            task.abort();
+            Ok(None)
+        }
+    }
+}
+
+fn panic_text(join: tokio::task::JoinError) -> String {
+    let payload = join.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+async fn set_visibility(shared: &Shared, receipt: &str, delay: Duration) {
+    let secs = delay.as_secs().min(backoff::MAX_VISIBILITY.as_secs()) as i32;
+    if let Err(e) = shared
+        .sqs
+        .change_message_visibility()
+        .queue_url(&*shared.queue_url)
+        .receipt_handle(receipt)
+        .visibility_timeout(secs)
+        .send()
+        .await
+    {
+        // The message comes back after its current visibility timeout instead: later than
+        // planned, but not lost.
+        tracing::warn!(error = %error_chain(&e), "ChangeMessageVisibility failed");
+    }
+}
+
+/// Makes a message visible again at once (shutdown, aborted handler).
+async fn release(shared: &Shared, receipt: &str) {
+    Counters::inc(&shared.counters.released);
+    set_visibility(shared, receipt, Duration::ZERO).await;
+}
+
+fn string_attr(value: &str) -> Option<MessageAttributeValue> {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .ok()
+}
+
+/// Sends the message to the DLQ with the failure recorded in its attributes, body unchanged,
+/// then deletes the original. If the send fails the original stays and is retried.
+async fn dead_letter(
+    shared: &Shared,
+    msg: &Message,
+    receipt: &str,
+    kind: FailureKind,
+    reason: &str,
+    count: u32,
+) {
+    let mut reason = reason.to_string();
+    if reason.len() > MAX_REASON_BYTES {
+        let mut cut = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    let ours: [(&str, String); 7] = [
+        (attrs::KIND, kind.as_str().to_string()),
+        (attrs::REASON, reason.clone()),
+        (attrs::HANDLER, shared.handler.name().to_string()),
+        (attrs::RECEIVE_COUNT, count.to_string()),
+        (attrs::SOURCE_QUEUE, shared.queue_url.to_string()),
+        (attrs::FAILED_AT, chrono::Utc::now().to_rfc3339()),
+        (
+            attrs::ORIGINAL_MESSAGE_ID,
+            msg.message_id().unwrap_or_default().to_string(),
+        ),
+    ];
+    // SQS allows ten attributes: keep the message's own first, ours override same names.
+    let mut attributes: HashMap<String, MessageAttributeValue> = msg
+        .message_attributes()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| !k.starts_with("orderfleet."))
+                .take(10 - ours.len())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (k, v) in ours {
+        if let Some(v) = string_attr(&v) {
+            attributes.insert(k.to_string(), v);
+        }
+    }
+    let sent = shared
+        .sqs
+        .send_message()
+        .queue_url(&shared.cfg.dlq_url)
+        .message_body(msg.body().unwrap_or_default())
+        .set_message_attributes(Some(attributes))
+        .send()
+        .await;
+    match sent {
+        Ok(_) => {
+            Counters::inc(&shared.counters.dead_lettered);
+            tracing::error!(
+                outcome = "dead_lettered",
+                kind = kind.as_str(),
+                reason,
+                "sent to the DLQ"
+            );
+            shared.acker.delete(receipt.to_string());
+        }
+        Err(e) => {
+            Counters::inc(&shared.counters.retried);
+            let delay = shared.cfg.retry.delay(count);
+            tracing::error!(
+                error = %error_chain(&e),
+                kind = kind.as_str(),
+                reason,
+                "could not send to the DLQ; the message stays in its queue and is retried"
+            );
+            set_visibility(shared, receipt, delay).await;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The fleet's AWS topology as data, in one place: the bus, one queue and DLQ per handler, and
+//! the EventBridge rules that route each detail-type to the handlers that consume it.
+//!
+//! `orderfleet provision` applies it, the worker validates against it, and the CloudFormation
+//! template in `deploy/` is checked against it by a test. The routing itself comes from the
+//! event catalogue ([`crate::catalogue`]), so a new event needs one edit.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde_json::{json, Value};
+
+use crate::catalogue;
+
+/// The EventBridge bus every event travels on.
+pub const BUS_NAME: &str = "orderfleet";
+/// Default maxReceiveCount of each queue's redrive policy.
+pub const DEFAULT_MAX_RECEIVE_COUNT: u32 = 5;
+/// Retention of every DLQ: 14 days, the SQS maximum.
+pub const DLQ_RETENTION_SECS: u32 = 14 * 24 * 3600;
+/// Retention of every work queue: 4 days (the SQS default), well inside the DLQ's 14 days so a
+/// message moved to the DLQ keeps most of its life there.
+pub const QUEUE_RETENTION_SECS: u32 = 4 * 24 * 3600;
+/// Default visibility timeout of each work queue.
+pub const QUEUE_VISIBILITY_TIMEOUT_SECS: u32 = 60;
+
+/// The workers of the fleet. Each has its own queue, DLQ and rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HandlerName {
+    Orders,
+    Inventory,
+    Payments,
+    Fulfillment,
+    Notifications,
+    Analytics,
+    Personalization,
+}
+
+impl HandlerName {
+    pub const ALL: [HandlerName; 7] = [
+        HandlerName::Orders,
+        HandlerName::Inventory,
+        HandlerName::Payments,
+        HandlerName::Fulfillment,
+        HandlerName::Notifications,
+        HandlerName::Analytics,
+        HandlerName::Personalization,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerName::Orders => "orders",
+            HandlerName::Inventory => "inventory",
+            HandlerName::Payments => "payments",
+            HandlerName::Fulfillment => "fulfillment",
+            HandlerName::Notifications => "notifications",
+            HandlerName::Analytics => "analytics",
+            HandlerName::Personalization => "personalization",
+        }
+    }
+
+    /// The EventBridge `source` of the events this handler emits.
+    pub fn source(self) -> String {
+        format!("orderfleet.{}", self.as_str())
+    }
+}
+
+impl fmt::Display for HandlerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for HandlerName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        HandlerName::ALL
+            .into_iter()
+            .find(|h| h.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = HandlerName::ALL.iter().map(|h| h.as_str()).collect();
+                format!(
+                    "unknown handler {s:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Names and settings for one deployment of the topology. `prefix` lets tests (and several
+/// environments in one account) keep their resources apart.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub prefix: String,
+    pub bus_name: String,
+    pub max_receive_count: u32,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            prefix: "orderfleet".into(),
+            bus_name: BUS_NAME.into(),
+            max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
+        }
+    }
+}
+
+/// Everything provisioned for one handler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandlerResources {
+    pub handler: HandlerName,
+    pub queue_name: String,
+    pub dlq_name: String,
+    pub rule_name: String,
+    /// The EventBridge event pattern of the rule.
+    pub pattern: Value,
+}
+
+impl Topology {
+    /// A topology whose resource names all start with `prefix` (`<prefix>-orders`, ...).
+    pub fn with_prefix(prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        Topology {
+            bus_name: prefix.clone(),
+            prefix,
+            ..Topology::default()
+        }
+    }
+
+    pub fn queue_name(&self, handler: HandlerName) -> String {
+        format!("{}-{}", self.prefix, handler.as_str())
+    }
+
+    pub fn dlq_name(&self, handler: HandlerName) -> String {
+        format!("{}-{}-dlq", self.prefix, handler.as_str())
+    }
+
+    pub fn rule_name(&self, handler: HandlerName) -> String {
+        format!("{}-to-{}", self.prefix, handler.as_str())
+    }
+
+    pub fn resources(&self, handler: HandlerName) -> HandlerResources {
+        HandlerResources {
+            handler,
+            queue_name: self.queue_name(handler),
+            dlq_name: self.dlq_name(handler),
+            rule_name: self.rule_name(handler),
+            pattern: event_pattern(handler),
+        }
+    }
+
+    pub fn all(&self) -> Vec<HandlerResources> {
+        HandlerName::ALL
+            .into_iter()
+            .map(|h| self.resources(h))
+            .collect()
+    }
+
+    /// The queue's RedrivePolicy attribute value.
+    pub fn redrive_policy(&self, dlq_arn: &str) -> String {
+        json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": self.max_receive_count})
+            .to_string()
+    }
+}
+
+/// The DLQ's RedriveAllowPolicy: only its own work queue may use it as a dead-letter queue.
+pub fn redrive_allow_policy(source_queue_arn: &str) -> String {
+    json!({"redrivePermission": "byQueue", "sourceQueueArns": [source_queue_arn]}).to_string()
+}
+
+/// The queue policy that lets exactly one EventBridge rule send to the queue.
+pub fn queue_policy(queue_arn: &str, rule_arn: &str) -> String {
+    json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "AllowEventBridgeRule",
+            "Effect": "Allow",
+            "Principal": {"Service": "events.amazonaws.com"},
+            "Action": "sqs:SendMessage",
+            "Resource": queue_arn,
+            "Condition": {"ArnEquals": {"aws:SourceArn": rule_arn}}
+        }]
+    })
+    .to_string()
+}
+
+/// The event pattern routing every detail-type `handler` consumes (per the catalogue) to it.
+/// Sources and detail-types are sorted so the pattern is stable and a second provision run
+/// compares equal.
+pub fn event_pattern(handler: HandlerName) -> Value {
+    let mut sources: Vec<String> = Vec::new();
+    let mut detail_types: Vec<&str> = Vec::new();
+    for spec in catalogue::EVENTS
+        .iter()
+        .filter(|e| e.consumers.contains(&handler))
+    {
+        let source = spec.source();
+        if !sources.contains(&source) {
+            sources.push(source);
+        }
+        detail_types.push(spec.detail_type);
+    }
+    sources.sort();
+    detail_types.sort();
+    json!({"source": sources, "detail-type": detail_types})
+}

@@ -1,0 +1,397 @@
+//! The `orderfleet-worker` process: builds the clients and the pool, validates every queue,
+//! runs one [`Consumer`] per handler plus the process-wide lease task, outbox relay and
+//! heartbeat, and turns SIGTERM/SIGINT into an orderly shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::aws::Clients;
+use crate::handlers::{self, Deps, Handler};
+use crate::metrics::Counters;
+use crate::outbox::Relay;
+use crate::runtime::backoff::RetryPolicy;
+use crate::runtime::lease::Leases;
+use crate::runtime::{self, notify, Consumer, ConsumerConfig};
+use crate::topology::{HandlerName, Topology};
+
+/// Settings of the worker daemon. Every flag has an environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Handlers to run in this process (repeat, or comma-separate).
+    #[arg(
+        long = "handler",
+        env = "ORDERFLEET_HANDLERS",
+        value_delimiter = ',',
+        required_unless_present = "all"
+    )]
+    pub handlers: Vec<HandlerName>,
+    /// Run every handler in this process (the local default).
+    #[arg(long, env = "ORDERFLEET_ALL", conflicts_with = "handlers")]
+    pub all: bool,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+    #[command(flatten)]
+    pub deps: handlers::DepsArgs,
+    /// Do not run the outbox relay in this process (run it elsewhere).
+    #[arg(long, env = "ORDERFLEET_NO_RELAY")]
+    pub no_relay: bool,
+    /// How often the relay looks for unpublished events when nothing woke it.
+    #[arg(long, env = "ORDERFLEET_RELAY_POLL_MS", default_value_t = 200)]
+    pub relay_poll_ms: u64,
+    /// How often the worker records its heartbeat in PostgreSQL.
+    #[arg(long, env = "ORDERFLEET_HEARTBEAT_SECS", default_value_t = 10)]
+    pub heartbeat_secs: u64,
+    /// Connections in the PostgreSQL pool.
+    #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+}
+
+/// Settings shared by the worker and the CLI.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Prefix of every resource name: the bus, queues `<prefix>-<handler>` and DLQs.
+    #[arg(long, env = "ORDERFLEET_PREFIX", default_value = "orderfleet")]
+    pub prefix: String,
+    /// Log format: `json` (one object per line, for CloudWatch Logs) or `pretty`.
+    #[arg(long, env = "ORDERFLEET_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Settings of each queue consumer.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumerArgs {
+    /// Messages handled at once per handler (may exceed 10: several receive loops are used).
+    #[arg(long, env = "ORDERFLEET_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+    /// Receive loops per handler; default: concurrency / 10, at least 1, at most 8.
+    #[arg(long, env = "ORDERFLEET_RECEIVERS")]
+    pub receivers: Option<usize>,
+    /// Long-poll wait of each ReceiveMessage (0-20).
+    #[arg(long, env = "ORDERFLEET_WAIT_TIME_SECS", default_value_t = 20, value_parser = clap::value_parser!(i32).range(0..=20))]
+    pub wait_time_secs: i32,
+    /// Visibility timeout set at receive and renewed by the lease; default: the queue's.
+    #[arg(long, env = "ORDERFLEET_VISIBILITY_TIMEOUT_SECS")]
+    pub visibility_timeout_secs: Option<u64>,
+    /// A handler running longer than this is abandoned and its message retried.
+    #[arg(long, env = "ORDERFLEET_HANDLER_TIMEOUT_SECS", default_value_t = 30)]
+    pub handler_timeout_secs: u64,
+    /// First retry delay; doubles with each receive, with jitter.
+    #[arg(long, env = "ORDERFLEET_RETRY_BASE_SECS", default_value_t = 2)]
+    pub retry_base_secs: u64,
+    /// Longest retry delay.
+    #[arg(long, env = "ORDERFLEET_RETRY_CAP_SECS", default_value_t = 300)]
+    pub retry_cap_secs: u64,
+    /// Deletes wait at most this long to fill a batch of ten.
+    #[arg(long, env = "ORDERFLEET_DELETE_FLUSH_MS", default_value_t = 5)]
+    pub delete_flush_ms: u64,
+    /// On SIGTERM, running handlers get this long to finish (keep it under ECS's stopTimeout).
+    #[arg(long, env = "ORDERFLEET_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ConsumerArgs {
+    /// The consumer settings for a queue, given what the queue says about itself.
+    pub fn config(&self, facts: &runtime::QueueFacts) -> ConsumerConfig {
+        ConsumerConfig {
+            queue_url: facts.queue_url.clone(),
+            dlq_url: facts.dlq_url.clone(),
+            concurrency: self.concurrency,
+            receivers: self
+                .receivers
+                .unwrap_or_else(|| ConsumerConfig::default_receivers(self.concurrency)),
+            wait_time_secs: self.wait_time_secs,
+            visibility_timeout: self
+                .visibility_timeout_secs
+                .map(Duration::from_secs)
+                .unwrap_or(facts.visibility_timeout),
+            handler_timeout: Duration::from_secs(self.handler_timeout_secs),
+            retry: RetryPolicy {
+                base: Duration::from_secs(self.retry_base_secs.max(1)),
+                cap: Duration::from_secs(self.retry_cap_secs.max(1)),
+            },
+            max_receive_count: facts.max_receive_count,
+            delete_flush: Duration::from_millis(self.delete_flush_ms),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        }
+    }
+}
+
+/// Sets up `tracing` once. JSON lines by default; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}
+
+/// Checks the database is reachable and migrated, with an error that says what to run.
+pub async fn check_schema(pool: &Pool) -> Result<()> {
+    let client = pool
+        .get()
+        .await
+        .context("cannot connect to PostgreSQL; check DATABASE_URL (locally: `make up`)")?;
+    let latest = crate::db::MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let have: Option<i32> = client
+        .query_one("SELECT max(version) FROM schema_migrations", &[])
+        .await
+        .ok()
+        .and_then(|r| r.get(0));
+    if have != Some(latest) {
+        bail!(
+            "the database schema is at version {:?} but this build needs {latest}; run `orderfleet migrate`",
+            have
+        );
+    }
+    Ok(())
+}
+
+/// Runs the worker until SIGTERM or SIGINT. Returns once shutdown completed.
+pub async fn run(args: WorkerArgs) -> Result<()> {
+    let stop = CancellationToken::new();
+    let signal_stop = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested; draining");
+        signal_stop.cancel();
+    });
+    run_until(args, stop).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only be killed; never stop on our own.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Runs the worker until `stop` is cancelled.
+pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> {
+    let names: Vec<HandlerName> = if args.all {
+        HandlerName::ALL.to_vec()
+    } else {
+        let mut v = args.handlers.clone();
+        v.dedup();
+        v
+    };
+    let topo = Topology::with_prefix(&args.common.prefix);
+    let clients = Clients::from_env().await;
+    let pool = crate::db::pool(&args.common.database_url, args.db_pool_size)?;
+    check_schema(&pool).await?;
+    let deps = Deps::new(&args.deps, &pool, &clients).await?;
+
+    // Validate every queue before consuming any.
+    let mut consumers = Vec::new();
+    let leases = Leases::default();
+    let relay = Relay::new(pool.clone(), clients.events.clone(), topo.bus_name.clone());
+    let mut all_counters = Vec::new();
+    for name in &names {
+        let queue = topo.queue_name(*name);
+        let facts = runtime::inspect_queue(&clients.sqs, &queue).await?;
+        let cfg = args.consumer.config(&facts);
+        runtime::validate(&cfg, &facts)
+            .with_context(|| format!("handler {name} (queue {queue})"))?;
+        let handler: Arc<dyn Handler> = handlers::build(*name, &deps)?;
+        let counters = Arc::new(Counters::default());
+        all_counters.push((*name, counters.clone()));
+        consumers.push(Consumer {
+            cfg,
+            sqs: clients.sqs.clone(),
+            pool: pool.clone(),
+            handler,
+            leases: leases.clone(),
+            counters,
+            relay_wake: (!args.no_relay).then(|| relay.waker()),
+        });
+    }
+
+    let background = CancellationToken::new();
+    let lease_task = tokio::spawn(leases.clone().run(
+        clients.sqs.clone(),
+        runtime::LEASE_TICK,
+        background.clone(),
+    ));
+    let relay_task = (!args.no_relay).then(|| {
+        tokio::spawn(relay.clone().run(
+            background.clone(),
+            Duration::from_millis(args.relay_poll_ms),
+        ))
+    });
+    let heartbeat = Heartbeat::new(pool.clone(), &names, all_counters);
+    let heartbeat_task = tokio::spawn(heartbeat.clone().run(
+        Duration::from_secs(args.heartbeat_secs.max(1)),
+        background.clone(),
+    ));
+    let watchdog_task = notify::watchdog_interval().map(|every| {
+        let bg = background.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = bg.cancelled() => return,
+                    _ = tick.tick() => notify::notify("WATCHDOG=1"),
+                }
+            }
+        })
+    });
+
+    let mut running = tokio::task::JoinSet::new();
+    for c in consumers {
+        tracing::info!(
+            handler = c.handler.name(),
+            concurrency = c.cfg.concurrency,
+            receivers = c.cfg.receivers,
+            visibility_timeout_secs = c.cfg.visibility_timeout.as_secs(),
+            max_receive_count = c.cfg.max_receive_count,
+            "consumer started"
+        );
+        running.spawn(c.run(stop.clone()));
+    }
+    notify::notify("READY=1");
+    tracing::info!(handlers = ?names.iter().map(|h| h.as_str()).collect::<Vec<_>>(), "worker ready");
+
+    stop.cancelled().await;
+    notify::notify("STOPPING=1");
+    let mut result = Ok(());
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(e) => result = Err(anyhow::anyhow!("consumer task: {e}")),
+        }
+    }
+    background.cancel();
+    let _ = lease_task.await;
+    if let Some(t) = relay_task {
+        let _ = t.await;
+        // Publish what the last handlers committed, briefly; anything left waits for the next
+        // relay, in this process or another.
+        if let Err(e) = relay.drain(Duration::from_secs(2)).await {
+            tracing::warn!(error = %format!("{e:#}"), "final outbox drain failed; events stay in the outbox");
+        }
+    }
+    if let Some(t) = watchdog_task {
+        let _ = t.await;
+    }
+    let _ = heartbeat_task.await;
+    heartbeat.beat(true).await;
+    tracing::info!("worker stopped");
+    result
+}
+
+/// The worker's row in `worker_heartbeats`, kept fresh for `orderfleet status` and the
+/// health check.
+#[derive(Clone)]
+pub struct Heartbeat {
+    pool: Pool,
+    id: Uuid,
+    handlers: Vec<String>,
+    counters: Arc<Vec<(HandlerName, Arc<Counters>)>>,
+    started: chrono::DateTime<chrono::Utc>,
+}
+
+impl Heartbeat {
+    fn new(pool: Pool, names: &[HandlerName], counters: Vec<(HandlerName, Arc<Counters>)>) -> Self {
+        Heartbeat {
+            pool,
+            id: Uuid::new_v4(),
+            handlers: names.iter().map(|h| h.to_string()).collect(),
+            counters: Arc::new(counters),
+            started: chrono::Utc::now(),
+        }
+    }
+
+    async fn run(self, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.beat(false).await,
+            }
+        }
+    }
+
+    async fn beat(&self, stopping: bool) {
+        let (mut processed, mut failed) = (0i64, 0i64);
+        for (_, c) in self.counters.iter() {
+            let s = c.snapshot();
+            processed += (s.succeeded + s.duplicates) as i64;
+            failed += s.dead_lettered as i64 + s.retried as i64;
+        }
+        let host = hostname();
+        let result = async {
+            let client = self.pool.get().await?;
+            client
+                .execute(
+                    "INSERT INTO worker_heartbeats
+                       (worker_id, handlers, host, pid, version, started_at, last_seen_at, processed, failed, stopped_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, now(), $7, $8, CASE WHEN $9 THEN now() END)
+                     ON CONFLICT (worker_id) DO UPDATE SET last_seen_at = now(),
+                       processed = EXCLUDED.processed, failed = EXCLUDED.failed,
+                       stopped_at = EXCLUDED.stopped_at",
+                    &[
+                        &self.id,
+                        &self.handlers,
+                        &host,
+                        &(std::process::id() as i32),
+                        &env!("CARGO_PKG_VERSION"),
+                        &self.started,
+                        &processed,
+                        &failed,
+                        &stopping,
+                    ],
+                )
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
+        }
+    }
+}
+
+/// This machine's host name, for heartbeats.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
