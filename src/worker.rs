@@ -20,6 +20,18 @@ use crate::runtime::lease::Leases;
 use crate::runtime::{self, notify, Consumer, ConsumerConfig};
 use crate::topology::{HandlerName, Topology};
 
+/// The `orderfleet-worker` command line.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "orderfleet-worker",
+    version,
+    about = "Runs orderfleet queue handlers"
+)]
+pub struct WorkerCli {
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
 /// Settings of the worker daemon. Every flag has an environment variable.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {

@@ -1,0 +1,118 @@
+//! Test support shared by the integration tests: a fresh database per test, a unique
+//! topology prefix per test in the local AWS emulator, and waiting on conditions.
+//!
+//! The tests need the local stack: run them with `make test`, or `make up` and
+//! `eval "$(make -s env)"` first.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use orderfleet::aws::Clients;
+use orderfleet::topology::Topology;
+use serde_json::Value;
+
+/// The environment variable, or a panic that says how to get it.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with `make test`, or `make up` and `eval \"$(make -s env)\"`")
+    })
+}
+
+/// A short unique name, safe for databases and queue names.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A new, migrated database for this test. Returns its pool and URL.
+pub async fn fresh_db() -> (Pool, String) {
+    let base = env("DATABASE_URL");
+    let name = unique("of_test_");
+    let admin = orderfleet::db::pool(&base, 1).expect("pool");
+    admin
+        .get()
+        .await
+        .expect("connect to the local PostgreSQL (make up)")
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let url = match base.rfind('/') {
+        Some(i) => format!("{}/{name}", &base[..i]),
+        None => panic!("DATABASE_URL has no database name"),
+    };
+    let pool = orderfleet::db::pool(&url, 16).expect("pool");
+    orderfleet::db::migrate(&pool).await.expect("migrate");
+    (pool, url)
+}
+
+pub async fn clients() -> Clients {
+    env("AWS_ENDPOINT_URL");
+    Clients::from_env().await
+}
+
+/// A provisioned topology whose every resource name is unique to this test.
+pub async fn topology(clients: &Clients) -> Topology {
+    let topo = Topology::with_prefix(unique("t"));
+    orderfleet::provision::provision(clients, &topo)
+        .await
+        .expect("provision");
+    topo
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An SQS body as an EventBridge rule would deliver it.
+pub fn event_body(detail_type: &str, source: &str, detail: Value) -> String {
+    serde_json::json!({
+        "version": "0",
+        "id": uuid::Uuid::new_v4().to_string(),
+        "detail-type": detail_type,
+        "source": source,
+        "account": "123456789012",
+        "time": chrono::Utc::now().to_rfc3339(),
+        "region": "us-east-1",
+        "resources": [],
+        "detail": detail,
+    })
+    .to_string()
+}
+
+/// Counts of a queue: (visible, in flight).
+pub async fn depth(clients: &Clients, queue_url: &str) -> (u64, u64) {
+    use aws_sdk_sqs::types::QueueAttributeName as Q;
+    let out = clients
+        .sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(Q::ApproximateNumberOfMessages)
+        .attribute_names(Q::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .expect("queue attributes");
+    let attrs = out.attributes().cloned().unwrap_or_default();
+    let n = |k: Q| attrs.get(&k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (
+        n(Q::ApproximateNumberOfMessages),
+        n(Q::ApproximateNumberOfMessagesNotVisible),
+    )
+}

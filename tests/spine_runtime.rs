@@ -1,0 +1,464 @@
+//! The consumer runtime against the local SQS emulator and a real PostgreSQL, in process:
+//! duplicates, retries with backoff, dead letters, leases.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use deadpool_postgres::Pool;
+use orderfleet::aws::Clients;
+use orderfleet::envelope::Envelope;
+use orderfleet::handlers::{Context, Handler};
+use orderfleet::metrics::Counters;
+use orderfleet::outcome::HandlerError;
+use orderfleet::runtime::backoff::RetryPolicy;
+use orderfleet::runtime::lease::Leases;
+use orderfleet::runtime::{self, attrs, Consumer, ConsumerConfig, QueueFacts};
+use orderfleet::topology::{HandlerName, Topology};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// A consumer running in this test, on the topology's inventory queue.
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    counters: Arc<Counters>,
+    facts: QueueFacts,
+    leases: Leases,
+    lease_stop: CancellationToken,
+}
+
+impl Running {
+    async fn start(
+        clients: &Clients,
+        topo: &Topology,
+        pool: &Pool,
+        handler: Arc<dyn Handler>,
+        tweak: impl FnOnce(&mut ConsumerConfig),
+    ) -> Running {
+        let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+            .await
+            .expect("queue");
+        let mut cfg = ConsumerConfig {
+            queue_url: facts.queue_url.clone(),
+            dlq_url: facts.dlq_url.clone(),
+            concurrency: 8,
+            receivers: 1,
+            wait_time_secs: 1,
+            visibility_timeout: facts.visibility_timeout,
+            handler_timeout: Duration::from_secs(20),
+            retry: RetryPolicy::default(),
+            max_receive_count: facts.max_receive_count,
+            delete_flush: Duration::from_millis(5),
+            shutdown_grace: Duration::from_secs(10),
+        };
+        tweak(&mut cfg);
+        runtime::validate(&cfg, &facts).expect("valid settings");
+        let leases = Leases::default();
+        let lease_stop = CancellationToken::new();
+        tokio::spawn(leases.clone().run(
+            clients.sqs.clone(),
+            runtime::LEASE_TICK,
+            lease_stop.clone(),
+        ));
+        let counters = Arc::new(Counters::default());
+        let stop = CancellationToken::new();
+        let consumer = Consumer {
+            cfg,
+            sqs: clients.sqs.clone(),
+            pool: pool.clone(),
+            handler,
+            leases: leases.clone(),
+            counters: counters.clone(),
+            relay_wake: None,
+        };
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        Running {
+            stop,
+            task,
+            counters,
+            facts,
+            leases,
+            lease_stop,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("consumer");
+        self.lease_stop.cancel();
+        assert!(self.leases.is_empty(), "a lease outlived its message");
+    }
+}
+
+async fn send(clients: &Clients, queue_url: &str, body: &str) {
+    clients
+        .sqs
+        .send_message()
+        .queue_url(queue_url)
+        .message_body(body)
+        .send()
+        .await
+        .expect("send");
+}
+
+fn stock_received(sku: &str, qty: i64) -> String {
+    common::event_body(
+        "StockReceived",
+        "orderfleet.storefront",
+        json!({"sku": sku, "quantity": qty}),
+    )
+}
+
+async fn on_hand(pool: &Pool, sku: &str) -> i64 {
+    let c = pool.get().await.unwrap();
+    c.query_opt("SELECT on_hand FROM stock WHERE sku = $1", &[&sku])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+async fn queue_is_empty(clients: &Clients, url: &str) -> bool {
+    common::depth(clients, url).await == (0, 0)
+}
+
+#[tokio::test]
+async fn the_same_message_delivered_twice_has_its_effect_once() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    let handler = orderfleet::handlers::build(
+        HandlerName::Inventory,
+        &orderfleet::handlers::Deps::new(&Default::default(), &pool, &clients)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let run = Running::start(&clients, &topo, &pool, handler, |_| {}).await;
+    let body = stock_received("sku-dup", 7);
+    send(&clients, &run.facts.queue_url, &body).await;
+    send(&clients, &run.facts.queue_url, &body).await;
+    let counters = run.counters.clone();
+    common::wait_for(Duration::from_secs(20), "both deliveries handled", || {
+        let c = counters.clone();
+        async move {
+            let s = c.snapshot();
+            (s.succeeded + s.duplicates == 2).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(on_hand(&pool, "sku-dup").await, 7);
+    let s = run.counters.snapshot();
+    assert_eq!((s.succeeded, s.duplicates), (1, 1));
+    let url = run.facts.queue_url.clone();
+    run.shutdown().await;
+    common::wait_for(Duration::from_secs(5), "queue drained", || async {
+        queue_is_empty(&clients, &url).await.then_some(())
+    })
+    .await;
+}
+
+/// Fails with a retry for the first `fail_times` attempts, recording when each attempt began.
+struct Flaky {
+    fail_times: u32,
+    attempts: Mutex<Vec<(Instant, u32)>>,
+}
+
+#[async_trait]
+impl Handler for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+    async fn handle(&self, _: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        let n = {
+            let mut a = self.attempts.lock().unwrap();
+            a.push((Instant::now(), cx.receive_count));
+            a.len() as u32
+        };
+        if n <= self.fail_times {
+            Err(HandlerError::retry(format!("not yet ({n})")))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_message_retried_twice_is_hidden_for_its_backoff_each_time_then_deleted() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    let flaky = Arc::new(Flaky {
+        fail_times: 2,
+        attempts: Mutex::new(Vec::new()),
+    });
+    let policy = RetryPolicy {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(30),
+    };
+    let run = Running::start(&clients, &topo, &pool, flaky.clone(), |c| c.retry = policy).await;
+    send(&clients, &run.facts.queue_url, &stock_received("sku-r", 1)).await;
+    let counters = run.counters.clone();
+    common::wait_for(
+        Duration::from_secs(30),
+        "the third attempt to succeed",
+        || {
+            let c = counters.clone();
+            async move { (c.snapshot().succeeded == 1).then_some(()) }
+        },
+    )
+    .await;
+    let attempts = flaky.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(
+        attempts.iter().map(|a| a.1).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "receive counts"
+    );
+    for (i, pair) in attempts.windows(2).enumerate() {
+        let waited = pair[1].0 - pair[0].0;
+        let floor = policy.floor(i as u32 + 1);
+        // Hidden for at least the backoff floor, and at most its jittered maximum plus the
+        // emulator's and the poll's slack.
+        assert!(
+            waited >= floor,
+            "attempt {}: waited {waited:?} < {floor:?}",
+            i + 2
+        );
+        assert!(
+            waited <= floor * 2 + Duration::from_millis(1500),
+            "attempt {}: waited {waited:?}, backoff was at most {:?}",
+            i + 2,
+            floor * 2
+        );
+    }
+    assert_eq!(run.counters.snapshot().retried, 2);
+    let url = run.facts.queue_url.clone();
+    run.shutdown().await;
+    common::wait_for(Duration::from_secs(5), "the message deleted", || async {
+        queue_is_empty(&clients, &url).await.then_some(())
+    })
+    .await;
+}
+
+/// Fails permanently on details with `"fail": true`, succeeds otherwise.
+struct Picky {
+    ok: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Picky {
+    fn name(&self) -> &str {
+        "picky"
+    }
+    async fn handle(&self, ev: &Envelope, _: &mut Context<'_>) -> Result<(), HandlerError> {
+        if ev.detail["fail"] == json!(true) {
+            return Err(HandlerError::permanent("the order total is negative"));
+        }
+        self.ok.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn permanent_failures_and_undecodable_bodies_land_in_the_dlq_with_their_reason() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    let picky = Arc::new(Picky {
+        ok: AtomicU32::new(0),
+    });
+    let run = Running::start(&clients, &topo, &pool, picky.clone(), |_| {}).await;
+    let url = run.facts.queue_url.clone();
+    let poison = "{not json at all \u{1F4A5}";
+    let permanent = common::event_body(
+        "StockReceived",
+        "orderfleet.storefront",
+        json!({"sku": "x", "quantity": 1, "fail": true}),
+    );
+    let unknown = common::event_body("OrderTeleported", "orderfleet.storefront", json!({}));
+    send(&clients, &url, poison).await;
+    for i in 0..3 {
+        send(&clients, &url, &stock_received(&format!("ok-{i}"), 1)).await;
+    }
+    send(&clients, &url, &permanent).await;
+    send(&clients, &url, &unknown).await;
+
+    let counters = run.counters.clone();
+    common::wait_for(
+        Duration::from_secs(20),
+        "3 successes and 3 dead letters",
+        || {
+            let c = counters.clone();
+            async move {
+                let s = c.snapshot();
+                (s.succeeded == 3 && s.dead_lettered == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        picky.ok.load(Ordering::SeqCst),
+        3,
+        "good messages kept flowing"
+    );
+
+    let mut dead = Vec::new();
+    while dead.len() < 3 {
+        let out = clients
+            .sqs
+            .receive_message()
+            .queue_url(&run.facts.dlq_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        dead.extend(out.messages.unwrap_or_default());
+    }
+    let attr = |m: &aws_sdk_sqs::types::Message, k: &str| {
+        m.message_attributes()
+            .and_then(|a| a.get(k))
+            .and_then(|v| v.string_value())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let find = |body: &str| {
+        dead.iter()
+            .find(|m| m.body() == Some(body))
+            .unwrap_or_else(|| panic!("{body:?} not in the DLQ byte for byte"))
+    };
+    let m = find(poison);
+    assert_eq!(attr(m, attrs::KIND), "poison");
+    assert!(attr(m, attrs::REASON).contains("not an EventBridge event"));
+    let m = find(&permanent);
+    assert_eq!(attr(m, attrs::KIND), "permanent");
+    assert_eq!(attr(m, attrs::REASON), "the order total is negative");
+    assert_eq!(attr(m, attrs::HANDLER), "picky");
+    assert_eq!(attr(m, attrs::RECEIVE_COUNT), "1");
+    assert_eq!(attr(m, attrs::SOURCE_QUEUE), url);
+    let m = find(&unknown);
+    assert_eq!(attr(m, attrs::KIND), "permanent");
+    assert!(attr(m, attrs::REASON).contains("unknown detail-type \"OrderTeleported\""));
+    run.shutdown().await;
+    common::wait_for(Duration::from_secs(5), "the originals deleted", || async {
+        queue_is_empty(&clients, &url).await.then_some(())
+    })
+    .await;
+}
+
+/// Takes `delay` per message and counts its invocations.
+struct Slow {
+    delay: Duration,
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Slow {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    async fn handle(&self, _: &Envelope, _: &mut Context<'_>) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_handler_slower_than_the_visibility_timeout_is_not_redelivered_while_it_runs() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    // Shrink the queue's own visibility timeout to 3 s; the handler takes 8 s.
+    let url = runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+        .await
+        .unwrap();
+    clients
+        .sqs
+        .set_queue_attributes()
+        .queue_url(&url)
+        .attributes(QueueAttributeName::VisibilityTimeout, "3")
+        .send()
+        .await
+        .unwrap();
+    let slow = Arc::new(Slow {
+        delay: Duration::from_secs(8),
+        calls: AtomicU32::new(0),
+    });
+    let run = Running::start(&clients, &topo, &pool, slow.clone(), |c| {
+        assert_eq!(c.visibility_timeout, Duration::from_secs(3));
+    })
+    .await;
+    send(&clients, &url, &stock_received("slow", 1)).await;
+    let counters = run.counters.clone();
+    common::wait_for(
+        Duration::from_secs(30),
+        "the slow handler to finish",
+        || {
+            let c = counters.clone();
+            async move { (c.snapshot().succeeded == 1).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        slow.calls.load(Ordering::SeqCst),
+        1,
+        "redelivered while running"
+    );
+    let s = run.counters.snapshot();
+    assert!(
+        s.lease_extensions >= 2,
+        "leases extended {} times",
+        s.lease_extensions
+    );
+    assert_eq!(s.received, 1);
+    run.shutdown().await;
+    common::wait_for(Duration::from_secs(5), "the message deleted", || async {
+        queue_is_empty(&clients, &url).await.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn provisioning_twice_changes_nothing_the_second_time() {
+    let clients = common::clients().await;
+    let topo = Topology::with_prefix(common::unique("p"));
+    let first = orderfleet::provision::provision(&clients, &topo)
+        .await
+        .unwrap();
+    assert!(
+        first.len() >= 7 * 4,
+        "first run created the topology: {first:?}"
+    );
+    let second = orderfleet::provision::provision(&clients, &topo)
+        .await
+        .unwrap();
+    assert_eq!(second, vec![], "second run changed something");
+}
+
+#[tokio::test]
+async fn a_queue_without_a_redrive_policy_is_refused_with_a_clear_message() {
+    let clients = common::clients().await;
+    let name = common::unique("bare");
+    clients
+        .sqs
+        .create_queue()
+        .queue_name(&name)
+        .send()
+        .await
+        .unwrap();
+    let err = runtime::inspect_queue(&clients.sqs, &name)
+        .await
+        .expect_err("must refuse");
+    let text = format!("{err:#}");
+    assert!(text.contains("has no RedrivePolicy"), "{text}");
+    assert!(text.contains("orderfleet provision"), "{text}");
+}
