@@ -1,0 +1,295 @@
+//! The real `orderfleet-worker` binary against the local stack: signals, crashes, restarts
+//! and the outbox relay.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use deadpool_postgres::Pool;
+use orderfleet::aws::Clients;
+use orderfleet::envelope::Envelope;
+use orderfleet::handlers::{Context, Handler};
+use orderfleet::outcome::HandlerError;
+use orderfleet::runtime::{self, Executed};
+use orderfleet::topology::{HandlerName, Topology};
+use serde_json::json;
+
+fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--handler", "inventory", "--prefix", &topo.prefix])
+        .args(["--database-url", db_url, "--wait-time-secs", "1"])
+        .args(["--heartbeat-secs", "1"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn orderfleet-worker")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    common::wait_for(timeout, "the worker to exit", || {
+        let status = child.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await
+}
+
+async fn send_stock(clients: &Clients, url: &str, sku: &str, n: usize) {
+    let bodies: Vec<String> = (0..n)
+        .map(|_| {
+            common::event_body(
+                "StockReceived",
+                "orderfleet.storefront",
+                json!({"sku": sku, "quantity": 1}),
+            )
+        })
+        .collect();
+    for chunk in bodies.chunks(10) {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(b)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        clients
+            .sqs
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+async fn scalar(pool: &Pool, sql: &str) -> i64 {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn inventory_queue(clients: &Clients, topo: &Topology) -> String {
+    runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_handlers_finish_and_strands_nothing_in_flight() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, db_url) = common::fresh_db().await;
+    let url = inventory_queue(&clients, &topo).await;
+    send_stock(&clients, &url, "held", 6).await;
+
+    // An uncommitted insert of the same SKU makes the handlers block inside their
+    // transactions: they are running when SIGTERM arrives.
+    let mut blocker = pool.get().await.unwrap();
+    let lock = blocker.transaction().await.unwrap();
+    lock.execute("INSERT INTO stock (sku, on_hand) VALUES ('held', 0)", &[])
+        .await
+        .unwrap();
+
+    let mut child = worker(&topo, &db_url, &["--concurrency", "2", "--receivers", "1"]);
+    common::wait_for(
+        Duration::from_secs(20),
+        "two messages in flight",
+        || async { (common::depth(&clients, &url).await == (4, 2)).then_some(()) },
+    )
+    .await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited before its handlers finished"
+    );
+    lock.commit().await.unwrap();
+
+    let status = wait_exit(&mut child, Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "exit code");
+    assert_eq!(
+        scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'held'").await,
+        2,
+        "both running handlers finished"
+    );
+    // Checked at once, long before the 60 s visibility timeout: the two finished messages were
+    // deleted, the four never started are visible, none is stranded in flight.
+    assert_eq!(common::depth(&clients, &url).await, (4, 0));
+}
+
+#[tokio::test]
+async fn kill_9_mid_batch_then_restart_applies_every_message_exactly_once() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, db_url) = common::fresh_db().await;
+    let url = inventory_queue(&clients, &topo).await;
+    send_stock(&clients, &url, "k9", 60).await;
+    let args = ["--concurrency", "8", "--visibility-timeout-secs", "3"];
+
+    let mut first = worker(&topo, &db_url, &args);
+    common::wait_for(Duration::from_secs(30), "some progress", || async {
+        let n = scalar(&pool, "SELECT count(*) FROM stock_movements").await;
+        (n >= 10).then_some(())
+    })
+    .await;
+    signal(&first, "-KILL");
+    let status = wait_exit(&mut first, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), None, "killed by a signal");
+    let done_at_kill = scalar(&pool, "SELECT count(*) FROM stock_movements").await;
+    assert!(
+        done_at_kill < 60,
+        "the kill came too late to prove anything"
+    );
+
+    let mut second = worker(&topo, &db_url, &args);
+    common::wait_for(Duration::from_secs(60), "every message handled", || async {
+        let n = scalar(&pool, "SELECT count(*) FROM processed_messages").await;
+        (n == 60 && common::depth(&clients, &url).await == (0, 0)).then_some(())
+    })
+    .await;
+    signal(&second, "-TERM");
+    assert_eq!(
+        wait_exit(&mut second, Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'k9'").await,
+        60
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM stock_movements").await,
+        60
+    );
+}
+
+/// Emits one InventoryReserved per event.
+struct Emitter;
+
+#[async_trait]
+impl Handler for Emitter {
+    fn name(&self) -> &str {
+        "inventory"
+    }
+    async fn handle(&self, ev: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        cx.emit(
+            "InventoryReserved",
+            &json!({"order_id": ev.detail["order_id"], "version": 1}),
+        )
+    }
+}
+
+#[tokio::test]
+async fn an_event_committed_before_a_crash_is_published_after_restart() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, db_url) = common::fresh_db().await;
+    // The handler's transaction commits with its outbox row, and the process dies before any
+    // relay runs: no relay exists in this test until the worker starts.
+    let event: Envelope = serde_json::from_str(&common::event_body(
+        "OrderAccepted",
+        "orderfleet.orders",
+        json!({"order_id": "o-crash"}),
+    ))
+    .unwrap();
+    let done = runtime::execute(&Emitter, &pool, &event, 1).await.unwrap();
+    assert_eq!(done, Executed::Applied { emitted: 1 });
+    let event_id: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT event_id::text FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let mut child = worker(&topo, &db_url, &[]);
+    let orders_q = runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
+        .await
+        .unwrap();
+    let body: String = common::wait_for(Duration::from_secs(20), "the event on the bus", || {
+        let (sqs, q) = (clients.sqs.clone(), orders_q.clone());
+        async move {
+            let out = sqs
+                .receive_message()
+                .queue_url(q)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .ok()?;
+            out.messages?.first()?.body.clone()
+        }
+    })
+    .await;
+    let delivered = Envelope::decode(&body).unwrap();
+    assert_eq!(delivered.detail_type, "InventoryReserved");
+    assert_eq!(delivered.source, "orderfleet.inventory");
+    assert_eq!(delivered.event_key(), event_id);
+    assert_eq!(delivered.detail["order_id"], "o-crash");
+    // The relay marks the row once PutEvents returned, which may be just after delivery.
+    common::wait_for(
+        Duration::from_secs(5),
+        "the row marked published",
+        || async {
+            let left = scalar(
+                &pool,
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            )
+            .await;
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn a_worker_on_a_queue_without_a_redrive_policy_exits_with_a_clear_message() {
+    let clients = common::clients().await;
+    let topo = Topology::with_prefix(common::unique("bare"));
+    clients
+        .sqs
+        .create_queue()
+        .queue_name(topo.queue_name(HandlerName::Inventory))
+        .send()
+        .await
+        .unwrap();
+    let (_pool, db_url) = common::fresh_db().await;
+    let out = Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--handler", "inventory", "--prefix", &topo.prefix])
+        .args(["--database-url", &db_url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("has no RedrivePolicy"), "{stderr}");
+    assert!(stderr.contains("orderfleet provision"), "{stderr}");
+}
