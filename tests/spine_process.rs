@@ -293,3 +293,60 @@ async fn a_worker_on_a_queue_without_a_redrive_policy_exits_with_a_clear_message
     assert!(stderr.contains("has no RedrivePolicy"), "{stderr}");
     assert!(stderr.contains("orderfleet provision"), "{stderr}");
 }
+
+#[tokio::test]
+async fn under_systemd_the_worker_reports_ready_watchdog_and_stopping() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (_pool, db_url) = common::fresh_db().await;
+    let dir = std::env::temp_dir().join(common::unique("notify"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--handler", "inventory", "--prefix", &topo.prefix])
+        .args(["--database-url", &db_url, "--wait-time-secs", "1"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    recv(&sock, "READY=1", &mut seen).await.expect("READY=1");
+    recv(&sock, "WATCHDOG=1", &mut seen)
+        .await
+        .expect("WATCHDOG=1");
+    signal(&child, "-TERM");
+    recv(&sock, "STOPPING=1", &mut seen)
+        .await
+        .expect("STOPPING=1");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads sd_notify datagrams until `want` arrives (20 s at most).
+async fn recv(
+    sock: &tokio::net::UnixDatagram,
+    want: &str,
+    seen: &mut Vec<String>,
+) -> Result<(), String> {
+    let mut buf = [0u8; 256];
+    let read = async {
+        loop {
+            let n = sock.recv(&mut buf).await.unwrap();
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            let done = msg == want;
+            seen.push(msg);
+            if done {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .map_err(|_| format!("no {want}"))
+}

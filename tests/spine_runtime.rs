@@ -462,3 +462,124 @@ async fn a_queue_without_a_redrive_policy_is_refused_with_a_clear_message() {
     assert!(text.contains("has no RedrivePolicy"), "{text}");
     assert!(text.contains("orderfleet provision"), "{text}");
 }
+
+/// Panics on the first attempt, sleeps past the handler timeout on the second, then succeeds.
+struct Unruly {
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Unruly {
+    fn name(&self) -> &str {
+        "unruly"
+    }
+    async fn handle(&self, _: &Envelope, _: &mut Context<'_>) -> Result<(), HandlerError> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => panic!("boom in the handler"),
+            1 => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_panic_and_a_timeout_each_count_as_a_retry_and_the_worker_keeps_running() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    let unruly = Arc::new(Unruly {
+        calls: AtomicU32::new(0),
+    });
+    let run = Running::start(&clients, &topo, &pool, unruly.clone(), |c| {
+        c.handler_timeout = Duration::from_secs(1);
+        c.retry = RetryPolicy {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(2),
+        };
+    })
+    .await;
+    send(&clients, &run.facts.queue_url, &stock_received("u", 1)).await;
+    let counters = run.counters.clone();
+    common::wait_for(
+        Duration::from_secs(30),
+        "success on the third attempt",
+        || {
+            let c = counters.clone();
+            async move { (c.snapshot().succeeded == 1).then_some(()) }
+        },
+    )
+    .await;
+    let s = run.counters.snapshot();
+    assert_eq!((s.panics, s.timeouts, s.retried), (1, 1, 2));
+    assert_eq!(unruly.calls.load(Ordering::SeqCst), 3);
+    run.shutdown().await;
+}
+
+#[tokio::test]
+async fn receive_errors_back_off_instead_of_spinning_and_stop_still_works() {
+    // An endpoint where nothing listens: every receive fails with a connection error.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let config = aws_sdk_sqs::Config::builder()
+        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
+        .endpoint_url(format!("http://127.0.0.1:{port}"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "local", "local", None, None, "test",
+        ))
+        .build();
+    let sqs = aws_sdk_sqs::Client::from_conf(config);
+    let (pool, _) = common::fresh_db().await;
+    let counters = Arc::new(Counters::default());
+    let stop = CancellationToken::new();
+    let consumer = Consumer {
+        cfg: ConsumerConfig {
+            queue_url: format!("http://127.0.0.1:{port}/000000000000/nowhere"),
+            dlq_url: format!("http://127.0.0.1:{port}/000000000000/nowhere-dlq"),
+            concurrency: 4,
+            receivers: 1,
+            wait_time_secs: 1,
+            visibility_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            max_receive_count: 5,
+            delete_flush: Duration::from_millis(5),
+            shutdown_grace: Duration::from_secs(1),
+        },
+        sqs,
+        pool,
+        handler: Arc::new(Picky {
+            ok: AtomicU32::new(0),
+        }),
+        leases: Leases::default(),
+        counters: counters.clone(),
+        relay_wake: None,
+    };
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    let started = Instant::now();
+    let c = counters.clone();
+    common::wait_for(Duration::from_secs(30), "a second failed receive", || {
+        let c = c.clone();
+        async move { (c.snapshot().receive_errors >= 3).then_some(()) }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let errors = counters.snapshot().receive_errors;
+    // Our backoff starts at 200 ms and doubles, on top of the SDK's own retries: a few attempts
+    // a second at most, where a busy loop would make thousands.
+    assert!(
+        (errors as f64) / elapsed.as_secs_f64() < 5.0,
+        "{errors} receive errors in {elapsed:?}"
+    );
+    assert!(!task.is_finished(), "the consumer gave up");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stopped promptly")
+        .unwrap()
+        .unwrap();
+}
