@@ -112,7 +112,13 @@ pub const EVENTS: &[EventSpec] = &[
         "OrderCompleted",
         By(Orders),
         &[Notifications, Personalization, Analytics],
-        "The order shipped and was paid: a purchase.",
+        "The order shipped, was paid and delivered: a purchase.",
+    ),
+    ev(
+        "ShipmentCancelRequested",
+        By(Orders),
+        &[Fulfillment, Analytics],
+        "A cancellation arrived while the order was ready to ship: stop the parcel if it has not left.",
     ),
     // From inventory.
     ev(
@@ -136,7 +142,7 @@ pub const EVENTS: &[EventSpec] = &[
     ev(
         "InventoryCommitted",
         By(Inventory),
-        &[Analytics],
+        &[Orders, Analytics],
         "The order shipped: reserved units left the warehouse.",
     ),
     // From payments.
@@ -187,7 +193,13 @@ pub const EVENTS: &[EventSpec] = &[
         "DeliveryFailed",
         By(Fulfillment),
         &[Orders, Inventory, Payments, Analytics],
-        "The carrier could not deliver and returned the parcel.",
+        "The carrier could not deliver and returned the parcel: refund, restock.",
+    ),
+    ev(
+        "ShipmentCancelled",
+        By(Fulfillment),
+        &[Orders, Analytics],
+        "The parcel was stopped before it left, answering ShipmentCancelRequested.",
     ),
 ];
 

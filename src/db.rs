@@ -16,6 +16,12 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "inventory",
         include_str!("../migrations/0002_inventory.sql"),
     ),
+    (3, "orders", include_str!("../migrations/0003_orders.sql")),
+    (
+        4,
+        "payments",
+        include_str!("../migrations/0004_payments.sql"),
+    ),
 ];
 
 /// Builds a pool for `url` with at most `max_size` connections. Connections are opened lazily,

@@ -10,23 +10,40 @@
 //! - [`outbox`]: the inbox (idempotency) and the outbox with its relay to EventBridge.
 //! - [`envelope`]: the EventBridge event as it arrives in an SQS body.
 //! - [`catalogue`]: every event type, its producer and consumers; drives routing.
+//! - [`events`]: the typed payload of every event: money, currencies, versions.
+//! - [`ledger`]: the double-entry ledger of payments.
+//! - [`payment_provider`], [`carrier`]: the outside world of payments and fulfillment, with
+//!   deterministic sandboxes.
+//! - [`inproc`]: an in-process fleet driver for tests and benchmarks: no SQS, same handlers.
 //! - [`topology`]: bus, queues, DLQs and rules as data; [`provision`] applies it.
 //! - [`db`]: the PostgreSQL pool and migrations.
+//! - [`deploy`]: the CloudFormation template, generated from the topology.
 //! - [`worker`]: the `orderfleet-worker` process: wiring, signals, heartbeats.
 //! - [`aws`]: AWS SDK clients from the environment.
+//! - [`operator`]: what `orderfleet status` and `orderfleet dlq` do: peek, filter, redrive
+//!   with a crash-safe journal, export/import, fleet status.
 //! - [`bench_sqs`]: an in-memory SQS endpoint for benchmarks.
 //! - [`outcome`], [`metrics`]: typed failures and counters.
 
 pub mod aws;
 pub mod bench_sqs;
+pub mod carrier;
 pub mod catalogue;
 pub mod cli;
 pub mod db;
+pub mod deploy;
+pub mod emf;
 pub mod envelope;
+pub mod events;
 pub mod handlers;
+pub mod health;
+pub mod inproc;
+pub mod ledger;
 pub mod metrics;
+pub mod operator;
 pub mod outbox;
 pub mod outcome;
+pub mod payment_provider;
 pub mod provision;
 pub mod runtime;
 pub mod topology;

@@ -2,6 +2,51 @@
 //! metric lines. Every dimension is bounded (handler, outcome): never a message id.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+/// At most this many samples of each distribution are kept per flush interval (EMF's limit on
+/// values per metric); beyond that, reservoir sampling keeps a uniform sample.
+pub const MAX_SAMPLES: usize = 100;
+
+/// A uniform sample of one distribution over a flush interval, plus its exact count and sum.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Samples {
+    pub values: Vec<f64>,
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Samples {
+    pub fn record(&mut self, v: f64) {
+        if self.count == 0 {
+            self.min = v;
+            self.max = v;
+        } else {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+        self.count += 1;
+        self.sum += v;
+        if self.values.len() < MAX_SAMPLES {
+            self.values.push(v);
+        } else {
+            let i = fastrand::u64(0..self.count) as usize;
+            if i < MAX_SAMPLES {
+                self.values[i] = v;
+            }
+        }
+    }
+}
+
+/// Distributions recorded per message.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Distributions {
+    pub handler_duration_ms: Samples,
+    pub message_age_ms: Samples,
+    pub receive_count: Samples,
+}
 
 /// Counters of one handler's consumer.
 #[derive(Debug, Default)]
@@ -19,6 +64,8 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     pub panics: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Per-message distributions since the last [`Counters::take_distributions`].
+    pub distributions: Mutex<Distributions>,
 }
 
 /// A copy of [`Counters`] at one instant.
@@ -42,6 +89,21 @@ pub struct Snapshot {
 impl Counters {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    /// Records one handled message.
+    pub fn observe(&self, duration_ms: f64, age_ms: Option<f64>, receive_count: u32) {
+        let mut d = self.distributions.lock().unwrap_or_else(|p| p.into_inner());
+        d.handler_duration_ms.record(duration_ms);
+        if let Some(age) = age_ms {
+            d.message_age_ms.record(age);
+        }
+        d.receive_count.record(f64::from(receive_count));
+    }
+
+    /// Returns the distributions recorded since the last call and starts new ones.
+    pub fn take_distributions(&self) -> Distributions {
+        std::mem::take(&mut *self.distributions.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn snapshot(&self) -> Snapshot {

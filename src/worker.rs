@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::aws::Clients;
+use crate::emf::{Reporter, Sink};
 use crate::handlers::{self, Deps, Handler};
+use crate::health::Liveness;
 use crate::metrics::Counters;
 use crate::outbox::Relay;
 use crate::runtime::backoff::RetryPolicy;
@@ -25,11 +27,30 @@ use crate::topology::{HandlerName, Topology};
 #[command(
     name = "orderfleet-worker",
     version,
-    about = "Runs orderfleet queue handlers"
+    about = "Runs orderfleet queue handlers",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 pub struct WorkerCli {
     #[command(flatten)]
     pub worker: WorkerArgs,
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
+}
+
+/// Subcommands of `orderfleet-worker`; without one it runs the worker.
+#[derive(Debug, clap::Subcommand)]
+pub enum WorkerCommand {
+    /// Exit 0 if a worker on this host is alive and not wedged, 1 otherwise (for ECS health
+    /// checks; no HTTP port needed).
+    Healthcheck {
+        /// The liveness file the worker writes.
+        #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::health::default_path())]
+        health_file: std::path::PathBuf,
+        /// Unhealthy when the worker has not reported for this long.
+        #[arg(long, env = "ORDERFLEET_HEALTH_MAX_AGE_SECS", default_value_t = 15)]
+        max_age_secs: u64,
+    },
 }
 
 /// Settings of the worker daemon. Every flag has an environment variable.
@@ -64,6 +85,15 @@ pub struct WorkerArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+    /// Where metrics go: EMF lines on stdout, PutMetricData, both, or none.
+    #[arg(long, env = "ORDERFLEET_METRICS_SINK", default_value = "emf")]
+    pub metrics_sink: crate::emf::Sink,
+    /// Metrics are flushed this often (PutMetricData needs at least 60).
+    #[arg(long, env = "ORDERFLEET_METRICS_INTERVAL_SECS", default_value_t = 60)]
+    pub metrics_interval_secs: u64,
+    /// The liveness file `orderfleet-worker healthcheck` reads.
+    #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::health::default_path())]
+    pub health_file: std::path::PathBuf,
 }
 
 /// Settings shared by the worker and the CLI.
@@ -221,8 +251,16 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         v.dedup();
         v
     };
+    if matches!(args.metrics_sink, Sink::Cloudwatch | Sink::Both) && args.metrics_interval_secs < 60
+    {
+        bail!("--metrics-interval-secs must be at least 60 with the PutMetricData sink (one call per worker per minute); use --metrics-sink emf for shorter intervals");
+    }
+    if args.metrics_interval_secs == 0 {
+        bail!("--metrics-interval-secs must be at least 1");
+    }
     let topo = Topology::with_prefix(&args.common.prefix);
-    let clients = Clients::from_env().await;
+    let sdk = crate::aws::sdk_config().await;
+    let clients = Clients::new(&sdk);
     let pool = crate::db::pool(&args.common.database_url, args.db_pool_size)?;
     check_schema(&pool).await?;
     let deps = Deps::new(&args.deps, &pool, &clients).await?;
@@ -282,6 +320,27 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         })
     });
 
+    let reporter = Reporter {
+        sink: args.metrics_sink,
+        interval: Duration::from_secs(args.metrics_interval_secs),
+        consumers: heartbeat
+            .counters
+            .iter()
+            .map(|(h, c)| (h.to_string(), c.clone()))
+            .collect(),
+        cloudwatch: matches!(args.metrics_sink, Sink::Cloudwatch | Sink::Both)
+            .then(|| aws_sdk_cloudwatch::Client::new(&sdk)),
+        pool: pool.clone(),
+    };
+    let metrics_stop = CancellationToken::new();
+    let reporter_task = tokio::spawn(reporter.run(metrics_stop.clone()));
+    let liveness = Liveness::new(args.health_file.clone());
+    let liveness_task = tokio::spawn(liveness.clone().run(
+        heartbeat.counters.clone(),
+        leases.clone(),
+        background.clone(),
+    ));
+
     let mut running = tokio::task::JoinSet::new();
     for c in consumers {
         tracing::info!(
@@ -321,7 +380,11 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         let _ = t.await;
     }
     let _ = heartbeat_task.await;
+    let _ = liveness_task.await;
+    liveness.remove();
     heartbeat.beat(true).await;
+    metrics_stop.cancel();
+    let _ = reporter_task.await;
     tracing::info!("worker stopped");
     result
 }
@@ -333,7 +396,7 @@ pub struct Heartbeat {
     pool: Pool,
     id: Uuid,
     handlers: Vec<String>,
-    counters: Arc<Vec<(HandlerName, Arc<Counters>)>>,
+    pub(crate) counters: Arc<Vec<(HandlerName, Arc<Counters>)>>,
     started: chrono::DateTime<chrono::Utc>,
 }
 

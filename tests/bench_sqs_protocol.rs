@@ -461,13 +461,15 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
             (messages, started.elapsed())
         }
     });
-    // Wait until the poll is parked in the server before sending.
+    // Wait until the poll has reached the server, then give it a moment to
+    // park, so that the send below has to wake it.
     within(async {
         while sqs.state.stats().get("ReceiveMessage") == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     within(
         sqs.client
             .send_message()

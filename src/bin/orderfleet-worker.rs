@@ -1,18 +1,42 @@
 //! `orderfleet-worker`: the daemon. Parses arguments and hands over to the library.
 
+use std::process::ExitCode;
+use std::time::Duration;
+
 use clap::Parser;
-use orderfleet::worker::{self, WorkerCli};
+use orderfleet::worker::{self, WorkerCli, WorkerCommand};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let cli = WorkerCli::parse();
+    if let Some(WorkerCommand::Healthcheck {
+        health_file,
+        max_age_secs,
+    }) = cli.command
+    {
+        return match orderfleet::health::check(&health_file, Duration::from_secs(max_age_secs)) {
+            Ok(h) => {
+                println!(
+                    "healthy: pid {} handlers {} in flight {}",
+                    h.pid,
+                    h.handlers.join(","),
+                    h.in_flight
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("unhealthy: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     worker::init_logging(cli.worker.common.log_format);
     match worker::run(cli.worker).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "worker failed");
             eprintln!("orderfleet-worker: {e:#}");
-            std::process::ExitCode::from(2)
+            ExitCode::from(2)
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The `orderfleet` operator CLI: one file per command. The binary only parses arguments.
 
+pub mod cfn;
+pub mod dlq;
 pub mod migrate;
 pub mod provision;
+pub mod status;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +36,12 @@ pub enum Command {
     Provision(provision::Args),
     /// Apply the versioned SQL migrations, each in a transaction.
     Migrate(migrate::Args),
+    /// Print the production CloudFormation template, generated from the topology.
+    Cfn(cfn::Args),
+    /// Every handler's queue and DLQ, running move tasks, and the live workers.
+    Status(status::Args),
+    /// Inspect, redrive, export, import and purge dead-letter queues.
+    Dlq(dlq::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -40,6 +49,9 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Provision(args) => provision::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
+        Command::Cfn(args) => cfn::run(args),
     }
 }
 

@@ -72,20 +72,34 @@ impl<'a> Context<'a> {
     }
 }
 
+pub mod fulfillment;
 pub mod inventory;
+pub mod orders;
+pub mod payments;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 use deadpool_postgres::Pool;
 
 use crate::aws::Clients;
+use crate::carrier::{Carrier, SandboxCarrier};
+use crate::payment_provider::{PaymentProvider, SandboxProvider};
 use crate::topology::HandlerName;
 
 /// Settings the handlers themselves need (providers, carriers, transports).
 #[derive(Debug, Clone, Args, Default)]
-pub struct DepsArgs {}
+pub struct DepsArgs {
+    /// Latency the sandbox payment provider adds to every call, to imitate a real one.
+    #[arg(
+        long = "sandbox-payment-latency-ms",
+        env = "ORDERFLEET_SANDBOX_PAYMENT_LATENCY_MS",
+        default_value_t = 0
+    )]
+    pub sandbox_payment_latency_ms: u64,
+}
 
 /// What handlers are built from: the pool, the AWS clients and their own settings.
 #[derive(Clone)]
@@ -93,6 +107,10 @@ pub struct Deps {
     pub pool: Pool,
     pub clients: Clients,
     pub args: DepsArgs,
+    /// The payment provider (the sandbox, keeping its state in `pool`'s database).
+    pub payment_provider: Arc<dyn PaymentProvider>,
+    /// The parcel carrier (the sandbox).
+    pub carrier: Arc<dyn Carrier>,
 }
 
 impl Deps {
@@ -101,14 +119,26 @@ impl Deps {
             pool: pool.clone(),
             clients: clients.clone(),
             args: args.clone(),
+            payment_provider: Arc::new(SandboxProvider::new(
+                pool.clone(),
+                Duration::from_millis(args.sandbox_payment_latency_ms),
+            )),
+            carrier: Arc::new(SandboxCarrier),
         })
     }
 }
 
 /// Builds the handler called `name`.
-pub fn build(name: HandlerName, _deps: &Deps) -> Result<Arc<dyn Handler>> {
+pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn Handler>> {
     match name {
+        HandlerName::Orders => Ok(Arc::new(orders::Orders)),
         HandlerName::Inventory => Ok(Arc::new(inventory::Inventory)),
+        HandlerName::Payments => Ok(Arc::new(payments::Payments::new(
+            deps.payment_provider.clone(),
+        ))),
+        HandlerName::Fulfillment => Ok(Arc::new(fulfillment::Fulfillment::new(
+            deps.carrier.clone(),
+        ))),
         other => anyhow::bail!(
             "handler {other} is not implemented in this build; run the implemented handlers with --handler"
         ),

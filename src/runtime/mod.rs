@@ -434,6 +434,11 @@ async fn process(
     );
     let count = receive_count(&msg);
     let body = msg.body().unwrap_or_default();
+    let system = |k: MessageSystemAttributeName| msg.attributes().and_then(|a| a.get(&k));
+    // Age at receive, from SQS's SentTimestamp (epoch milliseconds).
+    let age_ms = system(MessageSystemAttributeName::SentTimestamp)
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|sent| (chrono::Utc::now().timestamp_millis() - sent).max(0) as f64);
     let span = tracing::info_span!(
         "message",
         handler = shared.handler.name(),
@@ -441,6 +446,8 @@ async fn process(
         detail_type = tracing::field::Empty,
         order_id = tracing::field::Empty,
         receive_count = count,
+        // X-Ray context continued from the producer, when SQS carries it.
+        trace = system(MessageSystemAttributeName::AwsTraceHeader).map(String::as_str),
     );
     async {
         if shared.stop.is_cancelled() {
@@ -464,6 +471,7 @@ async fn process(
         };
         drop(lease);
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        counters.observe(started.elapsed().as_secs_f64() * 1000.0, age_ms, count);
         match outcome {
             Ok(Some(Executed::Applied { emitted })) => {
                 Counters::inc(&counters.succeeded);

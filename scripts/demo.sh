@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# End-to-end demo against the local stack: provision, migrate, start all
+# workers, publish ORDERS (default 100) orders, wait until they are processed
+# (DEMO_TIMEOUT seconds, default 300), print the report, stop the workers.
+# Exits with the report's exit status (or the wait's, if only that failed).
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"
+stack_env
+require_bins orderfleet orderfleet-worker
+
+"$BIN/orderfleet" provision
+"$BIN/orderfleet" migrate
+start_worker --all
+"$BIN/orderfleet" publish --orders "${ORDERS:-100}"
+
+wait_rc=0
+"$BIN/orderfleet" wait --timeout-secs "${DEMO_TIMEOUT:-300}" || wait_rc=$?
+((STOP_REQUESTED)) && { stop_worker || true; exit 130; }
+((wait_rc == 0)) || log "'orderfleet wait' failed with status $wait_rc; reporting anyway"
+
+report_rc=0
+"$BIN/orderfleet" report || report_rc=$?
+
+worker_rc=0
+stop_worker || worker_rc=$?
+((worker_rc == 0)) || log "worker exited with status $worker_rc"
+
+if ((report_rc != 0)); then
+    exit "$report_rc"
+fi
+exit "$wait_rc"

@@ -1,0 +1,107 @@
+# shellcheck shell=bash
+# Helpers shared by scripts/run.sh, scripts/demo.sh and scripts/bench.sh.
+# Sourced, not executed.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$ROOT"
+BIN="$ROOT/target/release"
+SCRIPT_NAME="$(basename "$0" .sh)"
+
+log() { printf '%s: %s\n' "$SCRIPT_NAME" "$*" >&2; }
+die() { printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 1; }
+
+# Make sure the local stack is up (a no-op taking well under a second when it
+# already is) and export its environment, so the scripts also work when run
+# directly rather than through make.
+stack_env() {
+    bash "$ROOT/scripts/stack.sh" up
+    eval "$(bash "$ROOT/scripts/stack.sh" env)"
+}
+
+require_bins() { # name...
+    local b
+    for b in "$@"; do
+        [[ -x $BIN/$b ]] || die "$BIN/$b not found; run 'cargo build --release --bins' first (make run/demo/bench do that)"
+    done
+}
+
+# ---- worker lifecycle ------------------------------------------------------
+#
+# The worker runs in the background in its own process group (set -m), so a
+# Ctrl-C in the terminal reaches only this script, which forwards exactly one
+# SIGINT (or SIGTERM) to the worker and then waits for it to shut down
+# gracefully. (Without set -m a non-interactive bash would start it with
+# SIGINT ignored and the terminal would also signal it directly.)
+
+WORKER_PID=""
+STOP_REQUESTED=0
+SIGNALLED=0
+
+forward_signal() { # INT|TERM
+    SIGNALLED=1
+    STOP_REQUESTED=1
+    if [[ -n $WORKER_PID ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
+        log "SIG$1 received, forwarding to worker (pid $WORKER_PID) and waiting for it to exit"
+        kill -s "$1" "$WORKER_PID" 2>/dev/null || true
+    fi
+}
+
+start_worker() { # worker args...
+    trap 'forward_signal INT' INT
+    trap 'forward_signal TERM' TERM
+    trap 'cleanup_worker' EXIT
+    set -m
+    "$BIN/orderfleet-worker" "$@" &
+    WORKER_PID=$!
+    set +m
+    log "worker started (pid $WORKER_PID): orderfleet-worker $*"
+}
+
+# Wait for the worker to exit; returns its exit status. A trapped signal
+# interrupts `wait`, so keep waiting until the worker itself is done (bash
+# remembers the status of exited background children, so this is exact).
+wait_worker() {
+    local rc
+    [[ -n $WORKER_PID ]] || return 0
+    while :; do
+        SIGNALLED=0
+        rc=0
+        wait "$WORKER_PID" || rc=$?
+        ((SIGNALLED)) || break
+    done
+    WORKER_PID=""
+    return "$rc"
+}
+
+# SIGTERM the worker and wait for it; returns its exit status.
+stop_worker() {
+    [[ -n $WORKER_PID ]] || return 0
+    if kill -0 "$WORKER_PID" 2>/dev/null; then
+        log "stopping worker (pid $WORKER_PID)"
+        kill -TERM "$WORKER_PID" 2>/dev/null || true
+    fi
+    wait_worker
+}
+
+# EXIT trap: never leave a worker behind (e.g. when a step fails under set -e
+# or publish is interrupted). Gives it 30 s to shut down, then kills it.
+cleanup_worker() {
+    local rc=$? i
+    if [[ -n $WORKER_PID ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
+        # Already signalled by forward_signal? Then just give it time.
+        if ((!STOP_REQUESTED)); then
+            log "stopping worker (pid $WORKER_PID)"
+            kill -TERM "$WORKER_PID" 2>/dev/null || true
+        fi
+        for ((i = 0; i < 300; i++)); do
+            kill -0 "$WORKER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$WORKER_PID" 2>/dev/null; then
+            log "worker did not exit within 30s, killing it"
+            kill -KILL "$WORKER_PID" 2>/dev/null || true
+        fi
+        wait "$WORKER_PID" 2>/dev/null || true
+    fi
+    exit "$rc"
+}

@@ -1,0 +1,938 @@
+//! The typed payloads of every detail-type in [`crate::catalogue`]: what `detail` holds.
+//!
+//! Every payload carries [`Meta`]: a schema `version` (1 today) and an `event_id`. The outbox
+//! stamps `event_id` into every event the fleet emits (see [`crate::outbox::insert`]), so
+//! handlers build payloads with `event_id: None`; storefront events carry their own, which makes
+//! a storefront retry of the same event count once (see
+//! [`crate::envelope::Envelope::event_key`]).
+//!
+//! Money is integer minor units with a validated ISO 4217 [`Currency`], never a float; times
+//! are UTC. Decoding is [`decode`]: a detail that does not match its struct is poison, a
+//! version this build does not know is permanent.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::Envelope;
+use crate::handlers::Context;
+use crate::outcome::HandlerError;
+
+/// The schema version every payload of this build speaks.
+pub const VERSION: u32 = 1;
+
+/// One detail-type's payload.
+pub trait Event: Serialize + DeserializeOwned {
+    /// The EventBridge `detail-type`, as listed in the catalogue.
+    const DETAIL_TYPE: &'static str;
+    /// The payload's [`Meta`].
+    fn meta(&self) -> &Meta;
+}
+
+/// Fields every payload has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Schema version of the payload.
+    #[serde(default = "version_1")]
+    pub version: u32,
+    /// Identity of the logical event. Stamped by the outbox for the fleet's events; set by the
+    /// storefront for its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+}
+
+fn version_1() -> u32 {
+    VERSION
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Meta {
+            version: VERSION,
+            event_id: None,
+        }
+    }
+}
+
+impl Meta {
+    /// The metadata of a storefront event with its own id.
+    pub fn with_id(event_id: impl Into<String>) -> Self {
+        Meta {
+            version: VERSION,
+            event_id: Some(event_id.into()),
+        }
+    }
+}
+
+/// Decodes `event.detail` as `T`. A detail that does not match is poison (no retry can fix
+/// it); a version other than [`VERSION`] is permanent (a newer producer: redrive after an
+/// upgrade).
+pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
+    let payload: T = serde_json::from_value(event.detail.clone()).map_err(|e| {
+        HandlerError::poison(format!(
+            "{} detail does not match its schema: {e}",
+            event.detail_type
+        ))
+    })?;
+    let version = payload.meta().version;
+    if version != VERSION {
+        return Err(HandlerError::permanent(format!(
+            "{} detail has version {version}; this build understands version {VERSION}",
+            event.detail_type
+        )));
+    }
+    Ok(payload)
+}
+
+/// Emits a typed event into the handler's outbox (see [`Context::emit`]).
+pub fn emit<T: Event>(cx: &mut Context<'_>, event: &T) -> Result<(), HandlerError> {
+    cx.emit(T::DETAIL_TYPE, event)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Money
+// ---------------------------------------------------------------------------------------------
+
+/// An ISO 4217 alphabetic currency code: exactly three ASCII uppercase letters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Currency([u8; 3]);
+
+/// A string that is not three uppercase ASCII letters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an ISO 4217 currency code (three uppercase letters, e.g. \"EUR\")")]
+pub struct InvalidCurrency(pub String);
+
+impl Currency {
+    /// Validates `code`.
+    pub fn new(code: &str) -> Result<Self, InvalidCurrency> {
+        match code.as_bytes() {
+            &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_uppercase) => Ok(Currency([a, b, c])),
+            _ => Err(InvalidCurrency(code.to_string())),
+        }
+    }
+
+    /// The code, e.g. `"EUR"`.
+    pub fn as_str(&self) -> &str {
+        // Cannot fail: a Currency is only built by `new`, from three ASCII uppercase letters.
+        std::str::from_utf8(&self.0).expect("a currency code is ASCII")
+    }
+}
+
+impl TryFrom<String> for Currency {
+    type Error = InvalidCurrency;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Currency::new(&s)
+    }
+}
+
+impl From<Currency> for String {
+    fn from(c: Currency) -> String {
+        c.as_str().to_string()
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Currency({})", self.as_str())
+    }
+}
+
+/// An amount in minor units (cents for EUR) of a currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Money {
+    pub amount_minor: i64,
+    pub currency: Currency,
+}
+
+impl Money {
+    pub fn new(amount_minor: i64, currency: Currency) -> Self {
+        Money {
+            amount_minor,
+            currency,
+        }
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (minor units)", self.amount_minor, self.currency)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared parts
+// ---------------------------------------------------------------------------------------------
+
+/// The customer as the storefront knows them. `email` is optional on the wire so that a
+/// missing email becomes an `OrderRejected` reason rather than a poison message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A validated customer: the email is present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+}
+
+/// Where the parcel goes. `country` is an ISO 3166-1 alpha-2 code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Address {
+    pub name: String,
+    pub line1: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line2: Option<String>,
+    pub city: String,
+    pub postal_code: String,
+    pub country: String,
+}
+
+/// A line of an order as placed: quantities are signed on the wire so that a negative one is
+/// reported as a rejection reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedLine {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price: Money,
+}
+
+/// A line of an accepted order: positive quantity, one currency across the order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderLine {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price: Money,
+}
+
+/// A SKU and a number of units (reservations, shipments, releases).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkuQuantity {
+    pub sku: String,
+    pub quantity: i64,
+}
+
+impl From<&OrderLine> for SkuQuantity {
+    fn from(l: &OrderLine) -> Self {
+        SkuQuantity {
+            sku: l.sku.clone(),
+            quantity: l.quantity,
+        }
+    }
+}
+
+/// Why an order was rejected at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionCode {
+    NoLines,
+    InvalidQuantity,
+    InvalidPrice,
+    MixedCurrencies,
+    UnknownSku,
+    MissingCustomer,
+    MissingEmail,
+    InvalidEmail,
+    MissingPaymentToken,
+    TotalOverflow,
+}
+
+impl RejectionCode {
+    /// The code as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionCode::NoLines => "no_lines",
+            RejectionCode::InvalidQuantity => "invalid_quantity",
+            RejectionCode::InvalidPrice => "invalid_price",
+            RejectionCode::MixedCurrencies => "mixed_currencies",
+            RejectionCode::UnknownSku => "unknown_sku",
+            RejectionCode::MissingCustomer => "missing_customer",
+            RejectionCode::MissingEmail => "missing_email",
+            RejectionCode::InvalidEmail => "invalid_email",
+            RejectionCode::MissingPaymentToken => "missing_payment_token",
+            RejectionCode::TotalOverflow => "total_overflow",
+        }
+    }
+}
+
+/// One reason an order was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectionReason {
+    pub code: RejectionCode,
+    pub message: String,
+}
+
+/// One SKU that was short when reserving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shortage {
+    pub sku: String,
+    pub requested: i64,
+    pub available: i64,
+}
+
+/// Why an order is being cancelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    /// The customer or the store asked (`OrderCancellationRequested`).
+    Requested,
+    /// Stock was short (`InventoryRejected`).
+    OutOfStock,
+    /// The provider declined the authorization (`PaymentFailed`).
+    PaymentFailed,
+}
+
+impl CancelReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::Requested => "requested",
+            CancelReason::OutOfStock => "out_of_stock",
+            CancelReason::PaymentFailed => "payment_failed",
+        }
+    }
+}
+
+/// Why stock was released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    /// The order was cancelled before shipment: the reservation (if any) is given back.
+    Cancelled,
+    /// The parcel came back: the units are sellable again.
+    Returned,
+}
+
+/// Which provider operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStage {
+    Authorize,
+    Capture,
+}
+
+macro_rules! event {
+    ($ty:ident, $name:literal) => {
+        impl Event for $ty {
+            const DETAIL_TYPE: &'static str = $name;
+            fn meta(&self) -> &Meta {
+                &self.meta
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// From the storefront
+// ---------------------------------------------------------------------------------------------
+
+/// A customer placed an order. Validated by orders at the edge: an invalid one becomes an
+/// [`OrderRejected`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub customer: Customer,
+    pub lines: Vec<PlacedLine>,
+    pub shipping_address: Address,
+    #[serde(default)]
+    pub payment_token: String,
+    pub placed_at: DateTime<Utc>,
+}
+event!(OrderPlaced, "OrderPlaced");
+
+/// The customer or the store asks to cancel an order. Honoured until shipment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancellationRequested {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+event!(OrderCancellationRequested, "OrderCancellationRequested");
+
+/// The warehouse received `quantity` units of `sku`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReceived {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub sku: String,
+    pub quantity: i64,
+}
+event!(StockReceived, "StockReceived");
+
+/// A catalogue product was created or changed. The storefront owns the document's shape;
+/// fields beyond these are kept as they are in `products.doc`. `name` and `price` are
+/// optional so that a draft product (no price yet) is still catalogued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductUpserted {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub sku: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Money>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Event for ProductUpserted {
+    const DETAIL_TYPE: &'static str = "ProductUpserted";
+    fn meta(&self) -> &Meta {
+        &self.meta
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// From orders
+// ---------------------------------------------------------------------------------------------
+
+/// The order passed validation: inventory reserves, payments authorizes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderAccepted {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub customer: Contact,
+    pub lines: Vec<OrderLine>,
+    pub total: Money,
+    pub payment_token: String,
+    pub shipping_address: Address,
+    pub placed_at: DateTime<Utc>,
+}
+event!(OrderAccepted, "OrderAccepted");
+
+/// The order failed validation. Every reason found is listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRejected {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub customer: Customer,
+    pub reasons: Vec<RejectionReason>,
+}
+event!(OrderRejected, "OrderRejected");
+
+/// Stock is reserved and payment authorized: fulfillment ships.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderReadyToShip {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub customer: Contact,
+    pub lines: Vec<SkuQuantity>,
+    pub shipping_address: Address,
+}
+event!(OrderReadyToShip, "OrderReadyToShip");
+
+/// The order is cancelled: inventory releases, payments voids (or refunds). Carries the lines
+/// and total so that a consumer that never saw the order can still settle it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub reason: CancelReason,
+    pub lines: Vec<SkuQuantity>,
+    pub total: Money,
+}
+event!(OrderCancelled, "OrderCancelled");
+
+/// The order shipped, was paid and delivered: a purchase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCompleted {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub customer_id: String,
+    pub lines: Vec<SkuQuantity>,
+    pub total: Money,
+}
+event!(OrderCompleted, "OrderCompleted");
+
+/// A cancellation arrived while the order was ready to ship: fulfillment must stop the
+/// shipment if it has not left yet. Answered by [`ShipmentCancelled`] or [`OrderShipped`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentCancelRequested {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+}
+event!(ShipmentCancelRequested, "ShipmentCancelRequested");
+
+// ---------------------------------------------------------------------------------------------
+// From inventory
+// ---------------------------------------------------------------------------------------------
+
+/// Every line of the order is reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReserved {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub lines: Vec<SkuQuantity>,
+}
+event!(InventoryReserved, "InventoryReserved");
+
+/// Stock was short for at least one line; nothing is reserved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryRejected {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub shortages: Vec<Shortage>,
+}
+event!(InventoryRejected, "InventoryRejected");
+
+/// The order's stock is settled back: a reservation released (possibly empty) or returned
+/// units restocked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReleased {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub reason: ReleaseReason,
+    /// Units that went back to sellable stock; empty when nothing had been reserved.
+    pub lines: Vec<SkuQuantity>,
+}
+event!(InventoryReleased, "InventoryReleased");
+
+/// The order shipped: reserved units left the warehouse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryCommitted {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub lines: Vec<SkuQuantity>,
+}
+event!(InventoryCommitted, "InventoryCommitted");
+
+// ---------------------------------------------------------------------------------------------
+// From payments
+// ---------------------------------------------------------------------------------------------
+
+/// The provider authorized the order total.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentAuthorized {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub authorization_id: String,
+    pub amount: Money,
+}
+event!(PaymentAuthorized, "PaymentAuthorized");
+
+/// The provider declined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailed {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub stage: PaymentStage,
+    /// The provider's decline code, e.g. `card_declined`, `insufficient_funds`.
+    pub code: String,
+    pub message: String,
+}
+event!(PaymentFailed, "PaymentFailed");
+
+/// The authorized amount was captured at shipment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentCaptured {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub capture_id: String,
+    pub amount: Money,
+}
+event!(PaymentCaptured, "PaymentCaptured");
+
+/// The authorization was voided, or there was nothing to void: no money moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentVoided {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization_id: Option<String>,
+}
+event!(PaymentVoided, "PaymentVoided");
+
+/// A captured payment was refunded in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefunded {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub refund_id: String,
+    pub amount: Money,
+}
+event!(PaymentRefunded, "PaymentRefunded");
+
+// ---------------------------------------------------------------------------------------------
+// From fulfillment
+// ---------------------------------------------------------------------------------------------
+
+/// The carrier accepted the parcel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderShipped {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub carrier: String,
+    pub tracking_number: String,
+    pub lines: Vec<SkuQuantity>,
+    pub shipped_at: DateTime<Utc>,
+}
+event!(OrderShipped, "OrderShipped");
+
+/// The carrier delivered the parcel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderDelivered {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub tracking_number: String,
+    pub delivered_at: DateTime<Utc>,
+}
+event!(OrderDelivered, "OrderDelivered");
+
+/// The carrier could not deliver and returned the parcel: payments refunds, inventory restocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryFailed {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    pub tracking_number: String,
+    pub reason: String,
+    pub lines: Vec<SkuQuantity>,
+}
+event!(DeliveryFailed, "DeliveryFailed");
+
+/// The shipment was stopped before it left, answering [`ShipmentCancelRequested`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentCancelled {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+}
+event!(ShipmentCancelled, "ShipmentCancelled");
+
+/// A representative payload of every detail-type, as JSON: for schema checks, docs and tests.
+/// `None` for a detail-type without a payload here.
+pub fn example(detail_type: &str) -> Option<serde_json::Value> {
+    use serde_json::to_value;
+    // Cannot fail: these literals are valid codes.
+    let eur = Currency::new("EUR").expect("EUR is a valid code");
+    let money = Money::new(2599, eur);
+    let at: DateTime<Utc> = DateTime::from_timestamp(1_767_225_600, 0).unwrap_or_default();
+    let meta = Meta::default;
+    let order_id = || "ord-1".to_string();
+    let lines = || {
+        vec![SkuQuantity {
+            sku: "SKU-1".into(),
+            quantity: 1,
+        }]
+    };
+    let contact = Contact {
+        id: "cus-1".into(),
+        email: "ada@example.com".into(),
+        name: "Ada".into(),
+    };
+    let address = Address {
+        name: "Ada".into(),
+        line1: "1 Main St".into(),
+        line2: None,
+        city: "Springfield".into(),
+        postal_code: "12345".into(),
+        country: "US".into(),
+    };
+    let v = match detail_type {
+        "OrderPlaced" => to_value(OrderPlaced {
+            meta: Meta::with_id("sf-1"),
+            order_id: order_id(),
+            customer: Customer {
+                id: contact.id.clone(),
+                email: Some(contact.email.clone()),
+                name: contact.name.clone(),
+            },
+            lines: vec![PlacedLine {
+                sku: "SKU-1".into(),
+                quantity: 1,
+                unit_price: money,
+            }],
+            shipping_address: address,
+            payment_token: "tok_visa".into(),
+            placed_at: at,
+        }),
+        "OrderCancellationRequested" => to_value(OrderCancellationRequested {
+            meta: Meta::with_id("sf-2"),
+            order_id: order_id(),
+            reason: "changed my mind".into(),
+        }),
+        "StockReceived" => to_value(StockReceived {
+            meta: Meta::with_id("sf-3"),
+            sku: "SKU-1".into(),
+            quantity: 10,
+        }),
+        "ProductUpserted" => to_value(ProductUpserted {
+            meta: Meta::with_id("sf-4"),
+            sku: "SKU-1".into(),
+            name: "Teapot".into(),
+            price: Some(money),
+            extra: Default::default(),
+        }),
+        "OrderAccepted" => to_value(OrderAccepted {
+            meta: meta(),
+            order_id: order_id(),
+            customer: contact,
+            lines: vec![OrderLine {
+                sku: "SKU-1".into(),
+                quantity: 1,
+                unit_price: money,
+            }],
+            total: money,
+            payment_token: "tok_visa".into(),
+            shipping_address: address,
+            placed_at: at,
+        }),
+        "OrderRejected" => to_value(OrderRejected {
+            meta: meta(),
+            order_id: order_id(),
+            customer: Customer {
+                id: "cus-1".into(),
+                email: None,
+                name: "Ada".into(),
+            },
+            reasons: vec![RejectionReason {
+                code: RejectionCode::MissingEmail,
+                message: "the customer has no email".into(),
+            }],
+        }),
+        "OrderReadyToShip" => to_value(OrderReadyToShip {
+            meta: meta(),
+            order_id: order_id(),
+            customer: contact,
+            lines: lines(),
+            shipping_address: address,
+        }),
+        "OrderCancelled" => to_value(OrderCancelled {
+            meta: meta(),
+            order_id: order_id(),
+            reason: CancelReason::Requested,
+            lines: lines(),
+            total: money,
+        }),
+        "OrderCompleted" => to_value(OrderCompleted {
+            meta: meta(),
+            order_id: order_id(),
+            customer_id: "cus-1".into(),
+            lines: lines(),
+            total: money,
+        }),
+        "ShipmentCancelRequested" => to_value(ShipmentCancelRequested {
+            meta: meta(),
+            order_id: order_id(),
+        }),
+        "InventoryReserved" => to_value(InventoryReserved {
+            meta: meta(),
+            order_id: order_id(),
+            lines: lines(),
+        }),
+        "InventoryRejected" => to_value(InventoryRejected {
+            meta: meta(),
+            order_id: order_id(),
+            shortages: vec![Shortage {
+                sku: "SKU-1".into(),
+                requested: 2,
+                available: 1,
+            }],
+        }),
+        "InventoryReleased" => to_value(InventoryReleased {
+            meta: meta(),
+            order_id: order_id(),
+            reason: ReleaseReason::Cancelled,
+            lines: lines(),
+        }),
+        "InventoryCommitted" => to_value(InventoryCommitted {
+            meta: meta(),
+            order_id: order_id(),
+            lines: lines(),
+        }),
+        "PaymentAuthorized" => to_value(PaymentAuthorized {
+            meta: meta(),
+            order_id: order_id(),
+            authorization_id: "auth_1".into(),
+            amount: money,
+        }),
+        "PaymentFailed" => to_value(PaymentFailed {
+            meta: meta(),
+            order_id: order_id(),
+            stage: PaymentStage::Authorize,
+            code: "card_declined".into(),
+            message: "the card was declined".into(),
+        }),
+        "PaymentCaptured" => to_value(PaymentCaptured {
+            meta: meta(),
+            order_id: order_id(),
+            capture_id: "cap_1".into(),
+            amount: money,
+        }),
+        "PaymentVoided" => to_value(PaymentVoided {
+            meta: meta(),
+            order_id: order_id(),
+            authorization_id: Some("auth_1".into()),
+        }),
+        "PaymentRefunded" => to_value(PaymentRefunded {
+            meta: meta(),
+            order_id: order_id(),
+            refund_id: "ref_1".into(),
+            amount: money,
+        }),
+        "OrderShipped" => to_value(OrderShipped {
+            meta: meta(),
+            order_id: order_id(),
+            carrier: "sandbox".into(),
+            tracking_number: "SBX0123456789AB".into(),
+            lines: lines(),
+            shipped_at: at,
+        }),
+        "OrderDelivered" => to_value(OrderDelivered {
+            meta: meta(),
+            order_id: order_id(),
+            tracking_number: "SBX0123456789AB".into(),
+            delivered_at: at,
+        }),
+        "DeliveryFailed" => to_value(DeliveryFailed {
+            meta: meta(),
+            order_id: order_id(),
+            tracking_number: "SBX0123456789AB".into(),
+            reason: "address not found".into(),
+            lines: lines(),
+        }),
+        "ShipmentCancelled" => to_value(ShipmentCancelled {
+            meta: meta(),
+            order_id: order_id(),
+        }),
+        _ => return None,
+    };
+    v.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalogue;
+
+    fn envelope(detail_type: &str, detail: serde_json::Value) -> Envelope {
+        Envelope {
+            version: "0".into(),
+            id: "eb-1".into(),
+            source: "test".into(),
+            detail_type: detail_type.into(),
+            time: Utc::now(),
+            account: String::new(),
+            region: String::new(),
+            resources: vec![],
+            detail,
+        }
+    }
+
+    #[test]
+    fn currencies_are_three_uppercase_letters() {
+        assert_eq!(Currency::new("EUR").unwrap().as_str(), "EUR");
+        for bad in ["eur", "EU", "EURO", "E1R", "", "ÉUR"] {
+            assert!(Currency::new(bad).is_err(), "{bad}");
+        }
+        let m: Money = serde_json::from_str(r#"{"amount_minor":5,"currency":"USD"}"#).unwrap();
+        assert_eq!(m, Money::new(5, Currency::new("USD").unwrap()));
+        assert!(serde_json::from_str::<Money>(r#"{"amount_minor":5,"currency":"usd"}"#).is_err());
+        assert!(serde_json::from_str::<Money>(r#"{"amount_minor":5.5,"currency":"USD"}"#).is_err());
+    }
+
+    #[test]
+    fn every_catalogued_event_has_an_example_that_round_trips() {
+        macro_rules! round_trip {
+            ($($ty:ty),*) => {{
+                let mut checked = Vec::new();
+                $(
+                    let json = example(<$ty>::DETAIL_TYPE).expect(<$ty>::DETAIL_TYPE);
+                    let env = envelope(<$ty>::DETAIL_TYPE, json.clone());
+                    let typed: $ty = decode(&env).expect(<$ty>::DETAIL_TYPE);
+                    assert_eq!(serde_json::to_value(&typed).unwrap(), json);
+                    assert_eq!(json["version"], 1);
+                    checked.push(<$ty>::DETAIL_TYPE);
+                )*
+                checked
+            }};
+        }
+        let checked = round_trip!(
+            OrderPlaced,
+            OrderCancellationRequested,
+            StockReceived,
+            ProductUpserted,
+            OrderAccepted,
+            OrderRejected,
+            OrderReadyToShip,
+            OrderCancelled,
+            OrderCompleted,
+            ShipmentCancelRequested,
+            InventoryReserved,
+            InventoryRejected,
+            InventoryReleased,
+            InventoryCommitted,
+            PaymentAuthorized,
+            PaymentFailed,
+            PaymentCaptured,
+            PaymentVoided,
+            PaymentRefunded,
+            OrderShipped,
+            OrderDelivered,
+            DeliveryFailed,
+            ShipmentCancelled
+        );
+        for spec in catalogue::EVENTS {
+            assert!(
+                checked.contains(&spec.detail_type),
+                "{} has no typed payload",
+                spec.detail_type
+            );
+        }
+        assert_eq!(checked.len(), catalogue::EVENTS.len());
+    }
+
+    #[test]
+    fn a_detail_that_does_not_match_is_poison_and_an_unknown_version_is_permanent() {
+        let env = envelope("StockReceived", serde_json::json!({"sku": "x"}));
+        assert_eq!(decode::<StockReceived>(&env).unwrap_err().kind(), "poison");
+        let env = envelope(
+            "StockReceived",
+            serde_json::json!({"sku": "x", "quantity": 1, "version": 2}),
+        );
+        assert_eq!(
+            decode::<StockReceived>(&env).unwrap_err().kind(),
+            "permanent"
+        );
+        let env = envelope(
+            "StockReceived",
+            serde_json::json!({"sku": "x", "quantity": 1}),
+        );
+        assert_eq!(decode::<StockReceived>(&env).unwrap().meta.version, 1);
+    }
+}

@@ -1,0 +1,919 @@
+//! orders: validates and persists orders and customers, and owns the order saga's state
+//! machine.
+//!
+//! An order's `status` moves along guarded transitions:
+//!
+//! ```text
+//! accepted ──(reserved and authorized)──> ready_to_ship ──(OrderShipped)──> shipped
+//!    │                                         │                              │
+//!    │ stock short, payment failed,            │ cancellation requested:      ├─(captured, committed, delivered)─> completed
+//!    │ or cancellation requested               │ ShipmentCancelRequested,     │
+//!    v                                         │ then ShipmentCancelled       └─(DeliveryFailed)─> returning
+//! cancelling <─────────────────────────────────┘                                                    │
+//!    │ (stock released and payment voided or refunded)                  (restocked and refunded) │
+//!    v                                                                                            v
+//! cancelled                                                                                   returned
+//! ```
+//!
+//! plus `rejected` for an order that failed validation. `completed`, `cancelled`, `returned`
+//! and `rejected` are terminal, and only reached when money and stock are settled.
+//!
+//! Outcome events arrive in any order, duplicated, late. Each one only moves the matching
+//! sub-state (`reservation_state`, `payment_state`, `delivery_state`) forward by rank, under
+//! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
+//! whole row. The result does not depend on the order of arrival.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use deadpool_postgres::Transaction;
+
+use crate::envelope::Envelope;
+use crate::events::{
+    self, Address, CancelReason, Contact, Currency, Meta, Money, OrderAccepted,
+    OrderCancellationRequested, OrderCancelled, OrderCompleted, OrderLine, OrderPlaced,
+    OrderReadyToShip, OrderRejected, PaymentFailed, PaymentStage, RejectionCode, RejectionReason,
+    ShipmentCancelRequested, SkuQuantity,
+};
+use crate::handlers::{Context, Handler};
+use crate::outcome::HandlerError;
+
+/// The orders handler.
+pub struct Orders;
+
+macro_rules! states {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal, $rank:literal;)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),* }
+
+        impl $name {
+            /// The value stored in PostgreSQL.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+
+            /// Reads a stored value.
+            pub fn parse(s: &str) -> Result<Self, HandlerError> {
+                match s {
+                    $($text => Ok($name::$variant),)*
+                    other => Err(HandlerError::permanent(format!(
+                        "unknown {} {other:?} in the orders table", stringify!($name)
+                    ))),
+                }
+            }
+
+            /// How far along the value is: a value only ever replaces one of lower rank, so
+            /// duplicates and stale events change nothing.
+            pub fn rank(self) -> u8 {
+                match self { $($name::$variant => $rank),* }
+            }
+
+            /// `self`, moved forward to `next` if `next` is further along.
+            pub fn advance_to(self, next: Self) -> Self {
+                if next.rank() > self.rank() { next } else { self }
+            }
+        }
+    };
+}
+
+states!(
+    /// The saga's state of an order.
+    Status {
+        Accepted = "accepted", 0;
+        ReadyToShip = "ready_to_ship", 1;
+        Shipped = "shipped", 2;
+        Completed = "completed", 3;
+        Cancelling = "cancelling", 2;
+        Cancelled = "cancelled", 3;
+        Returning = "returning", 3;
+        Returned = "returned", 4;
+        Rejected = "rejected", 4;
+    }
+);
+
+states!(
+    /// What orders has heard from inventory.
+    ReservationState {
+        Pending = "pending", 0;
+        Reserved = "reserved", 1;
+        Rejected = "rejected", 1;
+        Committed = "committed", 2;
+        Released = "released", 3;
+    }
+);
+
+states!(
+    /// What orders has heard from payments.
+    PaymentState {
+        Pending = "pending", 0;
+        Authorized = "authorized", 1;
+        Failed = "failed", 1;
+        Captured = "captured", 2;
+        Voided = "voided", 3;
+        Refunded = "refunded", 3;
+    }
+);
+
+states!(
+    /// What orders has heard from fulfillment.
+    DeliveryState {
+        Pending = "pending", 0;
+        Shipped = "shipped", 1;
+        Delivered = "delivered", 2;
+        Failed = "failed", 2;
+    }
+);
+
+impl Status {
+    /// Completed, cancelled, returned or rejected: money and stock are settled.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Cancelled | Status::Returned | Status::Rejected
+        )
+    }
+}
+
+/// The state of one order as the state machine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub status: Status,
+    pub reservation: ReservationState,
+    pub payment: PaymentState,
+    pub delivery: DeliveryState,
+}
+
+/// What a status transition asks the handler to emit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    None,
+    ReadyToShip,
+    Cancel(CancelReason),
+    Completed,
+}
+
+/// The next transition the order can take on its own, given everything heard so far; `None`
+/// when it must wait. Applied repeatedly until it returns `None`.
+pub fn advance(s: &Snapshot) -> Option<(Status, Effect)> {
+    use DeliveryState as D;
+    use PaymentState as P;
+    use ReservationState as R;
+    let money_settled = matches!(s.payment, P::Voided | P::Refunded);
+    match s.status {
+        Status::Accepted => {
+            if s.reservation == R::Reserved && s.payment == P::Authorized {
+                Some((Status::ReadyToShip, Effect::ReadyToShip))
+            } else if matches!(s.reservation, R::Rejected | R::Released) {
+                Some((Status::Cancelling, Effect::Cancel(CancelReason::OutOfStock)))
+            } else if matches!(s.payment, P::Failed | P::Voided | P::Refunded) {
+                Some((
+                    Status::Cancelling,
+                    Effect::Cancel(CancelReason::PaymentFailed),
+                ))
+            } else {
+                None
+            }
+        }
+        Status::Shipped => {
+            if s.delivery == D::Failed {
+                Some((Status::Returning, Effect::None))
+            } else if s.delivery == D::Delivered
+                && s.payment == P::Captured
+                && s.reservation == R::Committed
+            {
+                Some((Status::Completed, Effect::Completed))
+            } else {
+                None
+            }
+        }
+        Status::Cancelling if s.reservation == R::Released && money_settled => {
+            Some((Status::Cancelled, Effect::None))
+        }
+        Status::Returning if s.reservation == R::Released && money_settled => {
+            Some((Status::Returned, Effect::None))
+        }
+        _ => None,
+    }
+}
+
+/// A valid order, ready to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidOrder {
+    pub customer: Contact,
+    pub lines: Vec<OrderLine>,
+    pub total: Money,
+}
+
+/// Validates an `OrderPlaced` at the edge. `known_skus` are the SKUs of the order found in the
+/// catalogue. Returns every reason the order is invalid, not just the first.
+pub fn validate(
+    order: &OrderPlaced,
+    known_skus: &HashSet<String>,
+) -> Result<ValidOrder, Vec<RejectionReason>> {
+    let mut reasons = Vec::new();
+    let mut reject = |code: RejectionCode, message: String| {
+        if !reasons
+            .iter()
+            .any(|r: &RejectionReason| r.code == code && r.message == message)
+        {
+            reasons.push(RejectionReason { code, message });
+        }
+    };
+    if order.customer.id.trim().is_empty() {
+        reject(
+            RejectionCode::MissingCustomer,
+            "the customer has no id".into(),
+        );
+    }
+    match order.customer.email.as_deref().map(str::trim) {
+        None | Some("") => reject(
+            RejectionCode::MissingEmail,
+            "the customer has no email".into(),
+        ),
+        // Deliberately loose: the storefront verified the address; this catches garbage.
+        Some(e) if !e.contains('@') || e.starts_with('@') || e.ends_with('@') => reject(
+            RejectionCode::InvalidEmail,
+            "the customer's email is not an email address".into(),
+        ),
+        Some(_) => {}
+    }
+    if order.payment_token.trim().is_empty() {
+        reject(
+            RejectionCode::MissingPaymentToken,
+            "the order has no payment token".into(),
+        );
+    }
+    if order.lines.is_empty() {
+        reject(RejectionCode::NoLines, "the order has no lines".into());
+    }
+    let mut currencies: Vec<Currency> = Vec::new();
+    let mut total: Option<i64> = Some(0);
+    for line in &order.lines {
+        if line.quantity <= 0 {
+            reject(
+                RejectionCode::InvalidQuantity,
+                format!(
+                    "{} has quantity {}; it must be at least 1",
+                    line.sku, line.quantity
+                ),
+            );
+        }
+        if line.unit_price.amount_minor < 0 {
+            reject(
+                RejectionCode::InvalidPrice,
+                format!(
+                    "{} has a negative unit price {}",
+                    line.sku, line.unit_price.amount_minor
+                ),
+            );
+        }
+        if !known_skus.contains(&line.sku) {
+            reject(
+                RejectionCode::UnknownSku,
+                format!("{:?} is not in the catalogue", line.sku),
+            );
+        }
+        if !currencies.contains(&line.unit_price.currency) {
+            currencies.push(line.unit_price.currency);
+        }
+        total = total
+            .and_then(|t| t.checked_add(line.quantity.checked_mul(line.unit_price.amount_minor)?));
+    }
+    if currencies.len() > 1 {
+        let names: Vec<&str> = currencies.iter().map(Currency::as_str).collect();
+        reject(
+            RejectionCode::MixedCurrencies,
+            format!("the lines mix currencies {}", names.join(", ")),
+        );
+    }
+    if total.is_none() {
+        reject(
+            RejectionCode::TotalOverflow,
+            "the order total does not fit in 64-bit minor units".into(),
+        );
+    }
+    match (reasons.is_empty(), total, currencies.first()) {
+        (true, Some(total), Some(&currency)) => Ok(ValidOrder {
+            customer: Contact {
+                id: order.customer.id.clone(),
+                email: order
+                    .customer
+                    .email
+                    .as_deref()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+                name: order.customer.name.clone(),
+            },
+            lines: order
+                .lines
+                .iter()
+                .map(|l| OrderLine {
+                    sku: l.sku.clone(),
+                    quantity: l.quantity,
+                    unit_price: l.unit_price,
+                })
+                .collect(),
+            total: Money::new(total, currency),
+        }),
+        _ => Err(reasons),
+    }
+}
+
+/// Serialises `OrderPlaced` and `OrderCancellationRequested` of one order: before the order
+/// row exists there is nothing to lock, and without this a cancellation could miss an order
+/// being inserted concurrently (and the insert miss the cancellation).
+async fn lock_order_id(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('orders:' || $1, 0))",
+        &[&order_id],
+    )
+    .await
+    .map_err(|e| HandlerError::from_db("locking the order id", &e))?;
+    Ok(())
+}
+
+/// An order row, locked for the rest of the transaction.
+struct Locked {
+    id: String,
+    snap: Snapshot,
+    cancel_requested: bool,
+    cancel_reason: Option<String>,
+    tracking_number: Option<String>,
+}
+
+async fn lock(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Locked>, HandlerError> {
+    let row = tx
+        .query_opt(
+            "SELECT status, reservation_state, payment_state, delivery_state, cancel_requested,
+                    cancel_reason, tracking_number
+               FROM orders WHERE id = $1 FOR UPDATE",
+            &[&order_id],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("locking the order", &e))?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(Locked {
+        id: order_id.to_string(),
+        snap: Snapshot {
+            status: Status::parse(r.get(0))?,
+            reservation: ReservationState::parse(r.get(1))?,
+            payment: PaymentState::parse(r.get(2))?,
+            delivery: DeliveryState::parse(r.get(3))?,
+        },
+        cancel_requested: r.get(4),
+        cancel_reason: r.get(5),
+        tracking_number: r.get(6),
+    }))
+}
+
+async fn lock_existing(tx: &Transaction<'_>, order_id: &str) -> Result<Locked, HandlerError> {
+    lock(tx, order_id).await?.ok_or_else(|| {
+        // Outcomes answer events orders emitted after inserting the order, so this is a
+        // different database or a forged event, not a race.
+        HandlerError::permanent(format!("order {order_id} is unknown"))
+    })
+}
+
+async fn save(tx: &Transaction<'_>, o: &Locked) -> Result<(), HandlerError> {
+    tx.execute(
+        "UPDATE orders SET status = $2, reservation_state = $3, payment_state = $4,
+                delivery_state = $5, cancel_requested = $6, cancel_reason = $7,
+                tracking_number = $8, updated_at = now(),
+                terminal_at = CASE WHEN $9 THEN coalesce(terminal_at, now()) END
+          WHERE id = $1",
+        &[
+            &o.id,
+            &o.snap.status.as_str(),
+            &o.snap.reservation.as_str(),
+            &o.snap.payment.as_str(),
+            &o.snap.delivery.as_str(),
+            &o.cancel_requested,
+            &o.cancel_reason,
+            &o.tracking_number,
+            &o.snap.status.is_terminal(),
+        ],
+    )
+    .await
+    .map_err(|e| HandlerError::from_db("updating the order", &e))?;
+    Ok(())
+}
+
+/// What the emitted events need from an order beyond its state.
+struct Details {
+    customer: Contact,
+    lines: Vec<SkuQuantity>,
+    total: Money,
+    address: Address,
+}
+
+async fn details(tx: &Transaction<'_>, order_id: &str) -> Result<Details, HandlerError> {
+    let db = |e: tokio_postgres::Error| HandlerError::from_db("reading the order", &e);
+    let o = tx
+        .query_one(
+            "SELECT c.id, c.email, c.name, o.total_minor, o.currency::text, o.shipping_address
+               FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = $1",
+            &[&order_id],
+        )
+        .await
+        .map_err(db)?;
+    let lines = tx
+        .query(
+            "SELECT sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
+            &[&order_id],
+        )
+        .await
+        .map_err(db)?;
+    let currency: String = o.get(4);
+    let currency = Currency::new(&currency)
+        .map_err(|e| HandlerError::permanent(format!("order {order_id}: {e}")))?;
+    let address: serde_json::Value = o.get(5);
+    let address: Address = serde_json::from_value(address).map_err(|e| {
+        HandlerError::permanent(format!(
+            "order {order_id}: stored address is unreadable: {e}"
+        ))
+    })?;
+    Ok(Details {
+        customer: Contact {
+            id: o.get(0),
+            email: o.get(1),
+            name: o.get(2),
+        },
+        lines: lines
+            .iter()
+            .map(|r| SkuQuantity {
+                sku: r.get(0),
+                quantity: r.get(1),
+            })
+            .collect(),
+        total: Money::new(o.get(3), currency),
+        address,
+    })
+}
+
+/// Emits what a transition asks for.
+async fn apply_effect(
+    cx: &mut Context<'_>,
+    order_id: &str,
+    effect: Effect,
+) -> Result<(), HandlerError> {
+    if effect == Effect::None {
+        return Ok(());
+    }
+    let d = details(cx.tx, order_id).await?;
+    let order_id = order_id.to_string();
+    match effect {
+        Effect::None => Ok(()),
+        Effect::ReadyToShip => events::emit(
+            cx,
+            &OrderReadyToShip {
+                meta: Meta::default(),
+                order_id,
+                customer: d.customer,
+                lines: d.lines,
+                shipping_address: d.address,
+            },
+        ),
+        Effect::Cancel(reason) => events::emit(
+            cx,
+            &OrderCancelled {
+                meta: Meta::default(),
+                order_id,
+                reason,
+                lines: d.lines,
+                total: d.total,
+            },
+        ),
+        Effect::Completed => events::emit(
+            cx,
+            &OrderCompleted {
+                meta: Meta::default(),
+                order_id,
+                customer_id: d.customer.id,
+                lines: d.lines,
+                total: d.total,
+            },
+        ),
+    }
+}
+
+/// Moves the order as far as it can go on its own, emitting on the way, then saves it.
+async fn settle(cx: &mut Context<'_>, mut o: Locked) -> Result<(), HandlerError> {
+    while let Some((next, effect)) = advance(&o.snap) {
+        tracing::debug!(
+            order_id = %o.id,
+            from = o.snap.status.as_str(),
+            to = next.as_str(),
+            "order transition"
+        );
+        if let Effect::Cancel(reason) = effect {
+            o.cancel_reason
+                .get_or_insert_with(|| reason.as_str().to_string());
+        }
+        o.snap.status = next;
+        apply_effect(cx, &o.id, effect).await?;
+    }
+    save(cx.tx, &o).await
+}
+
+/// The one order id every outcome event carries.
+#[derive(serde::Deserialize)]
+struct OrderRef {
+    order_id: String,
+}
+
+fn order_ref(event: &Envelope) -> Result<String, HandlerError> {
+    serde_json::from_value::<OrderRef>(event.detail.clone())
+        .map(|r| r.order_id)
+        .map_err(|e| {
+            HandlerError::poison(format!("{} detail has no order_id: {e}", event.detail_type))
+        })
+}
+
+impl Orders {
+    async fn place(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        let d: OrderPlaced = events::decode(event)?;
+        if d.order_id.trim().is_empty() {
+            return Err(HandlerError::poison("OrderPlaced has an empty order_id"));
+        }
+        lock_order_id(cx.tx, &d.order_id).await?;
+        let exists = cx
+            .tx
+            .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&d.order_id])
+            .await?
+            .is_some();
+        if exists {
+            // The storefront placed it twice (a new event id for the same order).
+            return Ok(());
+        }
+        let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
+        let known: HashSet<String> = cx
+            .tx
+            .query("SELECT sku FROM products WHERE sku = ANY($1)", &[&skus])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let address = serde_json::to_value(&d.shipping_address)
+            .map_err(|e| HandlerError::permanent(format!("encoding the address: {e}")))?;
+        let valid = match validate(&d, &known) {
+            Ok(v) => v,
+            Err(reasons) => return self.reject(cx, d, reasons, address).await,
+        };
+        cx.tx
+            .execute(
+                "INSERT INTO customers (id, email, name) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
+                     updated_at = now()
+                 WHERE (customers.email, customers.name) IS DISTINCT FROM (EXCLUDED.email, EXCLUDED.name)",
+                &[&valid.customer.id, &valid.customer.email, &valid.customer.name],
+            )
+            .await?;
+        let cancelled_early = cx
+            .tx
+            .query_opt(
+                "SELECT 1 FROM order_cancellation_requests WHERE order_id = $1",
+                &[&d.order_id],
+            )
+            .await?
+            .is_some();
+        let status = if cancelled_early {
+            Status::Cancelling
+        } else {
+            Status::Accepted
+        };
+        let cancel_reason = cancelled_early.then(|| CancelReason::Requested.as_str());
+        cx.tx
+            .execute(
+                "INSERT INTO orders (id, customer_id, status, total_minor, currency, payment_token,
+                                     shipping_address, placed_at, cancel_requested, cancel_reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                &[
+                    &d.order_id,
+                    &valid.customer.id,
+                    &status.as_str(),
+                    &valid.total.amount_minor,
+                    &valid.total.currency.as_str(),
+                    &d.payment_token,
+                    &address,
+                    &d.placed_at,
+                    &cancelled_early,
+                    &cancel_reason,
+                ],
+            )
+            .await?;
+        let line_nos: Vec<i32> = (1..=valid.lines.len() as i32).collect();
+        let skus: Vec<&str> = valid.lines.iter().map(|l| l.sku.as_str()).collect();
+        let qtys: Vec<i64> = valid.lines.iter().map(|l| l.quantity).collect();
+        let prices: Vec<i64> = valid
+            .lines
+            .iter()
+            .map(|l| l.unit_price.amount_minor)
+            .collect();
+        cx.tx
+            .execute(
+                "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor, currency)
+                 SELECT $1, n, sku, qty, price, $5
+                   FROM unnest($2::int[], $3::text[], $4::bigint[], $6::bigint[]) AS l(n, sku, qty, price)",
+                &[
+                    &d.order_id,
+                    &line_nos,
+                    &skus,
+                    &qtys,
+                    &valid.total.currency.as_str(),
+                    &prices,
+                ],
+            )
+            .await?;
+        if cancelled_early {
+            // Never accepted, so nothing to reserve or authorize; OrderCancelled still goes
+            // out so that inventory and payments record the order as settled and confirm.
+            return apply_effect(cx, &d.order_id, Effect::Cancel(CancelReason::Requested)).await;
+        }
+        events::emit(
+            cx,
+            &OrderAccepted {
+                meta: Meta::default(),
+                order_id: d.order_id,
+                customer: valid.customer,
+                lines: valid.lines,
+                total: valid.total,
+                payment_token: d.payment_token,
+                shipping_address: d.shipping_address,
+                placed_at: d.placed_at,
+            },
+        )
+    }
+
+    async fn reject(
+        &self,
+        cx: &mut Context<'_>,
+        d: OrderPlaced,
+        reasons: Vec<RejectionReason>,
+        address: serde_json::Value,
+    ) -> Result<(), HandlerError> {
+        let codes: Vec<&str> = reasons.iter().map(|r| r.code.as_str()).collect();
+        tracing::info!(order_id = %d.order_id, reasons = ?codes, "order rejected");
+        let stored = serde_json::to_value(&reasons)
+            .map_err(|e| HandlerError::permanent(format!("encoding the reasons: {e}")))?;
+        cx.tx
+            .execute(
+                "INSERT INTO orders (id, status, payment_token, shipping_address, placed_at,
+                                     rejection_reasons, terminal_at)
+                 VALUES ($1, 'rejected', $2, $3, $4, $5, now())",
+                &[
+                    &d.order_id,
+                    &d.payment_token,
+                    &address,
+                    &d.placed_at,
+                    &stored,
+                ],
+            )
+            .await?;
+        events::emit(
+            cx,
+            &OrderRejected {
+                meta: Meta::default(),
+                order_id: d.order_id,
+                customer: d.customer,
+                reasons,
+            },
+        )
+    }
+
+    /// Honoured until shipment: before the order is ready to ship it is cancelled at once;
+    /// while it is ready to ship, fulfillment is asked to stop the parcel first (it may be
+    /// leaving right now); after that it is too late and the request is recorded only in logs.
+    async fn request_cancel(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let d: OrderCancellationRequested = events::decode(event)?;
+        lock_order_id(cx.tx, &d.order_id).await?;
+        let Some(mut o) = lock(cx.tx, &d.order_id).await? else {
+            cx.tx
+                .execute(
+                    "INSERT INTO order_cancellation_requests (order_id, reason) VALUES ($1, $2)
+                     ON CONFLICT DO NOTHING",
+                    &[&d.order_id, &d.reason],
+                )
+                .await?;
+            return Ok(());
+        };
+        match o.snap.status {
+            Status::Accepted => {
+                o.cancel_requested = true;
+                o.cancel_reason = Some(CancelReason::Requested.as_str().into());
+                o.snap.status = Status::Cancelling;
+                apply_effect(cx, &o.id, Effect::Cancel(CancelReason::Requested)).await?;
+                settle(cx, o).await
+            }
+            Status::ReadyToShip if !o.cancel_requested => {
+                o.cancel_requested = true;
+                events::emit(
+                    cx,
+                    &ShipmentCancelRequested {
+                        meta: Meta::default(),
+                        order_id: o.id.clone(),
+                    },
+                )?;
+                save(cx.tx, &o).await
+            }
+            status => {
+                tracing::info!(
+                    order_id = %o.id,
+                    status = status.as_str(),
+                    "cancellation request ignored: already cancelling, shipped or final"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies an outcome of inventory, payments or fulfillment, then advances.
+    async fn outcome(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        use DeliveryState as D;
+        use PaymentState as P;
+        use ReservationState as R;
+        let order_id = order_ref(event)?;
+        let mut o = lock_existing(cx.tx, &order_id).await?;
+        let s = &mut o.snap;
+        let tracking = || {
+            event
+                .detail
+                .get("tracking_number")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        match event.detail_type.as_str() {
+            "InventoryReserved" => s.reservation = s.reservation.advance_to(R::Reserved),
+            "InventoryRejected" => s.reservation = s.reservation.advance_to(R::Rejected),
+            "InventoryCommitted" => s.reservation = s.reservation.advance_to(R::Committed),
+            "InventoryReleased" => s.reservation = s.reservation.advance_to(R::Released),
+            "PaymentAuthorized" => s.payment = s.payment.advance_to(P::Authorized),
+            "PaymentFailed" => {
+                let d: PaymentFailed = events::decode(event)?;
+                if d.stage == PaymentStage::Capture {
+                    // The parcel is gone and the capture was refused: a person must look.
+                    tracing::error!(order_id = %o.id, code = %d.code, "capture declined; the order stays shipped");
+                    return Ok(());
+                }
+                s.payment = s.payment.advance_to(P::Failed);
+            }
+            "PaymentCaptured" => s.payment = s.payment.advance_to(P::Captured),
+            "PaymentVoided" => s.payment = s.payment.advance_to(P::Voided),
+            "PaymentRefunded" => s.payment = s.payment.advance_to(P::Refunded),
+            "OrderShipped" | "OrderDelivered" | "DeliveryFailed" => {
+                let next = match event.detail_type.as_str() {
+                    "OrderShipped" => D::Shipped,
+                    "OrderDelivered" => D::Delivered,
+                    _ => D::Failed,
+                };
+                s.delivery = s.delivery.advance_to(next);
+                if o.tracking_number.is_none() {
+                    o.tracking_number = tracking();
+                }
+                match o.snap.status {
+                    // A cancellation requested meanwhile lost the race: the parcel left.
+                    Status::ReadyToShip => o.snap.status = Status::Shipped,
+                    Status::Accepted | Status::Cancelling | Status::Cancelled => {
+                        return Err(HandlerError::permanent(format!(
+                            "order {} shipped while {}: fulfillment shipped an order that was \
+                             not ready to ship",
+                            o.id,
+                            o.snap.status.as_str()
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+            "ShipmentCancelled" => {
+                if o.snap.status == Status::ReadyToShip {
+                    o.snap.status = Status::Cancelling;
+                    o.cancel_reason = Some(CancelReason::Requested.as_str().into());
+                    apply_effect(cx, &o.id, Effect::Cancel(CancelReason::Requested)).await?;
+                }
+            }
+            other => {
+                return Err(HandlerError::permanent(format!(
+                    "orders does not handle {other}"
+                )))
+            }
+        }
+        settle(cx, o).await
+    }
+}
+
+#[async_trait]
+impl Handler for Orders {
+    fn name(&self) -> &str {
+        "orders"
+    }
+
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        match event.detail_type.as_str() {
+            "OrderPlaced" => self.place(event, cx).await,
+            "OrderCancellationRequested" => self.request_cancel(event, cx).await,
+            _ => self.outcome(event, cx).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(status: Status, r: ReservationState, p: PaymentState, d: DeliveryState) -> Snapshot {
+        Snapshot {
+            status,
+            reservation: r,
+            payment: p,
+            delivery: d,
+        }
+    }
+
+    #[test]
+    fn an_order_waits_for_both_reservation_and_authorization() {
+        use DeliveryState::Pending as DP;
+        use PaymentState as P;
+        use ReservationState as R;
+        assert_eq!(
+            advance(&snap(Status::Accepted, R::Reserved, P::Pending, DP)),
+            None
+        );
+        assert_eq!(
+            advance(&snap(Status::Accepted, R::Pending, P::Authorized, DP)),
+            None
+        );
+        assert_eq!(
+            advance(&snap(Status::Accepted, R::Reserved, P::Authorized, DP)),
+            Some((Status::ReadyToShip, Effect::ReadyToShip))
+        );
+        assert_eq!(
+            advance(&snap(Status::Accepted, R::Rejected, P::Authorized, DP)),
+            Some((Status::Cancelling, Effect::Cancel(CancelReason::OutOfStock)))
+        );
+        assert_eq!(
+            advance(&snap(Status::Accepted, R::Reserved, P::Failed, DP)),
+            Some((
+                Status::Cancelling,
+                Effect::Cancel(CancelReason::PaymentFailed)
+            ))
+        );
+    }
+
+    #[test]
+    fn cancelling_ends_only_when_stock_and_money_are_settled() {
+        use DeliveryState::Pending as DP;
+        use PaymentState as P;
+        use ReservationState as R;
+        assert_eq!(
+            advance(&snap(Status::Cancelling, R::Released, P::Authorized, DP)),
+            None
+        );
+        assert_eq!(
+            advance(&snap(Status::Cancelling, R::Reserved, P::Voided, DP)),
+            None
+        );
+        assert_eq!(
+            advance(&snap(Status::Cancelling, R::Released, P::Voided, DP)),
+            Some((Status::Cancelled, Effect::None))
+        );
+    }
+
+    #[test]
+    fn stale_outcomes_never_move_a_state_back() {
+        assert_eq!(
+            PaymentState::Voided.advance_to(PaymentState::Authorized),
+            PaymentState::Voided
+        );
+        assert_eq!(
+            ReservationState::Released.advance_to(ReservationState::Committed),
+            ReservationState::Released
+        );
+        assert_eq!(
+            ReservationState::Pending.advance_to(ReservationState::Reserved),
+            ReservationState::Reserved
+        );
+    }
+
+    #[test]
+    fn terminal_states_do_not_advance() {
+        use PaymentState as P;
+        use ReservationState as R;
+        for s in [
+            Status::Completed,
+            Status::Cancelled,
+            Status::Returned,
+            Status::Rejected,
+        ] {
+            assert!(s.is_terminal());
+            assert_eq!(
+                advance(&snap(s, R::Reserved, P::Authorized, DeliveryState::Failed)),
+                None
+            );
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! An in-process fleet: the real handlers and the real [`runtime::execute`], with the outbox
+//! standing in for EventBridge and SQS. For tests and the benchmark.
+//!
+//! A [`Fleet`] takes unpublished outbox rows (`FOR UPDATE SKIP LOCKED`, marked published in
+//! the same statement), turns each into an [`Envelope`] as the relay and a rule would, and
+//! runs [`runtime::execute`] for every consumer the catalogue lists that this fleet has.
+//! Storefront events enter through [`Fleet::publish`], which writes them to the outbox.
+//!
+//! Tests choose the granularity: [`Fleet::run_until_quiet`] drives everything to rest,
+//! [`Fleet::step`] delivers one event, and [`Fleet::take`] plus [`Fleet::deliver`] /
+//! [`Fleet::deliver_to`] let a test drop, duplicate or reorder deliveries. Nothing sleeps: a
+//! retryable failure is redelivered at once, up to the queue's receive limit, then
+//! dead-lettered in memory ([`Fleet::dead_letters`]).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::carrier::SandboxCarrier;
+use crate::catalogue::{self, STOREFRONT_SOURCE};
+use crate::envelope::Envelope;
+use crate::events::Event;
+use crate::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};
+use crate::outcome::{FailureKind, HandlerError};
+use crate::payment_provider::SandboxProvider;
+use crate::runtime::{self, Executed};
+use crate::topology::{HandlerName, DEFAULT_MAX_RECEIVE_COUNT};
+
+/// The handlers of the order saga: the ones a [`Fleet`] runs by default. Notifications,
+/// analytics and personalization are not driven in process.
+pub const SAGA: [HandlerName; 4] = [
+    HandlerName::Orders,
+    HandlerName::Inventory,
+    HandlerName::Payments,
+    HandlerName::Fulfillment,
+];
+
+/// A message that failed for good, kept in memory instead of a DLQ.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `None` when no handler was asked: the detail-type is not in the catalogue.
+    pub handler: Option<HandlerName>,
+    pub kind: FailureKind,
+    pub reason: String,
+    pub envelope: Envelope,
+}
+
+/// What one delivery of an event to one handler came to, after in-place retries.
+#[derive(Debug)]
+pub struct Delivery {
+    pub handler: HandlerName,
+    /// `Err` only when the failure was final (permanent, poison, or retries exhausted).
+    pub outcome: Result<Executed, HandlerError>,
+    /// Executions it took (1 unless retried).
+    pub attempts: u32,
+}
+
+/// Counters of a fleet since it was built.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Events taken from the outbox (or delivered by hand).
+    pub events: u64,
+    /// Calls of `execute`: each is one database transaction of a handler.
+    pub executions: u64,
+    pub applied: u64,
+    pub duplicates: u64,
+    pub retries: u64,
+    pub dead_lettered: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: AtomicU64,
+    executions: AtomicU64,
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+struct Inner {
+    pool: Pool,
+    handlers: BTreeMap<HandlerName, Arc<dyn Handler>>,
+    max_receive_count: u32,
+    max_events: u64,
+    counters: Counters,
+    dead: Mutex<Vec<DeadLetter>>,
+}
+
+/// An in-process fleet over one database. Cheap to clone; clones share handlers and counters.
+#[derive(Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+impl Fleet {
+    /// A fleet with no handlers: add them with [`Fleet::with_handler`].
+    pub fn new(pool: Pool) -> Self {
+        Fleet {
+            inner: Arc::new(Inner {
+                pool,
+                handlers: BTreeMap::new(),
+                max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
+                max_events: 1_000_000,
+                counters: Counters::default(),
+                dead: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The four saga handlers with the sandbox payment provider (no latency) and carrier,
+    /// keeping the sandbox's state in `pool`.
+    pub fn sandbox(pool: Pool) -> Self {
+        Self::sandbox_with_latency(pool, Duration::ZERO)
+    }
+
+    /// [`Fleet::sandbox`] with a payment latency per provider call.
+    pub fn sandbox_with_latency(pool: Pool, payment_latency: Duration) -> Self {
+        let provider = Arc::new(SandboxProvider::new(pool.clone(), payment_latency));
+        Fleet::new(pool)
+            .with_handler(HandlerName::Orders, Arc::new(orders::Orders))
+            .with_handler(HandlerName::Inventory, Arc::new(inventory::Inventory))
+            .with_handler(
+                HandlerName::Payments,
+                Arc::new(payments::Payments::new(provider)),
+            )
+            .with_handler(
+                HandlerName::Fulfillment,
+                Arc::new(fulfillment::Fulfillment::new(Arc::new(SandboxCarrier))),
+            )
+    }
+
+    /// The saga handlers as the worker builds them from `deps`.
+    pub fn from_deps(deps: &Deps) -> Result<Self> {
+        let mut fleet = Fleet::new(deps.pool.clone());
+        for name in SAGA {
+            fleet = fleet.with_handler(name, crate::handlers::build(name, deps)?);
+        }
+        Ok(fleet)
+    }
+
+    /// Adds (or replaces) the handler for `name`. Must be called before the fleet is cloned.
+    pub fn with_handler(mut self, name: HandlerName, handler: Arc<dyn Handler>) -> Self {
+        self.inner_mut().handlers.insert(name, handler);
+        self
+    }
+
+    /// Receives after which a retryable failure is dead-lettered (default: the queues').
+    pub fn with_max_receive_count(mut self, n: u32) -> Self {
+        self.inner_mut().max_receive_count = n.max(1);
+        self
+    }
+
+    /// Events [`Fleet::run_until_quiet`] delivers before it gives up on ever getting quiet.
+    pub fn with_max_events(mut self, n: u64) -> Self {
+        self.inner_mut().max_events = n;
+        self
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner,
+            None => panic!("configure a Fleet before cloning it"),
+        }
+    }
+
+    /// The database the fleet runs on.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    /// The handler for `name`, when this fleet has it.
+    pub fn handler(&self, name: HandlerName) -> Option<Arc<dyn Handler>> {
+        self.inner.handlers.get(&name).cloned()
+    }
+
+    /// Counters since the fleet was built.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        Stats {
+            events: c.events.load(Relaxed),
+            executions: c.executions.load(Relaxed),
+            applied: c.applied.load(Relaxed),
+            duplicates: c.duplicates.load(Relaxed),
+            retries: c.retries.load(Relaxed),
+            dead_lettered: c.dead_lettered.load(Relaxed),
+        }
+    }
+
+    /// Messages that failed for good so far.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.inner
+            .dead
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Publishes a storefront event: writes it to the outbox with source
+    /// [`STOREFRONT_SOURCE`], as if the storefront had put it on the bus. The detail keeps its
+    /// own `event_id` if it has one, so publishing the same detail twice is a duplicate.
+    /// Returns the outbox row's id (the envelope id of its delivery).
+    pub async fn publish(&self, detail_type: &str, detail: &impl Serialize) -> Result<Uuid> {
+        let detail = serde_json::to_value(detail).context("encoding the detail")?;
+        if !detail.is_object() {
+            bail!("{detail_type} detail must be a JSON object");
+        }
+        let id = Uuid::new_v4();
+        let client = self.inner.pool.get().await.context("database pool")?;
+        client
+            .execute(
+                "INSERT INTO outbox (event_id, source, detail_type, detail) VALUES ($1, $2, $3, $4)",
+                &[&id, &STOREFRONT_SOURCE, &detail_type, &detail],
+            )
+            .await
+            .context("writing a storefront event to the outbox")?;
+        Ok(id)
+    }
+
+    /// [`Fleet::publish`] for a typed event.
+    pub async fn publish_event<T: Event>(&self, event: &T) -> Result<Uuid> {
+        self.publish(T::DETAIL_TYPE, event).await
+    }
+
+    /// Takes up to `limit` unpublished events, oldest first, and marks them published (as the
+    /// relay does once PutEvents succeeded). Rows another caller is taking are skipped.
+    pub async fn take(&self, limit: usize) -> Result<Vec<Envelope>> {
+        let client = self.inner.pool.get().await.context("database pool")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "UPDATE outbox SET published_at = now(), attempts = attempts + 1
+                  WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL
+                                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+              RETURNING id, event_id, source, detail_type, detail, created_at",
+                &[&limit],
+            )
+            .await
+            .context("taking events from the outbox")?;
+        let mut taken: Vec<(i64, Envelope)> = rows
+            .iter()
+            .map(|r| {
+                let id: Uuid = r.get(1);
+                let time: DateTime<Utc> = r.get(5);
+                (
+                    r.get(0),
+                    Envelope {
+                        version: "0".into(),
+                        id: id.to_string(),
+                        source: r.get(2),
+                        detail_type: r.get(3),
+                        time,
+                        account: String::new(),
+                        region: String::new(),
+                        resources: Vec::new(),
+                        detail: r.get(4),
+                    },
+                )
+            })
+            .collect();
+        taken.sort_by_key(|(id, _)| *id);
+        self.inner
+            .counters
+            .events
+            .fetch_add(taken.len() as u64, Relaxed);
+        Ok(taken.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// How many events wait in the outbox.
+    pub async fn pending(&self) -> Result<i64> {
+        let client = self.inner.pool.get().await.context("database pool")?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// The consumers of `detail_type` (per the catalogue) that this fleet has.
+    pub fn consumers(&self, detail_type: &str) -> Vec<HandlerName> {
+        catalogue::spec(detail_type)
+            .map(|spec| {
+                spec.consumers
+                    .iter()
+                    .copied()
+                    .filter(|h| self.inner.handlers.contains_key(h))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Runs `handler` on `event` once, as one receive with `receive_count`.
+    pub async fn deliver_to(
+        &self,
+        handler: HandlerName,
+        event: &Envelope,
+        receive_count: u32,
+    ) -> Result<Executed, HandlerError> {
+        let Some(h) = self.inner.handlers.get(&handler) else {
+            return Err(HandlerError::permanent(format!(
+                "handler {handler} is not in this fleet"
+            )));
+        };
+        let c = &self.inner.counters;
+        c.executions.fetch_add(1, Relaxed);
+        let result = runtime::execute(&**h, &self.inner.pool, event, receive_count).await;
+        match &result {
+            Ok(Executed::Applied { .. }) => c.applied.fetch_add(1, Relaxed),
+            Ok(Executed::Duplicate) => c.duplicates.fetch_add(1, Relaxed),
+            Err(_) => 0,
+        };
+        result
+    }
+
+    /// Delivers `event` to one handler as SQS would: a retryable failure is received again
+    /// (immediately, here) until the receive limit, then dead-lettered; a permanent or poison
+    /// failure is dead-lettered at once.
+    pub async fn deliver_with_retries(&self, handler: HandlerName, event: &Envelope) -> Delivery {
+        let max = self.inner.max_receive_count;
+        let mut attempt = 1;
+        loop {
+            let outcome = self.deliver_to(handler, event, attempt).await;
+            let final_failure = match &outcome {
+                Ok(_) => None,
+                Err(HandlerError::Retry { reason, .. }) if attempt >= max => Some((
+                    FailureKind::Exhausted,
+                    format!("retries exhausted after {attempt} receives: {reason}"),
+                )),
+                Err(HandlerError::Retry { .. }) => {
+                    self.inner.counters.retries.fetch_add(1, Relaxed);
+                    attempt += 1;
+                    continue;
+                }
+                Err(HandlerError::Permanent { reason }) => {
+                    Some((FailureKind::Permanent, reason.clone()))
+                }
+                Err(HandlerError::Poison { reason }) => Some((FailureKind::Poison, reason.clone())),
+            };
+            if let Some((kind, reason)) = final_failure {
+                tracing::warn!(
+                    handler = handler.as_str(),
+                    detail_type = %event.detail_type,
+                    kind = kind.as_str(),
+                    reason,
+                    "in-process delivery dead-lettered"
+                );
+                self.inner.counters.dead_lettered.fetch_add(1, Relaxed);
+                let letter = DeadLetter {
+                    handler: Some(handler),
+                    kind,
+                    reason,
+                    envelope: event.clone(),
+                };
+                match self.inner.dead.lock() {
+                    Ok(mut d) => d.push(letter),
+                    Err(poisoned) => poisoned.into_inner().push(letter),
+                }
+            }
+            return Delivery {
+                handler,
+                outcome,
+                attempts: attempt,
+            };
+        }
+    }
+
+    /// Delivers `event` to every consumer this fleet has, one after the other, each with
+    /// retries. An event the catalogue does not know is dead-lettered, as the runtime does.
+    pub async fn deliver(&self, event: &Envelope) -> Vec<Delivery> {
+        if catalogue::spec(&event.detail_type).is_none() {
+            let reason = format!("unknown detail-type {:?}", event.detail_type);
+            let letter = DeadLetter {
+                handler: None,
+                kind: FailureKind::Permanent,
+                reason,
+                envelope: event.clone(),
+            };
+            self.inner.counters.dead_lettered.fetch_add(1, Relaxed);
+            match self.inner.dead.lock() {
+                Ok(mut d) => d.push(letter),
+                Err(poisoned) => poisoned.into_inner().push(letter),
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for handler in self.consumers(&event.detail_type) {
+            out.push(self.deliver_with_retries(handler, event).await);
+        }
+        out
+    }
+
+    /// Takes the oldest waiting event and delivers it. `None` when the outbox is empty.
+    pub async fn step(&self) -> Result<Option<(Envelope, Vec<Delivery>)>> {
+        let Some(event) = self.take(1).await?.into_iter().next() else {
+            return Ok(None);
+        };
+        let deliveries = self.deliver(&event).await;
+        Ok(Some((event, deliveries)))
+    }
+
+    /// Delivers events one at a time, oldest first, until the outbox is empty. Returns the
+    /// number of events delivered. Fails if the fleet never gets quiet (`with_max_events`).
+    pub async fn run_until_quiet(&self) -> Result<u64> {
+        let mut delivered = 0;
+        loop {
+            let batch = self.take(32).await?;
+            if batch.is_empty() {
+                return Ok(delivered);
+            }
+            for event in &batch {
+                self.deliver(event).await;
+                delivered += 1;
+            }
+            if delivered > self.inner.max_events {
+                bail!("the fleet delivered {delivered} events and is still not quiet");
+            }
+        }
+    }
+
+    /// [`Fleet::run_until_quiet`] with `workers` concurrent tasks taking batches of up to
+    /// `batch` events, the way several worker instances would share the queues. Returns when
+    /// no task is delivering and the outbox is empty.
+    pub async fn run_until_quiet_concurrently(&self, workers: usize, batch: usize) -> Result<u64> {
+        let busy = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(Notify::new());
+        let delivered = Arc::new(AtomicU64::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers.max(1) {
+            let (fleet, busy, done, delivered) =
+                (self.clone(), busy.clone(), done.clone(), delivered.clone());
+            tasks.spawn(async move {
+                loop {
+                    // Registered before the check below, so a wake-up between the two is kept.
+                    let woken = done.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    busy.fetch_add(1, SeqCst);
+                    let taken = fleet.take(batch.max(1)).await;
+                    let events = match taken {
+                        Ok(events) => events,
+                        Err(e) => {
+                            busy.fetch_sub(1, SeqCst);
+                            done.notify_waiters();
+                            return Err(e);
+                        }
+                    };
+                    if !events.is_empty() {
+                        for event in &events {
+                            fleet.deliver(event).await;
+                        }
+                        let n = delivered.fetch_add(events.len() as u64, SeqCst);
+                        busy.fetch_sub(1, SeqCst);
+                        // What this batch emitted is committed: idle tasks may take it.
+                        done.notify_waiters();
+                        if n > fleet.inner.max_events {
+                            bail!("the fleet delivered {n} events and is still not quiet");
+                        }
+                        continue;
+                    }
+                    if busy.fetch_sub(1, SeqCst) == 1 {
+                        // Nobody is delivering, so nothing new can appear but what is there.
+                        if fleet.pending().await? == 0 {
+                            done.notify_waiters();
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    woken.await;
+                }
+            });
+        }
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(e) => result = Err(anyhow::anyhow!("fleet task failed: {e}")),
+            }
+        }
+        result.map(|()| delivered.load(SeqCst))
+    }
+}

@@ -1,0 +1,281 @@
+//! The double-entry ledger: named accounts, and money movements recorded as balanced sets of
+//! immutable postings in minor units per currency.
+//!
+//! Postings are signed: positive is a debit, negative a credit, so a transaction balances when
+//! its postings sum to zero per currency. [`record`] checks that before writing; the database
+//! checks it again at commit (a deferred constraint trigger) and refuses any UPDATE or DELETE
+//! of the ledger (see `migrations/0004_payments.sql`).
+//!
+//! | movement | debit | credit |
+//! |---|---|---|
+//! | capture | `payments_clearing` | `sales_revenue` |
+//! | refund | `refunds` | `payments_clearing` |
+//!
+//! Authorizations and voids move no money, so they post nothing.
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::GenericClient;
+
+use crate::events::{Currency, Money};
+use crate::outcome::HandlerError;
+
+/// A named ledger account (seeded by the migration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Account {
+    /// What the payment provider owes us for captured payments, net of refunds.
+    PaymentsClearing,
+    /// Sales, recognised at capture.
+    SalesRevenue,
+    /// Money given back to customers.
+    Refunds,
+}
+
+impl Account {
+    pub const ALL: [Account; 3] = [
+        Account::PaymentsClearing,
+        Account::SalesRevenue,
+        Account::Refunds,
+    ];
+
+    /// The account's name in `ledger_accounts`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Account::PaymentsClearing => "payments_clearing",
+            Account::SalesRevenue => "sales_revenue",
+            Account::Refunds => "refunds",
+        }
+    }
+}
+
+/// One line of a ledger transaction: a signed amount on an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Posting {
+    pub account: Account,
+    /// Positive: debit; negative: credit.
+    pub amount_minor: i64,
+    pub currency: Currency,
+}
+
+impl Posting {
+    pub fn debit(account: Account, money: Money) -> Self {
+        Posting {
+            account,
+            amount_minor: money.amount_minor,
+            currency: money.currency,
+        }
+    }
+
+    /// Fails only for `i64::MIN`, which no order total reaches (totals are non-negative).
+    pub fn credit(account: Account, money: Money) -> Option<Self> {
+        Some(Posting {
+            account,
+            amount_minor: money.amount_minor.checked_neg()?,
+            currency: money.currency,
+        })
+    }
+}
+
+/// Why a set of postings cannot be a ledger transaction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unbalanced {
+    #[error("a ledger transaction needs at least two postings")]
+    TooFewPostings,
+    #[error("a posting of zero on {0} carries no money")]
+    ZeroPosting(&'static str),
+    #[error("postings in {currency} sum to {sum}, not zero")]
+    DoesNotBalance { currency: Currency, sum: i128 },
+}
+
+/// Checks that `postings` form a balanced transaction: at least two, none zero, summing to
+/// zero in each currency.
+pub fn check_balanced(postings: &[Posting]) -> Result<(), Unbalanced> {
+    if postings.len() < 2 {
+        return Err(Unbalanced::TooFewPostings);
+    }
+    let mut sums: BTreeMap<Currency, i128> = BTreeMap::new();
+    for p in postings {
+        if p.amount_minor == 0 {
+            return Err(Unbalanced::ZeroPosting(p.account.name()));
+        }
+        // i128 cannot overflow on any realistic number of i64 postings.
+        *sums.entry(p.currency).or_default() += i128::from(p.amount_minor);
+    }
+    match sums.into_iter().find(|(_, sum)| *sum != 0) {
+        Some((currency, sum)) => Err(Unbalanced::DoesNotBalance { currency, sum }),
+        None => Ok(()),
+    }
+}
+
+/// Records a balanced transaction under `idempotency_key`, in the caller's database
+/// transaction. Returns false, writing nothing, when a transaction with that key exists: a
+/// retried movement never posts twice.
+pub async fn record(
+    db: &impl GenericClient,
+    idempotency_key: &str,
+    order_id: &str,
+    kind: &str,
+    postings: &[Posting],
+) -> Result<bool, HandlerError> {
+    check_balanced(postings)
+        .map_err(|e| HandlerError::permanent(format!("ledger {kind} for {order_id}: {e}")))?;
+    let row = db
+        .query_opt(
+            "INSERT INTO ledger_transactions (idempotency_key, order_id, kind) VALUES ($1, $2, $3)
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            &[&idempotency_key, &order_id, &kind],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("recording a ledger transaction", &e))?;
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let transaction_id: i64 = row.get(0);
+    let stmt = db
+        .prepare_cached(
+            "INSERT INTO ledger_postings (transaction_id, account_id, amount_minor, currency)
+             SELECT $1, id, $3, $4 FROM ledger_accounts WHERE name = $2",
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("preparing a ledger posting", &e))?;
+    for p in postings {
+        let n = db
+            .execute(
+                &stmt,
+                &[
+                    &transaction_id,
+                    &p.account.name(),
+                    &p.amount_minor,
+                    &p.currency.as_str(),
+                ],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("writing a ledger posting", &e))?;
+        if n != 1 {
+            return Err(HandlerError::permanent(format!(
+                "ledger account {} is missing; run `orderfleet migrate`",
+                p.account.name()
+            )));
+        }
+    }
+    Ok(true)
+}
+
+/// Posts a capture of `amount` for `order_id`: debit clearing, credit revenue.
+pub async fn capture(
+    db: &impl GenericClient,
+    order_id: &str,
+    amount: Money,
+) -> Result<bool, HandlerError> {
+    let postings = movement(Account::PaymentsClearing, Account::SalesRevenue, amount)?;
+    record(
+        db,
+        &format!("capture:{order_id}"),
+        order_id,
+        "capture",
+        &postings,
+    )
+    .await
+}
+
+/// Posts a refund of `amount` for `order_id`: debit refunds, credit clearing.
+pub async fn refund(
+    db: &impl GenericClient,
+    order_id: &str,
+    amount: Money,
+) -> Result<bool, HandlerError> {
+    let postings = movement(Account::Refunds, Account::PaymentsClearing, amount)?;
+    record(
+        db,
+        &format!("refund:{order_id}"),
+        order_id,
+        "refund",
+        &postings,
+    )
+    .await
+}
+
+fn movement(debit: Account, credit: Account, amount: Money) -> Result<[Posting; 2], HandlerError> {
+    let credit = Posting::credit(credit, amount)
+        .ok_or_else(|| HandlerError::permanent(format!("amount {amount} cannot be negated")))?;
+    Ok([Posting::debit(debit, amount), credit])
+}
+
+/// The balance of every account per currency, from the postings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub account: String,
+    pub currency: String,
+    pub amount_minor: i64,
+}
+
+/// Sums the postings per account and currency.
+pub async fn balances(db: &impl GenericClient) -> Result<Vec<Balance>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT a.name, p.currency::text, sum(p.amount_minor)::bigint
+               FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+              GROUP BY a.name, p.currency ORDER BY a.name, p.currency",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Balance {
+            account: r.get(0),
+            currency: r.get(1),
+            amount_minor: r.get(2),
+        })
+        .collect())
+}
+
+/// Ledger transactions whose postings do not sum to zero in some currency (the trigger makes
+/// this empty; the report checks it anyway).
+pub async fn unbalanced_transactions(
+    db: &impl GenericClient,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let rows = db
+        .query(
+            "SELECT t.id FROM ledger_transactions t
+               LEFT JOIN ledger_postings p ON p.transaction_id = t.id
+              GROUP BY t.id, p.currency
+             HAVING coalesce(sum(p.amount_minor), 0) <> 0 OR count(p.id) = 0
+              ORDER BY t.id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur(n: i64) -> Money {
+        Money::new(n, Currency::new("EUR").unwrap())
+    }
+
+    #[test]
+    fn a_transaction_must_balance_per_currency() {
+        let usd = Money::new(100, Currency::new("USD").unwrap());
+        let ok = movement(Account::PaymentsClearing, Account::SalesRevenue, eur(100)).unwrap();
+        assert_eq!(check_balanced(&ok), Ok(()));
+        let mixed = [
+            Posting::debit(Account::PaymentsClearing, eur(100)),
+            Posting::credit(Account::SalesRevenue, usd).unwrap(),
+        ];
+        assert!(matches!(
+            check_balanced(&mixed),
+            Err(Unbalanced::DoesNotBalance { .. })
+        ));
+        assert_eq!(check_balanced(&ok[..1]), Err(Unbalanced::TooFewPostings));
+        let zero = [
+            Posting::debit(Account::PaymentsClearing, eur(0)),
+            Posting::debit(Account::SalesRevenue, eur(0)),
+        ];
+        assert!(matches!(
+            check_balanced(&zero),
+            Err(Unbalanced::ZeroPosting(_))
+        ));
+    }
+}

@@ -1,0 +1,351 @@
+//! The committed CloudFormation template: generated from the code's topology, routing exactly
+//! like it, and accepted by cfn-lint.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use orderfleet::topology::{self, HandlerName, Topology};
+use serde_json::{json, Value};
+
+const REGENERATE: &str =
+    "cargo run --bin orderfleet -- cfn --out deploy/cloudformation/orderfleet.json";
+
+fn template_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cloudformation/orderfleet.json")
+}
+
+fn committed() -> Value {
+    let text = std::fs::read_to_string(template_path()).unwrap_or_else(|e| {
+        panic!(
+            "reading {}: {e}; run `{REGENERATE}`",
+            template_path().display()
+        )
+    });
+    serde_json::from_str(&text).expect("the committed template is JSON")
+}
+
+/// The committed template with its `Prefix` parameter at its default, for reading names.
+struct Template {
+    doc: Value,
+    prefix: String,
+}
+
+impl Template {
+    fn load() -> Self {
+        let doc = committed();
+        let prefix = doc["Parameters"]["Prefix"]["Default"]
+            .as_str()
+            .expect("a Prefix parameter with a default")
+            .to_string();
+        Template { doc, prefix }
+    }
+
+    fn resources(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.doc["Resources"].as_object().expect("Resources").iter()
+    }
+
+    fn resource(&self, id: &str) -> &Value {
+        let r = &self.doc["Resources"][id];
+        assert!(!r.is_null(), "the template has no resource {id}");
+        r
+    }
+
+    /// A literal string, or an `Fn::Sub` whose only variable is `${Prefix}`.
+    fn name(&self, v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            _ => {
+                let text = v["Fn::Sub"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("not a name: {v}"));
+                let resolved = text.replace("${Prefix}", &self.prefix);
+                assert!(!resolved.contains("${"), "unresolved variable in {text}");
+                resolved
+            }
+        }
+    }
+
+    /// The logical id and properties of the only resource of `kind` whose `key` is `name`.
+    fn named(&self, kind: &str, key: &str, name: &str) -> (&str, &Value) {
+        let found: Vec<_> = self
+            .resources()
+            .filter(|(_, r)| r["Type"] == kind)
+            .filter(|(_, r)| self.name(&r["Properties"][key]) == name)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one {kind} with {key} {name}, found {}",
+            found.len()
+        );
+        (found[0].0.as_str(), &found[0].1["Properties"])
+    }
+
+    fn of_type(&self, kind: &str) -> Vec<(&str, &Value)> {
+        self.resources()
+            .filter(|(_, r)| r["Type"] == kind)
+            .map(|(id, r)| (id.as_str(), &r["Properties"]))
+            .collect()
+    }
+}
+
+fn get_att(id: &str, attribute: &str) -> Value {
+    json!({"Fn::GetAtt": [id, attribute]})
+}
+
+#[test]
+fn the_committed_template_is_the_one_generated_from_the_topology() {
+    let generated = orderfleet::deploy::render(&Topology::default());
+    let on_disk = std::fs::read_to_string(template_path()).unwrap_or_default();
+    assert!(
+        on_disk == generated,
+        "deploy/cloudformation/orderfleet.json is out of date with the topology in the code; \
+         regenerate it with `{REGENERATE}` and commit the result"
+    );
+}
+
+#[test]
+fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
+    let t = Template::load();
+    let topo = Topology::default();
+    assert_eq!(t.prefix, topo.prefix);
+    let (bus_id, _) = t.named("AWS::Events::EventBus", "Name", &topo.bus_name);
+
+    for res in topo.all() {
+        let h = res.handler;
+        let (queue_id, queue) = t.named("AWS::SQS::Queue", "QueueName", &res.queue_name);
+        let (dlq_id, dlq) = t.named("AWS::SQS::Queue", "QueueName", &res.dlq_name);
+        let (rule_id, rule) = t.named("AWS::Events::Rule", "Name", &res.rule_name);
+
+        // The queue: visibility, retention, encryption, redrive to its own DLQ.
+        assert_eq!(
+            queue["VisibilityTimeout"],
+            topology::QUEUE_VISIBILITY_TIMEOUT_SECS,
+            "{h}"
+        );
+        assert_eq!(
+            queue["MessageRetentionPeriod"],
+            topology::QUEUE_RETENTION_SECS,
+            "{h}"
+        );
+        assert_eq!(queue["SqsManagedSseEnabled"], true, "{h}");
+        assert_eq!(
+            queue["RedrivePolicy"],
+            json!({"deadLetterTargetArn": get_att(dlq_id, "Arn"), "maxReceiveCount": topo.max_receive_count}),
+            "{h}: redrive policy"
+        );
+
+        // The DLQ: 14 days, encrypted, accepting dead letters from its own queue only.
+        assert_eq!(
+            dlq["MessageRetentionPeriod"],
+            topology::DLQ_RETENTION_SECS,
+            "{h}"
+        );
+        assert_eq!(dlq["SqsManagedSseEnabled"], true, "{h}");
+        let allow = &dlq["RedriveAllowPolicy"];
+        assert_eq!(allow["redrivePermission"], "byQueue", "{h}");
+        let sources = allow["sourceQueueArns"]
+            .as_array()
+            .expect("sourceQueueArns");
+        assert_eq!(sources.len(), 1, "{h}");
+        assert!(
+            t.name(&sources[0])
+                .ends_with(&format!(":{}", res.queue_name)),
+            "{h}: the DLQ must allow only {}, not {}",
+            res.queue_name,
+            sources[0]
+        );
+
+        // The rule: on the bus, the catalogue's pattern, into the queue, with retries and a DLQ.
+        assert_eq!(rule["EventBusName"], json!({"Ref": bus_id}), "{h}");
+        assert_eq!(rule["EventPattern"], res.pattern, "{h}: event pattern");
+        assert_eq!(rule["State"], "ENABLED", "{h}");
+        let targets = rule["Targets"].as_array().expect("Targets");
+        assert_eq!(targets.len(), 1, "{h}");
+        assert_eq!(targets[0]["Arn"], get_att(queue_id, "Arn"), "{h}");
+        assert!(
+            targets[0]["RetryPolicy"]["MaximumRetryAttempts"].is_u64(),
+            "{h}"
+        );
+        assert_eq!(
+            targets[0]["DeadLetterConfig"]["Arn"],
+            get_att("BusDlq", "Arn"),
+            "{h}"
+        );
+
+        // The queue policy: exactly the topology's, for this queue and rule.
+        let policies: Vec<_> = t
+            .of_type("AWS::SQS::QueuePolicy")
+            .into_iter()
+            .filter(|(_, p)| p["Queues"] == json!([{"Ref": queue_id}]))
+            .collect();
+        assert_eq!(policies.len(), 1, "{h}: one queue policy");
+        let expected: Value =
+            serde_json::from_str(&topology::queue_policy("QUEUE", "RULE")).expect("policy JSON");
+        let expected = expected
+            .to_string()
+            .replace("\"QUEUE\"", &get_att(queue_id, "Arn").to_string())
+            .replace("\"RULE\"", &get_att(rule_id, "Arn").to_string());
+        let expected: Value = serde_json::from_str(&expected).expect("policy JSON");
+        assert_eq!(
+            policies[0].1["PolicyDocument"], expected,
+            "{h}: queue policy"
+        );
+    }
+
+    // Nothing else: one queue and DLQ per handler, plus the bus's target DLQ.
+    assert_eq!(
+        t.of_type("AWS::SQS::Queue").len(),
+        2 * HandlerName::ALL.len() + 1,
+        "unexpected queues in the template"
+    );
+    assert_eq!(t.of_type("AWS::Events::Rule").len(), HandlerName::ALL.len());
+}
+
+#[test]
+fn each_task_stops_after_the_worker_s_shutdown_grace_and_checks_its_health() {
+    let t = Template::load();
+    for h in HandlerName::ALL {
+        let id = format!("{}TaskDefinition", orderfleet::deploy::logical_id(h));
+        let containers = t.resource(&id)["Properties"]["ContainerDefinitions"]
+            .as_array()
+            .expect("ContainerDefinitions");
+        let worker = containers
+            .iter()
+            .find(|c| c["Name"] == "worker")
+            .expect("a worker container");
+        let env = |name: &str| {
+            worker["Environment"]
+                .as_array()
+                .expect("Environment")
+                .iter()
+                .find(|e| e["Name"] == name)
+                .map(|e| e["Value"].clone())
+        };
+        assert_eq!(env("ORDERFLEET_HANDLERS"), Some(json!(h.as_str())), "{h}");
+        assert_eq!(env("ORDERFLEET_LOG_FORMAT"), Some(json!("json")), "{h}");
+        let grace: u64 = env("ORDERFLEET_SHUTDOWN_GRACE_SECS")
+            .and_then(|v| v.as_str().and_then(|s| s.parse().ok()))
+            .expect("ORDERFLEET_SHUTDOWN_GRACE_SECS");
+        let stop = worker["StopTimeout"].as_u64().expect("StopTimeout");
+        assert!(
+            stop >= grace + 5,
+            "{h}: stopTimeout {stop}s leaves no time after the {grace}s grace to flush and exit"
+        );
+        assert_eq!(
+            worker["HealthCheck"]["Command"],
+            json!(["CMD", "/usr/local/bin/orderfleet-worker", "healthcheck"]),
+            "{h}"
+        );
+        assert_eq!(worker["LogConfiguration"]["LogDriver"], "awslogs", "{h}");
+        assert_eq!(worker["Secrets"][0]["Name"], "DATABASE_URL", "{h}");
+    }
+}
+
+#[test]
+fn each_task_role_reaches_only_its_own_queues_and_its_own_dependencies() {
+    let t = Template::load();
+    let topo = Topology::default();
+    for h in HandlerName::ALL {
+        let stem = orderfleet::deploy::logical_id(h);
+        let (queue_id, _) = t.named("AWS::SQS::Queue", "QueueName", &topo.queue_name(h));
+        let (dlq_id, _) = t.named("AWS::SQS::Queue", "QueueName", &topo.dlq_name(h));
+        let role = t.resource(&format!("{stem}TaskRole"));
+        let statements = role["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+            .as_array()
+            .expect("Statement");
+        let mut services = Vec::new();
+        for s in statements {
+            // A conditional statement (Personalize) is checked through its `then` branch.
+            let s = s.get("Fn::If").map(|f| &f[1]).unwrap_or(s);
+            let actions: Vec<&str> = match &s["Action"] {
+                Value::String(a) => vec![a.as_str()],
+                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                other => panic!("{h}: odd Action {other}"),
+            };
+            for action in &actions {
+                assert!(!action.contains('*'), "{h}: wildcard action {action}");
+                let service = action.split(':').next().unwrap_or_default().to_string();
+                if !services.contains(&service) {
+                    services.push(service);
+                }
+                if action.starts_with("sqs:") {
+                    let own = if matches!(*action, "sqs:SendMessage") {
+                        vec![get_att(dlq_id, "Arn")]
+                    } else if matches!(*action, "sqs:GetQueueUrl" | "sqs:GetQueueAttributes") {
+                        vec![get_att(queue_id, "Arn"), get_att(dlq_id, "Arn")]
+                    } else {
+                        vec![get_att(queue_id, "Arn")]
+                    };
+                    assert!(
+                        own.contains(&s["Resource"]),
+                        "{h}: {action} on {}",
+                        s["Resource"]
+                    );
+                }
+            }
+        }
+        services.sort();
+        let extra = match h {
+            HandlerName::Notifications => Some("ses"),
+            HandlerName::Analytics => Some("firehose"),
+            HandlerName::Personalization => Some("personalize"),
+            _ => None,
+        };
+        let mut expected = vec!["events", "sqs"];
+        expected.extend(extra);
+        expected.sort();
+        assert_eq!(services, expected, "{h}: services the task role reaches");
+    }
+}
+
+#[test]
+fn every_handler_is_alarmed_on_dlq_age_errors_and_a_missing_heartbeat() {
+    let t = Template::load();
+    let topo = Topology::default();
+    let alarms = t.of_type("AWS::CloudWatch::Alarm");
+    for h in HandlerName::ALL {
+        let q = topo.queue_name(h);
+        for suffix in [
+            "-dlq-not-empty",
+            "-oldest-message-age",
+            "-error-rate",
+            "-heartbeat-missing",
+        ] {
+            let name = format!("{q}{suffix}");
+            assert!(
+                alarms.iter().any(|(_, a)| t.name(&a["AlarmName"]) == name),
+                "missing alarm {name}"
+            );
+        }
+        let (_, heartbeat) = alarms
+            .iter()
+            .find(|(_, a)| t.name(&a["AlarmName"]) == format!("{q}-heartbeat-missing"))
+            .expect("heartbeat alarm");
+        assert_eq!(heartbeat["TreatMissingData"], "breaching", "{h}");
+        assert_eq!(heartbeat["Namespace"], "orderfleet", "{h}");
+    }
+}
+
+#[test]
+fn the_template_passes_cfn_lint() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfn_lint = root.join(".venv/bin/cfn-lint");
+    assert!(
+        cfn_lint.exists(),
+        "{} is missing; run `make test` (its `tools` step installs cfn-lint into .venv)",
+        cfn_lint.display()
+    );
+    let out = Command::new(&cfn_lint)
+        .arg(template_path())
+        .current_dir(root)
+        .output()
+        .expect("run cfn-lint");
+    assert!(
+        out.status.success(),
+        "cfn-lint rejected deploy/cloudformation/orderfleet.json (exit {:?}):\n{}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
