@@ -4,6 +4,7 @@
 # (DEMO_TIMEOUT seconds, default 300), print the report, stop the workers.
 # Exits with the report's exit status (or the wait's, if only that failed).
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"

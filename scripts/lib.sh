@@ -3,7 +3,7 @@
 # Sourced, not executed.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-cd "$ROOT"
+cd "$ROOT" || exit 1
 BIN="$ROOT/target/release"
 SCRIPT_NAME="$(basename "$0" .sh)"
 

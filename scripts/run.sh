@@ -5,6 +5,7 @@
 # Ctrl-C (SIGINT/SIGTERM are forwarded to the worker, which shuts down
 # gracefully). Normally started via `make run` (which builds first).
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"

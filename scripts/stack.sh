@@ -56,8 +56,9 @@ die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
 
 check_port() {
     local name=$1 value=$2
-    [[ $value =~ ^[0-9]+$ ]] && ((value >= 1 && value <= 65535)) \
-        || die "$name must be a TCP port number, got '$value'"
+    if ! [[ $value =~ ^[0-9]+$ ]] || ((value < 1 || value > 65535)); then
+        die "$name must be a TCP port number, got '$value'"
+    fi
 }
 check_port ORDERFLEET_PG_PORT "$PG_PORT"
 check_port ORDERFLEET_MOTO_PORT "$MOTO_PORT"
@@ -94,7 +95,7 @@ find_pg_bin() {
         fi
     fi
     # Debian/Ubuntu layout: /usr/lib/postgresql/<major>/bin, take the newest.
-    d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
+    d="$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
     if [[ -n $d && -x $d/initdb && -x $d/pg_ctl ]]; then
         PG_BIN_DIR=$d
         return 0
@@ -369,6 +370,7 @@ moto_up() {
         # Fully detached (own session, stdin from /dev/null, output to the
         # log) so it survives the calling make/shell and never holds its
         # pipes open. The child writes its own pid, then execs the server.
+        # shellcheck disable=SC2016 # $$, $0 and $@ are for the inner sh
         local launcher=(sh -c 'echo $$ > "$0"; exec "$@"' "$MOTO_PID_FILE"
             "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT")
         if command -v setsid >/dev/null 2>&1; then

@@ -117,14 +117,17 @@ impl Fleet {
     }
 
     /// The four saga handlers with the sandbox payment provider (no latency) and carrier,
-    /// keeping the sandbox's state in `pool`.
+    /// the sandbox sharing `pool`. Fine for sequential driving; with concurrent deliveries use
+    /// [`Fleet::sandbox_with`] and a separate pool, because each payment holds a connection
+    /// for its transaction while the sandbox needs another.
     pub fn sandbox(pool: Pool) -> Self {
-        Self::sandbox_with_latency(pool, Duration::ZERO)
+        Self::sandbox_with(pool.clone(), pool, Duration::ZERO)
     }
 
-    /// [`Fleet::sandbox`] with a payment latency per provider call.
-    pub fn sandbox_with_latency(pool: Pool, payment_latency: Duration) -> Self {
-        let provider = Arc::new(SandboxProvider::new(pool.clone(), payment_latency));
+    /// The four saga handlers; the sandbox payment provider keeps its state through
+    /// `provider_pool` and takes `payment_latency` per call.
+    pub fn sandbox_with(pool: Pool, provider_pool: Pool, payment_latency: Duration) -> Self {
+        let provider = Arc::new(SandboxProvider::new(provider_pool, payment_latency));
         Fleet::new(pool)
             .with_handler(HandlerName::Orders, Arc::new(orders::Orders))
             .with_handler(HandlerName::Inventory, Arc::new(inventory::Inventory))

@@ -26,6 +26,7 @@
 //! - [`outcome`], [`metrics`]: typed failures and counters.
 
 pub mod aws;
+pub mod bench;
 pub mod bench_sqs;
 pub mod carrier;
 pub mod catalogue;

@@ -282,8 +282,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         consumers.push(Consumer {
             cfg,
             sqs: clients.sqs.clone(),
-            pool: pool.clone(),
-            handler,
+            handler: runtime::Transactional::new(handler, pool.clone()),
             leases: leases.clone(),
             counters,
             relay_wake: (!args.no_relay).then(|| relay.waker()),

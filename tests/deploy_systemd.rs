@@ -16,8 +16,8 @@ fn read(name: &str) -> String {
 /// The value of `key=` in a unit or env file (the last assignment wins, as in systemd).
 fn setting(text: &str, key: &str) -> Option<String> {
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
         .map(|v| v.trim().to_string())
 }
 

@@ -14,7 +14,7 @@ use orderfleet::aws::Clients;
 use orderfleet::topology::{HandlerName, Topology};
 use serde_json::{json, Value};
 
-fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Child {
+fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
     Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
         .args(["--handler", "inventory", "--prefix", &topo.prefix])
         .args(["--database-url", db_url, "--wait-time-secs", "1"])
@@ -23,6 +23,7 @@ fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Proc)
         .expect("spawn orderfleet-worker")
 }
 

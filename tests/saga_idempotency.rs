@@ -33,9 +33,22 @@ async fn a_duplicated_order_placed_gives_one_order_one_authorization_and_one_cap
         .unwrap()
         .get(0);
     assert_eq!(orders, 1);
-    assert_eq!(emitted(&pool, "OrderAccepted", Some("ord-dup")).await.len(), 1);
-    assert_eq!(emitted(&pool, "PaymentAuthorized", Some("ord-dup")).await.len(), 1);
-    assert_eq!(emitted(&pool, "PaymentCaptured", Some("ord-dup")).await.len(), 1);
+    assert_eq!(
+        emitted(&pool, "OrderAccepted", Some("ord-dup")).await.len(),
+        1
+    );
+    assert_eq!(
+        emitted(&pool, "PaymentAuthorized", Some("ord-dup"))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        emitted(&pool, "PaymentCaptured", Some("ord-dup"))
+            .await
+            .len(),
+        1
+    );
     assert_eq!(provider_call(&pool, "auth:ord-dup").await.unwrap().0, 1);
     assert_eq!(provider_call(&pool, "capture:ord-dup").await.unwrap().0, 1);
     assert_eq!(status(&pool, "ord-dup").await, "completed");
@@ -70,20 +83,34 @@ async fn reordered_and_redelivered_outcomes_give_one_authorization_and_one_captu
     assert_eq!(outcomes.len(), 2);
     outcomes.reverse();
     for event in &outcomes {
-        fleet.deliver_to(HandlerName::Orders, event, 1).await.unwrap();
+        fleet
+            .deliver_to(HandlerName::Orders, event, 1)
+            .await
+            .unwrap();
         assert_eq!(
-            fleet.deliver_to(HandlerName::Orders, event, 2).await.unwrap(),
+            fleet
+                .deliver_to(HandlerName::Orders, event, 2)
+                .await
+                .unwrap(),
             Executed::Duplicate
         );
     }
     let mut republished = outcomes[0].clone();
     republished.id = uuid::Uuid::new_v4().to_string();
     assert_eq!(
-        fleet.deliver_to(HandlerName::Orders, &republished, 1).await.unwrap(),
+        fleet
+            .deliver_to(HandlerName::Orders, &republished, 1)
+            .await
+            .unwrap(),
         Executed::Duplicate
     );
     assert_eq!(status(&pool, "ord-mix").await, "ready_to_ship");
-    assert_eq!(emitted(&pool, "OrderReadyToShip", Some("ord-mix")).await.len(), 1);
+    assert_eq!(
+        emitted(&pool, "OrderReadyToShip", Some("ord-mix"))
+            .await
+            .len(),
+        1
+    );
 
     // Fulfillment gets OrderReadyToShip twice; its outcomes go out duplicated.
     let ready = fleet.take(1).await.unwrap().remove(0);
@@ -100,9 +127,20 @@ async fn reordered_and_redelivered_outcomes_give_one_authorization_and_one_captu
     assert_eq!(status(&pool, "ord-mix").await, "completed");
     assert_eq!(provider_call(&pool, "auth:ord-mix").await.unwrap().0, 1);
     assert_eq!(provider_call(&pool, "capture:ord-mix").await.unwrap().0, 1);
-    assert_eq!(emitted(&pool, "OrderShipped", Some("ord-mix")).await.len(), 1);
-    assert_eq!(emitted(&pool, "PaymentCaptured", Some("ord-mix")).await.len(), 1);
-    assert_eq!(payment(&pool, "ord-mix").await, ("captured".into(), 2000, 0));
+    assert_eq!(
+        emitted(&pool, "OrderShipped", Some("ord-mix")).await.len(),
+        1
+    );
+    assert_eq!(
+        emitted(&pool, "PaymentCaptured", Some("ord-mix"))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        payment(&pool, "ord-mix").await,
+        ("captured".into(), 2000, 0)
+    );
     assert_eq!(stock(&pool, "TEA-1").await, (8, 0));
     assert_ledger_balances(&pool).await;
     assert_eq!(net_money(&pool, "ord-mix").await, 2000);

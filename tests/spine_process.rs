@@ -17,7 +17,7 @@ use orderfleet::runtime::{self, Executed};
 use orderfleet::topology::{HandlerName, Topology};
 use serde_json::json;
 
-fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Child {
+fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
     Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
         .args(["--handler", "inventory", "--prefix", &topo.prefix])
         .args(["--database-url", db_url, "--wait-time-secs", "1"])
@@ -27,6 +27,7 @@ fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(common::Proc)
         .expect("spawn orderfleet-worker")
 }
 
@@ -311,6 +312,7 @@ async fn under_systemd_the_worker_reports_ready_watchdog_and_stopping() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(common::Proc)
         .unwrap();
     let mut seen = Vec::new();
     recv(&sock, "READY=1", &mut seen).await.expect("READY=1");

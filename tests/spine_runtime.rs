@@ -70,8 +70,7 @@ impl Running {
         let consumer = Consumer {
             cfg,
             sqs: clients.sqs.clone(),
-            pool: pool.clone(),
-            handler,
+            handler: runtime::Transactional::new(handler, pool.clone()),
             leases: leases.clone(),
             counters: counters.clone(),
             relay_wake: None,

@@ -80,7 +80,7 @@ pub mod payments;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::Args;
 use deadpool_postgres::Pool;
 
@@ -99,6 +99,23 @@ pub struct DepsArgs {
         default_value_t = 0
     )]
     pub sandbox_payment_latency_ms: u64,
+    /// Database where the sandbox payment provider keeps its state, through a pool of its own.
+    /// Without it the sandbox shares the handlers' pool, and since each payment holds one
+    /// connection for its transaction while the sandbox takes another, the payments
+    /// concurrency must then stay under the pool size.
+    #[arg(
+        long = "sandbox-payment-database-url",
+        env = "ORDERFLEET_SANDBOX_PAYMENT_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub sandbox_payment_database_url: Option<String>,
+    /// Connections of the sandbox payment provider's own pool.
+    #[arg(
+        long = "sandbox-payment-pool-size",
+        env = "ORDERFLEET_SANDBOX_PAYMENT_POOL_SIZE",
+        default_value_t = 8
+    )]
+    pub sandbox_payment_pool_size: usize,
 }
 
 /// What handlers are built from: the pool, the AWS clients and their own settings.
@@ -115,12 +132,17 @@ pub struct Deps {
 
 impl Deps {
     pub async fn new(args: &DepsArgs, pool: &Pool, clients: &Clients) -> Result<Self> {
+        let sandbox_pool = match &args.sandbox_payment_database_url {
+            Some(url) => crate::db::pool(url, args.sandbox_payment_pool_size.max(1))
+                .context("--sandbox-payment-database-url")?,
+            None => pool.clone(),
+        };
         Ok(Deps {
             pool: pool.clone(),
             clients: clients.clone(),
             args: args.clone(),
             payment_provider: Arc::new(SandboxProvider::new(
-                pool.clone(),
+                sandbox_pool,
                 Duration::from_millis(args.sandbox_payment_latency_ms),
             )),
             carrier: Arc::new(SandboxCarrier),

@@ -816,7 +816,13 @@ impl Handler for Orders {
         match event.detail_type.as_str() {
             "OrderPlaced" => self.place(event, cx).await,
             "OrderCancellationRequested" => self.request_cancel(event, cx).await,
-            _ => self.outcome(event, cx).await,
+            "InventoryReserved" | "InventoryRejected" | "InventoryCommitted"
+            | "InventoryReleased" | "PaymentAuthorized" | "PaymentFailed" | "PaymentCaptured"
+            | "PaymentVoided" | "PaymentRefunded" | "OrderShipped" | "OrderDelivered"
+            | "DeliveryFailed" | "ShipmentCancelled" => self.outcome(event, cx).await,
+            other => Err(HandlerError::permanent(format!(
+                "orders does not handle {other}"
+            ))),
         }
     }
 }

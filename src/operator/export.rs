@@ -297,16 +297,19 @@ pub async fn import(
     if resumed {
         let text = std::fs::read_to_string(&journal_path)
             .with_context(|| format!("reading {}", journal_path.display()))?;
-        let count = text.lines().count();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
             let record = match serde_json::from_str::<ImportRecord>(line) {
                 Ok(r) => r,
-                // Cut short by a crash: it was never complete, so it announced nothing.
-                Err(_) if i + 1 == count => continue,
-                Err(e) => bail!("{} line {}: {e}", journal_path.display(), i + 1),
+                // Cut short by a crash (every write starts on a fresh line, so a cut line can
+                // sit anywhere). A cut intent announced a send that never started; a cut
+                // `sent` leaves its lines in doubt, and they are sent again.
+                Err(_) => {
+                    tracing::warn!(journal = %journal_path.display(), line = i + 1, "skipping a cut-off journal line");
+                    continue;
+                }
             };
             match record {
                 ImportRecord::Intent { lines } => in_doubt.extend(lines),

@@ -313,7 +313,7 @@ mod tests {
         assert_eq!("age>90".parse::<Filter>().unwrap().number, Some(90.0));
         // Only the first operator splits: values may contain any of them.
         let f: Filter = "reason~a=b<c".parse().unwrap();
-        assert_eq!((f.key, f.value.as_str()), (Key::Reason, "a=b<c"));
+        assert_eq!((&f.key, f.value.as_str()), (&Key::Reason, "a=b<c"));
         assert_eq!(f.to_string(), "reason~a=b<c");
     }
 

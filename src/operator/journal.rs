@@ -109,7 +109,7 @@ impl Journal {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating journal directory {}", dir.display()))?;
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
@@ -155,9 +155,11 @@ impl Journal {
                 journal.apply(r);
             }
         }
-        if replay.needs_newline {
-            // The last line was cut by a crash mid-write; start ours on a fresh line.
-            file.write_all(b"\n")?;
+        if let Some(len) = replay.truncate_to {
+            // The last line was cut by a crash mid-write: drop it, so that the file stays
+            // valid JSON lines. What it was announcing had not started (see `replay`).
+            file.set_len(len)
+                .with_context(|| format!("repairing journal {}", path.display()))?;
         }
         journal.append(&[header])?;
         Ok(journal)
@@ -241,11 +243,12 @@ impl Journal {
 
 struct Replay {
     records: Vec<Record>,
-    needs_newline: bool,
+    /// Set when the last line is cut short: the length of the file without it.
+    truncate_to: Option<u64>,
 }
 
-/// Reads every record. A final line cut short by a crash is ignored (it was never
-/// fsynced as complete, so what it announced did not start); a bad line elsewhere is an error.
+/// Reads every record. A final line cut short by a crash is ignored: its write had not
+/// returned, so what it announced (a send) had not started. A bad line elsewhere is an error.
 fn replay(file: &File, path: &Path) -> Result<Replay> {
     let mut reader = BufReader::new(file.try_clone()?);
     reader.seek(SeekFrom::Start(0))?;
@@ -259,23 +262,34 @@ fn replay(file: &File, path: &Path) -> Result<Replay> {
         }
         lines.push(buf.clone());
     }
-    let needs_newline = lines.last().is_some_and(|l| !l.ends_with('\n'));
     let count = lines.len();
+    let mut offset = 0u64;
+    let mut truncate_to = None;
     for (i, line) in lines.iter().enumerate() {
+        let start = offset;
+        offset += line.len() as u64;
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Record>(line) {
+        // Only a line that ends in a newline was written whole (records are written
+        // line by line and fsynced).
+        let parsed = if line.ends_with('\n') {
+            serde_json::from_str::<Record>(line).map_err(|e| e.to_string())
+        } else {
+            Err("no newline".to_string())
+        };
+        match parsed {
             Ok(r) => records.push(r),
             Err(_) if i + 1 == count => {
-                tracing::warn!(journal = %path.display(), "ignoring a cut-off last journal line");
+                tracing::warn!(journal = %path.display(), "dropping a cut-off last journal line");
+                truncate_to = Some(start);
             }
             Err(e) => bail!("journal {} line {}: {e}", path.display(), i + 1),
         }
     }
     Ok(Replay {
         records,
-        needs_newline,
+        truncate_to,
     })
 }
 

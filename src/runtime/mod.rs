@@ -255,12 +255,42 @@ pub async fn execute(
     })
 }
 
+/// How a consumer applies one decoded event. [`Transactional`] is the production
+/// implementation; the throughput benchmark plugs in a no-op to measure the runtime alone.
+#[async_trait::async_trait]
+pub trait Apply: Send + Sync + 'static {
+    /// The handler's name, for logs, metrics and the DLQ attributes.
+    fn name(&self) -> &str;
+    async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError>;
+}
+
+/// A handler run by [`execute`]: inbox, effects and outbox in one PostgreSQL transaction.
+pub struct Transactional {
+    pub handler: Arc<dyn Handler>,
+    pub pool: Pool,
+}
+
+impl Transactional {
+    pub fn new(handler: Arc<dyn Handler>, pool: Pool) -> Arc<Self> {
+        Arc::new(Transactional { handler, pool })
+    }
+}
+
+#[async_trait::async_trait]
+impl Apply for Transactional {
+    fn name(&self) -> &str {
+        self.handler.name()
+    }
+    async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError> {
+        execute(&*self.handler, &self.pool, event, receive_count).await
+    }
+}
+
 /// One queue's consumer.
 pub struct Consumer {
     pub cfg: ConsumerConfig,
     pub sqs: aws_sdk_sqs::Client,
-    pub pool: Pool,
-    pub handler: Arc<dyn Handler>,
+    pub handler: Arc<dyn Apply>,
     pub leases: Leases,
     pub counters: Arc<Counters>,
     /// Poked after a commit that wrote to the outbox.
@@ -270,8 +300,7 @@ pub struct Consumer {
 struct Shared {
     cfg: ConsumerConfig,
     sqs: aws_sdk_sqs::Client,
-    pool: Pool,
-    handler: Arc<dyn Handler>,
+    handler: Arc<dyn Apply>,
     leases: Leases,
     counters: Arc<Counters>,
     relay_wake: Option<Arc<Notify>>,
@@ -299,7 +328,6 @@ impl Consumer {
             queue_url: Arc::from(self.cfg.queue_url.as_str()),
             cfg: self.cfg,
             sqs: self.sqs,
-            pool: self.pool,
             handler: self.handler,
             leases: self.leases,
             counters: self.counters,
@@ -552,10 +580,9 @@ async fn run_guarded(
             event.detail_type, event.source
         )));
     }
-    let (handler, pool) = (shared.handler.clone(), shared.pool.clone());
-    let mut task = tokio::spawn(
-        async move { execute(&*handler, &pool, &event, count).await }.in_current_span(),
-    );
+    let handler = shared.handler.clone();
+    let mut task =
+        tokio::spawn(async move { handler.apply(&event, count).await }.in_current_span());
     tokio::select! {
         joined = tokio::time::timeout(shared.cfg.handler_timeout, &mut task) => match joined {
             Ok(Ok(result)) => result.map(Some),

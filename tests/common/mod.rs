@@ -116,3 +116,29 @@ pub async fn depth(clients: &Clients, queue_url: &str) -> (u64, u64) {
         n(Q::ApproximateNumberOfMessagesNotVisible),
     )
 }
+
+/// A spawned process that is killed if the test ends (or panics) while it still runs, so a
+/// failing test never leaves a worker behind.
+pub struct Proc(pub std::process::Child);
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -21,8 +21,15 @@ pub fn eur(amount_minor: i64) -> Money {
 
 /// A fresh database and the four saga handlers on it.
 pub async fn fleet() -> Fleet {
-    let (pool, _url) = common::fresh_db().await;
-    Fleet::sandbox(pool)
+    let (pool, url) = common::fresh_db().await;
+    sandbox_fleet(pool, &url)
+}
+
+/// The saga handlers on `pool`, with the sandbox provider on its own pool of the same database
+/// (so that concurrent payments cannot starve it of connections).
+pub fn sandbox_fleet(pool: Pool, url: &str) -> Fleet {
+    let provider_pool = orderfleet::db::pool(url, 16).unwrap();
+    Fleet::sandbox_with(pool, provider_pool, std::time::Duration::ZERO)
 }
 
 /// Catalogues `sku` at `price` (EUR minor units) with `on_hand` units, and runs to rest.

@@ -135,9 +135,9 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     }
 
     if native_possible {
-        match native_move(sqs, &source, &target, &args).await? {
-            Some(code) => return Ok(code),
-            None => {} // fell back; said why on stderr
+        // `None`: the endpoint has no move tasks; native_move said so on stderr.
+        if let Some(code) = native_move(sqs, &source, &target, &args).await? {
+            return Ok(code);
         }
     } else if args.filter.filters.is_empty() && !args.client_side {
         eprintln!(

@@ -1,0 +1,244 @@
+//! The payment provider and the ledger: idempotency keys, retries, declines, and a ledger that
+//! only ever balances and never changes.
+
+mod common;
+mod saga_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orderfleet::envelope::Envelope;
+use orderfleet::handlers::payments::Payments;
+use orderfleet::handlers::{Context, Handler};
+use orderfleet::outcome::HandlerError;
+use orderfleet::payment_provider::{
+    PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest, SandboxProvider,
+};
+use orderfleet::topology::HandlerName;
+use saga_support::*;
+
+fn request(key: &str, token: &str) -> ProviderRequest {
+    ProviderRequest {
+        idempotency_key: key.into(),
+        payment_token: token.into(),
+        amount: eur(1500),
+        authorization_id: None,
+    }
+}
+
+#[tokio::test]
+async fn a_flaky_provider_is_retried_and_charges_once() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    fleet
+        .publish_event(&order("ord-flaky", &[("TEA-1", 1, 1000)], "tok_flaky_2"))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-flaky").await, "completed");
+    // Two transient failures, then one decision, for each key.
+    let (attempts, result) = provider_call(&pool, "auth:ord-flaky").await.unwrap();
+    assert_eq!(attempts, 3);
+    assert_eq!(result.unwrap()["outcome"], "approved");
+    assert_eq!(
+        provider_call(&pool, "capture:ord-flaky").await.unwrap().0,
+        3
+    );
+    assert_eq!(fleet.stats().retries, 4);
+    assert_eq!(
+        emitted(&pool, "PaymentAuthorized", Some("ord-flaky"))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        emitted(&pool, "PaymentCaptured", Some("ord-flaky"))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(net_money(&pool, "ord-flaky").await, 1000);
+}
+
+#[tokio::test]
+async fn the_sandbox_returns_the_first_outcome_for_a_repeated_key() {
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = SandboxProvider::new(pool.clone(), Duration::ZERO);
+
+    let first = sandbox
+        .authorize(&request("auth:o1", "tok_visa"))
+        .await
+        .unwrap();
+    let again = sandbox
+        .authorize(&request("auth:o1", "tok_visa"))
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert!(
+        matches!(first, ProviderOutcome::Approved { ref reference } if reference.starts_with("auth_"))
+    );
+    assert_eq!(provider_call(&pool, "auth:o1").await.unwrap().0, 2);
+
+    // Deterministic declines by token.
+    for (token, code) in [
+        ("tok_decline", "card_declined"),
+        ("tok_insufficient_funds", "insufficient_funds"),
+    ] {
+        let out = sandbox
+            .authorize(&request(&format!("auth:{token}"), token))
+            .await
+            .unwrap();
+        assert!(
+            matches!(out, ProviderOutcome::Declined { code: ref c, .. } if c == code),
+            "{out:?}"
+        );
+    }
+
+    // A flaky token fails N times per key, then succeeds, and stays succeeded.
+    for _ in 0..3 {
+        assert!(matches!(
+            sandbox.authorize(&request("auth:f", "tok_flaky_3")).await,
+            Err(ProviderError::Transient(_))
+        ));
+    }
+    let decided = sandbox
+        .authorize(&request("auth:f", "tok_flaky_3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        decided,
+        sandbox
+            .authorize(&request("auth:f", "tok_flaky_3"))
+            .await
+            .unwrap()
+    );
+
+    // Concurrent calls with one key agree.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let sandbox = sandbox.clone();
+        tasks.spawn(async move { sandbox.authorize(&request("auth:c", "tok_visa")).await });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        outcomes.push(done.unwrap().unwrap());
+    }
+    assert!(outcomes.windows(2).all(|w| w[0] == w[1]));
+}
+
+/// Runs the real payments handler, then fails as if the process died before the commit: the
+/// provider has acted, but the transaction rolls back.
+struct CrashBeforeCommit(Payments);
+
+#[async_trait]
+impl Handler for CrashBeforeCommit {
+    fn name(&self) -> &str {
+        "payments"
+    }
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        self.0.handle(event, cx).await?;
+        Err(HandlerError::retry("simulated crash before commit"))
+    }
+}
+
+#[tokio::test]
+async fn a_charge_whose_transaction_rolled_back_is_not_charged_again_on_retry() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    fleet
+        .publish_event(&order("ord-crash", &[("TEA-1", 1, 1000)], "tok_visa"))
+        .await
+        .unwrap();
+    let placed = fleet.take(1).await.unwrap().remove(0);
+    fleet.deliver(&placed).await;
+    let accepted = fleet.take(1).await.unwrap().remove(0);
+
+    let provider: Arc<dyn PaymentProvider> =
+        Arc::new(SandboxProvider::new(pool.clone(), Duration::ZERO));
+    let crashing = CrashBeforeCommit(Payments::new(provider));
+    let err = orderfleet::runtime::execute(&crashing, &pool, &accepted, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "retry");
+    // The provider authorized; our side remembers nothing.
+    let (attempts, first) = provider_call(&pool, "auth:ord-crash").await.unwrap();
+    assert_eq!(attempts, 1);
+    let c = pool.get().await.unwrap();
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM payments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+
+    // The redelivery reuses the key and gets the same authorization back.
+    fleet
+        .deliver_to(HandlerName::Payments, &accepted, 2)
+        .await
+        .unwrap();
+    fleet
+        .deliver_to(HandlerName::Inventory, &accepted, 1)
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    let (attempts, again) = provider_call(&pool, "auth:ord-crash").await.unwrap();
+    assert_eq!((attempts, again.clone()), (2, first.clone()));
+    let authorized = emitted(&pool, "PaymentAuthorized", Some("ord-crash")).await;
+    assert_eq!(authorized.len(), 1);
+    assert_eq!(
+        authorized[0]["authorization_id"],
+        first.unwrap()["reference"]
+    );
+    assert_eq!(status(&pool, "ord-crash").await, "completed");
+    assert_eq!(net_money(&pool, "ord-crash").await, 1000);
+}
+
+#[tokio::test]
+async fn the_ledger_refuses_updates_deletes_and_unbalanced_transactions() {
+    let (pool, _) = common::fresh_db().await;
+    let mut c = pool.get().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    assert!(orderfleet::ledger::capture(&tx, "o1", eur(700))
+        .await
+        .unwrap());
+    // The same movement again is a no-op.
+    assert!(!orderfleet::ledger::capture(&tx, "o1", eur(700))
+        .await
+        .unwrap());
+    tx.commit().await.unwrap();
+
+    for sql in [
+        "UPDATE ledger_postings SET amount_minor = 1",
+        "DELETE FROM ledger_postings",
+        "DELETE FROM ledger_transactions",
+        "TRUNCATE ledger_postings",
+    ] {
+        let err = c.batch_execute(sql).await.unwrap_err();
+        assert!(
+            err.to_string().contains("append-only") || format!("{err:?}").contains("append-only"),
+            "{sql}: {err:?}"
+        );
+    }
+
+    // A one-sided posting is refused at commit by the database itself.
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute(
+        "INSERT INTO ledger_transactions (idempotency_key, kind) VALUES ('bad', 'test');
+         INSERT INTO ledger_postings (transaction_id, account_id, amount_minor, currency)
+         SELECT currval('ledger_transactions_id_seq'), id, 5, 'EUR' FROM ledger_accounts WHERE name = 'refunds';",
+    )
+    .await
+    .unwrap();
+    let err = tx.commit().await.unwrap_err();
+    assert!(format!("{err:?}").contains("does not balance"), "{err:?}");
+
+    assert_ledger_balances(&pool).await;
+    assert_eq!(ledger(&pool).await.get("payments_clearing:EUR"), Some(&700));
+}
