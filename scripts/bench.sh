@@ -7,4 +7,7 @@ set -euo pipefail
 
 stack_env
 require_bins orderfleet
+# The runtime logs one info line per message; the benchmark measures the runtime, so it logs
+# warnings only unless RUST_LOG says otherwise (docs/BENCHMARKS.md gives both figures).
+export RUST_LOG="${RUST_LOG:-warn}"
 exec "$BIN/orderfleet" bench "$@"
