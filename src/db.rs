@@ -1,11 +1,13 @@
 //! PostgreSQL: the connection pool and the versioned migrations.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use rustls_pki_types::{pem::PemObject, CertificateDer};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The migrations, in order. Each runs in its own transaction and is recorded in
 /// `schema_migrations`; a version that is already recorded is skipped.
@@ -22,7 +24,38 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payments",
         include_str!("../migrations/0004_payments.sql"),
     ),
+    (
+        6,
+        "personalization",
+        include_str!("../migrations/0006_personalization.sql"),
+    ),
 ];
+
+/// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,
+/// uses it when the server offers it; `require` insists). Certificates are verified against
+/// Mozilla's roots plus the PEM bundle in `PGSSLROOTCERT`, as libpq does: RDS's CA is not a
+/// public one, so production sets `PGSSLROOTCERT` to the RDS bundle and `sslmode=require`.
+fn tls() -> Result<MakeRustlsConnect> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = std::env::var_os("PGSSLROOTCERT") {
+        let certs = CertificateDer::pem_file_iter(&path)
+            .with_context(|| format!("reading PGSSLROOTCERT {}", path.to_string_lossy()))?;
+        for cert in certs {
+            roots
+                .add(cert.context("PGSSLROOTCERT holds an invalid certificate")?)
+                .context("PGSSLROOTCERT holds an unusable certificate")?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS configuration")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
 
 /// Builds a pool for `url` with at most `max_size` connections. Connections are opened lazily,
 /// so this does not fail when the database is down; the first query does.
@@ -35,7 +68,7 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool> {
     config.connect_timeout(Duration::from_secs(5));
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -550,10 +550,12 @@ async fn receive_errors_back_off_instead_of_spinning_and_stop_still_works() {
             shutdown_grace: Duration::from_secs(1),
         },
         sqs,
-        pool,
-        handler: Arc::new(Picky {
-            ok: AtomicU32::new(0),
-        }),
+        handler: runtime::Transactional::new(
+            Arc::new(Picky {
+                ok: AtomicU32::new(0),
+            }),
+            pool,
+        ),
         leases: Leases::default(),
         counters: counters.clone(),
         relay_wake: None,
