@@ -215,8 +215,8 @@ fn parameters(topo: &Topology) -> Value {
         "DbAllocatedStorageGiB": {"Type": "Number", "Default": 20, "MinValue": 20, "MaxValue": 65536, "Description": "RDS storage (GiB, gp3)."},
         "DbMultiAz": {"Type": "String", "Default": "true", "AllowedValues": ["true", "false"], "Description": "Run a standby in a second Availability Zone."},
         "DbForceSsl": {
-            "Type": "String", "Default": "0", "AllowedValues": ["0", "1"],
-            "Description": "rds.force_ssl. The worker connects without TLS today, inside the VPC and a security group that admits only the tasks; set 1 once it speaks TLS."
+            "Type": "String", "Default": "1", "AllowedValues": ["0", "1"],
+            "Description": "rds.force_ssl. The workers connect with sslmode=require and verify the server against the RDS CA bundle in their image (PGSSLROOTCERT)."
         },
         "SesIdentity": {
             "Type": "String", "AllowedPattern": "^\\S+$",
@@ -419,7 +419,7 @@ fn shared(res: &mut Resources, names: &Topology) {
             "Properties": {
                 "Description": "DATABASE_URL of the orderfleet workers",
                 "SecretString": sub(&format!(
-                    "postgres://{}:{}@${{Db.Endpoint.Address}}:${{Db.Endpoint.Port}}/{DATABASE_NAME}",
+                    "postgres://{}:{}@${{Db.Endpoint.Address}}:${{Db.Endpoint.Port}}/{DATABASE_NAME}?sslmode=require",
                     master("username"),
                     master("password")
                 )),
