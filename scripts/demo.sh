@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# End-to-end demo against the local stack: provision, migrate, start all
+# End-to-end demo against the local stack: provision, migrate, start the
 # workers, publish ORDERS (default 100) orders, wait until they are processed
 # (DEMO_TIMEOUT seconds, default 300), print the report, stop the workers.
 # Exits with the report's exit status (or the wait's, if only that failed).
+#
+# The worker runs the saga handlers (orders, inventory, payments, fulfillment;
+# see select_handlers in lib.sh, ORDERFLEET_HANDLERS overrides) and logs to
+# WORKER_LOG (default .local/demo-worker.log), so that the terminal shows the
+# publisher's summary, the wait's progress and the report.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -13,7 +18,9 @@ require_bins orderfleet orderfleet-worker
 
 "$BIN/orderfleet" provision
 "$BIN/orderfleet" migrate
-start_worker --all
+export_fleet_env
+export WORKER_LOG="${WORKER_LOG:-$ROOT/.local/demo-worker.log}"
+start_worker "${HANDLER_ARGS[@]}"
 "$BIN/orderfleet" publish --orders "${ORDERS:-100}"
 
 wait_rc=0

@@ -25,6 +25,35 @@ require_bins() { # name...
     done
 }
 
+# ---- fleet settings --------------------------------------------------------
+#
+# The handlers the local fleet runs. Only the order saga's four are implemented
+# so far; notifications, analytics and personalization are being written, and
+# `--all` refuses to start until every handler exists. Override with
+# ORDERFLEET_HANDLERS=orders,inventory,... or ORDERFLEET_HANDLERS=all.
+SAGA_HANDLERS=orders,inventory,payments,fulfillment
+
+# Sets HANDLER_ARGS, the worker flags that select its handlers, from
+# ORDERFLEET_HANDLERS, then unsets that variable: the worker would also read it
+# (as --handler's env), and `all` is not a handler name.
+select_handlers() {
+    local handlers="${ORDERFLEET_HANDLERS:-$SAGA_HANDLERS}"
+    if [[ $handlers == all ]]; then
+        HANDLER_ARGS=(--all)
+    else
+        HANDLER_ARGS=(--handler "$handlers")
+    fi
+    unset ORDERFLEET_HANDLERS
+}
+
+# Each payment holds a pool connection for its transaction while the sandbox
+# payment provider needs another; on one shared pool, concurrent payments can
+# starve it. The sandbox gets a pool of its own (same database, separate pool).
+export_fleet_env() {
+    export ORDERFLEET_SANDBOX_PAYMENT_DATABASE_URL="${ORDERFLEET_SANDBOX_PAYMENT_DATABASE_URL:-$DATABASE_URL}"
+    select_handlers
+}
+
 # ---- worker lifecycle ------------------------------------------------------
 #
 # The worker runs in the background in its own process group (set -m), so a
@@ -46,15 +75,21 @@ forward_signal() { # INT|TERM
     fi
 }
 
+# With WORKER_LOG set, the worker's stdout and stderr go to that file.
 start_worker() { # worker args...
     trap 'forward_signal INT' INT
     trap 'forward_signal TERM' TERM
     trap 'cleanup_worker' EXIT
     set -m
-    "$BIN/orderfleet-worker" "$@" &
+    if [[ -n ${WORKER_LOG:-} ]]; then
+        mkdir -p "$(dirname "$WORKER_LOG")"
+        "$BIN/orderfleet-worker" "$@" >"$WORKER_LOG" 2>&1 &
+    else
+        "$BIN/orderfleet-worker" "$@" &
+    fi
     WORKER_PID=$!
     set +m
-    log "worker started (pid $WORKER_PID): orderfleet-worker $*"
+    log "worker started (pid $WORKER_PID): orderfleet-worker $*${WORKER_LOG:+ (logs in $WORKER_LOG)}"
 }
 
 # Wait for the worker to exit; returns its exit status. A trapped signal

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Run the worker fleet locally against the local stack (PostgreSQL + moto):
-# provision queues/buses, migrate the database, start all workers, publish
+# provision queues/buses, migrate the database, start the workers, publish
 # ORDERS (default 10) sample orders, then keep the workers running until
 # Ctrl-C (SIGINT/SIGTERM are forwarded to the worker, which shuts down
 # gracefully). Normally started via `make run` (which builds first).
+#
+# The worker runs the saga handlers (orders, inventory, payments, fulfillment;
+# see select_handlers in lib.sh, ORDERFLEET_HANDLERS overrides) and logs to the
+# terminal. Once the orders are terminal the report is printed, and the fleet
+# keeps running for more `orderfleet publish` runs.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -14,8 +19,12 @@ require_bins orderfleet orderfleet-worker
 
 "$BIN/orderfleet" provision
 "$BIN/orderfleet" migrate
-start_worker --all
+export_fleet_env
+start_worker "${HANDLER_ARGS[@]}"
 "$BIN/orderfleet" publish --orders "${ORDERS:-10}"
+if ((!STOP_REQUESTED)) && "$BIN/orderfleet" wait --timeout-secs "${RUN_TIMEOUT:-300}"; then
+    "$BIN/orderfleet" report || log "the report found broken invariants (see above)"
+fi
 ((STOP_REQUESTED)) || log "workers running; press Ctrl-C to stop"
 
 rc=0

@@ -93,7 +93,7 @@ pub const EVENTS: &[EventSpec] = &[
     ev(
         "OrderRejected",
         By(Orders),
-        &[Notifications, Analytics],
+        &[Analytics],
         "The order failed validation; the reasons are listed.",
     ),
     ev(
@@ -105,13 +105,15 @@ pub const EVENTS: &[EventSpec] = &[
     ev(
         "OrderCancelled",
         By(Orders),
-        &[Inventory, Payments, Notifications, Analytics],
+        // Notifications waits for the payment outcome that answers it (PaymentVoided or
+        // PaymentRefunded) to say what happened to the money.
+        &[Inventory, Payments, Analytics],
         "The order is cancelled; stock and money are to be given back.",
     ),
     ev(
         "OrderCompleted",
         By(Orders),
-        &[Notifications, Personalization, Analytics],
+        &[Personalization, Analytics],
         "The order shipped, was paid and delivered: a purchase.",
     ),
     ev(
@@ -167,7 +169,7 @@ pub const EVENTS: &[EventSpec] = &[
     ev(
         "PaymentVoided",
         By(Payments),
-        &[Orders, Analytics],
+        &[Orders, Notifications, Analytics],
         "The authorization was voided (or there was nothing to void).",
     ),
     ev(

@@ -24,9 +24,10 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payments",
         include_str!("../migrations/0004_payments.sql"),
     ),
+    (5, "emails", include_str!("../migrations/0005_emails.sql")),
     (
         6,
-        "personalization",
+        "lake_and_personalization",
         include_str!("../migrations/0006_personalization.sql"),
     ),
 ];

@@ -11,6 +11,8 @@
 //! - [`envelope`]: the EventBridge event as it arrives in an SQS body.
 //! - [`catalogue`]: every event type, its producer and consumers; drives routing.
 //! - [`events`]: the typed payload of every event: money, currencies, versions.
+//! - [`email`]: customer emails: templates, lettre messages, the file, SMTP and SES v2
+//!   transports, address masking.
 //! - [`ledger`]: the double-entry ledger of payments.
 //! - [`payment_provider`], [`carrier`]: the outside world of payments and fulfillment, with
 //!   deterministic sandboxes.
@@ -23,6 +25,11 @@
 //! - [`operator`]: what `orderfleet status` and `orderfleet dlq` do: peek, filter, redrive
 //!   with a crash-safe journal, export/import, fleet status.
 //! - [`bench_sqs`]: an in-memory SQS endpoint for benchmarks.
+//! - [`simulator`]: the storefront simulator behind `orderfleet seed` and `orderfleet publish`.
+//! - [`report`]: orders, stock, ledger totals and the invariants of `orderfleet report`.
+//! - [`lake`]: the S3 data lake: the lake outbox, its Firehose shipper, reading it back.
+//! - [`recommendations`]: "bought together" recommendations from the personalization worker's
+//!   co-occurrence table.
 //! - [`outcome`], [`metrics`]: typed failures and counters.
 
 pub mod aws;
@@ -33,12 +40,14 @@ pub mod catalogue;
 pub mod cli;
 pub mod db;
 pub mod deploy;
+pub mod email;
 pub mod emf;
 pub mod envelope;
 pub mod events;
 pub mod handlers;
 pub mod health;
 pub mod inproc;
+pub mod lake;
 pub mod ledger;
 pub mod metrics;
 pub mod operator;
@@ -46,6 +55,9 @@ pub mod outbox;
 pub mod outcome;
 pub mod payment_provider;
 pub mod provision;
+pub mod recommendations;
+pub mod report;
 pub mod runtime;
+pub mod simulator;
 pub mod topology;
 pub mod worker;

@@ -1,5 +1,10 @@
 //! `orderfleet provision`: creates or updates the topology idempotently. Every resource is
 //! read first and written only when it differs, so a second run reports no change.
+//!
+//! Besides the bus, queues and rules, it creates the lake: the S3 bucket and the Firehose
+//! delivery stream that writes into it (see [`crate::lake`]). The stream's IAM role is only
+//! referred to by name ([`Topology::lake_delivery_role`]): the CloudFormation stack creates it
+//! in AWS, and the local emulator does not check it.
 
 use std::collections::HashMap;
 
@@ -37,7 +42,153 @@ pub async fn provision(clients: &Clients, topo: &Topology) -> Result<Vec<Change>
             .await
             .with_context(|| format!("provisioning handler {}", res.handler))?;
     }
+    ensure_lake(clients, topo, &bus_arn, &mut changes)
+        .await
+        .context("provisioning the lake")?;
     Ok(changes)
+}
+
+/// The lake bucket and the delivery stream into it. The stream is compared by its
+/// destination's bucket and prefix; anything else about it is left as it is.
+async fn ensure_lake(
+    clients: &Clients,
+    topo: &Topology,
+    bus_arn: &str,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    // arn:<partition>:events:<region>:<account>:event-bus/<name>
+    let arn: Vec<&str> = bus_arn.splitn(6, ':').collect();
+    let (partition, region, account) = match arn.as_slice() {
+        [_, partition, _, region, account, _] => (*partition, *region, *account),
+        _ => return Err(anyhow!("unexpected event bus ARN {bus_arn}")),
+    };
+    let bucket = topo.lake_bucket();
+    match clients.s3.head_bucket().bucket(&bucket).send().await {
+        Ok(_) => {}
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => {
+            let mut create = clients.s3.create_bucket().bucket(&bucket);
+            // us-east-1 is the one region that refuses an explicit location constraint.
+            if region != "us-east-1" {
+                create = create.create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                            region,
+                        ))
+                        .build(),
+                );
+            }
+            create
+                .send()
+                .await
+                .map_err(|e| anyhow!("creating lake bucket {bucket}: {}", error_chain(&e)))?;
+            change(changes, format!("bucket {bucket}"), "created");
+        }
+        Err(e) => {
+            return Err(anyhow!(
+                "looking up lake bucket {bucket} (if another account owns the name, choose one \
+                 with --lake-bucket): {}",
+                error_chain(&e)
+            ))
+        }
+    }
+
+    use aws_sdk_firehose::types::{
+        BufferingHints, CompressionFormat, DeliveryStreamType, ExtendedS3DestinationConfiguration,
+        ExtendedS3DestinationUpdate,
+    };
+    let stream = topo.firehose_stream();
+    let bucket_arn = format!("arn:{partition}:s3:::{bucket}");
+    let role_arn = format!(
+        "arn:{partition}:iam::{account}:role/{}",
+        topo.lake_delivery_role()
+    );
+    // As in the CloudFormation stack: five minutes or 64 MiB, whichever comes first.
+    let hints = BufferingHints::builder()
+        .interval_in_seconds(300)
+        .size_in_mbs(64)
+        .build();
+    match clients
+        .firehose
+        .describe_delivery_stream()
+        .delivery_stream_name(&stream)
+        .send()
+        .await
+    {
+        Ok(out) => {
+            let Some(desc) = out.delivery_stream_description() else {
+                return Err(anyhow!(
+                    "DescribeDeliveryStream {stream} returned no description"
+                ));
+            };
+            let destination = desc.destinations().first();
+            let current = destination.and_then(|d| d.extended_s3_destination_description());
+            let in_place = current.is_some_and(|c| {
+                c.bucket_arn() == bucket_arn && c.prefix() == Some(topology::LAKE_PREFIX)
+            });
+            if !in_place {
+                let destination_id = destination
+                    .map(|d| d.destination_id().to_string())
+                    .unwrap_or_default();
+                clients
+                    .firehose
+                    .update_destination()
+                    .delivery_stream_name(&stream)
+                    .current_delivery_stream_version_id(desc.version_id())
+                    .destination_id(destination_id)
+                    .extended_s3_destination_update(
+                        ExtendedS3DestinationUpdate::builder()
+                            .bucket_arn(&bucket_arn)
+                            .role_arn(&role_arn)
+                            .prefix(topology::LAKE_PREFIX)
+                            .error_output_prefix(topology::LAKE_ERROR_PREFIX)
+                            .buffering_hints(hints)
+                            .compression_format(CompressionFormat::Uncompressed)
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        anyhow!("updating delivery stream {stream}: {}", error_chain(&e))
+                    })?;
+                change(
+                    changes,
+                    format!("delivery stream {stream}"),
+                    "updated destination",
+                );
+            }
+        }
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_not_found_exception()) =>
+        {
+            let destination = ExtendedS3DestinationConfiguration::builder()
+                .bucket_arn(&bucket_arn)
+                .role_arn(&role_arn)
+                .prefix(topology::LAKE_PREFIX)
+                .error_output_prefix(topology::LAKE_ERROR_PREFIX)
+                .buffering_hints(hints)
+                .compression_format(CompressionFormat::Uncompressed)
+                .build()
+                .map_err(|e| anyhow!("building the lake destination: {e}"))?;
+            clients
+                .firehose
+                .create_delivery_stream()
+                .delivery_stream_name(&stream)
+                .delivery_stream_type(DeliveryStreamType::DirectPut)
+                .extended_s3_destination_configuration(destination)
+                .send()
+                .await
+                .map_err(|e| anyhow!("creating delivery stream {stream}: {}", error_chain(&e)))?;
+            change(changes, format!("delivery stream {stream}"), "created");
+        }
+        Err(e) => {
+            return Err(anyhow!(
+                "describing delivery stream {stream}: {}",
+                error_chain(&e)
+            ))
+        }
+    }
+    Ok(())
 }
 
 async fn ensure_bus(clients: &Clients, name: &str, changes: &mut Vec<Change>) -> Result<String> {

@@ -94,6 +94,9 @@ pub struct Topology {
     pub prefix: String,
     pub bus_name: String,
     pub max_receive_count: u32,
+    /// The lake bucket, when it is not `<prefix>-lake` (S3 bucket names are global, so an AWS
+    /// account provisioned by hand needs a unique one; `--lake-bucket`).
+    pub lake_bucket_override: Option<String>,
 }
 
 impl Default for Topology {
@@ -102,9 +105,18 @@ impl Default for Topology {
             prefix: "orderfleet".into(),
             bus_name: BUS_NAME.into(),
             max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
+            lake_bucket_override: None,
         }
     }
 }
+
+/// Where the delivery stream writes events in the lake bucket: one partition per UTC day, as
+/// Firehose evaluates these expressions at delivery (AWS; moto keeps them literally, see
+/// [`crate::lake`]).
+pub const LAKE_PREFIX: &str =
+    "events/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/";
+/// Where Firehose writes records it could not deliver.
+pub const LAKE_ERROR_PREFIX: &str = "errors/!{firehose:error-output-type}/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/";
 
 /// Everything provisioned for one handler.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +150,29 @@ impl Topology {
 
     pub fn rule_name(&self, handler: HandlerName) -> String {
         format!("{}-to-{}", self.prefix, handler.as_str())
+    }
+
+    /// The Firehose delivery stream into the lake (`<prefix>-lake`, as in the CloudFormation
+    /// stack).
+    pub fn firehose_stream(&self) -> String {
+        format!("{}-lake", self.prefix)
+    }
+
+    /// The lake's S3 bucket: the override, else `<prefix>-lake` in lower case (S3 bucket names
+    /// allow no capitals). The CloudFormation stack names its bucket itself; readers find it
+    /// through the delivery stream (see [`crate::lake::resolve_bucket`]).
+    pub fn lake_bucket(&self) -> String {
+        match &self.lake_bucket_override {
+            Some(name) => name.clone(),
+            None => format!("{}-lake", self.prefix).to_ascii_lowercase(),
+        }
+    }
+
+    /// The IAM role Firehose assumes to write the bucket (`<prefix>-lake-delivery`). The
+    /// CloudFormation stack creates it; `orderfleet provision` only refers to it, which is all
+    /// the local emulator needs.
+    pub fn lake_delivery_role(&self) -> String {
+        format!("{}-lake-delivery", self.prefix)
     }
 
     pub fn resources(&self, handler: HandlerName) -> HandlerResources {

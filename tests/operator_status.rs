@@ -45,7 +45,14 @@ async fn status_json_shows_the_queues_the_dlq_depths_and_the_live_workers() {
     let worker = common::Proc(
         Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
             .args(["--handler", "inventory", "--prefix", &topo.prefix])
-            .args(["--database-url", &db_url, "--wait-time-secs", "1", "--heartbeat-secs", "1"])
+            .args([
+                "--database-url",
+                &db_url,
+                "--wait-time-secs",
+                "1",
+                "--heartbeat-secs",
+                "1",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -57,11 +64,23 @@ async fn status_json_shows_the_queues_the_dlq_depths_and_the_live_workers() {
         let (prefix, url) = (topo.prefix.clone(), db_url.clone());
         async move {
             let out = Command::new(env!("CARGO_BIN_EXE_orderfleet"))
-                .args(["status", "--json", "--prefix", &prefix, "--database-url", &url])
+                .args([
+                    "status",
+                    "--json",
+                    "--prefix",
+                    &prefix,
+                    "--database-url",
+                    &url,
+                ])
                 .env("RUST_LOG", "warn")
                 .output()
                 .unwrap();
-            assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
             let live = doc["workers"]
                 .as_array()?
@@ -86,7 +105,10 @@ async fn status_json_shows_the_queues_the_dlq_depths_and_the_live_workers() {
     assert!(inventory["oldest_age_secs"].is_null());
 
     let workers = status["workers"].as_array().unwrap();
-    let me = workers.iter().find(|w| w["pid"].as_i64() == Some(pid)).unwrap();
+    let me = workers
+        .iter()
+        .find(|w| w["pid"].as_i64() == Some(pid))
+        .unwrap();
     assert_eq!(me["handlers"], serde_json::json!(["inventory"]));
     assert_eq!(me["version"], env!("CARGO_PKG_VERSION"));
     assert!(me["processed"].is_i64() && me["failed"].is_i64());

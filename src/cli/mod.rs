@@ -3,9 +3,14 @@
 pub mod bench;
 pub mod cfn;
 pub mod dlq;
+pub mod lake;
 pub mod migrate;
 pub mod provision;
+pub mod publish;
+pub mod report;
+pub mod seed;
 pub mod status;
+pub mod wait;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -45,6 +50,16 @@ pub enum Command {
     Status(status::Args),
     /// Inspect, redrive, export, import and purge dead-letter queues.
     Dlq(dlq::Args),
+    /// The S3 data lake: `lake stats` counts records by detail-type and day.
+    Lake(lake::Args),
+    /// Publish the simulated storefront catalogue and stock (ProductUpserted, StockReceived).
+    Seed(seed::Args),
+    /// The storefront simulator: publish a reproducible mix of orders to the bus.
+    Publish(publish::Args),
+    /// Wait until every published order is terminal and the outbox is drained.
+    Wait(wait::Args),
+    /// Orders by status, stock, ledger totals and invariant checks; exits 1 if one fails.
+    Report(report::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -55,7 +70,12 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Bench(args) => bench::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Lake(args) => lake::run(args).await,
         Command::Cfn(args) => cfn::run(args),
+        Command::Seed(args) => seed::run(args).await,
+        Command::Publish(args) => publish::run(args).await,
+        Command::Wait(args) => wait::run(args).await,
+        Command::Report(args) => report::run(args).await,
     }
 }
 

@@ -16,6 +16,10 @@ pub struct Args {
     #[arg(long, env = "ORDERFLEET_MAX_RECEIVE_COUNT", default_value_t = DEFAULT_MAX_RECEIVE_COUNT,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_receive_count: u32,
+    /// The lake's S3 bucket; default: `<prefix>-lake`. S3 bucket names are global: in AWS,
+    /// choose one no other account has.
+    #[arg(long, env = "ORDERFLEET_LAKE_BUCKET")]
+    pub lake_bucket: Option<String>,
     /// Print the changes as JSON.
     #[arg(long)]
     pub json: bool,
@@ -24,6 +28,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<ExitCode> {
     let mut topo = Topology::with_prefix(&args.prefix.prefix);
     topo.max_receive_count = args.max_receive_count;
+    topo.lake_bucket_override = args.lake_bucket.filter(|b| !b.is_empty());
     let clients = Clients::from_env().await;
     let changes = crate::provision::provision(&clients, &topo).await?;
     if args.json {

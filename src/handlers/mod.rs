@@ -72,10 +72,13 @@ impl<'a> Context<'a> {
     }
 }
 
+pub mod analytics;
 pub mod fulfillment;
 pub mod inventory;
+pub mod notifications;
 pub mod orders;
 pub mod payments;
+pub mod personalization;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,6 +95,9 @@ use crate::topology::HandlerName;
 /// Settings the handlers themselves need (providers, carriers, transports).
 #[derive(Debug, Clone, Args, Default)]
 pub struct DepsArgs {
+    /// Email settings of the notifications worker (transport, sender, templates).
+    #[command(flatten)]
+    pub email: crate::email::EmailArgs,
     /// Latency the sandbox payment provider adds to every call, to imitate a real one.
     #[arg(
         long = "sandbox-payment-latency-ms",
@@ -116,6 +122,26 @@ pub struct DepsArgs {
         default_value_t = 8
     )]
     pub sandbox_payment_pool_size: usize,
+    /// The Firehose delivery stream the analytics worker ships the lake to; default: the
+    /// topology's `<prefix>-lake`.
+    #[arg(long = "firehose-stream", env = "ORDERFLEET_FIREHOSE_STREAM")]
+    pub firehose_stream: Option<String>,
+    /// How long lake records gather before a PutRecordBatch when the shipper has caught up
+    /// (full batches of 500 leave at once).
+    #[arg(
+        long = "lake-flush-ms",
+        env = "ORDERFLEET_LAKE_FLUSH_MS",
+        default_value_t = 1000
+    )]
+    pub lake_flush_ms: u64,
+    /// Amazon Personalize event tracker's tracking id: purchases are also sent to it with
+    /// PutEvents. Empty or unset: not forwarded. (Its endpoint can be overridden with
+    /// AWS_ENDPOINT_URL_PERSONALIZE_EVENTS.)
+    #[arg(
+        long = "personalize-tracking-id",
+        env = "ORDERFLEET_PERSONALIZE_TRACKING_ID"
+    )]
+    pub personalize_tracking_id: Option<String>,
 }
 
 /// What handlers are built from: the pool, the AWS clients and their own settings.
@@ -128,6 +154,10 @@ pub struct Deps {
     pub payment_provider: Arc<dyn PaymentProvider>,
     /// The parcel carrier (the sandbox).
     pub carrier: Arc<dyn Carrier>,
+    /// Builds and sends customer emails (notifications).
+    pub mailer: Arc<crate::email::Mailer>,
+    /// The Amazon Personalize event tracker, when `--personalize-tracking-id` is set.
+    pub personalize: Option<personalization::PersonalizeTracker>,
 }
 
 impl Deps {
@@ -146,8 +176,46 @@ impl Deps {
                 Duration::from_millis(args.sandbox_payment_latency_ms),
             )),
             carrier: Arc::new(SandboxCarrier),
+            mailer: Arc::new(
+                crate::email::Mailer::from_args(&args.email)
+                    .await
+                    .context("email settings")?,
+            ),
+            personalize: personalize_tracker(args).await,
         })
     }
+
+    /// The lake shipper the analytics worker needs running beside it (see [`crate::lake`]):
+    /// to `--firehose-stream`, or else the topology's stream.
+    pub fn lake_shipper(&self, topo: &crate::topology::Topology) -> crate::lake::LakeShipper {
+        crate::lake::LakeShipper::new(
+            self.pool.clone(),
+            self.clients.firehose.clone(),
+            self.args
+                .firehose_stream
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| topo.firehose_stream()),
+            crate::lake::ShipperConfig {
+                flush_interval: Duration::from_millis(self.args.lake_flush_ms.max(1)),
+                ..crate::lake::ShipperConfig::default()
+            },
+        )
+    }
+}
+
+/// The Personalize tracker from `--personalize-tracking-id`; the CloudFormation stack passes
+/// an empty value to mean "none".
+async fn personalize_tracker(args: &DepsArgs) -> Option<personalization::PersonalizeTracker> {
+    let tracking_id = args
+        .personalize_tracking_id
+        .clone()
+        .filter(|s| !s.trim().is_empty())?;
+    let config = crate::aws::sdk_config().await;
+    Some(personalization::PersonalizeTracker {
+        client: aws_sdk_personalizeevents::Client::new(&config),
+        tracking_id,
+    })
 }
 
 /// Builds the handler called `name`.
@@ -161,8 +229,12 @@ pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn Handler>> {
         HandlerName::Fulfillment => Ok(Arc::new(fulfillment::Fulfillment::new(
             deps.carrier.clone(),
         ))),
-        other => anyhow::bail!(
-            "handler {other} is not implemented in this build; run the implemented handlers with --handler"
-        ),
+        HandlerName::Notifications => Ok(Arc::new(notifications::Notifications::new(
+            deps.mailer.clone(),
+        ))),
+        HandlerName::Analytics => Ok(Arc::new(analytics::Analytics)),
+        HandlerName::Personalization => Ok(Arc::new(personalization::Personalization::new(
+            deps.personalize.clone(),
+        ))),
     }
 }

@@ -340,7 +340,7 @@ async fn should_wait(
         return true;
     }
     match queue::counts(sqs, &source.url).await {
-        Ok(c) => c.in_flight > scanner.held() as u64,
+        Ok(c) => c.in_flight > scanner.held_in_flight() as u64,
         Err(_) => false,
     }
 }

@@ -26,6 +26,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
     MessageSystemAttributeName,
 };
+use tokio::time::Instant;
 
 use crate::outcome::error_chain;
 
@@ -48,8 +49,8 @@ pub struct Scanner {
     sqs: aws_sdk_sqs::Client,
     url: String,
     visibility_secs: i32,
-    /// The latest receipt handle of every message this scan holds.
-    held: HashMap<String, String>,
+    /// The latest receipt handle of every message this scan holds, and when it was received.
+    held: HashMap<String, (String, Instant)>,
     seen: HashSet<String>,
     quiet_rounds: u32,
     /// Receives made (each one raised the receive count of what it returned).
@@ -95,7 +96,8 @@ impl Scanner {
             let (Some(id), Some(receipt)) = (message.message_id(), message.receipt_handle()) else {
                 continue;
             };
-            self.held.insert(id.to_string(), receipt.to_string());
+            self.held
+                .insert(id.to_string(), (receipt.to_string(), Instant::now()));
             let first_time = self.seen.insert(id.to_string());
             fresh |= first_time;
             result.push(Received {
@@ -112,9 +114,15 @@ impl Scanner {
         self.quiet_rounds >= QUIET_ROUNDS
     }
 
-    /// Messages held now.
-    pub fn held(&self) -> usize {
-        self.held.len()
+    /// Messages this scan holds whose visibility timeout has not run out yet: the part of
+    /// the queue's in-flight count that is ours. (A held message whose timeout ran out is
+    /// visible again, though this scan still remembers it.)
+    pub fn held_in_flight(&self) -> usize {
+        let visibility = std::time::Duration::from_secs(self.visibility_secs as u64);
+        self.held
+            .values()
+            .filter(|(_, at)| at.elapsed() < visibility)
+            .count()
     }
 
     /// Deletes messages (by id, with their latest receipt). Returns the ids deleted and the
@@ -127,7 +135,7 @@ impl Scanner {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, id)| {
-                    let receipt = self.held.get(id)?;
+                    let (receipt, _) = self.held.get(id)?;
                     DeleteMessageBatchRequestEntry::builder()
                         .id(i.to_string())
                         .receipt_handle(receipt)
@@ -165,7 +173,7 @@ impl Scanner {
     /// A handle that went stale (the message's visibility ran out and someone else received
     /// it) cannot be reset; that message is already visible or held by its new reader.
     pub async fn release_all(&mut self) -> usize {
-        let held: Vec<(String, String)> = self.held.drain().collect();
+        let held: Vec<(String, String)> = self.held.drain().map(|(id, (r, _))| (id, r)).collect();
         let mut released = 0;
         for chunk in held.chunks(10) {
             let entries: Vec<_> = chunk

@@ -1,0 +1,34 @@
+//! analytics: archives every event on the bus to the S3 data lake.
+//!
+//! | event | effect | emits |
+//! |---|---|---|
+//! | every detail-type | its lake record in `lake_outbox` | (none) |
+//!
+//! The handler only writes the record in its transaction; the [`crate::lake::LakeShipper`]
+//! batches pending records into PutRecordBatch calls to Firehose. [`crate::lake`] explains
+//! why the work is split that way and what it guarantees.
+
+use async_trait::async_trait;
+
+use crate::envelope::Envelope;
+use crate::handlers::{Context, Handler};
+use crate::lake;
+use crate::outcome::HandlerError;
+
+/// The analytics handler.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Analytics;
+
+#[async_trait]
+impl Handler for Analytics {
+    fn name(&self) -> &str {
+        "analytics"
+    }
+
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        // Any detail-type is archived, catalogued or not: the lake is the record of what was
+        // on the bus. A false return is a redelivery whose record is already queued.
+        lake::enqueue(cx.tx, event).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,502 @@
+//! notifications: emails the customer, exactly once per order and kind.
+//!
+//! | event | email (`emails.kind`) | recipient from |
+//! |---|---|---|
+//! | `OrderAccepted` | `confirmation`: lines, total, "customers also bought" | the event |
+//! | `OrderShipped` | `shipped`: carrier, tracking number, items | `orders` + `customers` |
+//! | `PaymentVoided` of a cancelled order | `cancelled`: reason; hold released, or nothing charged | `orders` + `customers` |
+//! | `PaymentRefunded` of a cancelled order | `cancelled`: reason; amount refunded | `orders` + `customers` |
+//! | `PaymentRefunded` otherwise (a returned parcel) | `refunded`: amount | `orders` + `customers` |
+//!
+//! The cancellation email is sent on the payment outcome, not on `OrderCancelled`, because only
+//! then is it known what happened to the money; payments answers every `OrderCancelled` with
+//! exactly one `PaymentVoided` or `PaymentRefunded`. The reason comes from the order row, which
+//! orders commits before it emits `OrderCancelled`, so it is always there by then. (A
+//! `PaymentVoided` of an order that was not cancelled, a parcel returned before capture, sends
+//! nothing: nothing was charged and the shipped email already went out.) This handler reads the
+//! `orders`, `customers` and `products` tables of other handlers and writes only `emails`.
+//!
+//! # Exactly once, and the one exception
+//!
+//! Within the runtime's transaction (inbox claim, effects, outbox, one commit):
+//!
+//! 1. claim the `(order, kind)` row of `emails` with `INSERT ... ON CONFLICT DO NOTHING`. When
+//!    a row exists, the email was sent (or failed for good) under an earlier event: nothing to
+//!    do. A concurrent claim of the same key waits on the unique index until this transaction
+//!    ends;
+//! 2. compose and send;
+//! 3. record `sent` (or `failed_permanent`) in the same row; the runtime commits.
+//!
+//! A retryable failure rolls everything back, claim included, and the event is retried with
+//! backoff. A permanent refusal of the address or message is recorded as `failed_permanent` and
+//! the handler succeeds: no retry loop, nothing in the DLQ. A configuration fault (credentials,
+//! unverified sender) goes to the DLQ, to be redriven once fixed.
+//!
+//! The exception: if the process dies, or the commit fails, after the transport accepted the
+//! email and before the commit, the claim is rolled back with everything else and the
+//! redelivered event sends that email again. At most that one email repeats, and the copy
+//! carries the same Message-ID (derived from order and kind) and, in the file outbox, the same
+//! file name. No transport offers a transaction we could join, so this window cannot be
+//! closed, only kept short: the send is the last thing before the commit. See
+//! `docs/notifications.md`.
+//!
+//! Addresses are masked ([`mask`]) in every log line, in `emails.recipient_masked`, and in
+//! every error text kept or logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deadpool_postgres::Transaction;
+
+use crate::email::mask::{mask, redact};
+use crate::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
+use crate::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};
+use crate::envelope::Envelope;
+use crate::events::{
+    self, Currency, Money, OrderAccepted, OrderShipped, PaymentRefunded, PaymentVoided,
+};
+use crate::handlers::{Context, Handler};
+use crate::outcome::HandlerError;
+
+/// Savepoint around the recommendations query: a failure there must not abort the email.
+const RECOMMENDATIONS_SAVEPOINT: &str = "notifications_recommendations";
+
+/// The notifications handler.
+pub struct Notifications {
+    mailer: Arc<Mailer>,
+}
+
+impl Notifications {
+    /// Emails through `mailer`.
+    pub fn new(mailer: Arc<Mailer>) -> Self {
+        tracing::info!(
+            transport = mailer.transport_name(),
+            from = %mask(&mailer.from().email.to_string()),
+            templates = %mailer.templates_origin(),
+            "notifications configured"
+        );
+        Notifications { mailer }
+    }
+
+    async fn confirmation(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let d: OrderAccepted = events::decode(event)?;
+        let key = EmailKey::new(&d.order_id, EmailKind::Confirmation);
+        let to = Recipient {
+            email: d.customer.email.clone(),
+            name: d.customer.name.clone(),
+        };
+        let Some(claim) = self.claim(cx.tx, &key, &to).await? else {
+            return Ok(());
+        };
+        let skus: Vec<String> = d.lines.iter().map(|l| l.sku.clone()).collect();
+        let names = product_names(cx.tx, &skus).await?;
+        let recommendations = self.recommendations(cx.tx, &skus).await?;
+        let lines = d
+            .lines
+            .iter()
+            .map(|l| view::LineView {
+                sku: l.sku.clone(),
+                name: name_of(&names, &l.sku),
+                quantity: l.quantity,
+                unit_price: format_money(l.unit_price),
+                line_total: format_minor(
+                    i128::from(l.quantity) * i128::from(l.unit_price.amount_minor),
+                    l.unit_price.currency,
+                ),
+            })
+            .collect();
+        let view = EmailView::Confirmation(view::Confirmation {
+            order_id: d.order_id.clone(),
+            customer_name: d.customer.name.clone(),
+            placed_on: view::day(d.placed_at),
+            lines,
+            total: format_money(d.total),
+            shipping: view::AddressView::from(&d.shipping_address),
+            recommendations,
+        });
+        self.deliver(cx.tx, claim, &view).await
+    }
+
+    async fn shipped(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        let d: OrderShipped = events::decode(event)?;
+        let order = order_facts(cx.tx, &d.order_id).await?;
+        let key = EmailKey::new(&d.order_id, EmailKind::Shipped);
+        let Some(claim) = self.claim(cx.tx, &key, &order.recipient).await? else {
+            return Ok(());
+        };
+        let skus: Vec<String> = d.lines.iter().map(|l| l.sku.clone()).collect();
+        let names = product_names(cx.tx, &skus).await?;
+        let view = EmailView::Shipped(view::Shipped {
+            order_id: d.order_id.clone(),
+            customer_name: order.recipient.name.clone(),
+            carrier: d.carrier.clone(),
+            tracking_number: d.tracking_number.clone(),
+            items: d
+                .lines
+                .iter()
+                .map(|l| view::ItemView {
+                    sku: l.sku.clone(),
+                    name: name_of(&names, &l.sku),
+                    quantity: l.quantity,
+                })
+                .collect(),
+        });
+        self.deliver(cx.tx, claim, &view).await
+    }
+
+    async fn voided(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        let d: PaymentVoided = events::decode(event)?;
+        let order = order_facts(cx.tx, &d.order_id).await?;
+        let Some(reason) = order.cancel_reason.clone() else {
+            tracing::info!(
+                order_id = %d.order_id,
+                "payment voided for an order that was not cancelled; no email"
+            );
+            return Ok(());
+        };
+        let money = if d.authorization_id.is_some() {
+            MoneyOutcome::AuthorizationVoided
+        } else {
+            MoneyOutcome::NothingCharged
+        };
+        self.cancelled(cx, &d.order_id, &order, reason, money, order.total)
+            .await
+    }
+
+    async fn refunded(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        let d: PaymentRefunded = events::decode(event)?;
+        let order = order_facts(cx.tx, &d.order_id).await?;
+        if let Some(reason) = order.cancel_reason.clone() {
+            return self
+                .cancelled(
+                    cx,
+                    &d.order_id,
+                    &order,
+                    reason,
+                    MoneyOutcome::Refunded,
+                    Some(d.amount),
+                )
+                .await;
+        }
+        let key = EmailKey::new(&d.order_id, EmailKind::Refunded);
+        let Some(claim) = self.claim(cx.tx, &key, &order.recipient).await? else {
+            return Ok(());
+        };
+        let view = EmailView::Refunded(view::Refunded {
+            order_id: d.order_id.clone(),
+            customer_name: order.recipient.name.clone(),
+            amount: format_money(d.amount),
+            returned: matches!(order.status.as_str(), "returning" | "returned"),
+        });
+        self.deliver(cx.tx, claim, &view).await
+    }
+
+    async fn cancelled(
+        &self,
+        cx: &mut Context<'_>,
+        order_id: &str,
+        order: &OrderFacts,
+        reason: String,
+        money: MoneyOutcome,
+        amount: Option<Money>,
+    ) -> Result<(), HandlerError> {
+        let key = EmailKey::new(order_id, EmailKind::Cancelled);
+        let Some(claim) = self.claim(cx.tx, &key, &order.recipient).await? else {
+            return Ok(());
+        };
+        let view = EmailView::Cancelled(view::Cancelled {
+            order_id: order_id.to_string(),
+            customer_name: order.recipient.name.clone(),
+            reason,
+            money,
+            amount: amount.map(format_money).unwrap_or_default(),
+        });
+        self.deliver(cx.tx, claim, &view).await
+    }
+
+    /// Claims `key` for this transaction. `None` when its email was already sent or failed for
+    /// good under an earlier event.
+    async fn claim(
+        &self,
+        tx: &Transaction<'_>,
+        key: &EmailKey,
+        to: &Recipient,
+    ) -> Result<Option<Claim>, HandlerError> {
+        let masked = mask(&to.email);
+        let message_id = self.mailer.message_id(key);
+        let claimed = tx
+            .execute(
+                "INSERT INTO emails (order_id, kind, recipient_masked, message_id, transport, status)
+                 VALUES ($1, $2, $3, $4, $5, 'sending')
+                 ON CONFLICT (order_id, kind) DO NOTHING",
+                &[
+                    &key.order_id,
+                    &key.kind.as_str(),
+                    &masked,
+                    &message_id,
+                    &self.mailer.transport_name(),
+                ],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("claiming the email", &e))?;
+        if claimed == 0 {
+            let status: Option<String> = tx
+                .query_opt(
+                    "SELECT status FROM emails WHERE order_id = $1 AND kind = $2",
+                    &[&key.order_id, &key.kind.as_str()],
+                )
+                .await?
+                .map(|r| r.get(0));
+            tracing::info!(
+                order_id = %key.order_id,
+                kind = key.kind.as_str(),
+                recipient = %masked,
+                status = status.as_deref().unwrap_or("unknown"),
+                "email already handled for this order; not sending again"
+            );
+            return Ok(None);
+        }
+        Ok(Some(Claim {
+            key: key.clone(),
+            to: to.clone(),
+            masked,
+            message_id,
+        }))
+    }
+
+    /// Composes, sends and records the claimed email.
+    async fn deliver(
+        &self,
+        tx: &Transaction<'_>,
+        claim: Claim,
+        view: &EmailView,
+    ) -> Result<(), HandlerError> {
+        let Claim {
+            key,
+            to,
+            masked,
+            message_id,
+        } = claim;
+        let message = match self.mailer.compose(&key, &to.email, &to.name, view) {
+            Ok(message) => message,
+            Err(ComposeError::InvalidAddress { masked, reason }) => {
+                let error = redact(&format!("invalid address {masked}: {reason}"), &to.email);
+                return record_failure(tx, &key, &masked, &error).await;
+            }
+            Err(ComposeError::Build(reason)) => {
+                // A template or builder defect: every email of this kind fails alike. The DLQ
+                // keeps the event until a fixed build redrives it.
+                return Err(HandlerError::permanent(redact(&reason, &to.email)));
+            }
+        };
+        match self.mailer.send(&key, &message).await {
+            Ok(sent) => {
+                tx.execute(
+                    "UPDATE emails SET status = 'sent', sent_at = now(), error = NULL,
+                            provider_message_id = $3
+                      WHERE order_id = $1 AND kind = $2",
+                    &[&key.order_id, &key.kind.as_str(), &sent.provider_id],
+                )
+                .await
+                .map_err(|e| HandlerError::from_db("recording the sent email", &e))?;
+                tracing::info!(
+                    order_id = %key.order_id,
+                    kind = key.kind.as_str(),
+                    recipient = %masked,
+                    transport = self.mailer.transport_name(),
+                    message_id = %message_id,
+                    provider_id = sent.provider_id.as_deref().unwrap_or(""),
+                    "email sent"
+                );
+                Ok(())
+            }
+            Err(SendError::Rejected(reason)) => {
+                record_failure(tx, &key, &masked, &redact(&reason, &to.email)).await
+            }
+            Err(SendError::Transient(reason)) => Err(HandlerError::retry(format!(
+                "sending the {} email to {masked}: {}",
+                key.kind,
+                redact(&reason, &to.email)
+            ))),
+            Err(SendError::Misconfigured(reason)) => Err(HandlerError::permanent(format!(
+                "sending the {} email: {}; fix the email settings, then redrive",
+                key.kind,
+                redact(&reason, &to.email)
+            ))),
+        }
+    }
+
+    /// Up to the configured number of "bought together" products for `skus`. The query runs
+    /// under a savepoint: recommendations are a nicety, so their failure is logged and the
+    /// confirmation goes out without them.
+    async fn recommendations(
+        &self,
+        tx: &Transaction<'_>,
+        skus: &[String],
+    ) -> Result<Vec<view::RecommendationView>, HandlerError> {
+        let n = self.mailer.recommendations();
+        if n == 0 || skus.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.batch_execute(&format!("SAVEPOINT {RECOMMENDATIONS_SAVEPOINT}"))
+            .await?;
+        match crate::recommendations::top_for_skus(tx, skus, n).await {
+            Ok(found) => {
+                tx.batch_execute(&format!("RELEASE SAVEPOINT {RECOMMENDATIONS_SAVEPOINT}"))
+                    .await?;
+                Ok(found
+                    .into_iter()
+                    .filter(|r| !skus.contains(&r.sku))
+                    .take(n)
+                    .map(|r| view::RecommendationView {
+                        sku: r.sku,
+                        name: r.name,
+                    })
+                    .collect())
+            }
+            Err(e) => {
+                tx.batch_execute(&format!(
+                    "ROLLBACK TO SAVEPOINT {RECOMMENDATIONS_SAVEPOINT}"
+                ))
+                .await?;
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "no recommendations for this email"
+                );
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Notifications {
+    fn name(&self) -> &str {
+        "notifications"
+    }
+
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        match event.detail_type.as_str() {
+            "OrderAccepted" => self.confirmation(event, cx).await,
+            "OrderShipped" => self.shipped(event, cx).await,
+            "PaymentVoided" => self.voided(event, cx).await,
+            "PaymentRefunded" => self.refunded(event, cx).await,
+            other => Err(HandlerError::permanent(format!(
+                "notifications does not handle {other}"
+            ))),
+        }
+    }
+}
+
+/// Who an email goes to.
+#[derive(Debug, Clone)]
+struct Recipient {
+    email: String,
+    name: String,
+}
+
+/// A claimed `(order, kind)`: this transaction sends its email.
+struct Claim {
+    key: EmailKey,
+    to: Recipient,
+    masked: String,
+    message_id: String,
+}
+
+/// Records a permanent refusal. The handler then succeeds: the event is done.
+async fn record_failure(
+    tx: &Transaction<'_>,
+    key: &EmailKey,
+    masked: &str,
+    error: &str,
+) -> Result<(), HandlerError> {
+    tx.execute(
+        "UPDATE emails SET status = 'failed_permanent', error = $3
+          WHERE order_id = $1 AND kind = $2",
+        &[&key.order_id, &key.kind.as_str(), &error],
+    )
+    .await
+    .map_err(|e| HandlerError::from_db("recording the failed email", &e))?;
+    tracing::warn!(
+        order_id = %key.order_id,
+        kind = key.kind.as_str(),
+        recipient = %masked,
+        error,
+        "email refused for good; recorded as failed_permanent, not retried"
+    );
+    Ok(())
+}
+
+/// What notifications needs of an order it did not see accepted.
+struct OrderFacts {
+    recipient: Recipient,
+    status: String,
+    /// Set exactly when orders emitted `OrderCancelled` for it.
+    cancel_reason: Option<String>,
+    total: Option<Money>,
+}
+
+/// Reads the order and its customer, as orders committed them before emitting any event about
+/// the order. A missing order is permanent: no later delivery can make it appear.
+async fn order_facts(tx: &Transaction<'_>, order_id: &str) -> Result<OrderFacts, HandlerError> {
+    let row = tx
+        .query_opt(
+            "SELECT c.email, c.name, o.status, o.cancel_reason, o.total_minor, o.currency::text
+               FROM orders o JOIN customers c ON c.id = o.customer_id
+              WHERE o.id = $1",
+            &[&order_id],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("reading the order", &e))?
+        .ok_or_else(|| {
+            HandlerError::permanent(format!(
+                "order {order_id} or its customer is unknown to orders; cannot address an email"
+            ))
+        })?;
+    let total_minor: Option<i64> = row.get(4);
+    let currency: Option<String> = row.get(5);
+    let total = match (total_minor, currency.as_deref().map(Currency::new)) {
+        (Some(minor), Some(Ok(currency))) => Some(Money::new(minor, currency)),
+        _ => None,
+    };
+    Ok(OrderFacts {
+        recipient: Recipient {
+            email: row.get(0),
+            name: row.get(1),
+        },
+        status: row.get(2),
+        cancel_reason: row.get(3),
+        total,
+    })
+}
+
+/// Product names from the catalogue (`products.doc->>'name'`), by SKU.
+async fn product_names(
+    tx: &Transaction<'_>,
+    skus: &[String],
+) -> Result<HashMap<String, String>, HandlerError> {
+    let rows = tx
+        .query(
+            "SELECT sku, doc->>'name' FROM products WHERE sku = ANY($1)",
+            &[&skus],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("reading product names", &e))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let name: Option<String> = r.get(1);
+            name.filter(|n| !n.trim().is_empty()).map(|n| (r.get(0), n))
+        })
+        .collect())
+}
+
+/// The product's name, or its SKU when the catalogue has none.
+fn name_of(names: &HashMap<String, String>, sku: &str) -> String {
+    names.get(sku).cloned().unwrap_or_else(|| sku.to_string())
+}

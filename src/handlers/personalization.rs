@@ -1,0 +1,194 @@
+//! personalization: learns "bought together" from purchases, and can forward them to Amazon
+//! Personalize.
+//!
+//! | event | effect | emits |
+//! |---|---|---|
+//! | `OrderCompleted` | +1 in `co_purchases` for every ordered pair of distinct SKUs in the order; with a tracker, one PutEvents `purchase` per SKU | (none) |
+//!
+//! An order counts once: `personalization_orders` is keyed by order id, beside the inbox that
+//! is keyed by event. [`crate::recommendations`] reads the table.
+//!
+//! # Amazon Personalize
+//!
+//! With an event tracker configured ([`PersonalizeTracker`]), the order's SKUs are sent with
+//! PutEvents inside the handler, before its transaction commits: a failed call rolls back the
+//! co-occurrence counts and the message is retried, so the two stay in step. Each event has a
+//! deterministic `eventId` (`<order>:<sku>`), and Personalize ignores an event id it already
+//! has for training, so the copy sent when the commit fails after a successful call (or when
+//! an order of more than ten SKUs fails halfway through its calls) does no harm.
+//! Throttling, 5xx and connection errors are retried; an invalid request (or an unknown
+//! tracker) is permanent and goes to the DLQ with the reason.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use aws_sdk_personalizeevents::config::http::HttpResponse;
+use aws_sdk_personalizeevents::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_personalizeevents::types::Event as PersonalizeEvent;
+use serde_json::json;
+
+use crate::envelope::Envelope;
+use crate::events::{self, OrderCompleted};
+use crate::handlers::{Context, Handler};
+use crate::outcome::{error_chain, HandlerError};
+
+/// Events per PutEvents call: the API's limit.
+pub const MAX_EVENTS_PER_CALL: usize = 10;
+/// The Personalize `eventType` of a purchase.
+pub const PURCHASE_EVENT_TYPE: &str = "purchase";
+
+/// An Amazon Personalize event tracker to forward purchases to.
+#[derive(Debug, Clone)]
+pub struct PersonalizeTracker {
+    pub client: aws_sdk_personalizeevents::Client,
+    /// The tracker's tracking id (not its ARN).
+    pub tracking_id: String,
+}
+
+/// The personalization handler.
+#[derive(Debug, Clone, Default)]
+pub struct Personalization {
+    tracker: Option<PersonalizeTracker>,
+}
+
+impl Personalization {
+    /// Keeps co-occurrence only, or also forwards to `tracker`.
+    pub fn new(tracker: Option<PersonalizeTracker>) -> Self {
+        Personalization { tracker }
+    }
+
+    async fn forward(
+        &self,
+        tracker: &PersonalizeTracker,
+        order: &OrderCompleted,
+        quantities: &BTreeMap<&str, i64>,
+        sent_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), HandlerError> {
+        let sent_at = aws_sdk_personalizeevents::primitives::DateTime::from_millis(
+            sent_at.timestamp_millis(),
+        );
+        let mut events = Vec::with_capacity(quantities.len());
+        for (sku, quantity) in quantities {
+            events.push(
+                PersonalizeEvent::builder()
+                    .event_id(format!("{}:{sku}", order.order_id))
+                    .event_type(PURCHASE_EVENT_TYPE)
+                    .item_id(*sku)
+                    .sent_at(sent_at)
+                    // A JSON string, as the API wants; the interactions schema may carry a
+                    // QUANTITY field for it (Personalize maps camelCase keys to fields).
+                    .properties(json!({ "quantity": quantity }).to_string())
+                    .build()
+                    .map_err(|e| {
+                        HandlerError::permanent(format!("building a Personalize event: {e}"))
+                    })?,
+            );
+        }
+        for chunk in events.chunks(MAX_EVENTS_PER_CALL) {
+            tracker
+                .client
+                .put_events()
+                .tracking_id(&tracker.tracking_id)
+                .user_id(&order.customer_id)
+                .session_id(&order.order_id)
+                .set_event_list(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("Personalize PutEvents", &e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Classifies a Personalize failure where it is converted: throttling, server errors and
+/// connection trouble are worth retrying; an invalid request or an unknown tracker is not.
+pub fn classify<E>(context: &str, err: &SdkError<E, HttpResponse>) -> HandlerError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let reason = format!("{context}: {}", error_chain(err));
+    match err {
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            let retryable_code = [
+                "Throttl",
+                "TooManyRequests",
+                "LimitExceeded",
+                "ExpiredToken",
+            ]
+            .iter()
+            .any(|c| code.contains(c))
+                || [
+                    "InternalFailure",
+                    "InternalServerError",
+                    "ServiceUnavailable",
+                ]
+                .contains(&code);
+            let status = service.raw().status().as_u16();
+            if retryable_code || status == 429 || status >= 500 {
+                HandlerError::retry(reason)
+            } else {
+                HandlerError::permanent(reason)
+            }
+        }
+        // The request never left, or no valid answer came back: try again.
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            HandlerError::retry(reason)
+        }
+        // The request could not even be built: the same input fails the same way.
+        SdkError::ConstructionFailure(_) => HandlerError::permanent(reason),
+        _ => HandlerError::retry(reason),
+    }
+}
+
+#[async_trait]
+impl Handler for Personalization {
+    fn name(&self) -> &str {
+        "personalization"
+    }
+
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        if event.detail_type != "OrderCompleted" {
+            return Err(HandlerError::permanent(format!(
+                "personalization does not consume {}",
+                event.detail_type
+            )));
+        }
+        let order: OrderCompleted = events::decode(event)?;
+        // Distinct SKUs, with the quantity bought of each.
+        let mut quantities: BTreeMap<&str, i64> = BTreeMap::new();
+        for line in &order.lines {
+            *quantities.entry(line.sku.as_str()).or_default() += line.quantity;
+        }
+        let skus: Vec<String> = quantities.keys().map(|s| s.to_string()).collect();
+        let first = cx
+            .tx
+            .execute(
+                "INSERT INTO personalization_orders (order_id, customer_id, skus)
+                 VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
+                &[&order.order_id, &order.customer_id, &skus],
+            )
+            .await?
+            == 1;
+        if !first {
+            tracing::debug!(order_id = %order.order_id, "order already counted");
+            return Ok(());
+        }
+        // Pairs in a fixed order, so that concurrent orders sharing SKUs lock rows in the
+        // same order instead of deadlocking.
+        cx.tx
+            .execute(
+                "INSERT INTO co_purchases (sku, other_sku, count)
+                 SELECT a, b, 1 FROM unnest($1::text[]) a, unnest($1::text[]) b
+                  WHERE a <> b ORDER BY a, b
+                 ON CONFLICT (sku, other_sku) DO UPDATE SET count = co_purchases.count + 1",
+                &[&skus],
+            )
+            .await?;
+        if let Some(tracker) = &self.tracker {
+            self.forward(tracker, &order, &quantities, event.time)
+                .await?;
+        }
+        Ok(())
+    }
+}

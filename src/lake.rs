@@ -1,0 +1,680 @@
+//! The S3 data lake: every event on the bus, archived through Kinesis Data Firehose, and read
+//! back for `orderfleet lake stats`.
+//!
+//! # Batching design
+//!
+//! The runtime hands a handler one event at a time, inside that event's database transaction,
+//! while PutRecordBatch wants up to 500 records per call. So archiving is split in two, like the
+//! event outbox:
+//!
+//! 1. The analytics handler ([`crate::handlers::analytics`]) turns the event into its lake
+//!    record ([`record_for`]) and inserts it into `lake_outbox` ([`enqueue`]) in its own
+//!    transaction, next to its inbox row. The SQS message is deleted only after that commit, so
+//!    an event is either in `lake_outbox` or still on its queue: never lost. `event_key` is
+//!    unique, so a redelivered event cannot add a second row (the inbox already stops it; the
+//!    constraint is the belt to its braces).
+//! 2. A [`LakeShipper`] in the worker process takes pending rows (`FOR UPDATE SKIP LOCKED`, so
+//!    shippers in several processes never take the same row), packs them into one
+//!    PutRecordBatch of at most [`MAX_BATCH_RECORDS`] records and [`MAX_BATCH_BYTES`] bytes,
+//!    and, in the same transaction, marks shipped exactly the entries Firehose accepted. An
+//!    entry with an `ErrorCode` stays pending with its error recorded, so the next call
+//!    carries the failed records again and none of the accepted ones: none is dropped, and our
+//!    own retries duplicate nothing.
+//!
+//! The guarantee is at least once. The one window for a duplicate is a crash (or a lost
+//! connection) after Firehose accepted a batch and before the transaction that marks it
+//! commits; the batch is then shipped again. Firehose itself is at least once as well. Each
+//! record carries its EventBridge `id` and, for the fleet's own events, `detail.event_id`, so
+//! readers can drop such copies: [`LakeStats`] counts distinct events and reports copies as
+//! `duplicates`.
+//!
+//! # Keys
+//!
+//! The delivery stream's prefix is [`crate::topology::LAKE_PREFIX`]: Firehose writes
+//! `events/year=YYYY/month=MM/day=DD/<stream>-<version>-<time>-<uuid>`, the day being when
+//! Firehose received the records (UTC). moto 5.2.5 writes one object per PutRecordBatch,
+//! synchronously, but keeps the prefix's `!{timestamp:...}` expressions literally and appends
+//! its own `YYYY/MM/DD/HH/` instead. [`partition_day`] reads both layouts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _, Result};
+use aws_sdk_firehose::primitives::Blob;
+use aws_sdk_firehose::types::Record;
+use chrono::NaiveDate;
+use deadpool_postgres::{Pool, Transaction};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::Envelope;
+use crate::outcome::{error_chain, HandlerError};
+
+/// Records per PutRecordBatch call: the API's limit.
+pub const MAX_BATCH_RECORDS: usize = 500;
+/// Bytes of record data per PutRecordBatch call: the API's limit of 4 MiB.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes per record, before base64: the API's limit of 1,000 KiB.
+pub const MAX_RECORD_BYTES: usize = 1000 * 1024;
+/// Where the delivery stream puts events in the bucket (the fixed part of its prefix).
+pub const EVENTS_PREFIX: &str = "events/";
+
+/// The lake record of one event: the EventBridge envelope as one line of JSON, newline
+/// terminated, so that the objects Firehose concatenates are newline-delimited JSON.
+///
+/// The envelope is re-serialised from its decoded form, which has every field EventBridge
+/// sends (`version`, `id`, `detail-type`, `source`, `account`, `time`, `region`,
+/// `resources`, `detail`); `detail` is kept as it arrived. Compact JSON escapes newlines inside
+/// strings, so one record is always one line. A record over [`MAX_RECORD_BYTES`] can never be
+/// accepted by Firehose: it is a permanent failure, and the event goes to the DLQ with that
+/// reason. (EventBridge caps events at 256 KB, so this is a guard, not a path.)
+pub fn record_for(event: &Envelope) -> Result<Vec<u8>, HandlerError> {
+    let mut record = serde_json::to_vec(event)
+        .map_err(|e| HandlerError::permanent(format!("serialising the event for the lake: {e}")))?;
+    record.push(b'\n');
+    if record.len() > MAX_RECORD_BYTES {
+        return Err(HandlerError::permanent(format!(
+            "the event is {} bytes as a lake record; Firehose accepts at most {MAX_RECORD_BYTES}",
+            record.len()
+        )));
+    }
+    Ok(record)
+}
+
+/// Adds `event`'s record to `lake_outbox` in `tx`. Returns false when a record with the same
+/// event key is already there (a redelivery): nothing is added.
+pub async fn enqueue(tx: &Transaction<'_>, event: &Envelope) -> Result<bool, HandlerError> {
+    let record = record_for(event)?;
+    let n = tx
+        .execute(
+            "INSERT INTO lake_outbox (event_key, detail_type, record) VALUES ($1, $2, $3)
+             ON CONFLICT (event_key) DO NOTHING",
+            &[&event.event_key(), &event.detail_type, &record],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("writing the lake outbox", &e))?;
+    Ok(n == 1)
+}
+
+/// What one [`LakeShipper::ship_once`] pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ShipPass {
+    /// Records sent in the PutRecordBatch call (0: nothing was pending).
+    pub sent: usize,
+    /// Records Firehose accepted; now marked shipped.
+    pub shipped: usize,
+    /// Records that failed (their entry's ErrorCode, or the whole call); still pending.
+    pub failed: usize,
+    /// Whether pending records were left for another pass (the batch was full).
+    pub more: bool,
+}
+
+/// Settings of a [`LakeShipper`].
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    /// How long records wait to be batched when the shipper has caught up: the longest delay
+    /// an event adds before it leaves for Firehose.
+    pub flush_interval: Duration,
+    /// First pause after a failed call; it doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// On stop, pending records are still shipped for this long.
+    pub drain: Duration,
+    /// Shipped rows are deleted from `lake_outbox` after this long.
+    pub keep_shipped: Duration,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        ShipperConfig {
+            flush_interval: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            drain: Duration::from_secs(5),
+            keep_shipped: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Ships `lake_outbox` to the Firehose delivery stream (see the module header for the
+/// guarantee). Run one per worker process that runs the analytics handler: [`LakeShipper::run`].
+#[derive(Clone)]
+pub struct LakeShipper {
+    pool: Pool,
+    firehose: aws_sdk_firehose::Client,
+    stream: String,
+    cfg: ShipperConfig,
+}
+
+impl LakeShipper {
+    /// A shipper of `pool`'s `lake_outbox` to the delivery stream `stream`.
+    pub fn new(
+        pool: Pool,
+        firehose: aws_sdk_firehose::Client,
+        stream: impl Into<String>,
+        cfg: ShipperConfig,
+    ) -> Self {
+        LakeShipper {
+            pool,
+            firehose,
+            stream: stream.into(),
+            cfg,
+        }
+    }
+
+    /// The delivery stream it ships to.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Ships one batch: the oldest pending records, up to [`MAX_BATCH_RECORDS`] and
+    /// [`MAX_BATCH_BYTES`], in one PutRecordBatch call. Accepted entries are marked shipped and
+    /// failed ones stay pending, in one transaction. An error means the database failed;
+    /// Firehose failures are counted in [`ShipPass::failed`] and recorded on the rows.
+    pub async fn ship_once(&self) -> Result<ShipPass> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .context("lake shipper: database pool")?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT id, record FROM lake_outbox WHERE shipped_at IS NULL
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&(MAX_BATCH_RECORDS as i64)],
+            )
+            .await
+            .context("lake shipper: reading lake_outbox")?;
+        if rows.is_empty() {
+            return Ok(ShipPass::default());
+        }
+        // The oldest rows that fit in one call. The first always fits: a record is at most
+        // MAX_RECORD_BYTES (checked on the way in, and by the table's CHECK).
+        let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
+        let mut records = Vec::with_capacity(rows.len());
+        let mut bytes = 0usize;
+        for row in &rows {
+            let data: Vec<u8> = row.get(1);
+            if !ids.is_empty() && bytes + data.len() > MAX_BATCH_BYTES {
+                break;
+            }
+            bytes += data.len();
+            ids.push(row.get(0));
+            records.push(
+                Record::builder()
+                    .data(Blob::new(data))
+                    .build()
+                    .map_err(|e| anyhow!("building a Firehose record: {e}"))?,
+            );
+        }
+        let more = ids.len() < rows.len() || rows.len() == MAX_BATCH_RECORDS;
+        let sent = ids.len();
+
+        let result = self
+            .firehose
+            .put_record_batch()
+            .delivery_stream_name(&self.stream)
+            .set_records(Some(records))
+            .send()
+            .await;
+        let (shipped, failed) = match result {
+            Ok(out) if out.request_responses().len() == sent => {
+                let mut shipped: (Vec<i64>, Vec<String>) = (Vec::new(), Vec::new());
+                let mut failed: (Vec<i64>, Vec<String>) = (Vec::new(), Vec::new());
+                // Entries answer the records in order.
+                for (id, entry) in ids.iter().zip(out.request_responses()) {
+                    match entry.error_code() {
+                        None => {
+                            shipped.0.push(*id);
+                            shipped
+                                .1
+                                .push(entry.record_id().unwrap_or_default().to_string());
+                        }
+                        Some(code) => {
+                            failed.0.push(*id);
+                            failed.1.push(format!(
+                                "{code}: {}",
+                                entry.error_message().unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+                (shipped, failed)
+            }
+            Ok(out) => {
+                // Cannot tell which entries succeeded: keep them all pending. Shipping them
+                // again may duplicate the accepted ones, which readers absorb; losing them
+                // would not be recoverable.
+                let err = format!(
+                    "PutRecordBatch answered {} entries for {sent} records",
+                    out.request_responses().len()
+                );
+                (
+                    (Vec::new(), Vec::new()),
+                    (ids.clone(), vec![err; ids.len()]),
+                )
+            }
+            Err(e) => {
+                let err = format!("PutRecordBatch: {}", error_chain(&e));
+                ((Vec::new(), Vec::new()), (ids.clone(), vec![err; sent]))
+            }
+        };
+        if !shipped.0.is_empty() {
+            tx.execute(
+                "UPDATE lake_outbox o SET shipped_at = now(), firehose_record_id = s.record_id
+                   FROM unnest($1::bigint[], $2::text[]) AS s(id, record_id)
+                  WHERE o.id = s.id",
+                &[&shipped.0, &shipped.1],
+            )
+            .await
+            .context("lake shipper: marking records shipped")?;
+        }
+        if !failed.0.is_empty() {
+            tx.execute(
+                "UPDATE lake_outbox o SET attempts = attempts + 1, last_error = f.error
+                   FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+                  WHERE o.id = f.id",
+                &[&failed.0, &failed.1],
+            )
+            .await
+            .context("lake shipper: recording failed records")?;
+            tracing::warn!(
+                stream = %self.stream,
+                sent,
+                failed = failed.0.len(),
+                error = %failed.1[0],
+                "some lake records were not accepted; they stay pending and are retried"
+            );
+        }
+        tx.commit()
+            .await
+            .context("lake shipper: committing the batch")?;
+        tracing::debug!(stream = %self.stream, sent, shipped = shipped.0.len(), "lake batch shipped");
+        Ok(ShipPass {
+            sent,
+            shipped: shipped.0.len(),
+            failed: failed.0.len(),
+            more,
+        })
+    }
+
+    /// Ships until nothing is pending, a call fails, or `deadline` passes. Returns the records
+    /// shipped.
+    pub async fn drain(&self, deadline: Duration) -> Result<usize> {
+        let until = Instant::now() + deadline;
+        let mut total = 0;
+        while Instant::now() < until {
+            let pass = self.ship_once().await?;
+            total += pass.shipped;
+            if pass.sent == 0 || pass.failed > 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Records not yet accepted by Firehose.
+    pub async fn pending(&self) -> Result<i64> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .context("lake shipper: database pool")?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM lake_outbox WHERE shipped_at IS NULL",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Deletes rows shipped longer ago than `keep_shipped`, a bounded number at a time.
+    async fn prune(&self) -> Result<u64> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .context("lake shipper: database pool")?;
+        let keep_secs = self.cfg.keep_shipped.as_secs_f64();
+        let n = client
+            .execute(
+                "DELETE FROM lake_outbox WHERE id IN (
+                     SELECT id FROM lake_outbox
+                      WHERE shipped_at < now() - make_interval(secs => $1)
+                      LIMIT 10000)",
+                &[&keep_secs],
+            )
+            .await?;
+        Ok(n)
+    }
+
+    /// Ships until `stop` is cancelled, then drains for [`ShipperConfig::drain`]. Stop it
+    /// after the consumers, so that what the last handlers committed still leaves; anything
+    /// left is shipped by the next shipper to run, in this process or another.
+    pub async fn run(self, stop: CancellationToken) {
+        tracing::info!(stream = %self.stream, "lake shipper started");
+        let mut backoff = self.cfg.min_backoff;
+        let mut last_prune = Instant::now();
+        loop {
+            let pause = match self.ship_once().await {
+                Ok(pass) if pass.failed == 0 && pass.more => {
+                    // A full batch went out and more is waiting: go again at once.
+                    backoff = self.cfg.min_backoff;
+                    None
+                }
+                Ok(pass) if pass.failed == 0 => {
+                    // Caught up: let the next batch gather.
+                    backoff = self.cfg.min_backoff;
+                    Some(self.cfg.flush_interval)
+                }
+                Ok(_) => Some(next_backoff(&mut backoff, self.cfg.max_backoff)),
+                Err(e) => {
+                    tracing::warn!(stream = %self.stream, error = %format!("{e:#}"), "lake shipper pass failed");
+                    Some(next_backoff(&mut backoff, self.cfg.max_backoff))
+                }
+            };
+            if let Some(pause) = pause {
+                if last_prune.elapsed() > Duration::from_secs(60) {
+                    last_prune = Instant::now();
+                    if let Err(e) = self.prune().await {
+                        tracing::warn!(error = %format!("{e:#}"), "pruning lake_outbox failed");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            } else if stop.is_cancelled() {
+                break;
+            }
+        }
+        match self.drain(self.cfg.drain).await {
+            Ok(n) => tracing::info!(stream = %self.stream, shipped = n, "lake shipper stopped"),
+            Err(e) => tracing::warn!(
+                stream = %self.stream,
+                error = %format!("{e:#}"),
+                "final lake drain failed; records stay in lake_outbox"
+            ),
+        }
+    }
+}
+
+/// Returns the current backoff, with jitter, and doubles it up to `max`.
+fn next_backoff(backoff: &mut Duration, max: Duration) -> Duration {
+    let now = *backoff;
+    *backoff = (*backoff * 2).min(max);
+    // Jitter: shippers of several processes that failed together do not retry together.
+    now.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// The bucket the delivery stream `stream` writes to, from its S3 destination. This finds
+/// the bucket of the CloudFormation stack (whose name AWS generates) as well as a
+/// provisioned one.
+pub async fn resolve_bucket(firehose: &aws_sdk_firehose::Client, stream: &str) -> Result<String> {
+    let out = firehose
+        .describe_delivery_stream()
+        .delivery_stream_name(stream)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "describing delivery stream {stream} (run `orderfleet provision`, or give \
+                 --lake-bucket): {}",
+                error_chain(&e)
+            )
+        })?;
+    let arn = out
+        .delivery_stream_description()
+        .and_then(|d| d.destinations().first())
+        .and_then(|d| {
+            d.extended_s3_destination_description()
+                .map(|x| x.bucket_arn().to_string())
+                .or_else(|| {
+                    d.s3_destination_description()
+                        .map(|x| x.bucket_arn().to_string())
+                })
+        })
+        .with_context(|| format!("delivery stream {stream} has no S3 destination"))?;
+    // arn:aws:s3:::bucket
+    Ok(arn.rsplit(':').next().unwrap_or(&arn).to_string())
+}
+
+/// The UTC day a lake object's key is partitioned under: `year=YYYY/month=MM/day=DD/` (what
+/// Firehose writes with our prefix), else moto's `.../YYYY/MM/DD/HH/<name>`.
+pub fn partition_day(key: &str) -> Option<NaiveDate> {
+    let segments: Vec<&str> = key.split('/').collect();
+    let field = |name: &str| {
+        segments
+            .iter()
+            .find_map(|s| s.strip_prefix(name).and_then(|v| v.parse::<u32>().ok()))
+    };
+    if let (Some(y), Some(m), Some(d)) = (field("year="), field("month="), field("day=")) {
+        return NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d);
+    }
+    // moto: <literal prefix>YYYY/MM/DD/HH/<stream>-<version>-<time>-<uuid>
+    let n = segments.len();
+    if n < 5 {
+        return None;
+    }
+    let num = |s: &str, len: usize| {
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    let (y, m, d) = (
+        num(segments[n - 5], 4)?,
+        num(segments[n - 4], 2)?,
+        num(segments[n - 3], 2)?,
+    );
+    num(segments[n - 2], 2)?;
+    NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d)
+}
+
+/// One record read back from the lake.
+#[derive(Debug, Clone)]
+pub struct LakeRecord {
+    /// The object it came from.
+    pub key: String,
+    /// The object's partition day (see [`partition_day`]).
+    pub partition: Option<NaiveDate>,
+    /// The record: an EventBridge envelope.
+    pub event: Value,
+}
+
+impl LakeRecord {
+    /// The record's detail-type.
+    pub fn detail_type(&self) -> &str {
+        self.event
+            .get("detail-type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    }
+
+    /// The logical event it archives: `detail.event_id` for the fleet's own events, else the
+    /// EventBridge `id` (as [`Envelope::event_key`]).
+    pub fn event_key(&self) -> &str {
+        self.event
+            .get("detail")
+            .and_then(|d| d.get("event_id"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .or_else(|| self.event.get("id").and_then(Value::as_str))
+            .unwrap_or("")
+    }
+
+    /// The UTC day of the event's `time`.
+    pub fn day(&self) -> Option<NaiveDate> {
+        let time = self.event.get("time").and_then(Value::as_str)?;
+        chrono::DateTime::parse_from_rfc3339(time)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc).date_naive())
+    }
+}
+
+/// Everything read back from the lake bucket under `events/`, object by object (listing
+/// paginates). Lines that are not JSON objects are counted in `unreadable`, not returned.
+pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<(Vec<LakeRecord>, Lake)> {
+    let mut records = Vec::new();
+    let mut lake = Lake {
+        bucket: bucket.to_string(),
+        objects: 0,
+        unreadable: 0,
+    };
+    let mut pages = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(EVENTS_PREFIX)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page =
+            page.map_err(|e| anyhow!("listing lake bucket {bucket}: {}", error_chain(&e)))?;
+        for object in page.contents() {
+            let Some(key) = object.key() else { continue };
+            let body = s3
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .map_err(|e| anyhow!("reading lake object {key}: {}", error_chain(&e)))?
+                .body
+                .collect()
+                .await
+                .with_context(|| format!("reading lake object {key}"))?
+                .into_bytes();
+            lake.objects += 1;
+            let partition = partition_day(key);
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                match serde_json::from_slice::<Value>(line) {
+                    Ok(event) if event.is_object() => records.push(LakeRecord {
+                        key: key.to_string(),
+                        partition,
+                        event,
+                    }),
+                    _ => lake.unreadable += 1,
+                }
+            }
+        }
+    }
+    Ok((records, lake))
+}
+
+/// Where records were read from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lake {
+    pub bucket: String,
+    /// Objects read.
+    pub objects: u64,
+    /// Lines that were not JSON objects.
+    pub unreadable: u64,
+}
+
+/// What `orderfleet lake stats` reports.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LakeStats {
+    pub bucket: String,
+    pub objects: u64,
+    /// Records (lines) read, copies included.
+    pub records: u64,
+    /// Distinct events (by event key) among them.
+    pub distinct_events: u64,
+    /// Records that repeat an event already counted (see the module header on when Firehose
+    /// or a crash can cause them).
+    pub duplicates: u64,
+    pub unreadable: u64,
+    /// Distinct events per detail-type.
+    pub by_detail_type: BTreeMap<String, u64>,
+    /// Distinct events per UTC day of their `time` (`YYYY-MM-DD`).
+    pub by_day: BTreeMap<String, u64>,
+    /// Records per partition day of their object key (`YYYY-MM-DD`, or `unpartitioned`).
+    pub by_partition: BTreeMap<String, u64>,
+}
+
+impl LakeStats {
+    /// Counts `records` read from `lake`.
+    pub fn from_records(lake: &Lake, records: &[LakeRecord]) -> LakeStats {
+        let mut seen = std::collections::HashSet::new();
+        let mut stats = LakeStats {
+            bucket: lake.bucket.clone(),
+            objects: lake.objects,
+            records: records.len() as u64,
+            distinct_events: 0,
+            duplicates: 0,
+            unreadable: lake.unreadable,
+            by_detail_type: BTreeMap::new(),
+            by_day: BTreeMap::new(),
+            by_partition: BTreeMap::new(),
+        };
+        for r in records {
+            let partition = r
+                .partition
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "unpartitioned".into());
+            *stats.by_partition.entry(partition).or_default() += 1;
+            if !seen.insert(r.event_key().to_string()) {
+                stats.duplicates += 1;
+                continue;
+            }
+            stats.distinct_events += 1;
+            *stats
+                .by_detail_type
+                .entry(r.detail_type().to_string())
+                .or_default() += 1;
+            let day = r
+                .day()
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            *stats.by_day.entry(day).or_default() += 1;
+        }
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_partition_layouts_give_the_day() {
+        let day = NaiveDate::from_ymd_opt(2026, 3, 7);
+        assert_eq!(
+            partition_day(
+                "events/year=2026/month=03/day=07/orderfleet-lake-1-2026-03-07-10-00-00-abc"
+            ),
+            day
+        );
+        assert_eq!(
+            partition_day("events/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/2026/03/07/10/s-1-2026-03-07-10-00-00-abc"),
+            day
+        );
+        assert_eq!(partition_day("events/whatever"), None);
+    }
+
+    #[test]
+    fn an_oversize_event_is_a_permanent_failure() {
+        let body = serde_json::json!({
+            "version": "0", "id": "e-1", "detail-type": "OrderPlaced", "source": "s",
+            "time": "2026-01-02T03:04:05Z", "account": "1", "region": "r", "resources": [],
+            "detail": {"blob": "x".repeat(MAX_RECORD_BYTES)}
+        });
+        let env = Envelope::decode(&body.to_string()).unwrap();
+        let err = record_for(&env).unwrap_err();
+        assert_eq!(err.kind(), "permanent", "{err}");
+    }
+
+    #[test]
+    fn a_record_is_one_line_of_the_envelope() {
+        let body = r#"{"version":"0","id":"e-1","detail-type":"OrderPlaced","source":"s","account":"1","time":"2026-01-02T03:04:05Z","region":"r","resources":[],"detail":{"note":"two\nlines"}}"#;
+        let env = Envelope::decode(body).unwrap();
+        let record = record_for(&env).unwrap();
+        assert_eq!(record.iter().filter(|b| **b == b'\n').count(), 1);
+        assert_eq!(record.last(), Some(&b'\n'));
+        let back: Value = serde_json::from_slice(&record).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(body).unwrap());
+    }
+}

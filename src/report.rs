@@ -1,0 +1,301 @@
+//! What `orderfleet report` shows: orders by status, stock per SKU, ledger totals, emails sent,
+//! and the invariants that must hold whatever the fleet went through, each with examples of
+//! what breaks it.
+//!
+//! The money invariants read the ledger (the postings on `payments_clearing`, i.e. what the
+//! provider owes us per order) and the payments table side by side, so a movement recorded in
+//! one but not the other shows up. They judge orders whose money is settled: completed,
+//! cancelled, rejected and returned orders, and shipped orders whose capture is recorded (a
+//! shipped order waiting for its capture is in flight, not wrong). Run the report after
+//! `orderfleet wait` to judge every order.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+
+/// Statuses where money and stock are settled.
+pub const TERMINAL_STATUSES: [&str; 4] = ["completed", "cancelled", "returned", "rejected"];
+
+/// Violations listed per invariant, at most.
+const EXAMPLES: i64 = 10;
+
+/// One SKU's stock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StockLine {
+    pub sku: String,
+    /// The product's name from its catalogue document, when it has one.
+    pub name: Option<String>,
+    pub on_hand: i64,
+    pub reserved: i64,
+    pub available: i64,
+}
+
+/// The balance of one ledger account in one currency (positive: debit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerTotal {
+    pub account: String,
+    pub currency: String,
+    pub amount_minor: i64,
+}
+
+/// Everything the report shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// status → number of orders.
+    pub orders_by_status: BTreeMap<String, i64>,
+    pub orders_total: i64,
+    /// Orders not yet in a terminal status.
+    pub orders_in_flight: i64,
+    pub stock: Vec<StockLine>,
+    pub ledger: Vec<LedgerTotal>,
+    /// invariant name → holds.
+    pub invariants: BTreeMap<String, bool>,
+    /// invariant name → up to ten examples of what breaks it (only for broken ones).
+    pub violations: BTreeMap<String, Vec<String>>,
+    /// email kind → number sent; empty when the notifications schema is not there.
+    pub emails_by_kind: BTreeMap<String, i64>,
+}
+
+impl Report {
+    /// Whether every invariant holds.
+    pub fn holds(&self) -> bool {
+        self.invariants.values().all(|&ok| ok)
+    }
+}
+
+/// Per-order money, shared by the money invariants: the order, what the ledger moved on
+/// `payments_clearing` for it, and what the payments table says.
+const ORDER_MONEY: &str = "
+WITH clearing AS (
+    SELECT t.order_id, t.kind, p.amount_minor, p.currency
+      FROM ledger_transactions t
+      JOIN ledger_postings p ON p.transaction_id = t.id
+      JOIN ledger_accounts a ON a.id = p.account_id
+     WHERE a.name = 'payments_clearing'
+),
+money AS (
+    SELECT o.id, o.status, o.total_minor, o.currency::text AS currency,
+           coalesce(sum(c.amount_minor) FILTER (WHERE c.kind = 'capture'), 0)::bigint AS captured,
+           coalesce(sum(c.amount_minor), 0)::bigint AS net,
+           count(c.order_id) FILTER (WHERE c.currency <> o.currency) AS foreign_postings,
+           pay.state AS payment_state,
+           coalesce(pay.captured_minor, 0) AS pay_captured,
+           coalesce(pay.refunded_minor, 0) AS pay_refunded
+      FROM orders o
+      LEFT JOIN clearing c ON c.order_id = o.id
+      LEFT JOIN payments pay ON pay.order_id = o.id
+     GROUP BY o.id, pay.order_id
+)
+";
+
+/// An invariant: its name, and a query returning one text row per violation.
+struct Check {
+    name: &'static str,
+    sql: String,
+}
+
+fn checks() -> Vec<Check> {
+    let money = |filter: &str| {
+        format!(
+            "{ORDER_MONEY}
+             SELECT format('order %s (%s): total %s %s, ledger captured %s and net %s, \
+                            payments captured %s refunded %s (%s)',
+                           id, status, total_minor, currency, captured, net,
+                           pay_captured, pay_refunded, coalesce(payment_state, 'no payment'))
+               FROM money WHERE {filter} ORDER BY id LIMIT {EXAMPLES}"
+        )
+    };
+    vec![
+        Check {
+            name: "every_ledger_transaction_balances",
+            sql: format!(
+                "SELECT format('transaction %s (%s, order %s): %s %s left over',
+                               t.id, t.kind, t.order_id, coalesce(sum(p.amount_minor), 0),
+                               coalesce(p.currency::text, 'no postings'))
+                   FROM ledger_transactions t
+                   LEFT JOIN ledger_postings p ON p.transaction_id = t.id
+                  GROUP BY t.id, p.currency
+                 HAVING coalesce(sum(p.amount_minor), 0) <> 0 OR count(p.id) = 0
+                  ORDER BY t.id LIMIT {EXAMPLES}"
+            ),
+        },
+        Check {
+            name: "ledger_sums_to_zero_per_currency",
+            sql: "SELECT format('%s sums to %s', currency, sum(amount_minor))
+                    FROM ledger_postings GROUP BY currency HAVING sum(amount_minor) <> 0
+                   ORDER BY currency"
+                .into(),
+        },
+        Check {
+            name: "no_stock_is_negative",
+            sql: format!(
+                "SELECT format('%s: on hand %s, reserved %s', sku, on_hand, reserved)
+                   FROM stock WHERE on_hand < 0 OR reserved < 0 OR reserved > on_hand
+                  ORDER BY sku LIMIT {EXAMPLES}"
+            ),
+        },
+        Check {
+            name: "reserved_stock_equals_open_reservations",
+            sql: format!(
+                "SELECT format('%s: stock says %s reserved, open reservations hold %s',
+                               coalesce(s.sku, r.sku), coalesce(s.reserved, 0), coalesce(r.open, 0))
+                   FROM stock s
+                   FULL JOIN (SELECT sku, sum(quantity) AS open FROM reservations
+                               WHERE state = 'reserved' GROUP BY sku) r ON r.sku = s.sku
+                  WHERE coalesce(s.reserved, 0) <> coalesce(r.open, 0)
+                  ORDER BY 1 LIMIT {EXAMPLES}"
+            ),
+        },
+        Check {
+            name: "shipped_and_completed_orders_captured_exactly_their_total",
+            sql: money(
+                "(status = 'completed' OR (status = 'shipped' AND payment_state = 'captured'))
+                 AND (captured <> total_minor OR net <> total_minor OR pay_captured <> total_minor
+                      OR pay_refunded <> 0 OR foreign_postings > 0)",
+            ),
+        },
+        Check {
+            name: "cancelled_and_rejected_orders_moved_no_money",
+            sql: money(
+                "status IN ('cancelled', 'rejected') AND (net <> 0 OR pay_captured <> pay_refunded)",
+            ),
+        },
+        Check {
+            name: "returned_orders_moved_net_zero_money",
+            sql: money(
+                "status = 'returned' AND (net <> 0 OR pay_captured <> pay_refunded)",
+            ),
+        },
+        Check {
+            name: "settled_orders_hold_no_authorization",
+            sql: money(
+                "status IN ('completed', 'cancelled', 'returned', 'rejected')
+                 AND payment_state IN ('pending', 'authorized')",
+            ),
+        },
+        Check {
+            name: "settled_orders_hold_no_stock",
+            sql: format!(
+                "SELECT format('order %s (%s) still reserves %s units of %s',
+                               o.id, o.status, r.quantity, r.sku)
+                   FROM orders o JOIN reservations r ON r.order_id = o.id
+                  WHERE o.status IN ('completed', 'cancelled', 'returned', 'rejected')
+                    AND r.state = 'reserved'
+                  ORDER BY o.id, r.sku LIMIT {EXAMPLES}"
+            ),
+        },
+    ]
+}
+
+/// Reads everything and checks every invariant, in one repeatable-read snapshot so that the
+/// figures agree with each other while the fleet keeps running.
+pub async fn build(db: &mut deadpool_postgres::Client) -> Result<Report> {
+    let tx = db
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .context("starting the report's snapshot")?;
+    let report = read(&tx).await?;
+    tx.commit().await.context("ending the report's snapshot")?;
+    Ok(report)
+}
+
+async fn read(db: &impl GenericClient) -> Result<Report> {
+    let orders_by_status: BTreeMap<String, i64> = db
+        .query(
+            "SELECT status, count(*) FROM orders GROUP BY status ORDER BY status",
+            &[],
+        )
+        .await
+        .context("counting orders by status")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let orders_total = orders_by_status.values().sum();
+    let orders_in_flight = orders_by_status
+        .iter()
+        .filter(|(s, _)| !TERMINAL_STATUSES.contains(&s.as_str()))
+        .map(|(_, n)| n)
+        .sum();
+    let stock = db
+        .query(
+            "SELECT s.sku, p.doc->>'name', s.on_hand, s.reserved
+               FROM stock s LEFT JOIN products p ON p.sku = s.sku ORDER BY s.sku",
+            &[],
+        )
+        .await
+        .context("reading stock")?
+        .iter()
+        .map(|r| {
+            let (on_hand, reserved): (i64, i64) = (r.get(2), r.get(3));
+            StockLine {
+                sku: r.get(0),
+                name: r.get(1),
+                on_hand,
+                reserved,
+                available: on_hand - reserved,
+            }
+        })
+        .collect();
+    let ledger = crate::ledger::balances(db)
+        .await
+        .context("reading ledger balances")?
+        .into_iter()
+        .map(|b| LedgerTotal {
+            account: b.account,
+            currency: b.currency,
+            amount_minor: b.amount_minor,
+        })
+        .collect();
+    let mut invariants = BTreeMap::new();
+    let mut violations = BTreeMap::new();
+    for check in checks() {
+        let found: Vec<String> = db
+            .query(&check.sql, &[])
+            .await
+            .with_context(|| format!("checking {}", check.name))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        invariants.insert(check.name.to_string(), found.is_empty());
+        if !found.is_empty() {
+            violations.insert(check.name.to_string(), found);
+        }
+    }
+    Ok(Report {
+        orders_by_status,
+        orders_total,
+        orders_in_flight,
+        stock,
+        ledger,
+        invariants,
+        violations,
+        emails_by_kind: emails_by_kind(db).await?,
+    })
+}
+
+/// Emails per kind, from the notifications handler's `emails` table when it exists.
+async fn emails_by_kind(db: &impl GenericClient) -> Result<BTreeMap<String, i64>> {
+    let exists: bool = db
+        .query_one("SELECT to_regclass('emails') IS NOT NULL", &[])
+        .await
+        .context("looking for the emails table")?
+        .get(0);
+    if !exists {
+        return Ok(BTreeMap::new());
+    }
+    Ok(db
+        .query(
+            "SELECT kind::text, count(*) FROM emails GROUP BY kind ORDER BY kind",
+            &[],
+        )
+        .await
+        .context("counting emails by kind")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
