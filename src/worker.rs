@@ -301,6 +301,12 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
             Duration::from_millis(args.relay_poll_ms),
         ))
     });
+    // The lake shipper batches what the analytics handler archived into PutRecordBatch calls
+    // (see crate::lake). It stops with the background tasks, after the consumers, so it still
+    // ships what the last handlers committed.
+    let lake_task = names
+        .contains(&HandlerName::Analytics)
+        .then(|| tokio::spawn(deps.lake_shipper(&topo).run(background.clone())));
     let heartbeat = Heartbeat::new(pool.clone(), &names, all_counters);
     let heartbeat_task = tokio::spawn(heartbeat.clone().run(
         Duration::from_secs(args.heartbeat_secs.max(1)),
@@ -367,6 +373,9 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     }
     background.cancel();
     let _ = lease_task.await;
+    if let Some(t) = lake_task {
+        let _ = t.await;
+    }
     if let Some(t) = relay_task {
         let _ = t.await;
         // Publish what the last handlers committed, briefly; anything left waits for the next

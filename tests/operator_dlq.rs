@@ -602,7 +602,12 @@ async fn a_redrive_killed_mid_way_and_rerun_moves_every_message_exactly_once() {
         "the kill came too late to prove anything"
     );
 
-    let rerun = cli(&args);
+    let rerun = Command::new(env!("CARGO_BIN_EXE_orderfleet"))
+        .args(args)
+        .env("RUST_LOG", "warn,orderfleet::operator::mover=debug")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let stderr = text(&rerun.stderr);
     assert_eq!(rerun.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("resuming the unfinished move"), "{stderr}");

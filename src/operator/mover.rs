@@ -187,6 +187,7 @@ pub async fn move_messages(
     let mut bucket = opts.rate.map(TokenBucket::new);
     let batch = bucket.as_ref().map_or(10, TokenBucket::batch);
     let mut batch_no = 0u32;
+    let mut was_waiting = false;
 
     let result = async {
         loop {
@@ -205,8 +206,11 @@ pub async fn move_messages(
             let received = scanner
                 .receive(batch.min(room.min(10) as usize) as i32)
                 .await?;
-            let scan_over = (received.is_empty() || scanner.exhausted())
-                && !should_wait(&journal, settle_until, sqs, source, &scanner).await;
+            let idle = received.is_empty() || scanner.exhausted();
+            let waiting = idle && should_wait(&journal, settle_until, sqs, source, &scanner).await;
+            // After a wait ends, read once more: what it waited for has just become visible.
+            let scan_over = idle && !waiting && !was_waiting;
+            was_waiting = waiting;
             let now = Utc::now();
             let mut to_send: Vec<Outgoing> = Vec::new();
             let mut to_delete: Vec<String> = Vec::new();
@@ -340,7 +344,14 @@ async fn should_wait(
         return true;
     }
     match queue::counts(sqs, &source.url).await {
-        Ok(c) => c.in_flight > scanner.held_in_flight() as u64,
+        Ok(c) => {
+            tracing::debug!(
+                in_flight = c.in_flight,
+                ours = scanner.held_in_flight(),
+                "waiting for messages an earlier run held?"
+            );
+            c.in_flight > scanner.held_in_flight() as u64
+        }
         Err(_) => false,
     }
 }
