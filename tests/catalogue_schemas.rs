@@ -28,8 +28,7 @@ fn root() -> PathBuf {
 
 fn schema(detail_type: &str) -> Value {
     let path = root().join("schemas").join(format!("{detail_type}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -84,7 +83,10 @@ fn check(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mut V
             other => panic!("{path}: unknown type {other}"),
         });
         if !ok {
-            errors.push(format!("{path}: expected {}, got {value}", types.join(" or ")));
+            errors.push(format!(
+                "{path}: expected {}, got {value}",
+                types.join(" or ")
+            ));
             return;
         }
     }
@@ -105,7 +107,8 @@ fn check(root: &Value, schema: &Value, value: &Value, path: &str, errors: &mut V
             }
         }
         if let Some(p) = s.get("pattern").and_then(Value::as_str) {
-            let re = regex_lite::Regex::new(p).unwrap_or_else(|e| panic!("{path}: pattern {p}: {e}"));
+            let re =
+                regex_lite::Regex::new(p).unwrap_or_else(|e| panic!("{path}: pattern {p}: {e}"));
             if !re.is_match(text) {
                 errors.push(format!("{path}: {text:?} does not match {p}"));
             }
@@ -220,7 +223,10 @@ fn every_catalogued_event_has_a_versioned_schema_and_no_schema_is_orphaned() {
         );
         files.remove(&format!("{}.json", spec.detail_type));
     }
-    assert!(files.is_empty(), "schemas of no catalogued event: {files:?}");
+    assert!(
+        files.is_empty(),
+        "schemas of no catalogued event: {files:?}"
+    );
 }
 
 #[test]
@@ -258,17 +264,32 @@ fn the_checker_rejects_what_the_schemas_forbid() {
         violations("OrderAccepted", &v)
     };
     let cases: Vec<(&str, Vec<String>)> = vec![
-        ("missing field", broken(&|v| {
-            v.as_object_mut().unwrap().remove("total");
-        })),
-        ("lowercase currency", broken(&|v| v["total"]["currency"] = json!("eur"))),
-        ("float amount", broken(&|v| v["total"]["amount_minor"] = json!(25.99))),
+        (
+            "missing field",
+            broken(&|v| {
+                v.as_object_mut().unwrap().remove("total");
+            }),
+        ),
+        (
+            "lowercase currency",
+            broken(&|v| v["total"]["currency"] = json!("eur")),
+        ),
+        (
+            "float amount",
+            broken(&|v| v["total"]["amount_minor"] = json!(25.99)),
+        ),
         ("unknown property", broken(&|v| v["discount"] = json!(5))),
-        ("zero quantity", broken(&|v| v["lines"][0]["quantity"] = json!(0))),
+        (
+            "zero quantity",
+            broken(&|v| v["lines"][0]["quantity"] = json!(0)),
+        ),
         ("no lines", broken(&|v| v["lines"] = json!([]))),
         ("bad time", broken(&|v| v["placed_at"] = json!("yesterday"))),
         ("version 2", broken(&|v| v["version"] = json!(2))),
-        ("nested unknown", broken(&|v| v["customer"]["phone"] = json!("555"))),
+        (
+            "nested unknown",
+            broken(&|v| v["customer"]["phone"] = json!("555")),
+        ),
     ];
     for (what, errors) in cases {
         assert!(!errors.is_empty(), "{what} was accepted");
@@ -322,7 +343,10 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
     ] {
         assert!(counts.contains_key(&kind), "seed 3 plans no {kind:?}");
     }
-    assert!(counts.keys().any(|k| k.is_invalid()), "seed 3 plans no invalid order");
+    assert!(
+        counts.keys().any(|k| k.is_invalid()),
+        "seed 3 plans no invalid order"
+    );
     for e in &plan.events {
         fleet.publish(e.detail_type, &e.detail).await.unwrap();
     }
@@ -337,7 +361,12 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
     );
     fleet.publish_event(&late).await.unwrap();
     let held = loop {
-        let event = fleet.take(1).await.unwrap().pop().expect("the saga stalled");
+        let event = fleet
+            .take(1)
+            .await
+            .unwrap()
+            .pop()
+            .expect("the saga stalled");
         if event.detail_type == "OrderReadyToShip" {
             break event;
         }
@@ -370,14 +399,21 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
         errors.extend(violations(&detail_type, &detail));
         *seen.entry(detail_type).or_default() += 1;
     }
-    assert!(errors.is_empty(), "{} violations: {errors:#?}", errors.len());
+    assert!(
+        errors.is_empty(),
+        "{} violations: {errors:#?}",
+        errors.len()
+    );
     // PaymentFailed at capture cannot happen with the sandbox; everything else did.
     let missing: Vec<&str> = catalogue::EVENTS
         .iter()
         .map(|e| e.detail_type)
         .filter(|t| !seen.contains_key(*t))
         .collect();
-    assert!(missing.is_empty(), "never emitted: {missing:?} (seen {seen:?})");
+    assert!(
+        missing.is_empty(),
+        "never emitted: {missing:?} (seen {seen:?})"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -395,7 +431,8 @@ fn producer(p: Producer) -> String {
 /// allowed values.
 fn type_name(prop: &Value) -> String {
     if let Some(r) = prop.get("$ref").and_then(Value::as_str) {
-        return r.trim_start_matches("#/$defs/").to_string();
+        let name = r.trim_start_matches("#/$defs/");
+        return format!("[{name}](#{})", name.to_lowercase());
     }
     if let Some(options) = prop.get("enum").and_then(Value::as_array) {
         let names: Vec<String> = options
@@ -455,7 +492,10 @@ fn render_event_docs() -> String {
     for spec in catalogue::EVENTS {
         let s = schema(spec.detail_type);
         let consumers: Vec<&str> = spec.consumers.iter().map(|h| h.as_str()).collect();
-        out.push_str(&format!("\n## {}\n\n{}\n\n", spec.detail_type, spec.description));
+        out.push_str(&format!(
+            "\n## {}\n\n{}\n\n",
+            spec.detail_type, spec.description
+        ));
         out.push_str(&format!(
             "- Producer: {} (source `{}`)\n- Consumers: {}\n- Schema: [schemas/{}.json](../schemas/{}.json)\n",
             producer(spec.producer),
@@ -478,12 +518,51 @@ fn render_event_docs() -> String {
             out.push_str(&format!(
                 "| `{name}` | {} | {} | {} |\n",
                 type_name(prop),
-                if required.contains(&name.as_str()) { "yes" } else { "no" },
+                if required.contains(&name.as_str()) {
+                    "yes"
+                } else {
+                    "no"
+                },
                 prop["description"].as_str().unwrap_or_default(),
             ));
         }
         if s["additionalProperties"] == json!(true) {
             out.push_str("| (any other) | any | no | Kept as the storefront sent it. |\n");
+        }
+    }
+    // The shared types, as each schema defines them in its `$defs` (identical across files).
+    let mut defs: BTreeMap<String, Value> = BTreeMap::new();
+    for spec in catalogue::EVENTS {
+        for (name, def) in schema(spec.detail_type)["$defs"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(seen) = defs.get(name) {
+                assert_eq!(seen, def, "$defs/{name} differs in {}", spec.detail_type);
+            }
+            defs.insert(name.clone(), def.clone());
+        }
+    }
+    out.push_str("\n## Shared types\n");
+    for (name, def) in &defs {
+        out.push_str(&format!(
+            "\n### {name}\n\n{}\n\n| field | type | required | meaning |\n|---|---|---|---|\n",
+            def["description"].as_str().unwrap_or_default()
+        ));
+        let required: Vec<&str> = def["required"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        for (field, prop) in def["properties"].as_object().into_iter().flatten() {
+            out.push_str(&format!(
+                "| `{field}` | {} | {} | {} |\n",
+                type_name(prop),
+                if required.contains(&field.as_str()) { "yes" } else { "no" },
+                prop["description"].as_str().unwrap_or_default(),
+            ));
         }
     }
     out

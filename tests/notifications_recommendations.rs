@@ -12,6 +12,9 @@ use orderfleet::handlers::{self, Deps, DepsArgs};
 use orderfleet::topology::HandlerName;
 use saga_support::{assert_no_dead_letters, order, stock_sku};
 
+/// (sku, quantity, unit price in EUR minor units).
+type Line = (&'static str, i64, i64);
+
 fn confirmation_text(outbox: &std::path::Path, order_id: &str) -> String {
     let raw = std::fs::read(outbox.join(format!("{order_id}.confirmation.eml"))).unwrap();
     assert_well_formed(&raw, "ada@example.com")
@@ -46,7 +49,7 @@ async fn after_enough_orders_recommendations_appear_in_the_confirmation_email() 
     }
 
     // Teapots sell with cups three times, with a spoon once; mugs sell alone.
-    let history: [(&str, &[(&str, i64, i64)]); 5] = [
+    let history: [(&str, &[Line]); 5] = [
         ("ord-h1", &[("TEA-1", 1, 500), ("CUP-1", 2, 500)]),
         ("ord-h2", &[("TEA-1", 1, 500), ("CUP-1", 1, 500)]),
         ("ord-h3", &[("CUP-1", 4, 500), ("TEA-1", 1, 500)]),
@@ -78,10 +81,16 @@ async fn after_enough_orders_recommendations_appear_in_the_confirmation_email() 
         ),
         "{text}"
     );
-    assert!(!text.contains("MUG-1"), "never bought with a teapot: {text}");
+    assert!(
+        !text.contains("MUG-1"),
+        "never bought with a teapot: {text}"
+    );
     let raw = std::fs::read(outbox.path().join("ord-new.confirmation.eml")).unwrap();
     let html = parse(&raw).part("text/html").unwrap();
-    assert!(html.contains("Customers who bought these also bought"), "{html}");
+    assert!(
+        html.contains("Customers who bought these also bought"),
+        "{html}"
+    );
     assert!(html.contains("Product CUP-1"), "{html}");
 
     // A mug has no companions yet: its confirmation has no recommendations section.

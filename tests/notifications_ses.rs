@@ -59,7 +59,10 @@ async fn moto_data() -> Value {
         .position(|w| w == b"\r\n\r\n")
         .expect("an HTTP response");
     let status = String::from_utf8_lossy(&response[..split]);
-    assert!(status.starts_with("HTTP/1.") && status.contains(" 200 "), "{status}");
+    assert!(
+        status.starts_with("HTTP/1.") && status.contains(" 200 "),
+        "{status}"
+    );
     serde_json::from_slice(&response[split + 4..]).unwrap()
 }
 
@@ -129,7 +132,10 @@ async fn a_confirmation_sent_through_ses_v2_is_stored_by_the_emulator() {
     assert_eq!(rows[0].status, "sent");
     assert_eq!(rows[0].transport, "ses");
     // SES's own MessageId is kept, to match bounce and complaint notifications later.
-    assert_eq!(rows[0].provider_message_id.as_deref(), stored["id"].as_str());
+    assert_eq!(
+        rows[0].provider_message_id.as_deref(),
+        stored["id"].as_str()
+    );
 
     // A duplicate event sends nothing more.
     let dup = envelope("OrderAccepted", &accepted(&order_id, "ada@example.com"));
@@ -148,7 +154,10 @@ async fn an_unverified_sender_sends_the_event_to_the_dlq_to_redrive_once_fixed()
     let order_id = common::unique("ord-ses-");
     let event = envelope("OrderAccepted", &accepted(&order_id, "ada@example.com"));
 
-    match fleet.deliver_to(HandlerName::Notifications, &event, 1).await {
+    match fleet
+        .deliver_to(HandlerName::Notifications, &event, 1)
+        .await
+    {
         Err(HandlerError::Permanent { reason }) => {
             assert!(reason.contains("MessageRejected"), "{reason}");
             assert!(reason.contains("fix the email settings"), "{reason}");

@@ -41,12 +41,10 @@ async fn orderfleet_worker_runs_notifications_with_the_file_outbox_by_default() 
 
     let order_id = common::unique("ord-w-");
     let detail = serde_json::to_value(accepted(&order_id, "ada@example.com")).unwrap();
-    let queue = orderfleet::runtime::queue_url(
-        &clients.sqs,
-        &topo.queue_name(HandlerName::Notifications),
-    )
-    .await
-    .unwrap();
+    let queue =
+        orderfleet::runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Notifications))
+            .await
+            .unwrap();
     clients
         .sqs
         .send_message()
@@ -83,7 +81,10 @@ async fn orderfleet_worker_runs_notifications_with_the_file_outbox_by_default() 
     })
     .await;
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].status.as_str(), rows[0].transport.as_str()), ("sent", "file"));
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].transport.as_str()),
+        ("sent", "file")
+    );
 
     drop(worker);
     let log = std::fs::read_to_string(cwd.path().join("worker.log")).unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
@@ -121,7 +121,8 @@ async fn dead_letter_through_the_worker(
     let dlq = url(clients, &topo.dlq_name(HandlerName::Inventory)).await;
     send_all(clients, &work, bodies).await;
     let child = worker(topo, db_url, worker_args);
-    common::wait_for(Duration::from_secs(60), "the DLQ to fill", || async {
+    // Generous: moto slows down when many tests share it.
+    common::wait_for(Duration::from_secs(120), "the DLQ to fill", || async {
         (common::depth(clients, &dlq).await.0 == expect).then_some(())
     })
     .await;
@@ -602,12 +603,7 @@ async fn a_redrive_killed_mid_way_and_rerun_moves_every_message_exactly_once() {
         "the kill came too late to prove anything"
     );
 
-    let rerun = Command::new(env!("CARGO_BIN_EXE_orderfleet"))
-        .args(args)
-        .env("RUST_LOG", "warn,orderfleet::operator::mover=debug")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let rerun = cli(&args);
     let stderr = text(&rerun.stderr);
     assert_eq!(rerun.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("resuming the unfinished move"), "{stderr}");

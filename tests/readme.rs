@@ -47,15 +47,32 @@ fn walk(bin: &str, path: Vec<String>, vars: &mut BTreeSet<String>, commands: &mu
 
 #[test]
 fn the_readme_documents_every_environment_variable_and_command() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let mut vars = BTreeSet::new();
     let mut commands = Vec::new();
-    walk(env!("CARGO_BIN_EXE_orderfleet-worker"), vec![], &mut vars, &mut commands);
-    walk(env!("CARGO_BIN_EXE_orderfleet"), vec![], &mut vars, &mut commands);
-    let missing_vars: Vec<_> = vars.iter().filter(|v| !readme.contains(v.as_str())).collect();
+    walk(
+        env!("CARGO_BIN_EXE_orderfleet-worker"),
+        vec![],
+        &mut vars,
+        &mut commands,
+    );
+    walk(
+        env!("CARGO_BIN_EXE_orderfleet"),
+        vec![],
+        &mut vars,
+        &mut commands,
+    );
+    let missing_vars: Vec<_> = vars
+        .iter()
+        .filter(|v| !readme.contains(v.as_str()))
+        .collect();
     let missing_cmds: Vec<_> = commands
         .iter()
-        .filter(|c| !readme.contains(&format!("`orderfleet {c}")) && !readme.contains(&format!("`orderfleet-worker {c}")))
+        .filter(|c| {
+            !readme.contains(&format!("`orderfleet {c}"))
+                && !readme.contains(&format!("`orderfleet-worker {c}"))
+        })
         .collect();
     assert!(
         missing_vars.is_empty() && missing_cmds.is_empty(),

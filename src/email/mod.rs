@@ -83,6 +83,7 @@ pub struct EmailKey {
 }
 
 impl EmailKey {
+    /// The key of `order_id`'s email of `kind`.
     pub fn new(order_id: impl Into<String>, kind: EmailKind) -> Self {
         EmailKey {
             order_id: order_id.into(),

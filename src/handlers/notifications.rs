@@ -72,7 +72,8 @@ impl Notifications {
     pub fn new(mailer: Arc<Mailer>) -> Self {
         tracing::info!(
             transport = mailer.transport_name(),
-            from = %mask(&mailer.from().email.to_string()),
+            // The shop's own address, not a customer's: logged in full.
+            from = %mailer.from(),
             templates = %mailer.templates_origin(),
             "notifications configured"
         );
