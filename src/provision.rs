@@ -42,9 +42,11 @@ pub async fn provision(clients: &Clients, topo: &Topology) -> Result<Vec<Change>
             .await
             .with_context(|| format!("provisioning handler {}", res.handler))?;
     }
-    ensure_lake(clients, topo, &bus_arn, &mut changes)
-        .await
-        .context("provisioning the lake")?;
+    if topo.lake {
+        ensure_lake(clients, topo, &bus_arn, &mut changes)
+            .await
+            .context("provisioning the lake")?;
+    }
     Ok(changes)
 }
 

@@ -97,6 +97,9 @@ pub struct Topology {
     /// The lake bucket, when it is not `<prefix>-lake` (S3 bucket names are global, so an AWS
     /// account provisioned by hand needs a unique one; `--lake-bucket`).
     pub lake_bucket_override: Option<String>,
+    /// Whether `provision` creates the lake (bucket and Firehose stream). Off for a topology
+    /// without an analytics worker, e.g. most tests: the emulator allows only 50 streams.
+    pub lake: bool,
 }
 
 impl Default for Topology {
@@ -106,6 +109,7 @@ impl Default for Topology {
             bus_name: BUS_NAME.into(),
             max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
             lake_bucket_override: None,
+            lake: true,
         }
     }
 }

@@ -143,7 +143,7 @@ async fn publish(clients: &Clients, topo: &Topology, events: &[(String, Value)])
 #[tokio::test]
 async fn published_events_each_land_once_in_the_lake_under_todays_partition() {
     let clients = common::clients().await;
-    let topo = common::topology(&clients).await;
+    let topo = common::lake_topology(&clients).await;
     let (pool, _) = common::fresh_db().await;
     let bucket = lake::resolve_bucket(&clients.firehose, &topo.firehose_stream())
         .await
@@ -252,7 +252,7 @@ fn envelope(detail_type: &str, time: &str, event_id: &str) -> Envelope {
 #[tokio::test]
 async fn lake_stats_counts_records_by_detail_type_and_day() {
     let clients = common::clients().await;
-    let topo = common::topology(&clients).await;
+    let topo = common::lake_topology(&clients).await;
     let (pool, _) = common::fresh_db().await;
     let plan = [
         ("OrderPlaced", "2026-01-01T23:59:59Z", 3),

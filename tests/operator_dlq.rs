@@ -212,6 +212,7 @@ async fn pool_scalar(pool: &Pool, sql: &str) -> Option<i64> {
 async fn quick_topology(clients: &Clients) -> Topology {
     let mut topo = Topology::with_prefix(common::unique("t"));
     topo.max_receive_count = 2;
+    topo.lake = false;
     orderfleet::provision::provision(clients, &topo)
         .await
         .expect("provision");

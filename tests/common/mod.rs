@@ -54,8 +54,19 @@ pub async fn clients() -> Clients {
     Clients::from_env().await
 }
 
-/// A provisioned topology whose every resource name is unique to this test.
+/// A provisioned topology whose every resource name is unique to this test, without the lake
+/// (the emulator allows only 50 Firehose streams in all).
 pub async fn topology(clients: &Clients) -> Topology {
+    let mut topo = Topology::with_prefix(unique("t"));
+    topo.lake = false;
+    orderfleet::provision::provision(clients, &topo)
+        .await
+        .expect("provision");
+    topo
+}
+
+/// Like [`topology`], with the lake: an S3 bucket and a Firehose delivery stream.
+pub async fn lake_topology(clients: &Clients) -> Topology {
     let topo = Topology::with_prefix(unique("t"));
     orderfleet::provision::provision(clients, &topo)
         .await
