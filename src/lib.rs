@@ -24,7 +24,8 @@
 //! - [`aws`]: AWS SDK clients from the environment.
 //! - [`operator`]: what `orderfleet status` and `orderfleet dlq` do: peek, filter, redrive
 //!   with a crash-safe journal, export/import, fleet status.
-//! - [`bench_sqs`]: an in-memory SQS endpoint for benchmarks.
+//! - [`bench_sqs`]: an in-memory SQS endpoint for benchmarks; [`bench_saga`]: the saga
+//!   benchmark, in process on real PostgreSQL.
 //! - [`simulator`]: the storefront simulator behind `orderfleet seed` and `orderfleet publish`.
 //! - [`report`]: orders, stock, ledger totals and the invariants of `orderfleet report`.
 //! - [`lake`]: the S3 data lake: the lake outbox, its Firehose shipper, reading it back.
@@ -34,6 +35,7 @@
 
 pub mod aws;
 pub mod bench;
+pub mod bench_saga;
 pub mod bench_sqs;
 pub mod carrier;
 pub mod catalogue;

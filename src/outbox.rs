@@ -71,6 +71,15 @@ pub async fn insert(
     Ok(ids)
 }
 
+/// PutEvents' limit on the total size of one request's entries.
+const MAX_PUT_EVENTS_BYTES: usize = 256 * 1024;
+
+/// An entry's size as EventBridge counts it: source, detail-type and detail in UTF-8 bytes,
+/// plus 14 bytes for the time.
+fn event_size(source: &str, detail_type: &str, detail: &Value) -> usize {
+    14 + source.len() + detail_type.len() + detail.to_string().len()
+}
+
 /// Publishes outbox rows to the bus with PutEvents, 10 per call (the API's limit).
 #[derive(Clone)]
 pub struct Relay {
@@ -111,8 +120,10 @@ impl Relay {
         let tx = client.transaction().await?;
         let rows = tx
             .query(
+                // Rows that failed before sink behind fresh ones (`attempts`), so one event
+                // EventBridge keeps refusing cannot hold up everything after it.
                 "SELECT id, event_id, source, detail_type, detail FROM outbox
-                 WHERE published_at IS NULL ORDER BY id LIMIT 10 FOR UPDATE SKIP LOCKED",
+                 WHERE published_at IS NULL ORDER BY attempts, id LIMIT 10 FOR UPDATE SKIP LOCKED",
                 &[],
             )
             .await
@@ -120,8 +131,21 @@ impl Relay {
         if rows.is_empty() {
             return Ok(RelayPass::default());
         }
-        let mut entries = Vec::with_capacity(rows.len());
+        // PutEvents refuses a request over 256 KB; take the rows that fit (always the first, so
+        // an oversize event fails alone, is counted, and sinks behind the others).
+        let mut size = 0;
+        let mut take = 0;
         for row in &rows {
+            let entry = event_size(row.get(2), row.get(3), &row.get::<_, Value>(4));
+            if take > 0 && size + entry > MAX_PUT_EVENTS_BYTES {
+                break;
+            }
+            size += entry;
+            take += 1;
+        }
+        let rows = &rows[..take];
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
             let detail: Value = row.get(4);
             entries.push(
                 PutEventsRequestEntry::builder()

@@ -342,6 +342,9 @@ pub struct PlanConfig {
     pub seed: u64,
     /// Goes into every order id and event id.
     pub run_id: String,
+    /// Only [`OrderKind::Regular`] orders (for the saga benchmark): every order takes the
+    /// whole happy path.
+    pub regular_only: bool,
 }
 
 /// A planned order: its id, its kind, and where its events sit in [`Plan::events`].
@@ -404,7 +407,7 @@ pub fn plan_orders(cfg: &PlanConfig, products: &[Product]) -> Result<Plan> {
     let mut pending_cancels: Vec<(usize, StorefrontEvent)> = Vec::new();
     for n in 1..=cfg.orders {
         let mut kind = pick_kind(&mut rng);
-        if kind == OrderKind::ScarceStock && scarce.is_empty() {
+        if cfg.regular_only || (kind == OrderKind::ScarceStock && scarce.is_empty()) {
             kind = OrderKind::Regular;
         }
         let order_id = format!("{prefix}{n:05}");
@@ -733,6 +736,7 @@ mod tests {
             orders: 300,
             seed: 7,
             run_id: "r1".into(),
+            regular_only: false,
         };
         let a = plan_orders(&cfg, &products).unwrap();
         let b = plan_orders(&cfg, &products).unwrap();
@@ -759,6 +763,7 @@ mod tests {
             orders: 2000,
             seed: 1,
             run_id: "r2".into(),
+            regular_only: false,
         };
         let plan = plan_orders(&cfg, &products).unwrap();
         let counts = plan.counts();

@@ -83,7 +83,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "ORDERFLEET_HEARTBEAT_SECS", default_value_t = 10)]
     pub heartbeat_secs: u64,
     /// Connections in the PostgreSQL pool.
-    #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 16)]
+    #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 32)]
     pub db_pool_size: usize,
     /// Where metrics go: EMF lines on stdout, PutMetricData, both, or none.
     #[arg(long, env = "ORDERFLEET_METRICS_SINK", default_value = "emf")]
@@ -263,7 +263,14 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     let clients = Clients::new(&sdk);
     let pool = crate::db::pool(&args.common.database_url, args.db_pool_size)?;
     check_schema(&pool).await?;
-    let deps = Deps::new(&args.deps, &pool, &clients).await?;
+    // The sandbox payment provider gets a pool of its own unless told otherwise: each payment
+    // holds a connection for its transaction while the provider needs another, and sharing one
+    // pool would let busy payments starve themselves.
+    let mut deps_args = args.deps.clone();
+    if deps_args.sandbox_payment_database_url.is_none() {
+        deps_args.sandbox_payment_database_url = Some(args.common.database_url.clone());
+    }
+    let deps = Deps::new(&deps_args, &pool, &clients).await?;
 
     // Validate every queue before consuming any.
     let mut consumers = Vec::new();

@@ -329,6 +329,7 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
             orders: 150,
             seed: 3,
             run_id: run.into(),
+            regular_only: false,
         },
         &products,
     )
@@ -560,7 +561,11 @@ fn render_event_docs() -> String {
             out.push_str(&format!(
                 "| `{field}` | {} | {} | {} |\n",
                 type_name(prop),
-                if required.contains(&field.as_str()) { "yes" } else { "no" },
+                if required.contains(&field.as_str()) {
+                    "yes"
+                } else {
+                    "no"
+                },
                 prop["description"].as_str().unwrap_or_default(),
             ));
         }

@@ -41,6 +41,7 @@ async fn twenty_orders_through_the_bus_and_the_real_worker_settle_with_every_inv
             orders: ORDERS,
             seed: SEED,
             run_id: "check".into(),
+            regular_only: false,
         },
         &simulator::catalogue(simulator::DEFAULT_SKUS),
     )
@@ -127,7 +128,11 @@ async fn twenty_orders_through_the_bus_and_the_real_worker_settle_with_every_inv
         "broken invariants {broken:?}: {}",
         report["violations"]
     );
-    assert!(reported.status.success(), "{}", describe("report", &reported));
+    assert!(
+        reported.status.success(),
+        "{}",
+        describe("report", &reported)
+    );
 
     let by_status = report["orders_by_status"].as_object().expect("by status");
     let total: i64 = by_status.values().filter_map(Value::as_i64).sum();

@@ -6,43 +6,24 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use orderfleet::aws::Clients;
 use orderfleet::topology::{HandlerName, Topology};
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use common::signal;
 
 fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
-    Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
-        .args(["--handler", "inventory", "--prefix", &topo.prefix])
-        .args(["--database-url", db_url, "--wait-time-secs", "1"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(common::Proc)
-        .expect("spawn orderfleet-worker")
-}
-
-fn signal(child: &Child, sig: &str) {
-    assert!(Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    common::inventory_worker(topo, db_url, extra)
 }
 
 async fn wait_exit(child: &mut Child) -> i32 {
-    common::wait_for(Duration::from_secs(20), "the worker to exit", || {
-        let s = child.try_wait().unwrap();
-        async move { s }
-    })
-    .await
-    .code()
-    .unwrap_or(-1)
+    common::wait_exit(child, Duration::from_secs(20))
+        .await
+        .code()
+        .unwrap_or(-1)
 }
 
 async fn send_stock(clients: &Clients, topo: &Topology, n: usize) {
@@ -50,28 +31,8 @@ async fn send_stock(clients: &Clients, topo: &Topology, n: usize) {
         orderfleet::runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
             .await
             .unwrap();
-    let entries: Vec<_> = (0..n)
-        .map(|i| {
-            let body = common::event_body(
-                "StockReceived",
-                "orderfleet.storefront",
-                json!({"sku": "m", "quantity": 1}),
-            );
-            SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(body)
-                .build()
-                .unwrap()
-        })
-        .collect();
-    clients
-        .sqs
-        .send_message_batch()
-        .queue_url(url)
-        .set_entries(Some(entries))
-        .send()
-        .await
-        .unwrap();
+    let bodies: Vec<String> = (0..n).map(|_| common::stock_received("m", 1)).collect();
+    common::send_bodies(clients, &url, &bodies).await;
 }
 
 async fn processed(db_url: &str) -> i64 {

@@ -23,18 +23,7 @@ use tokio_util::sync::CancellationToken;
 // helpers
 
 fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
-    common::Proc(
-        Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
-            .args(["--handler", "inventory", "--prefix", &topo.prefix])
-            .args(["--database-url", db_url, "--wait-time-secs", "1"])
-            .args(["--heartbeat-secs", "1"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn orderfleet-worker"),
-    )
+    common::inventory_worker(topo, db_url, extra)
 }
 
 /// Runs the `orderfleet` binary to completion.
@@ -52,17 +41,8 @@ fn text(out: &[u8]) -> String {
 }
 
 async fn stop_worker(mut child: common::Proc) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    common::wait_for(Duration::from_secs(30), "the worker to exit", || {
-        let status = child.try_wait().expect("try_wait");
-        async move { status }
-    })
-    .await;
+    common::signal(&child, "-TERM");
+    common::wait_exit(&mut child, Duration::from_secs(30)).await;
     // The worker aborted its last long poll when it stopped, but the emulator (like SQS)
     // keeps an abandoned ReceiveMessage open for its wait time (1 s here): a message sent
     // meanwhile would be received by nobody and hidden for the visibility timeout. There is
@@ -79,28 +59,7 @@ fn stock(sku: &str, quantity: i64) -> String {
 }
 
 async fn send_all(clients: &Clients, url: &str, bodies: &[String]) {
-    for chunk in bodies.chunks(10) {
-        let entries = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(b)
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        let out = clients
-            .sqs
-            .send_message_batch()
-            .queue_url(url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .unwrap();
-        assert!(out.failed().is_empty());
-    }
+    common::send_bodies(clients, url, bodies).await;
 }
 
 async fn url(clients: &Clients, name: &str) -> String {

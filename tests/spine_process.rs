@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use deadpool_postgres::Pool;
 use orderfleet::aws::Clients;
 use orderfleet::envelope::Envelope;
@@ -17,68 +16,15 @@ use orderfleet::runtime::{self, Executed};
 use orderfleet::topology::{HandlerName, Topology};
 use serde_json::json;
 
+use common::{signal, wait_exit};
+
 fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
-    Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
-        .args(["--handler", "inventory", "--prefix", &topo.prefix])
-        .args(["--database-url", db_url, "--wait-time-secs", "1"])
-        .args(["--heartbeat-secs", "1"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(common::Proc)
-        .expect("spawn orderfleet-worker")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig} failed");
-}
-
-async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    common::wait_for(timeout, "the worker to exit", || {
-        let status = child.try_wait().expect("try_wait");
-        async move { status }
-    })
-    .await
+    common::inventory_worker(topo, db_url, extra)
 }
 
 async fn send_stock(clients: &Clients, url: &str, sku: &str, n: usize) {
-    let bodies: Vec<String> = (0..n)
-        .map(|_| {
-            common::event_body(
-                "StockReceived",
-                "orderfleet.storefront",
-                json!({"sku": sku, "quantity": 1}),
-            )
-        })
-        .collect();
-    for chunk in bodies.chunks(10) {
-        let entries = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(b)
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        clients
-            .sqs
-            .send_message_batch()
-            .queue_url(url)
-            .set_entries(Some(entries))
-            .send()
-            .await
-            .unwrap();
-    }
+    let bodies: Vec<String> = (0..n).map(|_| common::stock_received(sku, 1)).collect();
+    common::send_bodies(clients, url, &bodies).await;
 }
 
 async fn scalar(pool: &Pool, sql: &str) -> i64 {

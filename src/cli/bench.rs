@@ -1,5 +1,6 @@
-//! `orderfleet bench`: runs the runtime benchmark and prints its figures. The last line is a
-//! one-line JSON summary.
+//! `orderfleet bench`: runs the runtime benchmark, then the saga benchmark
+//! ([`crate::bench_saga`]), and prints their figures. The last line is a one-line JSON summary
+//! of both.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::bench::{self, BenchConfig};
+use crate::bench_saga::{self, SagaConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,9 +27,50 @@ pub struct Args {
     /// Pause between latency-phase messages.
     #[arg(long, default_value_t = 5)]
     pub latency_interval_ms: u64,
+    /// Orders driven through the whole saga in the saga phase (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    pub saga_orders: usize,
+    /// Concurrent delivery tasks of the saga phase.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    pub saga_workers: usize,
+    /// Events each saga task takes from the outbox at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub saga_batch: usize,
+    /// Keep the saga phase's scratch database instead of dropping it.
+    #[arg(long)]
+    pub saga_keep_database: bool,
+    /// Run only the saga phase.
+    #[arg(long, conflicts_with = "runtime_only")]
+    pub saga_only: bool,
+    /// Run only the runtime phase.
+    #[arg(long)]
+    pub runtime_only: bool,
+    /// PostgreSQL for the saga phase (a scratch database is created next to this one).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 pub async fn run(args: Args) -> Result<ExitCode> {
+    let mut summary = serde_json::Map::new();
+    if !args.saga_only {
+        runtime_phase(&args, &mut summary).await?;
+    }
+    if !args.runtime_only && args.saga_orders > 0 {
+        saga_phase(&args, &mut summary).await?;
+    }
+    println!("{}", serde_json::Value::Object(summary));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn round(x: f64, decimals: i32) -> f64 {
+    let f = 10f64.powi(decimals);
+    (x * f).round() / f
+}
+
+async fn runtime_phase(
+    args: &Args,
+    summary: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
     let exe = std::env::current_exe().context("locating the orderfleet binary")?;
     let dir = exe.parent().context("binary directory")?;
     let cfg = BenchConfig {
@@ -55,14 +98,62 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         cfg.latency_messages,
         args.latency_interval_ms
     );
-    println!(
-        "{}",
-        serde_json::json!({
-            "msgs_per_sec": r.msgs_per_sec.round(),
-            "sqs_requests_per_msg": (r.sqs_requests_per_msg * 1000.0).round() / 1000.0,
-            "rss_mb": (r.rss_mb * 10.0).round() / 10.0,
-            "p99_visible_to_start_ms": (r.p99_visible_to_start_ms * 100.0).round() / 100.0,
-        })
+    summary.insert("msgs_per_sec".into(), r.msgs_per_sec.round().into());
+    summary.insert(
+        "sqs_requests_per_msg".into(),
+        round(r.sqs_requests_per_msg, 3).into(),
     );
-    Ok(ExitCode::SUCCESS)
+    summary.insert("rss_mb".into(), round(r.rss_mb, 1).into());
+    summary.insert(
+        "p99_visible_to_start_ms".into(),
+        round(r.p99_visible_to_start_ms, 2).into(),
+    );
+    Ok(())
+}
+
+async fn saga_phase(
+    args: &Args,
+    summary: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let Some(database_url) = args.database_url.clone() else {
+        anyhow::bail!(
+            "the saga phase needs PostgreSQL: set DATABASE_URL (`eval \"$(make -s env)\"`), \
+             or pass --runtime-only"
+        );
+    };
+    let cfg = SagaConfig {
+        database_url,
+        orders: args.saga_orders,
+        workers: args.saga_workers,
+        batch: args.saga_batch,
+        keep_database: args.saga_keep_database,
+    };
+    println!(
+        "saga benchmark: {} orders through orders, inventory, payments and fulfillment in \
+         process, real PostgreSQL, sandbox payments without latency",
+        cfg.orders
+    );
+    let r = bench_saga::run(&cfg, |line| println!("{line}")).await?;
+    println!(
+        "complete orders per second: {:.0}  ({} orders in {:.2}s)",
+        r.orders_per_sec, r.completed, r.elapsed_secs
+    );
+    println!(
+        "per order:                  {:.1} events, {:.1} handler transactions, {:.1} database transactions",
+        r.events_per_order, r.handler_transactions_per_order, r.db_transactions_per_order
+    );
+    summary.insert("saga_orders".into(), r.orders.into());
+    summary.insert(
+        "saga_orders_per_sec".into(),
+        r.orders_per_sec.round().into(),
+    );
+    summary.insert(
+        "handler_transactions_per_order".into(),
+        round(r.handler_transactions_per_order, 2).into(),
+    );
+    summary.insert(
+        "db_transactions_per_order".into(),
+        round(r.db_transactions_per_order, 2).into(),
+    );
+    Ok(())
 }

@@ -110,6 +110,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             orders: args.orders,
             seed: args.seed,
             run_id: run_id.clone(),
+            regular_only: false,
         },
         &products,
     )?;

@@ -105,10 +105,9 @@ pub struct DepsArgs {
         default_value_t = 0
     )]
     pub sandbox_payment_latency_ms: u64,
-    /// Database where the sandbox payment provider keeps its state, through a pool of its own.
-    /// Without it the sandbox shares the handlers' pool, and since each payment holds one
-    /// connection for its transaction while the sandbox takes another, the payments
-    /// concurrency must then stay under the pool size.
+    /// Database where the sandbox payment provider keeps its state, through a pool of its own
+    /// (the worker defaults it to DATABASE_URL: a payment holds one connection for its
+    /// transaction while the sandbox takes another, so sharing one pool could starve).
     #[arg(
         long = "sandbox-payment-database-url",
         env = "ORDERFLEET_SANDBOX_PAYMENT_DATABASE_URL",

@@ -45,7 +45,7 @@ use crate::outbox;
 use crate::outcome::{error_chain, FailureKind, HandlerError};
 use acker::Acker;
 use backoff::RetryPolicy;
-use lease::Leases;
+use lease::{LeaseGuard, Leases};
 
 /// Message attributes the runtime puts on a dead-lettered message.
 pub mod attrs {
@@ -497,7 +497,8 @@ async fn process(
                 run_guarded(&shared, event, count).await
             }
         };
-        drop(lease);
+        // The lease is held until the message is deleted, dead-lettered or handed back: a
+        // message whose fate is still being sent to SQS must not reappear meanwhile.
         let elapsed_ms = started.elapsed().as_millis() as u64;
         counters.observe(started.elapsed().as_secs_f64() * 1000.0, age_ms, count);
         match outcome {
@@ -520,7 +521,10 @@ async fn process(
                 );
                 shared.acker.delete(receipt);
             }
-            Ok(None) => release(&shared, &receipt).await,
+            Ok(None) => {
+                drop(lease);
+                release(&shared, &receipt).await
+            }
             Err(HandlerError::Retry { reason, after }) => {
                 if count >= shared.cfg.max_receive_count {
                     let reason = format!("retries exhausted after {count} receives: {reason}");
@@ -531,6 +535,7 @@ async fn process(
                         FailureKind::Exhausted,
                         &reason,
                         count,
+                        lease,
                     )
                     .await;
                 } else {
@@ -542,6 +547,8 @@ async fn process(
                         reason,
                         "will retry"
                     );
+                    // Dropped first, so that no extension overwrites the backoff.
+                    drop(lease);
                     set_visibility(&shared, &receipt, delay).await;
                 }
             }
@@ -553,11 +560,21 @@ async fn process(
                     FailureKind::Permanent,
                     &reason,
                     count,
+                    lease,
                 )
                 .await;
             }
             Err(HandlerError::Poison { reason }) => {
-                dead_letter(&shared, &msg, &receipt, FailureKind::Poison, &reason, count).await;
+                dead_letter(
+                    &shared,
+                    &msg,
+                    &receipt,
+                    FailureKind::Poison,
+                    &reason,
+                    count,
+                    lease,
+                )
+                .await;
             }
         }
     }
@@ -656,6 +673,7 @@ async fn dead_letter(
     kind: FailureKind,
     reason: &str,
     count: u32,
+    lease: LeaseGuard,
 ) {
     let mut reason = reason.to_string();
     if reason.len() > MAX_REASON_BYTES {
@@ -682,7 +700,12 @@ async fn dead_letter(
         .message_attributes()
         .map(|m| {
             m.iter()
-                .filter(|(k, _)| !k.starts_with("orderfleet."))
+                // Our failure record is replaced; anything else (the redrive history the CLI
+                // adds, the producer's own attributes) is kept.
+                .filter(|(k, _)| {
+                    !k.starts_with("orderfleet.failure.")
+                        && k.as_str() != attrs::ORIGINAL_MESSAGE_ID
+                })
                 .take(10 - ours.len())
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
@@ -721,6 +744,7 @@ async fn dead_letter(
                 reason,
                 "could not send to the DLQ; the message stays in its queue and is retried"
             );
+            drop(lease);
             set_visibility(shared, receipt, delay).await;
         }
     }

@@ -153,3 +153,81 @@ impl Drop for Proc {
         }
     }
 }
+
+/// Spawns the real `orderfleet-worker` running the inventory handler on `topo` and `db_url`,
+/// polling briefly so it stops fast; `extra` adds flags. Stdout is piped (EMF lines).
+pub fn inventory_worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Proc {
+    std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--handler", "inventory", "--prefix", &topo.prefix])
+        .args(["--database-url", db_url, "--wait-time-secs", "1"])
+        .args(["--heartbeat-secs", "1"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Proc)
+        .expect("spawn orderfleet-worker")
+}
+
+/// Sends `sig` (e.g. "-TERM") to the process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Waits for the process to exit, at most `timeout`.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> std::process::ExitStatus {
+    wait_for(timeout, "the process to exit", || {
+        let status = child.try_wait().expect("try_wait");
+        async move { status }
+    })
+    .await
+}
+
+/// A StockReceived event body for `sku`.
+pub fn stock_received(sku: &str, quantity: i64) -> String {
+    event_body(
+        "StockReceived",
+        "orderfleet.storefront",
+        serde_json::json!({"sku": sku, "quantity": quantity}),
+    )
+}
+
+/// Sends `bodies` to the queue in batches of ten, failing the test on any failed entry.
+pub async fn send_bodies(clients: &Clients, queue_url: &str, bodies: &[String]) {
+    use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+    for chunk in bodies.chunks(10) {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(b)
+                    .build()
+                    .expect("entry")
+            })
+            .collect();
+        let out = clients
+            .sqs
+            .send_message_batch()
+            .queue_url(queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .expect("SendMessageBatch");
+        assert!(
+            out.failed().is_empty(),
+            "failed entries: {:?}",
+            out.failed()
+        );
+    }
+}
