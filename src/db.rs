@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lake_and_personalization",
         include_str!("../migrations/0006_personalization.sql"),
     ),
+    (
+        7,
+        "payment_attempts",
+        include_str!("../migrations/0007_payment_attempts.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -13,11 +13,19 @@
 //! provider acts and the transaction then rolls back, the retry sends the same key and gets
 //! the same answer, so nobody is charged twice. Transient provider errors are retried; declines
 //! are business outcomes (`PaymentFailed`).
+//!
+//! A retry is not enough when a compensation overtakes it: the payment row (or its
+//! `authorized` state) may have rolled back while the provider kept the hold or the capture.
+//! So before each provider call the handler commits a record of the request in
+//! `payment_attempts`, in a short transaction of its own ([`Payments::with_attempt_log`]).
+//! Before voiding or refunding, [`Payments::settle`] replays any authorize or capture recorded
+//! there that our row does not reflect (same key, same outcome at the provider), brings the row
+//! up to date, and then releases the hold or refunds the capture.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{Pool, Transaction};
 
 use crate::envelope::Envelope;
 use crate::events::{
@@ -33,12 +41,92 @@ use crate::payment_provider::{PaymentProvider, ProviderError, ProviderOutcome, P
 /// The payments handler.
 pub struct Payments {
     provider: Arc<dyn PaymentProvider>,
+    /// Where provider calls are recorded before they are made, outside the handler's
+    /// transaction. `None` records nothing, and a compensation that overtakes a rolled-back
+    /// authorize or capture cannot see it.
+    attempts: Option<Pool>,
 }
 
 impl Payments {
+    /// A handler that does not record its provider calls outside its transaction. Prefer
+    /// [`Payments::with_attempt_log`].
     pub fn new(provider: Arc<dyn PaymentProvider>) -> Self {
-        Payments { provider }
+        Payments {
+            provider,
+            attempts: None,
+        }
     }
+
+    /// A handler that commits a record of each provider call to `payment_attempts` through
+    /// `pool` before making it. Each call holds a second connection of `pool` briefly while
+    /// the handler's transaction holds one.
+    pub fn with_attempt_log(provider: Arc<dyn PaymentProvider>, pool: Pool) -> Self {
+        Payments {
+            provider,
+            attempts: Some(pool),
+        }
+    }
+
+    /// Commits a record of `req` for `operation` before it is sent, so that it survives a
+    /// rollback of the handler's transaction. The first record of a key wins.
+    async fn record_attempt(
+        &self,
+        order_id: &str,
+        operation: &str,
+        req: &ProviderRequest,
+    ) -> Result<(), HandlerError> {
+        let Some(pool) = &self.attempts else {
+            return Ok(());
+        };
+        let client = pool.get().await.map_err(|e| {
+            HandlerError::retry(format!(
+                "recording the {operation} attempt for order {order_id}: {e}"
+            ))
+        })?;
+        client
+            .execute(
+                "INSERT INTO payment_attempts (idempotency_key, order_id, operation,
+                     payment_token, amount_minor, currency, authorization_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING",
+                &[
+                    &req.idempotency_key,
+                    &order_id,
+                    &operation,
+                    &req.payment_token,
+                    &req.amount.amount_minor,
+                    &req.amount.currency.as_str(),
+                    &req.authorization_id,
+                ],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("recording the provider attempt", &e))?;
+        Ok(())
+    }
+}
+
+/// The request recorded for `key` in `payment_attempts`, if one was ever about to be sent.
+async fn attempted(
+    tx: &Transaction<'_>,
+    key: &str,
+) -> Result<Option<ProviderRequest>, HandlerError> {
+    let row = tx
+        .query_opt(
+            "SELECT payment_token, amount_minor, currency::text, authorization_id
+               FROM payment_attempts WHERE idempotency_key = $1",
+            &[&key],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("reading the provider attempts", &e))?;
+    let Some(r) = row else { return Ok(None) };
+    let currency: String = r.get(2);
+    let currency = Currency::new(&currency)
+        .map_err(|e| HandlerError::permanent(format!("provider attempt {key}: {e}")))?;
+    Ok(Some(ProviderRequest {
+        idempotency_key: key.to_string(),
+        payment_token: r.get(0),
+        amount: Money::new(r.get(1), currency),
+        authorization_id: r.get(3),
+    }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,9 +283,11 @@ impl Payments {
             return Ok(());
         }
         let key = format!("auth:{}", d.order_id);
+        let req = p.request(key.clone(), p.amount);
+        self.record_attempt(&d.order_id, "authorize", &req).await?;
         let outcome = self
             .provider
-            .authorize(&p.request(key.clone(), p.amount))
+            .authorize(&req)
             .await
             .map_err(|e| provider_error("authorize", &d.order_id, e))?;
         match outcome {
@@ -257,9 +347,11 @@ impl Payments {
             }
         }
         let key = format!("capture:{}", d.order_id);
+        let req = p.request(key.clone(), p.amount);
+        self.record_attempt(&d.order_id, "capture", &req).await?;
         let outcome = self
             .provider
-            .capture(&p.request(key.clone(), p.amount))
+            .capture(&req)
             .await
             .map_err(|e| provider_error("capture", &d.order_id, e))?;
         match outcome {
@@ -315,6 +407,7 @@ impl Payments {
         p: Payment,
         why: Settle,
     ) -> Result<(), HandlerError> {
+        let p = self.reconcile(cx.tx, p).await?;
         let order_id = p.order_id.clone();
         match p.state {
             State::Voided | State::Refunded => Ok(()),
@@ -331,9 +424,11 @@ impl Payments {
             }
             State::Authorized => {
                 let key = format!("void:{order_id}");
+                let req = p.request(key.clone(), p.amount);
+                self.record_attempt(&order_id, "void", &req).await?;
                 match self
                     .provider
-                    .void(&p.request(key.clone(), p.amount))
+                    .void(&req)
                     .await
                     .map_err(|e| provider_error("void", &order_id, e))?
                 {
@@ -357,9 +452,11 @@ impl Payments {
             State::Captured => {
                 let key = format!("refund:{order_id}");
                 let amount = Money::new(p.captured_minor, p.amount.currency);
+                let req = p.request(key.clone(), amount);
+                self.record_attempt(&order_id, "refund", &req).await?;
                 let reference = match self
                     .provider
-                    .refund(&p.request(key.clone(), amount))
+                    .refund(&req)
                     .await
                     .map_err(|e| provider_error("refund", &order_id, e))?
                 {
@@ -396,6 +493,85 @@ impl Payments {
                 )
             }
         }
+    }
+
+    /// Brings a payment about to be compensated up to what the provider did: an authorize or
+    /// capture recorded in `payment_attempts` whose transaction rolled back is replayed with its
+    /// key (the provider returns the outcome it already decided, or decides now, once), and its
+    /// outcome is written to the row, so that `settle` voids a hold nobody recorded and refunds
+    /// a capture nobody recorded. A replay emits nothing: `settle` confirms with its one event.
+    async fn reconcile(&self, tx: &Transaction<'_>, mut p: Payment) -> Result<Payment, HandlerError> {
+        let order_id = p.order_id.clone();
+        if p.state == State::Pending {
+            let key = format!("auth:{order_id}");
+            if let Some(req) = attempted(tx, &key).await? {
+                match self
+                    .provider
+                    .authorize(&req)
+                    .await
+                    .map_err(|e| provider_error("authorize (replay)", &order_id, e))?
+                {
+                    ProviderOutcome::Approved { reference } => {
+                        tracing::warn!(order_id = %order_id, authorization_id = %reference,
+                            "found an authorization whose transaction rolled back");
+                        update(
+                            tx,
+                            &order_id,
+                            "state = 'authorized', authorization_id = $2, authorize_key = $3,
+                             payment_token = $4",
+                            &[&reference, &key, &req.payment_token],
+                        )
+                        .await?;
+                        p.state = State::Authorized;
+                        p.authorization_id = Some(reference);
+                        p.token = req.payment_token;
+                    }
+                    ProviderOutcome::Declined { code, message } => {
+                        update(
+                            tx,
+                            &order_id,
+                            "state = 'failed', failure_code = $2, failure_message = $3,
+                             authorize_key = $4",
+                            &[&code, &message, &key],
+                        )
+                        .await?;
+                        p.state = State::Failed;
+                    }
+                }
+            }
+        }
+        if p.state == State::Authorized {
+            let key = format!("capture:{order_id}");
+            if let Some(req) = attempted(tx, &key).await? {
+                match self
+                    .provider
+                    .capture(&req)
+                    .await
+                    .map_err(|e| provider_error("capture (replay)", &order_id, e))?
+                {
+                    ProviderOutcome::Approved { reference } => {
+                        tracing::warn!(order_id = %order_id, capture_id = %reference,
+                            "found a capture whose transaction rolled back");
+                        update(
+                            tx,
+                            &order_id,
+                            "state = 'captured', capture_id = $2, capture_key = $3,
+                             captured_minor = $4",
+                            &[&reference, &key, &req.amount.amount_minor],
+                        )
+                        .await?;
+                        if req.amount.amount_minor > 0 {
+                            ledger::capture(tx, &order_id, req.amount).await?;
+                        }
+                        p.state = State::Captured;
+                        p.captured_minor = req.amount.amount_minor;
+                    }
+                    // Nothing was taken: the hold is still there, and settle voids it.
+                    ProviderOutcome::Declined { .. } => {}
+                }
+            }
+        }
+        Ok(p)
     }
 
     async fn cancelled(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
