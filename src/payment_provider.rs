@@ -68,6 +68,8 @@ pub mod tokens {
     pub const DECLINE: &str = "tok_decline";
     /// Authorization is declined with `insufficient_funds`.
     pub const INSUFFICIENT_FUNDS: &str = "tok_insufficient_funds";
+    /// Authorization is approved; the capture is declined with `capture_declined`.
+    pub const CAPTURE_DECLINE: &str = "tok_capture_decline";
     /// `tok_flaky_N`: the first N calls for each idempotency key fail transiently, then the
     /// call succeeds.
     pub const FLAKY_PREFIX: &str = "tok_flaky_";
@@ -109,8 +111,9 @@ impl Operation {
 /// every worker instance.
 ///
 /// Outcomes by token (see [`tokens`]): `tok_decline` and `tok_insufficient_funds` decline an
-/// authorization; `tok_flaky_N` fails the first N calls of each key transiently; anything else
-/// is approved. Captures, voids and refunds are approved unless flaky. References are derived
+/// authorization; `tok_capture_decline` declines the capture; `tok_flaky_N` fails the first N
+/// calls of each key transiently; anything else is approved. Other captures, voids and refunds
+/// are approved unless flaky. References are derived
 /// from the key, so a replay returns the same one.
 #[derive(Clone)]
 pub struct SandboxProvider {
@@ -228,6 +231,12 @@ fn decide(op: Operation, req: &ProviderRequest) -> ProviderOutcome {
             }
             _ => {}
         }
+    }
+    if op == Operation::Capture && req.payment_token == tokens::CAPTURE_DECLINE {
+        return ProviderOutcome::Declined {
+            code: "capture_declined".into(),
+            message: "the capture was declined".into(),
+        };
     }
     ProviderOutcome::Approved {
         reference: reference(op, &req.idempotency_key),

@@ -270,7 +270,8 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     if deps_args.sandbox_payment_database_url.is_none() {
         deps_args.sandbox_payment_database_url = Some(args.common.database_url.clone());
     }
-    let deps = Deps::new(&deps_args, &pool, &clients).await?;
+    let mut deps = Deps::new(&deps_args, &pool, &clients).await?;
+    deps.payment_attempts_pool = crate::db::pool(&args.common.database_url, 8)?;
 
     // Validate every queue before consuming any.
     let mut consumers = Vec::new();

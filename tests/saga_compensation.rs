@@ -284,3 +284,33 @@ async fn a_return_that_overtakes_its_shipment_voids_the_hold_instead_of_capturin
     assert_eq!(stock(&pool, "TEA-1").await, (5, 0));
     assert_reservations_match_stock(&pool).await;
 }
+
+#[tokio::test]
+async fn a_declined_capture_is_recorded_on_the_shipped_order() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    fleet
+        .publish_event(&order(
+            "ord-nocap",
+            &[("TEA-1", 1, 1000)],
+            orderfleet::payment_provider::tokens::CAPTURE_DECLINE,
+        ))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    let row = order_row(&pool, "ord-nocap").await;
+    // The parcel left and the money did not come: the order stays shipped, visibly so.
+    assert_eq!(row.status, "shipped");
+    assert_eq!(row.payment, "capture_failed");
+    let failed = emitted(&pool, "PaymentFailed", Some("ord-nocap")).await;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["stage"], "capture");
+    assert_eq!(
+        payment(&pool, "ord-nocap").await,
+        ("authorized".into(), 0, 0)
+    );
+    assert!(ledger(&pool).await.is_empty());
+}

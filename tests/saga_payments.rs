@@ -242,3 +242,172 @@ async fn the_ledger_refuses_updates_deletes_and_unbalanced_transactions() {
     assert_ledger_balances(&pool).await;
     assert_eq!(ledger(&pool).await.get("payments_clearing:EUR"), Some(&700));
 }
+
+/// A fleet whose payments handler records its provider calls in `payment_attempts` before
+/// making them, and a crashing copy of that handler for simulating a rolled-back transaction.
+async fn attempt_logging_fleet() -> (orderfleet::inproc::Fleet, CrashBeforeCommit) {
+    let (pool, url) = common::fresh_db().await;
+    let provider: Arc<dyn PaymentProvider> = Arc::new(SandboxProvider::new(
+        orderfleet::db::pool(&url, 8).unwrap(),
+        Duration::ZERO,
+    ));
+    let fleet = sandbox_fleet(pool.clone(), &url).with_handler(
+        HandlerName::Payments,
+        Arc::new(Payments::with_attempt_log(provider.clone(), pool.clone())),
+    );
+    let crashing = CrashBeforeCommit(Payments::with_attempt_log(provider, pool));
+    (fleet, crashing)
+}
+
+fn outcome_of(call: Option<(i32, Option<serde_json::Value>)>) -> String {
+    let (_, result) = call.expect("the provider never saw this key");
+    result.expect("the provider never decided this key")["outcome"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Scenario A: the authorization is approved but its transaction rolls back (the payment row
+/// with it); inventory rejects and the cancellation overtakes the retried OrderAccepted. The
+/// hold must still be released.
+#[tokio::test]
+async fn a_cancellation_that_overtakes_a_rolled_back_authorization_voids_the_hold() {
+    let (fleet, crashing) = attempt_logging_fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 1).await;
+    fleet
+        .publish_event(&order("ord-lost-auth", &[("TEA-1", 2, 1000)], "tok_visa"))
+        .await
+        .unwrap();
+    let placed = fleet.take(1).await.unwrap().remove(0);
+    fleet.deliver(&placed).await;
+    let accepted = fleet.take(1).await.unwrap().remove(0);
+    assert_eq!(accepted.detail_type, "OrderAccepted");
+
+    // The provider authorizes; our transaction (and the payment row it created) rolls back.
+    let err = orderfleet::runtime::execute(&crashing, &pool, &accepted, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "retry");
+    assert_eq!(
+        outcome_of(provider_call(&pool, "auth:ord-lost-auth").await),
+        "approved"
+    );
+
+    // Inventory rejects, orders cancels, payments settles: all before the retry.
+    fleet
+        .deliver_to(HandlerName::Inventory, &accepted, 1)
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    // The retried OrderAccepted finds the payment settled and does nothing.
+    fleet
+        .deliver_to(HandlerName::Payments, &accepted, 2)
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-lost-auth").await, "cancelled");
+    // No live hold: the authorization was voided at the provider.
+    assert_eq!(
+        outcome_of(provider_call(&pool, "void:ord-lost-auth").await),
+        "approved"
+    );
+    assert_eq!(
+        payment(&pool, "ord-lost-auth").await,
+        ("voided".into(), 0, 0)
+    );
+    let voided = emitted(&pool, "PaymentVoided", Some("ord-lost-auth")).await;
+    assert_eq!(voided.len(), 1);
+    let auth = provider_call(&pool, "auth:ord-lost-auth")
+        .await
+        .unwrap()
+        .1
+        .unwrap();
+    assert_eq!(voided[0]["authorization_id"], auth["reference"]);
+    assert!(emitted(&pool, "PaymentAuthorized", Some("ord-lost-auth"))
+        .await
+        .is_empty());
+    assert_ledger_balances(&pool).await;
+    assert_eq!(net_money(&pool, "ord-lost-auth").await, 0);
+}
+
+/// Scenario B: the capture is approved but its transaction rolls back; the failed delivery
+/// overtakes the retried OrderShipped. The captured money must be refunded, not the (already
+/// captured) hold voided.
+#[tokio::test]
+async fn a_return_that_overtakes_a_rolled_back_capture_refunds_it() {
+    let (fleet, crashing) = attempt_logging_fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    let mut placed = order("ord-lost-cap", &[("TEA-1", 2, 1000)], "tok_visa");
+    placed.shipping_address.postal_code = orderfleet::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    fleet.publish_event(&placed).await.unwrap();
+
+    let (shipped, failed) = loop {
+        let event = fleet
+            .take(1)
+            .await
+            .unwrap()
+            .first()
+            .expect("the saga stalled")
+            .clone();
+        if event.detail_type == "OrderShipped" {
+            let failed = fleet.take(1).await.unwrap().remove(0);
+            assert_eq!(failed.detail_type, "DeliveryFailed");
+            break (event, failed);
+        }
+        fleet.deliver(&event).await;
+    };
+
+    // The provider captures; our transaction rolls back, so the payment stays `authorized`.
+    let err = orderfleet::runtime::execute(&crashing, &pool, &shipped, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "retry");
+    assert_eq!(
+        outcome_of(provider_call(&pool, "capture:ord-lost-cap").await),
+        "approved"
+    );
+    assert_eq!(payment(&pool, "ord-lost-cap").await.0, "authorized");
+    for h in fleet.consumers("OrderShipped") {
+        if h != HandlerName::Payments {
+            fleet.deliver_to(h, &shipped, 1).await.unwrap();
+        }
+    }
+
+    // The failed delivery is settled before the capture's retry arrives.
+    fleet.deliver(&failed).await;
+    fleet.run_until_quiet().await.unwrap();
+    fleet
+        .deliver_to(HandlerName::Payments, &shipped, 2)
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-lost-cap").await, "returned");
+    // The captured money went back, and nothing tried to void a captured hold.
+    assert_eq!(
+        outcome_of(provider_call(&pool, "refund:ord-lost-cap").await),
+        "approved"
+    );
+    assert!(provider_call(&pool, "void:ord-lost-cap").await.is_none());
+    assert_eq!(
+        payment(&pool, "ord-lost-cap").await,
+        ("refunded".into(), 2000, 2000)
+    );
+    assert_eq!(
+        emitted(&pool, "PaymentRefunded", Some("ord-lost-cap"))
+            .await
+            .len(),
+        1
+    );
+    assert_ledger_balances(&pool).await;
+    let ledger = ledger(&pool).await;
+    assert_eq!(ledger.get("payments_clearing:EUR"), Some(&0));
+    assert_eq!(ledger.get("sales_revenue:EUR"), Some(&-2000));
+    assert_eq!(ledger.get("refunds:EUR"), Some(&2000));
+    assert_eq!(net_money(&pool, "ord-lost-cap").await, 0);
+}

@@ -151,6 +151,10 @@ pub struct Deps {
     pub args: DepsArgs,
     /// The payment provider (the sandbox, keeping its state in `pool`'s database).
     pub payment_provider: Arc<dyn PaymentProvider>,
+    /// Where payments records each provider call before making it, outside the handler's
+    /// transaction (see [`payments`]): the main database, through a pool of its own in the
+    /// worker so that a payment holding one connection never waits on itself for a second.
+    pub payment_attempts_pool: Pool,
     /// The parcel carrier (the sandbox).
     pub carrier: Arc<dyn Carrier>,
     /// Builds and sends customer emails (notifications).
@@ -167,6 +171,7 @@ impl Deps {
             None => pool.clone(),
         };
         Ok(Deps {
+            payment_attempts_pool: pool.clone(),
             pool: pool.clone(),
             clients: clients.clone(),
             args: args.clone(),
@@ -222,8 +227,9 @@ pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn Handler>> {
     match name {
         HandlerName::Orders => Ok(Arc::new(orders::Orders)),
         HandlerName::Inventory => Ok(Arc::new(inventory::Inventory)),
-        HandlerName::Payments => Ok(Arc::new(payments::Payments::new(
+        HandlerName::Payments => Ok(Arc::new(payments::Payments::with_attempt_log(
             deps.payment_provider.clone(),
+            deps.payment_attempts_pool.clone(),
         ))),
         HandlerName::Fulfillment => Ok(Arc::new(fulfillment::Fulfillment::new(
             deps.carrier.clone(),

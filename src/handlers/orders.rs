@@ -110,6 +110,8 @@ states!(
         Authorized = "authorized", 1;
         Failed = "failed", 1;
         Captured = "captured", 2;
+        // The provider declined the capture after the parcel left: a person must look.
+        CaptureFailed = "capture_failed", 2;
         Voided = "voided", 3;
         Refunded = "refunded", 3;
     }
@@ -756,11 +758,13 @@ impl Orders {
             "PaymentFailed" => {
                 let d: PaymentFailed = events::decode(event)?;
                 if d.stage == PaymentStage::Capture {
-                    // The parcel is gone and the capture was refused: a person must look.
+                    // The parcel is gone and the capture was refused: a person must look. The
+                    // order stays shipped, with the refusal on record for reports.
                     tracing::error!(order_id = %o.id, code = %d.code, "capture declined; the order stays shipped");
-                    return Ok(());
+                    s.payment = s.payment.advance_to(P::CaptureFailed);
+                } else {
+                    s.payment = s.payment.advance_to(P::Failed);
                 }
-                s.payment = s.payment.advance_to(P::Failed);
             }
             "PaymentCaptured" => s.payment = s.payment.advance_to(P::Captured),
             "PaymentVoided" => s.payment = s.payment.advance_to(P::Voided),

@@ -500,7 +500,11 @@ impl Payments {
     /// key (the provider returns the outcome it already decided, or decides now, once), and its
     /// outcome is written to the row, so that `settle` voids a hold nobody recorded and refunds
     /// a capture nobody recorded. A replay emits nothing: `settle` confirms with its one event.
-    async fn reconcile(&self, tx: &Transaction<'_>, mut p: Payment) -> Result<Payment, HandlerError> {
+    async fn reconcile(
+        &self,
+        tx: &Transaction<'_>,
+        mut p: Payment,
+    ) -> Result<Payment, HandlerError> {
         let order_id = p.order_id.clone();
         if p.state == State::Pending {
             let key = format!("auth:{order_id}");
