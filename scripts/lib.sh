@@ -27,11 +27,9 @@ require_bins() { # name...
 
 # ---- fleet settings --------------------------------------------------------
 #
-# The handlers the local fleet runs. Only the order saga's four are implemented
-# so far; notifications, analytics and personalization are being written, and
-# `--all` refuses to start until every handler exists. Override with
-# ORDERFLEET_HANDLERS=orders,inventory,... or ORDERFLEET_HANDLERS=all.
-SAGA_HANDLERS=orders,inventory,payments,fulfillment
+# The handlers the local fleet runs: all seven by default (`--all`). Override
+# with ORDERFLEET_HANDLERS=orders,inventory,... to run a subset.
+SAGA_HANDLERS=all
 
 # Sets HANDLER_ARGS, the worker flags that select its handlers, from
 # ORDERFLEET_HANDLERS, then unsets that variable: the worker would also read it
