@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end demo against the local stack: provision, migrate, start the
 # workers, publish ORDERS (default 100) orders, wait until they are processed
-# (DEMO_TIMEOUT seconds, default 300), print the report, stop the workers.
+# (DEMO_TIMEOUT seconds, default 900: the emulator's PutEvents, about 12 ms per rule target, bounds the pace), print the report, stop the workers.
 # Exits with the report's exit status (or the wait's, if only that failed).
 #
 # The worker runs the saga handlers (orders, inventory, payments, fulfillment;
@@ -24,7 +24,7 @@ start_worker "${HANDLER_ARGS[@]}"
 "$BIN/orderfleet" publish --orders "${ORDERS:-100}"
 
 wait_rc=0
-"$BIN/orderfleet" wait --timeout-secs "${DEMO_TIMEOUT:-300}" || wait_rc=$?
+"$BIN/orderfleet" wait --timeout-secs "${DEMO_TIMEOUT:-900}" || wait_rc=$?
 ((STOP_REQUESTED)) && { stop_worker || true; exit 130; }
 ((wait_rc == 0)) || log "'orderfleet wait' failed with status $wait_rc; reporting anyway"
 

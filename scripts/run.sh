@@ -22,7 +22,7 @@ require_bins orderfleet orderfleet-worker
 export_fleet_env
 start_worker "${HANDLER_ARGS[@]}"
 "$BIN/orderfleet" publish --orders "${ORDERS:-10}"
-if ((!STOP_REQUESTED)) && "$BIN/orderfleet" wait --timeout-secs "${RUN_TIMEOUT:-300}"; then
+if ((!STOP_REQUESTED)) && "$BIN/orderfleet" wait --timeout-secs "${RUN_TIMEOUT:-900}"; then
     "$BIN/orderfleet" report || log "the report found broken invariants (see above)"
 fi
 ((STOP_REQUESTED)) || log "workers running; press Ctrl-C to stop"
