@@ -38,7 +38,7 @@ pub async fn provision(clients: &Clients, topo: &Topology) -> Result<Vec<Change>
     let mut changes = Vec::new();
     let bus_arn = ensure_bus(clients, &topo.bus_name, &mut changes).await?;
     for res in topo.all() {
-        ensure_handler(clients, topo, &res, &bus_arn, &mut changes)
+        ensure_handler(clients, topo, &res, &mut changes)
             .await
             .with_context(|| format!("provisioning handler {}", res.handler))?;
     }
@@ -347,10 +347,9 @@ async fn ensure_handler(
     clients: &Clients,
     topo: &Topology,
     res: &HandlerResources,
-    bus_arn: &str,
     changes: &mut Vec<Change>,
 ) -> Result<()> {
-    let (dlq_url, dlq_arn) = ensure_queue(
+    let (_, dlq_arn) = ensure_queue(
         clients,
         &res.dlq_name,
         &[(
@@ -360,7 +359,7 @@ async fn ensure_handler(
         changes,
     )
     .await?;
-    let (queue_url, queue_arn) = ensure_queue(
+    let (_, queue_arn) = ensure_queue(
         clients,
         &res.queue_name,
         &[
@@ -396,7 +395,6 @@ async fn ensure_handler(
         changes,
     )
     .await?;
-    let _ = dlq_url;
 
     // The rule, compared by its pattern as JSON.
     let pattern = res.pattern.to_string();
@@ -449,7 +447,6 @@ async fn ensure_handler(
             out.rule_arn().unwrap_or_default().to_string()
         }
     };
-    let _ = bus_arn;
 
     // The target: the handler's queue.
     let targets = clients
@@ -501,6 +498,5 @@ async fn ensure_handler(
         changes,
     )
     .await?;
-    let _ = queue_url;
     Ok(())
 }
