@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Error, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The migrations, in order. Each runs in its own transaction and is recorded in
@@ -132,4 +134,71 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<i32>> {
         applied.push(version);
     }
     Ok(applied)
+}
+
+/// Queries by SQL text through the connection's statement cache.
+///
+/// `tokio_postgres` prepares a statement given as text on every call: an extra round trip and a
+/// fresh parse and plan each time. These methods prepare each text once per connection
+/// ([`GenericClient::prepare_cached`]) and reuse it, so a hot statement costs one round trip and,
+/// after a few executions, PostgreSQL's cached plan. Use them for every statement that runs per
+/// message; plain `query`/`execute` are for one-off and administrative statements.
+#[async_trait::async_trait]
+pub trait Cached {
+    async fn query_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error>;
+    async fn query_one_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error>;
+    async fn query_opt_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error>;
+    async fn execute_cached(&self, sql: &str, params: &[&(dyn ToSql + Sync)])
+        -> Result<u64, Error>;
+}
+
+#[async_trait::async_trait]
+impl<G: GenericClient + Sync> Cached for G {
+    async fn query_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query(&statement, params).await
+    }
+
+    async fn query_one_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row, Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_one(&statement, params).await
+    }
+
+    async fn query_opt_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.query_opt(&statement, params).await
+    }
+
+    async fn execute_cached(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, Error> {
+        let statement = self.prepare_cached(sql).await?;
+        self.execute(&statement, params).await
+    }
 }

@@ -12,6 +12,7 @@
 //! retryable failure is redelivered at once, up to the queue's receive limit, then
 //! dead-lettered in memory ([`Fleet::dead_letters`]).
 
+use crate::db::Cached;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -219,7 +220,7 @@ impl Fleet {
         let id = Uuid::new_v4();
         let client = self.inner.pool.get().await.context("database pool")?;
         client
-            .execute(
+            .execute_cached(
                 "INSERT INTO outbox (event_id, source, detail_type, detail) VALUES ($1, $2, $3, $4)",
                 &[&id, &STOREFRONT_SOURCE, &detail_type, &detail],
             )
@@ -239,7 +240,7 @@ impl Fleet {
         let client = self.inner.pool.get().await.context("database pool")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
-            .query(
+            .query_cached(
                 "UPDATE outbox SET published_at = now(), attempts = attempts + 1
                   WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL
                                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
@@ -281,7 +282,7 @@ impl Fleet {
     pub async fn pending(&self) -> Result<i64> {
         let client = self.inner.pool.get().await.context("database pool")?;
         let row = client
-            .query_one(
+            .query_one_cached(
                 "SELECT count(*) FROM outbox WHERE published_at IS NULL",
                 &[],
             )

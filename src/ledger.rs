@@ -13,6 +13,7 @@
 //!
 //! Authorizations and voids move no money, so they post nothing.
 
+use crate::db::Cached;
 use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
@@ -120,7 +121,7 @@ pub async fn record(
     check_balanced(postings)
         .map_err(|e| HandlerError::permanent(format!("ledger {kind} for {order_id}: {e}")))?;
     let row = db
-        .query_opt(
+        .query_opt_cached(
             "INSERT INTO ledger_transactions (idempotency_key, order_id, kind) VALUES ($1, $2, $3)
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
             &[&idempotency_key, &order_id, &kind],
@@ -212,7 +213,7 @@ pub struct Balance {
 /// Sums the postings per account and currency.
 pub async fn balances(db: &impl GenericClient) -> Result<Vec<Balance>, tokio_postgres::Error> {
     let rows = db
-        .query(
+        .query_cached(
             "SELECT a.name, p.currency::text, sum(p.amount_minor)::bigint
                FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
               GROUP BY a.name, p.currency ORDER BY a.name, p.currency",
@@ -235,7 +236,7 @@ pub async fn unbalanced_transactions(
     db: &impl GenericClient,
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
     let rows = db
-        .query(
+        .query_cached(
             "SELECT t.id FROM ledger_transactions t
                LEFT JOIN ledger_postings p ON p.transaction_id = t.id
               GROUP BY t.id, p.currency

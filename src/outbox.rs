@@ -6,6 +6,7 @@
 //! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
 //! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
 
+use crate::db::Cached;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ pub async fn claim(
     detail_type: &str,
 ) -> Result<bool, HandlerError> {
     let n = tx
-        .execute(
+        .execute_cached(
             "INSERT INTO processed_messages (handler, event_key, detail_type)
              VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
             &[&handler, &key, &detail_type],
@@ -167,7 +168,7 @@ impl Relay {
             Ok(out) => out,
             Err(e) => {
                 let err = error_chain(&e);
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
                     &[&ids, &err],
                 )
@@ -190,7 +191,7 @@ impl Relay {
                         entry.error_code().unwrap_or_default(),
                         entry.error_message().unwrap_or_default()
                     );
-                    tx.execute(
+                    tx.execute_cached(
                         "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
                         &[id, &err],
                     )
@@ -199,7 +200,7 @@ impl Relay {
                 None => failed += 1,
             }
         }
-        tx.execute(
+        tx.execute_cached(
             "UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)",
             &[&published],
         )

@@ -6,6 +6,7 @@
 //! second time. That is what makes a retried message safe: when the provider charged but our
 //! transaction rolled back, the retry sends the same key and gets the same authorization back.
 
+use crate::db::Cached;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -142,70 +143,62 @@ impl SandboxProvider {
         let transient = |what: &str, e: &(dyn std::error::Error + 'static)| {
             ProviderError::Transient(format!("sandbox {what}: {}", error_chain(e)))
         };
-        let mut client = self
+        let client = self
             .pool
             .get()
             .await
             .map_err(|e| transient("connecting", &e))?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| transient("beginning", &e))?;
-        // The row lock serialises concurrent calls with one key, as a real provider would.
-        let row = tx
-            .query_one(
-                "INSERT INTO sandbox_provider_calls
-                     (idempotency_key, operation, payment_token, amount_minor, currency, attempts)
-                 VALUES ($1, $2, $3, $4, $5, 1)
+        // One statement per call: it counts the call and, unless this call is one of the
+        // simulated failures, records the outcome; a replay finds the outcome already there
+        // and gets it back unchanged. The row lock of the upsert serialises concurrent calls
+        // with one key, as a real provider would.
+        let outcome = decide(op, req);
+        let decision = serde_json::to_value(&outcome)
+            .map_err(|e| ProviderError::Invalid(format!("encoding the sandbox result: {e}")))?;
+        let failing_calls =
+            i32::try_from(flaky_failures(&req.payment_token).unwrap_or(0)).unwrap_or(i32::MAX);
+        let row = client
+            .query_opt_cached(
+                "INSERT INTO sandbox_provider_calls AS c
+                     (idempotency_key, operation, payment_token, amount_minor, currency, attempts,
+                      result, decided_at)
+                 VALUES ($1, $2, $3, $4, $5, 1,
+                         CASE WHEN 1 > $6 THEN $7::jsonb END, CASE WHEN 1 > $6 THEN now() END)
                  ON CONFLICT (idempotency_key) DO UPDATE
-                     SET attempts = sandbox_provider_calls.attempts + 1, last_call_at = now()
-                 RETURNING operation, attempts, result",
+                     SET attempts = c.attempts + 1, last_call_at = now(),
+                         result = coalesce(c.result, CASE WHEN c.attempts + 1 > $6 THEN $7::jsonb END),
+                         decided_at = coalesce(c.decided_at, CASE WHEN c.attempts + 1 > $6 THEN now() END)
+                     WHERE c.operation = EXCLUDED.operation
+                 RETURNING attempts, result",
                 &[
                     &req.idempotency_key,
                     &op.as_str(),
                     &req.payment_token,
                     &req.amount.amount_minor,
                     &req.amount.currency.as_str(),
+                    &failing_calls,
+                    &decision,
                 ],
             )
             .await
             .map_err(|e| transient("recording the call", &e))?;
-        let (stored_op, attempts, result): (String, i32, Option<serde_json::Value>) =
-            (row.get(0), row.get(1), row.get(2));
-        if stored_op != op.as_str() {
+        let Some(row) = row else {
             return Err(ProviderError::Invalid(format!(
-                "idempotency key {} was used for {stored_op}, not {}",
+                "idempotency key {} was used for another operation than {}",
                 req.idempotency_key,
                 op.as_str()
             )));
-        }
-        if let Some(result) = result {
-            tx.commit().await.map_err(|e| transient("committing", &e))?;
-            return serde_json::from_value(result).map_err(|e| {
+        };
+        let (attempts, result): (i32, Option<serde_json::Value>) = (row.get(0), row.get(1));
+        match result {
+            Some(result) => serde_json::from_value(result).map_err(|e| {
                 ProviderError::Invalid(format!("stored sandbox result is unreadable: {e}"))
-            });
+            }),
+            None => Err(ProviderError::Transient(format!(
+                "sandbox: simulated outage, call {attempts} of {failing_calls} failing calls for {}",
+                req.idempotency_key
+            ))),
         }
-        if let Some(n) = flaky_failures(&req.payment_token) {
-            if i64::from(attempts) <= i64::from(n) {
-                tx.commit().await.map_err(|e| transient("committing", &e))?;
-                return Err(ProviderError::Transient(format!(
-                    "sandbox: simulated outage, call {attempts} of {n} failing calls for {}",
-                    req.idempotency_key
-                )));
-            }
-        }
-        let outcome = decide(op, req);
-        let stored = serde_json::to_value(&outcome)
-            .map_err(|e| ProviderError::Invalid(format!("encoding the sandbox result: {e}")))?;
-        tx.execute(
-            "UPDATE sandbox_provider_calls SET result = $2, decided_at = now()
-             WHERE idempotency_key = $1",
-            &[&req.idempotency_key, &stored],
-        )
-        .await
-        .map_err(|e| transient("recording the result", &e))?;
-        tx.commit().await.map_err(|e| transient("committing", &e))?;
-        Ok(outcome)
     }
 }
 

@@ -9,6 +9,7 @@
 //! One row per order in `shipments`; its primary key makes the first decision win between
 //! shipping and stopping, across any number of instances.
 
+use crate::db::Cached;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -37,7 +38,7 @@ impl Fulfillment {
         let d: OrderReadyToShip = events::decode(event)?;
         let decided = cx
             .tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT 1 FROM shipments WHERE order_id = $1",
                 &[&d.order_id],
             )
@@ -69,7 +70,7 @@ impl Fulfillment {
         // A stop request committed meanwhile wins: the row exists and nothing is inserted.
         let inserted = cx
             .tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO shipments (order_id, state, carrier, tracking_number, delivery_state, failure_reason)
                  VALUES ($1, 'shipped', $2, $3, $4, $5) ON CONFLICT (order_id) DO NOTHING",
                 &[
@@ -124,7 +125,7 @@ impl Fulfillment {
         let d: ShipmentCancelRequested = events::decode(event)?;
         let stopped = cx
             .tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO shipments (order_id, state) VALUES ($1, 'cancelled')
                  ON CONFLICT (order_id) DO NOTHING",
                 &[&d.order_id],

@@ -15,6 +15,7 @@
 //! (`ORDER BY sku FOR UPDATE`), so two reservations never deadlock and never both take the last
 //! unit. The CHECK constraints on `stock` (never negative, reserved ≤ on_hand) back this up.
 
+use crate::db::Cached;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -112,7 +113,7 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
 async fn lock_order(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerError> {
-    tx.execute(
+    tx.execute_cached(
         "SELECT pg_advisory_xact_lock(hashtextextended('inventory:' || $1, 0))",
         &[&order_id],
     )
@@ -123,7 +124,7 @@ async fn lock_order(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerE
 
 async fn load(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
     let rows = tx
-        .query(
+        .query_cached(
             "SELECT sku, quantity, state FROM reservations WHERE order_id = $1 ORDER BY sku",
             &[&order_id],
         )
@@ -147,7 +148,7 @@ async fn insert_rows(
     state: State,
 ) -> Result<(), HandlerError> {
     let (skus, qtys): (Vec<&str>, Vec<i64>) = lines.iter().map(|(s, q)| (s.as_str(), *q)).unzip();
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO reservations (order_id, sku, quantity, state)
          SELECT $1, sku, qty, $4 FROM unnest($2::text[], $3::bigint[]) AS l(sku, qty)",
         &[&order_id, &skus, &qtys, &state.as_str()],
@@ -158,7 +159,7 @@ async fn insert_rows(
 }
 
 async fn set_state(tx: &Transaction<'_>, order_id: &str, state: State) -> Result<(), HandlerError> {
-    tx.execute(
+    tx.execute_cached(
         "UPDATE reservations SET state = $2, updated_at = now() WHERE order_id = $1",
         &[&order_id, &state.as_str()],
     )
@@ -175,7 +176,7 @@ async fn lock_stock(
 ) -> Result<BTreeMap<String, (i64, i64)>, HandlerError> {
     let skus: Vec<&str> = lines.keys().map(String::as_str).collect();
     let rows = tx
-        .query(
+        .query_cached(
             "SELECT sku, on_hand, reserved FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
             &[&skus],
         )
@@ -199,7 +200,7 @@ async fn move_stock(
 ) -> Result<(), HandlerError> {
     let (skus, qtys): (Vec<&str>, Vec<i64>) = lines.iter().map(|(s, q)| (s.as_str(), *q)).unzip();
     let n = tx
-        .execute(
+        .execute_cached(
             "UPDATE stock SET on_hand = stock.on_hand + $3 * l.qty,
                               reserved = stock.reserved + $4 * l.qty
                FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)
@@ -215,7 +216,7 @@ async fn move_stock(
             skus.len()
         )));
     }
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO stock_movements (sku, kind, quantity, order_id, event_key)
          SELECT sku, $3, qty, $4, $5 FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)",
         &[&skus, &qtys, &kind, &order_id, &event_key],
@@ -239,14 +240,14 @@ impl Inventory {
             )));
         }
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO stock (sku, on_hand) VALUES ($1, $2)
                  ON CONFLICT (sku) DO UPDATE SET on_hand = stock.on_hand + EXCLUDED.on_hand",
                 &[&d.sku, &d.quantity],
             )
             .await?;
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO stock_movements (sku, kind, quantity, event_key) VALUES ($1, 'received', $2, $3)",
                 &[&d.sku, &d.quantity, &event.event_key()],
             )
@@ -268,7 +269,7 @@ impl Inventory {
         doc.remove("version");
         let doc = serde_json::Value::Object(doc);
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO products (sku, doc) VALUES ($1, $2)
                  ON CONFLICT (sku) DO UPDATE SET doc = EXCLUDED.doc, updated_at = now()",
                 &[&d.sku, &doc],

@@ -43,6 +43,7 @@
 //! Addresses are masked ([`mask`]) in every log line, in `emails.recipient_masked`, and in
 //! every error text kept or logged.
 
+use crate::db::Cached;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -231,7 +232,7 @@ impl Notifications {
         let masked = mask(&to.email);
         let message_id = self.mailer.message_id(key);
         let claimed = tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO emails (order_id, kind, recipient_masked, message_id, transport, status)
                  VALUES ($1, $2, $3, $4, $5, 'sending')
                  ON CONFLICT (order_id, kind) DO NOTHING",
@@ -247,7 +248,7 @@ impl Notifications {
             .map_err(|e| HandlerError::from_db("claiming the email", &e))?;
         if claimed == 0 {
             let status: Option<String> = tx
-                .query_opt(
+                .query_opt_cached(
                     "SELECT status FROM emails WHERE order_id = $1 AND kind = $2",
                     &[&key.order_id, &key.kind.as_str()],
                 )
@@ -297,7 +298,7 @@ impl Notifications {
         };
         match self.mailer.send(&key, &message).await {
             Ok(sent) => {
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE emails SET status = 'sent', sent_at = now(), error = NULL,
                             provider_message_id = $3
                       WHERE order_id = $1 AND kind = $2",
@@ -416,7 +417,7 @@ async fn record_failure(
     masked: &str,
     error: &str,
 ) -> Result<(), HandlerError> {
-    tx.execute(
+    tx.execute_cached(
         "UPDATE emails SET status = 'failed_permanent', error = $3
           WHERE order_id = $1 AND kind = $2",
         &[&key.order_id, &key.kind.as_str(), &error],
@@ -446,7 +447,7 @@ struct OrderFacts {
 /// the order. A missing order is permanent: no later delivery can make it appear.
 async fn order_facts(tx: &Transaction<'_>, order_id: &str) -> Result<OrderFacts, HandlerError> {
     let row = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT c.email, c.name, o.status, o.cancel_reason, o.total_minor, o.currency::text
                FROM orders o JOIN customers c ON c.id = o.customer_id
               WHERE o.id = $1",
@@ -482,7 +483,7 @@ async fn product_names(
     skus: &[String],
 ) -> Result<HashMap<String, String>, HandlerError> {
     let rows = tx
-        .query(
+        .query_cached(
             "SELECT sku, doc->>'name' FROM products WHERE sku = ANY($1)",
             &[&skus],
         )

@@ -23,6 +23,7 @@
 //! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
 //! whole row. The result does not depend on the order of arrival.
 
+use crate::db::Cached;
 use std::collections::HashSet;
 
 use async_trait::async_trait;
@@ -327,7 +328,7 @@ pub fn validate(
 /// row exists there is nothing to lock, and without this a cancellation could miss an order
 /// being inserted concurrently (and the insert miss the cancellation).
 async fn lock_order_id(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerError> {
-    tx.execute(
+    tx.execute_cached(
         "SELECT pg_advisory_xact_lock(hashtextextended('orders:' || $1, 0))",
         &[&order_id],
     )
@@ -347,7 +348,7 @@ struct Locked {
 
 async fn lock(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Locked>, HandlerError> {
     let row = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT status, reservation_state, payment_state, delivery_state, cancel_requested,
                     cancel_reason, tracking_number
                FROM orders WHERE id = $1 FOR UPDATE",
@@ -379,7 +380,7 @@ async fn lock_existing(tx: &Transaction<'_>, order_id: &str) -> Result<Locked, H
 }
 
 async fn save(tx: &Transaction<'_>, o: &Locked) -> Result<(), HandlerError> {
-    tx.execute(
+    tx.execute_cached(
         "UPDATE orders SET status = $2, reservation_state = $3, payment_state = $4,
                 delivery_state = $5, cancel_requested = $6, cancel_reason = $7,
                 tracking_number = $8, updated_at = now(),
@@ -413,7 +414,7 @@ struct Details {
 async fn details(tx: &Transaction<'_>, order_id: &str) -> Result<Details, HandlerError> {
     let db = |e: tokio_postgres::Error| HandlerError::from_db("reading the order", &e);
     let o = tx
-        .query_one(
+        .query_one_cached(
             "SELECT c.id, c.email, c.name, o.total_minor, o.currency::text, o.shipping_address
                FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = $1",
             &[&order_id],
@@ -421,7 +422,7 @@ async fn details(tx: &Transaction<'_>, order_id: &str) -> Result<Details, Handle
         .await
         .map_err(db)?;
     let lines = tx
-        .query(
+        .query_cached(
             "SELECT sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
             &[&order_id],
         )
@@ -542,7 +543,7 @@ impl Orders {
         lock_order_id(cx.tx, &d.order_id).await?;
         let exists = cx
             .tx
-            .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&d.order_id])
+            .query_opt_cached("SELECT 1 FROM orders WHERE id = $1", &[&d.order_id])
             .await?
             .is_some();
         if exists {
@@ -552,7 +553,7 @@ impl Orders {
         let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
         let known: HashSet<String> = cx
             .tx
-            .query("SELECT sku FROM products WHERE sku = ANY($1)", &[&skus])
+            .query_cached("SELECT sku FROM products WHERE sku = ANY($1)", &[&skus])
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -564,7 +565,7 @@ impl Orders {
             Err(reasons) => return self.reject(cx, d, reasons, address).await,
         };
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO customers (id, email, name) VALUES ($1, $2, $3)
                  ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
                      updated_at = now()
@@ -574,7 +575,7 @@ impl Orders {
             .await?;
         let cancelled_early = cx
             .tx
-            .query_opt(
+            .query_opt_cached(
                 "SELECT 1 FROM order_cancellation_requests WHERE order_id = $1",
                 &[&d.order_id],
             )
@@ -587,7 +588,7 @@ impl Orders {
         };
         let cancel_reason = cancelled_early.then(|| CancelReason::Requested.as_str());
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO orders (id, customer_id, status, total_minor, currency, payment_token,
                                      shipping_address, placed_at, cancel_requested, cancel_reason)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -614,7 +615,7 @@ impl Orders {
             .map(|l| l.unit_price.amount_minor)
             .collect();
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor, currency)
                  SELECT $1, n, sku, qty, price, $5
                    FROM unnest($2::int[], $3::text[], $4::bigint[], $6::bigint[]) AS l(n, sku, qty, price)",
@@ -660,7 +661,7 @@ impl Orders {
         let stored = serde_json::to_value(&reasons)
             .map_err(|e| HandlerError::permanent(format!("encoding the reasons: {e}")))?;
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO orders (id, status, payment_token, shipping_address, placed_at,
                                      rejection_reasons, terminal_at)
                  VALUES ($1, 'rejected', $2, $3, $4, $5, now())",
@@ -696,7 +697,7 @@ impl Orders {
         lock_order_id(cx.tx, &d.order_id).await?;
         let Some(mut o) = lock(cx.tx, &d.order_id).await? else {
             cx.tx
-                .execute(
+                .execute_cached(
                     "INSERT INTO order_cancellation_requests (order_id, reason) VALUES ($1, $2)
                      ON CONFLICT DO NOTHING",
                     &[&d.order_id, &d.reason],

@@ -22,6 +22,7 @@
 //! there that our row does not reflect (same key, same outcome at the provider), brings the row
 //! up to date, and then releases the hold or refunds the capture.
 
+use crate::db::Cached;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -84,7 +85,7 @@ impl Payments {
             ))
         })?;
         client
-            .execute(
+            .execute_cached(
                 "INSERT INTO payment_attempts (idempotency_key, order_id, operation,
                      payment_token, amount_minor, currency, authorization_id)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING",
@@ -110,7 +111,7 @@ async fn attempted(
     key: &str,
 ) -> Result<Option<ProviderRequest>, HandlerError> {
     let row = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT payment_token, amount_minor, currency::text, authorization_id
                FROM payment_attempts WHERE idempotency_key = $1",
             &[&key],
@@ -204,7 +205,7 @@ async fn lock(
     seed: Option<(Money, &str)>,
 ) -> Result<Option<Payment>, HandlerError> {
     if let Some((amount, token)) = seed {
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
              VALUES ($1, 'pending', $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
             &[
@@ -218,7 +219,7 @@ async fn lock(
         .map_err(|e| HandlerError::from_db("creating the payment", &e))?;
     }
     let row = tx
-        .query_opt(
+        .query_opt_cached(
             "SELECT state, amount_minor, currency::text, payment_token, authorization_id,
                     captured_minor
                FROM payments WHERE order_id = $1 FOR UPDATE",
@@ -266,7 +267,7 @@ async fn update(
     let sql = format!("UPDATE payments SET {set}, updated_at = now() WHERE order_id = $1");
     let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&order_id];
     all.extend_from_slice(params);
-    tx.execute(&sql, &all)
+    tx.execute_cached(&sql, &all)
         .await
         .map_err(|e| HandlerError::from_db("updating the payment", &e))?;
     Ok(())

@@ -19,6 +19,7 @@
 //! Throttling, 5xx and connection errors are retried; an invalid request (or an unknown
 //! tracker) is permanent and goes to the DLQ with the reason.
 
+use crate::db::Cached;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -163,7 +164,7 @@ impl Handler for Personalization {
         let skus: Vec<String> = quantities.keys().map(|s| s.to_string()).collect();
         let first = cx
             .tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO personalization_orders (order_id, customer_id, skus)
                  VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
                 &[&order.order_id, &order.customer_id, &skus],
@@ -177,7 +178,7 @@ impl Handler for Personalization {
         // Pairs in a fixed order, so that concurrent orders sharing SKUs lock rows in the
         // same order instead of deadlocking.
         cx.tx
-            .execute(
+            .execute_cached(
                 "INSERT INTO co_purchases (sku, other_sku, count)
                  SELECT a, b, 1 FROM unnest($1::text[]) a, unnest($1::text[]) b
                   WHERE a <> b ORDER BY a, b
