@@ -202,3 +202,50 @@ impl<G: GenericClient + Sync> Cached for G {
         self.execute(&statement, params).await
     }
 }
+
+/// The connection a handler runs on, inside the transaction that
+/// [`crate::runtime::execute`] opened on it. Handlers never commit or roll back themselves.
+///
+/// It is a plain connection rather than a `tokio_postgres::Transaction` so that `BEGIN` and
+/// `COMMIT` can be pipelined with the statements next to them (a `Transaction` only exists
+/// once its `BEGIN` has come back, and its commit consumes it); see [`OpenTransaction`].
+pub type Tx = deadpool_postgres::Client;
+
+/// A pooled connection with a transaction open on it, for [`crate::runtime::execute`].
+///
+/// Dropped without [`OpenTransaction::finished`] (the handler timed out, panicked or a
+/// pipelined `BEGIN` failed), the connection is taken out of the pool and closed, so
+/// PostgreSQL rolls the transaction back and the next user never finds it half done.
+pub struct OpenTransaction {
+    conn: Option<deadpool_postgres::Object>,
+}
+
+impl OpenTransaction {
+    /// Wraps `conn`; the caller sends `BEGIN` on it next.
+    pub fn new(conn: deadpool_postgres::Object) -> Self {
+        OpenTransaction { conn: Some(conn) }
+    }
+
+    /// The connection.
+    pub fn tx(&self) -> &Tx {
+        match &self.conn {
+            Some(conn) => conn,
+            None => unreachable!("an OpenTransaction has its connection until dropped"),
+        }
+    }
+
+    /// The transaction ended (`COMMIT` or `ROLLBACK` came back): the connection may go back to
+    /// the pool.
+    pub fn finished(mut self) {
+        drop(self.conn.take());
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Detached from the pool and dropped: the connection closes.
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}

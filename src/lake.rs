@@ -39,11 +39,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::db::Tx;
 use anyhow::{anyhow, Context as _, Result};
 use aws_sdk_firehose::primitives::Blob;
 use aws_sdk_firehose::types::Record;
 use chrono::NaiveDate;
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Pool;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -85,7 +86,7 @@ pub fn record_for(event: &Envelope) -> Result<Vec<u8>, HandlerError> {
 
 /// Adds `event`'s record to `lake_outbox` in `tx`. Returns false when a record with the same
 /// event key is already there (a redelivery): nothing is added.
-pub async fn enqueue(tx: &Transaction<'_>, event: &Envelope) -> Result<bool, HandlerError> {
+pub async fn enqueue(tx: &Tx, event: &Envelope) -> Result<bool, HandlerError> {
     let record = record_for(event)?;
     let n = tx
         .execute(

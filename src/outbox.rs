@@ -6,15 +6,16 @@
 //! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
 //! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
 
-use crate::db::Cached;
+use crate::db::{Cached, Tx};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::sync::Notify;
+use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -25,7 +26,7 @@ use crate::outcome::{error_chain, HandlerError};
 /// the caller must then apply nothing. A concurrent duplicate blocks on the primary key until
 /// the first transaction ends, so two deliveries can never both apply.
 pub async fn claim(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     handler: &str,
     key: &str,
     detail_type: &str,
@@ -41,35 +42,71 @@ pub async fn claim(
     Ok(n == 1)
 }
 
-/// Writes `events` to the outbox in `tx`, each with a fresh `event_id` that is also stamped
-/// into its detail. Returns the ids.
-pub async fn insert(
-    tx: &Transaction<'_>,
-    source: &str,
-    events: &[NewEvent],
-) -> Result<Vec<Uuid>, HandlerError> {
-    if events.is_empty() {
-        return Ok(Vec::new());
+/// Outbox rows ready to be written by one statement, each with a fresh `event_id` that is also
+/// stamped into its detail. Built by [`OutboxRows::prepare`], which does any round trip first, so
+/// that [`OutboxRows::write`] sends its statement the moment it is first polled and can be
+/// pipelined with the `COMMIT` after it.
+pub struct OutboxRows {
+    statement: Statement,
+    source: String,
+    ids: Vec<Uuid>,
+    detail_types: Vec<String>,
+    details: Vec<Value>,
+}
+
+impl OutboxRows {
+    /// `None` when there is nothing to write.
+    pub async fn prepare(
+        tx: &Tx,
+        source: &str,
+        events: &[NewEvent],
+    ) -> Result<Option<Self>, HandlerError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO outbox (event_id, source, detail_type, detail)
+                 SELECT id, $1, detail_type, detail
+                   FROM unnest($2::uuid[], $3::text[], $4::jsonb[]) AS e(id, detail_type, detail)",
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("preparing the outbox insert", &e))?;
+        let mut rows = OutboxRows {
+            statement,
+            source: source.to_string(),
+            ids: Vec::with_capacity(events.len()),
+            detail_types: Vec::with_capacity(events.len()),
+            details: Vec::with_capacity(events.len()),
+        };
+        for ev in events {
+            let id = Uuid::new_v4();
+            let mut detail = ev.detail.clone();
+            if let Value::Object(map) = &mut detail {
+                map.insert("event_id".into(), Value::String(id.to_string()));
+            }
+            rows.ids.push(id);
+            rows.detail_types.push(ev.detail_type.clone());
+            rows.details.push(detail);
+        }
+        Ok(Some(rows))
     }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO outbox (event_id, source, detail_type, detail) VALUES ($1, $2, $3, $4)",
+
+    /// The event ids, in the order of the events.
+    pub fn ids(&self) -> &[Uuid] {
+        &self.ids
+    }
+
+    /// Writes the rows in one statement.
+    pub async fn write(&self, tx: &Tx) -> Result<(), HandlerError> {
+        tx.execute(
+            &self.statement,
+            &[&self.source, &self.ids, &self.detail_types, &self.details],
         )
         .await
-        .map_err(|e| HandlerError::from_db("preparing the outbox insert", &e))?;
-    let mut ids = Vec::with_capacity(events.len());
-    for ev in events {
-        let id = Uuid::new_v4();
-        let mut detail = ev.detail.clone();
-        if let Value::Object(map) = &mut detail {
-            map.insert("event_id".into(), Value::String(id.to_string()));
-        }
-        tx.execute(&stmt, &[&id, &source, &ev.detail_type, &detail])
-            .await
-            .map_err(|e| HandlerError::from_db("writing the outbox", &e))?;
-        ids.push(id);
+        .map_err(|e| HandlerError::from_db("writing the outbox", &e))?;
+        Ok(())
     }
-    Ok(ids)
 }
 
 /// PutEvents' limit on the total size of one request's entries.

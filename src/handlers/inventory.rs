@@ -18,8 +18,8 @@
 use crate::db::Cached;
 use std::collections::BTreeMap;
 
+use crate::db::Tx;
 use async_trait::async_trait;
-use deadpool_postgres::Transaction;
 
 use crate::envelope::Envelope;
 use crate::events::{
@@ -112,7 +112,7 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// Serialises every inventory event of one order, across instances, until the transaction
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
-async fn lock_order(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerError> {
+async fn lock_order(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
     tx.execute_cached(
         "SELECT pg_advisory_xact_lock(hashtextextended('inventory:' || $1, 0))",
         &[&order_id],
@@ -122,7 +122,7 @@ async fn lock_order(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerE
     Ok(())
 }
 
-async fn load(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
+async fn load(tx: &Tx, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
     let rows = tx
         .query_cached(
             "SELECT sku, quantity, state FROM reservations WHERE order_id = $1 ORDER BY sku",
@@ -142,7 +142,7 @@ async fn load(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Reservation
 }
 
 async fn insert_rows(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     order_id: &str,
     lines: &BTreeMap<String, i64>,
     state: State,
@@ -158,7 +158,7 @@ async fn insert_rows(
     Ok(())
 }
 
-async fn set_state(tx: &Transaction<'_>, order_id: &str, state: State) -> Result<(), HandlerError> {
+async fn set_state(tx: &Tx, order_id: &str, state: State) -> Result<(), HandlerError> {
     tx.execute_cached(
         "UPDATE reservations SET state = $2, updated_at = now() WHERE order_id = $1",
         &[&order_id, &state.as_str()],
@@ -171,7 +171,7 @@ async fn set_state(tx: &Transaction<'_>, order_id: &str, state: State) -> Result
 /// Locks the stock rows of `skus` in SKU order, the one order every instance uses, so that
 /// concurrent reservations queue instead of deadlocking. Returns (on_hand, reserved) per SKU.
 async fn lock_stock(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     lines: &BTreeMap<String, i64>,
 ) -> Result<BTreeMap<String, (i64, i64)>, HandlerError> {
     let skus: Vec<&str> = lines.keys().map(String::as_str).collect();
@@ -191,7 +191,7 @@ async fn lock_stock(
 /// Applies `on_hand += d_on_hand * qty, reserved += d_reserved * qty` for every line, and logs
 /// a stock movement of `kind` per line.
 async fn move_stock(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     order_id: &str,
     event_key: &str,
     lines: &BTreeMap<String, i64>,

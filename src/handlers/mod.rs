@@ -2,8 +2,8 @@
 //! get a decoded event and a database transaction, write their effects, and emit events into
 //! the outbox through [`Context::emit`]. The runtime commits, acknowledges and retries.
 
+use crate::db::Tx;
 use async_trait::async_trait;
-use deadpool_postgres::Transaction;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -34,14 +34,14 @@ pub struct NewEvent {
 
 /// What a handler sees besides the event: its transaction, and where to put what it emits.
 pub struct Context<'a> {
-    pub tx: &'a Transaction<'a>,
+    pub tx: &'a Tx,
     /// SQS's ApproximateReceiveCount for this delivery (1 on the first).
     pub receive_count: u32,
     pub(crate) emitted: Vec<NewEvent>,
 }
 
 impl<'a> Context<'a> {
-    pub fn new(tx: &'a Transaction<'a>, receive_count: u32) -> Self {
+    pub fn new(tx: &'a Tx, receive_count: u32) -> Self {
         Context {
             tx,
             receive_count,

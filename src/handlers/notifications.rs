@@ -47,8 +47,8 @@ use crate::db::Cached;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::db::Tx;
 use async_trait::async_trait;
-use deadpool_postgres::Transaction;
 
 use crate::email::mask::{mask, redact};
 use crate::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
@@ -225,7 +225,7 @@ impl Notifications {
     /// good under an earlier event.
     async fn claim(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx,
         key: &EmailKey,
         to: &Recipient,
     ) -> Result<Option<Claim>, HandlerError> {
@@ -272,12 +272,7 @@ impl Notifications {
     }
 
     /// Composes, sends and records the claimed email.
-    async fn deliver(
-        &self,
-        tx: &Transaction<'_>,
-        claim: Claim,
-        view: &EmailView,
-    ) -> Result<(), HandlerError> {
+    async fn deliver(&self, tx: &Tx, claim: Claim, view: &EmailView) -> Result<(), HandlerError> {
         let Claim {
             key,
             to,
@@ -338,7 +333,7 @@ impl Notifications {
     /// confirmation goes out without them.
     async fn recommendations(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Tx,
         skus: &[String],
     ) -> Result<Vec<view::RecommendationView>, HandlerError> {
         let n = self.mailer.recommendations();
@@ -412,7 +407,7 @@ struct Claim {
 
 /// Records a permanent refusal. The handler then succeeds: the event is done.
 async fn record_failure(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     key: &EmailKey,
     masked: &str,
     error: &str,
@@ -445,7 +440,7 @@ struct OrderFacts {
 
 /// Reads the order and its customer, as orders committed them before emitting any event about
 /// the order. A missing order is permanent: no later delivery can make it appear.
-async fn order_facts(tx: &Transaction<'_>, order_id: &str) -> Result<OrderFacts, HandlerError> {
+async fn order_facts(tx: &Tx, order_id: &str) -> Result<OrderFacts, HandlerError> {
     let row = tx
         .query_opt_cached(
             "SELECT c.email, c.name, o.status, o.cancel_reason, o.total_minor, o.currency::text
@@ -478,10 +473,7 @@ async fn order_facts(tx: &Transaction<'_>, order_id: &str) -> Result<OrderFacts,
 }
 
 /// Product names from the catalogue (`products.doc->>'name'`), by SKU.
-async fn product_names(
-    tx: &Transaction<'_>,
-    skus: &[String],
-) -> Result<HashMap<String, String>, HandlerError> {
+async fn product_names(tx: &Tx, skus: &[String]) -> Result<HashMap<String, String>, HandlerError> {
     let rows = tx
         .query_cached(
             "SELECT sku, doc->>'name' FROM products WHERE sku = ANY($1)",

@@ -26,8 +26,8 @@
 use crate::db::Cached;
 use std::collections::HashSet;
 
+use crate::db::Tx;
 use async_trait::async_trait;
-use deadpool_postgres::Transaction;
 
 use crate::envelope::Envelope;
 use crate::events::{
@@ -327,7 +327,7 @@ pub fn validate(
 /// Serialises `OrderPlaced` and `OrderCancellationRequested` of one order: before the order
 /// row exists there is nothing to lock, and without this a cancellation could miss an order
 /// being inserted concurrently (and the insert miss the cancellation).
-async fn lock_order_id(tx: &Transaction<'_>, order_id: &str) -> Result<(), HandlerError> {
+async fn lock_order_id(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
     tx.execute_cached(
         "SELECT pg_advisory_xact_lock(hashtextextended('orders:' || $1, 0))",
         &[&order_id],
@@ -346,7 +346,7 @@ struct Locked {
     tracking_number: Option<String>,
 }
 
-async fn lock(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Locked>, HandlerError> {
+async fn lock(tx: &Tx, order_id: &str) -> Result<Option<Locked>, HandlerError> {
     let row = tx
         .query_opt_cached(
             "SELECT status, reservation_state, payment_state, delivery_state, cancel_requested,
@@ -371,7 +371,7 @@ async fn lock(tx: &Transaction<'_>, order_id: &str) -> Result<Option<Locked>, Ha
     }))
 }
 
-async fn lock_existing(tx: &Transaction<'_>, order_id: &str) -> Result<Locked, HandlerError> {
+async fn lock_existing(tx: &Tx, order_id: &str) -> Result<Locked, HandlerError> {
     lock(tx, order_id).await?.ok_or_else(|| {
         // Outcomes answer events orders emitted after inserting the order, so this is a
         // different database or a forged event, not a race.
@@ -379,7 +379,7 @@ async fn lock_existing(tx: &Transaction<'_>, order_id: &str) -> Result<Locked, H
     })
 }
 
-async fn save(tx: &Transaction<'_>, o: &Locked) -> Result<(), HandlerError> {
+async fn save(tx: &Tx, o: &Locked) -> Result<(), HandlerError> {
     tx.execute_cached(
         "UPDATE orders SET status = $2, reservation_state = $3, payment_state = $4,
                 delivery_state = $5, cancel_requested = $6, cancel_reason = $7,
@@ -411,7 +411,7 @@ struct Details {
     address: Address,
 }
 
-async fn details(tx: &Transaction<'_>, order_id: &str) -> Result<Details, HandlerError> {
+async fn details(tx: &Tx, order_id: &str) -> Result<Details, HandlerError> {
     let db = |e: tokio_postgres::Error| HandlerError::from_db("reading the order", &e);
     let o = tx
         .query_one_cached(

@@ -25,8 +25,9 @@
 use crate::db::Cached;
 use std::sync::Arc;
 
+use crate::db::Tx;
 use async_trait::async_trait;
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::Pool;
 
 use crate::envelope::Envelope;
 use crate::events::{
@@ -106,10 +107,7 @@ impl Payments {
 }
 
 /// The request recorded for `key` in `payment_attempts`, if one was ever about to be sent.
-async fn attempted(
-    tx: &Transaction<'_>,
-    key: &str,
-) -> Result<Option<ProviderRequest>, HandlerError> {
+async fn attempted(tx: &Tx, key: &str) -> Result<Option<ProviderRequest>, HandlerError> {
     let row = tx
         .query_opt_cached(
             "SELECT payment_token, amount_minor, currency::text, authorization_id
@@ -200,7 +198,7 @@ fn provider_error(op: &str, order_id: &str, e: ProviderError) -> HandlerError {
 /// Locks the order's payment row, creating it as `pending` with `seed` when it does not exist
 /// yet (a cancellation may arrive before the acceptance).
 async fn lock(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     order_id: &str,
     seed: Option<(Money, &str)>,
 ) -> Result<Option<Payment>, HandlerError> {
@@ -241,7 +239,7 @@ async fn lock(
     }))
 }
 
-async fn lock_existing(tx: &Transaction<'_>, order_id: &str) -> Result<Payment, HandlerError> {
+async fn lock_existing(tx: &Tx, order_id: &str) -> Result<Payment, HandlerError> {
     lock(tx, order_id, None).await?.ok_or_else(|| {
         HandlerError::permanent(format!("order {order_id} has no payment to act on"))
     })
@@ -259,7 +257,7 @@ impl Payment {
 }
 
 async fn update(
-    tx: &Transaction<'_>,
+    tx: &Tx,
     order_id: &str,
     set: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -501,11 +499,7 @@ impl Payments {
     /// key (the provider returns the outcome it already decided, or decides now, once), and its
     /// outcome is written to the row, so that `settle` voids a hold nobody recorded and refunds
     /// a capture nobody recorded. A replay emits nothing: `settle` confirms with its one event.
-    async fn reconcile(
-        &self,
-        tx: &Transaction<'_>,
-        mut p: Payment,
-    ) -> Result<Payment, HandlerError> {
+    async fn reconcile(&self, tx: &Tx, mut p: Payment) -> Result<Payment, HandlerError> {
         let order_id = p.order_id.clone();
         if p.state == State::Pending {
             let key = format!("auth:{order_id}");

@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::catalogue;
+use crate::db::OpenTransaction;
 use crate::envelope::Envelope;
 use crate::handlers::{Context, Handler};
 use crate::metrics::Counters;
@@ -234,25 +235,65 @@ pub async fn execute(
     event: &Envelope,
     receive_count: u32,
 ) -> Result<Executed, HandlerError> {
-    let mut client = pool.get().await?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| HandlerError::from_db("beginning a transaction", &e))?;
-    if !outbox::claim(&tx, handler.name(), event.event_key(), &event.detail_type).await? {
-        return Ok(Executed::Duplicate);
+    let open = OpenTransaction::new(pool.get().await?);
+    let tx = open.tx();
+    // Pipelined: the claim is sent right behind BEGIN, without waiting for it. BEGIN fails
+    // only when the connection does, and then so does the claim.
+    let (begun, claimed) = tokio::join!(
+        tx.batch_execute("BEGIN"),
+        outbox::claim(tx, handler.name(), event.event_key(), &event.detail_type)
+    );
+    begun.map_err(|e| HandlerError::from_db("beginning a transaction", &e))?;
+    match claimed {
+        Ok(true) => {}
+        Ok(false) => {
+            roll_back(open).await;
+            return Ok(Executed::Duplicate);
+        }
+        Err(e) => {
+            roll_back(open).await;
+            return Err(e);
+        }
     }
-    let mut cx = Context::new(&tx, receive_count);
-    handler.handle(event, &mut cx).await?;
+    let mut cx = Context::new(tx, receive_count);
+    let handled = handler.handle(event, &mut cx).await;
     let emitted = std::mem::take(&mut cx.emitted);
     drop(cx);
-    outbox::insert(&tx, &handler.source(), &emitted).await?;
-    tx.commit()
-        .await
-        .map_err(|e| HandlerError::from_db("committing", &e))?;
+    if let Err(e) = handled {
+        roll_back(open).await;
+        return Err(e);
+    }
+    // Pipelined as well: the outbox rows and COMMIT leave together. The rows' statement is
+    // prepared first, so nothing can overtake it. If the insert fails, the transaction is
+    // aborted and PostgreSQL answers the COMMIT with a rollback.
+    let rows = match outbox::OutboxRows::prepare(tx, &handler.source(), &emitted).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            roll_back(open).await;
+            return Err(e);
+        }
+    };
+    let written = async {
+        match &rows {
+            Some(rows) => rows.write(tx).await,
+            None => Ok(()),
+        }
+    };
+    let (written, committed) = tokio::join!(written, tx.batch_execute("COMMIT"));
+    committed.map_err(|e| HandlerError::from_db("committing", &e))?;
+    open.finished();
+    written?;
     Ok(Executed::Applied {
         emitted: emitted.len(),
     })
+}
+
+/// Ends `open`'s transaction with ROLLBACK and gives the connection back; if even that fails,
+/// the connection is closed instead.
+async fn roll_back(open: OpenTransaction) {
+    if open.tx().batch_execute("ROLLBACK").await.is_ok() {
+        open.finished();
+    }
 }
 
 /// How a consumer applies one decoded event. [`Transactional`] is the production
