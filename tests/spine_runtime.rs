@@ -584,3 +584,154 @@ async fn receive_errors_back_off_instead_of_spinning_and_stop_still_works() {
         .unwrap()
         .unwrap();
 }
+
+/// Records its effect in `effects`, then emits an event; with `unstorable`, one whose detail
+/// PostgreSQL's jsonb refuses (a NUL character), so the outbox write fails. With `hang`, it
+/// never finishes after writing.
+struct Effecting {
+    unstorable: bool,
+    hang: bool,
+}
+
+#[async_trait]
+impl Handler for Effecting {
+    fn name(&self) -> &str {
+        "effecting"
+    }
+    async fn handle(&self, ev: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        cx.tx
+            .execute("INSERT INTO effects (event_id) VALUES ($1)", &[&ev.id])
+            .await?;
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
+        let note = if self.unstorable { "nul \u{0}" } else { "fine" };
+        cx.emit("StockReceived", &json!({ "note": note }))
+    }
+}
+
+async fn count(pool: &Pool, sql: &str) -> i64 {
+    pool.get()
+        .await
+        .unwrap()
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn an_outbox_write_that_fails_rolls_back_the_effects_and_the_inbox_claim() {
+    let (pool, _) = common::fresh_db().await;
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE effects (event_id text PRIMARY KEY)")
+        .await
+        .unwrap();
+    let body = common::event_body("StockReceived", "test", json!({"sku": "SKU-1"}));
+    let event = Envelope::decode(&body).unwrap();
+
+    let failing = Effecting {
+        unstorable: true,
+        hang: false,
+    };
+    let err = runtime::execute(&failing, &pool, &event, 1)
+        .await
+        .expect_err("the outbox cannot store a NUL character");
+    assert!(err.to_string().contains("outbox"), "{err}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 0);
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM processed_messages").await,
+        0,
+        "the claim went with the rollback, so a redelivery applies"
+    );
+
+    let fixed = Effecting {
+        unstorable: false,
+        hang: false,
+    };
+    let done = runtime::execute(&fixed, &pool, &event, 2).await.unwrap();
+    assert_eq!(done, runtime::Executed::Applied { emitted: 1 });
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 1);
+    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1);
+    let again = runtime::execute(&fixed, &pool, &event, 3).await.unwrap();
+    assert_eq!(again, runtime::Executed::Duplicate);
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 1);
+}
+
+#[tokio::test]
+async fn an_abandoned_handler_leaves_no_open_transaction_behind_on_a_pooled_connection() {
+    let (setup, url) = common::fresh_db().await;
+    setup
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE effects (event_id text PRIMARY KEY)")
+        .await
+        .unwrap();
+    // One connection: whatever runs next gets the connection the abandoned handler had, or
+    // its replacement.
+    let pool = orderfleet::db::pool(&url, 1).unwrap();
+    let first = Envelope::decode(&common::event_body("StockReceived", "test", json!({}))).unwrap();
+    let hanging = Effecting {
+        unstorable: false,
+        hang: true,
+    };
+    let timed_out = tokio::time::timeout(
+        Duration::from_millis(300),
+        runtime::execute(&hanging, &pool, &first, 1),
+    )
+    .await;
+    assert!(
+        timed_out.is_err(),
+        "the handler hangs, so the timeout fires"
+    );
+
+    let second = Envelope::decode(&common::event_body("StockReceived", "test", json!({}))).unwrap();
+    let fine = Effecting {
+        unstorable: false,
+        hang: false,
+    };
+    let done = runtime::execute(&fine, &pool, &second, 1).await.unwrap();
+    assert_eq!(done, runtime::Executed::Applied { emitted: 1 });
+    let client = pool.get().await.unwrap();
+    let rows = client
+        .query("SELECT event_id FROM effects", &[])
+        .await
+        .unwrap();
+    let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        ids,
+        vec![second.id.clone()],
+        "only the finished handler's effect"
+    );
+    // Neither the pooled connection nor the abandoned one is left inside a transaction (the
+    // abandoned one was closed, so the server rolled it back).
+    let db = url.rsplit('/').next().unwrap().to_string();
+    common::wait_for(
+        Duration::from_secs(5),
+        "the abandoned transaction to end",
+        || {
+            let setup = setup.clone();
+            let db = db.clone();
+            async move {
+                let stuck: i64 = setup
+                    .get()
+                    .await
+                    .unwrap()
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+                        &[&db],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (stuck == 0).then_some(())
+            }
+        },
+    )
+    .await;
+}
