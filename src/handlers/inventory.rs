@@ -199,30 +199,40 @@ async fn move_stock(
     kind: &str,
 ) -> Result<(), HandlerError> {
     let (skus, qtys): (Vec<&str>, Vec<i64>) = lines.iter().map(|(s, q)| (s.as_str(), *q)).unzip();
-    let n = tx
-        .execute_cached(
-            "UPDATE stock SET on_hand = stock.on_hand + $3 * l.qty,
-                              reserved = stock.reserved + $4 * l.qty
-               FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)
-              WHERE stock.sku = l.sku",
-            &[&skus, &qtys, &d_on_hand, &d_reserved],
+    // The update and its log in one statement; the count is of the stock rows updated.
+    let n: i64 = tx
+        .query_one_cached(
+            "WITH moved AS (
+                 UPDATE stock SET on_hand = stock.on_hand + $3 * l.qty,
+                                  reserved = stock.reserved + $4 * l.qty
+                   FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)
+                  WHERE stock.sku = l.sku
+              RETURNING stock.sku
+             ), logged AS (
+                 INSERT INTO stock_movements (sku, kind, quantity, order_id, event_key)
+                 SELECT sku, $5, qty, $6, $7 FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)
+             )
+             SELECT count(*) FROM moved",
+            &[
+                &skus,
+                &qtys,
+                &d_on_hand,
+                &d_reserved,
+                &kind,
+                &order_id,
+                &event_key,
+            ],
         )
         .await
-        .map_err(|e| HandlerError::from_db("moving stock", &e))?;
-    if n != skus.len() as u64 {
+        .map_err(|e| HandlerError::from_db("moving stock", &e))?
+        .get(0);
+    if n != skus.len() as i64 {
         return Err(HandlerError::permanent(format!(
             "order {order_id}: {} of {} SKUs have no stock row",
-            skus.len() as u64 - n,
+            skus.len() as i64 - n,
             skus.len()
         )));
     }
-    tx.execute_cached(
-        "INSERT INTO stock_movements (sku, kind, quantity, order_id, event_key)
-         SELECT sku, $3, qty, $4, $5 FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)",
-        &[&skus, &qtys, &kind, &order_id, &event_key],
-    )
-    .await
-    .map_err(|e| HandlerError::from_db("logging stock movements", &e))?;
     Ok(())
 }
 

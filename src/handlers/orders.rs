@@ -413,21 +413,19 @@ struct Details {
 
 async fn details(tx: &Tx, order_id: &str) -> Result<Details, HandlerError> {
     let db = |e: tokio_postgres::Error| HandlerError::from_db("reading the order", &e);
+    // One round trip: the order, its customer and its lines (in line order).
     let o = tx
         .query_one_cached(
-            "SELECT c.id, c.email, c.name, o.total_minor, o.currency::text, o.shipping_address
+            "SELECT c.id, c.email, c.name, o.total_minor, o.currency::text, o.shipping_address,
+                    ARRAY(SELECT l.sku FROM order_lines l WHERE l.order_id = o.id ORDER BY l.line_no),
+                    ARRAY(SELECT l.quantity FROM order_lines l WHERE l.order_id = o.id ORDER BY l.line_no)
                FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = $1",
             &[&order_id],
         )
         .await
         .map_err(db)?;
-    let lines = tx
-        .query_cached(
-            "SELECT sku, quantity FROM order_lines WHERE order_id = $1 ORDER BY line_no",
-            &[&order_id],
-        )
-        .await
-        .map_err(db)?;
+    let skus: Vec<String> = o.get(6);
+    let quantities: Vec<i64> = o.get(7);
     let currency: String = o.get(4);
     let currency = Currency::new(&currency)
         .map_err(|e| HandlerError::permanent(format!("order {order_id}: {e}")))?;
@@ -443,12 +441,10 @@ async fn details(tx: &Tx, order_id: &str) -> Result<Details, HandlerError> {
             email: o.get(1),
             name: o.get(2),
         },
-        lines: lines
-            .iter()
-            .map(|r| SkuQuantity {
-                sku: r.get(0),
-                quantity: r.get(1),
-            })
+        lines: skus
+            .into_iter()
+            .zip(quantities)
+            .map(|(sku, quantity)| SkuQuantity { sku, quantity })
             .collect(),
         total: Money::new(o.get(3), currency),
         address,
@@ -541,71 +537,36 @@ impl Orders {
             return Err(HandlerError::poison("OrderPlaced has an empty order_id"));
         }
         lock_order_id(cx.tx, &d.order_id).await?;
-        let exists = cx
+        // After the lock, in one round trip: is the order known already, was its cancellation
+        // requested before it arrived, and which of its SKUs does the catalogue know.
+        let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
+        let facts = cx
             .tx
-            .query_opt_cached("SELECT 1 FROM orders WHERE id = $1", &[&d.order_id])
-            .await?
-            .is_some();
-        if exists {
+            .query_one_cached(
+                "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1),
+                        EXISTS (SELECT 1 FROM order_cancellation_requests WHERE order_id = $1),
+                        ARRAY(SELECT sku FROM products WHERE sku = ANY($2))",
+                &[&d.order_id, &skus],
+            )
+            .await?;
+        if facts.get::<_, bool>(0) {
             // The storefront placed it twice (a new event id for the same order).
             return Ok(());
         }
-        let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
-        let known: HashSet<String> = cx
-            .tx
-            .query_cached("SELECT sku FROM products WHERE sku = ANY($1)", &[&skus])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let cancelled_early: bool = facts.get(1);
+        let known: HashSet<String> = facts.get::<_, Vec<String>>(2).into_iter().collect();
         let address = serde_json::to_value(&d.shipping_address)
             .map_err(|e| HandlerError::permanent(format!("encoding the address: {e}")))?;
         let valid = match validate(&d, &known) {
             Ok(v) => v,
             Err(reasons) => return self.reject(cx, d, reasons, address).await,
         };
-        cx.tx
-            .execute_cached(
-                "INSERT INTO customers (id, email, name) VALUES ($1, $2, $3)
-                 ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
-                     updated_at = now()
-                 WHERE (customers.email, customers.name) IS DISTINCT FROM (EXCLUDED.email, EXCLUDED.name)",
-                &[&valid.customer.id, &valid.customer.email, &valid.customer.name],
-            )
-            .await?;
-        let cancelled_early = cx
-            .tx
-            .query_opt_cached(
-                "SELECT 1 FROM order_cancellation_requests WHERE order_id = $1",
-                &[&d.order_id],
-            )
-            .await?
-            .is_some();
         let status = if cancelled_early {
             Status::Cancelling
         } else {
             Status::Accepted
         };
         let cancel_reason = cancelled_early.then(|| CancelReason::Requested.as_str());
-        cx.tx
-            .execute_cached(
-                "INSERT INTO orders (id, customer_id, status, total_minor, currency, payment_token,
-                                     shipping_address, placed_at, cancel_requested, cancel_reason)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                &[
-                    &d.order_id,
-                    &valid.customer.id,
-                    &status.as_str(),
-                    &valid.total.amount_minor,
-                    &valid.total.currency.as_str(),
-                    &d.payment_token,
-                    &address,
-                    &d.placed_at,
-                    &cancelled_early,
-                    &cancel_reason,
-                ],
-            )
-            .await?;
         let line_nos: Vec<i32> = (1..=valid.lines.len() as i32).collect();
         let skus: Vec<&str> = valid.lines.iter().map(|l| l.sku.as_str()).collect();
         let qtys: Vec<i64> = valid.lines.iter().map(|l| l.quantity).collect();
@@ -614,17 +575,42 @@ impl Orders {
             .iter()
             .map(|l| l.unit_price.amount_minor)
             .collect();
+        // Customer, order and lines in one statement. The foreign keys are checked at its end,
+        // when all three rows exist.
         cx.tx
             .execute_cached(
-                "INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor, currency)
-                 SELECT $1, n, sku, qty, price, $5
-                   FROM unnest($2::int[], $3::text[], $4::bigint[], $6::bigint[]) AS l(n, sku, qty, price)",
+                "WITH customer AS (
+                     INSERT INTO customers (id, email, name) VALUES ($2, $3, $4)
+                     ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
+                         updated_at = now()
+                     WHERE (customers.email, customers.name)
+                           IS DISTINCT FROM (EXCLUDED.email, EXCLUDED.name)
+                 ), placed AS (
+                     INSERT INTO orders (id, customer_id, status, total_minor, currency,
+                                         payment_token, shipping_address, placed_at,
+                                         cancel_requested, cancel_reason)
+                     VALUES ($1, $2, $5, $6, $7, $8, $9, $10, $11, $12)
+                 )
+                 INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor, currency)
+                 SELECT $1, n, sku, qty, price, $7
+                   FROM unnest($13::int[], $14::text[], $15::bigint[], $16::bigint[])
+                        AS l(n, sku, qty, price)",
                 &[
                     &d.order_id,
+                    &valid.customer.id,
+                    &valid.customer.email,
+                    &valid.customer.name,
+                    &status.as_str(),
+                    &valid.total.amount_minor,
+                    &valid.total.currency.as_str(),
+                    &d.payment_token,
+                    &address,
+                    &d.placed_at,
+                    &cancelled_early,
+                    &cancel_reason,
                     &line_nos,
                     &skus,
                     &qtys,
-                    &valid.total.currency.as_str(),
                     &prices,
                 ],
             )
