@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::Pool;
 use orderfleet::aws::Clients;
 use orderfleet::envelope::Envelope;
 use orderfleet::handlers::{Context, Handler};
@@ -25,16 +24,6 @@ fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
 async fn send_stock(clients: &Clients, url: &str, sku: &str, n: usize) {
     let bodies: Vec<String> = (0..n).map(|_| common::stock_received(sku, 1)).collect();
     common::send_bodies(clients, url, &bodies).await;
-}
-
-async fn scalar(pool: &Pool, sql: &str) -> i64 {
-    pool.get()
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 async fn inventory_queue(clients: &Clients, topo: &Topology) -> String {
@@ -77,7 +66,7 @@ async fn sigterm_lets_running_handlers_finish_and_strands_nothing_in_flight() {
     let status = wait_exit(&mut child, Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "exit code");
     assert_eq!(
-        scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'held'").await,
+        common::scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'held'").await,
         2,
         "both running handlers finished"
     );
@@ -97,14 +86,14 @@ async fn kill_9_mid_batch_then_restart_applies_every_message_exactly_once() {
 
     let mut first = worker(&topo, &db_url, &args);
     common::wait_for(Duration::from_secs(30), "some progress", || async {
-        let n = scalar(&pool, "SELECT count(*) FROM stock_movements").await;
+        let n = common::scalar(&pool, "SELECT count(*) FROM stock_movements").await;
         (n >= 10).then_some(())
     })
     .await;
     signal(&first, "-KILL");
     let status = wait_exit(&mut first, Duration::from_secs(10)).await;
     assert_eq!(status.code(), None, "killed by a signal");
-    let done_at_kill = scalar(&pool, "SELECT count(*) FROM stock_movements").await;
+    let done_at_kill = common::scalar(&pool, "SELECT count(*) FROM stock_movements").await;
     assert!(
         done_at_kill < 60,
         "the kill came too late to prove anything"
@@ -112,7 +101,7 @@ async fn kill_9_mid_batch_then_restart_applies_every_message_exactly_once() {
 
     let mut second = worker(&topo, &db_url, &args);
     common::wait_for(Duration::from_secs(60), "every message handled", || async {
-        let n = scalar(&pool, "SELECT count(*) FROM processed_messages").await;
+        let n = common::scalar(&pool, "SELECT count(*) FROM processed_messages").await;
         (n == 60 && common::depth(&clients, &url).await == (0, 0)).then_some(())
     })
     .await;
@@ -122,11 +111,11 @@ async fn kill_9_mid_batch_then_restart_applies_every_message_exactly_once() {
         Some(0)
     );
     assert_eq!(
-        scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'k9'").await,
+        common::scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'k9'").await,
         60
     );
     assert_eq!(
-        scalar(&pool, "SELECT count(*) FROM stock_movements").await,
+        common::scalar(&pool, "SELECT count(*) FROM stock_movements").await,
         60
     );
 }
@@ -202,7 +191,7 @@ async fn an_event_committed_before_a_crash_is_published_after_restart() {
         Duration::from_secs(5),
         "the row marked published",
         || async {
-            let left = scalar(
+            let left = common::scalar(
                 &pool,
                 "SELECT count(*) FROM outbox WHERE published_at IS NULL",
             )

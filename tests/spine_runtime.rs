@@ -610,16 +610,6 @@ impl Handler for Effecting {
     }
 }
 
-async fn count(pool: &Pool, sql: &str) -> i64 {
-    pool.get()
-        .await
-        .unwrap()
-        .query_one(sql, &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test]
 async fn an_outbox_write_that_fails_rolls_back_the_effects_and_the_inbox_claim() {
     let (pool, _) = common::fresh_db().await;
@@ -640,10 +630,16 @@ async fn an_outbox_write_that_fails_rolls_back_the_effects_and_the_inbox_claim()
         .await
         .expect_err("the outbox cannot store a NUL character");
     assert!(err.to_string().contains("outbox"), "{err}");
-    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 0);
-    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 0);
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM processed_messages").await,
+        common::scalar(&pool, "SELECT count(*) FROM effects").await,
+        0
+    );
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM outbox").await,
+        0
+    );
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM processed_messages").await,
         0,
         "the claim went with the rollback, so a redelivery applies"
     );
@@ -654,11 +650,20 @@ async fn an_outbox_write_that_fails_rolls_back_the_effects_and_the_inbox_claim()
     };
     let done = runtime::execute(&fixed, &pool, &event, 2).await.unwrap();
     assert_eq!(done, runtime::Executed::Applied { emitted: 1 });
-    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 1);
-    assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 1);
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM effects").await,
+        1
+    );
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM outbox").await,
+        1
+    );
     let again = runtime::execute(&fixed, &pool, &event, 3).await.unwrap();
     assert_eq!(again, runtime::Executed::Duplicate);
-    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 1);
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM effects").await,
+        1
+    );
 }
 
 #[tokio::test]

@@ -231,3 +231,14 @@ pub async fn send_bodies(clients: &Clients, queue_url: &str, bodies: &[String]) 
         );
     }
 }
+
+/// The single bigint a query returns, e.g. a `count(*)`.
+pub async fn scalar(pool: &Pool, sql: &str) -> i64 {
+    pool.get()
+        .await
+        .expect("database pool")
+        .query_one(sql, &[])
+        .await
+        .expect("query")
+        .get(0)
+}
