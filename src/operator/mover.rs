@@ -207,7 +207,7 @@ pub async fn move_messages(
                 .receive(batch.min(room.min(10) as usize) as i32)
                 .await?;
             let idle = received.is_empty() || scanner.exhausted();
-            let waiting = idle && should_wait(&journal, settle_until, sqs, source, &scanner).await;
+            let waiting = idle && should_wait(settle_until);
             // After a wait ends, read once more: what it waited for has just become visible.
             let scan_over = idle && !waiting && !was_waiting;
             was_waiting = waiting;
@@ -324,36 +324,14 @@ fn crash(opts: &MoveOptions, at: CrashPoint) -> bool {
     opts.crash_at == Some(at)
 }
 
-/// Whether the scan should keep polling although nothing new arrives: messages the journal
-/// still expects (held by a killed run) or other hidden messages may reappear before the
-/// earlier run's visibility timeout ends.
-async fn should_wait(
-    journal: &Journal,
-    settle_until: Option<Instant>,
-    sqs: &aws_sdk_sqs::Client,
-    source: &QueueRef,
-    scanner: &Scanner,
-) -> bool {
-    let Some(until) = settle_until else {
-        return false;
-    };
-    if Instant::now() >= until {
-        return false;
-    }
-    if !journal.outstanding().is_empty() {
-        return true;
-    }
-    match queue::counts(sqs, &source.url).await {
-        Ok(c) => {
-            tracing::debug!(
-                in_flight = c.in_flight,
-                ours = scanner.held_in_flight(),
-                "waiting for messages an earlier run held?"
-            );
-            c.in_flight > scanner.held_in_flight() as u64
-        }
-        Err(_) => false,
-    }
+/// Whether the scan should keep polling although nothing new arrives: a resumed move keeps
+/// reading until the earlier run's visibility timeout (plus a margin) has passed, because the
+/// messages that run held reappear only then. The wait does not trust the queue's counts:
+/// SQS's `ApproximateNumberOfMessagesNotVisible` is approximate and lags, and this run's own
+/// held messages may reappear meanwhile, so a count-based shortcut can end the scan while some
+/// of the dead run's messages are still hidden (seen once under load: they stayed behind).
+fn should_wait(settle_until: Option<Instant>) -> bool {
+    settle_until.is_some_and(|until| Instant::now() < until)
 }
 
 #[allow(clippy::too_many_arguments)]
