@@ -12,7 +12,6 @@
 //! retryable failure is redelivered at once, up to the queue's receive limit, then
 //! dead-lettered in memory ([`Fleet::dead_letters`]).
 
-use crate::db::Cached;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -27,6 +26,7 @@ use uuid::Uuid;
 
 use crate::carrier::SandboxCarrier;
 use crate::catalogue::{self, STOREFRONT_SOURCE};
+use crate::db::Cached;
 use crate::envelope::Envelope;
 use crate::events::Event;
 use crate::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};

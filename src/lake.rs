@@ -39,7 +39,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::db::Tx;
 use anyhow::{anyhow, Context as _, Result};
 use aws_sdk_firehose::primitives::Blob;
 use aws_sdk_firehose::types::Record;
@@ -50,6 +49,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::Tx;
 use crate::envelope::Envelope;
 use crate::outcome::{error_chain, HandlerError};
 

@@ -13,11 +13,11 @@
 //!
 //! Authorizations and voids move no money, so they post nothing.
 
-use crate::db::Cached;
 use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
 
+use crate::db::Cached;
 use crate::events::{Currency, Money};
 use crate::outcome::HandlerError;
 

@@ -6,7 +6,6 @@
 //! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
 //! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
 
-use crate::db::{Cached, Tx};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::db::{Cached, Tx};
 use crate::handlers::NewEvent;
 use crate::outcome::{error_chain, HandlerError};
 
@@ -90,11 +90,6 @@ impl OutboxRows {
             rows.details.push(detail);
         }
         Ok(Some(rows))
-    }
-
-    /// The event ids, in the order of the events.
-    pub fn ids(&self) -> &[Uuid] {
-        &self.ids
     }
 
     /// Writes the rows in one statement.

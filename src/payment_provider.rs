@@ -6,7 +6,6 @@
 //! second time. That is what makes a retried message safe: when the provider charged but our
 //! transaction rolled back, the retry sends the same key and gets the same authorization back.
 
-use crate::db::Cached;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,6 +13,7 @@ use deadpool_postgres::Pool;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
+use crate::db::Cached;
 use crate::events::Money;
 use crate::outcome::error_chain;
 

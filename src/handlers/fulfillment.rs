@@ -9,13 +9,13 @@
 //! One row per order in `shipments`; its primary key makes the first decision win between
 //! shipping and stopping, across any number of instances.
 
-use crate::db::Cached;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::carrier::{Carrier, CarrierError, Delivery, Parcel};
+use crate::db::Cached;
 use crate::envelope::Envelope;
 use crate::events::{
     self, DeliveryFailed, Meta, OrderDelivered, OrderReadyToShip, OrderShipped,

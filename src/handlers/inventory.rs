@@ -15,12 +15,11 @@
 //! (`ORDER BY sku FOR UPDATE`), so two reservations never deadlock and never both take the last
 //! unit. The CHECK constraints on `stock` (never negative, reserved ≤ on_hand) back this up.
 
-use crate::db::Cached;
 use std::collections::BTreeMap;
 
-use crate::db::Tx;
 use async_trait::async_trait;
 
+use crate::db::{Cached, Tx};
 use crate::envelope::Envelope;
 use crate::events::{
     self, DeliveryFailed, InventoryCommitted, InventoryRejected, InventoryReleased,

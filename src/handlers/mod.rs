@@ -2,11 +2,11 @@
 //! get a decoded event and a database transaction, write their effects, and emit events into
 //! the outbox through [`Context::emit`]. The runtime commits, acknowledges and retries.
 
-use crate::db::Tx;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::db::Tx;
 use crate::envelope::Envelope;
 use crate::outcome::HandlerError;
 

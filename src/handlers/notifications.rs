@@ -43,13 +43,12 @@
 //! Addresses are masked ([`mask`]) in every log line, in `emails.recipient_masked`, and in
 //! every error text kept or logged.
 
-use crate::db::Cached;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::db::Tx;
 use async_trait::async_trait;
 
+use crate::db::{Cached, Tx};
 use crate::email::mask::{mask, redact};
 use crate::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
 use crate::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};

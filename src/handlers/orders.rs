@@ -23,12 +23,11 @@
 //! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
 //! whole row. The result does not depend on the order of arrival.
 
-use crate::db::Cached;
 use std::collections::HashSet;
 
-use crate::db::Tx;
 use async_trait::async_trait;
 
+use crate::db::{Cached, Tx};
 use crate::envelope::Envelope;
 use crate::events::{
     self, Address, CancelReason, Contact, Currency, Meta, Money, OrderAccepted,

@@ -22,13 +22,12 @@
 //! there that our row does not reflect (same key, same outcome at the provider), brings the row
 //! up to date, and then releases the hold or refunds the capture.
 
-use crate::db::Cached;
 use std::sync::Arc;
 
-use crate::db::Tx;
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 
+use crate::db::{Cached, Tx};
 use crate::envelope::Envelope;
 use crate::events::{
     self, Currency, DeliveryFailed, Meta, Money, OrderAccepted, OrderCancelled, OrderShipped,

@@ -19,7 +19,6 @@
 //! Throttling, 5xx and connection errors are retried; an invalid request (or an unknown
 //! tracker) is permanent and goes to the DLQ with the reason.
 
-use crate::db::Cached;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
@@ -28,6 +27,7 @@ use aws_sdk_personalizeevents::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_personalizeevents::types::Event as PersonalizeEvent;
 use serde_json::json;
 
+use crate::db::Cached;
 use crate::envelope::Envelope;
 use crate::events::{self, OrderCompleted};
 use crate::handlers::{Context, Handler};
