@@ -25,6 +25,7 @@ use deadpool_postgres::Pool;
 use serde::Serialize;
 
 use crate::inproc::Fleet;
+use crate::runtime::group::GroupConfig;
 use crate::simulator::{self, PlanConfig};
 
 /// Settings of the saga benchmark.
@@ -37,6 +38,8 @@ pub struct SagaConfig {
     pub workers: usize,
     /// Events each task takes from the outbox at once.
     pub batch: usize,
+    /// How the grouping handlers commit events together.
+    pub group: GroupConfig,
     /// Keep the scratch database for inspection.
     pub keep_database: bool,
 }
@@ -50,6 +53,8 @@ pub struct SagaReport {
     pub orders_per_sec: f64,
     /// Events delivered (taken from the outbox) per order.
     pub events_per_order: f64,
+    /// Events handed to a handler per order (an event with two consumers counts twice).
+    pub handler_deliveries_per_order: f64,
     pub handler_transactions_per_order: f64,
     pub db_transactions_per_order: f64,
     pub workers: usize,
@@ -112,12 +117,15 @@ pub async fn run(cfg: &SagaConfig, progress: impl Fn(String)) -> Result<SagaRepo
     result
 }
 
-/// A fleet on `url` with pools sized for `workers` tasks: each task holds one handler
-/// connection, plus a provider connection while a payment runs.
-fn fleet(url: &str, workers: usize) -> Result<Fleet> {
-    let pool = crate::db::pool(url, workers + 2)?;
-    let provider_pool = crate::db::pool(url, workers + 2)?;
-    Ok(Fleet::sandbox_with(pool, provider_pool, Duration::ZERO).with_max_events(u64::MAX / 2))
+/// A fleet on `url` with pools sized for its transactions: each of the four handlers runs up
+/// to `group.transactions` at once, plus a provider connection while a payment runs.
+fn fleet(url: &str, group: GroupConfig) -> Result<Fleet> {
+    let size = 4 * group.transactions + 2;
+    let pool = crate::db::pool(url, size)?;
+    let provider_pool = crate::db::pool(url, group.transactions + 2)?;
+    Ok(Fleet::sandbox_with(pool, provider_pool, Duration::ZERO)
+        .with_group_commit(group)
+        .with_max_events(u64::MAX / 2))
 }
 
 async fn run_in(
@@ -130,7 +138,7 @@ async fn run_in(
     let workers = cfg.workers.max(1);
     // Setup: migrate, take the catalogue in, queue the orders. Not timed.
     {
-        let setup = fleet(url, workers)?;
+        let setup = fleet(url, cfg.group)?;
         crate::db::migrate(setup.pool()).await?;
         let products = simulator::catalogue(simulator::DEFAULT_SKUS);
         let units = simulator::units_for(cfg.orders, products.len());
@@ -162,7 +170,7 @@ async fn run_in(
         cfg.orders, cfg.batch
     ));
 
-    let fleet = fleet(url, workers)?;
+    let fleet = fleet(url, cfg.group)?;
     let started = Instant::now();
     fleet
         .run_until_quiet_concurrently(workers, cfg.batch)
@@ -214,6 +222,7 @@ async fn run_in(
         elapsed_secs: elapsed,
         orders_per_sec: cfg.orders as f64 / elapsed,
         events_per_order: per_order(stats.events as f64),
+        handler_deliveries_per_order: per_order((stats.applied + stats.duplicates) as f64),
         handler_transactions_per_order: per_order(stats.executions as f64),
         db_transactions_per_order: per_order((after - before) as f64),
         workers,

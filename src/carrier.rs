@@ -49,6 +49,12 @@ pub trait Carrier: Send + Sync + 'static {
     /// The carrier's name, recorded on the shipment.
     fn name(&self) -> &str;
     async fn ship(&self, parcel: &Parcel<'_>) -> Result<Dispatch, CarrierError>;
+
+    /// True when shipping costs no remote wait (the sandbox), so the fulfillment handler may
+    /// group several events in one transaction.
+    fn answers_locally(&self) -> bool {
+        false
+    }
 }
 
 /// The postal code the sandbox cannot deliver to: the parcel is returned (`DeliveryFailed`).
@@ -72,6 +78,10 @@ impl SandboxCarrier {
 impl Carrier for SandboxCarrier {
     fn name(&self) -> &str {
         "sandbox"
+    }
+
+    fn answers_locally(&self) -> bool {
+        true
     }
 
     async fn ship(&self, parcel: &Parcel<'_>) -> Result<Dispatch, CarrierError> {

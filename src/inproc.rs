@@ -32,7 +32,8 @@ use crate::events::Event;
 use crate::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};
 use crate::outcome::{FailureKind, HandlerError};
 use crate::payment_provider::SandboxProvider;
-use crate::runtime::{self, Executed};
+use crate::runtime::group::{GroupCommit, GroupConfig};
+use crate::runtime::{self, Apply, Executed};
 use crate::topology::{HandlerName, DEFAULT_MAX_RECEIVE_COUNT};
 
 /// The handlers of the order saga: the ones a [`Fleet`] runs by default. Notifications,
@@ -69,7 +70,8 @@ pub struct Delivery {
 pub struct Stats {
     /// Events taken from the outbox (or delivered by hand).
     pub events: u64,
-    /// Calls of `execute`: each is one database transaction of a handler.
+    /// Database transactions of handlers: one per event handled alone, one per group of
+    /// events committed together (see [`crate::runtime::group`]).
     pub executions: u64,
     pub applied: u64,
     pub duplicates: u64,
@@ -90,6 +92,9 @@ struct Counters {
 struct Inner {
     pool: Pool,
     handlers: BTreeMap<HandlerName, Arc<dyn Handler>>,
+    /// The handlers that group commits ([`Handler::group_commit`]), with their groupers.
+    groups: BTreeMap<HandlerName, GroupCommit>,
+    group: GroupConfig,
     max_receive_count: u32,
     max_events: u64,
     counters: Counters,
@@ -109,6 +114,8 @@ impl Fleet {
             inner: Arc::new(Inner {
                 pool,
                 handlers: BTreeMap::new(),
+                groups: BTreeMap::new(),
+                group: GroupConfig::default(),
                 max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
                 max_events: 1_000_000,
                 counters: Counters::default(),
@@ -153,7 +160,25 @@ impl Fleet {
 
     /// Adds (or replaces) the handler for `name`. Must be called before the fleet is cloned.
     pub fn with_handler(mut self, name: HandlerName, handler: Arc<dyn Handler>) -> Self {
-        self.inner_mut().handlers.insert(name, handler);
+        let inner = self.inner_mut();
+        inner.groups.remove(&name);
+        if handler.group_commit() {
+            let group = GroupCommit::new(handler.clone(), inner.pool.clone(), inner.group);
+            inner.groups.insert(name, group);
+        }
+        inner.handlers.insert(name, handler);
+        self
+    }
+
+    /// How events of the grouping handlers are committed together (default:
+    /// [`GroupConfig::default`]; `max_group` 1 handles every event alone).
+    pub fn with_group_commit(mut self, cfg: GroupConfig) -> Self {
+        let inner = self.inner_mut();
+        inner.group = cfg;
+        for (name, group) in inner.groups.iter_mut() {
+            let handler = inner.handlers[name].clone();
+            *group = GroupCommit::new(handler, inner.pool.clone(), cfg);
+        }
         self
     }
 
@@ -189,9 +214,15 @@ impl Fleet {
     /// Counters since the fleet was built.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;
+        let grouped: u64 = self
+            .inner
+            .groups
+            .values()
+            .map(|g| g.stats().transactions)
+            .sum();
         Stats {
             events: c.events.load(Relaxed),
-            executions: c.executions.load(Relaxed),
+            executions: c.executions.load(Relaxed) + grouped,
             applied: c.applied.load(Relaxed),
             duplicates: c.duplicates.load(Relaxed),
             retries: c.retries.load(Relaxed),
@@ -316,8 +347,13 @@ impl Fleet {
             )));
         };
         let c = &self.inner.counters;
-        c.executions.fetch_add(1, Relaxed);
-        let result = runtime::execute(&**h, &self.inner.pool, event, receive_count).await;
+        let result = match self.inner.groups.get(&handler) {
+            Some(group) => group.apply(event, receive_count).await,
+            None => {
+                c.executions.fetch_add(1, Relaxed);
+                runtime::execute(&**h, &self.inner.pool, event, receive_count).await
+            }
+        };
         match &result {
             Ok(Executed::Applied { .. }) => c.applied.fetch_add(1, Relaxed),
             Ok(Executed::Duplicate) => c.duplicates.fetch_add(1, Relaxed),
@@ -459,10 +495,22 @@ impl Fleet {
                         }
                     };
                     if !events.is_empty() {
-                        for event in &events {
-                            fleet.deliver(event).await;
+                        // Delivered side by side, as a worker's consumer tasks would: what
+                        // reaches a grouping handler together is committed together.
+                        let count = events.len();
+                        let mut deliveries = tokio::task::JoinSet::new();
+                        for event in events {
+                            let fleet = fleet.clone();
+                            deliveries.spawn(async move { fleet.deliver(&event).await });
                         }
-                        let n = delivered.fetch_add(events.len() as u64, SeqCst);
+                        while let Some(joined) = deliveries.join_next().await {
+                            if let Err(e) = joined {
+                                busy.fetch_sub(1, SeqCst);
+                                done.notify_waiters();
+                                bail!("a delivery task failed: {e}");
+                            }
+                        }
+                        let n = delivered.fetch_add(count as u64, SeqCst);
                         busy.fetch_sub(1, SeqCst);
                         // What this batch emitted is committed: idle tasks may take it.
                         done.notify_waiters();

@@ -61,6 +61,12 @@ pub trait PaymentProvider: Send + Sync + 'static {
     async fn void(&self, req: &ProviderRequest) -> Result<ProviderOutcome, ProviderError>;
     /// Gives captured money back.
     async fn refund(&self, req: &ProviderRequest) -> Result<ProviderOutcome, ProviderError>;
+
+    /// True when a call costs no remote wait (a sandbox without latency), so the payments
+    /// handler may group several events in one transaction.
+    fn answers_locally(&self) -> bool {
+        false
+    }
 }
 
 /// The sandbox's tokens and what they do.
@@ -245,6 +251,10 @@ fn reference(op: Operation, key: &str) -> String {
 
 #[async_trait]
 impl PaymentProvider for SandboxProvider {
+    fn answers_locally(&self) -> bool {
+        self.latency.is_zero()
+    }
+
     async fn authorize(&self, req: &ProviderRequest) -> Result<ProviderOutcome, ProviderError> {
         self.call(Operation::Authorize, req).await
     }

@@ -18,8 +18,9 @@ use crate::health::Liveness;
 use crate::metrics::Counters;
 use crate::outbox::Relay;
 use crate::runtime::backoff::RetryPolicy;
+use crate::runtime::group::{GroupCommit, GroupConfig};
 use crate::runtime::lease::Leases;
-use crate::runtime::{self, notify, Consumer, ConsumerConfig};
+use crate::runtime::{self, notify, Apply, Consumer, ConsumerConfig};
 use crate::topology::{HandlerName, Topology};
 
 /// The `orderfleet-worker` command line.
@@ -85,6 +86,14 @@ pub struct WorkerArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 32)]
     pub db_pool_size: usize,
+    /// Most events of one handler committed in one transaction when its queue is busy
+    /// (orders, inventory, and payments and fulfillment with the sandboxes); 1 commits each
+    /// event alone.
+    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub group_commit_max: usize,
+    /// Transactions of one grouping handler running at once (at most --db-pool-size).
+    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_TRANSACTIONS", default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub group_commit_transactions: usize,
     /// Where metrics go: EMF lines on stdout, PutMetricData, both, or none.
     #[arg(long, env = "ORDERFLEET_METRICS_SINK", default_value = "emf")]
     pub metrics_sink: crate::emf::Sink,
@@ -94,6 +103,31 @@ pub struct WorkerArgs {
     /// The liveness file `orderfleet-worker healthcheck` reads.
     #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::health::default_path())]
     pub health_file: std::path::PathBuf,
+}
+
+impl WorkerArgs {
+    /// How a consumer applies events: in groups ([`GroupCommit`]) when the handler's work is
+    /// all database work and grouping is on, else one transaction per event.
+    fn applier(
+        &self,
+        handler: Arc<dyn Handler>,
+        pool: &Pool,
+        cfg: &ConsumerConfig,
+    ) -> Arc<dyn Apply> {
+        if self.group_commit_max > 1 && handler.group_commit() {
+            Arc::new(GroupCommit::new(
+                handler,
+                pool.clone(),
+                GroupConfig {
+                    max_group: self.group_commit_max,
+                    transactions: self.group_commit_transactions.min(self.db_pool_size),
+                    timeout: cfg.handler_timeout,
+                },
+            ))
+        } else {
+            runtime::Transactional::new(handler, pool.clone())
+        }
+    }
 }
 
 /// Settings shared by the worker and the CLI.
@@ -287,10 +321,11 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         let handler: Arc<dyn Handler> = handlers::build(*name, &deps)?;
         let counters = Arc::new(Counters::default());
         all_counters.push((*name, counters.clone()));
+        let handler = args.applier(handler, &pool, &cfg);
         consumers.push(Consumer {
             cfg,
             sqs: clients.sqs.clone(),
-            handler: runtime::Transactional::new(handler, pool.clone()),
+            handler,
             leases: leases.clone(),
             counters,
             relay_wake: (!args.no_relay).then(|| relay.waker()),

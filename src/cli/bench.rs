@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::bench::{self, BenchConfig};
 use crate::bench_saga::{self, SagaConfig};
+use crate::runtime::group::GroupConfig;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,6 +37,13 @@ pub struct Args {
     /// Events each saga task takes from the outbox at once.
     #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub saga_batch: usize,
+    /// Most events of one handler committed in one transaction in the saga phase (1: each
+    /// alone, as before group commit).
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub saga_group_max: usize,
+    /// Transactions of one handler running at once in the saga phase.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    pub saga_group_transactions: usize,
     /// Keep the saga phase's scratch database instead of dropping it.
     #[arg(long)]
     pub saga_keep_database: bool,
@@ -126,6 +134,11 @@ async fn saga_phase(
         orders: args.saga_orders,
         workers: args.saga_workers,
         batch: args.saga_batch,
+        group: GroupConfig {
+            max_group: args.saga_group_max,
+            transactions: args.saga_group_transactions,
+            ..GroupConfig::default()
+        },
         keep_database: args.saga_keep_database,
     };
     println!(
@@ -139,8 +152,11 @@ async fn saga_phase(
         r.orders_per_sec, r.completed, r.elapsed_secs
     );
     println!(
-        "per order:                  {:.1} events, {:.1} handler transactions, {:.1} database transactions",
-        r.events_per_order, r.handler_transactions_per_order, r.db_transactions_per_order
+        "per order:                  {:.1} events, {:.1} handler deliveries in {:.1} handler transactions, {:.1} database transactions",
+        r.events_per_order,
+        r.handler_deliveries_per_order,
+        r.handler_transactions_per_order,
+        r.db_transactions_per_order
     );
     summary.insert("saga_orders".into(), r.orders.into());
     summary.insert(

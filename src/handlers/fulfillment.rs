@@ -151,6 +151,10 @@ impl Handler for Fulfillment {
         "fulfillment"
     }
 
+    fn group_commit(&self) -> bool {
+        self.carrier.answers_locally()
+    }
+
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
             "OrderReadyToShip" => self.ship(event, cx).await,

@@ -26,7 +26,7 @@ use crate::events::{
     InventoryReserved, Meta, OrderAccepted, OrderCancelled, OrderShipped, ProductUpserted,
     ReleaseReason, Shortage, SkuQuantity, StockReceived,
 };
-use crate::handlers::{Context, Handler};
+use crate::handlers::{lock_order_ids, sorted_order_ids, Context, Handler};
 use crate::outcome::HandlerError;
 
 /// The inventory handler.
@@ -112,13 +112,22 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
 async fn lock_order(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
-    tx.execute_cached(
-        "SELECT pg_advisory_xact_lock(hashtextextended('inventory:' || $1, 0))",
-        &[&order_id],
-    )
-    .await
-    .map_err(|e| HandlerError::from_db("locking the order", &e))?;
-    Ok(())
+    lock_order_ids(tx, "inventory", &[order_id]).await
+}
+
+/// The SKUs an event names: its `sku`, and the `sku` of each of its `lines`.
+fn skus_named(event: &Envelope) -> impl Iterator<Item = &str> {
+    let detail = &event.detail;
+    let lines = detail
+        .get("lines")
+        .and_then(|l| l.as_array())
+        .map(|l| l.as_slice())
+        .unwrap_or_default();
+    detail
+        .get("sku")
+        .into_iter()
+        .chain(lines.iter().filter_map(|l| l.get("sku")))
+        .filter_map(|s| s.as_str())
 }
 
 async fn load(tx: &Tx, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
@@ -512,6 +521,28 @@ impl Inventory {
 impl Handler for Inventory {
     fn name(&self) -> &str {
         "inventory"
+    }
+
+    fn group_commit(&self) -> bool {
+        true
+    }
+
+    /// The order-id locks, then the stock rows of every SKU the events name or the orders
+    /// have reserved, each in key order: the order a single event takes them in.
+    async fn lock_group(&self, tx: &Tx, events: &[&Envelope]) -> Result<(), HandlerError> {
+        let ids = sorted_order_ids(events);
+        lock_order_ids(tx, "inventory", &ids).await?;
+        let skus: Vec<&str> = events.iter().flat_map(|e| skus_named(e)).collect();
+        tx.execute_cached(
+            "SELECT 1 FROM stock
+              WHERE sku = ANY($1)
+                 OR sku IN (SELECT sku FROM reservations WHERE order_id = ANY($2))
+              ORDER BY sku FOR UPDATE",
+            &[&skus, &ids],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("locking stock", &e))?;
+        Ok(())
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

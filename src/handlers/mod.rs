@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::db::Tx;
+use crate::db::{Cached, Tx};
 use crate::envelope::Envelope;
 use crate::outcome::HandlerError;
 
@@ -23,6 +23,58 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Applies one event inside `cx.tx`. Returning an error rolls the transaction back.
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError>;
+
+    /// Whether several events may share one transaction
+    /// ([`crate::runtime::group`]). Say yes only when handling an event is database work:
+    /// in a group, events are handled one after the other, so a remote call's wait (a real
+    /// payment provider, a carrier, an email) would hold up the whole group.
+    fn group_commit(&self) -> bool {
+        false
+    }
+
+    /// Called once at the start of a group transaction, before any of `events` is handled:
+    /// takes every lock the group's events will take, in one global order (sorted keys), so
+    /// that two groups never each hold what the other waits for. A lock taken later in a
+    /// different order is still correct (PostgreSQL detects the deadlock and the group's
+    /// events are run alone), only slower.
+    async fn lock_group(&self, _tx: &Tx, _events: &[&Envelope]) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// The distinct order ids of `events`, sorted: the order in which group locks are taken.
+pub fn sorted_order_ids<'e>(events: &[&'e Envelope]) -> Vec<&'e str> {
+    let ids: std::collections::BTreeSet<&str> =
+        events.iter().filter_map(|e| e.order_id()).collect();
+    ids.into_iter().collect()
+}
+
+/// Takes the transaction-scoped advisory locks `<namespace>:<order id>` of `order_ids`, in
+/// the order given (sort it first). Handlers serialise the events of one order with these.
+pub async fn lock_order_ids(
+    tx: &Tx,
+    namespace: &str,
+    order_ids: &[&str],
+) -> Result<(), HandlerError> {
+    let keys: Vec<(&str, &str)> = order_ids.iter().map(|id| (namespace, *id)).collect();
+    lock_keys(tx, &keys).await
+}
+
+/// Takes the transaction-scoped advisory locks `<namespace>:<key>` of `keys`, in the order
+/// given, in one statement.
+pub async fn lock_keys(tx: &Tx, keys: &[(&str, &str)]) -> Result<(), HandlerError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let (namespaces, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    tx.execute_cached(
+        "SELECT pg_advisory_xact_lock(hashtextextended(ns || ':' || id, 0))
+           FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(ns, id, n) ORDER BY n",
+        &[&namespaces, &ids],
+    )
+    .await
+    .map_err(|e| HandlerError::from_db("taking advisory locks", &e))?;
+    Ok(())
 }
 
 /// An event a handler asks to publish once its transaction commits.

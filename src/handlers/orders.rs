@@ -23,7 +23,7 @@
 //! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
 //! whole row. The result does not depend on the order of arrival.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use async_trait::async_trait;
 
@@ -35,7 +35,7 @@ use crate::events::{
     OrderReadyToShip, OrderRejected, PaymentFailed, PaymentStage, RejectionCode, RejectionReason,
     ShipmentCancelRequested, SkuQuantity,
 };
-use crate::handlers::{Context, Handler};
+use crate::handlers::{lock_keys, lock_order_ids, sorted_order_ids, Context, Handler};
 use crate::outcome::HandlerError;
 
 /// The orders handler.
@@ -327,13 +327,7 @@ pub fn validate(
 /// row exists there is nothing to lock, and without this a cancellation could miss an order
 /// being inserted concurrently (and the insert miss the cancellation).
 async fn lock_order_id(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
-    tx.execute_cached(
-        "SELECT pg_advisory_xact_lock(hashtextextended('orders:' || $1, 0))",
-        &[&order_id],
-    )
-    .await
-    .map_err(|e| HandlerError::from_db("locking the order id", &e))?;
-    Ok(())
+    lock_order_ids(tx, "orders", &[order_id]).await
 }
 
 /// An order row, locked for the rest of the transaction.
@@ -800,6 +794,34 @@ impl Orders {
 impl Handler for Orders {
     fn name(&self) -> &str {
         "orders"
+    }
+
+    fn group_commit(&self) -> bool {
+        true
+    }
+
+    /// The order-id locks of `OrderPlaced` and `OrderCancellationRequested`, then the
+    /// customers that orders being placed upsert, then the order rows, each in key order.
+    async fn lock_group(&self, tx: &Tx, events: &[&Envelope]) -> Result<(), HandlerError> {
+        let ids = sorted_order_ids(events);
+        let customers: BTreeSet<&str> = events
+            .iter()
+            .filter(|e| e.detail_type == <OrderPlaced as events::Event>::DETAIL_TYPE)
+            .filter_map(|e| e.detail.get("customer")?.get("id")?.as_str())
+            .collect();
+        let keys: Vec<(&str, &str)> = ids
+            .iter()
+            .map(|id| ("orders", *id))
+            .chain(customers.into_iter().map(|c| ("customers", c)))
+            .collect();
+        lock_keys(tx, &keys).await?;
+        tx.execute_cached(
+            "SELECT 1 FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("locking the orders", &e))?;
+        Ok(())
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

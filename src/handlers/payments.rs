@@ -595,6 +595,22 @@ impl Handler for Payments {
         "payments"
     }
 
+    fn group_commit(&self) -> bool {
+        self.provider.answers_locally()
+    }
+
+    /// The payment rows, in order-id order.
+    async fn lock_group(&self, tx: &Tx, events: &[&Envelope]) -> Result<(), HandlerError> {
+        let ids = crate::handlers::sorted_order_ids(events);
+        tx.execute_cached(
+            "SELECT 1 FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+            &[&ids],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("locking the payments", &e))?;
+        Ok(())
+    }
+
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
             "OrderAccepted" => self.authorize(event, cx).await,

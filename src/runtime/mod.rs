@@ -18,6 +18,7 @@
 
 pub mod acker;
 pub mod backoff;
+pub mod group;
 pub mod lease;
 pub mod notify;
 
@@ -263,10 +264,22 @@ pub async fn execute(
         roll_back(open).await;
         return Err(e);
     }
-    // Pipelined as well: the outbox rows and COMMIT leave together. The rows' statement is
-    // prepared first, so nothing can overtake it. If the insert fails, the transaction is
-    // aborted and PostgreSQL answers the COMMIT with a rollback.
-    let rows = match outbox::OutboxRows::prepare(tx, &handler.source(), &emitted).await {
+    let n = emitted.len();
+    commit_with_outbox(open, &handler.source(), &emitted).await?;
+    Ok(Executed::Applied { emitted: n })
+}
+
+/// Writes `emitted` to the outbox and commits `open`'s transaction. Pipelined: the outbox
+/// rows and `COMMIT` leave together. The rows' statement is prepared first, so nothing can
+/// overtake it. If the insert fails, the transaction is aborted and PostgreSQL answers the
+/// `COMMIT` with a rollback.
+async fn commit_with_outbox(
+    open: OpenTransaction,
+    source: &str,
+    emitted: &[crate::handlers::NewEvent],
+) -> Result<(), HandlerError> {
+    let tx = open.tx();
+    let rows = match outbox::OutboxRows::prepare(tx, source, emitted).await {
         Ok(rows) => rows,
         Err(e) => {
             roll_back(open).await;
@@ -282,10 +295,7 @@ pub async fn execute(
     let (written, committed) = tokio::join!(written, tx.batch_execute("COMMIT"));
     committed.map_err(|e| HandlerError::from_db("committing", &e))?;
     open.finished();
-    written?;
-    Ok(Executed::Applied {
-        emitted: emitted.len(),
-    })
+    written
 }
 
 /// Ends `open`'s transaction with ROLLBACK and gives the connection back; if even that fails,

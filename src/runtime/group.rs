@@ -1,0 +1,415 @@
+//! Group commit: several events of one handler applied in one PostgreSQL transaction.
+//!
+//! [`execute`](super::execute) spends four statements on every event besides the handler's
+//! own: `BEGIN`, the inbox claim, the outbox insert and `COMMIT`. [`execute_group`] spends
+//! them once per group: one claim for every event, the handler's [`Handler::lock_group`]
+//! (which takes the group's locks in one global order, so that two groups never wait on each
+//! other in opposite orders), the handler's statements for each event in turn, then one
+//! outbox insert pipelined with `COMMIT`.
+//!
+//! The outcome of each event is what a transaction of its own would have given:
+//! - an event whose handler fails rolls the group back. A retryable failure is that event's
+//!   answer (it is received again later, as alone); any other failure is run again alone, in
+//!   a transaction of its own, so a permanent verdict never rests on its neighbours. The
+//!   others are grouped again without it.
+//! - when the group itself cannot run (no connection, a deadlock while locking, a failed
+//!   `COMMIT`), every event is run alone.
+//! - an event claimed before, or twice in one group, is a duplicate; nothing is applied twice.
+//!
+//! [`GroupCommit`] forms the groups. It is an [`Apply`]: each consumer task hands it one event
+//! and awaits the answer. At most `transactions` groups of a handler run at once; events that
+//! arrive while they are busy queue, and the next free runner takes up to `max_group` of them.
+//! So a quiet queue sees groups of one (no added latency), and a busy one sees groups that
+//! grow with the load. Only handlers that say their work is all database work
+//! ([`Handler::group_commit`]) are grouped: grouping serialises a remote call's waits.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::oneshot;
+
+use super::{commit_with_outbox, execute, panic_text, roll_back, Apply, Executed};
+use crate::db::{Cached, OpenTransaction};
+use crate::envelope::Envelope;
+use crate::handlers::{Context, Handler, NewEvent};
+use crate::outcome::HandlerError;
+
+/// Rounds of dropping a failed event and grouping the rest again before the remaining events
+/// are run alone.
+const MAX_ROUNDS: usize = 3;
+
+/// What [`execute_group`] did.
+#[derive(Debug)]
+pub struct GroupOutcome {
+    /// One answer per event, in the order given.
+    pub results: Vec<Result<Executed, HandlerError>>,
+    /// Database transactions it opened (1 when the whole group committed together).
+    pub transactions: u32,
+}
+
+/// Applies `events` (each with its receive count) with `handler`, as few transactions as the
+/// failures allow. See the module documentation.
+pub async fn execute_group(
+    handler: &dyn Handler,
+    pool: &Pool,
+    events: &[(&Envelope, u32)],
+) -> GroupOutcome {
+    let mut results: Vec<Option<Result<Executed, HandlerError>>> =
+        events.iter().map(|_| None).collect();
+    let mut members: Vec<usize> = (0..events.len()).collect();
+    let mut alone: Vec<usize> = Vec::new();
+    let mut transactions = 0;
+    let mut rounds = 0;
+    while members.len() > 1 && rounds < MAX_ROUNDS {
+        rounds += 1;
+        transactions += 1;
+        let group: Vec<(&Envelope, u32)> = members.iter().map(|&i| events[i]).collect();
+        match try_group(handler, pool, &group).await {
+            Round::Committed(answers) => {
+                for (&i, answer) in members.iter().zip(answers) {
+                    results[i] = Some(answer);
+                }
+                members.clear();
+            }
+            Round::Failed { at, error } => {
+                let i = members.remove(at);
+                tracing::debug!(
+                    handler = handler.name(),
+                    event_id = %events[i].0.id,
+                    error = %error,
+                    "an event failed inside a group; grouping the others again"
+                );
+                match error {
+                    HandlerError::Retry { .. } => results[i] = Some(Err(error)),
+                    _ => alone.push(i),
+                }
+            }
+            Round::Broken(error) => {
+                tracing::debug!(
+                    handler = handler.name(),
+                    events = members.len(),
+                    error = %error,
+                    "a group could not run; running its events one by one"
+                );
+                break;
+            }
+        }
+    }
+    alone.append(&mut members);
+    alone.sort_unstable();
+    for i in alone {
+        transactions += 1;
+        let (event, receive_count) = events[i];
+        results[i] = Some(execute(handler, pool, event, receive_count).await);
+    }
+    GroupOutcome {
+        results: results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(HandlerError::retry("the event was not run"))))
+            .collect(),
+        transactions,
+    }
+}
+
+enum Round {
+    /// One answer per member, in order.
+    Committed(Vec<Result<Executed, HandlerError>>),
+    /// The handler failed on member `at`; the transaction was rolled back.
+    Failed { at: usize, error: HandlerError },
+    /// The group could not run or commit; the transaction was rolled back.
+    Broken(HandlerError),
+}
+
+async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u32)]) -> Round {
+    let conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(e) => return Round::Broken(e.into()),
+    };
+    let open = OpenTransaction::new(conn);
+    let tx = open.tx();
+    let keys: Vec<&str> = members.iter().map(|(e, _)| e.event_key()).collect();
+    let types: Vec<&str> = members
+        .iter()
+        .map(|(e, _)| e.detail_type.as_str())
+        .collect();
+    let (begun, claimed) = tokio::join!(
+        tx.batch_execute("BEGIN"),
+        claim_all(tx, handler.name(), &keys, &types)
+    );
+    if let Err(e) = begun {
+        return Round::Broken(HandlerError::from_db("beginning a transaction", &e));
+    }
+    let claimed = match claimed {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            roll_back(open).await;
+            return Round::Broken(e);
+        }
+    };
+    // The first copy of a newly claimed key is applied; every other one is a duplicate.
+    let mut taken = HashSet::new();
+    let fresh: Vec<bool> = keys
+        .iter()
+        .map(|k| claimed.contains(*k) && taken.insert(*k))
+        .collect();
+    let to_apply: Vec<&Envelope> = members
+        .iter()
+        .zip(&fresh)
+        .filter(|(_, f)| **f)
+        .map(|((e, _), _)| *e)
+        .collect();
+    if to_apply.is_empty() {
+        roll_back(open).await;
+        return Round::Committed(members.iter().map(|_| Ok(Executed::Duplicate)).collect());
+    }
+    if let Err(e) = handler.lock_group(tx, &to_apply).await {
+        roll_back(open).await;
+        return Round::Broken(e);
+    }
+    let mut answers = Vec::with_capacity(members.len());
+    let mut emitted: Vec<NewEvent> = Vec::new();
+    for (at, ((event, receive_count), fresh)) in members.iter().zip(&fresh).enumerate() {
+        if !fresh {
+            answers.push(Ok(Executed::Duplicate));
+            continue;
+        }
+        let mut cx = Context::new(tx, *receive_count);
+        let handled = handler.handle(event, &mut cx).await;
+        let mine = std::mem::take(&mut cx.emitted);
+        drop(cx);
+        if let Err(error) = handled {
+            roll_back(open).await;
+            return Round::Failed { at, error };
+        }
+        answers.push(Ok(Executed::Applied {
+            emitted: mine.len(),
+        }));
+        emitted.extend(mine);
+    }
+    match commit_with_outbox(open, &handler.source(), &emitted).await {
+        Ok(()) => Round::Committed(answers),
+        Err(e) => Round::Broken(e),
+    }
+}
+
+/// Records every key of `keys` as processed by `handler`, in key order (so that two groups
+/// claiming the same keys queue instead of deadlocking). Returns the keys that were new.
+async fn claim_all(
+    tx: &crate::db::Tx,
+    handler: &str,
+    keys: &[&str],
+    detail_types: &[&str],
+) -> Result<HashSet<String>, HandlerError> {
+    let rows = tx
+        .query_cached(
+            "INSERT INTO processed_messages (handler, event_key, detail_type)
+             SELECT $1, k, t FROM unnest($2::text[], $3::text[]) AS m(k, t) ORDER BY k
+             ON CONFLICT DO NOTHING
+             RETURNING event_key",
+            &[&handler, &keys, &detail_types],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("recording the processed messages", &e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// How [`GroupCommit`] forms groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// Most events in one transaction (1: every event alone).
+    pub max_group: usize,
+    /// Most transactions of this handler running at once.
+    pub transactions: usize,
+    /// A group running longer than this is abandoned (its connection closed, so PostgreSQL
+    /// rolls it back) and each of its events answered with a retry.
+    pub timeout: Duration,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            max_group: 32,
+            transactions: 4,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters of a [`GroupCommit`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Events answered.
+    pub events: u64,
+    /// Groups formed.
+    pub groups: u64,
+    /// Database transactions opened (more than `groups` when groups fell apart).
+    pub transactions: u64,
+}
+
+/// Forms groups of the events handed to [`Apply::apply`] and runs them with
+/// [`execute_group`]. Cheap to clone.
+#[derive(Clone)]
+pub struct GroupCommit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handler: Arc<dyn Handler>,
+    pool: Pool,
+    cfg: GroupConfig,
+    state: Mutex<State>,
+    events: AtomicU64,
+    groups: AtomicU64,
+    transactions: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Request>,
+    running: usize,
+}
+
+struct Request {
+    event: Envelope,
+    receive_count: u32,
+    reply: oneshot::Sender<Result<Executed, HandlerError>>,
+}
+
+impl GroupCommit {
+    pub fn new(handler: Arc<dyn Handler>, pool: Pool, cfg: GroupConfig) -> Self {
+        GroupCommit {
+            inner: Arc::new(Inner {
+                handler,
+                pool,
+                cfg: GroupConfig {
+                    max_group: cfg.max_group.max(1),
+                    transactions: cfg.transactions.max(1),
+                    timeout: cfg.timeout,
+                },
+                state: Mutex::new(State::default()),
+                events: AtomicU64::new(0),
+                groups: AtomicU64::new(0),
+                transactions: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn handler(&self) -> &Arc<dyn Handler> {
+        &self.inner.handler
+    }
+
+    pub fn stats(&self) -> GroupStats {
+        GroupStats {
+            events: self.inner.events.load(Relaxed),
+            groups: self.inner.groups.load(Relaxed),
+            transactions: self.inner.transactions.load(Relaxed),
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes the next group, or retires this runner when nothing waits.
+    fn next_group(&self) -> Option<Vec<Request>> {
+        let mut state = self.lock();
+        if state.queue.is_empty() {
+            state.running -= 1;
+            return None;
+        }
+        let n = state.queue.len().min(self.cfg.max_group);
+        Some(state.queue.drain(..n).collect())
+    }
+}
+
+/// A runner: runs groups until the queue is empty.
+async fn run(inner: Arc<Inner>) {
+    while let Some(group) = inner.next_group() {
+        let (events, replies): (Vec<(Envelope, u32)>, Vec<_>) = group
+            .into_iter()
+            .map(|r| ((r.event, r.receive_count), r.reply))
+            .unzip();
+        let n = events.len();
+        let (handler, pool) = (inner.handler.clone(), inner.pool.clone());
+        // Its own task, so that a panic is caught; aborting it drops the open transaction,
+        // which closes the connection.
+        let mut task = tokio::spawn(async move {
+            let refs: Vec<(&Envelope, u32)> = events.iter().map(|(e, c)| (e, *c)).collect();
+            execute_group(&*handler, &pool, &refs).await
+        });
+        let answers: Vec<Result<Executed, HandlerError>> =
+            match tokio::time::timeout(inner.cfg.timeout, &mut task).await {
+                Ok(Ok(outcome)) => {
+                    inner
+                        .transactions
+                        .fetch_add(u64::from(outcome.transactions), Relaxed);
+                    outcome.results
+                }
+                Ok(Err(join)) => {
+                    let why = if join.is_panic() {
+                        format!("handler panicked: {}", panic_text(join))
+                    } else {
+                        format!("handler task failed: {join}")
+                    };
+                    (0..n)
+                        .map(|_| Err(HandlerError::retry(why.clone())))
+                        .collect()
+                }
+                Err(_) => {
+                    task.abort();
+                    let why = format!(
+                        "handler timed out after {}s",
+                        inner.cfg.timeout.as_secs_f64()
+                    );
+                    (0..n)
+                        .map(|_| Err(HandlerError::retry(why.clone())))
+                        .collect()
+                }
+            };
+        inner.groups.fetch_add(1, Relaxed);
+        inner.events.fetch_add(n as u64, Relaxed);
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // The caller may have given up waiting (its own timeout); the answer is moot then.
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Apply for GroupCommit {
+    fn name(&self) -> &str {
+        self.inner.handler.name()
+    }
+
+    async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError> {
+        let (reply, answer) = oneshot::channel();
+        let start_runner = {
+            let mut state = self.inner.lock();
+            state.queue.push_back(Request {
+                event: event.clone(),
+                receive_count,
+                reply,
+            });
+            let start = state.running < self.inner.cfg.transactions;
+            if start {
+                state.running += 1;
+            }
+            start
+        };
+        if start_runner {
+            tokio::spawn(run(self.inner.clone()));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(HandlerError::retry(
+                "the group-commit runner stopped before answering",
+            ))
+        })
+    }
+}
