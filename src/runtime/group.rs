@@ -301,6 +301,11 @@ impl GroupCommit {
         &self.inner.handler
     }
 
+    /// Events waiting for a free transaction.
+    pub fn queued(&self) -> usize {
+        self.inner.lock().queue.len()
+    }
+
     pub fn stats(&self) -> GroupStats {
         GroupStats {
             events: self.inner.events.load(Relaxed),

@@ -1,0 +1,428 @@
+//! Group commit: several events of one handler in one transaction give what each event alone
+//! would have: the last unit sold once, duplicates applied once, a failing event answered on
+//! its own without taking its neighbours down, a panic committing nothing, and a busy SQS
+//! queue committed in groups with every message applied once.
+
+mod common;
+mod saga_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use orderfleet::db::Cached;
+use orderfleet::envelope::Envelope;
+use orderfleet::handlers::{Context, Handler};
+use orderfleet::metrics::Counters;
+use orderfleet::outcome::HandlerError;
+use orderfleet::runtime::backoff::RetryPolicy;
+use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
+use orderfleet::runtime::lease::Leases;
+use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
+use orderfleet::topology::HandlerName;
+use saga_support::*;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+fn envelope(detail_type: &str, detail: Value) -> Envelope {
+    Envelope {
+        version: "0".into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        source: "orderfleet.storefront".into(),
+        detail_type: detail_type.into(),
+        time: Utc::now(),
+        account: String::new(),
+        region: String::new(),
+        resources: Vec::new(),
+        detail,
+    }
+}
+
+fn refs(events: &[Envelope], receive_count: u32) -> Vec<(&Envelope, u32)> {
+    events.iter().map(|e| (e, receive_count)).collect()
+}
+
+fn applied(r: &Result<Executed, HandlerError>) -> bool {
+    matches!(r, Ok(Executed::Applied { .. }))
+}
+
+/// The `OrderAccepted` events of `orders` placed with `token`, one line of `sku` each.
+async fn accepted_orders(
+    fleet: &orderfleet::inproc::Fleet,
+    ids: &[String],
+    sku: &str,
+    token: &str,
+) -> Vec<Envelope> {
+    for id in ids {
+        fleet
+            .publish_event(&order(id, &[(sku, 1, 999)], token))
+            .await
+            .unwrap();
+    }
+    for placed in fleet.take(ids.len()).await.unwrap() {
+        fleet.deliver(&placed).await;
+    }
+    let accepted = fleet.take(ids.len()).await.unwrap();
+    assert_eq!(accepted.len(), ids.len());
+    assert!(accepted.iter().all(|e| e.detail_type == "OrderAccepted"));
+    accepted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_groups_at_once_for_the_last_five_units_reserve_exactly_five() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "LAST-G", 999, 5).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("grp-{i:02}")).collect();
+    let accepted = accepted_orders(&fleet, &ids, "LAST-G", "tok_visa").await;
+
+    // Four groups of five, each one transaction, all at once.
+    let inventory = fleet.handler(HandlerName::Inventory).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in accepted.chunks(5) {
+        let (inventory, pool, chunk) = (inventory.clone(), pool.clone(), chunk.to_vec());
+        tasks.spawn(async move { execute_group(&*inventory, &pool, &refs(&chunk, 1)).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.unwrap();
+        assert_eq!(
+            outcome.transactions, 1,
+            "the group fell apart: {:?}",
+            outcome.results
+        );
+        assert!(outcome.results.iter().all(applied));
+    }
+    assert_eq!(stock(&pool, "LAST-G").await, (5, 5));
+    assert_eq!(emitted(&pool, "InventoryReserved", None).await.len(), 5);
+    assert_eq!(emitted(&pool, "InventoryRejected", None).await.len(), 15);
+
+    // The rest of the saga, grouped wherever events meet.
+    for event in accepted {
+        fleet
+            .deliver_with_retries(HandlerName::Payments, &event)
+            .await;
+    }
+    fleet.run_until_quiet_concurrently(4, 16).await.unwrap();
+    assert_no_dead_letters(&fleet);
+    let completed = common::scalar(
+        &pool,
+        "SELECT count(*) FROM orders WHERE status = 'completed'",
+    );
+    assert_eq!(completed.await, 5);
+    let cancelled = common::scalar(
+        &pool,
+        "SELECT count(*) FROM orders WHERE status = 'cancelled'",
+    );
+    assert_eq!(cancelled.await, 15);
+    assert_eq!(stock(&pool, "LAST-G").await, (0, 0));
+    assert_reservations_match_stock(&pool).await;
+    assert_ledger_balances(&pool).await;
+}
+
+#[tokio::test]
+async fn duplicates_inside_a_group_and_across_groups_authorize_once() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "DUP-G", 999, 10).await;
+    let ids = vec!["dup-g-1".to_string(), "dup-g-2".to_string()];
+    let accepted = accepted_orders(&fleet, &ids, "DUP-G", "tok_visa").await;
+    let (first, second) = (&accepted[0], &accepted[1]);
+    let payments = fleet.handler(HandlerName::Payments).unwrap();
+
+    assert!(applied(
+        &runtime::execute(&*payments, &pool, first, 1).await
+    ));
+    // The first order again (already processed), and the second one twice in the same group.
+    let group = vec![(first, 2), (second, 1), (second, 1), (first, 3)];
+    let outcome = execute_group(&*payments, &pool, &group).await;
+    assert_eq!(outcome.transactions, 1);
+    let answers: Vec<_> = outcome.results.iter().map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        answers,
+        vec![
+            Some(&Executed::Duplicate),
+            Some(&Executed::Applied { emitted: 1 }),
+            Some(&Executed::Duplicate),
+            Some(&Executed::Duplicate),
+        ]
+    );
+    // One provider call per order, one authorization each.
+    let calls = common::scalar(
+        &pool,
+        "SELECT sum(attempts)::bigint FROM sandbox_provider_calls WHERE operation = 'authorize'",
+    );
+    assert_eq!(calls.await, 2);
+    assert_eq!(emitted(&pool, "PaymentAuthorized", None).await.len(), 2);
+    for id in &ids {
+        assert_eq!(payment(&pool, id).await.0, "authorized");
+    }
+}
+
+#[tokio::test]
+async fn a_permanent_failure_in_a_group_is_judged_alone_and_its_neighbours_commit() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    let inventory = fleet.handler(HandlerName::Inventory).unwrap();
+    let events = vec![
+        envelope("StockReceived", json!({"sku": "PF-1", "quantity": 3})),
+        envelope("StockReceived", json!({"sku": "PF-BAD", "quantity": -1})),
+        envelope("StockReceived", json!({"sku": "PF-2", "quantity": 4})),
+    ];
+    let outcome = execute_group(&*inventory, &pool, &refs(&events, 1)).await;
+    // The failed group, the two good events grouped again, the bad one alone.
+    assert_eq!(outcome.transactions, 3);
+    assert!(applied(&outcome.results[0]));
+    assert!(applied(&outcome.results[2]));
+    match &outcome.results[1] {
+        Err(HandlerError::Permanent { reason }) => {
+            assert!(reason.contains("non-positive quantity"), "{reason}")
+        }
+        other => panic!("expected a permanent failure, got {other:?}"),
+    }
+    assert_eq!(stock(&pool, "PF-1").await.0, 3);
+    assert_eq!(stock(&pool, "PF-2").await.0, 4);
+    let recorded = common::scalar(
+        &pool,
+        "SELECT count(*) FROM processed_messages WHERE handler = 'inventory'",
+    );
+    assert_eq!(recorded.await, 2, "the failed event must stay unprocessed");
+    let movements = common::scalar(&pool, "SELECT count(*) FROM stock_movements");
+    assert_eq!(movements.await, 2);
+}
+
+#[tokio::test]
+async fn a_transient_failure_in_a_group_is_retried_later_without_a_second_provider_call() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "FLK-G", 999, 10).await;
+    let flaky = accepted_orders(&fleet, &["flk-g-1".to_string()], "FLK-G", "tok_flaky_1").await;
+    let good = accepted_orders(&fleet, &["flk-g-2".to_string()], "FLK-G", "tok_visa").await;
+    let events = vec![flaky[0].clone(), good[0].clone()];
+    let payments = fleet.handler(HandlerName::Payments).unwrap();
+
+    let outcome = execute_group(&*payments, &pool, &refs(&events, 1)).await;
+    assert!(
+        matches!(outcome.results[0], Err(HandlerError::Retry { .. })),
+        "{:?}",
+        outcome.results[0]
+    );
+    assert!(applied(&outcome.results[1]));
+    let attempts = |order: &'static str| {
+        let pool = pool.clone();
+        async move {
+            common::scalar(
+                &pool,
+                &format!(
+                    "SELECT coalesce(sum(c.attempts), 0)::bigint FROM sandbox_provider_calls c
+                      WHERE c.operation = 'authorize' AND c.payment_token IN
+                            (SELECT payment_token FROM payments WHERE order_id = '{order}')"
+                ),
+            )
+            .await
+        }
+    };
+    assert_eq!(attempts("flk-g-2").await, 1);
+    // The flaky order's payment row rolled back with the group; count its calls by token.
+    let flaky_calls = common::scalar(
+        &pool,
+        "SELECT sum(attempts)::bigint FROM sandbox_provider_calls WHERE payment_token = 'tok_flaky_1'",
+    );
+    assert_eq!(flaky_calls.await, 1, "the failed event was run again");
+
+    // Received again, alone: the provider now approves it.
+    let again = runtime::execute(&*payments, &pool, &events[0], 2).await;
+    assert!(applied(&again), "{again:?}");
+    assert_eq!(payment(&pool, "flk-g-1").await.0, "authorized");
+}
+
+/// Writes a row per event; `Hold` waits until released, `Panic` panics.
+struct Probe {
+    started: Notify,
+    release: Notify,
+}
+
+#[async_trait]
+impl Handler for Probe {
+    fn name(&self) -> &str {
+        "probe"
+    }
+    fn group_commit(&self) -> bool {
+        true
+    }
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        cx.tx
+            .execute_cached(
+                "INSERT INTO probe_rows (key) VALUES ($1)",
+                &[&event.event_key()],
+            )
+            .await?;
+        match event.detail_type.as_str() {
+            "Hold" => {
+                self.started.notify_one();
+                self.release.notified().await;
+            }
+            "Panic" => panic!("probe told to panic"),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_group_commits_none_of_it_and_answers_each_event_with_a_retry() {
+    let (pool, _) = common::fresh_db().await;
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE probe_rows (key text PRIMARY KEY)")
+        .await
+        .unwrap();
+    let probe = Arc::new(Probe {
+        started: Notify::new(),
+        release: Notify::new(),
+    });
+    let group = GroupCommit::new(
+        probe.clone(),
+        pool.clone(),
+        GroupConfig {
+            max_group: 32,
+            transactions: 1,
+            timeout: Duration::from_secs(20),
+        },
+    );
+
+    // The only transaction is held by one event while five queue behind it.
+    let hold = envelope("Hold", json!({}));
+    let first = {
+        let group = group.clone();
+        tokio::spawn(async move { group.apply(&hold, 1).await })
+    };
+    probe.started.notified().await;
+    let queued: Vec<Envelope> = ["Ok", "Ok", "Panic", "Ok", "Ok"]
+        .iter()
+        .map(|t| envelope(t, json!({})))
+        .collect();
+    let mut waiting = Vec::new();
+    for event in queued.clone() {
+        let group = group.clone();
+        waiting.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+    }
+    common::wait_for(Duration::from_secs(10), "five events queued", || {
+        let n = group.queued();
+        async move { (n == 5).then_some(()) }
+    })
+    .await;
+    probe.release.notify_one();
+
+    assert!(applied(&first.await.unwrap()));
+    for w in waiting {
+        match w.await.unwrap() {
+            Err(HandlerError::Retry { reason, .. }) => {
+                assert!(reason.contains("panicked"), "{reason}")
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
+    let stats = group.stats();
+    assert_eq!((stats.events, stats.groups), (6, 2));
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
+        1,
+        "only the held event's row may be committed"
+    );
+    // The runner survived: the good events go through when received again, and the panicked
+    // transaction left no connection idle in it.
+    for event in queued.iter().filter(|e| e.detail_type == "Ok") {
+        assert!(applied(&group.apply(event, 2).await));
+    }
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
+        5
+    );
+    let open = common::scalar(
+        &pool,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    );
+    assert_eq!(open.await, 0);
+}
+
+#[tokio::test]
+async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+        .await
+        .unwrap();
+    let cfg = ConsumerConfig {
+        queue_url: facts.queue_url.clone(),
+        dlq_url: facts.dlq_url.clone(),
+        concurrency: 30,
+        receivers: 3,
+        wait_time_secs: 1,
+        visibility_timeout: facts.visibility_timeout,
+        handler_timeout: Duration::from_secs(20),
+        retry: RetryPolicy::default(),
+        max_receive_count: facts.max_receive_count,
+        delete_flush: Duration::from_millis(5),
+        shutdown_grace: Duration::from_secs(10),
+    };
+    // 60 receipts of one SKU, each sent twice: 120 messages, 60 distinct events.
+    let bodies: Vec<String> = (0..60)
+        .map(|_| common::stock_received("BUSY-G", 1))
+        .collect();
+    let twice: Vec<String> = bodies.iter().chain(bodies.iter()).cloned().collect();
+    common::send_bodies(&clients, &facts.queue_url, &twice).await;
+
+    let group = GroupCommit::new(
+        Arc::new(orderfleet::handlers::inventory::Inventory),
+        pool.clone(),
+        GroupConfig {
+            max_group: 32,
+            transactions: 2,
+            timeout: Duration::from_secs(20),
+        },
+    );
+    let leases = Leases::default();
+    let background = CancellationToken::new();
+    tokio::spawn(
+        leases
+            .clone()
+            .run(clients.sqs.clone(), runtime::LEASE_TICK, background.clone()),
+    );
+    let counters = Arc::new(Counters::default());
+    let stop = CancellationToken::new();
+    let consumer = Consumer {
+        cfg,
+        sqs: clients.sqs.clone(),
+        handler: Arc::new(group.clone()),
+        leases,
+        counters: counters.clone(),
+        relay_wake: None,
+    };
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    common::wait_for(Duration::from_secs(60), "every message handled", || {
+        let c = counters.clone();
+        async move {
+            let s = c.snapshot();
+            (s.succeeded + s.duplicates == 120).then_some(())
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    background.cancel();
+
+    let s = counters.snapshot();
+    assert_eq!((s.succeeded, s.duplicates), (60, 60));
+    assert_eq!(stock(&pool, "BUSY-G").await.0, 60);
+    let stats = group.stats();
+    assert_eq!(stats.events, 120);
+    assert!(
+        stats.groups < stats.events,
+        "no two messages shared a transaction: {stats:?}"
+    );
+}
