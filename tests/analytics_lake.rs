@@ -25,9 +25,8 @@ use orderfleet::envelope::Envelope;
 use orderfleet::handlers::analytics::Analytics;
 use orderfleet::lake::{self, LakeShipper, ShipperConfig, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
 use orderfleet::metrics::Counters;
-use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::lease::Leases;
-use orderfleet::runtime::{self, Consumer, ConsumerConfig, Executed};
+use orderfleet::runtime::{self, Consumer, Executed};
 use orderfleet::topology::{HandlerName, Topology};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -46,19 +45,7 @@ impl Archiver {
         let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Analytics))
             .await
             .expect("analytics queue");
-        let cfg = ConsumerConfig {
-            queue_url: facts.queue_url.clone(),
-            dlq_url: facts.dlq_url.clone(),
-            concurrency: 8,
-            receivers: 1,
-            wait_time_secs: 1,
-            visibility_timeout: facts.visibility_timeout,
-            handler_timeout: Duration::from_secs(20),
-            retry: RetryPolicy::default(),
-            max_receive_count: facts.max_receive_count,
-            delete_flush: Duration::from_millis(5),
-            shutdown_grace: Duration::from_secs(10),
-        };
+        let cfg = common::consumer_config(&facts);
         runtime::validate(&cfg, &facts).expect("valid settings");
         let leases = Leases::default();
         let lease_stop = CancellationToken::new();

@@ -16,7 +16,6 @@ use orderfleet::envelope::Envelope;
 use orderfleet::handlers::{Context, Handler};
 use orderfleet::metrics::Counters;
 use orderfleet::outcome::HandlerError;
-use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
@@ -358,17 +357,9 @@ async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
         .await
         .unwrap();
     let cfg = ConsumerConfig {
-        queue_url: facts.queue_url.clone(),
-        dlq_url: facts.dlq_url.clone(),
         concurrency: 30,
         receivers: 3,
-        wait_time_secs: 1,
-        visibility_timeout: facts.visibility_timeout,
-        handler_timeout: Duration::from_secs(20),
-        retry: RetryPolicy::default(),
-        max_receive_count: facts.max_receive_count,
-        delete_flush: Duration::from_millis(5),
-        shutdown_grace: Duration::from_secs(10),
+        ..common::consumer_config(&facts)
     };
     // 60 receipts of one SKU, each sent twice: 120 messages, 60 distinct events.
     let bodies: Vec<String> = (0..60)

@@ -43,19 +43,7 @@ impl Running {
         let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
             .await
             .expect("queue");
-        let mut cfg = ConsumerConfig {
-            queue_url: facts.queue_url.clone(),
-            dlq_url: facts.dlq_url.clone(),
-            concurrency: 8,
-            receivers: 1,
-            wait_time_secs: 1,
-            visibility_timeout: facts.visibility_timeout,
-            handler_timeout: Duration::from_secs(20),
-            retry: RetryPolicy::default(),
-            max_receive_count: facts.max_receive_count,
-            delete_flush: Duration::from_millis(5),
-            shutdown_grace: Duration::from_secs(10),
-        };
+        let mut cfg = common::consumer_config(&facts);
         tweak(&mut cfg);
         runtime::validate(&cfg, &facts).expect("valid settings");
         let leases = Leases::default();

@@ -15,7 +15,7 @@
 //! (`ORDER BY sku FOR UPDATE`), so two reservations never deadlock and never both take the last
 //! unit. The CHECK constraints on `stock` (never negative, reserved ≤ on_hand) back this up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
 
@@ -26,7 +26,7 @@ use crate::events::{
     InventoryReserved, Meta, OrderAccepted, OrderCancelled, OrderShipped, ProductUpserted,
     ReleaseReason, Shortage, SkuQuantity, StockReceived,
 };
-use crate::handlers::{lock_order_ids, sorted_order_ids, Context, Handler};
+use crate::handlers::{lock_order_ids, sorted_order_ids, Context, GroupState, Handler};
 use crate::outcome::HandlerError;
 
 /// The inventory handler.
@@ -111,9 +111,17 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// Serialises every inventory event of one order, across instances, until the transaction
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
-async fn lock_order(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
-    lock_order_ids(tx, "inventory", &[order_id]).await
+async fn lock_order(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
+    if cx.state::<Held>().contains(order_id) {
+        return Ok(());
+    }
+    lock_order_ids(cx.tx, "inventory", &[order_id]).await?;
+    cx.state::<Held>().insert(order_id.to_string());
+    Ok(())
 }
+
+/// The orders whose lock this transaction holds.
+type Held = HashSet<String>;
 
 /// The SKUs an event names: its `sku`, and the `sku` of each of its `lines`.
 fn skus_named(event: &Envelope) -> impl Iterator<Item = &str> {
@@ -308,7 +316,7 @@ impl Inventory {
                 d.order_id
             )));
         }
-        lock_order(cx.tx, &d.order_id).await?;
+        lock_order(cx, &d.order_id).await?;
         if load(cx.tx, &d.order_id).await?.is_some() {
             return Ok(());
         }
@@ -361,7 +369,7 @@ impl Inventory {
     /// order, it leaves released rows behind so that the late `OrderAccepted` reserves nothing.
     async fn release(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderCancelled = events::decode(event)?;
-        lock_order(cx.tx, &d.order_id).await?;
+        lock_order(cx, &d.order_id).await?;
         let released = match load(cx.tx, &d.order_id).await? {
             None => {
                 let lines = per_sku(&d.lines, &d.order_id)?;
@@ -412,7 +420,7 @@ impl Inventory {
     /// The parcel left: the reserved units leave the warehouse.
     async fn commit(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderShipped = events::decode(event)?;
-        lock_order(cx.tx, &d.order_id).await?;
+        lock_order(cx, &d.order_id).await?;
         let Some(r) = load(cx.tx, &d.order_id).await? else {
             return Err(HandlerError::permanent(format!(
                 "order {} shipped without a reservation",
@@ -458,7 +466,7 @@ impl Inventory {
         cx: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         let d: DeliveryFailed = events::decode(event)?;
-        lock_order(cx.tx, &d.order_id).await?;
+        lock_order(cx, &d.order_id).await?;
         let restocked = match load(cx.tx, &d.order_id).await? {
             None => {
                 let lines = per_sku(&d.lines, &d.order_id)?;
@@ -529,9 +537,17 @@ impl Handler for Inventory {
 
     /// The order-id locks, then the stock rows of every SKU the events name or the orders
     /// have reserved, each in key order: the order a single event takes them in.
-    async fn lock_group(&self, tx: &Tx, events: &[&Envelope]) -> Result<(), HandlerError> {
+    async fn lock_group(
+        &self,
+        tx: &Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
         let ids = sorted_order_ids(events);
         lock_order_ids(tx, "inventory", &ids).await?;
+        state
+            .get::<Held>()
+            .extend(ids.iter().map(|id| id.to_string()));
         let skus: Vec<&str> = events.iter().flat_map(|e| skus_named(e)).collect();
         tx.execute_cached(
             "SELECT 1 FROM stock

@@ -2,6 +2,8 @@
 //! get a decoded event and a database transaction, write their effects, and emit events into
 //! the outbox through [`Context::emit`]. The runtime commits, acknowledges and retries.
 
+use std::any::Any;
+
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
@@ -36,9 +38,46 @@ pub trait Handler: Send + Sync + 'static {
     /// takes every lock the group's events will take, in one global order (sorted keys), so
     /// that two groups never each hold what the other waits for. A lock taken later in a
     /// different order is still correct (PostgreSQL detects the deadlock and the group's
-    /// events are run alone), only slower.
-    async fn lock_group(&self, _tx: &Tx, _events: &[&Envelope]) -> Result<(), HandlerError> {
+    /// events are run alone), only slower. What it read may be kept in `state`, which the
+    /// group's events see as [`Context::state`].
+    async fn lock_group(
+        &self,
+        _tx: &Tx,
+        _events: &[&Envelope],
+        _state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
         Ok(())
+    }
+
+    /// Called once after the last event of a transaction (one event, or a group) was handled,
+    /// before the commit: writes what the handler deferred in its state. An error rolls the
+    /// transaction back.
+    async fn finish(&self, _tx: &Tx, _state: GroupState) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// What a handler keeps across the events of one transaction: rows it already locked and
+/// read, writes it deferred to [`Handler::finish`]. Empty at the start of every transaction and
+/// dropped with it, so nothing outlives a rollback.
+#[derive(Default)]
+pub struct GroupState(Option<Box<dyn Any + Send + Sync>>);
+
+impl GroupState {
+    /// The state of type `T`, created empty on first use.
+    pub fn get<T: Default + Send + Sync + 'static>(&mut self) -> &mut T {
+        if !self.0.as_ref().is_some_and(|b| b.is::<T>()) {
+            self.0 = Some(Box::<T>::default());
+        }
+        match self.0.as_mut().and_then(|b| b.downcast_mut::<T>()) {
+            Some(t) => t,
+            None => unreachable!("the state was just made a T"),
+        }
+    }
+
+    /// The state of type `T`, if there is one.
+    pub fn into_inner<T: 'static>(self) -> Option<T> {
+        self.0.and_then(|b| b.downcast::<T>().ok()).map(|b| *b)
     }
 }
 
@@ -90,6 +129,7 @@ pub struct Context<'a> {
     /// SQS's ApproximateReceiveCount for this delivery (1 on the first).
     pub receive_count: u32,
     pub(crate) emitted: Vec<NewEvent>,
+    pub(crate) state: GroupState,
 }
 
 impl<'a> Context<'a> {
@@ -98,6 +138,7 @@ impl<'a> Context<'a> {
             tx,
             receive_count,
             emitted: Vec::new(),
+            state: GroupState::default(),
         }
     }
 
@@ -116,6 +157,11 @@ impl<'a> Context<'a> {
             detail,
         });
         Ok(())
+    }
+
+    /// The handler's state for this transaction (see [`GroupState`]).
+    pub fn state<T: Default + Send + Sync + 'static>(&mut self) -> &mut T {
+        self.state.get()
     }
 
     /// The events emitted so far.

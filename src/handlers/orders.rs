@@ -23,7 +23,7 @@
 //! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
 //! whole row. The result does not depend on the order of arrival.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 
@@ -35,7 +35,7 @@ use crate::events::{
     OrderReadyToShip, OrderRejected, PaymentFailed, PaymentStage, RejectionCode, RejectionReason,
     ShipmentCancelRequested, SkuQuantity,
 };
-use crate::handlers::{lock_keys, lock_order_ids, sorted_order_ids, Context, Handler};
+use crate::handlers::{lock_keys, lock_order_ids, sorted_order_ids, Context, GroupState, Handler};
 use crate::outcome::HandlerError;
 
 /// The orders handler.
@@ -331,6 +331,7 @@ async fn lock_order_id(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
 }
 
 /// An order row, locked for the rest of the transaction.
+#[derive(Clone)]
 struct Locked {
     id: String,
     snap: Snapshot,
@@ -339,60 +340,134 @@ struct Locked {
     tracking_number: Option<String>,
 }
 
-async fn lock(tx: &Tx, order_id: &str) -> Result<Option<Locked>, HandlerError> {
-    let row = tx
-        .query_opt_cached(
-            "SELECT status, reservation_state, payment_state, delivery_state, cancel_requested,
-                    cancel_reason, tracking_number
-               FROM orders WHERE id = $1 FOR UPDATE",
-            &[&order_id],
+/// The order rows a transaction locked, as its events last left them. A group reads them all
+/// when it locks them ([`Orders::lock_group`]), its events change them here, and
+/// [`Orders::finish`] writes the changed ones back in one statement before the commit.
+#[derive(Default)]
+struct Rows {
+    locked: HashMap<String, Locked>,
+    changed: BTreeSet<String>,
+}
+
+/// Locks and reads the order rows `ids` (in id order).
+async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Locked>, HandlerError> {
+    let rows = tx
+        .query_cached(
+            "SELECT id, status, reservation_state, payment_state, delivery_state,
+                    cancel_requested, cancel_reason, tracking_number
+               FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
         )
         .await
         .map_err(|e| HandlerError::from_db("locking the order", &e))?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(Locked {
-        id: order_id.to_string(),
-        snap: Snapshot {
-            status: Status::parse(r.get(0))?,
-            reservation: ReservationState::parse(r.get(1))?,
-            payment: PaymentState::parse(r.get(2))?,
-            delivery: DeliveryState::parse(r.get(3))?,
-        },
-        cancel_requested: r.get(4),
-        cancel_reason: r.get(5),
-        tracking_number: r.get(6),
-    }))
+    rows.iter()
+        .map(|r| {
+            Ok(Locked {
+                id: r.get(0),
+                snap: Snapshot {
+                    status: Status::parse(r.get(1))?,
+                    reservation: ReservationState::parse(r.get(2))?,
+                    payment: PaymentState::parse(r.get(3))?,
+                    delivery: DeliveryState::parse(r.get(4))?,
+                },
+                cancel_requested: r.get(5),
+                cancel_reason: r.get(6),
+                tracking_number: r.get(7),
+            })
+        })
+        .collect()
 }
 
-async fn lock_existing(tx: &Tx, order_id: &str) -> Result<Locked, HandlerError> {
-    lock(tx, order_id).await?.ok_or_else(|| {
+/// The order, locked: from this transaction's rows when it has it, else from the table.
+async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<Locked>, HandlerError> {
+    if let Some(o) = cx.state::<Rows>().locked.get(order_id) {
+        return Ok(Some(o.clone()));
+    }
+    let Some(o) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    cx.state::<Rows>()
+        .locked
+        .insert(order_id.to_string(), o.clone());
+    Ok(Some(o))
+}
+
+async fn lock_existing(cx: &mut Context<'_>, order_id: &str) -> Result<Locked, HandlerError> {
+    lock(cx, order_id).await?.ok_or_else(|| {
         // Outcomes answer events orders emitted after inserting the order, so this is a
         // different database or a forged event, not a race.
         HandlerError::permanent(format!("order {order_id} is unknown"))
     })
 }
 
-async fn save(tx: &Tx, o: &Locked) -> Result<(), HandlerError> {
-    tx.execute_cached(
-        "UPDATE orders SET status = $2, reservation_state = $3, payment_state = $4,
-                delivery_state = $5, cancel_requested = $6, cancel_reason = $7,
-                tracking_number = $8, updated_at = now(),
-                terminal_at = CASE WHEN $9 THEN coalesce(terminal_at, now()) END
-          WHERE id = $1",
-        &[
-            &o.id,
-            &o.snap.status.as_str(),
-            &o.snap.reservation.as_str(),
-            &o.snap.payment.as_str(),
-            &o.snap.delivery.as_str(),
-            &o.cancel_requested,
-            &o.cancel_reason,
-            &o.tracking_number,
-            &o.snap.status.is_terminal(),
-        ],
-    )
-    .await
-    .map_err(|e| HandlerError::from_db("updating the order", &e))?;
+/// Keeps `o` as this transaction's version of the order; [`Orders::finish`] writes it.
+fn save(cx: &mut Context<'_>, o: Locked) {
+    let rows = cx.state::<Rows>();
+    rows.changed.insert(o.id.clone());
+    rows.locked.insert(o.id.clone(), o);
+}
+
+/// Writes the changed order rows of `rows` in one statement.
+async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
+    let changed: Vec<&Locked> = rows
+        .changed
+        .iter()
+        .filter_map(|id| rows.locked.get(id))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = changed.iter().map(|o| o.id.as_str()).collect();
+    let status: Vec<&str> = changed.iter().map(|o| o.snap.status.as_str()).collect();
+    let reservation: Vec<&str> = changed
+        .iter()
+        .map(|o| o.snap.reservation.as_str())
+        .collect();
+    let payment: Vec<&str> = changed.iter().map(|o| o.snap.payment.as_str()).collect();
+    let delivery: Vec<&str> = changed.iter().map(|o| o.snap.delivery.as_str()).collect();
+    let cancel_requested: Vec<bool> = changed.iter().map(|o| o.cancel_requested).collect();
+    let cancel_reason: Vec<Option<&str>> =
+        changed.iter().map(|o| o.cancel_reason.as_deref()).collect();
+    let tracking: Vec<Option<&str>> = changed
+        .iter()
+        .map(|o| o.tracking_number.as_deref())
+        .collect();
+    let terminal: Vec<bool> = changed
+        .iter()
+        .map(|o| o.snap.status.is_terminal())
+        .collect();
+    let n = tx
+        .execute_cached(
+            "UPDATE orders o SET status = u.status, reservation_state = u.reservation_state,
+                    payment_state = u.payment_state, delivery_state = u.delivery_state,
+                    cancel_requested = u.cancel_requested, cancel_reason = u.cancel_reason,
+                    tracking_number = u.tracking_number, updated_at = now(),
+                    terminal_at = CASE WHEN u.terminal THEN coalesce(o.terminal_at, now()) END
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                           $6::bool[], $7::text[], $8::text[], $9::bool[])
+                    AS u(id, status, reservation_state, payment_state, delivery_state,
+                         cancel_requested, cancel_reason, tracking_number, terminal)
+              WHERE o.id = u.id",
+            &[
+                &ids,
+                &status,
+                &reservation,
+                &payment,
+                &delivery,
+                &cancel_requested,
+                &cancel_reason,
+                &tracking,
+                &terminal,
+            ],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("updating the orders", &e))?;
+    if n != ids.len() as u64 {
+        return Err(HandlerError::retry(format!(
+            "updated {n} of {} locked orders",
+            ids.len()
+        )));
+    }
     Ok(())
 }
 
@@ -506,7 +581,8 @@ async fn settle(cx: &mut Context<'_>, mut o: Locked) -> Result<(), HandlerError>
         o.snap.status = next;
         apply_effect(cx, &o.id, effect).await?;
     }
-    save(cx.tx, &o).await
+    save(cx, o);
+    Ok(())
 }
 
 /// The one order id every outcome event carries.
@@ -674,7 +750,7 @@ impl Orders {
     ) -> Result<(), HandlerError> {
         let d: OrderCancellationRequested = events::decode(event)?;
         lock_order_id(cx.tx, &d.order_id).await?;
-        let Some(mut o) = lock(cx.tx, &d.order_id).await? else {
+        let Some(mut o) = lock(cx, &d.order_id).await? else {
             cx.tx
                 .execute_cached(
                     "INSERT INTO order_cancellation_requests (order_id, reason) VALUES ($1, $2)
@@ -701,7 +777,8 @@ impl Orders {
                         order_id: o.id.clone(),
                     },
                 )?;
-                save(cx.tx, &o).await
+                save(cx, o);
+                Ok(())
             }
             status => {
                 tracing::info!(
@@ -720,7 +797,7 @@ impl Orders {
         use PaymentState as P;
         use ReservationState as R;
         let order_id = order_ref(event)?;
-        let mut o = lock_existing(cx.tx, &order_id).await?;
+        let mut o = lock_existing(cx, &order_id).await?;
         let s = &mut o.snap;
         let tracking = || {
             event
@@ -802,7 +879,12 @@ impl Handler for Orders {
 
     /// The order-id locks of `OrderPlaced` and `OrderCancellationRequested`, then the
     /// customers that orders being placed upsert, then the order rows, each in key order.
-    async fn lock_group(&self, tx: &Tx, events: &[&Envelope]) -> Result<(), HandlerError> {
+    async fn lock_group(
+        &self,
+        tx: &Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
         let ids = sorted_order_ids(events);
         let customers: BTreeSet<&str> = events
             .iter()
@@ -815,13 +897,19 @@ impl Handler for Orders {
             .chain(customers.into_iter().map(|c| ("customers", c)))
             .collect();
         lock_keys(tx, &keys).await?;
-        tx.execute_cached(
-            "SELECT 1 FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("locking the orders", &e))?;
+        let rows = state.get::<Rows>();
+        for o in select_locked(tx, &ids).await? {
+            rows.locked.insert(o.id.clone(), o);
+        }
         Ok(())
+    }
+
+    /// Writes back the orders this transaction changed.
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
+        match state.into_inner::<Rows>() {
+            Some(rows) => write_back(tx, rows).await,
+            None => Ok(()),
+        }
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

@@ -600,7 +600,12 @@ impl Handler for Payments {
     }
 
     /// The payment rows, in order-id order.
-    async fn lock_group(&self, tx: &Tx, events: &[&Envelope]) -> Result<(), HandlerError> {
+    async fn lock_group(
+        &self,
+        tx: &Tx,
+        events: &[&Envelope],
+        _state: &mut crate::handlers::GroupState,
+    ) -> Result<(), HandlerError> {
         let ids = crate::handlers::sorted_order_ids(events);
         tx.execute_cached(
             "SELECT 1 FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",

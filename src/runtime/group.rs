@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 use super::{commit_with_outbox, execute, panic_text, roll_back, Apply, Executed};
 use crate::db::{Cached, OpenTransaction};
 use crate::envelope::Envelope;
-use crate::handlers::{Context, Handler, NewEvent};
+use crate::handlers::{Context, GroupState, Handler, NewEvent};
 use crate::outcome::HandlerError;
 
 /// Rounds of dropping a failed event and grouping the rest again before the remaining events
@@ -165,7 +165,8 @@ async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u3
         roll_back(open).await;
         return Round::Committed(members.iter().map(|_| Ok(Executed::Duplicate)).collect());
     }
-    if let Err(e) = handler.lock_group(tx, &to_apply).await {
+    let mut state = GroupState::default();
+    if let Err(e) = handler.lock_group(tx, &to_apply, &mut state).await {
         roll_back(open).await;
         return Round::Broken(e);
     }
@@ -177,8 +178,10 @@ async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u3
             continue;
         }
         let mut cx = Context::new(tx, *receive_count);
+        cx.state = std::mem::take(&mut state);
         let handled = handler.handle(event, &mut cx).await;
         let mine = std::mem::take(&mut cx.emitted);
+        state = std::mem::take(&mut cx.state);
         drop(cx);
         if let Err(error) = handled {
             roll_back(open).await;
@@ -188,6 +191,10 @@ async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u3
             emitted: mine.len(),
         }));
         emitted.extend(mine);
+    }
+    if let Err(e) = handler.finish(tx, state).await {
+        roll_back(open).await;
+        return Round::Broken(e);
     }
     match commit_with_outbox(open, &handler.source(), &emitted).await {
         Ok(()) => Round::Committed(answers),

@@ -259,8 +259,13 @@ pub async fn execute(
     let mut cx = Context::new(tx, receive_count);
     let handled = handler.handle(event, &mut cx).await;
     let emitted = std::mem::take(&mut cx.emitted);
+    let state = std::mem::take(&mut cx.state);
     drop(cx);
-    if let Err(e) = handled {
+    let finished = match handled {
+        Ok(()) => handler.finish(tx, state).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = finished {
         roll_back(open).await;
         return Err(e);
     }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use orderfleet::aws::Clients;
+use orderfleet::runtime::backoff::RetryPolicy;
+use orderfleet::runtime::{ConsumerConfig, QueueFacts};
 use orderfleet::topology::Topology;
 use serde_json::Value;
 
@@ -229,6 +231,24 @@ pub async fn send_bodies(clients: &Clients, queue_url: &str, bodies: &[String]) 
             "failed entries: {:?}",
             out.failed()
         );
+    }
+}
+
+/// Consumer settings for a test on the queue `facts` describes: 8 handlers at once, one receive
+/// loop, 1 s polls, quick deletes, the queue's own visibility timeout and receive limit.
+pub fn consumer_config(facts: &QueueFacts) -> ConsumerConfig {
+    ConsumerConfig {
+        queue_url: facts.queue_url.clone(),
+        dlq_url: facts.dlq_url.clone(),
+        concurrency: 8,
+        receivers: 1,
+        wait_time_secs: 1,
+        visibility_timeout: facts.visibility_timeout,
+        handler_timeout: Duration::from_secs(20),
+        retry: RetryPolicy::default(),
+        max_receive_count: facts.max_receive_count,
+        delete_flush: Duration::from_millis(5),
+        shutdown_grace: Duration::from_secs(10),
     }
 }
 
