@@ -236,7 +236,8 @@ async fn a_transient_failure_in_a_group_is_retried_later_without_a_second_provid
     assert_eq!(payment(&pool, "flk-g-1").await.0, "authorized");
 }
 
-/// Writes a row per event; `Hold` waits until released, `Panic` panics.
+/// Writes a row per event; `Hold` waits until released, `Panic` panics, `Hang` never ends,
+/// `Swallow` ignores a failed statement.
 struct Probe {
     started: Notify,
     release: Notify,
@@ -263,14 +264,18 @@ impl Handler for Probe {
                 self.release.notified().await;
             }
             "Panic" => panic!("probe told to panic"),
+            "Hang" => std::future::pending::<()>().await,
+            // A handler bug: a failed statement ignored, which aborts the transaction.
+            "Swallow" => {
+                let _ = cx.tx.batch_execute("SELECT 1 / 0").await;
+            }
             _ => {}
         }
         Ok(())
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_in_a_group_commits_none_of_it_and_answers_each_event_with_a_retry() {
+async fn probe_db() -> deadpool_postgres::Pool {
     let (pool, _) = common::fresh_db().await;
     pool.get()
         .await
@@ -278,6 +283,43 @@ async fn a_panic_in_a_group_commits_none_of_it_and_answers_each_event_with_a_ret
         .batch_execute("CREATE TABLE probe_rows (key text PRIMARY KEY)")
         .await
         .unwrap();
+    pool
+}
+
+/// A group of `kinds` behind a held event, on a grouper with one transaction: they queue while
+/// the held event runs, then run as one group. Returns each one's answer.
+async fn queued_group(
+    group: &GroupCommit,
+    probe: &Probe,
+    kinds: &[&str],
+) -> (Vec<Envelope>, Vec<Result<Executed, HandlerError>>) {
+    let hold = envelope("Hold", json!({}));
+    let first = {
+        let group = group.clone();
+        tokio::spawn(async move { group.apply(&hold, 1).await })
+    };
+    probe.started.notified().await;
+    let queued: Vec<Envelope> = kinds.iter().map(|t| envelope(t, json!({}))).collect();
+    let mut waiting = Vec::new();
+    for event in queued.clone() {
+        let group = group.clone();
+        waiting.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+    }
+    common::wait_for(Duration::from_secs(10), "the events queued", || {
+        let n = group.queued();
+        async move { (n == kinds.len()).then_some(()) }
+    })
+    .await;
+    probe.release.notify_one();
+    assert!(applied(&first.await.unwrap()));
+    let mut answers = Vec::new();
+    for w in waiting {
+        answers.push(w.await.unwrap());
+    }
+    (queued, answers)
+}
+
+fn probe_group(pool: &deadpool_postgres::Pool, timeout: Duration) -> (Arc<Probe>, GroupCommit) {
     let probe = Arc::new(Probe {
         started: Notify::new(),
         release: Notify::new(),
@@ -288,64 +330,107 @@ async fn a_panic_in_a_group_commits_none_of_it_and_answers_each_event_with_a_ret
         GroupConfig {
             max_group: 32,
             transactions: 1,
-            timeout: Duration::from_secs(20),
+            timeout,
         },
     );
+    (probe, group)
+}
 
-    // The only transaction is held by one event while five queue behind it.
-    let hold = envelope("Hold", json!({}));
-    let first = {
-        let group = group.clone();
-        tokio::spawn(async move { group.apply(&hold, 1).await })
-    };
-    probe.started.notified().await;
-    let queued: Vec<Envelope> = ["Ok", "Ok", "Panic", "Ok", "Ok"]
-        .iter()
-        .map(|t| envelope(t, json!({})))
-        .collect();
-    let mut waiting = Vec::new();
-    for event in queued.clone() {
-        let group = group.clone();
-        waiting.push(tokio::spawn(async move { group.apply(&event, 1).await }));
-    }
-    common::wait_for(Duration::from_secs(10), "five events queued", || {
-        let n = group.queued();
-        async move { (n == 5).then_some(()) }
-    })
-    .await;
-    probe.release.notify_one();
+async fn idle_in_transaction(pool: &deadpool_postgres::Pool) -> i64 {
+    common::scalar(
+        pool,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    )
+    .await
+}
 
-    assert!(applied(&first.await.unwrap()));
-    for w in waiting {
-        match w.await.unwrap() {
-            Err(HandlerError::Retry { reason, .. }) => {
-                assert!(reason.contains("panicked"), "{reason}")
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_group_costs_only_that_event_a_retry_and_its_neighbours_commit() {
+    let pool = probe_db().await;
+    let (probe, group) = probe_group(&pool, Duration::from_secs(20));
+    let (queued, answers) = queued_group(&group, &probe, &["Ok", "Ok", "Panic", "Ok", "Ok"]).await;
+
+    for (event, answer) in queued.iter().zip(&answers) {
+        if event.detail_type == "Panic" {
+            match answer {
+                Err(HandlerError::Retry { reason, .. }) => {
+                    assert!(reason.contains("probe told to panic"), "{reason}")
+                }
+                other => panic!("expected a retry, got {other:?}"),
             }
-            other => panic!("expected a retry, got {other:?}"),
+        } else {
+            assert!(applied(answer), "{answer:?}");
         }
     }
-    let stats = group.stats();
-    assert_eq!((stats.events, stats.groups), (6, 2));
-    assert_eq!(
-        common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
-        1,
-        "only the held event's row may be committed"
-    );
-    // The runner survived: the good events go through when received again, and the panicked
-    // transaction left no connection idle in it.
-    for event in queued.iter().filter(|e| e.detail_type == "Ok") {
-        assert!(applied(&group.apply(event, 2).await));
-    }
+    // The held event and the four good ones; nothing of the panicking one.
     assert_eq!(
         common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
         5
     );
-    let open = common::scalar(
-        &pool,
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+    assert_eq!(idle_in_transaction(&pool).await, 0);
+    let stats = group.stats();
+    assert_eq!((stats.events, stats.groups), (6, 2));
+    // The failed group and the regrouped four, besides the held event's own.
+    assert_eq!(stats.transactions, 3);
+    // The runner survived: received again, the good ones are duplicates.
+    for event in queued.iter().filter(|e| e.detail_type == "Ok") {
+        assert_eq!(group.apply(event, 2).await.unwrap(), Executed::Duplicate);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_hangs_in_a_group_times_out_alone_and_its_neighbours_commit() {
+    let pool = probe_db().await;
+    let (probe, group) = probe_group(&pool, Duration::from_secs(1));
+    let (queued, answers) = queued_group(&group, &probe, &["Ok", "Hang", "Ok"]).await;
+    assert!(applied(&answers[0]) && applied(&answers[2]), "{answers:?}");
+    match &answers[1] {
+        Err(HandlerError::Retry { reason, .. }) => {
+            assert!(reason.contains("timed out"), "{reason}")
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(queued[1].detail_type, "Hang");
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
+        3
     );
-    assert_eq!(open.await, 0);
+    assert_eq!(idle_in_transaction(&pool).await, 0);
+}
+
+#[tokio::test]
+async fn a_transaction_aborted_by_a_swallowed_error_is_never_reported_as_applied() {
+    let pool = probe_db().await;
+    let probe = Probe {
+        started: Notify::new(),
+        release: Notify::new(),
+    };
+    // Alone: the COMMIT would quietly roll back; the check in front of it fails instead.
+    let swallow = envelope("Swallow", json!({}));
+    match runtime::execute(&probe, &pool, &swallow, 1).await {
+        Err(HandlerError::Permanent { reason }) => {
+            assert!(reason.contains("aborted"), "{reason}")
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    // In a group: the group cannot commit, so each event is judged alone.
+    let events = vec![
+        envelope("Ok", json!({})),
+        envelope("Swallow", json!({})),
+        envelope("Ok", json!({})),
+    ];
+    let outcome = execute_group(&probe, &pool, &refs(&events, 1)).await;
+    assert!(applied(&outcome.results[0]) && applied(&outcome.results[2]));
+    assert!(outcome.results[1].is_err(), "{:?}", outcome.results[1]);
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
+        2
+    );
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM processed_messages").await,
+        2
+    );
 }
 
 #[tokio::test]
@@ -399,7 +484,7 @@ async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
         let c = counters.clone();
         async move {
             let s = c.snapshot();
-            (s.succeeded + s.duplicates == 120).then_some(())
+            (s.succeeded + s.duplicates >= 120).then_some(())
         }
     })
     .await;
@@ -408,12 +493,14 @@ async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
     background.cancel();
 
     let s = counters.snapshot();
-    assert_eq!((s.succeeded, s.duplicates), (60, 60));
+    // Each distinct event applied once; SQS may deliver any message more than once.
+    assert_eq!(s.succeeded, 60);
+    assert!(s.duplicates >= 60, "{s:?}");
     assert_eq!(stock(&pool, "BUSY-G").await.0, 60);
     let stats = group.stats();
-    assert_eq!(stats.events, 120);
+    assert!(stats.events >= 120, "{stats:?}");
     assert!(
-        stats.groups < stats.events,
-        "no two messages shared a transaction: {stats:?}"
+        stats.groups * 2 <= stats.events,
+        "groups averaged fewer than two messages: {stats:?}"
     );
 }

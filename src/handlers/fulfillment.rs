@@ -155,6 +155,17 @@ impl Handler for Fulfillment {
         self.carrier.answers_locally()
     }
 
+    /// The order-id locks, in order-id order: events of a group create and change shipments.
+    async fn lock_group(
+        &self,
+        tx: &crate::db::Tx,
+        events: &[&Envelope],
+        _state: &mut crate::handlers::GroupState,
+    ) -> Result<(), HandlerError> {
+        let ids = crate::handlers::sorted_order_ids(events);
+        crate::handlers::lock_order_ids(tx, "fulfillment", &ids).await
+    }
+
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
             "OrderReadyToShip" => self.ship(event, cx).await,

@@ -15,7 +15,7 @@
 //! (`ORDER BY sku FOR UPDATE`), so two reservations never deadlock and never both take the last
 //! unit. The CHECK constraints on `stock` (never negative, reserved ≤ on_hand) back this up.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use async_trait::async_trait;
 
@@ -26,7 +26,7 @@ use crate::events::{
     InventoryReserved, Meta, OrderAccepted, OrderCancelled, OrderShipped, ProductUpserted,
     ReleaseReason, Shortage, SkuQuantity, StockReceived,
 };
-use crate::handlers::{lock_order_ids, sorted_order_ids, Context, GroupState, Handler};
+use crate::handlers::{lock_keys, lock_order_ids, sorted_order_ids, Context, GroupState, Handler};
 use crate::outcome::HandlerError;
 
 /// The inventory handler.
@@ -544,11 +544,18 @@ impl Handler for Inventory {
         state: &mut GroupState,
     ) -> Result<(), HandlerError> {
         let ids = sorted_order_ids(events);
-        lock_order_ids(tx, "inventory", &ids).await?;
+        let skus: BTreeSet<&str> = events.iter().flat_map(|e| skus_named(e)).collect();
+        // The SKU locks cover stock rows an event is about to create.
+        let keys: Vec<(&str, &str)> = ids
+            .iter()
+            .map(|id| ("inventory", *id))
+            .chain(skus.iter().map(|sku| ("sku", *sku)))
+            .collect();
+        lock_keys(tx, &keys).await?;
         state
             .get::<Held>()
             .extend(ids.iter().map(|id| id.to_string()));
-        let skus: Vec<&str> = events.iter().flat_map(|e| skus_named(e)).collect();
+        let skus: Vec<&str> = skus.into_iter().collect();
         tx.execute_cached(
             "SELECT 1 FROM stock
               WHERE sku = ANY($1)

@@ -599,7 +599,8 @@ impl Handler for Payments {
         self.provider.answers_locally()
     }
 
-    /// The payment rows, in order-id order.
+    /// The order-id locks, then the payment rows, each in order-id order. The locks cover
+    /// the orders whose payment row an event of the group is about to create.
     async fn lock_group(
         &self,
         tx: &Tx,
@@ -607,6 +608,7 @@ impl Handler for Payments {
         _state: &mut crate::handlers::GroupState,
     ) -> Result<(), HandlerError> {
         let ids = crate::handlers::sorted_order_ids(events);
+        crate::handlers::lock_order_ids(tx, "payments", &ids).await?;
         tx.execute_cached(
             "SELECT 1 FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
             &[&ids],

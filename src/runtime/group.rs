@@ -9,12 +9,21 @@
 //!
 //! The outcome of each event is what a transaction of its own would have given:
 //! - an event whose handler fails rolls the group back. A retryable failure is that event's
-//!   answer (it is received again later, as alone); any other failure is run again alone, in
-//!   a transaction of its own, so a permanent verdict never rests on its neighbours. The
-//!   others are grouped again without it.
-//! - when the group itself cannot run (no connection, a deadlock while locking, a failed
-//!   `COMMIT`), every event is run alone.
+//!   answer (it is received again later, as alone); so is a panic or running past the
+//!   handler timeout, which cost only that event a receive. Any other failure is run again
+//!   alone, in a transaction of its own, so a permanent verdict never rests on its
+//!   neighbours. The others are grouped again without it.
+//! - when the group itself cannot run (a deadlock while locking, a failed `COMMIT`), every
+//!   event is run alone; when no connection can be had, every event is answered with a retry.
+//! - an event whose consumer stopped waiting (its own timeout) is not committed: it will be
+//!   received again.
 //! - an event claimed before, or twice in one group, is a duplicate; nothing is applied twice.
+//!
+//! Deadlocks: every grouping handler's [`Handler::lock_group`] takes the advisory locks of the
+//! group's order ids (and SKUs) and the rows it will change in sorted order, before handling
+//! anything, so two groups that share an order or a SKU queue instead of deadlocking. A lock
+//! the handler takes later that `lock_group` did not foresee can still deadlock; PostgreSQL
+//! then aborts one transaction, and the event that hit it is answered with a retry.
 //!
 //! [`GroupCommit`] forms the groups. It is an [`Apply`]: each consumer task hands it one event
 //! and awaits the answer. At most `transactions` groups of a handler run at once; events that
@@ -31,7 +40,10 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::sync::oneshot;
 
-use super::{commit_with_outbox, execute, panic_text, roll_back, Apply, Executed};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+
+use super::{commit_with_outbox, execute, panic_text, payload_text, roll_back, Apply, Executed};
 use crate::db::{Cached, OpenTransaction};
 use crate::envelope::Envelope;
 use crate::handlers::{Context, GroupState, Handler, NewEvent};
@@ -50,12 +62,41 @@ pub struct GroupOutcome {
     pub transactions: u32,
 }
 
-/// Applies `events` (each with its receive count) with `handler`, as few transactions as the
-/// failures allow. See the module documentation.
+/// Limits of one [`execute_group_with`] run.
+pub struct Limits<'a> {
+    /// One event's handling longer than this is abandoned and answered with a retry.
+    pub event_timeout: Duration,
+    /// Whether event `i` still has someone waiting for its answer. An event nobody waits for
+    /// any more (its consumer timed out and will see it again) is not committed: the group
+    /// rolls back and goes on without it.
+    pub wanted: &'a (dyn Fn(usize) -> bool + Sync),
+}
+
+impl Default for Limits<'_> {
+    fn default() -> Self {
+        Limits {
+            event_timeout: Duration::from_secs(30),
+            wanted: &|_| true,
+        }
+    }
+}
+
+/// Applies `events` (each with its receive count) with `handler`, in as few transactions as
+/// the failures allow. See the module documentation.
 pub async fn execute_group(
     handler: &dyn Handler,
     pool: &Pool,
     events: &[(&Envelope, u32)],
+) -> GroupOutcome {
+    execute_group_with(handler, pool, events, &Limits::default()).await
+}
+
+/// [`execute_group`] with limits.
+pub async fn execute_group_with(
+    handler: &dyn Handler,
+    pool: &Pool,
+    events: &[(&Envelope, u32)],
+    limits: &Limits<'_>,
 ) -> GroupOutcome {
     let mut results: Vec<Option<Result<Executed, HandlerError>>> =
         events.iter().map(|_| None).collect();
@@ -64,10 +105,19 @@ pub async fn execute_group(
     let mut transactions = 0;
     let mut rounds = 0;
     while members.len() > 1 && rounds < MAX_ROUNDS {
+        members.retain(|&i| {
+            let wanted = (limits.wanted)(i);
+            if !wanted {
+                results[i] = Some(Err(HandlerError::retry(NOT_WANTED)));
+            }
+            wanted
+        });
+        if members.len() <= 1 {
+            break;
+        }
         rounds += 1;
         transactions += 1;
-        let group: Vec<(&Envelope, u32)> = members.iter().map(|&i| events[i]).collect();
-        match try_group(handler, pool, &group).await {
+        match try_group(handler, pool, events, &members, limits).await {
             Round::Committed(answers) => {
                 for (&i, answer) in members.iter().zip(answers) {
                     results[i] = Some(answer);
@@ -87,6 +137,14 @@ pub async fn execute_group(
                     _ => alone.push(i),
                 }
             }
+            Round::Unavailable(error) => {
+                // No connection: running the events one by one would wait for one each.
+                let reason = error.to_string();
+                for &i in &members {
+                    results[i] = Some(Err(HandlerError::retry(reason.clone())));
+                }
+                members.clear();
+            }
             Round::Broken(error) => {
                 tracing::debug!(
                     handler = handler.name(),
@@ -101,9 +159,18 @@ pub async fn execute_group(
     alone.append(&mut members);
     alone.sort_unstable();
     for i in alone {
+        if !(limits.wanted)(i) {
+            results[i] = Some(Err(HandlerError::retry(NOT_WANTED)));
+            continue;
+        }
         transactions += 1;
         let (event, receive_count) = events[i];
-        results[i] = Some(execute(handler, pool, event, receive_count).await);
+        let run = guarded(execute(handler, pool, event, receive_count));
+        results[i] = Some(
+            tokio::time::timeout(limits.event_timeout, run)
+                .await
+                .unwrap_or_else(|_| Err(timed_out(limits.event_timeout))),
+        );
     }
     GroupOutcome {
         results: results
@@ -114,26 +181,54 @@ pub async fn execute_group(
     }
 }
 
+const NOT_WANTED: &str = "nobody waits for this event any more; it will be received again";
+
+fn timed_out(limit: Duration) -> HandlerError {
+    HandlerError::retry(format!("handler timed out after {}s", limit.as_secs_f64()))
+}
+
+/// Runs a handler's future, turning a panic into a retry of that event alone.
+async fn guarded<T>(
+    run: impl std::future::Future<Output = Result<T, HandlerError>>,
+) -> Result<T, HandlerError> {
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => Err(HandlerError::retry(format!(
+            "handler panicked: {}",
+            payload_text(&*payload)
+        ))),
+    }
+}
+
 enum Round {
     /// One answer per member, in order.
     Committed(Vec<Result<Executed, HandlerError>>),
-    /// The handler failed on member `at`; the transaction was rolled back.
+    /// Member `at` failed (or timed out, panicked, or was given up on); the transaction was
+    /// rolled back.
     Failed { at: usize, error: HandlerError },
+    /// No connection could be had.
+    Unavailable(HandlerError),
     /// The group could not run or commit; the transaction was rolled back.
     Broken(HandlerError),
 }
 
-async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u32)]) -> Round {
+async fn try_group(
+    handler: &dyn Handler,
+    pool: &Pool,
+    events: &[(&Envelope, u32)],
+    members: &[usize],
+    limits: &Limits<'_>,
+) -> Round {
     let conn = match pool.get().await {
         Ok(conn) => conn,
-        Err(e) => return Round::Broken(e.into()),
+        Err(e) => return Round::Unavailable(e.into()),
     };
     let open = OpenTransaction::new(conn);
     let tx = open.tx();
-    let keys: Vec<&str> = members.iter().map(|(e, _)| e.event_key()).collect();
+    let keys: Vec<&str> = members.iter().map(|&i| events[i].0.event_key()).collect();
     let types: Vec<&str> = members
         .iter()
-        .map(|(e, _)| e.detail_type.as_str())
+        .map(|&i| events[i].0.detail_type.as_str())
         .collect();
     let (begun, claimed) = tokio::join!(
         tx.batch_execute("BEGIN"),
@@ -159,7 +254,7 @@ async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u3
         .iter()
         .zip(&fresh)
         .filter(|(_, f)| **f)
-        .map(|((e, _), _)| *e)
+        .map(|(&i, _)| events[i].0)
         .collect();
     if to_apply.is_empty() {
         roll_back(open).await;
@@ -172,14 +267,24 @@ async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u3
     }
     let mut answers = Vec::with_capacity(members.len());
     let mut emitted: Vec<NewEvent> = Vec::new();
-    for (at, ((event, receive_count), fresh)) in members.iter().zip(&fresh).enumerate() {
+    for (at, (&i, fresh)) in members.iter().zip(&fresh).enumerate() {
         if !fresh {
             answers.push(Ok(Executed::Duplicate));
             continue;
         }
-        let mut cx = Context::new(tx, *receive_count);
+        let (event, receive_count) = events[i];
+        let mut cx = Context::new(tx, receive_count);
         cx.state = std::mem::take(&mut state);
-        let handled = handler.handle(event, &mut cx).await;
+        let run = guarded(handler.handle(event, &mut cx));
+        let Ok(handled) = tokio::time::timeout(limits.event_timeout, run).await else {
+            // A statement may still be running: close the connection rather than wait for it.
+            drop(cx);
+            drop(open);
+            return Round::Failed {
+                at,
+                error: timed_out(limits.event_timeout),
+            };
+        };
         let mine = std::mem::take(&mut cx.emitted);
         state = std::mem::take(&mut cx.state);
         drop(cx);
@@ -195,6 +300,13 @@ async fn try_group(handler: &dyn Handler, pool: &Pool, members: &[(&Envelope, u3
     if let Err(e) = handler.finish(tx, state).await {
         roll_back(open).await;
         return Round::Broken(e);
+    }
+    if let Some(at) = members.iter().position(|&i| !(limits.wanted)(i)) {
+        roll_back(open).await;
+        return Round::Failed {
+            at,
+            error: HandlerError::retry(NOT_WANTED),
+        };
     }
     match commit_with_outbox(open, &handler.source(), &emitted).await {
         Ok(()) => Round::Committed(answers),
@@ -332,6 +444,8 @@ impl Inner {
     /// Takes the next group, or retires this runner when nothing waits.
     fn next_group(&self) -> Option<Vec<Request>> {
         let mut state = self.lock();
+        // Events whose consumer stopped waiting are not run: it will receive them again.
+        state.queue.retain(|r| !r.reply.is_closed());
         if state.queue.is_empty() {
             state.running -= 1;
             return None;
@@ -346,18 +460,31 @@ async fn run(inner: Arc<Inner>) {
     while let Some(group) = inner.next_group() {
         let (events, replies): (Vec<(Envelope, u32)>, Vec<_>) = group
             .into_iter()
-            .map(|r| ((r.event, r.receive_count), r.reply))
+            .map(|r| ((r.event, r.receive_count), Some(r.reply)))
             .unzip();
         let n = events.len();
-        let (handler, pool) = (inner.handler.clone(), inner.pool.clone());
-        // Its own task, so that a panic is caught; aborting it drops the open transaction,
-        // which closes the connection.
+        let replies = Arc::new(Mutex::new(replies));
+        let (handler, pool, event_timeout) =
+            (inner.handler.clone(), inner.pool.clone(), inner.cfg.timeout);
+        let waiting = replies.clone();
+        // Its own task, so that nothing it does can take the runner down; aborting it drops
+        // the open transaction, which closes the connection.
         let mut task = tokio::spawn(async move {
             let refs: Vec<(&Envelope, u32)> = events.iter().map(|(e, c)| (e, *c)).collect();
-            execute_group(&*handler, &pool, &refs).await
+            let wanted = |i: usize| {
+                let replies = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                replies[i].as_ref().is_some_and(|r| !r.is_closed())
+            };
+            let limits = Limits {
+                event_timeout,
+                wanted: &wanted,
+            };
+            execute_group_with(&*handler, &pool, &refs, &limits).await
         });
+        // A backstop only: every event already has its own time limit.
+        let backstop = inner.cfg.timeout * 2 + Duration::from_secs(5);
         let answers: Vec<Result<Executed, HandlerError>> =
-            match tokio::time::timeout(inner.cfg.timeout, &mut task).await {
+            match tokio::time::timeout(backstop, &mut task).await {
                 Ok(Ok(outcome)) => {
                     inner
                         .transactions
@@ -376,20 +503,17 @@ async fn run(inner: Arc<Inner>) {
                 }
                 Err(_) => {
                     task.abort();
-                    let why = format!(
-                        "handler timed out after {}s",
-                        inner.cfg.timeout.as_secs_f64()
-                    );
-                    (0..n)
-                        .map(|_| Err(HandlerError::retry(why.clone())))
-                        .collect()
+                    (0..n).map(|_| Err(timed_out(backstop))).collect()
                 }
             };
         inner.groups.fetch_add(1, Relaxed);
         inner.events.fetch_add(n as u64, Relaxed);
-        for (reply, answer) in replies.into_iter().zip(answers) {
-            // The caller may have given up waiting (its own timeout); the answer is moot then.
-            let _ = reply.send(answer);
+        let mut replies = replies.lock().unwrap_or_else(|p| p.into_inner());
+        for (reply, answer) in replies.iter_mut().zip(answers) {
+            if let Some(reply) = reply.take() {
+                // The caller may have given up waiting (its own timeout); the answer is moot.
+                let _ = reply.send(answer);
+            }
         }
     }
 }

@@ -291,10 +291,28 @@ async fn commit_with_outbox(
             return Err(e);
         }
     };
+    // With no rows to write, a prepared `SELECT 1` goes in their place: PostgreSQL answers a
+    // COMMIT of an aborted transaction with a rollback, not an error, so something in front of
+    // it has to fail.
+    let probe = match &rows {
+        Some(_) => None,
+        None => match tx.prepare_cached("SELECT 1").await {
+            Ok(probe) => Some(probe),
+            Err(e) => {
+                roll_back(open).await;
+                return Err(HandlerError::from_db("preparing the commit check", &e));
+            }
+        },
+    };
     let written = async {
-        match &rows {
-            Some(rows) => rows.write(tx).await,
-            None => Ok(()),
+        match (&rows, &probe) {
+            (Some(rows), _) => rows.write(tx).await,
+            (None, Some(probe)) => tx
+                .query(probe, &[])
+                .await
+                .map(drop)
+                .map_err(|e| HandlerError::from_db("checking the transaction", &e)),
+            (None, None) => Ok(()),
         }
     };
     let (written, committed) = tokio::join!(written, tx.batch_execute("COMMIT"));
@@ -681,7 +699,11 @@ async fn run_guarded(
 }
 
 fn panic_text(join: tokio::task::JoinError) -> String {
-    let payload = join.into_panic();
+    payload_text(&*join.into_panic())
+}
+
+/// A panic's message.
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
