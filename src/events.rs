@@ -70,7 +70,8 @@ impl Meta {
 /// it); a version other than [`VERSION`] is permanent (a newer producer: redrive after an
 /// upgrade).
 pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
-    let payload: T = serde_json::from_value(event.detail.clone()).map_err(|e| {
+    // Deserialised from the borrowed detail: no copy of the JSON tree.
+    let payload = T::deserialize(&event.detail).map_err(|e| {
         HandlerError::poison(format!(
             "{} detail does not match its schema: {e}",
             event.detail_type

@@ -59,7 +59,7 @@ impl OutboxRows {
     pub async fn prepare(
         tx: &Tx,
         source: &str,
-        events: &[NewEvent],
+        events: Vec<NewEvent>,
     ) -> Result<Option<Self>, HandlerError> {
         if events.is_empty() {
             return Ok(None);
@@ -81,12 +81,12 @@ impl OutboxRows {
         };
         for ev in events {
             let id = Uuid::new_v4();
-            let mut detail = ev.detail.clone();
+            let mut detail = ev.detail;
             if let Value::Object(map) = &mut detail {
                 map.insert("event_id".into(), Value::String(id.to_string()));
             }
             rows.ids.push(id);
-            rows.detail_types.push(ev.detail_type.clone());
+            rows.detail_types.push(ev.detail_type);
             rows.details.push(detail);
         }
         Ok(Some(rows))

@@ -592,7 +592,7 @@ struct OrderRef {
 }
 
 fn order_ref(event: &Envelope) -> Result<String, HandlerError> {
-    serde_json::from_value::<OrderRef>(event.detail.clone())
+    <OrderRef as serde::Deserialize>::deserialize(&event.detail)
         .map(|r| r.order_id)
         .map_err(|e| {
             HandlerError::poison(format!("{} detail has no order_id: {e}", event.detail_type))

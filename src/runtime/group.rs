@@ -308,7 +308,7 @@ async fn try_group(
             error: HandlerError::retry(NOT_WANTED),
         };
     }
-    match commit_with_outbox(open, &handler.source(), &emitted).await {
+    match commit_with_outbox(open, &handler.source(), emitted).await {
         Ok(()) => Round::Committed(answers),
         Err(e) => Round::Broken(e),
     }

@@ -270,7 +270,7 @@ pub async fn execute(
         return Err(e);
     }
     let n = emitted.len();
-    commit_with_outbox(open, &handler.source(), &emitted).await?;
+    commit_with_outbox(open, &handler.source(), emitted).await?;
     Ok(Executed::Applied { emitted: n })
 }
 
@@ -281,7 +281,7 @@ pub async fn execute(
 async fn commit_with_outbox(
     open: OpenTransaction,
     source: &str,
-    emitted: &[crate::handlers::NewEvent],
+    emitted: Vec<crate::handlers::NewEvent>,
 ) -> Result<(), HandlerError> {
     let tx = open.tx();
     let rows = match outbox::OutboxRows::prepare(tx, source, emitted).await {
