@@ -55,10 +55,12 @@ def options(text):
             cur["env"] = env.group(1)
         if default:
             cur["default"] = default.group(1)
+        # Text before clap's bracketed notes is part of the description.
+        rest = re.sub(r"\s*\[(env|default|possible values): [^\]]*\]", "", s).strip()
+        if rest:
+            cur["desc"].append(rest)
         if values:
-            cur["desc"].append("One of: " + values.group(1) + ".")
-        if not (env or default or values):
-            cur["desc"].append(s)
+            cur["desc"].append("(one of: " + values.group(1) + ")")
     if cur:
         rows.append(cur)
     return [r for r in rows if r["flag"] not in ("--help", "--version")]
