@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 use orderfleet::db::Cached;
 use orderfleet::envelope::Envelope;
-use orderfleet::handlers::{Context, Handler};
+use orderfleet::handlers::{Context, GroupState, Handler};
 use orderfleet::metrics::Counters;
 use orderfleet::outcome::HandlerError;
 use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
@@ -54,11 +54,19 @@ async fn accepted_orders(
     sku: &str,
     token: &str,
 ) -> Vec<Envelope> {
-    for id in ids {
-        fleet
-            .publish_event(&order(id, &[(sku, 1, 999)], token))
-            .await
-            .unwrap();
+    let lines = vec![vec![(sku, 1, 999)]; ids.len()];
+    accepted_orders_of(fleet, ids, &lines, token).await
+}
+
+/// The `OrderAccepted` events of `orders`, the i-th placed with `lines[i]`.
+async fn accepted_orders_of(
+    fleet: &orderfleet::inproc::Fleet,
+    ids: &[String],
+    lines: &[Vec<(&str, i64, i64)>],
+    token: &str,
+) -> Vec<Envelope> {
+    for (id, lines) in ids.iter().zip(lines) {
+        fleet.publish_event(&order(id, lines, token)).await.unwrap();
     }
     for placed in fleet.take(ids.len()).await.unwrap() {
         fleet.deliver(&placed).await;
@@ -69,16 +77,66 @@ async fn accepted_orders(
     accepted
 }
 
+/// A handler whose groups all wait for each other before taking their locks, so that they
+/// really contend instead of running one after the other.
+struct AtOnce {
+    inner: Arc<dyn Handler>,
+    barrier: tokio::sync::Barrier,
+}
+
+#[async_trait]
+impl Handler for AtOnce {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn group_commit(&self) -> bool {
+        true
+    }
+    async fn lock_group(
+        &self,
+        tx: &orderfleet::db::Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
+        // Bounded, so that a group run a second time cannot hang the test.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.barrier.wait()).await;
+        self.inner.lock_group(tx, events, state).await
+    }
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        self.inner.handle(event, cx).await
+    }
+    async fn finish(&self, tx: &orderfleet::db::Tx, state: GroupState) -> Result<(), HandlerError> {
+        self.inner.finish(tx, state).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn four_groups_at_once_for_the_last_five_units_reserve_exactly_five() {
+async fn four_groups_at_once_for_the_last_units_of_two_skus_sell_each_once_without_deadlock() {
     let fleet = fleet().await;
     let pool = fleet.pool().clone();
-    stock_sku(&fleet, "LAST-G", 999, 5).await;
+    stock_sku(&fleet, "LAST-A", 999, 5).await;
+    stock_sku(&fleet, "LAST-B", 999, 5).await;
     let ids: Vec<String> = (0..20).map(|i| format!("grp-{i:02}")).collect();
-    let accepted = accepted_orders(&fleet, &ids, "LAST-G", "tok_visa").await;
+    // One line each, alternating the SKUs, and in groups that start with A and groups that
+    // start with B: groups that locked stock event by event would each hold one row the other
+    // waits for, and deadlock.
+    let lines: Vec<Vec<(&str, i64, i64)>> = (0..20)
+        .map(|i| {
+            let sku = if (i / 5 + i % 5) % 2 == 0 {
+                "LAST-A"
+            } else {
+                "LAST-B"
+            };
+            vec![(sku, 1, 999)]
+        })
+        .collect();
+    let accepted = accepted_orders_of(&fleet, &ids, &lines, "tok_visa").await;
 
-    // Four groups of five, each one transaction, all at once.
-    let inventory = fleet.handler(HandlerName::Inventory).unwrap();
+    // Four groups of five, each one transaction, all contending at once.
+    let inventory: Arc<dyn Handler> = Arc::new(AtOnce {
+        inner: fleet.handler(HandlerName::Inventory).unwrap(),
+        barrier: tokio::sync::Barrier::new(4),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in accepted.chunks(5) {
         let (inventory, pool, chunk) = (inventory.clone(), pool.clone(), chunk.to_vec());
@@ -93,9 +151,10 @@ async fn four_groups_at_once_for_the_last_five_units_reserve_exactly_five() {
         );
         assert!(outcome.results.iter().all(applied));
     }
-    assert_eq!(stock(&pool, "LAST-G").await, (5, 5));
-    assert_eq!(emitted(&pool, "InventoryReserved", None).await.len(), 5);
-    assert_eq!(emitted(&pool, "InventoryRejected", None).await.len(), 15);
+    assert_eq!(stock(&pool, "LAST-A").await, (5, 5));
+    assert_eq!(stock(&pool, "LAST-B").await, (5, 5));
+    assert_eq!(emitted(&pool, "InventoryReserved", None).await.len(), 10);
+    assert_eq!(emitted(&pool, "InventoryRejected", None).await.len(), 10);
 
     // The rest of the saga, grouped wherever events meet.
     for event in accepted {
@@ -109,13 +168,14 @@ async fn four_groups_at_once_for_the_last_five_units_reserve_exactly_five() {
         &pool,
         "SELECT count(*) FROM orders WHERE status = 'completed'",
     );
-    assert_eq!(completed.await, 5);
+    assert_eq!(completed.await, 10);
     let cancelled = common::scalar(
         &pool,
         "SELECT count(*) FROM orders WHERE status = 'cancelled'",
     );
-    assert_eq!(cancelled.await, 15);
-    assert_eq!(stock(&pool, "LAST-G").await, (0, 0));
+    assert_eq!(cancelled.await, 10);
+    assert_eq!(stock(&pool, "LAST-A").await, (0, 0));
+    assert_eq!(stock(&pool, "LAST-B").await, (0, 0));
     assert_reservations_match_stock(&pool).await;
     assert_ledger_balances(&pool).await;
 }
