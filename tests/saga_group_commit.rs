@@ -180,6 +180,51 @@ async fn four_groups_at_once_for_the_last_units_of_two_skus_sell_each_once_witho
     assert_ledger_balances(&pool).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_groups_placing_orders_of_the_same_new_customers_in_opposite_order_do_not_deadlock() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "CUS-SKU", 999, 100).await;
+    // The first group places for x1 to x10, the second for x10 down to x1. None of them
+    // exists yet: upserting them event by event, the groups would meet in the middle, each
+    // waiting for the other's insert.
+    let customers: Vec<String> = (1..=10)
+        .map(|n| format!("cus-x{n}"))
+        .chain((1..=10).rev().map(|n| format!("cus-x{n}")))
+        .collect();
+    for (i, customer) in customers.iter().enumerate() {
+        let mut placed = order(&format!("cx-{i:02}"), &[("CUS-SKU", 1, 999)], "tok_visa");
+        placed.customer.id = customer.clone();
+        fleet.publish_event(&placed).await.unwrap();
+    }
+    let placed = fleet.take(20).await.unwrap();
+    let orders: Arc<dyn Handler> = Arc::new(AtOnce {
+        inner: fleet.handler(HandlerName::Orders).unwrap(),
+        barrier: tokio::sync::Barrier::new(2),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for half in placed.chunks(10) {
+        let (orders, pool, half) = (orders.clone(), pool.clone(), half.to_vec());
+        tasks.spawn(async move { execute_group(&*orders, &pool, &refs(&half, 1)).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.unwrap();
+        assert_eq!(
+            outcome.transactions, 1,
+            "the group fell apart: {:?}",
+            outcome.results
+        );
+        assert!(outcome.results.iter().all(applied));
+    }
+    let customers = common::scalar(&pool, "SELECT count(*) FROM customers");
+    assert_eq!(customers.await, 10);
+    let accepted = common::scalar(
+        &pool,
+        "SELECT count(*) FROM orders WHERE status = 'accepted'",
+    );
+    assert_eq!(accepted.await, 20);
+}
+
 #[tokio::test]
 async fn duplicates_inside_a_group_and_across_groups_authorize_once() {
     let fleet = fleet().await;
