@@ -382,6 +382,10 @@ struct Shared {
     acker: Acker,
     stop: CancellationToken,
     hard_stop: CancellationToken,
+    /// SQS message ids being handled by this consumer. SQS (and the emulator, under concurrent
+    /// receives) may hand out a message again while a copy is still in flight; the second copy
+    /// is left alone, so the message is handled, and dead-lettered, once.
+    in_flight_ids: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Consumer {
@@ -409,6 +413,7 @@ impl Consumer {
             acker,
             stop: stop.clone(),
             hard_stop: CancellationToken::new(),
+            in_flight_ids: Default::default(),
         });
         let permits = Arc::new(Semaphore::new(shared.cfg.concurrency));
         let tracker = TaskTracker::new();
@@ -523,6 +528,14 @@ async fn process(
 ) {
     let _permit = permit;
     let Some(receipt) = msg.receipt_handle().map(str::to_string) else {
+        return;
+    };
+    let Some(_copy) = InFlightCopy::claim(&shared, msg.message_id()) else {
+        tracing::info!(
+            handler = shared.handler.name(),
+            message_id = msg.message_id().unwrap_or_default(),
+            "a copy of this message is already being handled here; leaving this one alone"
+        );
         return;
     };
     let counters = &shared.counters;
@@ -655,6 +668,43 @@ async fn process(
     .instrument(span)
     .await;
     counters.in_flight.fetch_sub(1, Relaxed);
+}
+
+/// This consumer's claim on an SQS message id while it handles the message; released on drop.
+struct InFlightCopy<'a> {
+    shared: &'a Shared,
+    id: Option<String>,
+}
+
+impl<'a> InFlightCopy<'a> {
+    /// `None` when another copy of the message is in flight here. A message without an id
+    /// (never from SQS) is not tracked.
+    fn claim(shared: &'a Shared, id: Option<&str>) -> Option<Self> {
+        let id = id.map(str::to_string);
+        if let Some(id) = &id {
+            let mut ids = shared
+                .in_flight_ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !ids.insert(id.clone()) {
+                return None;
+            }
+        }
+        Some(InFlightCopy { shared, id })
+    }
+}
+
+impl Drop for InFlightCopy<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let mut ids = self
+                .shared
+                .in_flight_ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            ids.remove(&id);
+        }
+    }
 }
 
 /// Runs the handler in its own task so that a panic is caught, bounded by the handler timeout
