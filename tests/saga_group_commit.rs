@@ -110,6 +110,35 @@ impl Handler for AtOnce {
     }
 }
 
+/// Runs `events` with `handler` in groups of `size`, all at once: each group waits for the
+/// others at a barrier before it locks. Asserts that every group committed whole (no deadlock,
+/// no fallback) and applied every event.
+async fn groups_at_once(
+    handler: Arc<dyn Handler>,
+    pool: &deadpool_postgres::Pool,
+    events: &[Envelope],
+    size: usize,
+) {
+    let handler: Arc<dyn Handler> = Arc::new(AtOnce {
+        inner: handler,
+        barrier: tokio::sync::Barrier::new(events.len().div_ceil(size)),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in events.chunks(size) {
+        let (handler, pool, chunk) = (handler.clone(), pool.clone(), chunk.to_vec());
+        tasks.spawn(async move { execute_group(&*handler, &pool, &refs(&chunk, 1)).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.unwrap();
+        assert_eq!(
+            outcome.transactions, 1,
+            "the group fell apart: {:?}",
+            outcome.results
+        );
+        assert!(outcome.results.iter().all(applied));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_groups_at_once_for_the_last_units_of_two_skus_sell_each_once_without_deadlock() {
     let fleet = fleet().await;
@@ -133,24 +162,8 @@ async fn four_groups_at_once_for_the_last_units_of_two_skus_sell_each_once_witho
     let accepted = accepted_orders_of(&fleet, &ids, &lines, "tok_visa").await;
 
     // Four groups of five, each one transaction, all contending at once.
-    let inventory: Arc<dyn Handler> = Arc::new(AtOnce {
-        inner: fleet.handler(HandlerName::Inventory).unwrap(),
-        barrier: tokio::sync::Barrier::new(4),
-    });
-    let mut tasks = tokio::task::JoinSet::new();
-    for chunk in accepted.chunks(5) {
-        let (inventory, pool, chunk) = (inventory.clone(), pool.clone(), chunk.to_vec());
-        tasks.spawn(async move { execute_group(&*inventory, &pool, &refs(&chunk, 1)).await });
-    }
-    while let Some(done) = tasks.join_next().await {
-        let outcome = done.unwrap();
-        assert_eq!(
-            outcome.transactions, 1,
-            "the group fell apart: {:?}",
-            outcome.results
-        );
-        assert!(outcome.results.iter().all(applied));
-    }
+    let inventory = fleet.handler(HandlerName::Inventory).unwrap();
+    groups_at_once(inventory, &pool, &accepted, 5).await;
     assert_eq!(stock(&pool, "LAST-A").await, (5, 5));
     assert_eq!(stock(&pool, "LAST-B").await, (5, 5));
     assert_eq!(emitted(&pool, "InventoryReserved", None).await.len(), 10);
@@ -198,24 +211,8 @@ async fn two_groups_placing_orders_of_the_same_new_customers_in_opposite_order_d
         fleet.publish_event(&placed).await.unwrap();
     }
     let placed = fleet.take(20).await.unwrap();
-    let orders: Arc<dyn Handler> = Arc::new(AtOnce {
-        inner: fleet.handler(HandlerName::Orders).unwrap(),
-        barrier: tokio::sync::Barrier::new(2),
-    });
-    let mut tasks = tokio::task::JoinSet::new();
-    for half in placed.chunks(10) {
-        let (orders, pool, half) = (orders.clone(), pool.clone(), half.to_vec());
-        tasks.spawn(async move { execute_group(&*orders, &pool, &refs(&half, 1)).await });
-    }
-    while let Some(done) = tasks.join_next().await {
-        let outcome = done.unwrap();
-        assert_eq!(
-            outcome.transactions, 1,
-            "the group fell apart: {:?}",
-            outcome.results
-        );
-        assert!(outcome.results.iter().all(applied));
-    }
+    let orders = fleet.handler(HandlerName::Orders).unwrap();
+    groups_at_once(orders, &pool, &placed, 10).await;
     let customers = common::scalar(&pool, "SELECT count(*) FROM customers");
     assert_eq!(customers.await, 10);
     let accepted = common::scalar(
