@@ -416,10 +416,6 @@ impl GroupCommit {
         }
     }
 
-    pub fn handler(&self) -> &Arc<dyn Handler> {
-        &self.inner.handler
-    }
-
     /// Events waiting for a free transaction.
     pub fn queued(&self) -> usize {
         self.inner.lock().queue.len()
