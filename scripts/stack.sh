@@ -165,6 +165,18 @@ pg_fallback_base() {
     printf '/tmp/orderfleet-%s-%s' "$(id -un)" "$h"
 }
 
+urlencode() { # string: percent-encodes all but unreserved characters (RFC 3986)
+    local s=$1 out="" c i
+    for ((i = 0; i < ${#s}; i++)); do
+        c=${s:i:1}
+        case $c in
+        [A-Za-z0-9._~-]) out+=$c ;;
+        *) printf -v c '%%%02X' "'$c" && out+=$c ;;
+        esac
+    done
+    printf '%s' "$out"
+}
+
 pg_user_can_reach() { # dir
     if is_root; then
         as_pg test -x "$1" 2>/dev/null
@@ -452,9 +464,12 @@ down)
     ;;
 env)
     # Local-only dummy credentials: moto accepts anything, these just keep
-    # the AWS SDK from looking for real ones.
+    # the AWS SDK from looking for real ones. ORDERFLEET_PG_SOCKET_URL reaches
+    # the same database through its Unix-domain socket (the benchmark uses it).
+    locate_pg_base
     cat <<EOF
 export DATABASE_URL=postgres://$PG_ROLE@127.0.0.1:$PG_PORT/$PG_DB
+export ORDERFLEET_PG_SOCKET_URL=postgres://$PG_ROLE@$(urlencode "$PG_BASE/sock"):$PG_PORT/$PG_DB
 export AWS_ENDPOINT_URL=http://127.0.0.1:$MOTO_PORT
 export AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=testing

@@ -125,6 +125,7 @@ fn fleet(url: &str, group: GroupConfig) -> Result<Fleet> {
     let provider_pool = crate::db::pool(url, group.transactions + 2)?;
     Ok(Fleet::sandbox_with(pool, provider_pool, Duration::ZERO)
         .with_group_commit(group)
+        .with_published_kept(false)
         .with_max_events(u64::MAX / 2))
 }
 

@@ -74,13 +74,21 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool> {
         config.application_name("orderfleet");
     }
     config.connect_timeout(Duration::from_secs(5));
-    let manager = Manager::from_config(
-        config,
-        tls()?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    // A Unix-domain socket has no server name to verify, and the TLS connector rejects a path
+    // as one before `sslmode` is even looked at, so socket-only URLs connect without TLS.
+    let unix_only = !config.get_hosts().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)));
+    let manager = if unix_only {
+        Manager::from_config(config, tokio_postgres::NoTls, manager_config)
+    } else {
+        Manager::from_config(config, tls()?, manager_config)
+    };
     Pool::builder(manager)
         .max_size(max_size)
         .runtime(Runtime::Tokio1)

@@ -97,6 +97,7 @@ struct Inner {
     group: GroupConfig,
     max_receive_count: u32,
     max_events: u64,
+    keep_published: bool,
     counters: Counters,
     dead: Mutex<Vec<DeadLetter>>,
 }
@@ -118,6 +119,7 @@ impl Fleet {
                 group: GroupConfig::default(),
                 max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
                 max_events: 1_000_000,
+                keep_published: true,
                 counters: Counters::default(),
                 dead: Mutex::new(Vec::new()),
             }),
@@ -194,6 +196,14 @@ impl Fleet {
         self
     }
 
+    /// Whether taken events stay in the outbox, marked published (the default, so that tests
+    /// can read what was emitted), or are deleted as the [`crate::outbox::Relay`] deletes what
+    /// it published (the benchmark, to do the relay's work).
+    pub fn with_published_kept(mut self, keep: bool) -> Self {
+        self.inner_mut().keep_published = keep;
+        self
+    }
+
     fn inner_mut(&mut self) -> &mut Inner {
         match Arc::get_mut(&mut self.inner) {
             Some(inner) => inner,
@@ -265,19 +275,25 @@ impl Fleet {
         self.publish(T::DETAIL_TYPE, event).await
     }
 
-    /// Takes up to `limit` unpublished events, oldest first, and marks them published (as the
-    /// relay does once PutEvents succeeded). Rows another caller is taking are skipped.
+    /// Takes up to `limit` unpublished events, oldest first, and marks them published or
+    /// deletes them ([`Fleet::with_published_kept`]), as the relay does once PutEvents
+    /// succeeded. Rows another caller is taking are skipped.
     pub async fn take(&self, limit: usize) -> Result<Vec<Envelope>> {
         let client = self.inner.pool.get().await.context("database pool")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = if self.inner.keep_published {
+            "UPDATE outbox SET published_at = now(), attempts = attempts + 1
+              WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL
+                            ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+          RETURNING id, event_id, source, detail_type, detail, created_at"
+        } else {
+            "DELETE FROM outbox
+              WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL
+                            ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+          RETURNING id, event_id, source, detail_type, detail, created_at"
+        };
         let rows = client
-            .query_cached(
-                "UPDATE outbox SET published_at = now(), attempts = attempts + 1
-                  WHERE id IN (SELECT id FROM outbox WHERE published_at IS NULL
-                                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-              RETURNING id, event_id, source, detail_type, detail, created_at",
-                &[&limit],
-            )
+            .query_cached(sql, &[&limit])
             .await
             .context("taking events from the outbox")?;
         let mut taken: Vec<(i64, Envelope)> = rows

@@ -728,3 +728,25 @@ async fn an_abandoned_handler_leaves_no_open_transaction_behind_on_a_pooled_conn
     )
     .await;
 }
+
+/// The local stack's socket URL reaches the database through its Unix-domain socket. TLS has
+/// no server name to check there, and used to refuse the path before `sslmode` was read.
+#[tokio::test]
+async fn a_database_url_naming_a_unix_socket_connects_through_it() {
+    let url = common::env("ORDERFLEET_PG_SOCKET_URL");
+    let pool = orderfleet::db::pool(&url, 1).expect("pool");
+    let client = pool.get().await.expect("connect through the socket");
+    let row = client
+        .query_one(
+            "SELECT inet_server_addr() IS NULL, current_database()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the connection went over TCP");
+    let tcp = common::env("DATABASE_URL");
+    assert_eq!(
+        Some(row.get::<_, String>(1).as_str()),
+        tcp.rsplit('/').next()
+    );
+}
