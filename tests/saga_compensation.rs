@@ -70,6 +70,7 @@ async fn a_declined_payment_releases_the_stock_and_cancels() {
     assert_no_dead_letters(&fleet);
     assert_eq!(stock(&pool, "TEA-1").await, (5, 0));
     assert_reservations_match_stock(&pool).await;
+    assert_movements_match_stock(&pool).await;
     assert!(ledger(&pool).await.is_empty());
 }
 
@@ -283,6 +284,7 @@ async fn a_return_that_overtakes_its_shipment_voids_the_hold_instead_of_capturin
     assert!(ledger(&pool).await.is_empty());
     assert_eq!(stock(&pool, "TEA-1").await, (5, 0));
     assert_reservations_match_stock(&pool).await;
+    assert_movements_match_stock(&pool).await;
 }
 
 #[tokio::test]

@@ -92,6 +92,7 @@ async fn twenty_concurrent_orders_for_the_last_five_units_reserve_exactly_five()
     );
     assert_eq!(stock(&pool, "LAST-1").await, (0, 0));
     assert_reservations_match_stock(&pool).await;
+    assert_movements_match_stock(&pool).await;
     assert_ledger_balances(&pool).await;
     assert_eq!(
         ledger(&pool).await.get("sales_revenue:EUR"),
@@ -175,6 +176,7 @@ async fn several_fleet_instances_at_once_settle_every_order_without_overselling(
     assert_eq!(a.0, 6 - sold_of("A"));
     assert_eq!(b.0, 4 - sold_of("B"));
     assert_reservations_match_stock(&pool).await;
+    assert_movements_match_stock(&pool).await;
     assert_ledger_balances(&pool).await;
     // Each completed order captured exactly its total; everything else moved nothing.
     let wrong: i64 = c

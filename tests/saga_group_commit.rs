@@ -190,6 +190,7 @@ async fn four_groups_at_once_for_the_last_units_of_two_skus_sell_each_once_witho
     assert_eq!(stock(&pool, "LAST-A").await, (0, 0));
     assert_eq!(stock(&pool, "LAST-B").await, (0, 0));
     assert_reservations_match_stock(&pool).await;
+    assert_movements_match_stock(&pool).await;
     assert_ledger_balances(&pool).await;
 }
 

@@ -60,6 +60,7 @@ async fn a_placed_order_is_shipped_captured_and_completed() {
     assert_eq!(stock(&pool, "TEA-1").await, (8, 0));
     assert_eq!(stock(&pool, "CUP-1").await, (3, 0));
     assert_reservations_match_stock(&pool).await;
+    assert_movements_match_stock(&pool).await;
 
     // Captured exactly the total, once; the ledger balances.
     assert_eq!(payment(&pool, "ord-1").await, ("captured".into(), 3300, 0));

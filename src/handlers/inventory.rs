@@ -112,16 +112,44 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
 async fn lock_order(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
-    if cx.state::<Held>().contains(order_id) {
+    if cx.state::<Group>().held.contains(order_id) {
         return Ok(());
     }
     lock_order_ids(cx.tx, "inventory", &[order_id]).await?;
-    cx.state::<Held>().insert(order_id.to_string());
+    cx.state::<Group>().held.insert(order_id.to_string());
     Ok(())
 }
 
-/// The orders whose lock this transaction holds.
-type Held = HashSet<String>;
+/// What inventory keeps for the length of one transaction (one event, or a group).
+///
+/// Stock rows are hot: every order of a SKU updates its one row twice. So a transaction reads
+/// each stock row once, when it locks it, moves the quantities in memory, and writes every
+/// changed row back once, with the movements' log, in [`Handler::finish`]. A row updated once
+/// per event would leave a chain of versions that every later lookup in the transaction walks.
+#[derive(Default)]
+struct Group {
+    /// The orders whose lock this transaction holds.
+    held: HashSet<String>,
+    /// The stock rows this transaction holds locked, as they stand now.
+    stock: BTreeMap<String, Level>,
+    /// Movements to log at the end, in the order they happened.
+    moves: Vec<Movement>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    on_hand: i64,
+    reserved: i64,
+    changed: bool,
+}
+
+struct Movement {
+    sku: String,
+    kind: &'static str,
+    quantity: i64,
+    order_id: Option<String>,
+    event_key: String,
+}
 
 /// The SKUs an event names: its `sku`, and the `sku` of each of its `lines`.
 fn skus_named(event: &Envelope) -> impl Iterator<Item = &str> {
@@ -184,70 +212,154 @@ async fn set_state(tx: &Tx, order_id: &str, state: State) -> Result<(), HandlerE
     Ok(())
 }
 
-/// Locks the stock rows of `skus` in SKU order, the one order every instance uses, so that
-/// concurrent reservations queue instead of deadlocking. Returns (on_hand, reserved) per SKU.
+/// Locks the stock rows of `lines` in SKU order, the one order every instance uses, so that
+/// concurrent reservations queue instead of deadlocking, and keeps them in the transaction's
+/// [`Group`]. Rows it already holds are not read again. Returns (on_hand, reserved) per SKU
+/// that has a row.
 async fn lock_stock(
-    tx: &Tx,
+    cx: &mut Context<'_>,
     lines: &BTreeMap<String, i64>,
 ) -> Result<BTreeMap<String, (i64, i64)>, HandlerError> {
-    let skus: Vec<&str> = lines.keys().map(String::as_str).collect();
-    let rows = tx
-        .query_cached(
-            "SELECT sku, on_hand, reserved FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-            &[&skus],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("locking stock", &e))?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2))))
+    let missing: Vec<&str> = {
+        let held = &cx.state::<Group>().stock;
+        lines
+            .keys()
+            .filter(|sku| !held.contains_key(*sku))
+            .map(String::as_str)
+            .collect()
+    };
+    if !missing.is_empty() {
+        let rows = cx
+            .tx
+            .query_cached(
+                "SELECT sku, on_hand, reserved FROM stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+                &[&missing],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("locking stock", &e))?;
+        hold(cx.state::<Group>(), &rows);
+    }
+    let held = &cx.state::<Group>().stock;
+    Ok(lines
+        .keys()
+        .filter_map(|sku| {
+            held.get(sku)
+                .map(|l| (sku.clone(), (l.on_hand, l.reserved)))
+        })
         .collect())
 }
 
-/// Applies `on_hand += d_on_hand * qty, reserved += d_reserved * qty` for every line, and logs
-/// a stock movement of `kind` per line.
-async fn move_stock(
-    tx: &Tx,
+/// Keeps locked stock rows (`sku, on_hand, reserved`) in the transaction's [`Group`].
+fn hold(group: &mut Group, rows: &[tokio_postgres::Row]) {
+    for r in rows {
+        group.stock.insert(
+            r.get(0),
+            Level {
+                on_hand: r.get(1),
+                reserved: r.get(2),
+                changed: false,
+            },
+        );
+    }
+}
+
+/// Applies `on_hand += d_on_hand * qty, reserved += d_reserved * qty` for every line to the
+/// locked rows (see [`lock_stock`]), and logs a stock movement of `kind` per line. The rows
+/// keep the table's own rules: neither quantity negative, reserved no more than on hand.
+fn move_stock(
+    cx: &mut Context<'_>,
     order_id: &str,
     event_key: &str,
     lines: &BTreeMap<String, i64>,
     (d_on_hand, d_reserved): (i64, i64),
-    kind: &str,
+    kind: &'static str,
 ) -> Result<(), HandlerError> {
-    let (skus, qtys): (Vec<&str>, Vec<i64>) = lines.iter().map(|(s, q)| (s.as_str(), *q)).unzip();
-    // The update and its log in one statement; the count is of the stock rows updated.
-    let n: i64 = tx
-        .query_one_cached(
-            "WITH moved AS (
-                 UPDATE stock SET on_hand = stock.on_hand + $3 * l.qty,
-                                  reserved = stock.reserved + $4 * l.qty
-                   FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)
-                  WHERE stock.sku = l.sku
-              RETURNING stock.sku
-             ), logged AS (
-                 INSERT INTO stock_movements (sku, kind, quantity, order_id, event_key)
-                 SELECT sku, $5, qty, $6, $7 FROM unnest($1::text[], $2::bigint[]) AS l(sku, qty)
-             )
-             SELECT count(*) FROM moved",
-            &[
-                &skus,
-                &qtys,
-                &d_on_hand,
-                &d_reserved,
-                &kind,
-                &order_id,
-                &event_key,
-            ],
+    let group = cx.state::<Group>();
+    let unknown = lines
+        .keys()
+        .filter(|sku| !group.stock.contains_key(*sku))
+        .count();
+    if unknown > 0 {
+        return Err(HandlerError::permanent(format!(
+            "order {order_id}: {unknown} of {} SKUs have no stock row",
+            lines.len()
+        )));
+    }
+    let mut moved = Vec::with_capacity(lines.len());
+    for (sku, &qty) in lines {
+        let level = group.stock[sku];
+        let shift = |value: i64, delta: i64| {
+            delta
+                .checked_mul(qty)
+                .and_then(|d| value.checked_add(d))
+                .ok_or_else(|| {
+                    HandlerError::permanent(format!("order {order_id}: stock of {sku} overflows"))
+                })
+        };
+        let (on_hand, reserved) = (
+            shift(level.on_hand, d_on_hand)?,
+            shift(level.reserved, d_reserved)?,
+        );
+        if on_hand < 0 || reserved < 0 || reserved > on_hand {
+            return Err(HandlerError::permanent(format!(
+                "order {order_id}: moving stock of {sku} ({kind}) would leave on_hand {on_hand}, \
+                 reserved {reserved}"
+            )));
+        }
+        moved.push((sku, on_hand, reserved, qty));
+    }
+    for (sku, on_hand, reserved, qty) in moved {
+        group.stock.insert(
+            sku.clone(),
+            Level {
+                on_hand,
+                reserved,
+                changed: true,
+            },
+        );
+        group.moves.push(Movement {
+            sku: sku.clone(),
+            kind,
+            quantity: qty,
+            order_id: Some(order_id.to_string()),
+            event_key: event_key.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the changed stock rows and the movements of a transaction, one statement each.
+async fn write_back(tx: &Tx, group: Group) -> Result<(), HandlerError> {
+    let (skus, (on_hand, reserved)): (Vec<&str>, (Vec<i64>, Vec<i64>)) = group
+        .stock
+        .iter()
+        .filter(|(_, l)| l.changed)
+        .map(|(sku, l)| (sku.as_str(), (l.on_hand, l.reserved)))
+        .unzip();
+    if !skus.is_empty() {
+        tx.execute_cached(
+            "UPDATE stock SET on_hand = u.on_hand, reserved = u.reserved
+               FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(sku, on_hand, reserved)
+              WHERE stock.sku = u.sku",
+            &[&skus, &on_hand, &reserved],
         )
         .await
-        .map_err(|e| HandlerError::from_db("moving stock", &e))?
-        .get(0);
-    if n != skus.len() as i64 {
-        return Err(HandlerError::permanent(format!(
-            "order {order_id}: {} of {} SKUs have no stock row",
-            skus.len() as i64 - n,
-            skus.len()
-        )));
+        .map_err(|e| HandlerError::from_db("writing stock", &e))?;
+    }
+    if !group.moves.is_empty() {
+        let m = &group.moves;
+        let skus: Vec<&str> = m.iter().map(|m| m.sku.as_str()).collect();
+        let kinds: Vec<&str> = m.iter().map(|m| m.kind).collect();
+        let qtys: Vec<i64> = m.iter().map(|m| m.quantity).collect();
+        let orders: Vec<Option<&str>> = m.iter().map(|m| m.order_id.as_deref()).collect();
+        let keys: Vec<&str> = m.iter().map(|m| m.event_key.as_str()).collect();
+        tx.execute_cached(
+            "INSERT INTO stock_movements (sku, kind, quantity, order_id, event_key)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[])",
+            &[&skus, &kinds, &qtys, &orders, &keys],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("logging stock movements", &e))?;
     }
     Ok(())
 }
@@ -265,19 +377,30 @@ impl Inventory {
                 d.sku, d.quantity
             )));
         }
-        cx.tx
-            .execute_cached(
-                "INSERT INTO stock (sku, on_hand) VALUES ($1, $2)
-                 ON CONFLICT (sku) DO UPDATE SET on_hand = stock.on_hand + EXCLUDED.on_hand",
-                &[&d.sku, &d.quantity],
-            )
-            .await?;
-        cx.tx
-            .execute_cached(
-                "INSERT INTO stock_movements (sku, kind, quantity, event_key) VALUES ($1, 'received', $2, $3)",
-                &[&d.sku, &d.quantity, &event.event_key()],
-            )
-            .await?;
+        let group = cx.state::<Group>();
+        if let Some(level) = group.stock.get_mut(&d.sku) {
+            // A row this transaction holds changes in memory, or its write-back would undo this.
+            level.on_hand = level
+                .on_hand
+                .checked_add(d.quantity)
+                .ok_or_else(|| HandlerError::permanent(format!("stock of {} overflows", d.sku)))?;
+            level.changed = true;
+        } else {
+            cx.tx
+                .execute_cached(
+                    "INSERT INTO stock (sku, on_hand) VALUES ($1, $2)
+                     ON CONFLICT (sku) DO UPDATE SET on_hand = stock.on_hand + EXCLUDED.on_hand",
+                    &[&d.sku, &d.quantity],
+                )
+                .await?;
+        }
+        cx.state::<Group>().moves.push(Movement {
+            sku: d.sku,
+            kind: "received",
+            quantity: d.quantity,
+            order_id: None,
+            event_key: event.event_key().to_string(),
+        });
         Ok(())
     }
 
@@ -320,7 +443,7 @@ impl Inventory {
         if load(cx.tx, &d.order_id).await?.is_some() {
             return Ok(());
         }
-        let stock = lock_stock(cx.tx, &wanted).await?;
+        let stock = lock_stock(cx, &wanted).await?;
         let shortages: Vec<Shortage> = wanted
             .iter()
             .filter_map(|(sku, &requested)| {
@@ -345,14 +468,13 @@ impl Inventory {
             );
         }
         move_stock(
-            cx.tx,
+            cx,
             &d.order_id,
             event.event_key(),
             &wanted,
             (0, 1),
             "reserved",
-        )
-        .await?;
+        )?;
         insert_rows(cx.tx, &d.order_id, &wanted, State::Reserved).await?;
         events::emit(
             cx,
@@ -385,16 +507,15 @@ impl Inventory {
                     Vec::new()
                 }
                 State::Reserved => {
-                    lock_stock(cx.tx, &r.lines).await?;
+                    lock_stock(cx, &r.lines).await?;
                     move_stock(
-                        cx.tx,
+                        cx,
                         &d.order_id,
                         event.event_key(),
                         &r.lines,
                         (0, -1),
                         "released",
-                    )
-                    .await?;
+                    )?;
                     set_state(cx.tx, &d.order_id, State::Released).await?;
                     r.lines()
                 }
@@ -436,16 +557,15 @@ impl Inventory {
                 d.order_id
             ))),
             State::Reserved => {
-                lock_stock(cx.tx, &r.lines).await?;
+                lock_stock(cx, &r.lines).await?;
                 move_stock(
-                    cx.tx,
+                    cx,
                     &d.order_id,
                     event.event_key(),
                     &r.lines,
                     (-1, -1),
                     "committed",
-                )
-                .await?;
+                )?;
                 set_state(cx.tx, &d.order_id, State::Committed).await?;
                 events::emit(
                     cx,
@@ -482,32 +602,30 @@ impl Inventory {
                     Vec::new()
                 }
                 State::Committed => {
-                    lock_stock(cx.tx, &r.lines).await?;
+                    lock_stock(cx, &r.lines).await?;
                     move_stock(
-                        cx.tx,
+                        cx,
                         &d.order_id,
                         event.event_key(),
                         &r.lines,
                         (1, 0),
                         "returned",
-                    )
-                    .await?;
+                    )?;
                     set_state(cx.tx, &d.order_id, State::Released).await?;
                     r.lines()
                 }
                 // The return overtook the shipment: on_hand never went down, so only the
                 // reservation goes; the late OrderShipped then finds nothing to commit.
                 State::Reserved => {
-                    lock_stock(cx.tx, &r.lines).await?;
+                    lock_stock(cx, &r.lines).await?;
                     move_stock(
-                        cx.tx,
+                        cx,
                         &d.order_id,
                         event.event_key(),
                         &r.lines,
                         (0, -1),
                         "returned",
-                    )
-                    .await?;
+                    )?;
                     set_state(cx.tx, &d.order_id, State::Released).await?;
                     r.lines()
                 }
@@ -552,20 +670,28 @@ impl Handler for Inventory {
             .chain(skus.iter().map(|sku| ("sku", *sku)))
             .collect();
         lock_keys(tx, &keys).await?;
-        state
-            .get::<Held>()
-            .extend(ids.iter().map(|id| id.to_string()));
         let skus: Vec<&str> = skus.into_iter().collect();
-        tx.execute_cached(
-            "SELECT 1 FROM stock
-              WHERE sku = ANY($1)
-                 OR sku IN (SELECT sku FROM reservations WHERE order_id = ANY($2))
-              ORDER BY sku FOR UPDATE",
-            &[&skus, &ids],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("locking stock", &e))?;
+        let rows = tx
+            .query_cached(
+                "SELECT sku, on_hand, reserved FROM stock
+                  WHERE sku = ANY($1)
+                     OR sku IN (SELECT sku FROM reservations WHERE order_id = ANY($2))
+                  ORDER BY sku FOR UPDATE",
+                &[&skus, &ids],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("locking stock", &e))?;
+        let group = state.get::<Group>();
+        group.held.extend(ids.iter().map(|id| id.to_string()));
+        hold(group, &rows);
         Ok(())
+    }
+
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
+        match state.into_inner::<Group>() {
+            Some(group) => write_back(tx, group).await,
+            None => Ok(()),
+        }
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

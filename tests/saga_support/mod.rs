@@ -271,6 +271,53 @@ pub async fn assert_reservations_match_stock(pool: &Pool) {
     );
 }
 
+/// The stock movements' log adds up to every stock row: on hand is what was received, less
+/// what shipped, plus what came back after shipping; reserved is what was reserved, less what
+/// was released, shipped, or returned before it shipped.
+pub async fn assert_movements_match_stock(pool: &Pool) {
+    let c = pool.get().await.unwrap();
+    let off = c
+        .query(
+            "WITH m AS (
+                 SELECT sku, kind, quantity,
+                        EXISTS (SELECT 1 FROM stock_movements c
+                                 WHERE c.kind = 'committed' AND c.sku = m.sku
+                                   AND c.order_id = m.order_id) AS after_shipping
+                   FROM stock_movements m
+             ), logged AS (
+                 SELECT sku,
+                        sum(CASE WHEN kind = 'received' THEN quantity
+                                 WHEN kind = 'committed' THEN -quantity
+                                 WHEN kind = 'returned' AND after_shipping THEN quantity
+                                 ELSE 0 END)::bigint AS on_hand,
+                        sum(CASE WHEN kind = 'reserved' THEN quantity
+                                 WHEN kind IN ('released', 'committed') THEN -quantity
+                                 WHEN kind = 'returned' AND NOT after_shipping THEN -quantity
+                                 ELSE 0 END)::bigint AS reserved
+                   FROM m GROUP BY sku
+             )
+             SELECT s.sku, s.on_hand, s.reserved, l.on_hand, l.reserved
+               FROM stock s LEFT JOIN logged l ON l.sku = s.sku
+              WHERE (s.on_hand, s.reserved) IS DISTINCT FROM (l.on_hand, l.reserved)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        off.is_empty(),
+        "stock differs from its movements (sku, on_hand, reserved, logged on_hand, logged reserved): {:?}",
+        off.iter()
+            .map(|r| (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, Option<i64>>(3),
+                r.get::<_, Option<i64>>(4)
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// The fleet went through without a dead letter.
 pub fn assert_no_dead_letters(fleet: &Fleet) {
     let dead = fleet.dead_letters();
