@@ -120,44 +120,45 @@ pub async fn record(
 ) -> Result<bool, HandlerError> {
     check_balanced(postings)
         .map_err(|e| HandlerError::permanent(format!("ledger {kind} for {order_id}: {e}")))?;
+    let accounts: Vec<&str> = postings.iter().map(|p| p.account.name()).collect();
+    let amounts: Vec<i64> = postings.iter().map(|p| p.amount_minor).collect();
+    let currencies: Vec<&str> = postings.iter().map(|p| p.currency.as_str()).collect();
+    // The transaction and its postings in one statement. The postings' foreign key and the
+    // balance trigger see the transaction row: both run after the statement.
     let row = db
-        .query_opt_cached(
-            "INSERT INTO ledger_transactions (idempotency_key, order_id, kind) VALUES ($1, $2, $3)
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-            &[&idempotency_key, &order_id, &kind],
+        .query_one_cached(
+            "WITH t AS (
+                 INSERT INTO ledger_transactions (idempotency_key, order_id, kind)
+                 VALUES ($1, $2, $3)
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id
+             ), p AS (
+                 INSERT INTO ledger_postings (transaction_id, account_id, amount_minor, currency)
+                 SELECT t.id, a.id, p.amount, p.currency
+                   FROM t, unnest($4::text[], $5::bigint[], $6::text[]) WITH ORDINALITY
+                                AS p(account, amount, currency, n)
+                   JOIN ledger_accounts a ON a.name = p.account
+                  ORDER BY p.n
+                 RETURNING 1
+             )
+             SELECT EXISTS (SELECT 1 FROM t), (SELECT count(*) FROM p)",
+            &[
+                &idempotency_key,
+                &order_id,
+                &kind,
+                &accounts,
+                &amounts,
+                &currencies,
+            ],
         )
         .await
         .map_err(|e| HandlerError::from_db("recording a ledger transaction", &e))?;
-    let Some(row) = row else {
+    if !row.get::<_, bool>(0) {
         return Ok(false);
-    };
-    let transaction_id: i64 = row.get(0);
-    let stmt = db
-        .prepare_cached(
-            "INSERT INTO ledger_postings (transaction_id, account_id, amount_minor, currency)
-             SELECT $1, id, $3, $4 FROM ledger_accounts WHERE name = $2",
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("preparing a ledger posting", &e))?;
-    for p in postings {
-        let n = db
-            .execute(
-                &stmt,
-                &[
-                    &transaction_id,
-                    &p.account.name(),
-                    &p.amount_minor,
-                    &p.currency.as_str(),
-                ],
-            )
-            .await
-            .map_err(|e| HandlerError::from_db("writing a ledger posting", &e))?;
-        if n != 1 {
-            return Err(HandlerError::permanent(format!(
-                "ledger account {} is missing; run `orderfleet migrate`",
-                p.account.name()
-            )));
-        }
+    }
+    if row.get::<_, i64>(1) != postings.len() as i64 {
+        return Err(HandlerError::permanent(format!(
+            "a ledger account of {accounts:?} is missing; run `orderfleet migrate`"
+        )));
     }
     Ok(true)
 }

@@ -411,3 +411,45 @@ async fn a_return_that_overtakes_a_rolled_back_capture_refunds_it() {
     assert_eq!(ledger.get("refunds:EUR"), Some(&2000));
     assert_eq!(net_money(&pool, "ord-lost-cap").await, 0);
 }
+
+/// A ledger movement is written once per idempotency key, as one balanced transaction with
+/// its two postings; an unbalanced one is refused and writes nothing.
+#[tokio::test]
+async fn a_ledger_movement_is_recorded_once_per_key_with_balanced_postings() {
+    use orderfleet::ledger::{self, Account, Posting};
+    let (pool, _) = common::fresh_db().await;
+    let mut client = pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    assert!(ledger::capture(&tx, "ord-l", eur(1500)).await.unwrap());
+    assert!(!ledger::capture(&tx, "ord-l", eur(1500)).await.unwrap());
+    let unbalanced = [Posting {
+        account: Account::SalesRevenue,
+        amount_minor: 10,
+        currency: eur(10).currency,
+    }];
+    let refused = ledger::record(&tx, "odd:ord-l", "ord-l", "odd", &unbalanced).await;
+    assert!(
+        matches!(refused, Err(HandlerError::Permanent { .. })),
+        "{refused:?}"
+    );
+    tx.commit().await.expect("the ledger balances at commit");
+    let row = client
+        .query_one(
+            "SELECT count(DISTINCT t.id), count(p.*), coalesce(sum(p.amount_minor), 0)::bigint,
+                    count(*) FILTER (WHERE p.amount_minor > 0)
+               FROM ledger_transactions t LEFT JOIN ledger_postings p ON p.transaction_id = t.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+            row.get::<_, i64>(3)
+        ),
+        (1, 2, 0, 1),
+        "(transactions, postings, sum, debits)"
+    );
+}
