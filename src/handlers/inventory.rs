@@ -15,7 +15,7 @@
 //! (`ORDER BY sku FOR UPDATE`), so two reservations never deadlock and never both take the last
 //! unit. The CHECK constraints on `stock` (never negative, reserved ≤ on_hand) back this up.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 
@@ -67,6 +67,7 @@ impl State {
 }
 
 /// An order's reservation rows, read under the order's lock.
+#[derive(Clone)]
 struct Reservation {
     state: State,
     /// Per SKU, sorted.
@@ -134,6 +135,23 @@ struct Group {
     stock: BTreeMap<String, Level>,
     /// Movements to log at the end, in the order they happened.
     moves: Vec<Movement>,
+    /// The reservations of the orders this transaction read (`None`: the order has none yet).
+    reservations: HashMap<String, Held>,
+}
+
+/// An order's reservation as this transaction sees it, and what the write-back owes the table.
+struct Held {
+    reservation: Option<Reservation>,
+    write: Write,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Nothing,
+    /// New rows.
+    Insert,
+    /// A new state for the existing rows.
+    State,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -166,50 +184,83 @@ fn skus_named(event: &Envelope) -> impl Iterator<Item = &str> {
         .filter_map(|s| s.as_str())
 }
 
-async fn load(tx: &Tx, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
+/// Reads the reservations of `order_ids` into the transaction's [`Group`], in one query.
+async fn read_reservations(
+    tx: &Tx,
+    group: &mut Group,
+    order_ids: &[&str],
+) -> Result<(), HandlerError> {
     let rows = tx
         .query_cached(
-            "SELECT sku, quantity, state FROM reservations WHERE order_id = $1 ORDER BY sku",
-            &[&order_id],
+            "SELECT order_id, sku, quantity, state FROM reservations
+              WHERE order_id = ANY($1) ORDER BY order_id, sku",
+            &[&order_ids],
         )
         .await
         .map_err(|e| HandlerError::from_db("reading reservations", &e))?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let state = State::parse(first.get(2))?;
-    let lines = rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-        .collect();
-    Ok(Some(Reservation { state, lines }))
-}
-
-async fn insert_rows(
-    tx: &Tx,
-    order_id: &str,
-    lines: &BTreeMap<String, i64>,
-    state: State,
-) -> Result<(), HandlerError> {
-    let (skus, qtys): (Vec<&str>, Vec<i64>) = lines.iter().map(|(s, q)| (s.as_str(), *q)).unzip();
-    tx.execute_cached(
-        "INSERT INTO reservations (order_id, sku, quantity, state)
-         SELECT $1, sku, qty, $4 FROM unnest($2::text[], $3::bigint[]) AS l(sku, qty)",
-        &[&order_id, &skus, &qtys, &state.as_str()],
-    )
-    .await
-    .map_err(|e| HandlerError::from_db("writing reservations", &e))?;
+    for id in order_ids {
+        group.reservations.insert(
+            id.to_string(),
+            Held {
+                reservation: None,
+                write: Write::Nothing,
+            },
+        );
+    }
+    for r in &rows {
+        let id: &str = r.get(0);
+        let state = State::parse(r.get(3))?;
+        let held = group
+            .reservations
+            .get_mut(id)
+            .ok_or_else(|| HandlerError::permanent(format!("reservation of unasked order {id}")))?;
+        held.reservation
+            .get_or_insert_with(|| Reservation {
+                state,
+                lines: BTreeMap::new(),
+            })
+            .lines
+            .insert(r.get(1), r.get(2));
+    }
     Ok(())
 }
 
-async fn set_state(tx: &Tx, order_id: &str, state: State) -> Result<(), HandlerError> {
-    tx.execute_cached(
-        "UPDATE reservations SET state = $2, updated_at = now() WHERE order_id = $1",
-        &[&order_id, &state.as_str()],
-    )
-    .await
-    .map_err(|e| HandlerError::from_db("updating reservations", &e))?;
-    Ok(())
+/// The order's reservation, read once per transaction (the order's lock must be held).
+async fn load(cx: &mut Context<'_>, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
+    if !cx.state::<Group>().reservations.contains_key(order_id) {
+        let tx = cx.tx;
+        read_reservations(tx, cx.state::<Group>(), &[order_id]).await?;
+    }
+    Ok(cx.state::<Group>().reservations[order_id]
+        .reservation
+        .clone())
+}
+
+/// Records new reservation rows, written at the end of the transaction.
+fn insert_rows(cx: &mut Context<'_>, order_id: &str, lines: &BTreeMap<String, i64>, state: State) {
+    cx.state::<Group>().reservations.insert(
+        order_id.to_string(),
+        Held {
+            reservation: Some(Reservation {
+                state,
+                lines: lines.clone(),
+            }),
+            write: Write::Insert,
+        },
+    );
+}
+
+/// Records a new state for the order's reservation rows, written at the end of the
+/// transaction. The caller has [`load`]ed them.
+fn set_state(cx: &mut Context<'_>, order_id: &str, state: State) {
+    if let Some(held) = cx.state::<Group>().reservations.get_mut(order_id) {
+        if let Some(r) = held.reservation.as_mut() {
+            r.state = state;
+            if held.write == Write::Nothing {
+                held.write = Write::State;
+            }
+        }
+    }
 }
 
 /// Locks the stock rows of `lines` in SKU order, the one order every instance uses, so that
@@ -346,6 +397,44 @@ async fn write_back(tx: &Tx, group: Group) -> Result<(), HandlerError> {
         .await
         .map_err(|e| HandlerError::from_db("writing stock", &e))?;
     }
+    let (mut new_rows, mut states) = ((vec![], vec![], vec![], vec![]), (vec![], vec![]));
+    for (order_id, held) in &group.reservations {
+        let Some(r) = &held.reservation else { continue };
+        match held.write {
+            Write::Nothing => {}
+            Write::Insert => {
+                for (sku, qty) in &r.lines {
+                    new_rows.0.push(order_id.as_str());
+                    new_rows.1.push(sku.as_str());
+                    new_rows.2.push(*qty);
+                    new_rows.3.push(r.state.as_str());
+                }
+            }
+            Write::State => {
+                states.0.push(order_id.as_str());
+                states.1.push(r.state.as_str());
+            }
+        }
+    }
+    if !new_rows.0.is_empty() {
+        tx.execute_cached(
+            "INSERT INTO reservations (order_id, sku, quantity, state)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[])",
+            &[&new_rows.0, &new_rows.1, &new_rows.2, &new_rows.3],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("writing reservations", &e))?;
+    }
+    if !states.0.is_empty() {
+        tx.execute_cached(
+            "UPDATE reservations r SET state = u.state, updated_at = now()
+               FROM unnest($1::text[], $2::text[]) AS u(order_id, state)
+              WHERE r.order_id = u.order_id",
+            &[&states.0, &states.1],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("updating reservations", &e))?;
+    }
     if !group.moves.is_empty() {
         let m = &group.moves;
         let skus: Vec<&str> = m.iter().map(|m| m.sku.as_str()).collect();
@@ -440,7 +529,7 @@ impl Inventory {
             )));
         }
         lock_order(cx, &d.order_id).await?;
-        if load(cx.tx, &d.order_id).await?.is_some() {
+        if load(cx, &d.order_id).await?.is_some() {
             return Ok(());
         }
         let stock = lock_stock(cx, &wanted).await?;
@@ -457,7 +546,7 @@ impl Inventory {
             })
             .collect();
         if !shortages.is_empty() {
-            insert_rows(cx.tx, &d.order_id, &wanted, State::Rejected).await?;
+            insert_rows(cx, &d.order_id, &wanted, State::Rejected);
             return events::emit(
                 cx,
                 &InventoryRejected {
@@ -475,7 +564,7 @@ impl Inventory {
             (0, 1),
             "reserved",
         )?;
-        insert_rows(cx.tx, &d.order_id, &wanted, State::Reserved).await?;
+        insert_rows(cx, &d.order_id, &wanted, State::Reserved);
         events::emit(
             cx,
             &InventoryReserved {
@@ -492,18 +581,18 @@ impl Inventory {
     async fn release(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderCancelled = events::decode(event)?;
         lock_order(cx, &d.order_id).await?;
-        let released = match load(cx.tx, &d.order_id).await? {
+        let released = match load(cx, &d.order_id).await? {
             None => {
                 let lines = per_sku(&d.lines, &d.order_id)?;
                 if !lines.is_empty() {
-                    insert_rows(cx.tx, &d.order_id, &lines, State::Released).await?;
+                    insert_rows(cx, &d.order_id, &lines, State::Released);
                 }
                 Vec::new()
             }
             Some(r) => match r.state {
                 State::Released => return Ok(()),
                 State::Rejected => {
-                    set_state(cx.tx, &d.order_id, State::Released).await?;
+                    set_state(cx, &d.order_id, State::Released);
                     Vec::new()
                 }
                 State::Reserved => {
@@ -516,7 +605,7 @@ impl Inventory {
                         (0, -1),
                         "released",
                     )?;
-                    set_state(cx.tx, &d.order_id, State::Released).await?;
+                    set_state(cx, &d.order_id, State::Released);
                     r.lines()
                 }
                 State::Committed => {
@@ -542,7 +631,7 @@ impl Inventory {
     async fn commit(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderShipped = events::decode(event)?;
         lock_order(cx, &d.order_id).await?;
-        let Some(r) = load(cx.tx, &d.order_id).await? else {
+        let Some(r) = load(cx, &d.order_id).await? else {
             return Err(HandlerError::permanent(format!(
                 "order {} shipped without a reservation",
                 d.order_id
@@ -566,7 +655,7 @@ impl Inventory {
                     (-1, -1),
                     "committed",
                 )?;
-                set_state(cx.tx, &d.order_id, State::Committed).await?;
+                set_state(cx, &d.order_id, State::Committed);
                 events::emit(
                     cx,
                     &InventoryCommitted {
@@ -587,18 +676,18 @@ impl Inventory {
     ) -> Result<(), HandlerError> {
         let d: DeliveryFailed = events::decode(event)?;
         lock_order(cx, &d.order_id).await?;
-        let restocked = match load(cx.tx, &d.order_id).await? {
+        let restocked = match load(cx, &d.order_id).await? {
             None => {
                 let lines = per_sku(&d.lines, &d.order_id)?;
                 if !lines.is_empty() {
-                    insert_rows(cx.tx, &d.order_id, &lines, State::Released).await?;
+                    insert_rows(cx, &d.order_id, &lines, State::Released);
                 }
                 Vec::new()
             }
             Some(r) => match r.state {
                 State::Released => return Ok(()),
                 State::Rejected => {
-                    set_state(cx.tx, &d.order_id, State::Released).await?;
+                    set_state(cx, &d.order_id, State::Released);
                     Vec::new()
                 }
                 State::Committed => {
@@ -611,7 +700,7 @@ impl Inventory {
                         (1, 0),
                         "returned",
                     )?;
-                    set_state(cx.tx, &d.order_id, State::Released).await?;
+                    set_state(cx, &d.order_id, State::Released);
                     r.lines()
                 }
                 // The return overtook the shipment: on_hand never went down, so only the
@@ -626,7 +715,7 @@ impl Inventory {
                         (0, -1),
                         "returned",
                     )?;
-                    set_state(cx.tx, &d.order_id, State::Released).await?;
+                    set_state(cx, &d.order_id, State::Released);
                     r.lines()
                 }
             },
@@ -684,7 +773,7 @@ impl Handler for Inventory {
         let group = state.get::<Group>();
         group.held.extend(ids.iter().map(|id| id.to_string()));
         hold(group, &rows);
-        Ok(())
+        read_reservations(tx, group, &ids).await
     }
 
     async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
