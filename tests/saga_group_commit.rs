@@ -599,3 +599,122 @@ async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
         "groups averaged fewer than two messages: {stats:?}"
     );
 }
+
+/// Records which orders' groups are open, and whether two open groups ever shared an order.
+#[derive(Default)]
+struct OrderWatch {
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    groups_open: std::sync::atomic::AtomicUsize,
+    most_groups_open: std::sync::atomic::AtomicUsize,
+    shared: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Handler for OrderWatch {
+    fn name(&self) -> &str {
+        "order-watch"
+    }
+
+    fn group_commit(&self) -> bool {
+        true
+    }
+
+    /// Registers the event's order as open in this transaction (a group, or an event alone).
+    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(id) = event.order_id() else {
+            return Ok(());
+        };
+        let mine = cx.state::<Vec<String>>();
+        if mine.is_empty() {
+            let now = self.groups_open.fetch_add(1, SeqCst) + 1;
+            self.most_groups_open.fetch_max(now, SeqCst);
+        }
+        if !mine.iter().any(|m| m == id) {
+            mine.push(id.to_string());
+            let mut open = self.open.lock().unwrap();
+            let n = open.entry(id.to_string()).or_default();
+            if *n > 0 {
+                self.shared.store(true, SeqCst);
+            }
+            *n += 1;
+        }
+        // Long enough for the other transactions to form their groups meanwhile.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        _tx: &orderfleet::db::Tx,
+        state: GroupState,
+    ) -> Result<(), HandlerError> {
+        let ids = state.into_inner::<Vec<String>>().unwrap_or_default();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut open = self.open.lock().unwrap();
+        for id in ids {
+            if let Some(n) = open.get_mut(&id) {
+                *n -= 1;
+            }
+        }
+        self.groups_open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Concurrent groups of one handler never share an order: an event of an order that a running
+/// group has waits in the queue for it, instead of in PostgreSQL with a whole group behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_groups_of_one_handler_never_share_an_order() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (pool, _) = common::fresh_db().await;
+    let watch = Arc::new(OrderWatch::default());
+    let group = GroupCommit::new(
+        watch.clone(),
+        pool.clone(),
+        GroupConfig {
+            max_group: 8,
+            transactions: 4,
+            timeout: Duration::from_secs(20),
+        },
+    );
+    // Ten orders with twelve events each, arriving interleaved, plus some without an order.
+    let mut tasks = Vec::new();
+    for round in 0..12 {
+        for order in 0..10 {
+            let event = envelope(
+                "Step",
+                json!({"order_id": format!("o-{order}"), "n": round}),
+            );
+            let group = group.clone();
+            tasks.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+        }
+        let event = envelope("Tick", json!({"n": round}));
+        let group = group.clone();
+        tasks.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+    }
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert!(applied(&answer), "{answer:?}");
+    }
+    assert!(
+        !watch.shared.load(SeqCst),
+        "two open groups shared an order"
+    );
+    assert!(
+        watch.most_groups_open.load(SeqCst) >= 2,
+        "groups never ran side by side, so the test proved nothing"
+    );
+    assert_eq!(group.stats().events, 132);
+    assert_eq!(
+        common::scalar(
+            &pool,
+            "SELECT count(*) FROM processed_messages WHERE handler = 'order-watch'"
+        )
+        .await,
+        132
+    );
+}

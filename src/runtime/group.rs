@@ -389,6 +389,10 @@ struct Inner {
 struct State {
     queue: VecDeque<Request>,
     running: usize,
+    /// Order ids of the events in running groups. A queued event of one of these orders waits
+    /// in the queue for its group to finish, rather than in PostgreSQL for the group's locks
+    /// with a whole group of others behind it.
+    busy: HashSet<String>,
 }
 
 struct Request {
@@ -437,23 +441,50 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes the next group, or retires this runner when nothing waits.
-    fn next_group(&self) -> Option<Vec<Request>> {
+    /// Releases the order ids of the group this runner finished, then takes the next group:
+    /// the oldest waiting events, up to the group size, skipping events of orders another
+    /// running group has. Retires this runner when nothing can run; whichever runner holds a
+    /// skipped event's order takes it when its group is done.
+    fn next_group(&self, finished: &mut Vec<String>) -> Option<Vec<Request>> {
         let mut state = self.lock();
-        // Events whose consumer stopped waiting are not run: it will receive them again.
-        state.queue.retain(|r| !r.reply.is_closed());
-        if state.queue.is_empty() {
+        for id in finished.drain(..) {
+            state.busy.remove(&id);
+        }
+        let mut group = Vec::new();
+        let mut rest = VecDeque::with_capacity(state.queue.len());
+        let queue = std::mem::take(&mut state.queue);
+        for r in queue {
+            // Events whose consumer stopped waiting are not run: it will receive them again.
+            if r.reply.is_closed() {
+                continue;
+            }
+            let free = !r.event.order_id().is_some_and(|id| state.busy.contains(id));
+            if free && group.len() < self.cfg.max_group {
+                if let Some(id) = r.event.order_id() {
+                    if !finished.iter().any(|f| f == id) {
+                        finished.push(id.to_string());
+                    }
+                }
+                group.push(r);
+            } else {
+                rest.push_back(r);
+            }
+        }
+        state.queue = rest;
+        if group.is_empty() {
             state.running -= 1;
             return None;
         }
-        let n = state.queue.len().min(self.cfg.max_group);
-        Some(state.queue.drain(..n).collect())
+        state.busy.extend(finished.iter().cloned());
+        Some(group)
     }
 }
 
 /// A runner: runs groups until the queue is empty.
 async fn run(inner: Arc<Inner>) {
-    while let Some(group) = inner.next_group() {
+    // The order ids of this runner's current group, released when it takes the next one.
+    let mut orders = Vec::new();
+    while let Some(group) = inner.next_group(&mut orders) {
         let (events, replies): (Vec<(Envelope, u32)>, Vec<_>) = group
             .into_iter()
             .map(|r| ((r.event, r.receive_count), Some(r.reply)))
