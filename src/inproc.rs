@@ -1,9 +1,10 @@
 //! An in-process fleet: the real handlers and the real [`runtime::execute`], with the outbox
 //! standing in for EventBridge and SQS. For tests and the benchmark.
 //!
-//! A [`Fleet`] takes unpublished outbox rows (`FOR UPDATE SKIP LOCKED`, marked published in
-//! the same statement), turns each into an [`Envelope`] as the relay and a rule would, and
-//! runs [`runtime::execute`] for every consumer the catalogue lists that this fleet has.
+//! A [`Fleet`] takes unpublished outbox rows (`FOR UPDATE SKIP LOCKED`, marked published or
+//! deleted in the same statement), turns each into an [`Envelope`] as the relay and a rule
+//! would, and runs [`runtime::execute`] for every consumer the catalogue lists that this fleet
+//! has.
 //! Storefront events enter through [`Fleet::publish`], which writes them to the outbox.
 //!
 //! Tests choose the granularity: [`Fleet::run_until_quiet`] drives everything to rest,
