@@ -325,9 +325,15 @@ pub fn validate(
 
 /// Serialises `OrderPlaced` and `OrderCancellationRequested` of one order: before the order
 /// row exists there is nothing to lock, and without this a cancellation could miss an order
-/// being inserted concurrently (and the insert miss the cancellation).
-async fn lock_order_id(tx: &Tx, order_id: &str) -> Result<(), HandlerError> {
-    lock_order_ids(tx, "orders", &[order_id]).await
+/// being inserted concurrently (and the insert miss the cancellation). A group took the locks
+/// of all its orders already ([`Orders::lock_group`]), and they last until it commits.
+async fn lock_order_id(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
+    if cx.state::<Rows>().held.contains(order_id) {
+        return Ok(());
+    }
+    lock_order_ids(cx.tx, "orders", &[order_id]).await?;
+    cx.state::<Rows>().held.insert(order_id.to_string());
+    Ok(())
 }
 
 /// An order row, locked for the rest of the transaction.
@@ -347,6 +353,8 @@ struct Locked {
 struct Rows {
     locked: HashMap<String, Locked>,
     changed: BTreeSet<String>,
+    /// The orders whose `orders:<id>` advisory lock this transaction holds.
+    held: HashSet<String>,
 }
 
 /// Locks and reads the order rows `ids` (in id order).
@@ -605,7 +613,7 @@ impl Orders {
         if d.order_id.trim().is_empty() {
             return Err(HandlerError::poison("OrderPlaced has an empty order_id"));
         }
-        lock_order_id(cx.tx, &d.order_id).await?;
+        lock_order_id(cx, &d.order_id).await?;
         // After the lock, in one round trip: is the order known already, was its cancellation
         // requested before it arrived, and which of its SKUs does the catalogue know.
         let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
@@ -749,7 +757,7 @@ impl Orders {
         cx: &mut Context<'_>,
     ) -> Result<(), HandlerError> {
         let d: OrderCancellationRequested = events::decode(event)?;
-        lock_order_id(cx.tx, &d.order_id).await?;
+        lock_order_id(cx, &d.order_id).await?;
         let Some(mut o) = lock(cx, &d.order_id).await? else {
             cx.tx
                 .execute_cached(
@@ -898,6 +906,7 @@ impl Handler for Orders {
             .collect();
         lock_keys(tx, &keys).await?;
         let rows = state.get::<Rows>();
+        rows.held.extend(ids.iter().map(|id| id.to_string()));
         for o in select_locked(tx, &ids).await? {
             rows.locked.insert(o.id.clone(), o);
         }

@@ -22,6 +22,7 @@
 //! there that our row does not reflect (same key, same outcome at the provider), brings the row
 //! up to date, and then releases the hold or refunds the capture.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -34,7 +35,7 @@ use crate::events::{
     PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentStage,
     PaymentVoided,
 };
-use crate::handlers::{Context, Handler};
+use crate::handlers::{Context, GroupState, Handler};
 use crate::ledger;
 use crate::outcome::HandlerError;
 use crate::payment_provider::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
@@ -166,14 +167,42 @@ impl State {
     }
 }
 
-/// A payment row, locked for the rest of the transaction.
+/// A payment row, locked for the rest of the transaction, as the transaction last left it.
+#[derive(Clone)]
 struct Payment {
     order_id: String,
     state: State,
     amount: Money,
     captured_minor: i64,
+    refunded_minor: i64,
     token: String,
     authorization_id: Option<String>,
+    capture_id: Option<String>,
+    refund_id: Option<String>,
+    authorize_key: Option<String>,
+    capture_key: Option<String>,
+    void_key: Option<String>,
+    refund_key: Option<String>,
+    failure_code: Option<String>,
+    failure_message: Option<String>,
+}
+
+/// The payment rows a transaction locked, as its events last left them.
+///
+/// A group locks the `payments:<id>` advisory lock of each of its orders and reads their rows
+/// in [`Handler::lock_group`]; its events read and change the rows here, and
+/// [`Handler::finish`] writes them back: new rows in one `INSERT`, changed ones in one
+/// `UPDATE`. For an order whose lock the transaction holds, a missing row is created in memory.
+/// Other orders (an event run alone) are locked and created in the table as they come.
+#[derive(Default)]
+struct Rows {
+    rows: HashMap<String, Payment>,
+    /// Orders whose advisory lock this transaction holds and whose row it read (or knows to
+    /// be missing).
+    locked: HashSet<String>,
+    /// Rows to insert, and rows to update, by order id.
+    new: BTreeSet<String>,
+    changed: BTreeSet<String>,
 }
 
 /// Why a compensation runs.
@@ -194,57 +223,259 @@ fn provider_error(op: &str, order_id: &str, e: ProviderError) -> HandlerError {
     }
 }
 
-/// Locks the order's payment row, creating it as `pending` with `seed` when it does not exist
-/// yet (a cancellation may arrive before the acceptance).
-async fn lock(
-    tx: &Tx,
-    order_id: &str,
-    seed: Option<(Money, &str)>,
-) -> Result<Option<Payment>, HandlerError> {
-    if let Some((amount, token)) = seed {
-        tx.execute_cached(
-            "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
-             VALUES ($1, 'pending', $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
-            &[
-                &order_id,
-                &amount.amount_minor,
-                &amount.currency.as_str(),
-                &token,
-            ],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("creating the payment", &e))?;
-    }
-    let row = tx
-        .query_opt_cached(
-            "SELECT state, amount_minor, currency::text, payment_token, authorization_id,
-                    captured_minor
-               FROM payments WHERE order_id = $1 FOR UPDATE",
-            &[&order_id],
+/// Locks and reads the payment rows of `ids`, in order-id order.
+async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>, HandlerError> {
+    let rows = tx
+        .query_cached(
+            "SELECT order_id, state, amount_minor, currency::text, payment_token,
+                    authorization_id, capture_id, refund_id, authorize_key, capture_key,
+                    void_key, refund_key, captured_minor, refunded_minor, failure_code,
+                    failure_message
+               FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
+            &[&ids],
         )
         .await
         .map_err(|e| HandlerError::from_db("locking the payment", &e))?;
-    let Some(r) = row else { return Ok(None) };
-    let currency: String = r.get(2);
-    let currency = Currency::new(&currency)
-        .map_err(|e| HandlerError::permanent(format!("payment of {order_id}: {e}")))?;
-    Ok(Some(Payment {
-        order_id: order_id.to_string(),
-        state: State::parse(r.get(0))?,
-        amount: Money::new(r.get(1), currency),
-        token: r.get(3),
-        authorization_id: r.get(4),
-        captured_minor: r.get(5),
-    }))
+    rows.iter()
+        .map(|r| {
+            let order_id: String = r.get(0);
+            let currency: String = r.get(3);
+            let currency = Currency::new(&currency)
+                .map_err(|e| HandlerError::permanent(format!("payment of {order_id}: {e}")))?;
+            Ok(Payment {
+                state: State::parse(r.get(1))?,
+                amount: Money::new(r.get(2), currency),
+                token: r.get(4),
+                authorization_id: r.get(5),
+                capture_id: r.get(6),
+                refund_id: r.get(7),
+                authorize_key: r.get(8),
+                capture_key: r.get(9),
+                void_key: r.get(10),
+                refund_key: r.get(11),
+                captured_minor: r.get(12),
+                refunded_minor: r.get(13),
+                failure_code: r.get(14),
+                failure_message: r.get(15),
+                order_id,
+            })
+        })
+        .collect()
 }
 
-async fn lock_existing(tx: &Tx, order_id: &str) -> Result<Payment, HandlerError> {
-    lock(tx, order_id, None).await?.ok_or_else(|| {
+/// Locks the order's payment row, creating it as `pending` with `seed` when it does not exist
+/// yet (a cancellation may arrive before the acceptance).
+async fn lock(
+    cx: &mut Context<'_>,
+    order_id: &str,
+    seed: Option<(Money, &str)>,
+) -> Result<Option<Payment>, HandlerError> {
+    let rows = cx.state::<Rows>();
+    if let Some(p) = rows.rows.get(order_id) {
+        return Ok(Some(p.clone()));
+    }
+    if rows.locked.contains(order_id) {
+        // The group holds the order's lock and read no row: nobody else can create it now.
+        let Some((amount, token)) = seed else {
+            return Ok(None);
+        };
+        let p = Payment::pending(order_id, amount, token);
+        rows.new.insert(order_id.to_string());
+        rows.rows.insert(order_id.to_string(), p.clone());
+        return Ok(Some(p));
+    }
+    if let Some((amount, token)) = seed {
+        cx.tx
+            .execute_cached(
+                "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
+                 VALUES ($1, 'pending', $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
+                &[
+                    &order_id,
+                    &amount.amount_minor,
+                    &amount.currency.as_str(),
+                    &token,
+                ],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("creating the payment", &e))?;
+    }
+    let Some(p) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    cx.state::<Rows>()
+        .rows
+        .insert(order_id.to_string(), p.clone());
+    Ok(Some(p))
+}
+
+async fn lock_existing(cx: &mut Context<'_>, order_id: &str) -> Result<Payment, HandlerError> {
+    lock(cx, order_id, None).await?.ok_or_else(|| {
         HandlerError::permanent(format!("order {order_id} has no payment to act on"))
     })
 }
 
+/// Keeps `p` as this transaction's version of the row; [`Handler::finish`] writes it.
+fn save(cx: &mut Context<'_>, p: Payment) {
+    let rows = cx.state::<Rows>();
+    if !rows.new.contains(&p.order_id) {
+        rows.changed.insert(p.order_id.clone());
+    }
+    rows.rows.insert(p.order_id.clone(), p);
+}
+
+/// Writes the new and changed rows of `rows`: one statement each.
+async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
+    let db = |e: tokio_postgres::Error| HandlerError::from_db("writing the payments", &e);
+    let pick = |ids: &BTreeSet<String>| -> Vec<&Payment> {
+        ids.iter().filter_map(|id| rows.rows.get(id)).collect()
+    };
+    let new = pick(&rows.new);
+    if !new.is_empty() {
+        let c = Columns::of(&new);
+        let amounts: Vec<i64> = new.iter().map(|p| p.amount.amount_minor).collect();
+        let currencies: Vec<&str> = new.iter().map(|p| p.amount.currency.as_str()).collect();
+        // A plain INSERT: if an event run alone elsewhere created one of these rows meanwhile,
+        // the group fails and its events run alone.
+        tx.execute_cached(
+            "INSERT INTO payments (order_id, state, payment_token, authorization_id, capture_id,
+                 refund_id, authorize_key, capture_key, void_key, refund_key, captured_minor,
+                 refunded_minor, failure_code, failure_message, amount_minor, currency)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[],
+                 $12::bigint[], $13::text[], $14::text[], $15::bigint[], $16::text[])",
+            &[
+                &c.ids,
+                &c.states,
+                &c.tokens,
+                &c.authorization_ids,
+                &c.capture_ids,
+                &c.refund_ids,
+                &c.authorize_keys,
+                &c.capture_keys,
+                &c.void_keys,
+                &c.refund_keys,
+                &c.captured,
+                &c.refunded,
+                &c.failure_codes,
+                &c.failure_messages,
+                &amounts,
+                &currencies,
+            ],
+        )
+        .await
+        .map_err(db)?;
+    }
+    let changed = pick(&rows.changed);
+    if !changed.is_empty() {
+        let c = Columns::of(&changed);
+        let n = tx
+            .execute_cached(
+                "UPDATE payments p SET state = u.state, payment_token = u.payment_token,
+                        authorization_id = u.authorization_id, capture_id = u.capture_id,
+                        refund_id = u.refund_id, authorize_key = u.authorize_key,
+                        capture_key = u.capture_key, void_key = u.void_key,
+                        refund_key = u.refund_key, captured_minor = u.captured_minor,
+                        refunded_minor = u.refunded_minor, failure_code = u.failure_code,
+                        failure_message = u.failure_message, updated_at = now()
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                               $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                               $11::bigint[], $12::bigint[], $13::text[], $14::text[])
+                        AS u(order_id, state, payment_token, authorization_id, capture_id,
+                             refund_id, authorize_key, capture_key, void_key, refund_key,
+                             captured_minor, refunded_minor, failure_code, failure_message)
+                  WHERE p.order_id = u.order_id",
+                &[
+                    &c.ids,
+                    &c.states,
+                    &c.tokens,
+                    &c.authorization_ids,
+                    &c.capture_ids,
+                    &c.refund_ids,
+                    &c.authorize_keys,
+                    &c.capture_keys,
+                    &c.void_keys,
+                    &c.refund_keys,
+                    &c.captured,
+                    &c.refunded,
+                    &c.failure_codes,
+                    &c.failure_messages,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        if n != changed.len() as u64 {
+            return Err(HandlerError::retry(format!(
+                "updated {n} of {} locked payments",
+                changed.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The mutable columns of some payment rows, as arrays for `unnest`.
+struct Columns<'a> {
+    ids: Vec<&'a str>,
+    states: Vec<&'static str>,
+    tokens: Vec<&'a str>,
+    authorization_ids: Vec<Option<&'a str>>,
+    capture_ids: Vec<Option<&'a str>>,
+    refund_ids: Vec<Option<&'a str>>,
+    authorize_keys: Vec<Option<&'a str>>,
+    capture_keys: Vec<Option<&'a str>>,
+    void_keys: Vec<Option<&'a str>>,
+    refund_keys: Vec<Option<&'a str>>,
+    captured: Vec<i64>,
+    refunded: Vec<i64>,
+    failure_codes: Vec<Option<&'a str>>,
+    failure_messages: Vec<Option<&'a str>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(rows: &[&'a Payment]) -> Self {
+        let text = |f: fn(&'a Payment) -> &'a Option<String>| -> Vec<Option<&'a str>> {
+            rows.iter().map(|p| f(p).as_deref()).collect()
+        };
+        Columns {
+            ids: rows.iter().map(|p| p.order_id.as_str()).collect(),
+            states: rows.iter().map(|p| p.state.as_str()).collect(),
+            tokens: rows.iter().map(|p| p.token.as_str()).collect(),
+            authorization_ids: text(|p| &p.authorization_id),
+            capture_ids: text(|p| &p.capture_id),
+            refund_ids: text(|p| &p.refund_id),
+            authorize_keys: text(|p| &p.authorize_key),
+            capture_keys: text(|p| &p.capture_key),
+            void_keys: text(|p| &p.void_key),
+            refund_keys: text(|p| &p.refund_key),
+            captured: rows.iter().map(|p| p.captured_minor).collect(),
+            refunded: rows.iter().map(|p| p.refunded_minor).collect(),
+            failure_codes: text(|p| &p.failure_code),
+            failure_messages: text(|p| &p.failure_message),
+        }
+    }
+}
+
 impl Payment {
+    fn pending(order_id: &str, amount: Money, token: &str) -> Self {
+        Payment {
+            order_id: order_id.to_string(),
+            state: State::Pending,
+            amount,
+            captured_minor: 0,
+            refunded_minor: 0,
+            token: token.to_string(),
+            authorization_id: None,
+            capture_id: None,
+            refund_id: None,
+            authorize_key: None,
+            capture_key: None,
+            void_key: None,
+            refund_key: None,
+            failure_code: None,
+            failure_message: None,
+        }
+    }
+
     fn request(&self, key: String, amount: Money) -> ProviderRequest {
         ProviderRequest {
             idempotency_key: key,
@@ -255,25 +486,10 @@ impl Payment {
     }
 }
 
-async fn update(
-    tx: &Tx,
-    order_id: &str,
-    set: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<(), HandlerError> {
-    let sql = format!("UPDATE payments SET {set}, updated_at = now() WHERE order_id = $1");
-    let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&order_id];
-    all.extend_from_slice(params);
-    tx.execute_cached(&sql, &all)
-        .await
-        .map_err(|e| HandlerError::from_db("updating the payment", &e))?;
-    Ok(())
-}
-
 impl Payments {
     async fn authorize(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderAccepted = events::decode(event)?;
-        let Some(p) = lock(cx.tx, &d.order_id, Some((d.total, &d.payment_token))).await? else {
+        let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &d.payment_token))).await? else {
             return Err(HandlerError::permanent("payment row vanished"));
         };
         if p.state != State::Pending {
@@ -288,33 +504,28 @@ impl Payments {
             .authorize(&req)
             .await
             .map_err(|e| provider_error("authorize", &d.order_id, e))?;
+        p.authorize_key = Some(key);
         match outcome {
             ProviderOutcome::Approved { reference } => {
-                update(
-                    cx.tx,
-                    &d.order_id,
-                    "state = 'authorized', authorization_id = $2, authorize_key = $3",
-                    &[&reference, &key],
-                )
-                .await?;
+                p.state = State::Authorized;
+                p.authorization_id = Some(reference.clone());
+                let amount = p.amount;
+                save(cx, p);
                 events::emit(
                     cx,
                     &PaymentAuthorized {
                         meta: Meta::default(),
                         order_id: d.order_id,
                         authorization_id: reference,
-                        amount: p.amount,
+                        amount,
                     },
                 )
             }
             ProviderOutcome::Declined { code, message } => {
-                update(
-                    cx.tx,
-                    &d.order_id,
-                    "state = 'failed', failure_code = $2, failure_message = $3, authorize_key = $4",
-                    &[&code, &message, &key],
-                )
-                .await?;
+                p.state = State::Failed;
+                p.failure_code = Some(code.clone());
+                p.failure_message = Some(message.clone());
+                save(cx, p);
                 events::emit(
                     cx,
                     &PaymentFailed {
@@ -331,7 +542,7 @@ impl Payments {
 
     async fn capture(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderShipped = events::decode(event)?;
-        let p = lock_existing(cx.tx, &d.order_id).await?;
+        let mut p = lock_existing(cx, &d.order_id).await?;
         match p.state {
             State::Authorized => {}
             // Captured already, or the return overtook the shipment and voided the hold.
@@ -352,17 +563,16 @@ impl Payments {
             .capture(&req)
             .await
             .map_err(|e| provider_error("capture", &d.order_id, e))?;
+        p.capture_key = Some(key);
+        let amount = p.amount;
         match outcome {
             ProviderOutcome::Approved { reference } => {
-                update(
-                    cx.tx,
-                    &d.order_id,
-                    "state = 'captured', capture_id = $2, capture_key = $3, captured_minor = amount_minor",
-                    &[&reference, &key],
-                )
-                .await?;
-                if p.amount.amount_minor > 0 {
-                    ledger::capture(cx.tx, &d.order_id, p.amount).await?;
+                p.state = State::Captured;
+                p.capture_id = Some(reference.clone());
+                p.captured_minor = amount.amount_minor;
+                save(cx, p);
+                if amount.amount_minor > 0 {
+                    ledger::capture(cx.tx, &d.order_id, amount).await?;
                 }
                 events::emit(
                     cx,
@@ -370,18 +580,14 @@ impl Payments {
                         meta: Meta::default(),
                         order_id: d.order_id,
                         capture_id: reference,
-                        amount: p.amount,
+                        amount,
                     },
                 )
             }
             ProviderOutcome::Declined { code, message } => {
-                update(
-                    cx.tx,
-                    &d.order_id,
-                    "failure_code = $2, failure_message = $3, capture_key = $4",
-                    &[&code, &message, &key],
-                )
-                .await?;
+                p.failure_code = Some(code.clone());
+                p.failure_message = Some(message.clone());
+                save(cx, p);
                 events::emit(
                     cx,
                     &PaymentFailed {
@@ -405,12 +611,13 @@ impl Payments {
         p: Payment,
         why: Settle,
     ) -> Result<(), HandlerError> {
-        let p = self.reconcile(cx.tx, p).await?;
+        let mut p = self.reconcile(cx, p).await?;
         let order_id = p.order_id.clone();
         match p.state {
             State::Voided | State::Refunded => Ok(()),
             State::Pending | State::Failed => {
-                update(cx.tx, &order_id, "state = 'voided'", &[]).await?;
+                p.state = State::Voided;
+                save(cx, p);
                 events::emit(
                     cx,
                     &PaymentVoided {
@@ -437,13 +644,16 @@ impl Payments {
                         )))
                     }
                 }
-                update(cx.tx, &order_id, "state = 'voided', void_key = $2", &[&key]).await?;
+                p.state = State::Voided;
+                p.void_key = Some(key);
+                let authorization_id = p.authorization_id.clone();
+                save(cx, p);
                 events::emit(
                     cx,
                     &PaymentVoided {
                         meta: Meta::default(),
                         order_id,
-                        authorization_id: p.authorization_id,
+                        authorization_id,
                     },
                 )
             }
@@ -465,13 +675,11 @@ impl Payments {
                         )))
                     }
                 };
-                update(
-                    cx.tx,
-                    &order_id,
-                    "state = 'refunded', refund_id = $2, refund_key = $3, refunded_minor = captured_minor",
-                    &[&reference, &key],
-                )
-                .await?;
+                p.state = State::Refunded;
+                p.refund_id = Some(reference.clone());
+                p.refund_key = Some(key);
+                p.refunded_minor = p.captured_minor;
+                save(cx, p);
                 if amount.amount_minor > 0 {
                     ledger::refund(cx.tx, &order_id, amount).await?;
                 }
@@ -498,11 +706,15 @@ impl Payments {
     /// key (the provider returns the outcome it already decided, or decides now, once), and its
     /// outcome is written to the row, so that `settle` voids a hold nobody recorded and refunds
     /// a capture nobody recorded. A replay emits nothing: `settle` confirms with its one event.
-    async fn reconcile(&self, tx: &Tx, mut p: Payment) -> Result<Payment, HandlerError> {
+    async fn reconcile(
+        &self,
+        cx: &mut Context<'_>,
+        mut p: Payment,
+    ) -> Result<Payment, HandlerError> {
         let order_id = p.order_id.clone();
         if p.state == State::Pending {
             let key = format!("auth:{order_id}");
-            if let Some(req) = attempted(tx, &key).await? {
+            if let Some(req) = attempted(cx.tx, &key).await? {
                 match self
                     .provider
                     .authorize(&req)
@@ -512,35 +724,23 @@ impl Payments {
                     ProviderOutcome::Approved { reference } => {
                         tracing::warn!(order_id = %order_id, authorization_id = %reference,
                             "found an authorization whose transaction rolled back");
-                        update(
-                            tx,
-                            &order_id,
-                            "state = 'authorized', authorization_id = $2, authorize_key = $3,
-                             payment_token = $4",
-                            &[&reference, &key, &req.payment_token],
-                        )
-                        .await?;
                         p.state = State::Authorized;
                         p.authorization_id = Some(reference);
                         p.token = req.payment_token;
                     }
                     ProviderOutcome::Declined { code, message } => {
-                        update(
-                            tx,
-                            &order_id,
-                            "state = 'failed', failure_code = $2, failure_message = $3,
-                             authorize_key = $4",
-                            &[&code, &message, &key],
-                        )
-                        .await?;
                         p.state = State::Failed;
+                        p.failure_code = Some(code);
+                        p.failure_message = Some(message);
                     }
                 }
+                p.authorize_key = Some(key);
+                save(cx, p.clone());
             }
         }
         if p.state == State::Authorized {
             let key = format!("capture:{order_id}");
-            if let Some(req) = attempted(tx, &key).await? {
+            if let Some(req) = attempted(cx.tx, &key).await? {
                 match self
                     .provider
                     .capture(&req)
@@ -550,19 +750,14 @@ impl Payments {
                     ProviderOutcome::Approved { reference } => {
                         tracing::warn!(order_id = %order_id, capture_id = %reference,
                             "found a capture whose transaction rolled back");
-                        update(
-                            tx,
-                            &order_id,
-                            "state = 'captured', capture_id = $2, capture_key = $3,
-                             captured_minor = $4",
-                            &[&reference, &key, &req.amount.amount_minor],
-                        )
-                        .await?;
-                        if req.amount.amount_minor > 0 {
-                            ledger::capture(tx, &order_id, req.amount).await?;
-                        }
                         p.state = State::Captured;
+                        p.capture_id = Some(reference);
+                        p.capture_key = Some(key);
                         p.captured_minor = req.amount.amount_minor;
+                        save(cx, p.clone());
+                        if req.amount.amount_minor > 0 {
+                            ledger::capture(cx.tx, &order_id, req.amount).await?;
+                        }
                     }
                     // Nothing was taken: the hold is still there, and settle voids it.
                     ProviderOutcome::Declined { .. } => {}
@@ -576,7 +771,7 @@ impl Payments {
         let d: OrderCancelled = events::decode(event)?;
         // Seeded from the event: a cancellation that overtakes the acceptance leaves a voided
         // payment behind, and the late OrderAccepted then authorizes nothing.
-        let Some(p) = lock(cx.tx, &d.order_id, Some((d.total, ""))).await? else {
+        let Some(p) = lock(cx, &d.order_id, Some((d.total, ""))).await? else {
             return Err(HandlerError::permanent("payment row vanished"));
         };
         self.settle(cx, p, Settle::Cancelled).await
@@ -584,7 +779,7 @@ impl Payments {
 
     async fn returned(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: DeliveryFailed = events::decode(event)?;
-        let p = lock_existing(cx.tx, &d.order_id).await?;
+        let p = lock_existing(cx, &d.order_id).await?;
         self.settle(cx, p, Settle::Returned).await
     }
 }
@@ -605,17 +800,24 @@ impl Handler for Payments {
         &self,
         tx: &Tx,
         events: &[&Envelope],
-        _state: &mut crate::handlers::GroupState,
+        state: &mut GroupState,
     ) -> Result<(), HandlerError> {
         let ids = crate::handlers::sorted_order_ids(events);
         crate::handlers::lock_order_ids(tx, "payments", &ids).await?;
-        tx.execute_cached(
-            "SELECT 1 FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
-            &[&ids],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("locking the payments", &e))?;
+        let found = select_locked(tx, &ids).await?;
+        let rows = state.get::<Rows>();
+        rows.locked.extend(ids.iter().map(|id| id.to_string()));
+        rows.rows
+            .extend(found.into_iter().map(|p| (p.order_id.clone(), p)));
         Ok(())
+    }
+
+    /// Writes back the payment rows this transaction created or changed.
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
+        match state.into_inner::<Rows>() {
+            Some(rows) => write_back(tx, rows).await,
+            None => Ok(()),
+        }
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
