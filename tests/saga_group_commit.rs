@@ -718,3 +718,285 @@ async fn concurrent_groups_of_one_handler_never_share_an_order() {
         132
     );
 }
+
+/// An event of `detail_type` whose detail is `detail`, serialised.
+fn event_of(detail_type: &str, detail: &impl serde::Serialize) -> Envelope {
+    envelope(detail_type, serde_json::to_value(detail).unwrap())
+}
+
+fn cancelled(order_id: &str, sku: &str, total_minor: i64) -> Envelope {
+    use orderfleet::events::{CancelReason, Meta, OrderCancelled, SkuQuantity};
+    event_of(
+        "OrderCancelled",
+        &OrderCancelled {
+            meta: Meta::default(),
+            order_id: order_id.into(),
+            reason: CancelReason::Requested,
+            lines: vec![SkuQuantity {
+                sku: sku.into(),
+                quantity: 1,
+            }],
+            total: eur(total_minor),
+        },
+    )
+}
+
+/// A payment row's keys and provider references: (authorize_key, authorization_id, void_key,
+/// capture_id, refund_id).
+async fn payment_refs(pool: &deadpool_postgres::Pool, order_id: &str) -> [Option<String>; 5] {
+    let c = pool.get().await.unwrap();
+    let r = c
+        .query_one(
+            "SELECT authorize_key, authorization_id, void_key, capture_id, refund_id
+               FROM payments WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await
+        .unwrap();
+    [r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)]
+}
+
+#[tokio::test]
+async fn payments_created_and_settled_inside_one_group_are_written_as_they_ended() {
+    use orderfleet::events::{DeliveryFailed, Meta, OrderShipped, SkuQuantity};
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "PAY-G", 999, 10).await;
+    let ids = vec!["pay-g-1".to_string(), "pay-g-2".to_string()];
+    let accepted = accepted_orders(&fleet, &ids, "PAY-G", "tok_visa").await;
+    let payments = fleet.handler(HandlerName::Payments).unwrap();
+
+    // Order 1 is authorized; order 2 is authorized and cancelled in the same transaction;
+    // order 3 is cancelled before it was ever accepted (the cancellation overtook it).
+    let events = vec![
+        accepted[0].clone(),
+        accepted[1].clone(),
+        cancelled("pay-g-2", "PAY-G", 999),
+        cancelled("pay-g-3", "PAY-G", 999),
+    ];
+    let outcome = execute_group(&*payments, &pool, &refs(&events, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    assert_eq!(payment(&pool, "pay-g-1").await.0, "authorized");
+    assert_eq!(payment(&pool, "pay-g-2").await.0, "voided");
+    assert_eq!(payment(&pool, "pay-g-3").await.0, "voided");
+    let [auth_key, auth_id, void_key, _, _] = payment_refs(&pool, "pay-g-2").await;
+    assert_eq!(auth_key.as_deref(), Some("auth:pay-g-2"));
+    assert!(
+        auth_id.is_some(),
+        "the voided hold keeps its authorization id"
+    );
+    assert_eq!(void_key.as_deref(), Some("void:pay-g-2"));
+    assert_eq!(
+        provider_call(&pool, "void:pay-g-2").await.map(|c| c.0),
+        Some(1)
+    );
+    assert_eq!(
+        provider_call(&pool, "void:pay-g-3").await,
+        None,
+        "nothing to void"
+    );
+    assert_eq!(emitted(&pool, "PaymentAuthorized", None).await.len(), 2);
+    assert_eq!(emitted(&pool, "PaymentVoided", None).await.len(), 2);
+
+    // Order 1 ships and comes back in one transaction: captured, then refunded.
+    let lines = vec![SkuQuantity {
+        sku: "PAY-G".into(),
+        quantity: 1,
+    }];
+    let events = vec![
+        event_of(
+            "OrderShipped",
+            &OrderShipped {
+                meta: Meta::default(),
+                order_id: "pay-g-1".into(),
+                carrier: "sandbox".into(),
+                tracking_number: "T-PAY-G-1".into(),
+                lines: lines.clone(),
+                shipped_at: Utc::now(),
+            },
+        ),
+        event_of(
+            "DeliveryFailed",
+            &DeliveryFailed {
+                meta: Meta::default(),
+                order_id: "pay-g-1".into(),
+                tracking_number: "T-PAY-G-1".into(),
+                reason: "refused".into(),
+                lines,
+            },
+        ),
+    ];
+    let outcome = execute_group(&*payments, &pool, &refs(&events, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    assert_eq!(
+        payment(&pool, "pay-g-1").await,
+        ("refunded".into(), 999, 999)
+    );
+    let [_, _, _, capture_id, refund_id] = payment_refs(&pool, "pay-g-1").await;
+    assert!(capture_id.is_some() && refund_id.is_some());
+    assert_eq!(net_money(&pool, "pay-g-1").await, 0);
+    assert_ledger_balances(&pool).await;
+}
+
+#[tokio::test]
+async fn a_payment_row_created_meanwhile_by_an_event_run_alone_sends_the_group_to_run_alone() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "PAY-R", 999, 10).await;
+    let ids = vec!["pay-r-1".to_string(), "pay-r-2".to_string()];
+    let accepted = accepted_orders(&fleet, &ids, "PAY-R", "tok_visa").await;
+    let payments = fleet.handler(HandlerName::Payments).unwrap();
+
+    // Another instance, running an event of order 1 alone (no advisory lock), has created its
+    // row and not committed yet: the group reads no row for it.
+    let mut other = pool.get().await.unwrap();
+    let other = other.transaction().await.unwrap();
+    other
+        .execute(
+            "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
+             VALUES ('pay-r-1', 'pending', 999, 'EUR', 'tok_visa')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let group = {
+        let (payments, pool, events) = (payments.clone(), pool.clone(), accepted.clone());
+        tokio::spawn(async move { execute_group(&*payments, &pool, &refs(&events, 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    other.commit().await.unwrap();
+    let outcome = group.await.unwrap();
+
+    // The group's insert of order 1's row failed; both events then ran alone.
+    assert_eq!(outcome.transactions, 3, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    // Each order was authorized once: one event, naming the hold its row records (a call
+    // repeated with its key gets the hold the provider decided the first time).
+    for id in &ids {
+        assert_eq!(payment(&pool, id).await.0, "authorized");
+        let events = emitted(&pool, "PaymentAuthorized", Some(id)).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        let [_, authorization_id, _, _, _] = payment_refs(&pool, id).await;
+        assert_eq!(
+            events[0]["authorization_id"].as_str(),
+            authorization_id.as_deref()
+        );
+    }
+}
+
+#[tokio::test]
+async fn shipping_and_stopping_one_order_in_one_group_keep_the_first_decision() {
+    use orderfleet::events::{Contact, Meta, OrderReadyToShip, ShipmentCancelRequested};
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    let fulfillment = fleet.handler(HandlerName::Fulfillment).unwrap();
+    let ready = |order_id: &str| {
+        let placed = order(order_id, &[("SHIP-G", 1, 999)], "tok_visa");
+        event_of(
+            "OrderReadyToShip",
+            &OrderReadyToShip {
+                meta: Meta::default(),
+                order_id: order_id.into(),
+                customer: Contact {
+                    id: placed.customer.id,
+                    email: placed.customer.email.unwrap(),
+                    name: placed.customer.name,
+                },
+                lines: vec![orderfleet::events::SkuQuantity {
+                    sku: "SHIP-G".into(),
+                    quantity: 1,
+                }],
+                shipping_address: placed.shipping_address,
+            },
+        )
+    };
+    let stop = |order_id: &str| {
+        event_of(
+            "ShipmentCancelRequested",
+            &ShipmentCancelRequested {
+                meta: Meta::default(),
+                order_id: order_id.into(),
+            },
+        )
+    };
+    // Order 1 ships, then its stop comes too late; order 2 is stopped before it ships.
+    let events = vec![
+        ready("ship-g-1"),
+        stop("ship-g-1"),
+        stop("ship-g-2"),
+        ready("ship-g-2"),
+    ];
+    let outcome = execute_group(&*fulfillment, &pool, &refs(&events, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    assert_eq!(shipment(&pool, "ship-g-1").await, "shipped");
+    assert_eq!(shipment(&pool, "ship-g-2").await, "cancelled");
+    assert_eq!(history(&pool, "ship-g-1").await[0], "OrderShipped");
+    assert!(!history(&pool, "ship-g-1")
+        .await
+        .contains(&"ShipmentCancelled".to_string()));
+    assert_eq!(history(&pool, "ship-g-2").await, vec!["ShipmentCancelled"]);
+
+    // Delivered again, each event is a duplicate; new ones of the same orders change nothing.
+    let again = vec![ready("ship-g-2"), stop("ship-g-1")];
+    let outcome = execute_group(&*fulfillment, &pool, &refs(&again, 1)).await;
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    assert_eq!(shipment(&pool, "ship-g-1").await, "shipped");
+    assert_eq!(shipment(&pool, "ship-g-2").await, "cancelled");
+    assert_eq!(history(&pool, "ship-g-2").await, vec!["ShipmentCancelled"]);
+}
+
+/// A shipment row's state.
+async fn shipment(pool: &deadpool_postgres::Pool, order_id: &str) -> String {
+    let c = pool.get().await.unwrap();
+    c.query_one(
+        "SELECT state FROM shipments WHERE order_id = $1",
+        &[&order_id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn orders_placed_in_one_group_see_early_cancellations_repeats_and_unknown_skus() {
+    use orderfleet::events::Meta;
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "PLACE-G", 999, 10).await;
+    let orders = fleet.handler(HandlerName::Orders).unwrap();
+    let placed = |id: &str, sku: &str| order(id, &[(sku, 1, 999)], "tok_visa");
+    // A cancellation that arrived, and committed, before its order.
+    let early = event_of("OrderCancellationRequested", &cancellation("place-g-1"));
+    assert!(applied(&runtime::execute(&*orders, &pool, &early, 1).await));
+    // The storefront placing order 3 a second time, under a new event id.
+    let mut again = placed("place-g-3", "PLACE-G");
+    again.meta = Meta::with_id("placed-again-place-g-3");
+    let events = vec![
+        event_of("OrderPlaced", &placed("place-g-1", "PLACE-G")),
+        event_of("OrderCancellationRequested", &cancellation("place-g-2")),
+        event_of("OrderPlaced", &placed("place-g-2", "PLACE-G")),
+        event_of("OrderPlaced", &placed("place-g-3", "PLACE-G")),
+        event_of("OrderPlaced", &again),
+        event_of("OrderPlaced", &placed("place-g-4", "NO-SUCH-SKU")),
+    ];
+    let outcome = execute_group(&*orders, &pool, &refs(&events, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    for id in ["place-g-1", "place-g-2"] {
+        assert_eq!(status(&pool, id).await, "cancelling", "{id}");
+        assert_eq!(history(&pool, id).await, vec!["OrderCancelled"], "{id}");
+    }
+    assert_eq!(status(&pool, "place-g-3").await, "accepted");
+    assert_eq!(history(&pool, "place-g-3").await, vec!["OrderAccepted"]);
+    assert_eq!(status(&pool, "place-g-4").await, "rejected");
+    let rejected = emitted(&pool, "OrderRejected", Some("place-g-4")).await;
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0].to_string().contains("NO-SUCH-SKU"),
+        "{}",
+        rejected[0]
+    );
+}

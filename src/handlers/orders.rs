@@ -355,6 +355,37 @@ struct Rows {
     changed: BTreeSet<String>,
     /// The orders whose `orders:<id>` advisory lock this transaction holds.
     held: HashSet<String>,
+    /// Orders this transaction inserted.
+    placed: HashSet<String>,
+    /// What a group read up front for its `OrderPlaced` events.
+    placing: Option<Placing>,
+}
+
+/// What `OrderPlaced` needs to know besides its event, read once for a group's orders (in
+/// [`Orders::lock_group`], after their locks): which of them had a cancellation requested
+/// before they arrived, and which of the SKUs they name the catalogue knows.
+struct Placing {
+    cancel_requested: HashSet<String>,
+    asked: HashSet<String>,
+    known: HashSet<String>,
+}
+
+impl Rows {
+    /// (the order exists, its cancellation was requested, the known SKUs of `skus`) from what
+    /// the group read, when it covers this order and these SKUs.
+    fn facts(&self, order_id: &str, skus: &[&str]) -> Option<(bool, bool, HashSet<String>)> {
+        let p = self.placing.as_ref()?;
+        if !self.held.contains(order_id) || !skus.iter().all(|s| p.asked.contains(*s)) {
+            return None;
+        }
+        let exists = self.locked.contains_key(order_id) || self.placed.contains(order_id);
+        let known = skus
+            .iter()
+            .filter(|s| p.known.contains(**s))
+            .map(|s| s.to_string())
+            .collect();
+        Some((exists, p.cancel_requested.contains(order_id), known))
+    }
 }
 
 /// Locks and reads the order rows `ids` (in id order).
@@ -614,24 +645,33 @@ impl Orders {
             return Err(HandlerError::poison("OrderPlaced has an empty order_id"));
         }
         lock_order_id(cx, &d.order_id).await?;
-        // After the lock, in one round trip: is the order known already, was its cancellation
-        // requested before it arrived, and which of its SKUs does the catalogue know.
         let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
-        let facts = cx
-            .tx
-            .query_one_cached(
-                "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1),
-                        EXISTS (SELECT 1 FROM order_cancellation_requests WHERE order_id = $1),
-                        ARRAY(SELECT sku FROM products WHERE sku = ANY($2))",
-                &[&d.order_id, &skus],
-            )
-            .await?;
-        if facts.get::<_, bool>(0) {
+        let (known_already, cancelled_early, known) = match cx
+            .state::<Rows>()
+            .facts(&d.order_id, &skus)
+        {
+            Some(facts) => facts,
+            None => {
+                // After the lock, in one round trip: is the order known already, was its
+                // cancellation requested before it arrived, and which of its SKUs does the
+                // catalogue know.
+                let facts = cx
+                    .tx
+                    .query_one_cached(
+                        "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1),
+                                EXISTS (SELECT 1 FROM order_cancellation_requests WHERE order_id = $1),
+                                ARRAY(SELECT sku FROM products WHERE sku = ANY($2))",
+                        &[&d.order_id, &skus],
+                    )
+                    .await?;
+                let known: HashSet<String> = facts.get::<_, Vec<String>>(2).into_iter().collect();
+                (facts.get(0), facts.get(1), known)
+            }
+        };
+        if known_already {
             // The storefront placed it twice (a new event id for the same order).
             return Ok(());
         }
-        let cancelled_early: bool = facts.get(1);
-        let known: HashSet<String> = facts.get::<_, Vec<String>>(2).into_iter().collect();
         let address = serde_json::to_value(&d.shipping_address)
             .map_err(|e| HandlerError::permanent(format!("encoding the address: {e}")))?;
         let valid = match validate(&d, &known) {
@@ -692,6 +732,7 @@ impl Orders {
                 ],
             )
             .await?;
+        cx.state::<Rows>().placed.insert(d.order_id.clone());
         if cancelled_early {
             // Never accepted, so nothing to reserve or authorize; OrderCancelled still goes
             // out so that inventory and payments record the order as settled and confirm.
@@ -737,6 +778,7 @@ impl Orders {
                 ],
             )
             .await?;
+        cx.state::<Rows>().placed.insert(d.order_id.clone());
         events::emit(
             cx,
             &OrderRejected {
@@ -766,6 +808,9 @@ impl Orders {
                     &[&d.order_id, &d.reason],
                 )
                 .await?;
+            if let Some(p) = &mut cx.state::<Rows>().placing {
+                p.cancel_requested.insert(d.order_id.clone());
+            }
             return Ok(());
         };
         match o.snap.status {
@@ -909,6 +954,35 @@ impl Handler for Orders {
         rows.held.extend(ids.iter().map(|id| id.to_string()));
         for o in select_locked(tx, &ids).await? {
             rows.locked.insert(o.id.clone(), o);
+        }
+        let placed: Vec<&Envelope> = events
+            .iter()
+            .filter(|e| e.detail_type == <OrderPlaced as events::Event>::DETAIL_TYPE)
+            .copied()
+            .collect();
+        if !placed.is_empty() {
+            let placed_ids: Vec<&str> = placed.iter().filter_map(|e| e.order_id()).collect();
+            let skus: BTreeSet<&str> = placed
+                .iter()
+                .filter_map(|e| e.detail.get("lines")?.as_array())
+                .flatten()
+                .filter_map(|l| l.get("sku")?.as_str())
+                .collect();
+            let skus: Vec<&str> = skus.into_iter().collect();
+            let facts = tx
+                .query_one_cached(
+                    "SELECT ARRAY(SELECT order_id FROM order_cancellation_requests
+                                   WHERE order_id = ANY($1)),
+                            ARRAY(SELECT sku FROM products WHERE sku = ANY($2))",
+                    &[&placed_ids, &skus],
+                )
+                .await
+                .map_err(|e| HandlerError::from_db("reading what the orders need", &e))?;
+            rows.placing = Some(Placing {
+                cancel_requested: facts.get::<_, Vec<String>>(0).into_iter().collect(),
+                asked: skus.iter().map(|s| s.to_string()).collect(),
+                known: facts.get::<_, Vec<String>>(1).into_iter().collect(),
+            });
         }
         Ok(())
     }
