@@ -2,7 +2,7 @@
 //! immutable postings in minor units per currency.
 //!
 //! Postings are signed: positive is a debit, negative a credit, so a transaction balances when
-//! its postings sum to zero per currency. [`record`] checks that before writing; the database
+//! its postings sum to zero per currency. [`Movement::new`] checks that before writing; the database
 //! checks it again at commit (a deferred constraint trigger) and refuses any UPDATE or DELETE
 //! of the ledger (see `migrations/0004_payments.sql`).
 //!
@@ -108,6 +108,51 @@ pub fn check_balanced(postings: &[Posting]) -> Result<(), Unbalanced> {
     }
 }
 
+/// A balanced set of postings, ready to be recorded once under its idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Movement {
+    pub idempotency_key: String,
+    pub order_id: String,
+    pub kind: String,
+    pub postings: Vec<Posting>,
+}
+
+impl Movement {
+    /// Checks that `postings` balance.
+    pub fn new(
+        idempotency_key: &str,
+        order_id: &str,
+        kind: &str,
+        postings: &[Posting],
+    ) -> Result<Self, HandlerError> {
+        check_balanced(postings)
+            .map_err(|e| HandlerError::permanent(format!("ledger {kind} for {order_id}: {e}")))?;
+        Ok(Movement {
+            idempotency_key: idempotency_key.to_string(),
+            order_id: order_id.to_string(),
+            kind: kind.to_string(),
+            postings: postings.to_vec(),
+        })
+    }
+
+    /// A capture of `amount` for `order_id`: debit clearing, credit revenue.
+    pub fn capture(order_id: &str, amount: Money) -> Result<Self, HandlerError> {
+        let postings = movement(Account::PaymentsClearing, Account::SalesRevenue, amount)?;
+        Movement::new(
+            &format!("capture:{order_id}"),
+            order_id,
+            "capture",
+            &postings,
+        )
+    }
+
+    /// A refund of `amount` for `order_id`: debit refunds, credit clearing.
+    pub fn refund(order_id: &str, amount: Money) -> Result<Self, HandlerError> {
+        let postings = movement(Account::Refunds, Account::PaymentsClearing, amount)?;
+        Movement::new(&format!("refund:{order_id}"), order_id, "refund", &postings)
+    }
+}
+
 /// Records a balanced transaction under `idempotency_key`, in the caller's database
 /// transaction. Returns false, writing nothing, when a transaction with that key exists: a
 /// retried movement never posts twice.
@@ -118,49 +163,84 @@ pub async fn record(
     kind: &str,
     postings: &[Posting],
 ) -> Result<bool, HandlerError> {
-    check_balanced(postings)
-        .map_err(|e| HandlerError::permanent(format!("ledger {kind} for {order_id}: {e}")))?;
-    let accounts: Vec<&str> = postings.iter().map(|p| p.account.name()).collect();
-    let amounts: Vec<i64> = postings.iter().map(|p| p.amount_minor).collect();
-    let currencies: Vec<&str> = postings.iter().map(|p| p.currency.as_str()).collect();
-    // The transaction and its postings in one statement. The postings' foreign key and the
-    // balance trigger see the transaction row: both run after the statement.
+    let m = Movement::new(idempotency_key, order_id, kind, postings)?;
+    Ok(record_all(db, std::slice::from_ref(&m)).await? == 1)
+}
+
+/// Records `movements` in the caller's database transaction, in one statement, each once:
+/// a movement whose key was recorded before (or earlier in `movements`) writes nothing.
+/// Returns how many were new.
+pub async fn record_all(
+    db: &impl GenericClient,
+    movements: &[Movement],
+) -> Result<usize, HandlerError> {
+    let mut seen = std::collections::HashSet::new();
+    let movements: Vec<&Movement> = movements
+        .iter()
+        .filter(|m| seen.insert(m.idempotency_key.as_str()))
+        .collect();
+    if movements.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = movements
+        .iter()
+        .map(|m| m.idempotency_key.as_str())
+        .collect();
+    let orders: Vec<&str> = movements.iter().map(|m| m.order_id.as_str()).collect();
+    let kinds: Vec<&str> = movements.iter().map(|m| m.kind.as_str()).collect();
+    let lines = || {
+        movements
+            .iter()
+            .flat_map(|m| m.postings.iter().map(move |p| (m, p)))
+    };
+    let posting_keys: Vec<&str> = lines().map(|(m, _)| m.idempotency_key.as_str()).collect();
+    let accounts: Vec<&str> = lines().map(|(_, p)| p.account.name()).collect();
+    let amounts: Vec<i64> = lines().map(|(_, p)| p.amount_minor).collect();
+    let currencies: Vec<&str> = lines().map(|(_, p)| p.currency.as_str()).collect();
+    // The transactions and their postings in one statement. The postings' foreign key and the
+    // balance trigger see the transaction rows: both run after the statement.
     let row = db
         .query_one_cached(
             "WITH t AS (
                  INSERT INTO ledger_transactions (idempotency_key, order_id, kind)
-                 VALUES ($1, $2, $3)
-                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, idempotency_key
              ), p AS (
                  INSERT INTO ledger_postings (transaction_id, account_id, amount_minor, currency)
                  SELECT t.id, a.id, p.amount, p.currency
-                   FROM t, unnest($4::text[], $5::bigint[], $6::text[]) WITH ORDINALITY
-                                AS p(account, amount, currency, n)
+                   FROM unnest($4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY
+                                AS p(key, account, amount, currency, n)
+                   JOIN t ON t.idempotency_key = p.key
                    JOIN ledger_accounts a ON a.name = p.account
                   ORDER BY p.n
                  RETURNING 1
              )
-             SELECT EXISTS (SELECT 1 FROM t), (SELECT count(*) FROM p)",
+             SELECT ARRAY(SELECT idempotency_key FROM t), (SELECT count(*) FROM p)",
             &[
-                &idempotency_key,
-                &order_id,
-                &kind,
+                &keys,
+                &orders,
+                &kinds,
+                &posting_keys,
                 &accounts,
                 &amounts,
                 &currencies,
             ],
         )
         .await
-        .map_err(|e| HandlerError::from_db("recording a ledger transaction", &e))?;
-    if !row.get::<_, bool>(0) {
-        return Ok(false);
-    }
-    if row.get::<_, i64>(1) != postings.len() as i64 {
+        .map_err(|e| HandlerError::from_db("recording ledger transactions", &e))?;
+    let new: std::collections::HashSet<String> = row.get::<_, Vec<String>>(0).into_iter().collect();
+    let expected: usize = movements
+        .iter()
+        .filter(|m| new.contains(&m.idempotency_key))
+        .map(|m| m.postings.len())
+        .sum();
+    if row.get::<_, i64>(1) != expected as i64 {
+        let accounts: std::collections::BTreeSet<&str> = accounts.into_iter().collect();
         return Err(HandlerError::permanent(format!(
             "a ledger account of {accounts:?} is missing; run `orderfleet migrate`"
         )));
     }
-    Ok(true)
+    Ok(new.len())
 }
 
 /// Posts a capture of `amount` for `order_id`: debit clearing, credit revenue.
@@ -169,15 +249,8 @@ pub async fn capture(
     order_id: &str,
     amount: Money,
 ) -> Result<bool, HandlerError> {
-    let postings = movement(Account::PaymentsClearing, Account::SalesRevenue, amount)?;
-    record(
-        db,
-        &format!("capture:{order_id}"),
-        order_id,
-        "capture",
-        &postings,
-    )
-    .await
+    let m = Movement::capture(order_id, amount)?;
+    Ok(record_all(db, std::slice::from_ref(&m)).await? == 1)
 }
 
 /// Posts a refund of `amount` for `order_id`: debit refunds, credit clearing.
@@ -186,15 +259,8 @@ pub async fn refund(
     order_id: &str,
     amount: Money,
 ) -> Result<bool, HandlerError> {
-    let postings = movement(Account::Refunds, Account::PaymentsClearing, amount)?;
-    record(
-        db,
-        &format!("refund:{order_id}"),
-        order_id,
-        "refund",
-        &postings,
-    )
-    .await
+    let m = Movement::refund(order_id, amount)?;
+    Ok(record_all(db, std::slice::from_ref(&m)).await? == 1)
 }
 
 fn movement(debit: Account, credit: Account, amount: Money) -> Result<[Posting; 2], HandlerError> {

@@ -453,3 +453,52 @@ async fn a_ledger_movement_is_recorded_once_per_key_with_balanced_postings() {
         "(transactions, postings, sum, debits)"
     );
 }
+
+/// Several movements go in one statement, each once: one recorded before and a repeat within
+/// the batch write nothing, and each new one gets its own postings.
+#[tokio::test]
+async fn ledger_movements_recorded_together_are_each_posted_once() {
+    use orderfleet::ledger::{self, Movement};
+    let (pool, _) = common::fresh_db().await;
+    let mut client = pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    assert!(ledger::capture(&tx, "ord-a", eur(700)).await.unwrap());
+    let batch = [
+        Movement::capture("ord-a", eur(700)).unwrap(), // recorded before
+        Movement::capture("ord-b", eur(300)).unwrap(),
+        Movement::refund("ord-b", eur(300)).unwrap(),
+        Movement::capture("ord-b", eur(300)).unwrap(), // again, in the same batch
+        Movement::capture("ord-c", eur(50)).unwrap(),
+    ];
+    assert_eq!(ledger::record_all(&tx, &batch).await.unwrap(), 3);
+    assert_eq!(ledger::record_all(&tx, &batch).await.unwrap(), 0);
+    tx.commit()
+        .await
+        .expect("every transaction balances at commit");
+    let rows = client
+        .query(
+            "SELECT t.idempotency_key, count(p.*), sum(abs(p.amount_minor))::bigint
+               FROM ledger_transactions t JOIN ledger_postings p ON p.transaction_id = t.id
+              GROUP BY t.idempotency_key ORDER BY t.idempotency_key",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [
+        ("capture:ord-a", 2, 1400),
+        ("capture:ord-b", 2, 600),
+        ("capture:ord-c", 2, 100),
+        ("refund:ord-b", 2, 600),
+    ];
+    let want: Vec<(String, i64, i64)> = want
+        .iter()
+        .map(|(k, n, s)| (k.to_string(), *n, *s))
+        .collect();
+    assert_eq!(got, want);
+    assert_ledger_balances(&pool).await;
+    assert_eq!(net_money(&pool, "ord-b").await, 0);
+}

@@ -36,7 +36,7 @@ use crate::events::{
     PaymentVoided,
 };
 use crate::handlers::{Context, GroupState, Handler};
-use crate::ledger;
+use crate::ledger::{self, Movement};
 use crate::outcome::HandlerError;
 use crate::payment_provider::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
 
@@ -192,8 +192,9 @@ struct Payment {
 /// A group locks the `payments:<id>` advisory lock of each of its orders and reads their rows
 /// in [`Handler::lock_group`]; its events read and change the rows here, and
 /// [`Handler::finish`] writes them back: new rows in one `INSERT`, changed ones in one
-/// `UPDATE`. For an order whose lock the transaction holds, a missing row is created in memory.
-/// Other orders (an event run alone) are locked and created in the table as they come.
+/// `UPDATE`, and the money movements of all its events in one [`ledger::record_all`]. For an
+/// order whose lock the transaction holds, a missing row is created in memory. Other orders
+/// (an event run alone) are locked and created in the table as they come.
 #[derive(Default)]
 struct Rows {
     rows: HashMap<String, Payment>,
@@ -203,6 +204,8 @@ struct Rows {
     /// Rows to insert, and rows to update, by order id.
     new: BTreeSet<String>,
     changed: BTreeSet<String>,
+    /// Money movements to post, in the order they happened.
+    ledger: Vec<Movement>,
 }
 
 /// Why a compensation runs.
@@ -410,6 +413,7 @@ async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
             )));
         }
     }
+    ledger::record_all(tx, &rows.ledger).await?;
     Ok(())
 }
 
@@ -572,7 +576,9 @@ impl Payments {
                 p.captured_minor = amount.amount_minor;
                 save(cx, p);
                 if amount.amount_minor > 0 {
-                    ledger::capture(cx.tx, &d.order_id, amount).await?;
+                    cx.state::<Rows>()
+                        .ledger
+                        .push(Movement::capture(&d.order_id, amount)?);
                 }
                 events::emit(
                     cx,
@@ -681,7 +687,9 @@ impl Payments {
                 p.refunded_minor = p.captured_minor;
                 save(cx, p);
                 if amount.amount_minor > 0 {
-                    ledger::refund(cx.tx, &order_id, amount).await?;
+                    cx.state::<Rows>()
+                        .ledger
+                        .push(Movement::refund(&order_id, amount)?);
                 }
                 tracing::info!(
                     order_id = %order_id,
@@ -756,7 +764,9 @@ impl Payments {
                         p.captured_minor = req.amount.amount_minor;
                         save(cx, p.clone());
                         if req.amount.amount_minor > 0 {
-                            ledger::capture(cx.tx, &order_id, req.amount).await?;
+                            cx.state::<Rows>()
+                                .ledger
+                                .push(Movement::capture(&order_id, req.amount)?);
                         }
                     }
                     // Nothing was taken: the hold is still there, and settle voids it.
