@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payment_attempts",
         include_str!("../migrations/0007_payment_attempts.sql"),
     ),
+    (
+        8,
+        "hot_updates",
+        include_str!("../migrations/0008_hot_updates.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,
