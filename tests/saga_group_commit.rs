@@ -1000,3 +1000,51 @@ async fn orders_placed_in_one_group_see_early_cancellations_repeats_and_unknown_
         rejected[0]
     );
 }
+
+#[tokio::test]
+async fn outcomes_handled_in_one_group_emit_what_each_order_needs_downstream() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "OUT-A", 700, 10).await;
+    stock_sku(&fleet, "OUT-B", 300, 10).await;
+    let ids = vec!["out-g-1".to_string(), "out-g-2".to_string()];
+    let lines = vec![
+        vec![("OUT-B", 2, 300), ("OUT-A", 1, 700)],
+        vec![("OUT-A", 3, 700)],
+    ];
+    let accepted = accepted_orders_of(&fleet, &ids, &lines, "tok_visa").await;
+    for name in [HandlerName::Inventory, HandlerName::Payments] {
+        let handler = fleet.handler(name).unwrap();
+        let outcome = execute_group(&*handler, &pool, &refs(&accepted, 1)).await;
+        assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    }
+    let outcomes = fleet.take(4).await.unwrap();
+    assert_eq!(outcomes.len(), 4);
+    let orders = fleet.handler(HandlerName::Orders).unwrap();
+    let outcome = execute_group(&*orders, &pool, &refs(&outcomes, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+
+    for (id, lines) in ids.iter().zip(&lines) {
+        assert_eq!(status(&pool, id).await, "ready_to_ship");
+        let ready = emitted(&pool, "OrderReadyToShip", Some(id)).await;
+        assert_eq!(ready.len(), 1, "{id}: {ready:?}");
+        let r = &ready[0];
+        assert_eq!(r["customer"]["email"], "ada@example.com");
+        assert_eq!(r["customer"]["name"], "Ada Lovelace");
+        assert_eq!(r["shipping_address"]["city"], "London");
+        let got: Vec<(String, i64)> = r["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["sku"].as_str().unwrap().to_string(),
+                    l["quantity"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, i64)> = lines.iter().map(|(s, q, _)| (s.to_string(), *q)).collect();
+        assert_eq!(got, want, "{id}: the lines, in line order");
+    }
+}

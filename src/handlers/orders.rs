@@ -359,6 +359,8 @@ struct Rows {
     placed: HashSet<String>,
     /// What a group read up front for its `OrderPlaced` events.
     placing: Option<Placing>,
+    /// What the locked orders' events need to say about them.
+    details: HashMap<String, Details>,
 }
 
 /// What `OrderPlaced` needs to know besides its event, read once for a group's orders (in
@@ -388,20 +390,26 @@ impl Rows {
     }
 }
 
-/// Locks and reads the order rows `ids` (in id order).
-async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Locked>, HandlerError> {
+/// Locks and reads the order rows `ids` (in id order), each with what the events it may emit
+/// need to say about it: its customer, lines, total and address. Reading them with the row
+/// costs less than asking again for the few events that emit.
+async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<(Locked, Details)>, HandlerError> {
     let rows = tx
         .query_cached(
-            "SELECT id, status, reservation_state, payment_state, delivery_state,
-                    cancel_requested, cancel_reason, tracking_number
-               FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            "SELECT o.id, o.status, o.reservation_state, o.payment_state, o.delivery_state,
+                    o.cancel_requested, o.cancel_reason, o.tracking_number,
+                    c.id, c.email, c.name, o.total_minor, o.currency::text, o.shipping_address,
+                    ARRAY(SELECT l.sku FROM order_lines l WHERE l.order_id = o.id ORDER BY l.line_no),
+                    ARRAY(SELECT l.quantity FROM order_lines l WHERE l.order_id = o.id ORDER BY l.line_no)
+               FROM orders o LEFT JOIN customers c ON c.id = o.customer_id
+              WHERE o.id = ANY($1) ORDER BY o.id FOR UPDATE OF o",
             &[&ids],
         )
         .await
         .map_err(|e| HandlerError::from_db("locking the order", &e))?;
     rows.iter()
         .map(|r| {
-            Ok(Locked {
+            let locked = Locked {
                 id: r.get(0),
                 snap: Snapshot {
                     status: Status::parse(r.get(1))?,
@@ -412,7 +420,34 @@ async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Locked>, HandlerErro
                 cancel_requested: r.get(5),
                 cancel_reason: r.get(6),
                 tracking_number: r.get(7),
-            })
+            };
+            // A rejected order has no customer row and no total: it emits nothing more.
+            let customer = match (r.get(8), r.get(9), r.get(10)) {
+                (Some(id), Some(email), Some(name)) => Some(Contact { id, email, name }),
+                _ => None,
+            };
+            let total = match (r.get::<_, Option<i64>>(11), r.get::<_, Option<String>>(12)) {
+                (Some(minor), Some(currency)) => {
+                    let currency = Currency::new(&currency).map_err(|e| {
+                        HandlerError::permanent(format!("order {}: {e}", locked.id))
+                    })?;
+                    Some(Money::new(minor, currency))
+                }
+                _ => None,
+            };
+            let skus: Vec<String> = r.get(14);
+            let quantities: Vec<i64> = r.get(15);
+            let details = Details {
+                customer,
+                lines: skus
+                    .into_iter()
+                    .zip(quantities)
+                    .map(|(sku, quantity)| SkuQuantity { sku, quantity })
+                    .collect(),
+                total,
+                address: r.get(13),
+            };
+            Ok((locked, details))
         })
         .collect()
 }
@@ -422,12 +457,12 @@ async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<Locked>, Ha
     if let Some(o) = cx.state::<Rows>().locked.get(order_id) {
         return Ok(Some(o.clone()));
     }
-    let Some(o) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
+    let Some((o, details)) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
         return Ok(None);
     };
-    cx.state::<Rows>()
-        .locked
-        .insert(order_id.to_string(), o.clone());
+    let rows = cx.state::<Rows>();
+    rows.locked.insert(order_id.to_string(), o.clone());
+    rows.details.insert(order_id.to_string(), details);
     Ok(Some(o))
 }
 
@@ -510,52 +545,31 @@ async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
     Ok(())
 }
 
-/// What the emitted events need from an order beyond its state.
+/// What the emitted events need from an order beyond its state, as stored. The address is
+/// parsed only by the one event that carries it.
+#[derive(Clone)]
 struct Details {
-    customer: Contact,
+    customer: Option<Contact>,
     lines: Vec<SkuQuantity>,
-    total: Money,
-    address: Address,
+    total: Option<Money>,
+    address: Option<serde_json::Value>,
 }
 
-async fn details(tx: &Tx, order_id: &str) -> Result<Details, HandlerError> {
-    let db = |e: tokio_postgres::Error| HandlerError::from_db("reading the order", &e);
-    // One round trip: the order, its customer and its lines (in line order).
-    let o = tx
-        .query_one_cached(
-            "SELECT c.id, c.email, c.name, o.total_minor, o.currency::text, o.shipping_address,
-                    ARRAY(SELECT l.sku FROM order_lines l WHERE l.order_id = o.id ORDER BY l.line_no),
-                    ARRAY(SELECT l.quantity FROM order_lines l WHERE l.order_id = o.id ORDER BY l.line_no)
-               FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = $1",
-            &[&order_id],
-        )
-        .await
-        .map_err(db)?;
-    let skus: Vec<String> = o.get(6);
-    let quantities: Vec<i64> = o.get(7);
-    let currency: String = o.get(4);
-    let currency = Currency::new(&currency)
-        .map_err(|e| HandlerError::permanent(format!("order {order_id}: {e}")))?;
-    let address: serde_json::Value = o.get(5);
-    let address: Address = serde_json::from_value(address).map_err(|e| {
-        HandlerError::permanent(format!(
-            "order {order_id}: stored address is unreadable: {e}"
-        ))
-    })?;
-    Ok(Details {
-        customer: Contact {
-            id: o.get(0),
-            email: o.get(1),
-            name: o.get(2),
-        },
-        lines: skus
-            .into_iter()
-            .zip(quantities)
-            .map(|(sku, quantity)| SkuQuantity { sku, quantity })
-            .collect(),
-        total: Money::new(o.get(3), currency),
-        address,
-    })
+/// The details of an order this transaction locked or inserted.
+async fn details(cx: &mut Context<'_>, order_id: &str) -> Result<Details, HandlerError> {
+    if let Some(d) = cx.state::<Rows>().details.get(order_id) {
+        return Ok(d.clone());
+    }
+    // Inserted by this transaction: locked already, so reading it again only reads.
+    let Some((_, d)) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
+        return Err(HandlerError::permanent(format!(
+            "order {order_id} is unknown"
+        )));
+    };
+    cx.state::<Rows>()
+        .details
+        .insert(order_id.to_string(), d.clone());
+    Ok(d)
 }
 
 /// Emits what a transition asks for.
@@ -567,38 +581,52 @@ async fn apply_effect(
     if effect == Effect::None {
         return Ok(());
     }
-    let d = details(cx.tx, order_id).await?;
+    let d = details(cx, order_id).await?;
+    let missing = |what: &str| HandlerError::permanent(format!("order {order_id} has no {what}"));
+    let customer = || d.customer.clone().ok_or_else(|| missing("customer"));
+    let total = || d.total.ok_or_else(|| missing("total"));
     let order_id = order_id.to_string();
     match effect {
         Effect::None => Ok(()),
-        Effect::ReadyToShip => events::emit(
-            cx,
-            &OrderReadyToShip {
-                meta: Meta::default(),
-                order_id,
-                customer: d.customer,
-                lines: d.lines,
-                shipping_address: d.address,
-            },
-        ),
+        Effect::ReadyToShip => {
+            let address = d
+                .address
+                .clone()
+                .ok_or_else(|| missing("shipping address"))?;
+            let address: Address = serde_json::from_value(address).map_err(|e| {
+                HandlerError::permanent(format!(
+                    "order {order_id}: stored address is unreadable: {e}"
+                ))
+            })?;
+            events::emit(
+                cx,
+                &OrderReadyToShip {
+                    meta: Meta::default(),
+                    customer: customer()?,
+                    order_id,
+                    lines: d.lines,
+                    shipping_address: address,
+                },
+            )
+        }
         Effect::Cancel(reason) => events::emit(
             cx,
             &OrderCancelled {
                 meta: Meta::default(),
+                total: total()?,
                 order_id,
                 reason,
                 lines: d.lines,
-                total: d.total,
             },
         ),
         Effect::Completed => events::emit(
             cx,
             &OrderCompleted {
                 meta: Meta::default(),
+                customer_id: customer()?.id,
+                total: total()?,
                 order_id,
-                customer_id: d.customer.id,
                 lines: d.lines,
-                total: d.total,
             },
         ),
     }
@@ -952,7 +980,8 @@ impl Handler for Orders {
         lock_keys(tx, &keys).await?;
         let rows = state.get::<Rows>();
         rows.held.extend(ids.iter().map(|id| id.to_string()));
-        for o in select_locked(tx, &ids).await? {
+        for (o, details) in select_locked(tx, &ids).await? {
+            rows.details.insert(o.id.clone(), details);
             rows.locked.insert(o.id.clone(), o);
         }
         let placed: Vec<&Envelope> = events
