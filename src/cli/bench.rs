@@ -29,20 +29,22 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     pub latency_interval_ms: u64,
     /// Orders driven through the whole saga in the saga phase (0 skips it).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 4000)]
     pub saga_orders: usize,
-    /// Concurrent delivery tasks of the saga phase.
-    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    /// Concurrent delivery tasks of the saga phase. The saga phase's defaults are the settings
+    /// of a busy fleet (many events in flight, large groups); `--saga-workers 8 --saga-batch 32
+    /// --saga-group-max 32 --saga-group-transactions 4` runs it as the worker's defaults would.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub saga_workers: usize,
     /// Events each saga task takes from the outbox at once.
-    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub saga_batch: usize,
     /// Most events of one handler committed in one transaction in the saga phase (1: each
     /// alone, as before group commit).
-    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    #[arg(long, default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub saga_group_max: usize,
     /// Transactions of one handler running at once in the saga phase.
-    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub saga_group_transactions: usize,
     /// Keep the saga phase's scratch database instead of dropping it.
     #[arg(long)]
@@ -146,6 +148,10 @@ async fn saga_phase(
          process, real PostgreSQL, sandbox payments without latency",
         cfg.orders
     );
+    println!(
+        "saga group commit: up to {} events per transaction, {} transactions per handler at once",
+        cfg.group.max_group, cfg.group.transactions
+    );
     let r = bench_saga::run(&cfg, |line| println!("{line}")).await?;
     println!(
         "complete orders per second: {:.0}  ({} orders in {:.2}s)",
@@ -159,6 +165,15 @@ async fn saga_phase(
         r.db_transactions_per_order
     );
     summary.insert("saga_orders".into(), r.orders.into());
+    summary.insert(
+        "saga_settings".into(),
+        serde_json::json!({
+            "workers": cfg.workers,
+            "batch": cfg.batch,
+            "group_max": cfg.group.max_group,
+            "group_transactions": cfg.group.transactions,
+        }),
+    );
     summary.insert(
         "saga_orders_per_sec".into(),
         r.orders_per_sec.round().into(),
