@@ -26,7 +26,7 @@ use crate::events::{
     InventoryReserved, Meta, OrderAccepted, OrderCancelled, OrderShipped, ProductUpserted,
     ReleaseReason, Shortage, SkuQuantity, StockReceived,
 };
-use crate::handlers::{lock_keys, lock_order_ids, sorted_order_ids, Context, GroupState, Handler};
+use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, GroupState, Handler};
 use crate::outcome::HandlerError;
 
 /// The inventory handler.
@@ -113,12 +113,8 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
 async fn lock_order(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
-    if cx.state::<Group>().held.contains(order_id) {
-        return Ok(());
-    }
-    lock_order_ids(cx.tx, "inventory", &[order_id]).await?;
-    cx.state::<Group>().held.insert(order_id.to_string());
-    Ok(())
+    let tx = cx.tx;
+    lock_order_once(tx, &mut cx.state::<Group>().held, "inventory", order_id).await
 }
 
 /// What inventory keeps for the length of one transaction (one event, or a group).

@@ -99,6 +99,22 @@ pub async fn lock_order_ids(
     lock_keys(tx, &keys).await
 }
 
+/// Takes the advisory lock `<namespace>:<order id>` unless `held` says this transaction has it
+/// (a group takes all of its orders' locks up front), and notes it there.
+pub async fn lock_order_once(
+    tx: &Tx,
+    held: &mut std::collections::HashSet<String>,
+    namespace: &str,
+    order_id: &str,
+) -> Result<(), HandlerError> {
+    if held.contains(order_id) {
+        return Ok(());
+    }
+    lock_order_ids(tx, namespace, &[order_id]).await?;
+    held.insert(order_id.to_string());
+    Ok(())
+}
+
 /// Takes the transaction-scoped advisory locks `<namespace>:<key>` of `keys`, in the order
 /// given, in one statement.
 pub async fn lock_keys(tx: &Tx, keys: &[(&str, &str)]) -> Result<(), HandlerError> {

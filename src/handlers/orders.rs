@@ -35,7 +35,7 @@ use crate::events::{
     OrderReadyToShip, OrderRejected, PaymentFailed, PaymentStage, RejectionCode, RejectionReason,
     ShipmentCancelRequested, SkuQuantity,
 };
-use crate::handlers::{lock_keys, lock_order_ids, sorted_order_ids, Context, GroupState, Handler};
+use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, GroupState, Handler};
 use crate::outcome::HandlerError;
 
 /// The orders handler.
@@ -328,12 +328,8 @@ pub fn validate(
 /// being inserted concurrently (and the insert miss the cancellation). A group took the locks
 /// of all its orders already ([`Orders::lock_group`]), and they last until it commits.
 async fn lock_order_id(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
-    if cx.state::<Rows>().held.contains(order_id) {
-        return Ok(());
-    }
-    lock_order_ids(cx.tx, "orders", &[order_id]).await?;
-    cx.state::<Rows>().held.insert(order_id.to_string());
-    Ok(())
+    let tx = cx.tx;
+    lock_order_once(tx, &mut cx.state::<Rows>().held, "orders", order_id).await
 }
 
 /// An order row, locked for the rest of the transaction.

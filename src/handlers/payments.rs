@@ -346,24 +346,7 @@ async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[],
                  $12::bigint[], $13::text[], $14::text[], $15::bigint[], $16::text[])",
-            &[
-                &c.ids,
-                &c.states,
-                &c.tokens,
-                &c.authorization_ids,
-                &c.capture_ids,
-                &c.refund_ids,
-                &c.authorize_keys,
-                &c.capture_keys,
-                &c.void_keys,
-                &c.refund_keys,
-                &c.captured,
-                &c.refunded,
-                &c.failure_codes,
-                &c.failure_messages,
-                &amounts,
-                &currencies,
-            ],
+            &c.params(&[&amounts, &currencies]),
         )
         .await
         .map_err(db)?;
@@ -387,22 +370,7 @@ async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
                              refund_id, authorize_key, capture_key, void_key, refund_key,
                              captured_minor, refunded_minor, failure_code, failure_message)
                   WHERE p.order_id = u.order_id",
-                &[
-                    &c.ids,
-                    &c.states,
-                    &c.tokens,
-                    &c.authorization_ids,
-                    &c.capture_ids,
-                    &c.refund_ids,
-                    &c.authorize_keys,
-                    &c.capture_keys,
-                    &c.void_keys,
-                    &c.refund_keys,
-                    &c.captured,
-                    &c.refunded,
-                    &c.failure_codes,
-                    &c.failure_messages,
-                ],
+                &c.params(&[]),
             )
             .await
             .map_err(db)?;
@@ -416,6 +384,8 @@ async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
     ledger::record_all(tx, &rows.ledger).await?;
     Ok(())
 }
+
+type Param<'p> = dyn tokio_postgres::types::ToSql + Sync + 'p;
 
 /// The mutable columns of some payment rows, as arrays for `unnest`.
 struct Columns<'a> {
@@ -436,6 +406,28 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
+    /// The arrays as statement parameters `$1` to `$14`, then `more`.
+    fn params<'p>(&'p self, more: &[&'p Param<'p>]) -> Vec<&'p Param<'p>> {
+        let mut all: Vec<&'p Param<'p>> = vec![
+            &self.ids,
+            &self.states,
+            &self.tokens,
+            &self.authorization_ids,
+            &self.capture_ids,
+            &self.refund_ids,
+            &self.authorize_keys,
+            &self.capture_keys,
+            &self.void_keys,
+            &self.refund_keys,
+            &self.captured,
+            &self.refunded,
+            &self.failure_codes,
+            &self.failure_messages,
+        ];
+        all.extend_from_slice(more);
+        all
+    }
+
     fn of(rows: &[&'a Payment]) -> Self {
         let text = |f: fn(&'a Payment) -> &'a Option<String>| -> Vec<Option<&'a str>> {
             rows.iter().map(|p| f(p).as_deref()).collect()
