@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    GenericClient, Hook, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
+};
 use rustls_pki_types::{pem::PemObject, CertificateDer};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, Row};
@@ -99,8 +101,32 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool> {
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(5)))
+        .post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                watch_for_a_closed_client(client).await;
+                Ok(())
+            })
+        }))
         .build()
         .context("building the database pool")
+}
+
+/// How often a backend checks, while it runs a statement or waits for a lock, that its client
+/// is still there.
+pub const CLIENT_CHECK_INTERVAL: &str = "1s";
+
+/// Asks the server to notice when this connection's client goes away mid-statement.
+///
+/// A handler that times out or panics has its connection closed (see [`OpenTransaction`]), but
+/// a backend blocked in a lock wait does not read its socket: without this check it would stay
+/// behind, holding its own locks and a connection slot, until the lock it waits for is
+/// released. `client_connection_check_interval` (PostgreSQL 14 and later) makes it poll the
+/// socket and end. An older server refuses the setting; the connection is used anyway.
+async fn watch_for_a_closed_client(client: &tokio_postgres::Client) {
+    let set = format!("SET client_connection_check_interval = '{CLIENT_CHECK_INTERVAL}'");
+    if let Err(e) = client.batch_execute(&set).await {
+        tracing::debug!(error = %e, "the server does not check for closed clients");
+    }
 }
 
 /// Applies every migration not yet applied. Concurrent runs are serialised by an advisory lock.

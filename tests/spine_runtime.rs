@@ -729,6 +729,92 @@ async fn an_abandoned_handler_leaves_no_open_transaction_behind_on_a_pooled_conn
     .await;
 }
 
+/// Waits for a row lock that another transaction holds.
+struct LockWaiting;
+
+#[async_trait]
+impl Handler for LockWaiting {
+    fn name(&self) -> &str {
+        "lock-waiting"
+    }
+    async fn handle(&self, _: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        cx.tx
+            .execute(
+                "SELECT event_id FROM effects WHERE event_id = 'held' FOR UPDATE",
+                &[],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// A handler abandoned while its statement waits for a lock does not leave its backend behind
+/// in the wait: the server notices the closed connection, ends the backend and frees its slot,
+/// while the lock's holder goes on undisturbed.
+#[tokio::test]
+async fn a_handler_abandoned_in_a_lock_wait_leaves_no_waiting_backend_behind() {
+    let (setup, url) = common::fresh_db().await;
+    let holder = setup.get().await.unwrap();
+    holder
+        .batch_execute(
+            "CREATE TABLE effects (event_id text PRIMARY KEY);
+             INSERT INTO effects VALUES ('held');",
+        )
+        .await
+        .unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT event_id FROM effects WHERE event_id = 'held' FOR UPDATE")
+        .await
+        .unwrap();
+    let db = url.rsplit('/').next().unwrap().to_string();
+    let waiting = || {
+        let setup = setup.clone();
+        let db = db.clone();
+        async move {
+            let n: i64 = setup
+                .get()
+                .await
+                .unwrap()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = $1 AND wait_event_type = 'Lock'",
+                    &[&db],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+
+    let pool = orderfleet::db::pool(&url, 1).unwrap();
+    let event = Envelope::decode(&common::event_body("StockReceived", "test", json!({}))).unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(500),
+        runtime::execute(&LockWaiting, &pool, &event, 1),
+    );
+    let abandoned = abandoned.await;
+    assert!(
+        abandoned.is_err(),
+        "the lock is held, so it times out: {abandoned:?}"
+    );
+    // It really was waiting for the lock when it was abandoned.
+    assert_eq!(
+        waiting().await,
+        1,
+        "the abandoned backend is in its lock wait"
+    );
+
+    common::wait_for(
+        Duration::from_secs(5),
+        "the abandoned backend to leave its lock wait",
+        || async { (waiting().await == 0).then_some(()) },
+    )
+    .await;
+    // The holder's transaction was never disturbed.
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
 /// The local stack's socket URL reaches the database through its Unix-domain socket. TLS has
 /// no server name to check there, and used to refuse the path before `sslmode` was read.
 #[tokio::test]
