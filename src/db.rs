@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "hot_updates",
         include_str!("../migrations/0008_hot_updates.sql"),
     ),
+    (
+        9,
+        "inbox_retention",
+        include_str!("../migrations/0009_inbox_retention.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - [`runtime`]: the SQS consumer, written once: receive loops with back pressure, batched
-//!   deletes, leases, typed outcomes, the DLQ, graceful shutdown.
+//!   deletes, leases, typed outcomes, the DLQ, graceful shutdown, inbox retention.
 //! - [`handlers`]: the business logic of each worker, one file each; knows nothing of SQS.
 //! - [`outbox`]: the inbox (idempotency) and the outbox with its relay to EventBridge.
 //! - [`envelope`]: the EventBridge event as it arrives in an SQS body.

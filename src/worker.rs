@@ -20,6 +20,7 @@ use crate::outbox::Relay;
 use crate::runtime::backoff::RetryPolicy;
 use crate::runtime::group::{GroupCommit, GroupConfig};
 use crate::runtime::lease::Leases;
+use crate::runtime::retention::InboxRetention;
 use crate::runtime::{self, notify, Apply, Consumer, ConsumerConfig};
 use crate::topology::{HandlerName, Topology};
 
@@ -83,6 +84,14 @@ pub struct WorkerArgs {
     /// How often the worker records its heartbeat in PostgreSQL.
     #[arg(long, env = "ORDERFLEET_HEARTBEAT_SECS", default_value_t = 10)]
     pub heartbeat_secs: u64,
+    /// Inbox rows (what makes a redelivered event a duplicate) older than this many days are
+    /// deleted; 0 keeps them forever. Keep it past SQS's 14-day retention and any EventBridge
+    /// replay window.
+    #[arg(long, env = "ORDERFLEET_INBOX_RETENTION_DAYS", default_value_t = 15)]
+    pub inbox_retention_days: u64,
+    /// How often the worker deletes inbox rows past their retention.
+    #[arg(long, env = "ORDERFLEET_INBOX_PRUNE_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub inbox_prune_interval_secs: u64,
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 32)]
     pub db_pool_size: usize,
@@ -355,6 +364,13 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         Duration::from_secs(args.heartbeat_secs.max(1)),
         background.clone(),
     ));
+    let retention_task = (args.inbox_retention_days > 0).then(|| {
+        let keep = Duration::from_secs(args.inbox_retention_days.saturating_mul(86_400));
+        tokio::spawn(InboxRetention::new(pool.clone(), keep).run(
+            Duration::from_secs(args.inbox_prune_interval_secs),
+            background.clone(),
+        ))
+    });
     let watchdog_task = notify::watchdog_interval().map(|every| {
         let bg = background.clone();
         tokio::spawn(async move {
@@ -428,6 +444,9 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         }
     }
     if let Some(t) = watchdog_task {
+        let _ = t.await;
+    }
+    if let Some(t) = retention_task {
         let _ = t.await;
     }
     let _ = heartbeat_task.await;

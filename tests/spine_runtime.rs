@@ -17,6 +17,7 @@ use orderfleet::metrics::Counters;
 use orderfleet::outcome::HandlerError;
 use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::lease::Leases;
+use orderfleet::runtime::retention::InboxRetention;
 use orderfleet::runtime::{self, attrs, Consumer, ConsumerConfig, QueueFacts};
 use orderfleet::topology::{HandlerName, Topology};
 use serde_json::json;
@@ -835,4 +836,104 @@ async fn a_database_url_naming_a_unix_socket_connects_through_it() {
         Some(row.get::<_, String>(1).as_str()),
         tcp.rsplit('/').next()
     );
+}
+
+/// Inbox rows past the retention go, in batches, and nothing younger does: an event applied
+/// within the retention is still a duplicate when it is delivered again.
+#[tokio::test]
+async fn inbox_rows_past_their_retention_are_deleted_and_younger_ones_still_catch_duplicates() {
+    let (pool, _) = common::fresh_db().await;
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE effects (event_id text PRIMARY KEY);
+             INSERT INTO processed_messages (handler, event_key, detail_type, processed_at)
+             SELECT 'effecting', 'old-' || i, 'StockReceived', now() - interval '20 days'
+               FROM generate_series(1, 12) i;
+             INSERT INTO processed_messages (handler, event_key, detail_type, processed_at)
+             SELECT 'effecting', 'recent-' || i, 'StockReceived', now() - interval '14 days'
+               FROM generate_series(1, 3) i;",
+        )
+        .await
+        .unwrap();
+    let fine = Effecting {
+        unstorable: false,
+        hang: false,
+    };
+    let event = Envelope::decode(&common::event_body("StockReceived", "test", json!({}))).unwrap();
+    assert_eq!(
+        runtime::execute(&fine, &pool, &event, 1).await.unwrap(),
+        runtime::Executed::Applied { emitted: 1 }
+    );
+
+    let retention =
+        InboxRetention::new(pool.clone(), Duration::from_secs(15 * 86_400)).with_batch(5);
+    assert_eq!(
+        retention.prune().await.unwrap(),
+        12,
+        "the twelve old rows, in three batches"
+    );
+    assert_eq!(
+        retention.prune().await.unwrap(),
+        0,
+        "nothing is left to prune"
+    );
+    assert_eq!(
+        common::scalar(
+            &pool,
+            "SELECT count(*) FROM processed_messages WHERE event_key LIKE 'old-%'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM processed_messages").await,
+        4,
+        "the three rows inside the retention and the event just applied"
+    );
+    assert_eq!(
+        runtime::execute(&fine, &pool, &event, 2).await.unwrap(),
+        runtime::Executed::Duplicate,
+        "a redelivery inside the retention is still caught"
+    );
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM effects").await,
+        1
+    );
+}
+
+/// The worker's pruning task prunes as soon as it starts and stops when told.
+#[tokio::test]
+async fn the_pruning_task_prunes_at_start_and_stops_when_told() {
+    let (pool, _) = common::fresh_db().await;
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "INSERT INTO processed_messages (handler, event_key, detail_type, processed_at)
+             SELECT 'inventory', 'old-' || i, 'StockReceived', now() - interval '30 days'
+               FROM generate_series(1, 7) i",
+        )
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        InboxRetention::new(pool.clone(), Duration::from_secs(15 * 86_400))
+            .with_batch(2)
+            .run(Duration::from_secs(3600), stop.clone()),
+    );
+    common::wait_for(Duration::from_secs(10), "the old inbox rows to go", || {
+        let pool = pool.clone();
+        async move {
+            (common::scalar(&pool, "SELECT count(*) FROM processed_messages").await == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the task stops when told")
+        .unwrap();
 }

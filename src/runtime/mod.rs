@@ -21,6 +21,7 @@ pub mod backoff;
 pub mod group;
 pub mod lease;
 pub mod notify;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
