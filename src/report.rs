@@ -56,6 +56,19 @@ pub struct Report {
     pub violations: BTreeMap<String, Vec<String>>,
     /// email kind → number sent; empty when the notifications schema is not there.
     pub emails_by_kind: BTreeMap<String, i64>,
+    /// What a person must look at: kind of trouble → the orders in it. Not an invariant: the
+    /// fleet did the right thing, but it cannot finish these orders alone. Only kinds with
+    /// orders in them are listed.
+    pub needs_attention: BTreeMap<String, Attention>,
+}
+
+/// Orders in one kind of trouble.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Attention {
+    /// How many orders.
+    pub orders: i64,
+    /// Up to ten of them, described.
+    pub examples: Vec<String>,
 }
 
 impl Report {
@@ -189,6 +202,23 @@ fn checks() -> Vec<Check> {
     ]
 }
 
+/// Orders the fleet cannot finish alone: kind, and a query returning one row per order with
+/// its description and the number of orders of that kind.
+fn attention_checks() -> Vec<Check> {
+    vec![Check {
+        // The parcel left, then the provider refused the capture: the order stays shipped with
+        // its authorization open, and someone must collect the money or write it off.
+        name: "capture_declined_after_shipment",
+        sql: format!(
+            "SELECT format('order %s (%s): %s %s, tracking %s, capture declined',
+                           id, status, total_minor, currency, coalesce(tracking_number, 'none')),
+                    count(*) OVER ()
+               FROM orders WHERE payment_state = 'capture_failed'
+              ORDER BY id LIMIT {EXAMPLES}"
+        ),
+    }]
+}
+
 /// Reads everything and checks every invariant, in one repeatable-read snapshot so that the
 /// figures agree with each other while the fleet keeps running.
 pub async fn build(db: &mut deadpool_postgres::Client) -> Result<Report> {
@@ -266,6 +296,22 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
             violations.insert(check.name.to_string(), found);
         }
     }
+    let mut needs_attention = BTreeMap::new();
+    for check in attention_checks() {
+        let rows = db
+            .query(&check.sql, &[])
+            .await
+            .with_context(|| format!("looking for orders with {}", check.name))?;
+        if let Some(first) = rows.first() {
+            needs_attention.insert(
+                check.name.to_string(),
+                Attention {
+                    orders: first.get(1),
+                    examples: rows.iter().map(|r| r.get(0)).collect(),
+                },
+            );
+        }
+    }
     Ok(Report {
         orders_by_status,
         orders_total,
@@ -275,6 +321,7 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
         invariants,
         violations,
         emails_by_kind: emails_by_kind(db).await?,
+        needs_attention,
     })
 }
 

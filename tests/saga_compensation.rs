@@ -315,4 +315,22 @@ async fn a_declined_capture_is_recorded_on_the_shipped_order() {
         ("authorized".into(), 0, 0)
     );
     assert!(ledger(&pool).await.is_empty());
+
+    // The report puts it in front of a person, without calling it a broken invariant.
+    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert!(report.holds(), "{:?}", report.violations);
+    let attention = &report.needs_attention["capture_declined_after_shipment"];
+    assert_eq!(attention.orders, 1);
+    assert_eq!(attention.examples.len(), 1);
+    assert!(
+        attention.examples[0].starts_with("order ord-nocap (shipped): 1000 "),
+        "{attention:?}"
+    );
+    let text = orderfleet::cli::report::render(&report);
+    assert!(
+        text.contains("Needs attention\n  capture_declined_after_shipment: 1 orders"),
+        "{text}"
+    );
 }

@@ -101,6 +101,16 @@ pub fn render(r: &Report) -> String {
         }
     }
 
+    if !r.needs_attention.is_empty() {
+        let _ = writeln!(out, "\nNeeds attention");
+        for (kind, a) in &r.needs_attention {
+            let _ = writeln!(out, "  {kind}: {} orders", a.orders);
+            for e in &a.examples {
+                let _ = writeln!(out, "         {e}");
+            }
+        }
+    }
+
     let _ = writeln!(out, "\nInvariants");
     for (name, ok) in &r.invariants {
         let _ = writeln!(out, "  [{}] {name}", if *ok { " ok " } else { "FAIL" });
