@@ -122,9 +122,10 @@ impl WorkerArgs {
         handler: Arc<dyn Handler>,
         pool: &Pool,
         cfg: &ConsumerConfig,
+        counters: &Arc<Counters>,
     ) -> Arc<dyn Apply> {
         if self.group_commit_max > 1 && handler.group_commit() {
-            Arc::new(GroupCommit::new(
+            Arc::new(GroupCommit::counting_into(
                 handler,
                 pool.clone(),
                 GroupConfig {
@@ -132,6 +133,7 @@ impl WorkerArgs {
                     transactions: self.group_commit_transactions.min(self.db_pool_size),
                     timeout: cfg.handler_timeout,
                 },
+                counters.clone(),
             ))
         } else {
             runtime::Transactional::new(handler, pool.clone())
@@ -330,7 +332,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         let handler: Arc<dyn Handler> = handlers::build(*name, &deps)?;
         let counters = Arc::new(Counters::default());
         all_counters.push((*name, counters.clone()));
-        let handler = args.applier(handler, &pool, &cfg);
+        let handler = args.applier(handler, &pool, &cfg, &counters);
         consumers.push(Consumer {
             cfg,
             sqs: clients.sqs.clone(),

@@ -414,12 +414,17 @@ async fn queued_group(
     (queued, answers)
 }
 
-fn probe_group(pool: &deadpool_postgres::Pool, timeout: Duration) -> (Arc<Probe>, GroupCommit) {
+/// A probe's group that counts panics and timeouts in `counters`, as a worker's consumer does.
+fn probe_group(
+    pool: &deadpool_postgres::Pool,
+    timeout: Duration,
+    counters: Arc<Counters>,
+) -> (Arc<Probe>, GroupCommit) {
     let probe = Arc::new(Probe {
         started: Notify::new(),
         release: Notify::new(),
     });
-    let group = GroupCommit::new(
+    let group = GroupCommit::counting_into(
         probe.clone(),
         pool.clone(),
         GroupConfig {
@@ -427,6 +432,7 @@ fn probe_group(pool: &deadpool_postgres::Pool, timeout: Duration) -> (Arc<Probe>
             transactions: 1,
             timeout,
         },
+        counters,
     );
     (probe, group)
 }
@@ -443,7 +449,8 @@ async fn idle_in_transaction(pool: &deadpool_postgres::Pool) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_a_group_costs_only_that_event_a_retry_and_its_neighbours_commit() {
     let pool = probe_db().await;
-    let (probe, group) = probe_group(&pool, Duration::from_secs(20));
+    let counters = Arc::new(Counters::default());
+    let (probe, group) = probe_group(&pool, Duration::from_secs(20), counters.clone());
     let (queued, answers) = queued_group(&group, &probe, &["Ok", "Ok", "Panic", "Ok", "Ok"]).await;
 
     for (event, answer) in queued.iter().zip(&answers) {
@@ -468,6 +475,10 @@ async fn a_panic_in_a_group_costs_only_that_event_a_retry_and_its_neighbours_com
     assert_eq!((stats.events, stats.groups), (6, 2));
     // The failed group and the regrouped four, besides the held event's own.
     assert_eq!(stats.transactions, 3);
+    // Counted where the consumer's metrics (HandlerPanics) read it, as a lone event's panic is.
+    let seen = counters.snapshot();
+    assert_eq!((seen.panics, seen.timeouts), (1, 0));
+    assert_eq!((stats.panics, stats.timeouts), (1, 0));
     // The runner survived: received again, the good ones are duplicates.
     for event in queued.iter().filter(|e| e.detail_type == "Ok") {
         assert_eq!(group.apply(event, 2).await.unwrap(), Executed::Duplicate);
@@ -477,7 +488,8 @@ async fn a_panic_in_a_group_costs_only_that_event_a_retry_and_its_neighbours_com
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_hangs_in_a_group_times_out_alone_and_its_neighbours_commit() {
     let pool = probe_db().await;
-    let (probe, group) = probe_group(&pool, Duration::from_secs(1));
+    let counters = Arc::new(Counters::default());
+    let (probe, group) = probe_group(&pool, Duration::from_secs(1), counters.clone());
     let (queued, answers) = queued_group(&group, &probe, &["Ok", "Hang", "Ok"]).await;
     assert!(applied(&answers[0]) && applied(&answers[2]), "{answers:?}");
     match &answers[1] {
@@ -487,6 +499,8 @@ async fn an_event_that_hangs_in_a_group_times_out_alone_and_its_neighbours_commi
         other => panic!("expected a retry, got {other:?}"),
     }
     assert_eq!(queued[1].detail_type, "Hang");
+    let seen = counters.snapshot();
+    assert_eq!((seen.panics, seen.timeouts), (0, 1));
     assert_eq!(
         common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
         3

@@ -47,6 +47,7 @@ use super::{commit_with_outbox, execute, panic_text, payload_text, roll_back, Ap
 use crate::db::{Cached, OpenTransaction};
 use crate::envelope::Envelope;
 use crate::handlers::{Context, GroupState, Handler, NewEvent};
+use crate::metrics::Counters;
 use crate::outcome::HandlerError;
 
 /// Rounds of dropping a failed event and grouping the rest again before the remaining events
@@ -70,6 +71,18 @@ pub struct Limits<'a> {
     /// any more (its consumer timed out and will see it again) is not committed: the group
     /// rolls back and goes on without it.
     pub wanted: &'a (dyn Fn(usize) -> bool + Sync),
+    /// Where panics and timeouts are counted, as the consumer counts its own.
+    pub counters: Option<&'a Counters>,
+}
+
+impl Limits<'_> {
+    /// The answer of an event that ran past `event_timeout`, counted.
+    fn timed_out(&self) -> HandlerError {
+        if let Some(c) = self.counters {
+            Counters::inc(&c.timeouts);
+        }
+        timed_out(self.event_timeout)
+    }
 }
 
 impl Default for Limits<'_> {
@@ -77,6 +90,7 @@ impl Default for Limits<'_> {
         Limits {
             event_timeout: Duration::from_secs(30),
             wanted: &|_| true,
+            counters: None,
         }
     }
 }
@@ -165,11 +179,11 @@ pub async fn execute_group_with(
         }
         transactions += 1;
         let (event, receive_count) = events[i];
-        let run = guarded(execute(handler, pool, event, receive_count));
+        let run = guarded(execute(handler, pool, event, receive_count), limits);
         results[i] = Some(
             tokio::time::timeout(limits.event_timeout, run)
                 .await
-                .unwrap_or_else(|_| Err(timed_out(limits.event_timeout))),
+                .unwrap_or_else(|_| Err(limits.timed_out())),
         );
     }
     GroupOutcome {
@@ -187,16 +201,22 @@ fn timed_out(limit: Duration) -> HandlerError {
     HandlerError::retry(format!("handler timed out after {}s", limit.as_secs_f64()))
 }
 
-/// Runs a handler's future, turning a panic into a retry of that event alone.
+/// Runs a handler's future, turning a panic into a retry of that event alone, counted.
 async fn guarded<T>(
     run: impl std::future::Future<Output = Result<T, HandlerError>>,
+    limits: &Limits<'_>,
 ) -> Result<T, HandlerError> {
     match AssertUnwindSafe(run).catch_unwind().await {
         Ok(result) => result,
-        Err(payload) => Err(HandlerError::retry(format!(
-            "handler panicked: {}",
-            payload_text(&*payload)
-        ))),
+        Err(payload) => {
+            if let Some(c) = limits.counters {
+                Counters::inc(&c.panics);
+            }
+            Err(HandlerError::retry(format!(
+                "handler panicked: {}",
+                payload_text(&*payload)
+            )))
+        }
     }
 }
 
@@ -275,14 +295,14 @@ async fn try_group(
         let (event, receive_count) = events[i];
         let mut cx = Context::new(tx, receive_count);
         cx.state = std::mem::take(&mut state);
-        let run = guarded(handler.handle(event, &mut cx));
+        let run = guarded(handler.handle(event, &mut cx), limits);
         let Ok(handled) = tokio::time::timeout(limits.event_timeout, run).await else {
             // A statement may still be running: close the connection rather than wait for it.
             drop(cx);
             drop(open);
             return Round::Failed {
                 at,
-                error: timed_out(limits.event_timeout),
+                error: limits.timed_out(),
             };
         };
         let mine = std::mem::take(&mut cx.emitted);
@@ -366,6 +386,10 @@ pub struct GroupStats {
     pub groups: u64,
     /// Database transactions opened (more than `groups` when groups fell apart).
     pub transactions: u64,
+    /// Handler panics caught.
+    pub panics: u64,
+    /// Events that ran past the handler timeout.
+    pub timeouts: u64,
 }
 
 /// Forms groups of the events handed to [`Apply::apply`] and runs them with
@@ -383,6 +407,8 @@ struct Inner {
     events: AtomicU64,
     groups: AtomicU64,
     transactions: AtomicU64,
+    /// Panics and timeouts land here (the consumer's counters, in a worker).
+    counters: Arc<Counters>,
 }
 
 #[derive(Default)]
@@ -403,6 +429,17 @@ struct Request {
 
 impl GroupCommit {
     pub fn new(handler: Arc<dyn Handler>, pool: Pool, cfg: GroupConfig) -> Self {
+        Self::counting_into(handler, pool, cfg, Arc::default())
+    }
+
+    /// [`GroupCommit::new`], counting handler panics and timeouts in `counters` (those of the
+    /// consumer that applies through it, so that they show in its metrics).
+    pub fn counting_into(
+        handler: Arc<dyn Handler>,
+        pool: Pool,
+        cfg: GroupConfig,
+        counters: Arc<Counters>,
+    ) -> Self {
         GroupCommit {
             inner: Arc::new(Inner {
                 handler,
@@ -416,6 +453,7 @@ impl GroupCommit {
                 events: AtomicU64::new(0),
                 groups: AtomicU64::new(0),
                 transactions: AtomicU64::new(0),
+                counters,
             }),
         }
     }
@@ -430,6 +468,8 @@ impl GroupCommit {
             events: self.inner.events.load(Relaxed),
             groups: self.inner.groups.load(Relaxed),
             transactions: self.inner.transactions.load(Relaxed),
+            panics: self.inner.counters.panics.load(Relaxed),
+            timeouts: self.inner.counters.timeouts.load(Relaxed),
         }
     }
 }
@@ -494,6 +534,7 @@ async fn run(inner: Arc<Inner>) {
         let (handler, pool, event_timeout) =
             (inner.handler.clone(), inner.pool.clone(), inner.cfg.timeout);
         let waiting = replies.clone();
+        let counters = inner.counters.clone();
         // Its own task, so that nothing it does can take the runner down; aborting it drops
         // the open transaction, which closes the connection.
         let mut task = tokio::spawn(async move {
@@ -505,6 +546,7 @@ async fn run(inner: Arc<Inner>) {
             let limits = Limits {
                 event_timeout,
                 wanted: &wanted,
+                counters: Some(&counters),
             };
             execute_group_with(&*handler, &pool, &refs, &limits).await
         });
@@ -520,6 +562,7 @@ async fn run(inner: Arc<Inner>) {
                 }
                 Ok(Err(join)) => {
                     let why = if join.is_panic() {
+                        Counters::inc(&inner.counters.panics);
                         format!("handler panicked: {}", panic_text(join))
                     } else {
                         format!("handler task failed: {join}")
@@ -530,6 +573,7 @@ async fn run(inner: Arc<Inner>) {
                 }
                 Err(_) => {
                     task.abort();
+                    Counters::inc(&inner.counters.timeouts);
                     (0..n).map(|_| Err(timed_out(backstop))).collect()
                 }
             };
