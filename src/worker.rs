@@ -20,7 +20,7 @@ use crate::outbox::Relay;
 use crate::runtime::backoff::RetryPolicy;
 use crate::runtime::group::{GroupCommit, GroupConfig};
 use crate::runtime::lease::Leases;
-use crate::runtime::retention::InboxRetention;
+use crate::runtime::retention::{self, InboxRetention};
 use crate::runtime::{self, notify, Apply, Consumer, ConsumerConfig};
 use crate::topology::{HandlerName, Topology};
 
@@ -85,9 +85,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "ORDERFLEET_HEARTBEAT_SECS", default_value_t = 10)]
     pub heartbeat_secs: u64,
     /// Inbox rows (what makes a redelivered event a duplicate) older than this many days are
-    /// deleted; 0 keeps them forever. Keep it past SQS's 14-day retention and any EventBridge
-    /// replay window.
-    #[arg(long, env = "ORDERFLEET_INBOX_RETENTION_DAYS", default_value_t = 15)]
+    /// deleted, and events older than it less an hour are dead-lettered unapplied; 0 keeps
+    /// rows forever and applies events of any age. Use one value for every worker of a database.
+    #[arg(long, env = "ORDERFLEET_INBOX_RETENTION_DAYS", default_value_t = 30)]
     pub inbox_retention_days: u64,
     /// How often the worker deletes inbox rows past their retention.
     #[arg(long, env = "ORDERFLEET_INBOX_PRUNE_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -115,6 +115,12 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// How long inbox rows are kept; `None` for ever.
+    fn inbox_retention(&self) -> Option<Duration> {
+        (self.inbox_retention_days > 0)
+            .then(|| Duration::from_secs(self.inbox_retention_days.saturating_mul(86_400)))
+    }
+
     /// How a consumer applies events: in groups ([`GroupCommit`]) when the handler's work is
     /// all database work and grouping is on, else one transaction per event.
     fn applier(
@@ -216,6 +222,7 @@ impl ConsumerArgs {
             max_receive_count: facts.max_receive_count,
             delete_flush: Duration::from_millis(self.delete_flush_ms),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            max_event_age: None,
         }
     }
 }
@@ -326,7 +333,8 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     for name in &names {
         let queue = topo.queue_name(*name);
         let facts = runtime::inspect_queue(&clients.sqs, &queue).await?;
-        let cfg = args.consumer.config(&facts);
+        let mut cfg = args.consumer.config(&facts);
+        cfg.max_event_age = args.inbox_retention().map(retention::max_event_age);
         runtime::validate(&cfg, &facts)
             .with_context(|| format!("handler {name} (queue {queue})"))?;
         let handler: Arc<dyn Handler> = handlers::build(*name, &deps)?;
@@ -366,8 +374,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         Duration::from_secs(args.heartbeat_secs.max(1)),
         background.clone(),
     ));
-    let retention_task = (args.inbox_retention_days > 0).then(|| {
-        let keep = Duration::from_secs(args.inbox_retention_days.saturating_mul(86_400));
+    let retention_task = args.inbox_retention().map(|keep| {
         tokio::spawn(InboxRetention::new(pool.clone(), keep).run(
             Duration::from_secs(args.inbox_prune_interval_secs),
             background.clone(),

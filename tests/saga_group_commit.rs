@@ -414,7 +414,7 @@ async fn queued_group(
     (queued, answers)
 }
 
-/// A probe's group that counts panics and timeouts in `counters`, as a worker's consumer does.
+/// A probe's group that counts caught panics in `counters`, as a worker's consumer does.
 fn probe_group(
     pool: &deadpool_postgres::Pool,
     timeout: Duration,
@@ -476,9 +476,8 @@ async fn a_panic_in_a_group_costs_only_that_event_a_retry_and_its_neighbours_com
     // The failed group and the regrouped four, besides the held event's own.
     assert_eq!(stats.transactions, 3);
     // Counted where the consumer's metrics (HandlerPanics) read it, as a lone event's panic is.
-    let seen = counters.snapshot();
-    assert_eq!((seen.panics, seen.timeouts), (1, 0));
-    assert_eq!((stats.panics, stats.timeouts), (1, 0));
+    assert_eq!(counters.snapshot().panics, 1);
+    assert_eq!(stats.panics, 1);
     // The runner survived: received again, the good ones are duplicates.
     for event in queued.iter().filter(|e| e.detail_type == "Ok") {
         assert_eq!(group.apply(event, 2).await.unwrap(), Executed::Duplicate);
@@ -499,8 +498,8 @@ async fn an_event_that_hangs_in_a_group_times_out_alone_and_its_neighbours_commi
         other => panic!("expected a retry, got {other:?}"),
     }
     assert_eq!(queued[1].detail_type, "Hang");
-    let seen = counters.snapshot();
-    assert_eq!((seen.panics, seen.timeouts), (0, 1));
+    // Not counted here: the consumer waiting for it timed out first and counted it.
+    assert_eq!(counters.snapshot().timeouts, 0);
     assert_eq!(
         common::scalar(&pool, "SELECT count(*) FROM probe_rows").await,
         3

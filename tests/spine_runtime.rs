@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use deadpool_postgres::Pool;
 use orderfleet::aws::Clients;
 use orderfleet::envelope::Envelope;
@@ -16,9 +16,10 @@ use orderfleet::handlers::{Context, Handler};
 use orderfleet::metrics::Counters;
 use orderfleet::outcome::HandlerError;
 use orderfleet::runtime::backoff::RetryPolicy;
+use orderfleet::runtime::group::{GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
-use orderfleet::runtime::retention::InboxRetention;
-use orderfleet::runtime::{self, attrs, Consumer, ConsumerConfig, QueueFacts};
+use orderfleet::runtime::retention::{self, InboxRetention};
+use orderfleet::runtime::{self, attrs, Apply, Consumer, ConsumerConfig, QueueFacts};
 use orderfleet::topology::{HandlerName, Topology};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +35,50 @@ struct Running {
 }
 
 impl Running {
+    /// A consumer applying each event in a transaction of its own.
     async fn start(
         clients: &Clients,
         topo: &Topology,
         pool: &Pool,
         handler: Arc<dyn Handler>,
         tweak: impl FnOnce(&mut ConsumerConfig),
+    ) -> Running {
+        let pool_ = pool.clone();
+        Self::start_applying(clients, topo, tweak, |_, _| {
+            runtime::Transactional::new(handler, pool_)
+        })
+        .await
+    }
+
+    /// A consumer applying events in groups, as a worker does for the grouping handlers.
+    async fn start_grouped(
+        clients: &Clients,
+        topo: &Topology,
+        pool: &Pool,
+        handler: Arc<dyn Handler>,
+        tweak: impl FnOnce(&mut ConsumerConfig),
+    ) -> Running {
+        let pool_ = pool.clone();
+        Self::start_applying(clients, topo, tweak, |cfg, counters| {
+            Arc::new(GroupCommit::counting_into(
+                handler,
+                pool_,
+                GroupConfig {
+                    max_group: 32,
+                    transactions: 2,
+                    timeout: cfg.handler_timeout,
+                },
+                counters.clone(),
+            ))
+        })
+        .await
+    }
+
+    async fn start_applying(
+        clients: &Clients,
+        topo: &Topology,
+        tweak: impl FnOnce(&mut ConsumerConfig),
+        applier: impl FnOnce(&ConsumerConfig, &Arc<Counters>) -> Arc<dyn Apply>,
     ) -> Running {
         let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
             .await
@@ -56,10 +95,11 @@ impl Running {
         ));
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
+        let handler = applier(&cfg, &counters);
         let consumer = Consumer {
             cfg,
             sqs: clients.sqs.clone(),
-            handler: runtime::Transactional::new(handler, pool.clone()),
+            handler,
             leases: leases.clone(),
             counters: counters.clone(),
             relay_wake: None,
@@ -296,28 +336,7 @@ async fn permanent_failures_and_undecodable_bodies_land_in_the_dlq_with_their_re
         "good messages kept flowing"
     );
 
-    let mut dead = Vec::new();
-    while dead.len() < 3 {
-        let out = clients
-            .sqs
-            .receive_message()
-            .queue_url(&run.facts.dlq_url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::All)
-            .send()
-            .await
-            .unwrap();
-        dead.extend(out.messages.unwrap_or_default());
-    }
-    let attr = |m: &aws_sdk_sqs::types::Message, k: &str| {
-        m.message_attributes()
-            .and_then(|a| a.get(k))
-            .and_then(|v| v.string_value())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let dead = dead_letters(&clients, &run.facts.dlq_url, 3).await;
     let find = |body: &str| {
         dead.iter()
             .find(|m| m.body() == Some(body))
@@ -340,6 +359,88 @@ async fn permanent_failures_and_undecodable_bodies_land_in_the_dlq_with_their_re
         queue_is_empty(&clients, &url).await.then_some(())
     })
     .await;
+}
+
+/// Receives at least `n` messages from a DLQ, with their attributes.
+async fn dead_letters(clients: &Clients, dlq_url: &str, n: usize) -> Vec<Message> {
+    let mut dead = Vec::new();
+    while dead.len() < n {
+        let out = clients
+            .sqs
+            .receive_message()
+            .queue_url(dlq_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        dead.extend(out.messages.unwrap_or_default());
+    }
+    dead
+}
+
+/// A message attribute's string value, or "".
+fn attr(m: &Message, k: &str) -> String {
+    m.message_attributes()
+        .and_then(|a| a.get(k))
+        .and_then(|v| v.string_value())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_event_older_than_the_inbox_remembers_is_dead_lettered_unapplied_with_its_reason() {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    let picky = Arc::new(Picky {
+        ok: AtomicU32::new(0),
+    });
+    let keep = Duration::from_secs(30 * 86_400);
+    let run = Running::start(&clients, &topo, &pool, picky.clone(), |c| {
+        c.max_event_age = Some(retention::max_event_age(keep));
+    })
+    .await;
+    let aged = |days: i64| {
+        let mut body: serde_json::Value =
+            serde_json::from_str(&stock_received(&format!("aged-{days}"), 1)).unwrap();
+        body["time"] = json!((chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339());
+        body.to_string()
+    };
+    // Its inbox row, had it been applied 40 days ago, would be gone: it is refused. One 29 days
+    // old would still find its row, so it is applied.
+    let (stale, recent) = (aged(40), aged(29));
+    send(&clients, &run.facts.queue_url, &stale).await;
+    send(&clients, &run.facts.queue_url, &recent).await;
+    let counters = run.counters.clone();
+    common::wait_for(
+        Duration::from_secs(20),
+        "one applied, one dead-lettered",
+        || {
+            let c = counters.clone();
+            async move {
+                let s = c.snapshot();
+                (s.succeeded == 1 && s.dead_lettered == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        picky.ok.load(Ordering::SeqCst),
+        1,
+        "only the recent one ran"
+    );
+    let dead = dead_letters(&clients, &run.facts.dlq_url, 1).await;
+    assert_eq!(dead[0].body(), Some(stale.as_str()));
+    assert_eq!(attr(&dead[0], attrs::KIND), "permanent");
+    let reason = attr(&dead[0], attrs::REASON);
+    assert!(
+        reason.contains("40.0 days ago") && reason.contains("--inbox-retention-days"),
+        "{reason}"
+    );
+    run.shutdown().await;
 }
 
 /// Takes `delay` per message and counts its invocations.
@@ -475,20 +576,33 @@ impl Handler for Unruly {
 
 #[tokio::test]
 async fn a_panic_and_a_timeout_each_count_as_a_retry_and_the_worker_keeps_running() {
+    a_panic_and_a_timeout_count_once(false).await;
+}
+
+#[tokio::test]
+async fn a_grouped_event_s_panic_and_timeout_are_counted_once_each_too() {
+    a_panic_and_a_timeout_count_once(true).await;
+}
+
+async fn a_panic_and_a_timeout_count_once(grouped: bool) {
     let clients = common::clients().await;
     let topo = common::topology(&clients).await;
     let (pool, _) = common::fresh_db().await;
     let unruly = Arc::new(Unruly {
         calls: AtomicU32::new(0),
     });
-    let run = Running::start(&clients, &topo, &pool, unruly.clone(), |c| {
+    let tweak = |c: &mut ConsumerConfig| {
         c.handler_timeout = Duration::from_secs(1);
         c.retry = RetryPolicy {
             base: Duration::from_secs(1),
             cap: Duration::from_secs(2),
         };
-    })
-    .await;
+    };
+    let run = if grouped {
+        Running::start_grouped(&clients, &topo, &pool, unruly.clone(), tweak).await
+    } else {
+        Running::start(&clients, &topo, &pool, unruly.clone(), tweak).await
+    };
     send(&clients, &run.facts.queue_url, &stock_received("u", 1)).await;
     let counters = run.counters.clone();
     common::wait_for(
@@ -537,6 +651,7 @@ async fn receive_errors_back_off_instead_of_spinning_and_stop_still_works() {
             max_receive_count: 5,
             delete_flush: Duration::from_millis(5),
             shutdown_grace: Duration::from_secs(1),
+            max_event_age: None,
         },
         sqs,
         handler: runtime::Transactional::new(
@@ -849,7 +964,8 @@ async fn inbox_rows_past_their_retention_are_deleted_and_younger_ones_still_catc
         .batch_execute(
             "CREATE TABLE effects (event_id text PRIMARY KEY);
              INSERT INTO processed_messages (handler, event_key, detail_type, processed_at)
-             SELECT 'effecting', 'old-' || i, 'StockReceived', now() - interval '20 days'
+             SELECT 'effecting', 'old-' || i, 'StockReceived',
+                    now() - interval '20 days' - i * interval '1 minute'
                FROM generate_series(1, 12) i;
              INSERT INTO processed_messages (handler, event_key, detail_type, processed_at)
              SELECT 'effecting', 'recent-' || i, 'StockReceived', now() - interval '14 days'
@@ -872,7 +988,7 @@ async fn inbox_rows_past_their_retention_are_deleted_and_younger_ones_still_catc
     assert_eq!(
         retention.prune().await.unwrap(),
         12,
-        "the twelve old rows, in three batches"
+        "the twelve old rows in one pass, though stored newest first, against the walk"
     );
     assert_eq!(
         retention.prune().await.unwrap(),

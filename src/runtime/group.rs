@@ -71,18 +71,10 @@ pub struct Limits<'a> {
     /// any more (its consumer timed out and will see it again) is not committed: the group
     /// rolls back and goes on without it.
     pub wanted: &'a (dyn Fn(usize) -> bool + Sync),
-    /// Where panics and timeouts are counted, as the consumer counts its own.
+    /// Where caught panics are counted. (Timeouts are not: the consumer waiting for the event
+    /// times out first, since its clock also runs while the event waits for a group, and
+    /// counts it.)
     pub counters: Option<&'a Counters>,
-}
-
-impl Limits<'_> {
-    /// The answer of an event that ran past `event_timeout`, counted.
-    fn timed_out(&self) -> HandlerError {
-        if let Some(c) = self.counters {
-            Counters::inc(&c.timeouts);
-        }
-        timed_out(self.event_timeout)
-    }
 }
 
 impl Default for Limits<'_> {
@@ -183,7 +175,7 @@ pub async fn execute_group_with(
         results[i] = Some(
             tokio::time::timeout(limits.event_timeout, run)
                 .await
-                .unwrap_or_else(|_| Err(limits.timed_out())),
+                .unwrap_or_else(|_| Err(timed_out(limits.event_timeout))),
         );
     }
     GroupOutcome {
@@ -302,7 +294,7 @@ async fn try_group(
             drop(open);
             return Round::Failed {
                 at,
-                error: limits.timed_out(),
+                error: timed_out(limits.event_timeout),
             };
         };
         let mine = std::mem::take(&mut cx.emitted);
@@ -386,10 +378,8 @@ pub struct GroupStats {
     pub groups: u64,
     /// Database transactions opened (more than `groups` when groups fell apart).
     pub transactions: u64,
-    /// Handler panics caught.
+    /// Handler panics caught (in the consumer's counters, when it counts into them).
     pub panics: u64,
-    /// Events that ran past the handler timeout.
-    pub timeouts: u64,
 }
 
 /// Forms groups of the events handed to [`Apply::apply`] and runs them with
@@ -407,7 +397,7 @@ struct Inner {
     events: AtomicU64,
     groups: AtomicU64,
     transactions: AtomicU64,
-    /// Panics and timeouts land here (the consumer's counters, in a worker).
+    /// Caught panics are counted here (the consumer's counters, in a worker).
     counters: Arc<Counters>,
 }
 
@@ -432,8 +422,9 @@ impl GroupCommit {
         Self::counting_into(handler, pool, cfg, Arc::default())
     }
 
-    /// [`GroupCommit::new`], counting handler panics and timeouts in `counters` (those of the
-    /// consumer that applies through it, so that they show in its metrics).
+    /// [`GroupCommit::new`], counting caught handler panics in `counters` (those of the
+    /// consumer that applies through it, so that they show in its metrics). A panic while the
+    /// group locks, claims or commits counts once for the group.
     pub fn counting_into(
         handler: Arc<dyn Handler>,
         pool: Pool,
@@ -469,7 +460,6 @@ impl GroupCommit {
             groups: self.inner.groups.load(Relaxed),
             transactions: self.inner.transactions.load(Relaxed),
             panics: self.inner.counters.panics.load(Relaxed),
-            timeouts: self.inner.counters.timeouts.load(Relaxed),
         }
     }
 }
@@ -573,7 +563,6 @@ async fn run(inner: Arc<Inner>) {
                 }
                 Err(_) => {
                     task.abort();
-                    Counters::inc(&inner.counters.timeouts);
                     (0..n).map(|_| Err(timed_out(backstop))).collect()
                 }
             };

@@ -87,6 +87,10 @@ pub struct ConsumerConfig {
     pub delete_flush: Duration,
     /// Running handlers get this long to finish after a stop is requested.
     pub shutdown_grace: Duration,
+    /// Events older than this (by their EventBridge `time`) are dead-lettered unapplied: the
+    /// inbox no longer remembers whether they were applied (see [`retention`]). `None` when
+    /// inbox rows are kept forever.
+    pub max_event_age: Option<Duration>,
 }
 
 impl ConsumerConfig {
@@ -721,6 +725,11 @@ async fn run_guarded(
             "unknown detail-type {:?} (source {:?}); it is not in the event catalogue",
             event.detail_type, event.source
         )));
+    }
+    if let Some(max) = shared.cfg.max_event_age {
+        if let Some(why) = retention::too_old(&event, max, chrono::Utc::now()) {
+            return Err(HandlerError::permanent(why));
+        }
     }
     let handler = shared.handler.clone();
     let mut task =

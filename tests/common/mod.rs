@@ -249,6 +249,7 @@ pub fn consumer_config(facts: &QueueFacts) -> ConsumerConfig {
         max_receive_count: facts.max_receive_count,
         delete_flush: Duration::from_millis(5),
         shutdown_grace: Duration::from_secs(10),
+        max_event_age: None,
     }
 }
 
