@@ -115,6 +115,23 @@ impl Running {
         }
     }
 
+    /// Waits (up to 20 s) until the consumer has counted these successes and dead letters.
+    async fn wait_for_outcomes(&self, succeeded: u64, dead_lettered: u64) {
+        let counters = self.counters.clone();
+        common::wait_for(
+            Duration::from_secs(20),
+            &format!("{succeeded} successes and {dead_lettered} dead letters"),
+            || {
+                let c = counters.clone();
+                async move {
+                    let s = c.snapshot();
+                    (s.succeeded == succeeded && s.dead_lettered == dead_lettered).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
     async fn shutdown(self) {
         self.stop.cancel();
         self.task.await.expect("join").expect("consumer");
@@ -317,19 +334,7 @@ async fn permanent_failures_and_undecodable_bodies_land_in_the_dlq_with_their_re
     send(&clients, &url, &permanent).await;
     send(&clients, &url, &unknown).await;
 
-    let counters = run.counters.clone();
-    common::wait_for(
-        Duration::from_secs(20),
-        "3 successes and 3 dead letters",
-        || {
-            let c = counters.clone();
-            async move {
-                let s = c.snapshot();
-                (s.succeeded == 3 && s.dead_lettered == 3).then_some(())
-            }
-        },
-    )
-    .await;
+    run.wait_for_outcomes(3, 3).await;
     assert_eq!(
         picky.ok.load(Ordering::SeqCst),
         3,
@@ -414,19 +419,7 @@ async fn an_event_older_than_the_inbox_remembers_is_dead_lettered_unapplied_with
     let (stale, recent) = (aged(40), aged(29));
     send(&clients, &run.facts.queue_url, &stale).await;
     send(&clients, &run.facts.queue_url, &recent).await;
-    let counters = run.counters.clone();
-    common::wait_for(
-        Duration::from_secs(20),
-        "one applied, one dead-lettered",
-        || {
-            let c = counters.clone();
-            async move {
-                let s = c.snapshot();
-                (s.succeeded == 1 && s.dead_lettered == 1).then_some(())
-            }
-        },
-    )
-    .await;
+    run.wait_for_outcomes(1, 1).await;
     assert_eq!(
         picky.ok.load(Ordering::SeqCst),
         1,
