@@ -50,30 +50,6 @@ impl Running {
         .await
     }
 
-    /// A consumer applying events in groups, as a worker does for the grouping handlers.
-    async fn start_grouped(
-        clients: &Clients,
-        topo: &Topology,
-        pool: &Pool,
-        handler: Arc<dyn Handler>,
-        tweak: impl FnOnce(&mut ConsumerConfig),
-    ) -> Running {
-        let pool_ = pool.clone();
-        Self::start_applying(clients, topo, tweak, |cfg, counters| {
-            Arc::new(GroupCommit::counting_into(
-                handler,
-                pool_,
-                GroupConfig {
-                    max_group: 32,
-                    transactions: 2,
-                    timeout: cfg.handler_timeout,
-                },
-                counters.clone(),
-            ))
-        })
-        .await
-    }
-
     async fn start_applying(
         clients: &Clients,
         topo: &Topology,
@@ -592,7 +568,21 @@ async fn a_panic_and_a_timeout_count_once(grouped: bool) {
         };
     };
     let run = if grouped {
-        Running::start_grouped(&clients, &topo, &pool, unruly.clone(), tweak).await
+        // In groups, as a worker applies the grouping handlers' events.
+        let (handler, pool) = (unruly.clone(), pool.clone());
+        Running::start_applying(&clients, &topo, tweak, |cfg, counters| {
+            Arc::new(GroupCommit::counting_into(
+                handler,
+                pool,
+                GroupConfig {
+                    max_group: 32,
+                    transactions: 2,
+                    timeout: cfg.handler_timeout,
+                },
+                counters.clone(),
+            ))
+        })
+        .await
     } else {
         Running::start(&clients, &topo, &pool, unruly.clone(), tweak).await
     };

@@ -49,8 +49,8 @@ pub fn too_old(event: &Envelope, max: Duration, now: DateTime<Utc>) -> Option<St
         format!(
             "event {} ({}) is from {}, {:.1} days ago; the inbox only remembers applied events \
              for {:.1} days (--inbox-retention-days less {} h), so whether this one was applied \
-             cannot be told and it is not applied again. Check its order in `orderfleet report`; \
-             to apply it anyway, publish a fresh event",
+             cannot be told and it is not applied again. Check its order's state; to apply it \
+             anyway, publish a fresh event",
             event.id,
             event.detail_type,
             event.time.to_rfc3339(),
