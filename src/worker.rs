@@ -194,12 +194,48 @@ pub struct ConsumerArgs {
     /// Deletes wait at most this long to fill a batch of ten.
     #[arg(long, env = "ORDERFLEET_DELETE_FLUSH_MS", default_value_t = 5)]
     pub delete_flush_ms: u64,
-    /// On SIGTERM, running handlers get this long to finish (keep it under ECS's stopTimeout).
+    /// On SIGTERM, once the receives in flight have returned, running handlers (and those the
+    /// last receives returned) get this long to finish.
     #[arg(long, env = "ORDERFLEET_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
     pub shutdown_grace_secs: u64,
+    /// How long the supervisor waits after SIGTERM before it kills the process: ECS's
+    /// `stopTimeout`, systemd's `TimeoutStopSec`. The worker refuses to start unless the wait
+    /// time, 5 s of receive slack, the shutdown grace and 5 s to flush fit inside it.
+    #[arg(long, env = "ORDERFLEET_STOP_TIMEOUT_SECS", default_value_t = 60)]
+    pub stop_timeout_secs: u64,
 }
 
 impl ConsumerArgs {
+    /// The longest a stop can take: the receives in flight run to their end (wait time plus
+    /// slack), then handlers get the grace, then deletes, releases and the outbox are flushed.
+    pub fn stop_budget(&self) -> Duration {
+        Duration::from_secs(self.wait_time_secs.max(0) as u64)
+            + runtime::RECEIVE_SLACK
+            + Duration::from_secs(self.shutdown_grace_secs)
+            + runtime::FLUSH_BUDGET
+    }
+
+    /// Refuses settings whose stop cannot finish before the supervisor kills the process: that
+    /// kill would strand messages in flight for their visibility timeout.
+    pub fn check_stop_budget(&self) -> Result<()> {
+        let budget = self.stop_budget();
+        if budget >= Duration::from_secs(self.stop_timeout_secs) {
+            bail!(
+                "a stop can take {}s (--wait-time-secs {} + {}s receive slack + \
+                 --shutdown-grace-secs {} + {}s to flush), which does not fit in \
+                 --stop-timeout-secs {} (ECS stopTimeout / systemd TimeoutStopSec); lower the \
+                 wait time or the grace, or raise the stop timeout (and the supervisor's with it)",
+                budget.as_secs(),
+                self.wait_time_secs,
+                runtime::RECEIVE_SLACK.as_secs(),
+                self.shutdown_grace_secs,
+                runtime::FLUSH_BUDGET.as_secs(),
+                self.stop_timeout_secs
+            );
+        }
+        Ok(())
+    }
+
     /// The consumer settings for a queue, given what the queue says about itself.
     pub fn config(&self, facts: &runtime::QueueFacts) -> ConsumerConfig {
         ConsumerConfig {
@@ -307,6 +343,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     {
         bail!("--metrics-interval-secs must be at least 60 with the PutMetricData sink (one call per worker per minute); use --metrics-sink emf for shorter intervals");
     }
+    args.consumer.check_stop_budget()?;
     if args.metrics_interval_secs == 0 {
         bail!("--metrics-interval-secs must be at least 1");
     }

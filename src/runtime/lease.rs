@@ -38,6 +38,19 @@ pub struct LeaseGuard {
     id: u64,
 }
 
+impl LeaseGuard {
+    /// The receipt handle the lease currently extends: the newest copy's, once a second copy
+    /// was adopted (see [`Leases::adopt`]). SQS honours only the newest handle of a message.
+    pub fn receipt(&self) -> Option<String> {
+        self.leases.lock().get(&self.id).map(|l| l.receipt.clone())
+    }
+
+    /// The lease's id, for [`Leases::adopt`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
         self.leases.lock().remove(&self.id);
@@ -74,6 +87,22 @@ impl Leases {
         LeaseGuard {
             leases: self.clone(),
             id,
+        }
+    }
+
+    /// A second copy of a leased message was received (its visibility ran out, or SQS handed it
+    /// out twice): from now on the lease keeps that copy hidden, through its receipt handle,
+    /// which is also the one the message's outcome is sent with. Without this the copy in hand
+    /// would come back after its visibility timeout, again and again while the first copy
+    /// runs, each time raising the receive count towards the DLQ. False if the lease is gone.
+    pub fn adopt(&self, id: u64, receipt: String, received_at: Instant) -> bool {
+        match self.lock().get_mut(&id) {
+            Some(l) => {
+                l.receipt = receipt;
+                l.visible_at = received_at + l.extend_by;
+                true
+            }
+            None => false,
         }
     }
 

@@ -13,8 +13,9 @@
 //! | permanent, poison | send the body to the DLQ with the reason, then delete |
 //! | panic, timeout | retry |
 //!
-//! Shutdown (see [`Consumer::run`]) stops receiving, lets running handlers finish until the
-//! grace deadline, makes unstarted messages visible at once, and flushes deletes.
+//! Shutdown (see [`Consumer::run`]) starts no new receive but lets the ones in flight return,
+//! lets running handlers finish until the grace deadline, makes aborted messages visible at
+//! once, and flushes deletes.
 
 pub mod acker;
 pub mod backoff;
@@ -67,6 +68,11 @@ const MAX_REASON_BYTES: usize = 1024;
 pub const LEASE_TICK: Duration = Duration::from_secs(1);
 /// Slack required on top of the lease tick.
 const LEASE_MARGIN: Duration = Duration::from_secs(1);
+/// How long past its wait time a ReceiveMessage may take before it is abandoned as stalled.
+pub const RECEIVE_SLACK: Duration = Duration::from_secs(5);
+/// What a stop needs after the handlers' grace: flushing deletes, releasing what was aborted,
+/// the relay's last publish (2 s) and the final heartbeat.
+pub const FLUSH_BUDGET: Duration = Duration::from_secs(5);
 
 /// Settings of one queue's consumer.
 #[derive(Debug, Clone)]
@@ -387,19 +393,21 @@ struct Shared {
     acker: Acker,
     stop: CancellationToken,
     hard_stop: CancellationToken,
-    /// SQS message ids being handled by this consumer. SQS (and the emulator, under concurrent
-    /// receives) may hand out a message again while a copy is still in flight; the second copy
-    /// is left alone, so the message is handled, and dead-lettered, once.
-    in_flight_ids: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// SQS message ids being handled by this consumer, with the lease of the copy in hand. SQS
+    /// (and the emulator, under concurrent receives) may hand out a message again while a copy
+    /// is still in flight; the second copy is not handled (the message is handled, and
+    /// dead-lettered, once) but adopted by the first copy's lease (see [`Leases::adopt`]).
+    in_flight_ids: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl Consumer {
     /// Consumes until `stop` is cancelled, then shuts down in order:
-    /// 1. the receive loops stop, aborting their long polls;
+    /// 1. the receive loops start no new receive; the ones in flight run to their end (SQS
+    ///    would still hand messages to an aborted poll and hide them for the visibility
+    ///    timeout), and the messages they return are handled like any other;
     /// 2. running handlers get `shutdown_grace` to finish; after that they are aborted and
-    ///    their messages made visible again;
-    /// 3. messages received but not started are made visible again at once;
-    /// 4. pending deletes are flushed.
+    ///    their messages made visible again at once;
+    /// 3. pending deletes are flushed.
     pub async fn run(self, stop: CancellationToken) -> Result<()> {
         let (acker, acker_task) = Acker::spawn(
             self.sqs.clone(),
@@ -459,6 +467,8 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
     loop {
         // Back pressure: wait for one free slot, then take up to nine more that are free now.
         let first = tokio::select! {
+            // Biased: once stopped, no new receive starts even if a permit is free.
+            biased;
             _ = shared.stop.cancelled() => return,
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
@@ -479,10 +489,18 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
             .send();
-        let result = tokio::select! {
-            // Dropping the request aborts the long poll.
-            _ = shared.stop.cancelled() => return,
-            r = request => r,
+        // Not raced against the stop: SQS keeps serving a receive whose client went away, so
+        // an abandoned poll could still take messages and hide them for the visibility timeout.
+        // A receive in flight at a stop runs to its end (at most the wait time); its messages
+        // are handled within the shutdown grace. Only a receive that outlives its wait time by
+        // RECEIVE_SLACK is abandoned, as stalled.
+        let limit = Duration::from_secs(shared.cfg.wait_time_secs.max(0) as u64) + RECEIVE_SLACK;
+        let result = match tokio::time::timeout(limit, request).await {
+            Ok(r) => r.map_err(|e| error_chain(&e)),
+            Err(_) => Err(format!(
+                "ReceiveMessage did not answer within {}s",
+                limit.as_secs()
+            )),
         };
         let received_at = Instant::now();
         match result {
@@ -502,11 +520,14 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
                 Counters::inc(&shared.counters.receive_errors);
                 tracing::warn!(
                     handler = shared.handler.name(),
-                    error = %error_chain(&e),
+                    error = %e,
                     backoff_ms = error_backoff.as_millis() as u64,
                     "receive failed; backing off"
                 );
                 drop(held);
+                if shared.stop.is_cancelled() {
+                    return;
+                }
                 let jittered = error_backoff.mul_f64(1.0 + fastrand::f64());
                 tokio::select! {
                     _ = shared.stop.cancelled() => return,
@@ -535,16 +556,7 @@ async fn process(
     let Some(receipt) = msg.receipt_handle().map(str::to_string) else {
         return;
     };
-    let Some(_copy) = InFlightCopy::claim(&shared, msg.message_id()) else {
-        tracing::info!(
-            handler = shared.handler.name(),
-            message_id = msg.message_id().unwrap_or_default(),
-            "a copy of this message is already being handled here; leaving this one alone"
-        );
-        return;
-    };
     let counters = &shared.counters;
-    counters.in_flight.fetch_add(1, Relaxed);
     let lease = shared.leases.hold(
         shared.queue_url.clone(),
         receipt.clone(),
@@ -552,6 +564,28 @@ async fn process(
         shared.cfg.visibility_timeout,
         counters.clone(),
     );
+    let _copy = match InFlightCopy::claim(&shared, msg.message_id(), lease.id()) {
+        Ok(copy) => copy,
+        Err(first) => {
+            // Handled once, by the copy already running; its lease keeps this copy hidden from
+            // now on and its outcome is sent with this copy's (the newest) receipt handle.
+            drop(lease);
+            let adopted = shared.leases.adopt(first, receipt.clone(), received_at);
+            tracing::info!(
+                handler = shared.handler.name(),
+                message_id = msg.message_id().unwrap_or_default(),
+                adopted,
+                "a copy of this message is already being handled here; its lease keeps this one hidden"
+            );
+            if !adopted {
+                // The first copy finished in the meantime; this one is released to be seen
+                // again (as a duplicate, if the first one's effect committed).
+                release(&shared, &receipt).await;
+            }
+            return;
+        }
+    };
+    counters.in_flight.fetch_add(1, Relaxed);
     let count = receive_count(&msg);
     let body = msg.body().unwrap_or_default();
     let system = |k: MessageSystemAttributeName| msg.attributes().and_then(|a| a.get(&k));
@@ -570,12 +604,9 @@ async fn process(
         trace = system(MessageSystemAttributeName::AwsTraceHeader).map(String::as_str),
     );
     async {
-        if shared.stop.is_cancelled() {
-            // Received while stopping: give it back now rather than after the visibility timeout.
-            drop(lease);
-            release(&shared, &receipt).await;
-            return;
-        }
+        // A message received after a stop (by a receive that was in flight) is handled: the
+        // shutdown grace allows it, and releasing it would only spend one of its receives.
+        // If the grace runs out first, the hard stop aborts it and it is released.
         let started = Instant::now();
         let outcome = match Envelope::decode(body) {
             Err(e) => Err(e),
@@ -592,6 +623,8 @@ async fn process(
         // The lease is held until the message is deleted, dead-lettered or handed back: a
         // message whose fate is still being sent to SQS must not reappear meanwhile.
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        // The newest receipt handle: a second copy may have been adopted meanwhile.
+        let receipt = lease.receipt().unwrap_or(receipt);
         counters.observe(started.elapsed().as_secs_f64() * 1000.0, age_ms, count);
         match outcome {
             Ok(Some(Executed::Applied { emitted })) => {
@@ -682,20 +715,21 @@ struct InFlightCopy<'a> {
 }
 
 impl<'a> InFlightCopy<'a> {
-    /// `None` when another copy of the message is in flight here. A message without an id
-    /// (never from SQS) is not tracked.
-    fn claim(shared: &'a Shared, id: Option<&str>) -> Option<Self> {
+    /// Claims the message for the copy whose lease is `lease`; `Err` with the lease of the copy
+    /// already in flight here. A message without an id (never from SQS) is not tracked.
+    fn claim(shared: &'a Shared, id: Option<&str>, lease: u64) -> Result<Self, u64> {
         let id = id.map(str::to_string);
         if let Some(id) = &id {
             let mut ids = shared
                 .in_flight_ids
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if !ids.insert(id.clone()) {
-                return None;
+            if let Some(first) = ids.get(id) {
+                return Err(*first);
             }
+            ids.insert(id.clone(), lease);
         }
-        Some(InFlightCopy { shared, id })
+        Ok(InFlightCopy { shared, id })
     }
 }
 
