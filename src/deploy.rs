@@ -20,9 +20,12 @@ use crate::topology::{self, HandlerName, Topology};
 /// `ORDERFLEET_SHUTDOWN_GRACE_SECS` given to every ECS task: what running handlers get to finish
 /// after SIGTERM (the worker's default).
 pub const SHUTDOWN_GRACE_SECS: u32 = 25;
-/// ECS `stopTimeout`: SIGKILL follows SIGTERM after this long. Longer than the grace, so the
-/// worker can still flush deletes, release unstarted messages and drain the outbox.
-pub const STOP_TIMEOUT_SECS: u32 = 35;
+/// `ORDERFLEET_WAIT_TIME_SECS` of every ECS task: the long poll, which a stop lets run to its end.
+pub const WAIT_TIME_SECS: u32 = 20;
+/// ECS `stopTimeout` (SIGKILL follows SIGTERM after this long), also given to the worker as
+/// `ORDERFLEET_STOP_TIMEOUT_SECS`: the worker refuses to start unless the wait time, 5 s of
+/// receive slack, the grace and 5 s to flush (55 s) fit inside it. ECS allows up to 120 s.
+pub const STOP_TIMEOUT_SECS: u32 = 60;
 /// The worker container's health check, run by ECS inside the container.
 pub const HEALTHCHECK_COMMAND: [&str; 3] =
     ["CMD", "/usr/local/bin/orderfleet-worker", "healthcheck"];
@@ -724,6 +727,14 @@ fn handler_resources(res: &mut Resources, names: &Topology, handler: HandlerName
         env(
             "ORDERFLEET_SHUTDOWN_GRACE_SECS",
             json!(SHUTDOWN_GRACE_SECS.to_string()),
+        ),
+        env(
+            "ORDERFLEET_STOP_TIMEOUT_SECS",
+            json!(STOP_TIMEOUT_SECS.to_string()),
+        ),
+        env(
+            "ORDERFLEET_WAIT_TIME_SECS",
+            json!(WAIT_TIME_SECS.to_string()),
         ),
     ];
     match handler {

@@ -235,6 +235,35 @@ fn each_task_stops_after_the_worker_s_shutdown_grace_and_checks_its_health() {
             stop >= grace + 5,
             "{h}: stopTimeout {stop}s leaves no time after the {grace}s grace to flush and exit"
         );
+        let value = |name: &str| -> String {
+            env(name)
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| panic!("{h}: {name} in the task's environment"))
+        };
+        assert_eq!(
+            value("ORDERFLEET_STOP_TIMEOUT_SECS"),
+            stop.to_string(),
+            "{h}: the worker must be told the task's stopTimeout"
+        );
+        let settings = [
+            "orderfleet-worker".to_string(),
+            "--wait-time-secs".into(),
+            value("ORDERFLEET_WAIT_TIME_SECS"),
+            "--shutdown-grace-secs".into(),
+            grace.to_string(),
+            "--stop-timeout-secs".into(),
+            stop.to_string(),
+        ];
+        #[derive(clap::Parser)]
+        struct Settings {
+            #[command(flatten)]
+            consumer: orderfleet::worker::ConsumerArgs,
+        }
+        <Settings as clap::Parser>::try_parse_from(settings)
+            .expect("settings parse")
+            .consumer
+            .check_stop_budget()
+            .unwrap_or_else(|e| panic!("{h}: the task's stop does not fit: {e}"));
         assert_eq!(
             worker["HealthCheck"]["Command"],
             json!(["CMD", "/usr/local/bin/orderfleet-worker", "healthcheck"]),

@@ -140,6 +140,50 @@ fn the_worker_unit_is_notify_with_a_watchdog_and_stops_after_the_shutdown_grace(
         stop >= grace + 5,
         "TimeoutStopSec={stop} leaves no time after the {grace}s grace to flush and exit"
     );
+    let told = setting(&env, "ORDERFLEET_STOP_TIMEOUT_SECS");
+    assert_eq!(
+        told.as_deref(),
+        Some(stop.to_string().as_str()),
+        "the worker must be told the unit's TimeoutStopSec"
+    );
+    let wait = setting(&env, "ORDERFLEET_WAIT_TIME_SECS").expect("ORDERFLEET_WAIT_TIME_SECS");
+    worker_accepts_stop_budget(&wait, &grace.to_string(), &stop.to_string())
+        .expect("the example settings' stop must fit in TimeoutStopSec");
+}
+
+/// What the worker says at startup of these shutdown settings.
+fn worker_accepts_stop_budget(wait: &str, grace: &str, stop: &str) -> anyhow::Result<()> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Settings {
+        #[command(flatten)]
+        consumer: orderfleet::worker::ConsumerArgs,
+    }
+    Settings::try_parse_from([
+        "orderfleet-worker",
+        "--wait-time-secs",
+        wait,
+        "--shutdown-grace-secs",
+        grace,
+        "--stop-timeout-secs",
+        stop,
+    ])?
+    .consumer
+    .check_stop_budget()
+}
+
+#[test]
+fn a_stop_budget_that_overruns_the_stop_timeout_is_refused_with_the_flags_to_change() {
+    let err = worker_accepts_stop_budget("20", "25", "40").expect_err("55 s cannot fit in 40 s");
+    let msg = err.to_string();
+    for flag in [
+        "--wait-time-secs",
+        "--shutdown-grace-secs",
+        "--stop-timeout-secs",
+    ] {
+        assert!(msg.contains(flag), "{msg}");
+    }
+    worker_accepts_stop_budget("1", "25", "40").expect("1 + 5 + 25 + 5 s fits in 40 s");
 }
 
 #[test]
