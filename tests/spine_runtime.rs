@@ -1036,3 +1036,114 @@ async fn the_pruning_task_prunes_at_start_and_stops_when_told() {
         .expect("the task stops when told")
         .unwrap();
 }
+
+/// Does nothing, but takes 300 ms over SKU "first" (so that events arriving meanwhile queue
+/// up and form a group), and counts its calls.
+struct Quick {
+    calls: AtomicU32,
+}
+
+#[async_trait]
+impl Handler for Quick {
+    fn name(&self) -> &str {
+        "inventory"
+    }
+    async fn handle(&self, ev: &Envelope, _: &mut Context<'_>) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if ev.detail["sku"] == "first" {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_event_its_group_committed_after_the_consumer_timed_out_is_not_dead_lettered_as_exhausted(
+) {
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let (pool, _) = common::fresh_db().await;
+    // The COMMIT of a transaction that claimed several events takes a second per event, longer
+    // than the 1 s handler timeout: the consumers stop waiting while their group is committing.
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE FUNCTION slow_group_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF (SELECT count(*) FROM processed_messages p
+                   WHERE p.xmin = (SELECT q.xmin FROM processed_messages q
+                                   WHERE q.handler = NEW.handler AND q.event_key = NEW.event_key)
+                  ) > 1 THEN
+                 PERFORM pg_sleep(1);
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER slow_group_commit AFTER INSERT ON processed_messages
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_group_commit();",
+        )
+        .await
+        .unwrap();
+    let tweak = |c: &mut ConsumerConfig| {
+        c.handler_timeout = Duration::from_secs(1);
+        // The first receive is the last allowed one: a retry would be a dead letter.
+        c.max_receive_count = 1;
+    };
+    let quick = Arc::new(Quick {
+        calls: AtomicU32::new(0),
+    });
+    let (handler, pool_) = (quick.clone(), pool.clone());
+    let run = Running::start_applying(&clients, &topo, tweak, |cfg, counters| {
+        Arc::new(GroupCommit::counting_into(
+            handler,
+            pool_,
+            GroupConfig {
+                max_group: 32,
+                transactions: 1,
+                timeout: cfg.handler_timeout,
+            },
+            counters.clone(),
+        ))
+    })
+    .await;
+    let url = run.facts.queue_url.clone();
+    send(&clients, &url, &stock_received("first", 1)).await;
+    common::wait_for(
+        Duration::from_secs(20),
+        "the first event running",
+        || async { (quick.calls.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    // These two queue behind the first and are then committed together, slowly.
+    common::send_bodies(
+        &clients,
+        &url,
+        &[stock_received("a", 1), stock_received("b", 1)],
+    )
+    .await;
+    let counters = run.counters.clone();
+    common::wait_for(Duration::from_secs(30), "three answers", || {
+        let c = counters.clone();
+        async move {
+            let s = c.snapshot();
+            (s.duplicates + s.dead_lettered + s.succeeded + s.retried >= 3).then_some(())
+        }
+    })
+    .await;
+    let s = run.counters.snapshot();
+    assert_eq!(s.timeouts, 2, "the two grouped events' consumers timed out");
+    assert_eq!(
+        s.dead_lettered, 0,
+        "dead-lettered as exhausted although their group committed them"
+    );
+    assert_eq!((s.succeeded, s.duplicates), (1, 2));
+    assert_eq!(
+        common::scalar(&pool, "SELECT count(*) FROM processed_messages").await,
+        3
+    );
+    run.shutdown().await;
+    common::wait_for(Duration::from_secs(5), "the messages deleted", || async {
+        queue_is_empty(&clients, &url).await.then_some(())
+    })
+    .await;
+}

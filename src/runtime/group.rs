@@ -608,4 +608,7 @@ impl Apply for GroupCommit {
             ))
         })
     }
+    async fn applied(&self, event: &Envelope) -> Option<bool> {
+        super::committed(&self.inner.pool, self.inner.handler.name(), event).await
+    }
 }

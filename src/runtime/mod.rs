@@ -347,6 +347,30 @@ pub trait Apply: Send + Sync + 'static {
     /// The handler's name, for logs, metrics and the DLQ attributes.
     fn name(&self) -> &str;
     async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError>;
+
+    /// Whether `event`'s effects are committed, waiting for a transaction that is committing
+    /// them right now. Asked after the consumer stopped waiting for [`Apply::apply`] (its
+    /// timeout) on the message's last allowed receive: an event whose group committed it after
+    /// all must be acknowledged, not dead-lettered as exhausted. `None`: cannot tell.
+    async fn applied(&self, _event: &Envelope) -> Option<bool> {
+        None
+    }
+}
+
+/// Whether `handler` has committed `event`, found by claiming it in a transaction that is then
+/// rolled back: a claim of a key another transaction is inserting waits for that transaction,
+/// so an event being committed right now is seen once it is. `None` on a database error.
+pub async fn committed(pool: &Pool, handler: &str, event: &Envelope) -> Option<bool> {
+    let open = OpenTransaction::new(pool.get().await.ok()?);
+    let tx = open.tx();
+    let claimed = match tx.batch_execute("BEGIN").await {
+        Ok(()) => outbox::claim(tx, handler, event.event_key(), &event.detail_type)
+            .await
+            .ok(),
+        Err(_) => None,
+    };
+    roll_back(open).await;
+    claimed.map(|claimed| !claimed)
 }
 
 /// A handler run by [`execute`]: inbox, effects and outbox in one PostgreSQL transaction.
@@ -368,6 +392,9 @@ impl Apply for Transactional {
     }
     async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError> {
         execute(&*self.handler, &self.pool, event, receive_count).await
+    }
+    async fn applied(&self, event: &Envelope) -> Option<bool> {
+        committed(&self.pool, self.handler.name(), event).await
     }
 }
 
@@ -766,8 +793,11 @@ async fn run_guarded(
         }
     }
     let handler = shared.handler.clone();
-    let mut task =
-        tokio::spawn(async move { handler.apply(&event, count).await }.in_current_span());
+    let event = Arc::new(event);
+    let mut task = tokio::spawn({
+        let event = event.clone();
+        async move { handler.apply(&event, count).await }.in_current_span()
+    });
     tokio::select! {
         joined = tokio::time::timeout(shared.cfg.handler_timeout, &mut task) => match joined {
             Ok(Ok(result)) => result.map(Some),
@@ -779,6 +809,18 @@ async fn run_guarded(
             Err(_) => {
                 task.abort();
                 Counters::inc(&shared.counters.timeouts);
+                // On the last allowed receive a retry is a dead letter. A grouped event can have
+                // been committed by its group after this consumer stopped waiting (the group
+                // was already committing); then it is done, not exhausted.
+                if count >= shared.cfg.max_receive_count {
+                    // The commit may itself be what took the time; it gets as long again.
+                    let bound = shared.cfg.handler_timeout.max(Duration::from_secs(10));
+                    let applied =
+                        tokio::time::timeout(bound, shared.handler.applied(&event)).await;
+                    if let Ok(Some(true)) = applied {
+                        return Ok(Some(Executed::Duplicate));
+                    }
+                }
                 Err(HandlerError::retry(format!(
                     "handler timed out after {}s",
                     shared.cfg.handler_timeout.as_secs()
