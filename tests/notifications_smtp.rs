@@ -223,3 +223,86 @@ async fn a_server_without_starttls_is_a_configuration_error_and_nothing_goes_in_
     assert_eq!(server.attempts(), 0, "nothing was sent in clear text");
     assert!(server.received().is_empty());
 }
+
+#[tokio::test]
+async fn a_send_to_a_server_that_hangs_ends_before_the_handler_s_time_with_its_reason() {
+    use orderfleet::handlers::notifications::Notifications;
+    use orderfleet::metrics::Counters;
+    use orderfleet::runtime::lease::Leases;
+    use orderfleet::runtime::{self, Consumer, Transactional};
+    use tokio_util::sync::CancellationToken;
+
+    // An SMTP server that accepts connections and never says a word; the transport's own
+    // timeout (30 s) is far longer than the handler's (4 s).
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hung.local_addr().unwrap().port();
+    let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held = connections.clone();
+    let listener = tokio::spawn(async move {
+        while let Ok((socket, _)) = hung.accept().await {
+            held.lock().unwrap().push(socket);
+        }
+    });
+    let transport = Arc::new(
+        Smtp::new(
+            "127.0.0.1",
+            port,
+            SmtpTls::None,
+            None,
+            Duration::from_secs(30),
+        )
+        .unwrap(),
+    );
+    let mailer = Arc::new(
+        Arc::try_unwrap(mailer(transport))
+            .ok()
+            .unwrap()
+            .with_send_timeout(Duration::from_secs(30)),
+    );
+    let (pool, _) = common::fresh_db().await;
+    let clients = common::clients().await;
+    let topo = common::topology(&clients).await;
+    let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+        .await
+        .unwrap();
+    let mut cfg = common::consumer_config(&facts);
+    cfg.handler_timeout = Duration::from_secs(4);
+    let counters = Arc::new(Counters::default());
+    let stop = CancellationToken::new();
+    let consumer = Consumer {
+        cfg,
+        sqs: clients.sqs.clone(),
+        handler: Transactional::new(Arc::new(Notifications::new(mailer)), pool.clone()),
+        leases: Leases::default(),
+        counters: counters.clone(),
+        relay_wake: None,
+    };
+    let task = tokio::spawn(consumer.run(stop.clone()));
+    let event = envelope("OrderAccepted", &accepted("ord-hung", "ada@example.com"));
+    common::send_bodies(
+        &clients,
+        &facts.queue_url,
+        &[serde_json::to_string(&event).unwrap()],
+    )
+    .await;
+    let c = counters.clone();
+    common::wait_for(Duration::from_secs(20), "the first attempt's end", || {
+        let c = c.clone();
+        async move {
+            let s = c.snapshot();
+            (s.retried + s.timeouts > 0).then_some(())
+        }
+    })
+    .await;
+    let s = counters.snapshot();
+    assert_eq!(
+        (s.timeouts, s.retried),
+        (0, 1),
+        "the send must end by its own bound, with its reason, not be abandoned by the runtime"
+    );
+    assert_eq!(connections.lock().unwrap().len(), 1, "one connection tried");
+    assert!(emails(&pool).await.is_empty(), "the claim was rolled back");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    listener.abort();
+}

@@ -433,12 +433,34 @@ impl Mailer {
     /// Sends `message` through the transport, giving up after the send timeout (a timeout is
     /// transient: the handler's transaction rolls back and the event is retried).
     pub async fn send(&self, key: &EmailKey, message: &Message) -> Result<Sent, SendError> {
-        match tokio::time::timeout(self.send_timeout, self.transport.send(key, message)).await {
+        self.send_within(key, message, self.send_timeout).await
+    }
+
+    /// The longest a send may take (`--email-send-timeout-secs`).
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
+    }
+
+    /// Sends `message`, giving up after `limit` (a handler passes what its own time allows);
+    /// a zero limit does not start the send.
+    pub async fn send_within(
+        &self,
+        key: &EmailKey,
+        message: &Message,
+        limit: Duration,
+    ) -> Result<Sent, SendError> {
+        if limit.is_zero() {
+            return Err(SendError::Transient(format!(
+                "{} send not started: the handler's time is nearly up",
+                self.transport.name()
+            )));
+        }
+        match tokio::time::timeout(limit, self.transport.send(key, message)).await {
             Ok(result) => result,
             Err(_) => Err(SendError::Transient(format!(
-                "{} send timed out after {}s",
+                "{} send timed out after {}ms",
                 self.transport.name(),
-                self.send_timeout.as_secs()
+                limit.as_millis()
             ))),
         }
     }

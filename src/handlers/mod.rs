@@ -144,18 +144,70 @@ pub struct Context<'a> {
     pub tx: &'a Tx,
     /// SQS's ApproximateReceiveCount for this delivery (1 on the first).
     pub receive_count: u32,
+    /// When the runtime stops waiting for this handler (its handler timeout); `None` when no
+    /// limit applies (tests driving a handler directly).
+    pub deadline: Option<tokio::time::Instant>,
     pub(crate) emitted: Vec<NewEvent>,
     pub(crate) state: GroupState,
 }
+
+tokio::task_local! {
+    /// The deadline of the handler running in this task, set by the runtime around it and read
+    /// by [`Context::new`].
+    pub static DEADLINE: tokio::time::Instant;
+}
+
+/// Time kept back from an outside call's timeout for the handler to record the call's result
+/// and commit.
+pub const COMMIT_MARGIN: Duration = Duration::from_secs(2);
 
 impl<'a> Context<'a> {
     pub fn new(tx: &'a Tx, receive_count: u32) -> Self {
         Context {
             tx,
             receive_count,
+            deadline: DEADLINE.try_with(|d| *d).ok(),
             emitted: Vec::new(),
             state: GroupState::default(),
         }
+    }
+
+    /// The timeout for an outside call (payment provider, carrier, email) whose own timeout is
+    /// `own`: the smaller of that and the handler's time left less [`COMMIT_MARGIN`]. A call
+    /// that outlived the handler would be abandoned when the runtime stops waiting, after the
+    /// outside system may have acted, and repeated on the retry; bounded, it ends first, with
+    /// time left to record what it did and commit. Zero means: do not start the call.
+    pub fn call_timeout(&self, own: Duration) -> Duration {
+        match self.deadline {
+            Some(deadline) => own.min(
+                deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .saturating_sub(COMMIT_MARGIN),
+            ),
+            None => own,
+        }
+    }
+
+    /// Runs an outside call bounded by [`Context::call_timeout`]; when the time is up (or there
+    /// is none left to start it), answers with a retry that names `what`.
+    pub async fn outside_call<T>(
+        &self,
+        what: &str,
+        own: Duration,
+        call: impl std::future::Future<Output = Result<T, HandlerError>>,
+    ) -> Result<T, HandlerError> {
+        let limit = self.call_timeout(own);
+        if limit.is_zero() {
+            return Err(HandlerError::retry(format!(
+                "{what} not started: the handler's time is nearly up"
+            )));
+        }
+        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+            Err(HandlerError::retry(format!(
+                "{what} did not answer within {}ms (the handler's time left)",
+                limit.as_millis()
+            )))
+        })
     }
 
     /// Queues an event for the outbox. It is written in this handler's transaction, so it is

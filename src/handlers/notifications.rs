@@ -120,7 +120,7 @@ impl Notifications {
             shipping: view::AddressView::from(&d.shipping_address),
             recommendations,
         });
-        self.deliver(cx.tx, claim, &view).await
+        self.deliver(cx, claim, &view).await
     }
 
     async fn shipped(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
@@ -147,7 +147,7 @@ impl Notifications {
                 })
                 .collect(),
         });
-        self.deliver(cx.tx, claim, &view).await
+        self.deliver(cx, claim, &view).await
     }
 
     async fn voided(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
@@ -194,7 +194,7 @@ impl Notifications {
             amount: format_money(d.amount),
             returned: matches!(order.status.as_str(), "returning" | "returned"),
         });
-        self.deliver(cx.tx, claim, &view).await
+        self.deliver(cx, claim, &view).await
     }
 
     async fn cancelled(
@@ -217,7 +217,7 @@ impl Notifications {
             money,
             amount: amount.map(format_money).unwrap_or_default(),
         });
-        self.deliver(cx.tx, claim, &view).await
+        self.deliver(cx, claim, &view).await
     }
 
     /// Claims `key` for this transaction. `None` when its email was already sent or failed for
@@ -271,7 +271,13 @@ impl Notifications {
     }
 
     /// Composes, sends and records the claimed email.
-    async fn deliver(&self, tx: &Tx, claim: Claim, view: &EmailView) -> Result<(), HandlerError> {
+    async fn deliver(
+        &self,
+        cx: &Context<'_>,
+        claim: Claim,
+        view: &EmailView,
+    ) -> Result<(), HandlerError> {
+        let tx = cx.tx;
         let Claim {
             key,
             to,
@@ -290,7 +296,10 @@ impl Notifications {
                 return Err(HandlerError::permanent(redact(&reason, &to.email)));
             }
         };
-        match self.mailer.send(&key, &message).await {
+        // The send ends before the handler's time does, leaving time to record it and commit:
+        // a send abandoned by the runtime after the server accepted it would be repeated.
+        let limit = cx.call_timeout(self.mailer.send_timeout());
+        match self.mailer.send_within(&key, &message, limit).await {
             Ok(sent) => {
                 tx.execute_cached(
                     "UPDATE emails SET status = 'sent', sent_at = now(), error = NULL,

@@ -171,7 +171,11 @@ pub async fn execute_group_with(
         }
         transactions += 1;
         let (event, receive_count) = events[i];
-        let run = guarded(execute(handler, pool, event, receive_count), limits);
+        let deadline = tokio::time::Instant::now() + limits.event_timeout;
+        let run = crate::handlers::DEADLINE.scope(
+            deadline,
+            guarded(execute(handler, pool, event, receive_count), limits),
+        );
         results[i] = Some(
             tokio::time::timeout(limits.event_timeout, run)
                 .await
@@ -286,6 +290,7 @@ async fn try_group(
         }
         let (event, receive_count) = events[i];
         let mut cx = Context::new(tx, receive_count);
+        cx.deadline = Some(tokio::time::Instant::now() + limits.event_timeout);
         cx.state = std::mem::take(&mut state);
         let run = guarded(handler.handle(event, &mut cx), limits);
         let Ok(handled) = tokio::time::timeout(limits.event_timeout, run).await else {

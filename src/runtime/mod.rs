@@ -794,9 +794,12 @@ async fn run_guarded(
     }
     let handler = shared.handler.clone();
     let event = Arc::new(event);
+    let deadline = Instant::now() + shared.cfg.handler_timeout;
     let mut task = tokio::spawn({
         let event = event.clone();
-        async move { handler.apply(&event, count).await }.in_current_span()
+        crate::handlers::DEADLINE
+            .scope(deadline, async move { handler.apply(&event, count).await })
+            .in_current_span()
     });
     tokio::select! {
         joined = tokio::time::timeout(shared.cfg.handler_timeout, &mut task) => match joined {
