@@ -32,7 +32,9 @@ struct TestCarrier {
     sandbox: SandboxCarrier,
     gate: Option<(Notify, Notify)>,
     crash_after_first_ship: bool,
+    crash_after_first_cancel: bool,
     ships: Mutex<u32>,
+    cancels: Mutex<u32>,
 }
 
 #[async_trait]
@@ -61,7 +63,18 @@ impl Carrier for TestCarrier {
     }
 
     async fn cancel(&self, order_id: &str) -> Result<Cancellation, CarrierError> {
-        self.sandbox.cancel(order_id).await
+        let cancellation = self.sandbox.cancel(order_id).await?;
+        let first = {
+            let mut n = self.cancels.lock().unwrap();
+            *n += 1;
+            *n == 1
+        };
+        if self.crash_after_first_cancel && first {
+            return Err(CarrierError::Transient(
+                "the process died after the carrier cancelled the parcel".into(),
+            ));
+        }
+        Ok(cancellation)
     }
 }
 
@@ -85,13 +98,23 @@ async fn parcel_record(pool: &deadpool_postgres::Pool, order_id: &str) -> Parcel
 
 /// A saga fleet whose fulfillment ships through a [`TestCarrier`] with the given hooks.
 async fn fleet_with(gate: bool, crash_after_first_ship: bool) -> (Fleet, Arc<TestCarrier>) {
+    fleet_crashing(gate, crash_after_first_ship, false).await
+}
+
+async fn fleet_crashing(
+    gate: bool,
+    crash_after_first_ship: bool,
+    crash_after_first_cancel: bool,
+) -> (Fleet, Arc<TestCarrier>) {
     let (pool, url) = common::fresh_db().await;
     let side = orderfleet::db::pool(&url, 8).unwrap();
     let carrier = Arc::new(TestCarrier {
         sandbox: SandboxCarrier::new(side.clone()),
         gate: gate.then(|| (Notify::new(), Notify::new())),
         crash_after_first_ship,
+        crash_after_first_cancel,
         ships: Mutex::new(0),
+        cancels: Mutex::new(0),
     });
     let fleet = sandbox_fleet(pool, &url).with_handler(
         HandlerName::Fulfillment,
@@ -267,4 +290,93 @@ async fn a_crash_after_the_carrier_took_the_parcel_ends_in_one_parcel_and_one_or
     // Asked twice, by key: one parcel.
     assert_eq!(parcel_record(fleet.pool(), "ord-crash").await.ship_calls, 2);
     assert_parcel_matches_order(&fleet, "ord-crash").await;
+}
+
+#[tokio::test]
+async fn a_crash_after_the_carrier_cancelled_the_parcel_ends_in_one_shipment_cancelled() {
+    let (fleet, _carrier) = fleet_crashing(false, true, true).await;
+    let pool = fleet.pool().clone();
+    let ready = until_ready_to_ship(&fleet, "ord-two-crashes").await;
+
+    // The carrier takes the parcel, and the ship dies before its commit.
+    assert!(fleet
+        .deliver_to(HandlerName::Fulfillment, &ready, 1)
+        .await
+        .is_err());
+    // The stop request meets `shipping`, cancels with the carrier, and dies before its commit.
+    fleet
+        .publish_event(&cancellation("ord-two-crashes"))
+        .await
+        .unwrap();
+    let stop = until_cancel_requested(&fleet).await;
+    assert!(fleet
+        .deliver_to(HandlerName::Fulfillment, &stop, 1)
+        .await
+        .is_err());
+    // The ship comes back first and hears that the parcel was cancelled; then the stop.
+    fleet.deliver(&ready).await;
+    fleet.deliver(&stop).await;
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-two-crashes").await, "cancelled");
+    assert_eq!(
+        emitted(&pool, "ShipmentCancelled", Some("ord-two-crashes"))
+            .await
+            .len(),
+        1
+    );
+    assert_parcel_matches_order(&fleet, "ord-two-crashes").await;
+}
+
+#[tokio::test]
+async fn the_sandbox_carrier_gives_one_parcel_per_order_and_refuses_a_cancelled_one() {
+    use orderfleet::events::{Address, SkuQuantity};
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = SandboxCarrier::new(pool.clone());
+    let address = Address {
+        name: "Ada Lovelace".into(),
+        line1: "12 St James's Square".into(),
+        line2: None,
+        city: "London".into(),
+        postal_code: "SW1Y 4JH".into(),
+        country: "GB".into(),
+    };
+    let lines = vec![SkuQuantity {
+        sku: "TEA-1".into(),
+        quantity: 1,
+    }];
+    let parcel = |order_id| Parcel {
+        order_id,
+        address: &address,
+        lines: &lines,
+    };
+
+    let first = sandbox.ship(&parcel("o-1")).await.unwrap();
+    assert_eq!(first, sandbox.ship(&parcel("o-1")).await.unwrap());
+    let record = parcel_record(&pool, "o-1").await;
+    assert!(record.shipped && !record.cancelled && record.ship_calls == 2);
+
+    // Cancelled after it shipped: recalled, and asking again does not bring it back.
+    assert_eq!(
+        sandbox.cancel("o-1").await.unwrap(),
+        Cancellation::Cancelled
+    );
+    assert_eq!(
+        sandbox.ship(&parcel("o-1")).await,
+        Err(CarrierError::Cancelled)
+    );
+    assert!(parcel_record(&pool, "o-1").await.cancelled);
+
+    // Cancelled before it was ever shipped: no parcel, now or later.
+    assert_eq!(
+        sandbox.cancel("o-2").await.unwrap(),
+        Cancellation::Cancelled
+    );
+    assert_eq!(
+        sandbox.ship(&parcel("o-2")).await,
+        Err(CarrierError::Cancelled)
+    );
+    let record = parcel_record(&pool, "o-2").await;
+    assert!(!record.shipped && record.cancelled);
 }
