@@ -1,10 +1,18 @@
 //! The parcel carrier behind the fulfillment handler: a trait, and the [`SandboxCarrier`] that
 //! is the default.
+//!
+//! Every call carries the order id as its idempotency key: a carrier must give the same parcel
+//! (the same tracking number) for a key it has seen, without creating a second one, and a
+//! cancellation of a key it never shipped must stop any later `ship` of that key. That is what
+//! lets fulfillment ask again after a crash, and stop a parcel it cannot tell was handed over.
 
 use async_trait::async_trait;
+use deadpool_postgres::Pool;
 use md5::{Digest, Md5};
 
+use crate::db::Cached;
 use crate::events::{Address, SkuQuantity};
+use crate::outcome::error_chain;
 
 /// A parcel to hand to the carrier.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,15 +48,32 @@ pub enum CarrierError {
     Transient(String),
     #[error("carrier refused the parcel: {0}")]
     Refused(String),
+    /// The key was cancelled ([`Carrier::cancel`]) before or after it shipped; no parcel is
+    /// live for it.
+    #[error("the parcel was cancelled at the carrier")]
+    Cancelled,
 }
 
-/// A parcel carrier. `ship` is idempotent on the order id: asking twice gives the same
-/// tracking number.
+/// What [`Carrier::cancel`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancellation {
+    /// No parcel is live for the key, now or later: it was recalled, or never created and
+    /// will not be.
+    Cancelled,
+    /// The parcel left the depot; it cannot be stopped any more.
+    TooLate,
+}
+
+/// A parcel carrier. `ship` and `cancel` are idempotent on the order id: asking twice gives the
+/// same tracking number, or the same cancellation.
 #[async_trait]
 pub trait Carrier: Send + Sync + 'static {
     /// The carrier's name, recorded on the shipment.
     fn name(&self) -> &str;
     async fn ship(&self, parcel: &Parcel<'_>) -> Result<Dispatch, CarrierError>;
+    /// Stops the parcel of `order_id`, shipped or not yet: after [`Cancellation::Cancelled`],
+    /// `ship` of that key answers [`CarrierError::Cancelled`].
+    async fn cancel(&self, order_id: &str) -> Result<Cancellation, CarrierError>;
 
     /// True when shipping costs no remote wait (the sandbox), so the fulfillment handler may
     /// group several events in one transaction.
@@ -62,16 +87,40 @@ pub const UNDELIVERABLE_POSTAL_CODE: &str = "00000";
 
 /// A deterministic carrier: the tracking number is `SBX` and 12 hex digits of a hash of the
 /// order id; every parcel is delivered at once, except to [`UNDELIVERABLE_POSTAL_CODE`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SandboxCarrier;
+///
+/// Its memory of each key is the table `sandbox_carrier_parcels`, written on its own
+/// connection outside the caller's transaction (a real carrier is another system): it survives
+/// restarts and is shared by every worker instance. A cancellation always succeeds (the
+/// sandbox's parcels wait at the depot until collected, which it never simulates), and is kept
+/// even for a key never shipped, so that a `ship` arriving after it is refused.
+#[derive(Clone)]
+pub struct SandboxCarrier {
+    pool: Pool,
+}
 
 impl SandboxCarrier {
+    /// A sandbox keeping its parcels through `pool`. Each call holds one connection of `pool`
+    /// while the caller's handler holds another: give it a pool of its own, or a larger one.
+    pub fn new(pool: Pool) -> Self {
+        SandboxCarrier { pool }
+    }
+
     /// The tracking number the sandbox gives `order_id`.
     pub fn tracking_number(order_id: &str) -> String {
         let digest = Md5::digest(order_id.as_bytes());
         let hex: String = digest.iter().take(6).map(|b| format!("{b:02X}")).collect();
         format!("SBX{hex}")
     }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, CarrierError> {
+        self.pool.get().await.map_err(|e| {
+            CarrierError::Transient(format!("sandbox carrier connecting: {}", error_chain(&e)))
+        })
+    }
+}
+
+fn transient(what: &str, e: &tokio_postgres::Error) -> CarrierError {
+    CarrierError::Transient(format!("sandbox carrier {what}: {}", error_chain(e)))
 }
 
 #[async_trait]
@@ -88,6 +137,29 @@ impl Carrier for SandboxCarrier {
         if parcel.lines.is_empty() {
             return Err(CarrierError::Refused("the parcel is empty".into()));
         }
+        let tracking_number = Self::tracking_number(parcel.order_id);
+        // One statement: the row lock of the upsert serialises calls with one key, as a real
+        // carrier would; a cancelled key stays unshipped.
+        let row = self
+            .client()
+            .await?
+            .query_one_cached(
+                "INSERT INTO sandbox_carrier_parcels AS p
+                     (idempotency_key, tracking_number, ship_calls, shipped_at)
+                 VALUES ($1, $2, 1, now())
+                 ON CONFLICT (idempotency_key) DO UPDATE
+                     SET ship_calls = p.ship_calls + 1,
+                         shipped_at = CASE WHEN p.cancelled_at IS NULL
+                                           THEN coalesce(p.shipped_at, now())
+                                           ELSE p.shipped_at END
+                 RETURNING cancelled_at IS NOT NULL",
+                &[&parcel.order_id, &tracking_number],
+            )
+            .await
+            .map_err(|e| transient("recording the parcel", &e))?;
+        if row.get::<_, bool>(0) {
+            return Err(CarrierError::Cancelled);
+        }
         let delivery = if parcel.address.postal_code == UNDELIVERABLE_POSTAL_CODE {
             Delivery::Failed {
                 reason: format!(
@@ -98,9 +170,26 @@ impl Carrier for SandboxCarrier {
             Delivery::Delivered
         };
         Ok(Dispatch {
-            tracking_number: Self::tracking_number(parcel.order_id),
+            tracking_number,
             delivery: Some(delivery),
         })
+    }
+
+    async fn cancel(&self, order_id: &str) -> Result<Cancellation, CarrierError> {
+        self.client()
+            .await?
+            .execute_cached(
+                "INSERT INTO sandbox_carrier_parcels AS p
+                     (idempotency_key, tracking_number, cancel_calls, cancelled_at)
+                 VALUES ($1, $2, 1, now())
+                 ON CONFLICT (idempotency_key) DO UPDATE
+                     SET cancel_calls = p.cancel_calls + 1,
+                         cancelled_at = coalesce(p.cancelled_at, now())",
+                &[&order_id, &Self::tracking_number(order_id)],
+            )
+            .await
+            .map_err(|e| transient("recording the cancellation", &e))?;
+        Ok(Cancellation::Cancelled)
     }
 }
 

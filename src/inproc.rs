@@ -136,19 +136,23 @@ impl Fleet {
     }
 
     /// The four saga handlers; the sandbox payment provider keeps its state through
-    /// `provider_pool` and takes `payment_latency` per call.
+    /// `provider_pool` and takes `payment_latency` per call; the sandbox carrier keeps its
+    /// parcels, and fulfillment commits its intents to ship, through it too.
     pub fn sandbox_with(pool: Pool, provider_pool: Pool, payment_latency: Duration) -> Self {
         // The attempt log writes outside the handler's transaction; through the provider's
         // pool, a payment never waits on its own pool for a second connection.
         let provider = Arc::new(SandboxProvider::new(provider_pool.clone(), payment_latency));
-        let payments = payments::Payments::with_attempt_log(provider, provider_pool);
+        let payments = payments::Payments::with_attempt_log(provider, provider_pool.clone());
         Fleet::new(pool)
             .with_handler(HandlerName::Orders, Arc::new(orders::Orders))
             .with_handler(HandlerName::Inventory, Arc::new(inventory::Inventory))
             .with_handler(HandlerName::Payments, Arc::new(payments))
             .with_handler(
                 HandlerName::Fulfillment,
-                Arc::new(fulfillment::Fulfillment::new(Arc::new(SandboxCarrier))),
+                Arc::new(fulfillment::Fulfillment::new(
+                    Arc::new(SandboxCarrier::new(provider_pool.clone())),
+                    provider_pool,
+                )),
             )
     }
 

@@ -28,6 +28,17 @@
 //! readers can drop such copies: [`LakeStats`] counts distinct events and reports copies as
 //! `duplicates`.
 //!
+//! # What happens if two processes, or a crash, land here
+//!
+//! - Two shippers (two worker processes): each takes rows with `FOR UPDATE SKIP LOCKED`, so a
+//!   row is in at most one PutRecordBatch in flight; the rows stay locked for the call's
+//!   duration, and the rival ships others or waits for the next pass.
+//! - A crash before PutRecordBatch returns an answer we commit: the rows were never marked;
+//!   the lock goes with the connection and the next pass ships them again. If Firehose had
+//!   accepted them, the lake holds two copies of each (the at-least-once window above); readers
+//!   drop them by event id.
+//! - A partly failed batch is never a duplicate: only the accepted entries are marked.
+//!
 //! # Keys
 //!
 //! The delivery stream's prefix is [`crate::topology::LAKE_PREFIX`]: Firehose writes

@@ -6,16 +6,52 @@
 //! | `OrderReadyToShip` | a shipment with a tracking number | `OrderShipped`, then `OrderDelivered` or `DeliveryFailed` when the carrier knows |
 //! | `ShipmentCancelRequested` | the shipment is stopped, unless it left | `ShipmentCancelled` (only if stopped) |
 //!
-//! One row per order in `shipments`; its primary key makes the first decision win between
-//! shipping and stopping, across any number of instances.
+//! One row per order in `shipments`: `shipping` (the carrier may have the parcel), then
+//! `shipped` or `cancelled`. Every event of an order runs under the transaction-scoped advisory
+//! lock `fulfillment:<order id>`, taken before the row is read (a group takes all of its orders'
+//! locks up front, [`Handler::lock_group`]), so the first decision wins across any number of
+//! instances and nobody decides on a row another is about to change.
+//!
+//! **Shipping.** Under the lock, an order with no row gets a `shipping` row *committed before*
+//! the carrier is called, in a short transaction of its own through a second pool (nobody else
+//! can hold a conflicting row: they would need the lock we hold, so that write never waits).
+//! The carrier is idempotent on the order id ([`Carrier::ship`]). The handler's transaction then
+//! turns `shipping` into `shipped` and emits `OrderShipped`.
+//!
+//! **Stopping.** A stop request that finds no row records `cancelled`. One that lands while a
+//! ship is in flight waits on the order's lock for its outcome, and then finds `shipped` (the
+//! cancellation lost; orders learns it from `OrderShipped`). One that finds `shipping` (a ship
+//! died after recording its intent, perhaps after the carrier took the parcel) cancels with the
+//! carrier, by key, before recording `cancelled`: the carrier then refuses a later `ship` of
+//! that key, so a rerun of the ship cannot create a parcel. If the carrier answers that the
+//! parcel left ([`Cancellation::TooLate`]) the row stays `shipping` and the ship's rerun records
+//! `shipped`.
+//!
+//! **What happens if two processes, or a crash, land here.**
+//! - Two processes with the same order: the second waits on the lock, then reads the first's
+//!   committed decision and does nothing (a duplicate delivery) or acts on it (a stop after a
+//!   ship).
+//! - A crash (or a rolled-back transaction) before the intent commits: nothing happened; the
+//!   rerun starts again.
+//! - A crash after the intent, before or after the carrier took the parcel: the row says
+//!   `shipping`. The ship's rerun asks the carrier again with the same key and gets the same
+//!   parcel (one shipment, not zero and not two) and records `shipped`; a stop request that
+//!   comes first cancels with the carrier, and then the rerun of the ship hears
+//!   [`CarrierError::Cancelled`] and does nothing.
+//! - A crash after the carrier cancelled, before the stop committed: the stop's rerun cancels
+//!   again (idempotent); a ship's rerun that comes first hears `Cancelled` and records the
+//!   cancellation (emitting `ShipmentCancelled`) itself, so it is emitted once.
+//! - A `shipping` row nobody reruns (both messages dead-lettered) stays `shipping`: the parcel's
+//!   fate is then at the carrier, and the row says so to an operator.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
+use deadpool_postgres::Pool;
 
-use crate::carrier::{Carrier, CarrierError, Delivery, Parcel};
+use crate::carrier::{Cancellation, Carrier, CarrierError, Delivery, Parcel};
 use crate::db::{Cached, Tx};
 use crate::envelope::Envelope;
 use crate::events::{
@@ -28,113 +64,150 @@ use crate::outcome::HandlerError;
 /// The fulfillment handler.
 pub struct Fulfillment {
     carrier: Arc<dyn Carrier>,
+    /// Where the intent to ship is committed before the carrier is called, outside the
+    /// handler's transaction.
+    intents: Pool,
 }
 
-/// A shipment row this transaction decided.
-struct Shipment {
-    order_id: String,
-    state: &'static str,
-    carrier: Option<String>,
-    tracking_number: Option<String>,
-    delivery_state: Option<&'static str>,
-    failure_reason: Option<String>,
+/// A shipment row's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Shipping,
+    Shipped,
+    Cancelled,
 }
 
-/// What a group of fulfillment events keeps for its transaction. The group holds the
-/// `fulfillment:<id>` advisory lock of every order in `locked` ([`Handler::lock_group`]), and
-/// read which of them have a shipment: those, and the ones its events decide, are in
-/// `decided`. Its new rows wait in `new` for [`Handler::finish`].
+impl State {
+    fn parse(s: &str) -> Result<Self, HandlerError> {
+        match s {
+            "shipping" => Ok(State::Shipping),
+            "shipped" => Ok(State::Shipped),
+            "cancelled" => Ok(State::Cancelled),
+            other => Err(HandlerError::permanent(format!(
+                "unknown shipment state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What one transaction of fulfillment events keeps: the orders whose `fulfillment:<id>` lock
+/// it holds, and the state of those that have a row, as its events left them.
 #[derive(Default)]
 struct Group {
     locked: HashSet<String>,
-    decided: HashSet<String>,
-    new: Vec<Shipment>,
+    states: HashMap<String, State>,
 }
 
-/// Whether the order has a shipment row (shipped or stopped) already.
-async fn decided(cx: &mut Context<'_>, order_id: &str) -> Result<bool, HandlerError> {
-    let group = cx.state::<Group>();
-    if group.decided.contains(order_id) {
-        return Ok(true);
-    }
-    if group.locked.contains(order_id) {
-        return Ok(false);
-    }
-    Ok(cx
-        .tx
-        .query_opt_cached("SELECT 1 FROM shipments WHERE order_id = $1", &[&order_id])
-        .await?
-        .is_some())
-}
-
-/// Records the decision `s`, unless one was recorded first; returns whether it was. Inside a
-/// group, which holds the order's lock, the row is written by [`Handler::finish`]. A plain
-/// `INSERT` there fails the group if an event running alone elsewhere (which takes no advisory
-/// lock) decided first; the events are then run alone, and see that decision. Alone, the row
-/// is inserted now, and the primary key makes the first decision win.
-async fn record(cx: &mut Context<'_>, s: Shipment) -> Result<bool, HandlerError> {
-    let group = cx.state::<Group>();
-    if group.locked.contains(&s.order_id) {
-        if !group.decided.insert(s.order_id.clone()) {
-            return Ok(false);
+/// Takes the order's lock unless this transaction holds it, and returns its shipment's state.
+async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<State>, HandlerError> {
+    let tx = cx.tx;
+    if !cx.state::<Group>().locked.contains(order_id) {
+        crate::handlers::lock_order_ids(tx, "fulfillment", &[order_id]).await?;
+        let row = tx
+            .query_opt_cached(
+                "SELECT state FROM shipments WHERE order_id = $1",
+                &[&order_id],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("reading the shipment", &e))?;
+        let group = cx.state::<Group>();
+        group.locked.insert(order_id.to_string());
+        if let Some(row) = row {
+            group
+                .states
+                .insert(order_id.to_string(), State::parse(row.get(0))?);
         }
-        group.new.push(s);
-        return Ok(true);
     }
-    let inserted = cx
-        .tx
-        .execute_cached(
-            "INSERT INTO shipments (order_id, state, carrier, tracking_number, delivery_state,
-                 failure_reason)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO NOTHING",
-            &[
-                &s.order_id,
-                &s.state,
-                &s.carrier,
-                &s.tracking_number,
-                &s.delivery_state,
-                &s.failure_reason,
-            ],
-        )
-        .await?;
-    Ok(inserted == 1)
+    Ok(cx.state::<Group>().states.get(order_id).copied())
 }
 
-/// Inserts `new` in one statement.
-async fn write_back(tx: &Tx, new: Vec<Shipment>) -> Result<(), HandlerError> {
-    if new.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<&str> = new.iter().map(|s| s.order_id.as_str()).collect();
-    let states: Vec<&str> = new.iter().map(|s| s.state).collect();
-    let carriers: Vec<Option<&str>> = new.iter().map(|s| s.carrier.as_deref()).collect();
-    let tracking: Vec<Option<&str>> = new.iter().map(|s| s.tracking_number.as_deref()).collect();
-    let delivery: Vec<Option<&str>> = new.iter().map(|s| s.delivery_state).collect();
-    let failure: Vec<Option<&str>> = new.iter().map(|s| s.failure_reason.as_deref()).collect();
-    tx.execute_cached(
-        "INSERT INTO shipments (order_id, state, carrier, tracking_number, delivery_state,
-             failure_reason)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-             $6::text[])",
-        &[&ids, &states, &carriers, &tracking, &delivery, &failure],
+/// Records `cancelled` for an order whose lock this transaction holds, and emits
+/// `ShipmentCancelled`.
+async fn cancelled(
+    cx: &mut Context<'_>,
+    order_id: &str,
+    had_row: bool,
+) -> Result<(), HandlerError> {
+    let sql = if had_row {
+        "UPDATE shipments SET state = 'cancelled', updated_at = now() WHERE order_id = $1"
+    } else {
+        "INSERT INTO shipments (order_id, state) VALUES ($1, 'cancelled')"
+    };
+    cx.tx
+        .execute_cached(sql, &[&order_id])
+        .await
+        .map_err(|e| HandlerError::from_db("recording the cancellation", &e))?;
+    cx.state::<Group>()
+        .states
+        .insert(order_id.to_string(), State::Cancelled);
+    events::emit(
+        cx,
+        &ShipmentCancelled {
+            meta: Meta::default(),
+            order_id: order_id.to_string(),
+        },
     )
-    .await
-    .map_err(|e| HandlerError::from_db("recording the shipments", &e))?;
-    Ok(())
+}
+
+fn carrier_error(order_id: &str, e: CarrierError) -> HandlerError {
+    match e {
+        CarrierError::Transient(r) => HandlerError::retry(format!("carrier: {r}")),
+        CarrierError::Refused(r) => {
+            HandlerError::permanent(format!("carrier refused order {order_id}: {r}"))
+        }
+        CarrierError::Cancelled => {
+            HandlerError::permanent(format!("carrier: the parcel of {order_id} was cancelled"))
+        }
+    }
 }
 
 impl Fulfillment {
-    pub fn new(carrier: Arc<dyn Carrier>) -> Self {
-        Fulfillment { carrier }
+    /// A handler shipping through `carrier`, committing its intent to ship through `intents`
+    /// before each carrier call. Each ship holds a second connection of `intents` briefly
+    /// while its transaction holds one: give it a pool of its own.
+    pub fn new(carrier: Arc<dyn Carrier>, intents: Pool) -> Self {
+        Fulfillment { carrier, intents }
+    }
+
+    /// Commits a `shipping` row for `order_id`, whose lock the caller's transaction holds.
+    async fn record_intent(&self, order_id: &str) -> Result<(), HandlerError> {
+        let client = self.intents.get().await.map_err(|e| {
+            HandlerError::retry(format!(
+                "recording the intent to ship order {order_id}: {e}"
+            ))
+        })?;
+        let inserted = client
+            .execute_cached(
+                "INSERT INTO shipments (order_id, state) VALUES ($1, 'shipping')
+                 ON CONFLICT (order_id) DO NOTHING",
+                &[&order_id],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("recording the intent to ship", &e))?;
+        if inserted == 0 {
+            // Only a writer that does not take the lock (an older version, mid-deploy) can
+            // get here: read again.
+            return Err(HandlerError::retry(format!(
+                "the shipment of {order_id} was written without the order's lock"
+            )));
+        }
+        Ok(())
     }
 
     async fn ship(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderReadyToShip = events::decode(event)?;
-        if decided(cx, &d.order_id).await? {
-            return Ok(());
+        match lock(cx, &d.order_id).await? {
+            Some(State::Shipped | State::Cancelled) => return Ok(()),
+            // An earlier run recorded its intent and died: ask the carrier again, by key.
+            Some(State::Shipping) => {}
+            None => {
+                self.record_intent(&d.order_id).await?;
+                cx.state::<Group>()
+                    .states
+                    .insert(d.order_id.clone(), State::Shipping);
+            }
         }
-        // The carrier is idempotent on the order id, so asking again after a rollback is safe.
-        let dispatch = self
+        let dispatch = match self
             .carrier
             .ship(&Parcel {
                 order_id: &d.order_id,
@@ -142,29 +215,43 @@ impl Fulfillment {
                 lines: &d.lines,
             })
             .await
-            .map_err(|e| match e {
-                CarrierError::Transient(r) => HandlerError::retry(format!("carrier: {r}")),
-                CarrierError::Refused(r) => {
-                    HandlerError::permanent(format!("carrier refused order {}: {r}", d.order_id))
-                }
-            })?;
+        {
+            Ok(dispatch) => dispatch,
+            // A stop cancelled with the carrier and died before its commit: record it here;
+            // the stop's rerun then finds it recorded.
+            Err(CarrierError::Cancelled) => return cancelled(cx, &d.order_id, true).await,
+            Err(e) => return Err(carrier_error(&d.order_id, e)),
+        };
         let (delivery_state, failure) = match &dispatch.delivery {
             None => ("in_transit", None),
             Some(Delivery::Delivered) => ("delivered", None),
             Some(Delivery::Failed { reason }) => ("failed", Some(reason.as_str())),
         };
-        let shipped = Shipment {
-            order_id: d.order_id.clone(),
-            state: "shipped",
-            carrier: Some(self.carrier.name().to_string()),
-            tracking_number: Some(dispatch.tracking_number.clone()),
-            delivery_state: Some(delivery_state),
-            failure_reason: failure.map(str::to_string),
-        };
-        if !record(cx, shipped).await? {
-            // A stop request committed meanwhile wins.
-            return Ok(());
+        let updated = cx
+            .tx
+            .execute_cached(
+                "UPDATE shipments SET state = 'shipped', carrier = $2, tracking_number = $3,
+                        delivery_state = $4, failure_reason = $5, updated_at = now()
+                  WHERE order_id = $1 AND state = 'shipping'",
+                &[
+                    &d.order_id,
+                    &self.carrier.name(),
+                    &dispatch.tracking_number,
+                    &delivery_state,
+                    &failure,
+                ],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("recording the shipment", &e))?;
+        if updated != 1 {
+            return Err(HandlerError::retry(format!(
+                "the shipment of {} left `shipping` under the order's lock",
+                d.order_id
+            )));
         }
+        cx.state::<Group>()
+            .states
+            .insert(d.order_id.clone(), State::Shipped);
         let now = Utc::now();
         events::emit(
             cx,
@@ -203,25 +290,23 @@ impl Fulfillment {
 
     async fn stop(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: ShipmentCancelRequested = events::decode(event)?;
-        let stopped = Shipment {
-            order_id: d.order_id.clone(),
-            state: "cancelled",
-            carrier: None,
-            tracking_number: None,
-            delivery_state: None,
-            failure_reason: None,
-        };
-        if !record(cx, stopped).await? {
-            // Shipped already: orders learns it from OrderShipped, and the cancellation lost.
-            return Ok(());
-        }
-        events::emit(
-            cx,
-            &ShipmentCancelled {
-                meta: Meta::default(),
-                order_id: d.order_id,
+        match lock(cx, &d.order_id).await? {
+            None => cancelled(cx, &d.order_id, false).await,
+            // A ship died after recording its intent: the carrier may have the parcel.
+            Some(State::Shipping) => match self.carrier.cancel(&d.order_id).await {
+                Ok(Cancellation::Cancelled) => cancelled(cx, &d.order_id, true).await,
+                Ok(Cancellation::TooLate) => {
+                    tracing::info!(
+                        order_id = %d.order_id,
+                        "the parcel left before the stop request; the ship's rerun records it"
+                    );
+                    Ok(())
+                }
+                Err(e) => Err(carrier_error(&d.order_id, e)),
             },
-        )
+            // Shipped already: orders learns it from OrderShipped, and the cancellation lost.
+            Some(State::Shipped | State::Cancelled) => Ok(()),
+        }
     }
 }
 
@@ -235,7 +320,7 @@ impl Handler for Fulfillment {
         self.carrier.answers_locally()
     }
 
-    /// The order-id locks, in order-id order, then which of those orders have a shipment.
+    /// The order-id locks, in order-id order, then the shipments of those orders.
     async fn lock_group(
         &self,
         tx: &Tx,
@@ -246,25 +331,17 @@ impl Handler for Fulfillment {
         crate::handlers::lock_order_ids(tx, "fulfillment", &ids).await?;
         let rows = tx
             .query_cached(
-                "SELECT order_id FROM shipments WHERE order_id = ANY($1)",
+                "SELECT order_id, state FROM shipments WHERE order_id = ANY($1)",
                 &[&ids],
             )
             .await
             .map_err(|e| HandlerError::from_db("reading the shipments", &e))?;
         let group = state.get::<Group>();
         group.locked.extend(ids.iter().map(|id| id.to_string()));
-        group
-            .decided
-            .extend(rows.iter().map(|r| r.get::<_, String>(0)));
-        Ok(())
-    }
-
-    /// Inserts the shipments the group decided, in one statement.
-    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
-        match state.into_inner::<Group>() {
-            Some(group) => write_back(tx, group.new).await,
-            None => Ok(()),
+        for r in &rows {
+            group.states.insert(r.get(0), State::parse(r.get(1))?);
         }
+        Ok(())
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

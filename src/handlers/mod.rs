@@ -321,7 +321,8 @@ pub struct Deps {
     /// transaction (see [`payments`]): the main database, through a pool of its own in the
     /// worker so that a payment holding one connection never waits on itself for a second.
     pub payment_attempts_pool: Pool,
-    /// The parcel carrier (the sandbox).
+    /// The parcel carrier (the sandbox, keeping its parcels in the sandbox payment provider's
+    /// pool, of its own in the worker).
     pub carrier: Arc<dyn Carrier>,
     /// Builds and sends customer emails (notifications).
     pub mailer: Arc<crate::email::Mailer>,
@@ -342,10 +343,10 @@ impl Deps {
             clients: clients.clone(),
             args: args.clone(),
             payment_provider: Arc::new(SandboxProvider::new(
-                sandbox_pool,
+                sandbox_pool.clone(),
                 Duration::from_millis(args.sandbox_payment_latency_ms),
             )),
-            carrier: Arc::new(SandboxCarrier),
+            carrier: Arc::new(SandboxCarrier::new(sandbox_pool.clone())),
             mailer: Arc::new(
                 crate::email::Mailer::from_args(&args.email)
                     .await
@@ -397,8 +398,11 @@ pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn Handler>> {
             deps.payment_provider.clone(),
             deps.payment_attempts_pool.clone(),
         ))),
+        // The intent to ship is committed outside the handler's transaction, like payments'
+        // attempt log, through the same second pool.
         HandlerName::Fulfillment => Ok(Arc::new(fulfillment::Fulfillment::new(
             deps.carrier.clone(),
+            deps.payment_attempts_pool.clone(),
         ))),
         HandlerName::Notifications => Ok(Arc::new(notifications::Notifications::new(
             deps.mailer.clone(),

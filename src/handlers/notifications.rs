@@ -40,6 +40,19 @@
 //! closed, only kept short: the send is the last thing before the commit. See
 //! `docs/notifications.md`.
 //!
+//! # What happens if two processes, or a crash, land here
+//!
+//! - Two processes, the same `(order, kind)` (a duplicate event under another id, or two
+//!   events that both want the email): the second claim waits on the unique index while the
+//!   first sends, and finds the row once the first commits: one email. If the first rolls back
+//!   (a retryable send failure), the second claims and sends: still one. The wait lasts as long
+//!   as the first's send, which the transport's timeout bounds.
+//! - A crash before the transport accepted the email: nothing left the building; the
+//!   redelivery claims and sends.
+//! - A crash after the transport accepted it and before the commit: the email goes out again
+//!   on redelivery (at least once, the window above). The copy has the same Message-ID, so a
+//!   mail client that threads or de-duplicates by it shows one; the customer may still see two.
+//!
 //! Addresses are masked ([`mask`]) in every log line, in `emails.recipient_masked`, and in
 //! every error text kept or logged.
 

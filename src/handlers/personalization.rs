@@ -18,6 +18,19 @@
 //! an order of more than ten SKUs fails halfway through its calls) does no harm.
 //! Throttling, 5xx and connection errors are retried; an invalid request (or an unknown
 //! tracker) is permanent and goes to the DLQ with the reason.
+//!
+//! # What happens if two processes, or a crash, land here
+//!
+//! - Two processes, one order (an `OrderCompleted` delivered twice under different ids): the
+//!   second's `personalization_orders` insert waits on the primary key until the first
+//!   commits, then does nothing: counted once, forwarded once. If the first rolls back, the
+//!   second counts and forwards.
+//! - A crash before PutEvents: nothing was sent or counted; the redelivery does both.
+//! - A crash after PutEvents (or after some of an order's chunks) and before the commit: the
+//!   counts roll back and the redelivery sends the same events again, with the same `eventId`,
+//!   `sentAt` (the envelope's time) and session. Personalize keeps them as received (its
+//!   interactions data may hold the copy) but uses only the first of an event id for training,
+//!   so recommendations do not count the order twice. The co-occurrence counts are exact.
 
 use std::collections::BTreeMap;
 
