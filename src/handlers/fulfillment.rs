@@ -46,6 +46,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -59,6 +60,10 @@ use crate::events::{
     ShipmentCancelRequested, ShipmentCancelled,
 };
 use crate::handlers::{Context, GroupState, Handler};
+
+/// The longest a carrier call may take; less when the handler's time is shorter (see
+/// [`Context::call_timeout`]).
+const CARRIER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 use crate::outcome::HandlerError;
 
 /// The fulfillment handler.
@@ -207,15 +212,23 @@ impl Fulfillment {
                     .insert(d.order_id.clone(), State::Shipping);
             }
         }
-        let dispatch = match self
-            .carrier
-            .ship(&Parcel {
-                order_id: &d.order_id,
-                address: &d.shipping_address,
-                lines: &d.lines,
-            })
+        let parcel = Parcel {
+            order_id: &d.order_id,
+            address: &d.shipping_address,
+            lines: &d.lines,
+        };
+        // Bounded by the handler's time, so the answer can still be recorded and committed; a
+        // ship cut short is asked again by key on the retry.
+        let shipped = cx
+            .bounded(CARRIER_CALL_TIMEOUT, self.carrier.ship(&parcel))
             .await
-        {
+            .unwrap_or_else(|limit| {
+                Err(CarrierError::Transient(Context::out_of_time(
+                    "the carrier's ship",
+                    limit,
+                )))
+            });
+        let dispatch = match shipped {
             Ok(dispatch) => dispatch,
             // A stop cancelled with the carrier and died before its commit: record it here;
             // the stop's rerun then finds it recorded.
@@ -293,7 +306,15 @@ impl Fulfillment {
         match lock(cx, &d.order_id).await? {
             None => cancelled(cx, &d.order_id, false).await,
             // A ship died after recording its intent: the carrier may have the parcel.
-            Some(State::Shipping) => match self.carrier.cancel(&d.order_id).await {
+            Some(State::Shipping) => match cx
+                .bounded(CARRIER_CALL_TIMEOUT, self.carrier.cancel(&d.order_id))
+                .await
+                .unwrap_or_else(|limit| {
+                    Err(CarrierError::Transient(Context::out_of_time(
+                        "the carrier's cancel",
+                        limit,
+                    )))
+                }) {
                 Ok(Cancellation::Cancelled) => cancelled(cx, &d.order_id, true).await,
                 Ok(Cancellation::TooLate) => {
                     tracing::info!(

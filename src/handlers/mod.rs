@@ -188,26 +188,30 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// Runs an outside call bounded by [`Context::call_timeout`]; when the time is up (or there
-    /// is none left to start it), answers with a retry that names `what`.
-    pub async fn outside_call<T>(
+    /// Runs an outside call bounded by [`Context::call_timeout`]. `Err(limit)` when it did not
+    /// answer within `limit`, or was not started because no time was left (`limit` zero).
+    pub async fn bounded<F: std::future::Future>(
         &self,
-        what: &str,
         own: Duration,
-        call: impl std::future::Future<Output = Result<T, HandlerError>>,
-    ) -> Result<T, HandlerError> {
+        call: F,
+    ) -> Result<F::Output, Duration> {
         let limit = self.call_timeout(own);
         if limit.is_zero() {
-            return Err(HandlerError::retry(format!(
-                "{what} not started: the handler's time is nearly up"
-            )));
+            return Err(limit);
         }
-        tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-            Err(HandlerError::retry(format!(
+        tokio::time::timeout(limit, call).await.map_err(|_| limit)
+    }
+
+    /// The reason given when [`Context::bounded`] ran out of time for `what`.
+    pub fn out_of_time(what: &str, limit: Duration) -> String {
+        if limit.is_zero() {
+            format!("{what} not started: the handler's time is nearly up")
+        } else {
+            format!(
                 "{what} did not answer within {}ms (the handler's time left)",
                 limit.as_millis()
-            )))
-        })
+            )
+        }
     }
 
     /// Queues an event for the outbox. It is written in this handler's transaction, so it is
