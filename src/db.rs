@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "inbox_retention",
         include_str!("../migrations/0009_inbox_retention.sql"),
     ),
+    (
+        11,
+        "outbox_dead_letters",
+        include_str!("../migrations/0011_outbox_dead_letters.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,
