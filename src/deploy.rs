@@ -298,6 +298,27 @@ fn shared(res: &mut Resources, names: &Topology) {
         }),
     );
     alarm_dlq_not_empty(res, "BusDlqAlarm", &bus_dlq, "bus");
+    // The outbox's dead letters live in PostgreSQL; the workers report their count.
+    res.add(
+        "OutboxDeadLettersAlarm",
+        json!({
+            "Type": "AWS::CloudWatch::Alarm",
+            "Properties": {
+                "AlarmName": sub(&format!("{PREFIX}-outbox-dead-letters")),
+                "AlarmDescription": "Events wait in the outbox dead letters (table outbox_dead_letters): EventBridge will never accept them as they are. Run `orderfleet status`, read the reasons, fix and re-insert them into the outbox, or delete them. Runbook: docs/deploy.md#alarms",
+                "Namespace": METRICS_NAMESPACE,
+                "MetricName": crate::emf::OUTBOX_DEAD_LETTERS,
+                "Statistic": "Maximum",
+                "Period": 60,
+                "EvaluationPeriods": 1,
+                "Threshold": 0,
+                "ComparisonOperator": "GreaterThanThreshold",
+                "TreatMissingData": "notBreaching",
+                "AlarmActions": [r("AlarmTopic")],
+                "OKActions": [r("AlarmTopic")]
+            }
+        }),
+    );
 
     // ------------------------------------------------------------ network
     res.add(
@@ -1127,7 +1148,10 @@ fn dashboard(res: &mut Resources, names: &Topology) {
             "arn:${{AWS::Partition}}:cloudwatch:${{AWS::Region}}:${{AWS::AccountId}}:alarm:{name}"
         )
     };
-    let mut alarms = vec![alarm_arn(format!("{PREFIX}-bus-dlq-not-empty"))];
+    let mut alarms = vec![
+        alarm_arn(format!("{PREFIX}-bus-dlq-not-empty")),
+        alarm_arn(format!("{PREFIX}-outbox-dead-letters")),
+    ];
     for h in handlers {
         let q = names.queue_name(h);
         alarms.push(alarm_arn(format!("{}-not-empty", names.dlq_name(h))));

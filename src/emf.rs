@@ -20,6 +20,10 @@ use crate::outcome::error_chain;
 /// The CloudWatch namespace of every metric.
 pub const NAMESPACE: &str = "orderfleet";
 
+/// The number of rows in `outbox_dead_letters`, without dimensions; the template alarms
+/// while it is above zero.
+pub const OUTBOX_DEAD_LETTERS: &str = "OutboxDeadLetters";
+
 /// Where metrics go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Sink {
@@ -219,17 +223,20 @@ impl Reporter {
         }
     }
 
-    async fn outbox_lag_ms(&self) -> Option<f64> {
+    /// The outbox's lag (age of its oldest unpublished row) and the number of rows in its
+    /// dead letters (events EventBridge will never accept; alarmed on while above zero).
+    async fn outbox_readings(&self) -> Option<(f64, i64)> {
         let client = self.pool.get().await.ok()?;
         let row = client
             .query_one(
-                "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)) * 1000, 0)::float8
-                 FROM outbox WHERE published_at IS NULL",
+                "SELECT (SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)) * 1000, 0)::float8
+                           FROM outbox WHERE published_at IS NULL),
+                        (SELECT count(*) FROM outbox_dead_letters)",
                 &[],
             )
             .await
             .ok()?;
-        Some(row.get(0))
+        Some((row.get(0), row.get(1)))
     }
 
     async fn flush(&self, last: &mut HashMap<String, Snapshot>) {
@@ -239,14 +246,17 @@ impl Reporter {
             let before = last.insert(name.clone(), now).unwrap_or_default();
             groups.extend(handler_groups(name, &now, &before, c));
         }
-        if let Some(lag) = self.outbox_lag_ms().await {
+        if let Some((lag, dead_letters)) = self.outbox_readings().await {
             groups.push(Group {
                 dimensions: vec![],
-                metrics: vec![Metric {
-                    name: "OutboxLagMs",
-                    unit: "Milliseconds",
-                    value: Reading::Number(lag),
-                }],
+                metrics: vec![
+                    Metric {
+                        name: "OutboxLagMs",
+                        unit: "Milliseconds",
+                        value: Reading::Number(lag),
+                    },
+                    count(OUTBOX_DEAD_LETTERS, dead_letters.max(0) as u64),
+                ],
             });
         }
         let now = chrono::Utc::now();

@@ -5,6 +5,21 @@
 //! effect. The outbox holds the events a handler emitted, also in that transaction; the
 //! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
 //! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
+//!
+//! An event EventBridge will never accept (an entry over 256 KB, counted as EventBridge
+//! counts it, or an entry refused with a code that blames the entry itself, see
+//! [`entry_refused_for_good`]) is moved to `outbox_dead_letters` with the reason, by the same
+//! transaction that deletes it from the outbox and under the row lock the relay holds, so it is
+//! in exactly one table whatever happens; the relay goes on with the next rows at once. Its
+//! count is the `OutboxDeadLetters` metric (alarmed), and `orderfleet status` and `orderfleet
+//! report` show it. Retryable failures (throttling, internal errors, a whole call failing or
+//! timing out) leave rows in the outbox, counted in `attempts`.
+//!
+//! Rivals and crashes: two relays never hold the same row (`SKIP LOCKED`). A crash before the
+//! commit leaves the row in the outbox with its lock released: it is checked again, and moved
+//! again, by whichever relay takes it next. A crash after PutEvents succeeded and before the
+//! commit republishes the batch; consumers absorb it by `event_id`. PutEvents is bounded by
+//! [`crate::aws::CALL_TIMEOUT`]: a hung call would otherwise hold the rows' locks and the relay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,13 +119,25 @@ impl OutboxRows {
     }
 }
 
-/// PutEvents' limit on the total size of one request's entries.
+/// PutEvents' limit on the total size of one request's entries, and so on one entry.
 const MAX_PUT_EVENTS_BYTES: usize = 256 * 1024;
 
-/// An entry's size as EventBridge counts it: source, detail-type and detail in UTF-8 bytes,
-/// plus 14 bytes for the time.
-fn event_size(source: &str, detail_type: &str, detail: &Value) -> usize {
-    14 + source.len() + detail_type.len() + detail.to_string().len()
+/// An entry's size as EventBridge counts it: source, detail-type and detail in UTF-8 bytes
+/// (plus 14 bytes for `Time` and each resource's bytes, neither of which the relay sends).
+fn event_size(source: &str, detail_type: &str, detail: &str) -> usize {
+    source.len() + detail_type.len() + detail.len()
+}
+
+/// Whether a PutEvents entry refused with `code` will be refused again whatever we do: the
+/// entry itself is wrong. Everything else (throttling, internal failures, and codes about the
+/// bus, permissions or keys, which an operator can fix) is retried. An unknown code is
+/// retried: a wrong guess there costs delay, while a wrong guess the other way loses nothing
+/// either (the row is kept) but needs a person.
+pub fn entry_refused_for_good(code: &str) -> bool {
+    matches!(
+        code,
+        "ValidationException" | "MalformedDetail" | "InvalidArgument" | "InvalidArgumentException"
+    )
 }
 
 /// Publishes outbox rows to the bus with PutEvents, 10 per call (the API's limit).
@@ -120,6 +147,7 @@ pub struct Relay {
     events: aws_sdk_eventbridge::Client,
     bus_name: String,
     wake: Arc<Notify>,
+    call_timeout: Duration,
 }
 
 /// What one relay pass did.
@@ -127,6 +155,24 @@ pub struct Relay {
 pub struct RelayPass {
     pub published: usize,
     pub failed: usize,
+    /// Rows EventBridge will never accept, moved to `outbox_dead_letters`.
+    pub dead_lettered: usize,
+}
+
+/// Moves outbox row `id` to `outbox_dead_letters` with `reason`, in the caller's transaction
+/// (the one that holds the row's lock), so the row is in exactly one of the two tables.
+async fn dead_letter(tx: &(impl Cached + Sync), id: i64, reason: &str) -> Result<()> {
+    tx.execute_cached(
+        "WITH moved AS (DELETE FROM outbox WHERE id = $1 RETURNING *)
+         INSERT INTO outbox_dead_letters
+                (id, event_id, source, detail_type, detail, created_at, attempts, reason)
+         SELECT id, event_id, source, detail_type, detail, created_at, attempts + 1, $2
+           FROM moved",
+        &[&id, &reason],
+    )
+    .await
+    .context("relay: moving a row to the outbox dead letters")?;
+    Ok(())
 }
 
 impl Relay {
@@ -136,6 +182,7 @@ impl Relay {
             events,
             bus_name,
             wake: Arc::new(Notify::new()),
+            call_timeout: crate::aws::CALL_TIMEOUT,
         }
     }
 
@@ -148,13 +195,14 @@ impl Relay {
     /// Publishes up to 10 unpublished rows. Rows are locked with `FOR UPDATE SKIP LOCKED`, so
     /// any number of relays can run at once without publishing a row twice in the normal case;
     /// a crash after PutEvents and before the commit republishes, which consumers absorb.
+    /// A row EventBridge will never accept is moved to `outbox_dead_letters` instead.
     pub async fn publish_once(&self) -> Result<RelayPass> {
         let mut client = self.pool.get().await.context("relay: database pool")?;
         let tx = client.transaction().await?;
         let rows = tx
             .query(
                 // Rows that failed before sink behind fresh ones (`attempts`), so one event
-                // EventBridge keeps refusing cannot hold up everything after it.
+                // EventBridge keeps refusing for a while cannot hold up everything after it.
                 "SELECT id, event_id, source, detail_type, detail FROM outbox
                  WHERE published_at IS NULL ORDER BY attempts, id LIMIT 10 FOR UPDATE SKIP LOCKED",
                 &[],
@@ -164,42 +212,62 @@ impl Relay {
         if rows.is_empty() {
             return Ok(RelayPass::default());
         }
-        // PutEvents refuses a request over 256 KB; take the rows that fit (always the first, so
-        // an oversize event fails alone, is counted, and sinks behind the others).
+        let mut pass = RelayPass::default();
+        // PutEvents refuses a request over 256 KB; take the rows that fit. A row that alone is
+        // over the limit can never be sent: it goes to the dead letters at once.
         let mut size = 0;
-        let mut take = 0;
+        let mut batch: Vec<(i64, PutEventsRequestEntry)> = Vec::with_capacity(rows.len());
         for row in &rows {
-            let entry = event_size(row.get(2), row.get(3), &row.get::<_, Value>(4));
-            if take > 0 && size + entry > MAX_PUT_EVENTS_BYTES {
+            let id: i64 = row.get(0);
+            let (source, detail_type): (String, String) = (row.get(2), row.get(3));
+            let detail = row.get::<_, Value>(4).to_string();
+            let entry = event_size(&source, &detail_type, &detail);
+            if entry > MAX_PUT_EVENTS_BYTES {
+                let reason = format!(
+                    "the entry is {entry} bytes; EventBridge accepts at most {MAX_PUT_EVENTS_BYTES}"
+                );
+                tracing::error!(
+                    outbox_id = id,
+                    detail_type,
+                    bytes = entry,
+                    "relay: event too big for EventBridge; moved to the outbox dead letters"
+                );
+                dead_letter(&tx, id, &reason).await?;
+                pass.dead_lettered += 1;
+                continue;
+            }
+            if size + entry > MAX_PUT_EVENTS_BYTES {
                 break;
             }
             size += entry;
-            take += 1;
-        }
-        let rows = &rows[..take];
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in rows {
-            let detail: Value = row.get(4);
-            entries.push(
+            batch.push((
+                id,
                 PutEventsRequestEntry::builder()
                     .event_bus_name(&self.bus_name)
-                    .source(row.get::<_, String>(2))
-                    .detail_type(row.get::<_, String>(3))
-                    .detail(detail.to_string())
+                    .source(source)
+                    .detail_type(detail_type)
+                    .detail(detail)
                     .build(),
-            );
+            ));
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        let out = match self
-            .events
-            .put_events()
-            .set_entries(Some(entries))
-            .send()
-            .await
-        {
+        if batch.is_empty() {
+            tx.commit()
+                .await
+                .context("relay: committing the dead letters")?;
+            return Ok(pass);
+        }
+        let (ids, entries): (Vec<i64>, Vec<_>) = batch.into_iter().unzip();
+        let call = self.events.put_events().set_entries(Some(entries)).send();
+        // A whole-call failure (throttling, network, timeout) says nothing about the entries:
+        // they stay, and are retried. A hung call would hold the rows' locks and stop the relay.
+        let result = match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(error_chain(&e)),
+            Err(_) => Err(format!("PutEvents timed out after {:?}", self.call_timeout)),
+        };
+        let out = match result {
             Ok(out) => out,
-            Err(e) => {
-                let err = error_chain(&e);
+            Err(err) => {
                 tx.execute_cached(
                     "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
                     &[&ids, &err],
@@ -210,26 +278,28 @@ impl Relay {
             }
         };
         // Entries of the response line up with the request; an entry with an error code failed
-        // on its own and stays in the outbox for the next pass.
+        // on its own: for good (dead letters) or for now (stays in the outbox for the next pass).
         let mut published = Vec::new();
-        let mut failed = 0;
         for (i, id) in ids.iter().enumerate() {
             match out.entries().get(i) {
                 Some(entry) if entry.error_code().is_none() => published.push(*id),
                 Some(entry) => {
-                    failed += 1;
-                    let err = format!(
-                        "{}: {}",
-                        entry.error_code().unwrap_or_default(),
-                        entry.error_message().unwrap_or_default()
-                    );
+                    let code = entry.error_code().unwrap_or_default();
+                    let err = format!("{code}: {}", entry.error_message().unwrap_or_default());
+                    if entry_refused_for_good(code) {
+                        tracing::error!(outbox_id = id, code, error = %err, "relay: EventBridge refused an event for good; moved to the outbox dead letters");
+                        dead_letter(&tx, *id, &err).await?;
+                        pass.dead_lettered += 1;
+                        continue;
+                    }
+                    pass.failed += 1;
                     tx.execute_cached(
                         "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
                         &[id, &err],
                     )
                     .await?;
                 }
-                None => failed += 1,
+                None => pass.failed += 1,
             }
         }
         // A published row has done its job (the lake archives every event): deleting it keeps
@@ -239,10 +309,8 @@ impl Relay {
         tx.commit()
             .await
             .context("relay: removing published rows")?;
-        Ok(RelayPass {
-            published: published.len(),
-            failed,
-        })
+        pass.published = published.len();
+        Ok(pass)
     }
 
     /// Runs until `stop`: publishes while there is work, then waits for a wake-up or the
@@ -254,7 +322,15 @@ impl Relay {
                 return;
             }
             match self.publish_once().await {
-                Ok(pass) if pass.published + pass.failed == 10 && pass.failed == 0 => continue,
+                // A full pass, or one that only moved rows aside, leaves more to do at once.
+                Ok(pass)
+                    if pass.failed == 0
+                        && (pass.published + pass.dead_lettered == 10
+                            || pass.dead_lettered > 0) =>
+                {
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
                 Ok(pass) => {
                     if pass.failed > 0 {
                         tracing::warn!(failed = pass.failed, "relay: entries failed; retrying");
@@ -285,7 +361,7 @@ impl Relay {
         while tokio::time::Instant::now() < until {
             let pass = self.publish_once().await?;
             total += pass.published;
-            if pass.published + pass.failed == 0 {
+            if pass.published + pass.failed + pass.dead_lettered == 0 {
                 break;
             }
         }
@@ -297,5 +373,33 @@ async fn sleep_or_stop(stop: &CancellationToken, d: Duration) {
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(d) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_entry_errors_that_blame_the_entry_are_dead_lettered() {
+        for code in ["ValidationException", "MalformedDetail", "InvalidArgument"] {
+            assert!(entry_refused_for_good(code), "{code}");
+        }
+        for code in [
+            "ThrottlingException",
+            "InternalFailure",
+            "InternalException",
+            "AccessDeniedException",
+            "NotAuthorizedForSourceException",
+            "ResourceNotFoundException",
+            "SomethingNew",
+        ] {
+            assert!(!entry_refused_for_good(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn an_entry_is_measured_in_utf8_bytes_of_source_detail_type_and_detail() {
+        assert_eq!(event_size("ab", "cd", r#"{"x":"é"}"#), 2 + 2 + 10);
     }
 }

@@ -60,6 +60,9 @@ pub struct Report {
     /// fleet did the right thing, but it cannot finish these orders alone. Only kinds with
     /// orders in them are listed.
     pub needs_attention: BTreeMap<String, Attention>,
+    /// Events in `outbox_dead_letters`: emitted, but never published, because EventBridge
+    /// will not accept them (see [`crate::outbox`]).
+    pub outbox_dead_letters: i64,
 }
 
 /// Orders in one kind of trouble.
@@ -322,6 +325,11 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
         violations,
         emails_by_kind: emails_by_kind(db).await?,
         needs_attention,
+        outbox_dead_letters: db
+            .query_one("SELECT count(*) FROM outbox_dead_letters", &[])
+            .await
+            .context("counting the outbox dead letters")?
+            .get(0),
     })
 }
 

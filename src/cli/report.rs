@@ -111,6 +111,14 @@ pub fn render(r: &Report) -> String {
         }
     }
 
+    if r.outbox_dead_letters > 0 {
+        let _ = writeln!(
+            out,
+            "\nOutbox dead letters: {} event(s) never published (table outbox_dead_letters)",
+            r.outbox_dead_letters
+        );
+    }
+
     let _ = writeln!(out, "\nInvariants");
     for (name, ok) in &r.invariants {
         let _ = writeln!(out, "  [{}] {name}", if *ok { " ok " } else { "FAIL" });

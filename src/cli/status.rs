@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::aws;
 use crate::cli::PrefixArg;
 use crate::operator::message::format_age;
-use crate::operator::status::{self, QueueStatus, WorkerStatus};
+use crate::operator::status::{self, OutboxStatus, QueueStatus, WorkerStatus};
 use crate::topology::Topology;
 
 #[derive(Debug, clap::Args)]
@@ -30,7 +30,8 @@ pub struct Args {
     pub watch: bool,
     #[arg(long, default_value_t = 2, requires = "watch")]
     pub interval_secs: u64,
-    /// Print {"queues": [...], "workers": [...]} (with --watch, one line per refresh).
+    /// Print {"queues": [...], "workers": [...], "outbox": {...}} (with --watch, one line per
+    /// refresh).
     #[arg(long)]
     pub json: bool,
 }
@@ -51,6 +52,10 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             Some(pool) => status::workers(pool, stale_after).await.map(Some),
             None => Ok(None),
         };
+        let outbox = match &pool {
+            Some(pool) => status::outbox(pool).await.map(Some),
+            None => Ok(None),
+        };
         if args.json {
             let (workers, error) = match &workers {
                 Ok(w) => (w.clone().unwrap_or_default(), None),
@@ -59,6 +64,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             let mut doc = json!({"queues": queues, "workers": workers});
             if let Some(e) = error {
                 doc["workers_error"] = json!(e);
+            }
+            match &outbox {
+                Ok(Some(o)) => doc["outbox"] = json!(o),
+                Ok(None) => {}
+                Err(e) => doc["outbox_error"] = json!(format!("{e:#}")),
             }
             println!("{doc}");
         } else {
@@ -73,10 +83,15 @@ pub async fn run(args: Args) -> Result<ExitCode> {
                 Ok(None) => println!("workers: give --database-url (or DATABASE_URL) to see them"),
                 Err(e) => println!("workers: {e:#}"),
             }
+            match &outbox {
+                Ok(Some(o)) => print_outbox(o),
+                Ok(None) => {}
+                Err(e) => println!("outbox: {e:#}"),
+            }
         }
         if !args.watch {
             let all_readable = queues.iter().all(|q| q.error.is_none());
-            return Ok(if all_readable && workers.is_ok() {
+            return Ok(if all_readable && workers.is_ok() && outbox.is_ok() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -122,6 +137,18 @@ fn print_queues(topo: &Topology, queues: &[QueueStatus]) {
             num(q.dlq_depth),
             moves,
             note
+        );
+    }
+}
+
+fn print_outbox(o: &OutboxStatus) {
+    println!();
+    println!("outbox: {} waiting to be published", o.pending);
+    if o.dead_letters > 0 {
+        println!(
+            "OUTBOX DEAD LETTERS: {} event(s) EventBridge will never accept, in table outbox_dead_letters; last reason: {}",
+            o.dead_letters,
+            o.last_reason.as_deref().unwrap_or("-")
         );
     }
 }

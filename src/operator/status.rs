@@ -1,5 +1,5 @@
 //! The facts behind `orderfleet status`: every handler's queue and DLQ, their running move
-//! tasks, and the workers' heartbeats.
+//! tasks, the workers' heartbeats, and the outbox (its backlog and its dead letters).
 //!
 //! The age of the oldest message is not a queue attribute: SQS publishes it only as the
 //! CloudWatch metric `AWS/SQS ApproximateAgeOfOldestMessage` (one-minute resolution, a few
@@ -61,6 +61,39 @@ pub struct WorkerStatus {
     pub stopped_at: Option<DateTime<Utc>>,
     /// `live`, `stale` (no heartbeat for longer than the stale threshold) or `stopped`.
     pub state: String,
+}
+
+/// The outbox: events not yet published, and events EventBridge will never accept, moved to
+/// `outbox_dead_letters` by the relay (see [`crate::outbox`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxStatus {
+    pub pending: i64,
+    pub dead_letters: i64,
+    /// The reason of the newest dead letter, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reason: Option<String>,
+}
+
+/// Reads the outbox's backlog and dead letters.
+pub async fn outbox(pool: &Pool) -> Result<OutboxStatus> {
+    let client = pool
+        .get()
+        .await
+        .context("cannot connect to PostgreSQL for the outbox; check DATABASE_URL")?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM outbox),
+                    (SELECT count(*) FROM outbox_dead_letters),
+                    (SELECT reason FROM outbox_dead_letters ORDER BY dead_lettered_at DESC LIMIT 1)",
+            &[],
+        )
+        .await
+        .context("reading the outbox (run `orderfleet migrate`?)")?;
+    Ok(OutboxStatus {
+        pending: row.get(0),
+        dead_letters: row.get(1),
+        last_reason: row.get(2),
+    })
 }
 
 /// Reads every handler's queues, CloudWatch ages and move tasks.

@@ -10,6 +10,7 @@ use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::aws::CALL_TIMEOUT;
 use crate::metrics::Counters;
 use crate::outcome::error_chain;
 
@@ -122,13 +123,19 @@ async fn delete_batch(
                     .ok()
             })
             .collect();
-        match sqs
+        let call = sqs
             .delete_message_batch()
             .queue_url(queue_url)
             .set_entries(Some(entries))
-            .send()
-            .await
-        {
+            .send();
+        // A hung call would hold one of the flush permits for good; abandon it and retry.
+        let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(r) => r.map_err(|e| error_chain(&e)),
+            Err(_) => Err(format!(
+                "DeleteMessageBatch timed out after {CALL_TIMEOUT:?}"
+            )),
+        };
+        match result {
             Ok(out) => {
                 let mut retry = Vec::new();
                 for f in out.failed() {
@@ -152,8 +159,8 @@ async fn delete_batch(
                 );
                 handles = retry;
             }
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), attempt, "delete: DeleteMessageBatch failed; retrying");
+            Err(error) => {
+                tracing::warn!(%error, attempt, "delete: DeleteMessageBatch failed; retrying");
             }
         }
         tokio::time::sleep(Duration::from_millis(50 << attempt)).await;

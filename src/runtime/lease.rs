@@ -1,6 +1,19 @@
 //! Leases: one task per process keeps every in-flight message invisible while its handler
 //! runs, extending visibility with ChangeMessageVisibilityBatch before it runs out. SQS caps
 //! a message's total invisibility at 12 hours from its receipt; the lease stops there.
+//!
+//! Each tick sends one call per queue and batch of ten, all at once, each bounded by the
+//! lease's call timeout: a hung call (one queue's endpoint stalls, a connection that never
+//! answers) is abandoned after that time and retried on a later tick, and never holds up the
+//! other batches. The timeout is well under half of any sensible visibility timeout, the margin
+//! at which a lease is extended, so an abandoned call still leaves time for the retry.
+//!
+//! Rivals and crashes: a lease only ever extends this process's own receipt handles; another
+//! process holding the same message (after a visibility lapse) has another handle, and SQS
+//! refuses the stale one (`ReceiptHandleIsInvalid`, counted). A call that timed out here may
+//! still have been applied by SQS: that only makes the message invisible for longer, which the
+//! next extension or the delete settles. A crash leaves nothing to clean up: the messages
+//! become visible when their last extension runs out.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +37,26 @@ struct Lease {
     counters: Arc<Counters>,
 }
 
+/// How long one ChangeMessageVisibilityBatch may take before it is abandoned.
+pub const LEASE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The registry of in-flight messages of this process.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Leases {
     // A std Mutex: critical sections are a few map operations and never cross an await.
     inner: Arc<Mutex<HashMap<u64, Lease>>>,
     next_id: Arc<AtomicU64>,
+    call_timeout: Duration,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            inner: Arc::default(),
+            next_id: Arc::default(),
+            call_timeout: LEASE_CALL_TIMEOUT,
+        }
+    }
 }
 
 /// Removes its lease when dropped, so no path can leave a lease behind.
@@ -106,6 +133,13 @@ impl Leases {
         }
     }
 
+    /// The same registry, abandoning each extension call after `timeout` (tests use a short
+    /// one).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -157,11 +191,14 @@ impl Leases {
                 tracing::warn!("lease: message reached the 12-hour visibility ceiling; it will become visible again");
             }
         }
-        for (queue_url, items) in due {
-            for chunk in items.chunks(10) {
-                self.extend_chunk(sqs, &queue_url, chunk, now).await;
-            }
-        }
+        // All batches at once: each is bounded by the call timeout, so this returns within it
+        // whatever one endpoint does.
+        let calls = due.iter().flat_map(|(queue_url, items)| {
+            items
+                .chunks(10)
+                .map(move |chunk| self.extend_chunk(sqs, queue_url, chunk, now))
+        });
+        futures_util::future::join_all(calls).await;
     }
 
     async fn extend_chunk(
@@ -182,17 +219,24 @@ impl Leases {
                     .ok()
             })
             .collect();
-        let result = sqs
+        let call = sqs
             .change_message_visibility_batch()
             .queue_url(queue_url)
             .set_entries(Some(entries))
-            .send()
-            .await;
-        let out = match result {
-            Ok(out) => out,
-            Err(e) => {
-                // The next tick tries again; the margin of half a visibility timeout allows it.
-                tracing::warn!(error = %error_chain(&e), "lease: ChangeMessageVisibilityBatch failed");
+            .send();
+        let out = match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(Ok(out)) => out,
+            // The next tick tries again; the margin of half a visibility timeout allows it.
+            Ok(Err(e)) => {
+                tracing::warn!(queue_url, error = %error_chain(&e), "lease: ChangeMessageVisibilityBatch failed");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    queue_url,
+                    timeout_ms = self.call_timeout.as_millis() as u64,
+                    "lease: ChangeMessageVisibilityBatch timed out; abandoned"
+                );
                 return;
             }
         };
