@@ -675,9 +675,11 @@ async fn a_cancel_handled_while_a_group_authorizes_the_order_leaves_no_hold_on_t
         },
     )
     .await;
+    let cancel_waited = !alone.is_finished();
     blocker.batch_execute("ROLLBACK").await.unwrap();
 
     let outcome = group.await.unwrap();
+    let group_transactions = outcome.transactions;
     for (event, result) in accepted.iter().zip(outcome.results) {
         execute_until_answered(&*payments, &pool, event, result).await;
     }
@@ -703,6 +705,13 @@ async fn a_cancel_handled_while_a_group_authorizes_the_order_leaves_no_hold_on_t
     assert_eq!(payment(&pool, "ord-race-x").await.0, "voided");
     assert_ledger_balances(&pool).await;
     assert_eq!(net_money(&pool, "ord-race-x").await, 0);
+    // How: the cancellation waited for the group's lock, and the group committed whole.
+    assert!(cancel_waited, "the cancellation did not wait for the group");
+    assert_eq!(group_transactions, 1);
+    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.invariants.get(DANGLING), Some(&true), "{report:?}");
 }
 
 /// A rival that creates the payment row without the per-order lock (a worker of an older
