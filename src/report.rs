@@ -8,6 +8,13 @@
 //! cancelled, rejected and returned orders, and shipped orders whose capture is recorded (a
 //! shipped order waiting for its capture is in flight, not wrong). Run the report after
 //! `orderfleet wait` to judge every order.
+//!
+//! One invariant reads the provider's side instead: every authorization the provider approved
+//! for a cancelled or rejected order was voided there (or captured and refunded). Our tables
+//! can say `voided` while the provider still holds the customer's money (a hold placed by a
+//! transaction that then lost its row), so only the provider's records can show it. Locally
+//! those are the sandbox's `sandbox_provider_calls`, keyed `auth:<order>`, `void:<order>`, ...;
+//! with a real provider that table is empty and the check must be made against its records.
 
 use std::collections::BTreeMap;
 
@@ -189,6 +196,36 @@ fn checks() -> Vec<Check> {
             sql: money(
                 "status IN ('completed', 'cancelled', 'returned', 'rejected')
                  AND payment_state IN ('pending', 'authorized')",
+            ),
+        },
+        Check {
+            // Read from the provider's side: the sandbox's record of every call (with a real
+            // provider that table is empty and this holds trivially; check its own records).
+            // A hold is released by its void, or consumed by a capture that was refunded.
+            name: "cancelled_and_rejected_orders_left_no_hold_at_the_provider",
+            sql: format!(
+                "WITH approved AS (
+                     SELECT idempotency_key, operation, amount_minor, currency::text AS currency,
+                            result->>'reference' AS reference
+                       FROM sandbox_provider_calls WHERE result->>'outcome' = 'approved'
+                 )
+                 SELECT format('order %s (%s): authorization %s of %s %s approved at the \
+                                provider and never voided',
+                               o.id, o.status, a.reference, a.amount_minor, a.currency)
+                   FROM orders o
+                   JOIN approved a ON a.idempotency_key = 'auth:' || o.id
+                                  AND a.operation = 'authorize'
+                  WHERE o.status IN ('cancelled', 'rejected')
+                    AND NOT EXISTS (SELECT 1 FROM approved v
+                                     WHERE v.idempotency_key = 'void:' || o.id
+                                       AND v.operation = 'void')
+                    AND NOT (EXISTS (SELECT 1 FROM approved c
+                                      WHERE c.idempotency_key = 'capture:' || o.id
+                                        AND c.operation = 'capture')
+                             AND EXISTS (SELECT 1 FROM approved r
+                                          WHERE r.idempotency_key = 'refund:' || o.id
+                                            AND r.operation = 'refund'))
+                  ORDER BY o.id LIMIT {EXAMPLES}"
             ),
         },
         Check {

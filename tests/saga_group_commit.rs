@@ -862,8 +862,9 @@ async fn a_payment_row_created_meanwhile_by_an_event_run_alone_sends_the_group_t
     let accepted = accepted_orders(&fleet, &ids, "PAY-R", "tok_visa").await;
     let payments = fleet.handler(HandlerName::Payments).unwrap();
 
-    // Another instance, running an event of order 1 alone (no advisory lock), has created its
-    // row and not committed yet: the group reads no row for it.
+    // A rival that does not take the order's advisory lock (events run alone take it now; a
+    // worker of an older version did not) has created its row and not committed yet: the
+    // group reads no row for it.
     let mut other = pool.get().await.unwrap();
     let other = other.transaction().await.unwrap();
     other

@@ -502,3 +502,320 @@ async fn ledger_movements_recorded_together_are_each_posted_once() {
     assert_ledger_balances(&pool).await;
     assert_eq!(net_money(&pool, "ord-b").await, 0);
 }
+
+/// The `OrderAccepted` events of `ids` (one unit of `sku` at `price` each, paid with
+/// `tok_visa`), in the order of `ids`, delivered to no one yet.
+async fn accepted_events(
+    fleet: &orderfleet::inproc::Fleet,
+    ids: &[&str],
+    sku: &str,
+    price: i64,
+) -> Vec<Envelope> {
+    for id in ids {
+        fleet
+            .publish_event(&order(id, &[(sku, 1, price)], "tok_visa"))
+            .await
+            .unwrap();
+    }
+    for placed in fleet.take(ids.len()).await.unwrap() {
+        fleet.deliver(&placed).await;
+    }
+    let accepted = fleet.take(ids.len()).await.unwrap();
+    ids.iter()
+        .map(|id| {
+            accepted
+                .iter()
+                .find(|e| e.detail_type == "OrderAccepted" && e.order_id() == Some(*id))
+                .unwrap_or_else(|| panic!("no OrderAccepted for {id}: {accepted:?}"))
+                .clone()
+        })
+        .collect()
+}
+
+/// The `OrderCancelled` that orders emits when the customer cancels `order_id`.
+async fn cancelled_by_customer(fleet: &orderfleet::inproc::Fleet, order_id: &str) -> Envelope {
+    fleet.publish_event(&cancellation(order_id)).await.unwrap();
+    let request = fleet.take(1).await.unwrap().remove(0);
+    assert_eq!(request.detail_type, "OrderCancellationRequested");
+    fleet.deliver(&request).await;
+    let cancelled = fleet.take(1).await.unwrap().remove(0);
+    assert_eq!(cancelled.detail_type, "OrderCancelled");
+    assert_eq!(cancelled.order_id(), Some(order_id));
+    cancelled
+}
+
+/// Holds the `payment_attempts` key `key` in an open transaction on a connection of its own,
+/// so that a payments transaction about to record that attempt (just before it calls the
+/// provider) waits for it. Returns the transaction's client and its backend pid.
+async fn hold_attempt(
+    pool: &deadpool_postgres::Pool,
+    order_id: &str,
+    key: &str,
+) -> (deadpool_postgres::Object, i32) {
+    let client = pool.get().await.unwrap();
+    client.batch_execute("BEGIN").await.unwrap();
+    client
+        .execute(
+            "INSERT INTO payment_attempts (idempotency_key, order_id, operation, payment_token,
+                 amount_minor, currency) VALUES ($1, $2, 'authorize', 'tok_visa', 0, 'EUR')",
+            &[&key, &order_id],
+        )
+        .await
+        .unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (client, pid)
+}
+
+/// Waits until a session of this database waits for the backend `pid`.
+async fn wait_blocked_by(pool: &deadpool_postgres::Pool, pid: i32, what: &str) {
+    common::wait_for(Duration::from_secs(10), what, || async {
+        let c = pool.get().await.unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+}
+
+/// Approved authorizations in the sandbox's records for `order_id`, and approved voids.
+async fn approved_at_provider(pool: &deadpool_postgres::Pool, order_id: &str) -> (bool, bool) {
+    let approved = |call: Option<(i32, Option<serde_json::Value>)>| {
+        call.and_then(|(_, r)| r)
+            .is_some_and(|r| r["outcome"] == "approved")
+    };
+    (
+        approved(provider_call(pool, &format!("auth:{order_id}")).await),
+        approved(provider_call(pool, &format!("void:{order_id}")).await),
+    )
+}
+
+/// Runs `event` alone with `handler` until it is not answered with a retry (a bounded number
+/// of times), as SQS would deliver it again.
+async fn execute_until_answered(
+    handler: &dyn Handler,
+    pool: &deadpool_postgres::Pool,
+    event: &Envelope,
+    first: Result<orderfleet::runtime::Executed, HandlerError>,
+) {
+    let mut outcome = first;
+    for receive in 2..6 {
+        match &outcome {
+            Err(HandlerError::Retry { .. }) => {
+                outcome = orderfleet::runtime::execute(handler, pool, event, receive).await;
+            }
+            _ => break,
+        }
+    }
+    assert!(outcome.is_ok(), "{}: {outcome:?}", event.detail_type);
+}
+
+/// Issue 12: a group reads that order X has no payment row; meanwhile the customer's
+/// cancellation of X is handled alone by another process. The cancellation must wait for the
+/// group (same per-order lock), and then void the hold the group placed: no approved
+/// authorization of a cancelled order is left without an approved void.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_handled_while_a_group_authorizes_the_order_leaves_no_hold_on_the_card() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    let accepted = accepted_events(&fleet, &["ord-race-x", "ord-race-y"], "TEA-1", 1000).await;
+    let cancel = cancelled_by_customer(&fleet, "ord-race-x").await;
+    let payments = fleet.handler(HandlerName::Payments).unwrap();
+
+    // The group locks its orders, reads no payment row for X, and stops just before it
+    // records (then makes) its authorize call.
+    let (blocker, blocker_pid) = hold_attempt(&pool, "ord-race-x", "auth:ord-race-x").await;
+    let group = {
+        let (payments, pool, events) = (payments.clone(), pool.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let refs: Vec<(&Envelope, u32)> = events.iter().map(|e| (e, 1)).collect();
+            orderfleet::runtime::group::execute_group(&*payments, &pool, &refs).await
+        })
+    };
+    wait_blocked_by(&pool, blocker_pid, "the group to reach the authorize call").await;
+
+    // Another process handles the cancellation alone, while the group is there.
+    let alone = {
+        let (payments, pool, cancel) = (payments.clone(), pool.clone(), cancel.clone());
+        tokio::spawn(
+            async move { orderfleet::runtime::execute(&*payments, &pool, &cancel, 1).await },
+        )
+    };
+    // It either finishes (it did not wait for the group), or waits for the group's lock.
+    common::wait_for(
+        Duration::from_secs(10),
+        "the cancellation to finish or to wait for the group",
+        || async {
+            if alone.is_finished() {
+                return Some(());
+            }
+            let c = pool.get().await.unwrap();
+            let waiting: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'
+                        AND NOT $1 = ANY(pg_blocking_pids(pid))",
+                    &[&blocker_pid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    let cancel_waited = !alone.is_finished();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    let outcome = group.await.unwrap();
+    let group_transactions = outcome.transactions;
+    for (event, result) in accepted.iter().zip(outcome.results) {
+        execute_until_answered(&*payments, &pool, event, result).await;
+    }
+    execute_until_answered(&*payments, &pool, &cancel, alone.await.unwrap()).await;
+    // The rest of the saga sees all of it.
+    for event in accepted.iter().chain([&cancel]) {
+        for h in fleet.consumers(&event.detail_type) {
+            if h != HandlerName::Payments {
+                fleet.deliver_with_retries(h, event).await;
+            }
+        }
+    }
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-race-x").await, "cancelled");
+    let (authorized, voided) = approved_at_provider(&pool, "ord-race-x").await;
+    assert!(authorized, "the group authorized X at the provider");
+    assert!(
+        voided,
+        "X is cancelled, yet its approved authorization was never voided at the provider"
+    );
+    assert_eq!(payment(&pool, "ord-race-x").await.0, "voided");
+    assert_ledger_balances(&pool).await;
+    assert_eq!(net_money(&pool, "ord-race-x").await, 0);
+    // How: the cancellation waited for the group's lock, and the group committed whole.
+    assert!(cancel_waited, "the cancellation did not wait for the group");
+    assert_eq!(group_transactions, 1);
+    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.invariants.get(DANGLING), Some(&true), "{report:?}");
+}
+
+/// A rival that creates the payment row without the per-order lock (a worker of an older
+/// version, during a rolling deploy) can still make a group's authorization lose its row. The
+/// hold it placed is then voided at the provider when the order's events run again, not left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_that_lost_its_payment_row_to_an_unlocked_rival_is_voided() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    let accepted = accepted_events(&fleet, &["ord-lost-x", "ord-lost-y"], "TEA-1", 1000).await;
+    let payments = fleet.handler(HandlerName::Payments).unwrap();
+
+    let (blocker, blocker_pid) = hold_attempt(&pool, "ord-lost-x", "auth:ord-lost-x").await;
+    let group = {
+        let (payments, pool, events) = (payments.clone(), pool.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let refs: Vec<(&Envelope, u32)> = events.iter().map(|e| (e, 1)).collect();
+            orderfleet::runtime::group::execute_group(&*payments, &pool, &refs).await
+        })
+    };
+    wait_blocked_by(&pool, blocker_pid, "the group to reach the authorize call").await;
+    // The rival cancels X in the table, calling no provider, and commits.
+    pool.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
+             VALUES ('ord-lost-x', 'voided', 1000, 'EUR', '')",
+            &[],
+        )
+        .await
+        .unwrap();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    let outcome = group.await.unwrap();
+    for (event, result) in accepted.iter().zip(outcome.results) {
+        execute_until_answered(&*payments, &pool, event, result).await;
+    }
+
+    let (authorized, voided) = approved_at_provider(&pool, "ord-lost-x").await;
+    assert!(authorized, "the group authorized X at the provider");
+    assert!(voided, "the hold that lost its row was left on the card");
+    assert_eq!(payment(&pool, "ord-lost-x").await.0, "voided");
+    assert_eq!(payment(&pool, "ord-lost-y").await.0, "authorized");
+    assert_ledger_balances(&pool).await;
+}
+
+const DANGLING: &str = "cancelled_and_rejected_orders_left_no_hold_at_the_provider";
+
+/// `orderfleet report` checks the provider's records (the sandbox's table here): an approved
+/// authorization of a cancelled or rejected order that was never voided is a broken invariant,
+/// and a normal cancellation leaves none.
+#[tokio::test]
+async fn the_report_flags_a_hold_left_on_a_rejected_order_and_not_a_normal_cancellation() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 1).await;
+    // Authorized, then cancelled for want of stock: authorized and voided at the provider.
+    fleet
+        .publish_event(&order("ord-short", &[("TEA-1", 2, 1000)], "tok_visa"))
+        .await
+        .unwrap();
+    // Rejected (unknown SKU): never authorized.
+    fleet
+        .publish_event(&order("ord-bad", &[("NO-SUCH-SKU", 1, 1000)], "tok_visa"))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-short").await, "cancelled");
+    assert_eq!(status(&pool, "ord-bad").await, "rejected");
+    assert_eq!(approved_at_provider(&pool, "ord-short").await, (true, true));
+
+    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.invariants.get(DANGLING), Some(&true), "{report:?}");
+    assert!(report.holds(), "{:?}", report.violations);
+
+    // A hold the provider approved for the rejected order, and nobody voided.
+    pool.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO sandbox_provider_calls (idempotency_key, operation, payment_token,
+                 amount_minor, currency, attempts, result, decided_at)
+             VALUES ('auth:ord-bad', 'authorize', 'tok_visa', 1000, 'EUR', 1,
+                     '{\"outcome\": \"approved\", \"reference\": \"auth_planted\"}', now())",
+            &[],
+        )
+        .await
+        .unwrap();
+    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(report.invariants.get(DANGLING), Some(&false), "{report:?}");
+    assert!(!report.holds());
+    let found = &report.violations[DANGLING];
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("order ord-bad (rejected)") && found[0].contains("auth_planted"),
+        "{found:?}"
+    );
+    let text = orderfleet::cli::report::render(&report);
+    assert!(text.contains(&format!("[FAIL] {DANGLING}")), "{text}");
+}

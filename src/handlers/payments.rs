@@ -21,6 +21,31 @@
 //! Before voiding or refunding, [`Payments::settle`] replays any authorize or capture recorded
 //! there that our row does not reflect (same key, same outcome at the provider), brings the row
 //! up to date, and then releases the hold or refunds the capture.
+//!
+//! ## Rivals, restarts and crashes
+//!
+//! - **One lock per order, on every path.** Whether an event runs in a group or alone, and
+//!   whatever it is (`OrderAccepted`, `OrderCancelled`, `OrderShipped`, `DeliveryFailed`), its
+//!   transaction takes the `payments:<order>` advisory lock before it reads whether the payment
+//!   row exists ([`Handler::lock_group`] for a group, `lock` for an event alone), and keeps it
+//!   to the end. A rival process handling another event of the order waits for it, then reads
+//!   what was committed. Without this, a group could read "no row", a cancellation run alone
+//!   elsewhere could insert and close the row without calling the provider, and the group's
+//!   authorization would then lose its row and leave a hold nobody releases (issue 12).
+//! - **No authorize without the lock.** The provider is asked to authorize only by a
+//!   transaction that holds the order's lock and found the row absent or `pending`; so no
+//!   other transaction can decide the row while the provider holds the card.
+//! - **A hold that lost its row anyway is voided.** A rival that writes the row without the
+//!   lock (a worker of an older version during a deploy) can still close it under a group's
+//!   authorization: the group's insert fails and its events run alone. An `OrderAccepted` or
+//!   `OrderCancelled` that finds a row `voided` without an authorization of ours, while
+//!   `payment_attempts` records an authorize for the order, replays that authorize with its
+//!   key and voids an approved hold with `void:<order>` (`Payments::release_lost_hold`).
+//! - **Restart or crash after a provider call.** The attempt record was committed before the
+//!   call; the transaction rolls back with the lock. The redelivered event sends the same key
+//!   and gets the same answer; a compensation that comes first replays it and releases it.
+//!   `orderfleet report` checks, on the provider's records, that no cancelled or rejected
+//!   order kept an approved authorization without a void.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -35,7 +60,7 @@ use crate::events::{
     PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentStage,
     PaymentVoided,
 };
-use crate::handlers::{Context, GroupState, Handler};
+use crate::handlers::{lock_order_once, Context, GroupState, Handler};
 use crate::ledger::{self, Movement};
 use crate::outcome::HandlerError;
 use crate::payment_provider::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
@@ -193,8 +218,8 @@ struct Payment {
 /// in [`Handler::lock_group`]; its events read and change the rows here, and
 /// [`Handler::finish`] writes them back: new rows in one `INSERT`, changed ones in one
 /// `UPDATE`, and the money movements of all its events in one [`ledger::record_all`]. For an
-/// order whose lock the transaction holds, a missing row is created in memory. Other orders
-/// (an event run alone) are locked and created in the table as they come.
+/// order whose lock the group took up front, a missing row is created in memory. An event
+/// run alone takes its order's lock in `lock`, then creates the row in the table.
 #[derive(Default)]
 struct Rows {
     rows: HashMap<String, Payment>,
@@ -268,11 +293,18 @@ async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>, HandlerErr
 
 /// Locks the order's payment row, creating it as `pending` with `seed` when it does not exist
 /// yet (a cancellation may arrive before the acceptance).
+///
+/// Every path takes the order's `payments:<id>` advisory lock before it reads whether the row
+/// exists: a group in [`Handler::lock_group`], an event run alone here. So between that read
+/// and the transaction's end no other transaction can create or decide the row, and a
+/// decision taken on "no row yet" (authorize, or close without calling the provider) is not
+/// undone by a rival that read the same absence.
 async fn lock(
     cx: &mut Context<'_>,
     order_id: &str,
     seed: Option<(Money, &str)>,
 ) -> Result<Option<Payment>, HandlerError> {
+    let tx = cx.tx;
     let rows = cx.state::<Rows>();
     if let Some(p) = rows.rows.get(order_id) {
         return Ok(Some(p.clone()));
@@ -287,6 +319,8 @@ async fn lock(
         rows.rows.insert(order_id.to_string(), p.clone());
         return Ok(Some(p));
     }
+    // An event run alone: the same lock a group takes, before anything is read.
+    lock_order_once(tx, &mut rows.locked, "payments", order_id).await?;
     if let Some((amount, token)) = seed {
         cx.tx
             .execute_cached(
@@ -488,9 +522,21 @@ impl Payments {
         let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &d.payment_token))).await? else {
             return Err(HandlerError::permanent("payment row vanished"));
         };
-        if p.state != State::Pending {
-            // Decided already, or a cancellation got here first.
-            return Ok(());
+        match p.state {
+            State::Pending => {}
+            // A cancellation got here first; if an authorization of ours lost the row to it
+            // anyway (see the module doc), its hold is released now.
+            State::Voided => return self.release_lost_hold(cx, p).await,
+            // Decided already.
+            _ => return Ok(()),
+        }
+        if !cx.state::<Rows>().locked.contains(&d.order_id) {
+            // `lock` takes the order's lock on every path; this only guards against a change
+            // that would let a rival decide the row while the provider holds the card.
+            return Err(HandlerError::retry(format!(
+                "refusing to authorize order {} without its payment lock",
+                d.order_id
+            )));
         }
         let key = format!("auth:{}", d.order_id);
         let req = p.request(key.clone(), p.amount);
@@ -612,7 +658,8 @@ impl Payments {
         let mut p = self.reconcile(cx, p).await?;
         let order_id = p.order_id.clone();
         match p.state {
-            State::Voided | State::Refunded => Ok(()),
+            State::Voided => self.release_lost_hold(cx, p).await,
+            State::Refunded => Ok(()),
             State::Pending | State::Failed => {
                 p.state = State::Voided;
                 save(cx, p);
@@ -767,6 +814,73 @@ impl Payments {
             }
         }
         Ok(p)
+    }
+
+    /// Voids, at the provider, a hold placed for a payment that was closed without one: a
+    /// `voided` row with no authorization of ours, while `payment_attempts` records an
+    /// authorize for the order. That is an authorization whose transaction lost the row to a
+    /// cancellation (a rival that did not take the order's lock, e.g. a worker of an older
+    /// version during a deploy, or a crash between the provider's answer and our commit
+    /// followed by the cancellation). The authorize is replayed with its key (the provider
+    /// returns what it decided, or decides now, once) and an approved one is voided with
+    /// `void:<order>`, which a payment closed without a hold never used. Emits nothing: the
+    /// order already has its `PaymentVoided`.
+    async fn release_lost_hold(
+        &self,
+        cx: &mut Context<'_>,
+        mut p: Payment,
+    ) -> Result<(), HandlerError> {
+        if p.state != State::Voided || p.authorize_key.is_some() {
+            return Ok(());
+        }
+        let order_id = p.order_id.clone();
+        let key = format!("auth:{order_id}");
+        let Some(auth) = attempted(cx.tx, &key).await? else {
+            return Ok(());
+        };
+        let outcome = self
+            .provider
+            .authorize(&auth)
+            .await
+            .map_err(|e| provider_error("authorize (replay)", &order_id, e))?;
+        p.authorize_key = Some(key);
+        match outcome {
+            ProviderOutcome::Approved { reference } => {
+                tracing::warn!(order_id = %order_id, authorization_id = %reference,
+                    "voiding a hold whose payment was closed without it");
+                let void_key = format!("void:{order_id}");
+                let req = ProviderRequest {
+                    idempotency_key: void_key.clone(),
+                    payment_token: auth.payment_token.clone(),
+                    amount: auth.amount,
+                    authorization_id: Some(reference.clone()),
+                };
+                self.record_attempt(&order_id, "void", &req).await?;
+                match self
+                    .provider
+                    .void(&req)
+                    .await
+                    .map_err(|e| provider_error("void", &order_id, e))?
+                {
+                    ProviderOutcome::Approved { .. } => {}
+                    ProviderOutcome::Declined { code, message } => {
+                        return Err(HandlerError::permanent(format!(
+                            "void of the lost hold {reference} for order {order_id} declined: \
+                             {code}: {message}"
+                        )))
+                    }
+                }
+                p.token = auth.payment_token;
+                p.authorization_id = Some(reference);
+                p.void_key = Some(void_key);
+            }
+            ProviderOutcome::Declined { code, message } => {
+                p.failure_code = Some(code);
+                p.failure_message = Some(message);
+            }
+        }
+        save(cx, p);
+        Ok(())
     }
 
     async fn cancelled(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
