@@ -240,6 +240,29 @@ enum Settle {
     Returned,
 }
 
+/// The longest a provider call may take; less when the handler's time is shorter (see
+/// [`Context::call_timeout`]).
+const PROVIDER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A provider call bounded by the handler's time left, so that its answer can still be recorded
+/// and committed; a call cut short is replayed by key on the retry.
+async fn bounded_call(
+    cx: &Context<'_>,
+    op: &str,
+    order_id: &str,
+    call: impl std::future::Future<Output = Result<ProviderOutcome, ProviderError>>,
+) -> Result<ProviderOutcome, HandlerError> {
+    cx.bounded(PROVIDER_CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|limit| {
+            Err(ProviderError::Transient(Context::out_of_time(
+                &format!("the provider's {op}"),
+                limit,
+            )))
+        })
+        .map_err(|e| provider_error(op, order_id, e))
+}
+
 fn provider_error(op: &str, order_id: &str, e: ProviderError) -> HandlerError {
     match e {
         ProviderError::Transient(reason) => {
@@ -541,11 +564,8 @@ impl Payments {
         let key = format!("auth:{}", d.order_id);
         let req = p.request(key.clone(), p.amount);
         self.record_attempt(&d.order_id, "authorize", &req).await?;
-        let outcome = self
-            .provider
-            .authorize(&req)
-            .await
-            .map_err(|e| provider_error("authorize", &d.order_id, e))?;
+        let outcome =
+            bounded_call(cx, "authorize", &d.order_id, self.provider.authorize(&req)).await?;
         p.authorize_key = Some(key);
         match outcome {
             ProviderOutcome::Approved { reference } => {
@@ -600,11 +620,7 @@ impl Payments {
         let key = format!("capture:{}", d.order_id);
         let req = p.request(key.clone(), p.amount);
         self.record_attempt(&d.order_id, "capture", &req).await?;
-        let outcome = self
-            .provider
-            .capture(&req)
-            .await
-            .map_err(|e| provider_error("capture", &d.order_id, e))?;
+        let outcome = bounded_call(cx, "capture", &d.order_id, self.provider.capture(&req)).await?;
         p.capture_key = Some(key);
         let amount = p.amount;
         match outcome {
@@ -676,12 +692,7 @@ impl Payments {
                 let key = format!("void:{order_id}");
                 let req = p.request(key.clone(), p.amount);
                 self.record_attempt(&order_id, "void", &req).await?;
-                match self
-                    .provider
-                    .void(&req)
-                    .await
-                    .map_err(|e| provider_error("void", &order_id, e))?
-                {
+                match bounded_call(cx, "void", &order_id, self.provider.void(&req)).await? {
                     ProviderOutcome::Approved { .. } => {}
                     ProviderOutcome::Declined { code, message } => {
                         return Err(HandlerError::permanent(format!(
@@ -707,11 +718,13 @@ impl Payments {
                 let amount = Money::new(p.captured_minor, p.amount.currency);
                 let req = p.request(key.clone(), amount);
                 self.record_attempt(&order_id, "refund", &req).await?;
-                let reference = match self
-                    .provider
-                    .refund(&req)
-                    .await
-                    .map_err(|e| provider_error("refund", &order_id, e))?
+                let reference = match bounded_call(
+                    cx,
+                    "refund",
+                    &order_id,
+                    self.provider.refund(&req),
+                )
+                .await?
                 {
                     ProviderOutcome::Approved { reference } => reference,
                     ProviderOutcome::Declined { code, message } => {
@@ -762,11 +775,13 @@ impl Payments {
         if p.state == State::Pending {
             let key = format!("auth:{order_id}");
             if let Some(req) = attempted(cx.tx, &key).await? {
-                match self
-                    .provider
-                    .authorize(&req)
-                    .await
-                    .map_err(|e| provider_error("authorize (replay)", &order_id, e))?
+                match bounded_call(
+                    cx,
+                    "authorize (replay)",
+                    &order_id,
+                    self.provider.authorize(&req),
+                )
+                .await?
                 {
                     ProviderOutcome::Approved { reference } => {
                         tracing::warn!(order_id = %order_id, authorization_id = %reference,
@@ -788,11 +803,13 @@ impl Payments {
         if p.state == State::Authorized {
             let key = format!("capture:{order_id}");
             if let Some(req) = attempted(cx.tx, &key).await? {
-                match self
-                    .provider
-                    .capture(&req)
-                    .await
-                    .map_err(|e| provider_error("capture (replay)", &order_id, e))?
+                match bounded_call(
+                    cx,
+                    "capture (replay)",
+                    &order_id,
+                    self.provider.capture(&req),
+                )
+                .await?
                 {
                     ProviderOutcome::Approved { reference } => {
                         tracing::warn!(order_id = %order_id, capture_id = %reference,
@@ -838,11 +855,13 @@ impl Payments {
         let Some(auth) = attempted(cx.tx, &key).await? else {
             return Ok(());
         };
-        let outcome = self
-            .provider
-            .authorize(&auth)
-            .await
-            .map_err(|e| provider_error("authorize (replay)", &order_id, e))?;
+        let outcome = bounded_call(
+            cx,
+            "authorize (replay)",
+            &order_id,
+            self.provider.authorize(&auth),
+        )
+        .await?;
         p.authorize_key = Some(key);
         match outcome {
             ProviderOutcome::Approved { reference } => {
@@ -856,12 +875,7 @@ impl Payments {
                     authorization_id: Some(reference.clone()),
                 };
                 self.record_attempt(&order_id, "void", &req).await?;
-                match self
-                    .provider
-                    .void(&req)
-                    .await
-                    .map_err(|e| provider_error("void", &order_id, e))?
-                {
+                match bounded_call(cx, "void", &order_id, self.provider.void(&req)).await? {
                     ProviderOutcome::Approved { .. } => {}
                     ProviderOutcome::Declined { code, message } => {
                         return Err(HandlerError::permanent(format!(
