@@ -137,4 +137,43 @@ mod tests {
         assert_eq!(money(-5), "-0.05");
         assert_eq!(money(0), "0.00");
     }
+
+    #[test]
+    fn ledger_totals_print_with_the_decimals_of_their_currency() {
+        let total = |currency: &str, amount_minor| crate::report::LedgerTotal {
+            account: "revenue".into(),
+            currency: currency.into(),
+            amount_minor,
+        };
+        let r = Report {
+            orders_by_status: Default::default(),
+            orders_total: 0,
+            orders_in_flight: 0,
+            stock: vec![],
+            ledger: vec![
+                total("JPY", -1200),
+                total("KWD", 1250),
+                total("BHD", -5),
+                total("EUR", 1250),
+            ],
+            invariants: Default::default(),
+            violations: Default::default(),
+            emails_by_kind: Default::default(),
+            needs_attention: Default::default(),
+        };
+        let text = render(&r);
+        let line = |code: &str| {
+            text.lines()
+                .find(|l| l.contains(code))
+                .unwrap_or_else(|| panic!("no {code} line in {text}"))
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(line("JPY"), "-1200");
+        assert_eq!(line("KWD"), "1.250");
+        assert_eq!(line("BHD"), "-0.005");
+        assert_eq!(line("EUR"), "12.50");
+    }
 }
