@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "inbox_retention",
         include_str!("../migrations/0009_inbox_retention.sql"),
     ),
+    (
+        10,
+        "inbox_detail_type",
+        include_str!("../migrations/0010_inbox_detail_type.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -74,8 +74,16 @@ async fn an_order_whose_quantities_overflow_or_pass_the_bound_is_rejected_with_n
     let huge = i64::MAX / 2 + 1;
     let cases = [
         // Free lines, so the total fits: only the units per SKU overflow.
-        order("ord-sum-overflow", &[("HUGE-1", huge, 0), ("HUGE-1", huge, 0)], "tok_visa"),
-        order("ord-past-bound", &[("HUGE-1", 1_000_000_000, 0)], "tok_visa"),
+        order(
+            "ord-sum-overflow",
+            &[("HUGE-1", huge, 0), ("HUGE-1", huge, 0)],
+            "tok_visa",
+        ),
+        order(
+            "ord-past-bound",
+            &[("HUGE-1", 1_000_000_000, 0)],
+            "tok_visa",
+        ),
         order(
             "ord-lines-past-bound",
             &[("HUGE-1", 900_000, 0), ("HUGE-1", 900_000, 0)],

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 
 use crate::cli::DatabaseArg;
+use crate::email::view::format_money;
+use crate::events::{Currency, Money};
 use crate::report::{self, Report};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -36,12 +38,18 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     })
 }
 
-/// Formats `amount_minor` of a currency with two decimals (every currency the simulator uses
-/// has two; the JSON keeps minor units).
-fn money(amount_minor: i64) -> String {
-    let sign = if amount_minor < 0 { "-" } else { "" };
-    let a = amount_minor.unsigned_abs();
-    format!("{sign}{}.{:02}", a / 100, a % 100)
+/// Formats `amount_minor` of `currency` with the decimals of its minor unit (the JSON keeps
+/// minor units): `1234.56` EUR, `1200` JPY, `1.250` KWD.
+fn money(amount_minor: i64, currency: &str) -> String {
+    let Some(code) = Currency::new(currency).ok() else {
+        return format!("{amount_minor} (minor units)");
+    };
+    let text = format_money(Money::new(amount_minor, code));
+    // The currency has its own column.
+    match text.strip_prefix(currency) {
+        Some(amount) => amount.trim_start().to_string(),
+        None => text,
+    }
 }
 
 /// The human-readable report.
@@ -87,7 +95,7 @@ pub fn render(r: &Report) -> String {
             "  {:<20} {:<4} {:>14}",
             l.account,
             l.currency,
-            money(l.amount_minor)
+            money(l.amount_minor, &l.currency)
         );
     }
     if r.ledger.is_empty() {
@@ -132,10 +140,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn minor_units_print_with_two_decimals() {
-        assert_eq!(money(123456), "1234.56");
-        assert_eq!(money(-5), "-0.05");
-        assert_eq!(money(0), "0.00");
+    fn two_digit_currencies_print_with_two_decimals() {
+        assert_eq!(money(123456, "EUR"), "1234.56");
+        assert_eq!(money(-5, "USD"), "-0.05");
+        assert_eq!(money(0, "GBP"), "0.00");
     }
 
     #[test]
