@@ -24,6 +24,13 @@ pub struct EventSpec {
     pub producer: Producer,
     pub consumers: &'static [HandlerName],
     pub description: &'static str,
+    /// Whether the event must carry its own `detail.event_id`. True for the storefront's events
+    /// whose effect is counted per event rather than settled by a business key: a producer's
+    /// retry after a lost PutEvents response gets a new EventBridge id, so without an
+    /// `event_id` of the producer's it would be applied twice. One without it is
+    /// dead-lettered ([`crate::events::decode`]). The fleet's own events always carry one (the
+    /// outbox stamps it).
+    pub requires_event_id: bool,
 }
 
 impl EventSpec {
@@ -51,6 +58,20 @@ const fn ev(
         producer,
         consumers,
         description,
+        requires_event_id: false,
+    }
+}
+
+/// [`ev`] for an event that must carry its `event_id` (see [`EventSpec::requires_event_id`]).
+const fn keyed(
+    detail_type: &'static str,
+    producer: Producer,
+    consumers: &'static [HandlerName],
+    description: &'static str,
+) -> EventSpec {
+    EventSpec {
+        requires_event_id: true,
+        ..ev(detail_type, producer, consumers, description)
     }
 }
 
@@ -58,8 +79,12 @@ use Producer::{Handler as By, Storefront};
 
 /// Every event of the fleet. Analytics archives all of them.
 pub const EVENTS: &[EventSpec] = &[
-    // From the storefront.
-    ev(
+    // From the storefront. StockReceived adds to stock on hand and OrderPlaced starts a
+    // reservation and an authorization hold: both change quantities or money, so both must
+    // carry an `event_id` (OrderPlaced is also settled by its order id, but the contract does
+    // not rest on that). A cancellation only moves an order towards cancelled, which a second
+    // copy cannot move further, and a product upsert writes the same document again.
+    keyed(
         "OrderPlaced",
         Storefront,
         &[Orders, Analytics],
@@ -71,7 +96,7 @@ pub const EVENTS: &[EventSpec] = &[
         &[Orders, Analytics],
         "The customer or the store asks to cancel an order that has not shipped.",
     ),
-    ev(
+    keyed(
         "StockReceived",
         Storefront,
         &[Inventory, Analytics],

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0009_inbox_retention.sql"),
     ),
     (
+        10,
+        "inbox_detail_type",
+        include_str!("../migrations/0010_inbox_detail_type.sql"),
+    ),
+    (
         11,
         "outbox_dead_letters",
         include_str!("../migrations/0011_outbox_dead_letters.sql"),

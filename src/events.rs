@@ -6,7 +6,8 @@
 //! a storefront retry of the same event count once (see
 //! [`crate::envelope::Envelope::event_key`]).
 //!
-//! Money is integer minor units with a validated ISO 4217 [`Currency`], never a float; times
+//! Money is integer minor units with a [`Currency`] code, checked against ISO 4217 at the edge
+//! (orders), never a float; times
 //! are UTC. Decoding is [`decode`]: a detail that does not match its struct is poison, a
 //! version this build does not know is permanent.
 
@@ -84,6 +85,21 @@ pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
             event.detail_type
         )));
     }
+    let has_id = payload
+        .meta()
+        .event_id
+        .as_deref()
+        .is_some_and(|id| !id.trim().is_empty());
+    if !has_id && crate::catalogue::spec(T::DETAIL_TYPE).is_some_and(|s| s.requires_event_id) {
+        // Checked before any effect, so the rolled-back transaction leaves no inbox row either.
+        return Err(HandlerError::permanent(format!(
+            "{} detail has no event_id: it changes stock or money, so it must carry the \
+             producer's own event_id, which makes a retry of the same event a duplicate (without \
+             it every retry gets a new EventBridge id and is applied again). Publish it again \
+             with an event_id",
+            event.detail_type
+        )));
+    }
     Ok(payload)
 }
 
@@ -96,7 +112,10 @@ pub fn emit<T: Event>(cx: &mut Context<'_>, event: &T) -> Result<(), HandlerErro
 // Money
 // ---------------------------------------------------------------------------------------------
 
-/// An ISO 4217 alphabetic currency code: exactly three ASCII uppercase letters.
+/// A currency code as it comes on the wire: exactly three ASCII uppercase letters. Whether it
+/// is an ISO 4217 currency, and its minor unit, is [`Currency::minor_unit_exponent`]: orders
+/// rejects an order in a code that is not (`invalid_currency`), so every amount past the edge
+/// is in one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Currency([u8; 3]);
@@ -115,12 +134,48 @@ impl Currency {
         }
     }
 
+    /// The number of digits of the currency's minor unit (ISO 4217 list one): 2 for EUR, 0
+    /// for JPY, 3 for KWD and BHD, 4 for CLF. `None` for a code that is not an ISO 4217
+    /// currency, or one without a minor unit (precious metals, testing and fund codes such
+    /// as XAU, XTS, XXX): the fleet takes no money in those.
+    pub fn minor_unit_exponent(&self) -> Option<u32> {
+        match self.as_str() {
+            "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF"
+            | "UGX" | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => Some(0),
+            "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => Some(3),
+            "CLF" | "UYW" => Some(4),
+            code if ISO_4217_TWO_DIGITS.binary_search(&code).is_ok() => Some(2),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an ISO 4217 currency the fleet takes money in.
+    pub fn is_iso_4217(&self) -> bool {
+        self.minor_unit_exponent().is_some()
+    }
+
     /// The code, e.g. `"EUR"`.
     pub fn as_str(&self) -> &str {
         // Cannot fail: a Currency is only built by `new`, from three ASCII uppercase letters.
         std::str::from_utf8(&self.0).expect("a currency code is ASCII")
     }
 }
+
+/// The ISO 4217 (list one) currencies with a two-digit minor unit, sorted. Codes still listed
+/// during a transition (ANG beside XCG, SLL beside SLE, ZWL beside ZWG, CUC) are kept.
+const ISO_4217_TWO_DIGITS: &[&str] = &[
+    "AED", "AFN", "ALL", "AMD", "ANG", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT",
+    "BGN", "BMD", "BND", "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF",
+    "CHE", "CHF", "CHW", "CNY", "COP", "COU", "CRC", "CUC", "CUP", "CVE", "CZK", "DKK", "DOP",
+    "DZD", "EGP", "ERN", "ETB", "EUR", "FJD", "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GTQ",
+    "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR", "IRR", "JMD", "KES", "KGS", "KHR",
+    "KPW", "KYD", "KZT", "LAK", "LBP", "LKR", "LRD", "LSL", "MAD", "MDL", "MGA", "MKD", "MMK",
+    "MNT", "MOP", "MRU", "MUR", "MVR", "MWK", "MXN", "MXV", "MYR", "MZN", "NAD", "NGN", "NIO",
+    "NOK", "NPR", "NZD", "PAB", "PEN", "PGK", "PHP", "PKR", "PLN", "QAR", "RON", "RSD", "RUB",
+    "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SLL", "SOS", "SRD", "SSP", "STN",
+    "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH", "USD",
+    "USN", "UYU", "UZS", "VED", "VES", "WST", "XCD", "XCG", "YER", "ZAR", "ZMW", "ZWG", "ZWL",
+];
 
 impl TryFrom<String> for Currency {
     type Error = InvalidCurrency;
@@ -245,6 +300,7 @@ pub enum RejectionCode {
     InvalidQuantity,
     InvalidPrice,
     MixedCurrencies,
+    InvalidCurrency,
     UnknownSku,
     MissingCustomer,
     MissingEmail,
@@ -261,6 +317,7 @@ impl RejectionCode {
             RejectionCode::InvalidQuantity => "invalid_quantity",
             RejectionCode::InvalidPrice => "invalid_price",
             RejectionCode::MixedCurrencies => "mixed_currencies",
+            RejectionCode::InvalidCurrency => "invalid_currency",
             RejectionCode::UnknownSku => "unknown_sku",
             RejectionCode::MissingCustomer => "missing_customer",
             RejectionCode::MissingEmail => "missing_email",
@@ -868,6 +925,36 @@ mod tests {
     }
 
     #[test]
+    fn iso_4217_currencies_have_their_minor_unit() {
+        let exp = |c: &str| Currency::new(c).unwrap().minor_unit_exponent();
+        assert_eq!(exp("EUR"), Some(2));
+        assert_eq!(exp("JPY"), Some(0));
+        assert_eq!(exp("KWD"), Some(3));
+        assert_eq!(exp("BHD"), Some(3));
+        assert_eq!(exp("CLF"), Some(4));
+        for not_money in ["XYZ", "ABC", "XAU", "XXX", "XTS", "HRK"] {
+            assert_eq!(exp(not_money), None, "{not_money}");
+        }
+        assert!(
+            ISO_4217_TWO_DIGITS.windows(2).all(|w| w[0] < w[1]),
+            "sorted"
+        );
+    }
+
+    #[test]
+    fn storefront_events_that_change_stock_or_money_need_their_event_id() {
+        let mut stock = example("StockReceived").unwrap();
+        stock.as_object_mut().unwrap().remove("event_id");
+        let err = decode::<StockReceived>(&envelope("StockReceived", stock)).unwrap_err();
+        assert_eq!(err.kind(), "permanent");
+        assert!(err.to_string().contains("no event_id"), "{err}");
+        let mut cancel = example("OrderCancellationRequested").unwrap();
+        cancel.as_object_mut().unwrap().remove("event_id");
+        decode::<OrderCancellationRequested>(&envelope("OrderCancellationRequested", cancel))
+            .unwrap();
+    }
+
+    #[test]
     fn every_catalogued_event_has_an_example_that_round_trips() {
         macro_rules! round_trip {
             ($($ty:ty),*) => {{
@@ -932,7 +1019,7 @@ mod tests {
         );
         let env = envelope(
             "StockReceived",
-            serde_json::json!({"sku": "x", "quantity": 1}),
+            serde_json::json!({"sku": "x", "quantity": 1, "event_id": "sf-1"}),
         );
         assert_eq!(decode::<StockReceived>(&env).unwrap().meta.version, 1);
     }

@@ -10,8 +10,8 @@
 //! 1. The analytics handler ([`crate::handlers::analytics`]) turns the event into its lake
 //!    record ([`record_for`]) and inserts it into `lake_outbox` ([`enqueue`]) in its own
 //!    transaction, next to its inbox row. The SQS message is deleted only after that commit, so
-//!    an event is either in `lake_outbox` or still on its queue: never lost. `event_key` is
-//!    unique, so a redelivered event cannot add a second row (the inbox already stops it; the
+//!    an event is either in `lake_outbox` or still on its queue: never lost. `(event_key,
+//!    detail_type)` is unique, so a redelivered event cannot add a second row (the inbox already stops it; the
 //!    constraint is the belt to its braces).
 //! 2. A [`LakeShipper`] in the worker process takes pending rows (`FOR UPDATE SKIP LOCKED`, so
 //!    shippers in several processes never take the same row), packs them into one
@@ -96,13 +96,13 @@ pub fn record_for(event: &Envelope) -> Result<Vec<u8>, HandlerError> {
 }
 
 /// Adds `event`'s record to `lake_outbox` in `tx`. Returns false when a record with the same
-/// event key is already there (a redelivery): nothing is added.
+/// event key and detail-type is already there (a redelivery): nothing is added.
 pub async fn enqueue(tx: &Tx, event: &Envelope) -> Result<bool, HandlerError> {
     let record = record_for(event)?;
     let n = tx
         .execute(
             "INSERT INTO lake_outbox (event_key, detail_type, record) VALUES ($1, $2, $3)
-             ON CONFLICT (event_key) DO NOTHING",
+             ON CONFLICT (event_key, detail_type) DO NOTHING",
             &[&event.event_key(), &event.detail_type, &record],
         )
         .await
@@ -593,7 +593,7 @@ pub struct LakeStats {
     pub objects: u64,
     /// Records (lines) read, copies included.
     pub records: u64,
-    /// Distinct events (by event key) among them.
+    /// Distinct events (by detail-type and event key) among them.
     pub distinct_events: u64,
     /// Records that repeat an event already counted (see the module header on when Firehose
     /// or a crash can cause them).
@@ -628,7 +628,8 @@ impl LakeStats {
                 .map(|d| d.to_string())
                 .unwrap_or_else(|| "unpartitioned".into());
             *stats.by_partition.entry(partition).or_default() += 1;
-            if !seen.insert(r.event_key().to_string()) {
+            // A producer may reuse one id across detail-types: the pair is the event.
+            if !seen.insert((r.detail_type().to_string(), r.event_key().to_string())) {
                 stats.duplicates += 1;
                 continue;
             }

@@ -1,8 +1,15 @@
 //! The inbox and the outbox: exactly-once effects on top of at-least-once delivery.
 //!
-//! The inbox is a processed-message row keyed by (handler, event key), inserted in the
-//! handler's own transaction: a redelivered event finds its row and is acknowledged with no
-//! effect. The outbox holds the events a handler emitted, also in that transaction; the
+//! The inbox is a processed-message row keyed by (handler, event key, detail-type), inserted in
+//! the handler's own transaction: a redelivered event finds its row and is acknowledged with no
+//! effect. The detail-type is part of the key because producers reuse ids across detail-types
+//! (a storefront may send the order id as the `event_id` of both the order and its
+//! cancellation): keyed by id alone, the cancellation would be dropped as a duplicate.
+//!
+//! A rival process claiming the same event blocks on the primary key until the first
+//! transaction ends, then finds the row (a duplicate) or, if the first rolled back, claims it
+//! itself. A crash before the commit leaves neither the row nor the effects, so the redelivery
+//! applies the event; a crash after it leaves both, so the redelivery is a duplicate. The outbox holds the events a handler emitted, also in that transaction; the
 //! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
 //! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
 //!
@@ -37,7 +44,8 @@ use crate::db::{Cached, Tx};
 use crate::handlers::NewEvent;
 use crate::outcome::{error_chain, HandlerError};
 
-/// Records that `handler` processed the event with `key`. Returns false when it already had:
+/// Records that `handler` processed the event `key` of `detail_type`. Returns false when it
+/// already had:
 /// the caller must then apply nothing. A concurrent duplicate blocks on the primary key until
 /// the first transaction ends, so two deliveries can never both apply.
 pub async fn claim(

@@ -220,6 +220,12 @@ fn every_catalogued_event_has_a_versioned_schema_and_no_schema_is_orphaned() {
             "{}: every payload may carry its event_id",
             spec.detail_type
         );
+        assert_eq!(
+            required.contains(&json!("event_id")),
+            spec.requires_event_id,
+            "{}: the schema requires event_id exactly when the catalogue does",
+            spec.detail_type
+        );
         files.remove(&format!("{}.json", spec.detail_type));
     }
     assert!(
@@ -468,9 +474,13 @@ fn render_event_docs() -> String {
         "Conventions of every payload:\n\n\
          - `version` is the payload's schema version, 1 for every event today. A consumer \
          dead-letters a version it does not know (permanent failure) rather than guess.\n\
-         - `event_id` identifies the logical event and is the consumers' inbox key: the \
-         storefront sets its own; the outbox stamps a UUID on the fleet's, so a republished \
-         event is recognised.\n\
+         - `event_id` identifies the logical event; with the detail-type it is the consumers' \
+         inbox key, so one id may be reused across detail-types. The storefront sets its own, \
+         the same on every retry of an event; the outbox stamps a UUID on the fleet's, so a \
+         republished event is recognised. Storefront events that change stock or money (marked \
+         \"`event_id`: required\" below) must carry one: without it a retry would get a new \
+         EventBridge id and be applied twice, so such an event is dead-lettered with a reason \
+         that names the missing `event_id`.\n\
          - Money is `{\"amount_minor\": integer, \"currency\": \"EUR\"}`: integer minor units and \
          an ISO 4217 code, never a float. Times are RFC 3339 in UTC.\n\
          - The schemas describe what decodes. Business rules (an `OrderPlaced` with a zero \
@@ -504,6 +514,11 @@ fn render_event_docs() -> String {
             spec.detail_type,
             spec.detail_type,
         ));
+        if spec.requires_event_id {
+            out.push_str(
+                "- `event_id`: required (it changes stock or money; one without it is dead-lettered)\n",
+            );
+        }
         let required: Vec<&str> = s["required"]
             .as_array()
             .into_iter()

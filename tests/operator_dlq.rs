@@ -54,7 +54,7 @@ fn stock(sku: &str, quantity: i64) -> String {
     common::event_body(
         "StockReceived",
         "orderfleet.storefront",
-        json!({"sku": sku, "quantity": quantity}),
+        json!({"sku": sku, "quantity": quantity, "event_id": common::unique("stock-")}),
     )
 }
 

@@ -268,9 +268,18 @@ async fn a_permanent_failure_in_a_group_is_judged_alone_and_its_neighbours_commi
     let pool = fleet.pool().clone();
     let inventory = fleet.handler(HandlerName::Inventory).unwrap();
     let events = vec![
-        envelope("StockReceived", json!({"sku": "PF-1", "quantity": 3})),
-        envelope("StockReceived", json!({"sku": "PF-BAD", "quantity": -1})),
-        envelope("StockReceived", json!({"sku": "PF-2", "quantity": 4})),
+        envelope(
+            "StockReceived",
+            json!({"sku": "PF-1", "quantity": 3, "event_id": "sr-PF-1"}),
+        ),
+        envelope(
+            "StockReceived",
+            json!({"sku": "PF-BAD", "quantity": -1, "event_id": "sr-PF-BAD"}),
+        ),
+        envelope(
+            "StockReceived",
+            json!({"sku": "PF-2", "quantity": 4, "event_id": "sr-PF-2"}),
+        ),
     ];
     let outcome = execute_group(&*inventory, &pool, &refs(&events, 1)).await;
     // The failed group, the two good events grouped again, the bad one alone.

@@ -128,11 +128,7 @@ async fn send(clients: &Clients, queue_url: &str, body: &str) {
 }
 
 fn stock_received(sku: &str, qty: i64) -> String {
-    common::event_body(
-        "StockReceived",
-        "orderfleet.storefront",
-        json!({"sku": sku, "quantity": qty}),
-    )
+    common::stock_received(sku, qty)
 }
 
 async fn on_hand(pool: &Pool, sku: &str) -> i64 {

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result};
 
 use crate::cli::DatabaseArg;
+use crate::email::view::format_money;
+use crate::events::{Currency, Money};
 use crate::report::{self, Report};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -36,12 +38,18 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     })
 }
 
-/// Formats `amount_minor` of a currency with two decimals (every currency the simulator uses
-/// has two; the JSON keeps minor units).
-fn money(amount_minor: i64) -> String {
-    let sign = if amount_minor < 0 { "-" } else { "" };
-    let a = amount_minor.unsigned_abs();
-    format!("{sign}{}.{:02}", a / 100, a % 100)
+/// Formats `amount_minor` of `currency` with the decimals of its minor unit (the JSON keeps
+/// minor units): `1234.56` EUR, `1200` JPY, `1.250` KWD.
+fn money(amount_minor: i64, currency: &str) -> String {
+    let Some(code) = Currency::new(currency).ok() else {
+        return format!("{amount_minor} (minor units)");
+    };
+    let text = format_money(Money::new(amount_minor, code));
+    // The currency has its own column.
+    match text.strip_prefix(currency) {
+        Some(amount) => amount.trim_start().to_string(),
+        None => text,
+    }
 }
 
 /// The human-readable report.
@@ -87,7 +95,7 @@ pub fn render(r: &Report) -> String {
             "  {:<20} {:<4} {:>14}",
             l.account,
             l.currency,
-            money(l.amount_minor)
+            money(l.amount_minor, &l.currency)
         );
     }
     if r.ledger.is_empty() {
@@ -140,9 +148,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn minor_units_print_with_two_decimals() {
-        assert_eq!(money(123456), "1234.56");
-        assert_eq!(money(-5), "-0.05");
-        assert_eq!(money(0), "0.00");
+    fn two_digit_currencies_print_with_two_decimals() {
+        assert_eq!(money(123456, "EUR"), "1234.56");
+        assert_eq!(money(-5, "USD"), "-0.05");
+        assert_eq!(money(0, "GBP"), "0.00");
+    }
+
+    #[test]
+    fn ledger_totals_print_with_the_decimals_of_their_currency() {
+        let total = |currency: &str, amount_minor| crate::report::LedgerTotal {
+            account: "revenue".into(),
+            currency: currency.into(),
+            amount_minor,
+        };
+        let r = Report {
+            orders_by_status: Default::default(),
+            orders_total: 0,
+            orders_in_flight: 0,
+            stock: vec![],
+            ledger: vec![
+                total("JPY", -1200),
+                total("KWD", 1250),
+                total("BHD", -5),
+                total("EUR", 1250),
+            ],
+            invariants: Default::default(),
+            violations: Default::default(),
+            emails_by_kind: Default::default(),
+            needs_attention: Default::default(),
+        };
+        let text = render(&r);
+        let line = |code: &str| {
+            text.lines()
+                .find(|l| l.contains(code))
+                .unwrap_or_else(|| panic!("no {code} line in {text}"))
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(line("JPY"), "-1200");
+        assert_eq!(line("KWD"), "1.250");
+        assert_eq!(line("BHD"), "-0.005");
+        assert_eq!(line("EUR"), "12.50");
     }
 }

@@ -210,27 +210,20 @@ pub struct Refunded {
     pub returned: bool,
 }
 
-/// The number of digits after the decimal point of `currency`'s minor unit (ISO 4217): 0 for
-/// JPY, KRW and the like, 3 for the dinars, 4 for the unidades de fomento, 2 otherwise.
-pub fn minor_digits(currency: Currency) -> u32 {
-    match currency.as_str() {
-        "BIF" | "CLP" | "DJF" | "GNF" | "ISK" | "JPY" | "KMF" | "KRW" | "PYG" | "RWF" | "UGX"
-        | "UYI" | "VND" | "VUV" | "XAF" | "XOF" | "XPF" => 0,
-        "BHD" | "IQD" | "JOD" | "KWD" | "LYD" | "OMR" | "TND" => 3,
-        "CLF" | "UYW" => 4,
-        _ => 2,
-    }
-}
-
 /// Formats an amount for a customer: the code, a space, the major units and the minor units,
-/// e.g. `EUR 12.50`, `JPY 1200`, `KWD 1.250`, `EUR -0.05`. Exact: integer arithmetic only.
+/// e.g. `EUR 12.50`, `JPY 1200`, `KWD 1.250`, `EUR -0.05`, with the minor unit of the currency
+/// ([`Currency::minor_unit_exponent`]). Exact: integer arithmetic only.
 pub fn format_money(m: Money) -> String {
     format_minor(i128::from(m.amount_minor), m.currency)
 }
 
-/// [`format_money`] for an amount that may exceed `i64` (a line total: quantity × price).
+/// [`format_money`] for an amount that may exceed `i64` (a line total: quantity × price). A
+/// code that is not an ISO 4217 currency (orders rejects those, so only old data has one) is
+/// printed in minor units, saying so, rather than with guessed decimals.
 pub fn format_minor(amount_minor: i128, currency: Currency) -> String {
-    let digits = minor_digits(currency);
+    let Some(digits) = currency.minor_unit_exponent() else {
+        return format!("{currency} {amount_minor} (minor units)");
+    };
     let sign = if amount_minor < 0 { "-" } else { "" };
     let abs = amount_minor.unsigned_abs();
     if digits == 0 {
@@ -267,6 +260,8 @@ mod tests {
         assert_eq!(format_money(money(1200, "JPY")), "JPY 1200");
         assert_eq!(format_money(money(1250, "KWD")), "KWD 1.250");
         assert_eq!(format_money(money(12345, "CLF")), "CLF 1.2345");
+        assert_eq!(format_money(money(-5, "BHD")), "BHD -0.005");
+        assert_eq!(format_money(money(7, "XYZ")), "XYZ 7 (minor units)");
         assert_eq!(
             format_money(money(i64::MAX, "EUR")),
             "EUR 92233720368547758.07"

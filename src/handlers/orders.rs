@@ -23,7 +23,7 @@
 //! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
 //! whole row. The result does not depend on the order of arrival.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 
@@ -199,6 +199,12 @@ pub fn advance(s: &Snapshot) -> Option<(Status, Effect)> {
     }
 }
 
+/// The most units of one SKU an order may take, summed over its lines. Far past any real
+/// basket; its point is that quantities stay where stock arithmetic cannot overflow, so a
+/// broken or hostile order is an `OrderRejected` (`invalid_quantity`) at the edge and never a
+/// failure deep in inventory after payments took an authorization hold.
+pub const MAX_UNITS_PER_SKU: i64 = 1_000_000;
+
 /// A valid order, ready to persist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidOrder {
@@ -251,6 +257,8 @@ pub fn validate(
     }
     let mut currencies: Vec<Currency> = Vec::new();
     let mut total: Option<i64> = Some(0);
+    // Units per SKU across the order, as inventory reserves them: `None` once past i64.
+    let mut units: BTreeMap<&str, Option<i64>> = BTreeMap::new();
     for line in &order.lines {
         if line.quantity <= 0 {
             reject(
@@ -258,6 +266,18 @@ pub fn validate(
                 format!(
                     "{} has quantity {}; it must be at least 1",
                     line.sku, line.quantity
+                ),
+            );
+        } else {
+            let sum = units.entry(line.sku.as_str()).or_insert(Some(0));
+            *sum = sum.and_then(|s| s.checked_add(line.quantity));
+        }
+        if !line.unit_price.currency.is_iso_4217() {
+            reject(
+                RejectionCode::InvalidCurrency,
+                format!(
+                    "{} is priced in {}, which is not an ISO 4217 currency",
+                    line.sku, line.unit_price.currency
                 ),
             );
         }
@@ -281,6 +301,19 @@ pub fn validate(
         }
         total = total
             .and_then(|t| t.checked_add(line.quantity.checked_mul(line.unit_price.amount_minor)?));
+    }
+    for (sku, sum) in &units {
+        match sum {
+            Some(n) if *n <= MAX_UNITS_PER_SKU => {}
+            Some(n) => reject(
+                RejectionCode::InvalidQuantity,
+                format!("{sku} is ordered {n} times; an order takes at most {MAX_UNITS_PER_SKU} units of one SKU"),
+            ),
+            None => reject(
+                RejectionCode::InvalidQuantity,
+                format!("the quantities of {sku} add up past 64 bits; an order takes at most {MAX_UNITS_PER_SKU} units of one SKU"),
+            ),
+        }
     }
     if currencies.len() > 1 {
         let names: Vec<&str> = currencies.iter().map(Currency::as_str).collect();

@@ -18,6 +18,7 @@
 //! - an event whose consumer stopped waiting (its own timeout) is not committed: it will be
 //!   received again.
 //! - an event claimed before, or twice in one group, is a duplicate; nothing is applied twice.
+//!   An event is its (event key, detail-type): one id reused across detail-types is two events.
 //!
 //! Deadlocks: every grouping handler's [`Handler::lock_group`] takes the advisory locks of the
 //! group's order ids (and SKUs) and the rows it will change in sorted order, before handling
@@ -260,11 +261,16 @@ async fn try_group(
             return Round::Broken(e);
         }
     };
-    // The first copy of a newly claimed key is applied; every other one is a duplicate.
+    // The first copy of a newly claimed (key, detail-type) is applied; every other one is a
+    // duplicate.
     let mut taken = HashSet::new();
     let fresh: Vec<bool> = keys
         .iter()
-        .map(|k| claimed.contains(*k) && taken.insert(*k))
+        .zip(&types)
+        .map(|(k, t)| {
+            let key = (k.to_string(), t.to_string());
+            claimed.contains(&key) && taken.insert(key)
+        })
         .collect();
     let to_apply: Vec<&Envelope> = members
         .iter()
@@ -331,25 +337,26 @@ async fn try_group(
     }
 }
 
-/// Records every key of `keys` as processed by `handler`, in key order (so that two groups
-/// claiming the same keys queue instead of deadlocking). Returns the keys that were new.
+/// Records every (key, detail-type) of `keys` and `detail_types` as processed by `handler`,
+/// in key order (so that two groups claiming the same keys queue instead of deadlocking).
+/// Returns the pairs that were new.
 async fn claim_all(
     tx: &crate::db::Tx,
     handler: &str,
     keys: &[&str],
     detail_types: &[&str],
-) -> Result<HashSet<String>, HandlerError> {
+) -> Result<HashSet<(String, String)>, HandlerError> {
     let rows = tx
         .query_cached(
             "INSERT INTO processed_messages (handler, event_key, detail_type)
-             SELECT $1, k, t FROM unnest($2::text[], $3::text[]) AS m(k, t) ORDER BY k
+             SELECT $1, k, t FROM unnest($2::text[], $3::text[]) AS m(k, t) ORDER BY k, t
              ON CONFLICT DO NOTHING
-             RETURNING event_key",
+             RETURNING event_key, detail_type",
             &[&handler, &keys, &detail_types],
         )
         .await
         .map_err(|e| HandlerError::from_db("recording the processed messages", &e))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// How [`GroupCommit`] forms groups.

@@ -194,12 +194,12 @@ pub async fn wait_exit(
     .await
 }
 
-/// A StockReceived event body for `sku`.
+/// A StockReceived event body for `sku`, with an `event_id` of its own.
 pub fn stock_received(sku: &str, quantity: i64) -> String {
     event_body(
         "StockReceived",
         "orderfleet.storefront",
-        serde_json::json!({"sku": sku, "quantity": quantity}),
+        serde_json::json!({"sku": sku, "quantity": quantity, "event_id": unique("stock-")}),
     )
 }
 
