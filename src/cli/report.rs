@@ -176,6 +176,7 @@ mod tests {
             violations: Default::default(),
             emails_by_kind: Default::default(),
             needs_attention: Default::default(),
+            outbox_dead_letters: 0,
         };
         let text = render(&r);
         let line = |code: &str| {
