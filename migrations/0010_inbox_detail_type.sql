@@ -26,8 +26,7 @@ ALTER TABLE processed_messages
     DROP CONSTRAINT processed_messages_pkey,
     ADD CONSTRAINT processed_messages_pkey PRIMARY KEY USING INDEX processed_messages_scoped;
 
--- The lake's belt to the inbox's braces, scoped the same way: the cancellation that reuses its
--- order's id is archived too.
-ALTER TABLE lake_outbox
-    DROP CONSTRAINT lake_outbox_event_key_key,
-    ADD CONSTRAINT lake_outbox_event_key_detail_type_key UNIQUE (event_key, detail_type);
+-- lake_outbox keeps its unique event_key for now: the previous release's analytics inserts
+-- with ON CONFLICT (event_key), which fails outright once no unique index on exactly that column
+-- is left, so widening it waits for a migration after every worker runs this release (whose
+-- insert names no conflict target).

@@ -51,7 +51,8 @@ impl Envelope {
     /// Events the fleet publishes carry their outbox id as `detail.event_id`: the relay
     /// publishes at least once, and EventBridge gives every PutEvents call a new `id`, so two
     /// publications of one outbox row must still count as one event. Events from elsewhere
-    /// fall back to EventBridge's `id`.
+    /// fall back to EventBridge's `id`. The inbox pairs the key with the detail-type, so a
+    /// producer that reuses one id across detail-types still has each counted.
     pub fn event_key(&self) -> &str {
         self.detail
             .get("event_id")

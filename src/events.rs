@@ -4,7 +4,10 @@
 //! stamps `event_id` into every event the fleet emits (see [`crate::outbox::insert`]), so
 //! handlers build payloads with `event_id: None`; storefront events carry their own, which makes
 //! a storefront retry of the same event count once (see
-//! [`crate::envelope::Envelope::event_key`]).
+//! [`crate::envelope::Envelope::event_key`]). A storefront event the catalogue marks
+//! [`crate::catalogue::EventSpec::requires_event_id`] (it changes stock or money) is a permanent
+//! failure without one: [`decode`] says so before the handler has any effect, so the rolled-back
+//! transaction leaves no inbox row and a corrected copy is applied normally.
 //!
 //! Money is integer minor units with a [`Currency`] code, checked against ISO 4217 at the edge
 //! (orders), never a float; times

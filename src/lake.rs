@@ -10,8 +10,8 @@
 //! 1. The analytics handler ([`crate::handlers::analytics`]) turns the event into its lake
 //!    record ([`record_for`]) and inserts it into `lake_outbox` ([`enqueue`]) in its own
 //!    transaction, next to its inbox row. The SQS message is deleted only after that commit, so
-//!    an event is either in `lake_outbox` or still on its queue: never lost. `(event_key,
-//!    detail_type)` is unique, so a redelivered event cannot add a second row (the inbox already stops it; the
+//!    an event is either in `lake_outbox` or still on its queue: never lost. `event_key` is
+//!    unique, so a redelivered event cannot add a second row (the inbox already stops it; the
 //!    constraint is the belt to its braces).
 //! 2. A [`LakeShipper`] in the worker process takes pending rows (`FOR UPDATE SKIP LOCKED`, so
 //!    shippers in several processes never take the same row), packs them into one
@@ -96,13 +96,16 @@ pub fn record_for(event: &Envelope) -> Result<Vec<u8>, HandlerError> {
 }
 
 /// Adds `event`'s record to `lake_outbox` in `tx`. Returns false when a record with the same
-/// event key and detail-type is already there (a redelivery): nothing is added.
+/// event key is already there (a redelivery): nothing is added. The conflict names no target
+/// so that widening the key to (event key, detail-type), as the inbox's was in migration 0010,
+/// needs no change here; until then a storefront event that reuses another event's id passes
+/// the inbox but finds that id's record here and is not archived a second time.
 pub async fn enqueue(tx: &Tx, event: &Envelope) -> Result<bool, HandlerError> {
     let record = record_for(event)?;
     let n = tx
         .execute(
             "INSERT INTO lake_outbox (event_key, detail_type, record) VALUES ($1, $2, $3)
-             ON CONFLICT (event_key, detail_type) DO NOTHING",
+             ON CONFLICT DO NOTHING",
             &[&event.event_key(), &event.detail_type, &record],
         )
         .await

@@ -27,6 +27,7 @@ fn invalid_order(order_id: &str, lines: usize) -> String {
         "OrderPlaced",
         "orderfleet.storefront",
         json!({
+            "event_id": format!("placed-{order_id}"),
             "order_id": order_id,
             "customer": {"id": "cus-1", "email": "ada@example.com", "name": "Ada"},
             "lines": lines,
