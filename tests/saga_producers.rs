@@ -179,7 +179,11 @@ async fn an_event_applied_before_the_inbox_migration_is_still_a_duplicate_after_
     .unwrap();
     drop(c);
     let applied = orderfleet::db::migrate(&pool).await.unwrap();
-    assert_eq!(applied.first(), Some(&10), "0010 applied first: {applied:?}");
+    assert_eq!(
+        applied.first(),
+        Some(&10),
+        "0010 applied first: {applied:?}"
+    );
 
     let claim = |detail_type: &'static str| {
         let pool = pool.clone();
