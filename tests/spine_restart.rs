@@ -24,18 +24,7 @@ use tokio_util::sync::CancellationToken;
 /// The real inventory worker with `wait_secs` long polls (the tests' usual worker polls for 1 s,
 /// which would hide what a production wait of 20 s does).
 fn worker(topo: &Topology, db_url: &str, wait_secs: u32, extra: &[&str]) -> common::Proc {
-    std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
-        .args(["--handler", "inventory", "--prefix", &topo.prefix])
-        .args(["--database-url", db_url])
-        .args(["--wait-time-secs", &wait_secs.to_string()])
-        .args(["--heartbeat-secs", "1"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map(common::Proc)
-        .expect("spawn orderfleet-worker")
+    common::inventory_worker_polling(topo, db_url, wait_secs, extra)
 }
 
 async fn inventory_queue(clients: &orderfleet::aws::Clients, topo: &Topology) -> String {

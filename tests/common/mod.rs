@@ -159,9 +159,20 @@ impl Drop for Proc {
 /// Spawns the real `orderfleet-worker` running the inventory handler on `topo` and `db_url`,
 /// polling briefly so it stops fast; `extra` adds flags. Stdout is piped (EMF lines).
 pub fn inventory_worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Proc {
+    inventory_worker_polling(topo, db_url, 1, extra)
+}
+
+/// [`inventory_worker`] with long polls of `wait_secs` (a production worker waits 20 s).
+pub fn inventory_worker_polling(
+    topo: &Topology,
+    db_url: &str,
+    wait_secs: u32,
+    extra: &[&str],
+) -> Proc {
     std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
         .args(["--handler", "inventory", "--prefix", &topo.prefix])
-        .args(["--database-url", db_url, "--wait-time-secs", "1"])
+        .args(["--database-url", db_url])
+        .args(["--wait-time-secs", &wait_secs.to_string()])
         .args(["--heartbeat-secs", "1"])
         .args(extra)
         .env("RUST_LOG", "warn")
