@@ -117,7 +117,8 @@ stop_worker() {
 }
 
 # EXIT trap: never leave a worker behind (e.g. when a step fails under set -e
-# or publish is interrupted). Gives it 30 s to shut down, then kills it.
+# or publish is interrupted). Gives it 60 s to shut down (the worker's default
+# --stop-timeout-secs: receives in flight return, then the grace), then kills it.
 cleanup_worker() {
     local rc=$? i
     if [[ -n $WORKER_PID ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
@@ -126,12 +127,12 @@ cleanup_worker() {
             log "stopping worker (pid $WORKER_PID)"
             kill -TERM "$WORKER_PID" 2>/dev/null || true
         fi
-        for ((i = 0; i < 300; i++)); do
+        for ((i = 0; i < 600; i++)); do
             kill -0 "$WORKER_PID" 2>/dev/null || break
             sleep 0.1
         done
         if kill -0 "$WORKER_PID" 2>/dev/null; then
-            log "worker did not exit within 30s, killing it"
+            log "worker did not exit within 60s, killing it"
             kill -KILL "$WORKER_PID" 2>/dev/null || true
         fi
         wait "$WORKER_PID" 2>/dev/null || true
