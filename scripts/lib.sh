@@ -4,7 +4,17 @@
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT" || exit 1
-BIN="$ROOT/target/release"
+# Where cargo put the release binaries: its target directory, which CARGO_TARGET_DIR or a
+# cargo config may have moved away from ./target.
+target_dir() {
+    local meta
+    if meta="$("${CARGO:-cargo}" metadata --no-deps --format-version 1 2>/dev/null)"; then
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])' <<<"$meta"
+    else
+        echo "$ROOT/target"
+    fi
+}
+BIN="$(target_dir)/release"
 SCRIPT_NAME="$(basename "$0" .sh)"
 
 log() { printf '%s: %s\n' "$SCRIPT_NAME" "$*" >&2; }

@@ -18,15 +18,19 @@
 //! work), the sandbox provider's bookkeeping (a real provider is a remote API instead) and the
 //! drivers' idle checks.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
+use crate::carrier::SandboxCarrier;
+use crate::handlers::fulfillment::Fulfillment;
 use crate::inproc::Fleet;
 use crate::runtime::group::GroupConfig;
 use crate::simulator::{self, PlanConfig};
+use crate::topology::HandlerName;
 
 /// Settings of the saga benchmark.
 #[derive(Debug, Clone)]
@@ -118,12 +122,20 @@ pub async fn run(cfg: &SagaConfig, progress: impl Fn(String)) -> Result<SagaRepo
 }
 
 /// A fleet on `url` with pools sized for its transactions: each of the four handlers runs up
-/// to `group.transactions` at once, plus a provider connection while a payment runs.
+/// to `group.transactions` at once, plus a provider connection while a payment runs and a
+/// carrier connection while a ship runs. Payments and fulfillment get a side pool each, as
+/// their worker processes would have.
 fn fleet(url: &str, group: GroupConfig) -> Result<Fleet> {
     let size = 4 * group.transactions + 2;
     let pool = crate::db::pool(url, size)?;
     let provider_pool = crate::db::pool(url, group.transactions + 2)?;
+    let carrier_pool = crate::db::pool(url, group.transactions + 1)?;
+    let fulfillment = Fulfillment::new(
+        Arc::new(SandboxCarrier::new(carrier_pool.clone())),
+        carrier_pool,
+    );
     Ok(Fleet::sandbox_with(pool, provider_pool, Duration::ZERO)
+        .with_handler(HandlerName::Fulfillment, Arc::new(fulfillment))
         .with_group_commit(group)
         .with_published_kept(false)
         .with_max_events(u64::MAX / 2))

@@ -6,6 +6,8 @@
 //! cancellation of a key it never shipped must stop any later `ship` of that key. That is what
 //! lets fulfillment ask again after a crash, and stop a parcel it cannot tell was handed over.
 
+use std::collections::{BTreeSet, HashMap};
+
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use md5::{Digest, Md5};
@@ -75,6 +77,16 @@ pub trait Carrier: Send + Sync + 'static {
     /// `ship` of that key answers [`CarrierError::Cancelled`].
     async fn cancel(&self, order_id: &str) -> Result<Cancellation, CarrierError>;
 
+    /// Ships several parcels: one answer per parcel, in the order given, each as `ship` would
+    /// give it. A carrier with a batch endpoint overrides this; the default asks one by one.
+    async fn ship_all(&self, parcels: &[Parcel<'_>]) -> Vec<Result<Dispatch, CarrierError>> {
+        let mut answers = Vec::with_capacity(parcels.len());
+        for parcel in parcels {
+            answers.push(self.ship(parcel).await);
+        }
+        answers
+    }
+
     /// True when shipping costs no remote wait (the sandbox), so the fulfillment handler may
     /// group several events in one transaction.
     fn answers_locally(&self) -> bool {
@@ -119,6 +131,50 @@ impl SandboxCarrier {
     }
 }
 
+impl SandboxCarrier {
+    /// Records a ship call for each of `keys` (distinct, sorted) and says, per key, whether it
+    /// was cancelled before. The upsert's row locks serialise calls with one key, as a real
+    /// carrier would; a cancelled key stays unshipped.
+    async fn record_shipped(&self, keys: &[&str]) -> Result<HashMap<String, bool>, CarrierError> {
+        let tracking: Vec<String> = keys.iter().map(|k| Self::tracking_number(k)).collect();
+        let rows = self
+            .client()
+            .await?
+            .query_cached(
+                "INSERT INTO sandbox_carrier_parcels AS p
+                     (idempotency_key, tracking_number, ship_calls, shipped_at)
+                 SELECT k, t, 1, now() FROM unnest($1::text[], $2::text[]) AS u(k, t)
+                 ON CONFLICT (idempotency_key) DO UPDATE
+                     SET ship_calls = p.ship_calls + 1,
+                         shipped_at = CASE WHEN p.cancelled_at IS NULL
+                                           THEN coalesce(p.shipped_at, now())
+                                           ELSE p.shipped_at END
+                 RETURNING idempotency_key, cancelled_at IS NOT NULL",
+                &[&keys, &tracking],
+            )
+            .await
+            .map_err(|e| transient("recording the parcels", &e))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// What the sandbox reports for a parcel it accepted.
+    fn dispatch(parcel: &Parcel<'_>) -> Dispatch {
+        let delivery = if parcel.address.postal_code == UNDELIVERABLE_POSTAL_CODE {
+            Delivery::Failed {
+                reason: format!(
+                    "no such postal code {UNDELIVERABLE_POSTAL_CODE}; the parcel was returned"
+                ),
+            }
+        } else {
+            Delivery::Delivered
+        };
+        Dispatch {
+            tracking_number: Self::tracking_number(parcel.order_id),
+            delivery: Some(delivery),
+        }
+    }
+}
+
 fn transient(what: &str, e: &tokio_postgres::Error) -> CarrierError {
     CarrierError::Transient(format!("sandbox carrier {what}: {}", error_chain(e)))
 }
@@ -134,45 +190,47 @@ impl Carrier for SandboxCarrier {
     }
 
     async fn ship(&self, parcel: &Parcel<'_>) -> Result<Dispatch, CarrierError> {
-        if parcel.lines.is_empty() {
-            return Err(CarrierError::Refused("the parcel is empty".into()));
-        }
-        let tracking_number = Self::tracking_number(parcel.order_id);
-        // One statement: the row lock of the upsert serialises calls with one key, as a real
-        // carrier would; a cancelled key stays unshipped.
-        let row = self
-            .client()
-            .await?
-            .query_one_cached(
-                "INSERT INTO sandbox_carrier_parcels AS p
-                     (idempotency_key, tracking_number, ship_calls, shipped_at)
-                 VALUES ($1, $2, 1, now())
-                 ON CONFLICT (idempotency_key) DO UPDATE
-                     SET ship_calls = p.ship_calls + 1,
-                         shipped_at = CASE WHEN p.cancelled_at IS NULL
-                                           THEN coalesce(p.shipped_at, now())
-                                           ELSE p.shipped_at END
-                 RETURNING cancelled_at IS NOT NULL",
-                &[&parcel.order_id, &tracking_number],
-            )
+        self.ship_all(std::slice::from_ref(parcel))
             .await
-            .map_err(|e| transient("recording the parcel", &e))?;
-        if row.get::<_, bool>(0) {
-            return Err(CarrierError::Cancelled);
-        }
-        let delivery = if parcel.address.postal_code == UNDELIVERABLE_POSTAL_CODE {
-            Delivery::Failed {
-                reason: format!(
-                    "no such postal code {UNDELIVERABLE_POSTAL_CODE}; the parcel was returned"
-                ),
-            }
+            .pop()
+            .unwrap_or_else(|| Err(CarrierError::Transient("no answer".into())))
+    }
+
+    /// One statement for the whole batch, as a carrier's batch endpoint would take it.
+    async fn ship_all(&self, parcels: &[Parcel<'_>]) -> Vec<Result<Dispatch, CarrierError>> {
+        // The keys to record, once each and sorted (two batches sharing keys lock their rows
+        // in one order); an empty parcel is refused without being recorded.
+        let keys: Vec<&str> = parcels
+            .iter()
+            .filter(|p| !p.lines.is_empty())
+            .map(|p| p.order_id)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let recorded = if keys.is_empty() {
+            Ok(HashMap::new())
         } else {
-            Delivery::Delivered
+            self.record_shipped(&keys).await
         };
-        Ok(Dispatch {
-            tracking_number,
-            delivery: Some(delivery),
-        })
+        parcels
+            .iter()
+            .map(|parcel| {
+                if parcel.lines.is_empty() {
+                    return Err(CarrierError::Refused("the parcel is empty".into()));
+                }
+                match &recorded {
+                    Err(e) => Err(e.clone()),
+                    Ok(cancelled) => match cancelled.get(parcel.order_id) {
+                        Some(true) => Err(CarrierError::Cancelled),
+                        Some(false) => Ok(Self::dispatch(parcel)),
+                        None => Err(CarrierError::Transient(format!(
+                            "sandbox carrier kept no record of {}",
+                            parcel.order_id
+                        ))),
+                    },
+                }
+            })
+            .collect()
     }
 
     async fn cancel(&self, order_id: &str) -> Result<Cancellation, CarrierError> {

@@ -961,6 +961,14 @@ async fn shipping_and_stopping_one_order_in_one_group_keep_the_first_decision() 
         .await
         .contains(&"ShipmentCancelled".to_string()));
     assert_eq!(history(&pool, "ship-g-2").await, vec!["ShipmentCancelled"]);
+    // The stop came first in the group: order 2 was never handed to the carrier.
+    let handed_over = common::scalar(
+        &pool,
+        "SELECT count(*) FROM sandbox_carrier_parcels
+          WHERE idempotency_key = 'ship-g-2' AND shipped_at IS NOT NULL",
+    )
+    .await;
+    assert_eq!(handed_over, 0);
 
     // Delivered again, each event is a duplicate; new ones of the same orders change nothing.
     let again = vec![ready("ship-g-2"), stop("ship-g-1")];

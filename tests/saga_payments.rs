@@ -819,3 +819,73 @@ async fn the_report_flags_a_hold_left_on_a_rejected_order_and_not_a_normal_cance
     let text = orderfleet::cli::report::render(&report);
     assert!(text.contains(&format!("[FAIL] {DANGLING}")), "{text}");
 }
+
+/// A provider that takes every call and never answers.
+struct SilentProvider;
+
+#[async_trait]
+impl PaymentProvider for SilentProvider {
+    async fn authorize(&self, _: &ProviderRequest) -> Result<ProviderOutcome, ProviderError> {
+        std::future::pending().await
+    }
+    async fn capture(&self, _: &ProviderRequest) -> Result<ProviderOutcome, ProviderError> {
+        std::future::pending().await
+    }
+    async fn void(&self, _: &ProviderRequest) -> Result<ProviderOutcome, ProviderError> {
+        std::future::pending().await
+    }
+    async fn refund(&self, _: &ProviderRequest) -> Result<ProviderOutcome, ProviderError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_provider_that_never_answers_is_given_up_before_the_handler_s_time_with_its_reason() {
+    use orderfleet::runtime::group::{execute_group_with, Limits};
+    let fleet = fleet().await;
+    stock_sku(&fleet, "TEA-1", 1000, 5).await;
+    let accepted = accepted_events(&fleet, &["ord-silent"], "TEA-1", 1000).await;
+    let payments = Payments::with_attempt_log(Arc::new(SilentProvider), fleet.pool().clone());
+    let limit = Duration::from_secs(4);
+
+    let started = std::time::Instant::now();
+    let outcome = execute_group_with(
+        &payments,
+        fleet.pool(),
+        &[(&accepted[0], 1)],
+        &Limits {
+            event_timeout: limit,
+            ..Limits::default()
+        },
+    )
+    .await;
+
+    // The handler ended the call itself, leaving time to roll back and say why; the runtime's
+    // own timeout (which would abandon the call mid-flight) never fired.
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+    match &outcome.results[0] {
+        Err(HandlerError::Retry { reason, .. }) => {
+            assert!(
+                reason.contains("the provider's authorize did not answer within"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    // The attempt was logged before the call, so the retry replays it by key.
+    let logged = logged_attempts(fleet.pool(), "auth:ord-silent").await;
+    assert_eq!(logged, 1, "the attempt is logged for its replay");
+    assert_eq!(status(fleet.pool(), "ord-silent").await, "accepted");
+}
+
+/// How many attempts with `key` the attempt log holds.
+async fn logged_attempts(pool: &deadpool_postgres::Pool, key: &str) -> i64 {
+    let c = pool.get().await.unwrap();
+    c.query_one(
+        "SELECT count(*) FROM payment_attempts WHERE idempotency_key = $1",
+        &[&key],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}

@@ -13,6 +13,8 @@ use orderfleet::carrier::{Cancellation, Carrier, CarrierError, Dispatch, Parcel,
 use orderfleet::envelope::Envelope;
 use orderfleet::handlers::fulfillment::Fulfillment;
 use orderfleet::inproc::Fleet;
+use orderfleet::runtime::group::execute_group;
+use orderfleet::runtime::Executed;
 use orderfleet::topology::HandlerName;
 use saga_support::*;
 use tokio::sync::Notify;
@@ -33,8 +35,14 @@ struct TestCarrier {
     gate: Option<(Notify, Notify)>,
     crash_after_first_ship: bool,
     crash_after_first_cancel: bool,
+    /// Lets fulfillment group its events, and so ship a group's parcels in one `ship_all`.
+    grouping: bool,
+    /// The first `ship_all` hands its parcels over and then never answers, as a process
+    /// killed right after the carrier call would.
+    hang_after_first_batch: bool,
     ships: Mutex<u32>,
     cancels: Mutex<u32>,
+    batches: Mutex<u32>,
 }
 
 #[async_trait]
@@ -60,6 +68,23 @@ impl Carrier for TestCarrier {
             ));
         }
         Ok(dispatch)
+    }
+
+    async fn ship_all(&self, parcels: &[Parcel<'_>]) -> Vec<Result<Dispatch, CarrierError>> {
+        let answers = self.sandbox.ship_all(parcels).await;
+        let first = {
+            let mut n = self.batches.lock().unwrap();
+            *n += 1;
+            *n == 1
+        };
+        if self.hang_after_first_batch && first {
+            std::future::pending::<()>().await;
+        }
+        answers
+    }
+
+    fn answers_locally(&self) -> bool {
+        self.grouping
     }
 
     async fn cancel(&self, order_id: &str) -> Result<Cancellation, CarrierError> {
@@ -113,10 +138,23 @@ async fn fleet_crashing(
         gate: gate.then(|| (Notify::new(), Notify::new())),
         crash_after_first_ship,
         crash_after_first_cancel,
+        grouping: false,
+        hang_after_first_batch: false,
         ships: Mutex::new(0),
         cancels: Mutex::new(0),
+        batches: Mutex::new(0),
     });
-    let fleet = sandbox_fleet(pool, &url).with_handler(
+    fleet_of(pool, &url, side, carrier)
+}
+
+/// A saga fleet whose fulfillment ships through `carrier`, committing its intents in `side`.
+fn fleet_of(
+    pool: deadpool_postgres::Pool,
+    url: &str,
+    side: deadpool_postgres::Pool,
+    carrier: Arc<TestCarrier>,
+) -> (Fleet, Arc<TestCarrier>) {
+    let fleet = sandbox_fleet(pool, url).with_handler(
         HandlerName::Fulfillment,
         Arc::new(Fulfillment::new(carrier.clone(), side)),
     );
@@ -379,4 +417,109 @@ async fn the_sandbox_carrier_gives_one_parcel_per_order_and_refuses_a_cancelled_
     );
     let record = parcel_record(&pool, "o-2").await;
     assert!(!record.shipped && record.cancelled);
+}
+
+#[tokio::test]
+async fn a_group_hands_its_parcels_over_in_one_call_and_a_crash_after_it_ends_in_one_parcel_per_order(
+) {
+    let (pool, url) = common::fresh_db().await;
+    let side = orderfleet::db::pool(&url, 8).unwrap();
+    let carrier = Arc::new(TestCarrier {
+        sandbox: SandboxCarrier::new(side.clone()),
+        gate: None,
+        crash_after_first_ship: false,
+        crash_after_first_cancel: false,
+        grouping: true,
+        hang_after_first_batch: true,
+        ships: Mutex::new(0),
+        cancels: Mutex::new(0),
+        batches: Mutex::new(0),
+    });
+    let (fleet, carrier) = fleet_of(pool, &url, side, carrier);
+    let orders = ["ord-g-1", "ord-g-2", "ord-g-3"];
+    let mut ready = Vec::new();
+    for id in orders {
+        ready.push(until_ready_to_ship(&fleet, id).await);
+    }
+    let fulfillment = fleet.handler(HandlerName::Fulfillment).unwrap();
+    let group: Vec<(&Envelope, u32)> = ready.iter().map(|e| (e, 1)).collect();
+
+    // The group records its intents, the carrier takes all three parcels in one call, and the
+    // process dies before its commit.
+    let died = tokio::time::timeout(
+        Duration::from_secs(3),
+        execute_group(&*fulfillment, fleet.pool(), &group),
+    )
+    .await;
+    assert!(died.is_err(), "the carrier call was meant to hang");
+    for id in orders {
+        let record = parcel_record(fleet.pool(), id).await;
+        assert!(record.shipped && record.ship_calls == 1, "{id}: {record:?}");
+    }
+
+    // Delivered again: the same parcels, asked for by key in one call, and every order ships.
+    let outcome = execute_group(&*fulfillment, fleet.pool(), &group).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(
+        outcome
+            .results
+            .iter()
+            .all(|r| matches!(r, Ok(Executed::Applied { .. }))),
+        "{:?}",
+        outcome.results
+    );
+    assert_eq!(*carrier.batches.lock().unwrap(), 2);
+    assert_eq!(
+        *carrier.ships.lock().unwrap(),
+        0,
+        "no parcel was asked for alone"
+    );
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    for id in orders {
+        assert_eq!(parcel_record(fleet.pool(), id).await.ship_calls, 2);
+        assert_parcel_matches_order(&fleet, id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_carrier_that_never_answers_is_given_up_before_the_handler_s_time_and_asked_again_by_key()
+{
+    use orderfleet::outcome::HandlerError;
+    use orderfleet::runtime::group::{execute_group_with, Limits};
+    let (fleet, carrier) = fleet_with(true, false).await;
+    let ready = until_ready_to_ship(&fleet, "ord-silent-carrier").await;
+    let fulfillment = fleet.handler(HandlerName::Fulfillment).unwrap();
+    let limit = Duration::from_secs(4);
+
+    // The gate is never opened: the carrier takes the call and never answers.
+    let started = std::time::Instant::now();
+    let outcome = execute_group_with(
+        &*fulfillment,
+        fleet.pool(),
+        &[(&ready, 1)],
+        &Limits {
+            event_timeout: limit,
+            ..Limits::default()
+        },
+    )
+    .await;
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+    match &outcome.results[0] {
+        Err(HandlerError::Retry { reason, .. }) => {
+            assert!(
+                reason.contains("the carrier's ship did not answer within"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+
+    // The carrier answers again; the retry finds the intent and ships once.
+    carrier.gate.as_ref().unwrap().1.notify_one();
+    fleet.deliver(&ready).await;
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+    assert_parcel_matches_order(&fleet, "ord-silent-carrier").await;
 }

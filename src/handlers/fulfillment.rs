@@ -16,7 +16,11 @@
 //! the carrier is called, in a short transaction of its own through a second pool (nobody else
 //! can hold a conflicting row: they would need the lock we hold, so that write never waits).
 //! The carrier is idempotent on the order id ([`Carrier::ship`]). The handler's transaction then
-//! turns `shipping` into `shipped` and emits `OrderShipped`.
+//! turns `shipping` into `shipped` (one statement per transaction, at its end) and emits
+//! `OrderShipped`. A group does both steps once for
+//! all of its orders that start with `OrderReadyToShip`: one statement records their intents,
+//! one [`Carrier::ship_all`] hands their parcels over, and each event then takes its answer
+//! exactly as a rerun after a crash would (`Fulfillment::ship_ahead`).
 //!
 //! **Stopping.** A stop request that finds no row records `cancelled`. One that lands while a
 //! ship is in flight waits on the order's lock for its outcome, and then finds `shipped` (the
@@ -52,11 +56,11 @@ use async_trait::async_trait;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 
-use crate::carrier::{Cancellation, Carrier, CarrierError, Delivery, Parcel};
+use crate::carrier::{Cancellation, Carrier, CarrierError, Delivery, Dispatch, Parcel};
 use crate::db::{Cached, Tx};
 use crate::envelope::Envelope;
 use crate::events::{
-    self, DeliveryFailed, Meta, OrderDelivered, OrderReadyToShip, OrderShipped,
+    self, DeliveryFailed, Event, Meta, OrderDelivered, OrderReadyToShip, OrderShipped,
     ShipmentCancelRequested, ShipmentCancelled,
 };
 use crate::handlers::{Context, GroupState, Handler};
@@ -101,6 +105,49 @@ impl State {
 struct Group {
     locked: HashSet<String>,
     states: HashMap<String, State>,
+    /// The carrier's answers for the orders the group shipped in one call
+    /// ([`Fulfillment::ship_ahead`]), taken by their `OrderReadyToShip`.
+    dispatched: HashMap<String, Result<Dispatch, CarrierError>>,
+    /// Shipments that left `shipping` for `shipped` in this transaction, written together by
+    /// [`Handler::finish`].
+    shipped: Vec<Shipped>,
+}
+
+/// A `shipped` row to write.
+struct Shipped {
+    order_id: String,
+    tracking_number: String,
+    delivery_state: &'static str,
+    failure_reason: Option<String>,
+}
+
+/// Turns the transaction's `shipping` rows into `shipped`, in one statement.
+async fn write_shipped(tx: &Tx, carrier: &str, rows: Vec<Shipped>) -> Result<(), HandlerError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.order_id.as_str()).collect();
+    let tracking: Vec<&str> = rows.iter().map(|r| r.tracking_number.as_str()).collect();
+    let delivery: Vec<&str> = rows.iter().map(|r| r.delivery_state).collect();
+    let failure: Vec<Option<&str>> = rows.iter().map(|r| r.failure_reason.as_deref()).collect();
+    let updated = tx
+        .execute_cached(
+            "UPDATE shipments AS s
+                SET state = 'shipped', carrier = $2, tracking_number = u.tracking,
+                    delivery_state = u.delivery, failure_reason = u.failure, updated_at = now()
+               FROM unnest($1::text[], $3::text[], $4::text[], $5::text[])
+                    AS u(order_id, tracking, delivery, failure)
+              WHERE s.order_id = u.order_id AND s.state = 'shipping'",
+            &[&ids, &carrier, &tracking, &delivery, &failure],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("recording the shipments", &e))?;
+    if updated != rows.len() as u64 {
+        return Err(HandlerError::retry(format!(
+            "a shipment among {ids:?} left `shipping` under its order's lock"
+        )));
+    }
+    Ok(())
 }
 
 /// Takes the order's lock unless this transaction holds it, and returns its shipment's state.
@@ -174,27 +221,94 @@ impl Fulfillment {
         Fulfillment { carrier, intents }
     }
 
-    /// Commits a `shipping` row for `order_id`, whose lock the caller's transaction holds.
-    async fn record_intent(&self, order_id: &str) -> Result<(), HandlerError> {
+    /// Commits a `shipping` row for each of `order_ids`, whose locks the caller's transaction
+    /// holds and which have no row: one statement, in a transaction of its own.
+    async fn record_intents(&self, order_ids: &[&str]) -> Result<(), HandlerError> {
         let client = self.intents.get().await.map_err(|e| {
             HandlerError::retry(format!(
-                "recording the intent to ship order {order_id}: {e}"
+                "recording the intent to ship {} order(s): {e}",
+                order_ids.len()
             ))
         })?;
         let inserted = client
             .execute_cached(
-                "INSERT INTO shipments (order_id, state) VALUES ($1, 'shipping')
+                "INSERT INTO shipments (order_id, state)
+                 SELECT id, 'shipping' FROM unnest($1::text[]) AS u(id)
                  ON CONFLICT (order_id) DO NOTHING",
-                &[&order_id],
+                &[&order_ids],
             )
             .await
             .map_err(|e| HandlerError::from_db("recording the intent to ship", &e))?;
-        if inserted == 0 {
+        if inserted != order_ids.len() as u64 {
             // Only a writer that does not take the lock (an older version, mid-deploy) can
             // get here: read again.
             return Err(HandlerError::retry(format!(
-                "the shipment of {order_id} was written without the order's lock"
+                "a shipment among {order_ids:?} was written without the order's lock"
             )));
+        }
+        Ok(())
+    }
+
+    /// For a group: the orders whose first event in it is an `OrderReadyToShip` and which are
+    /// not decided get their intents recorded in one statement and are handed to the carrier
+    /// in one call, before any event runs. Each event then finds its order `shipping` and takes
+    /// the carrier's answer from the group, as a rerun after a crash would ask for it again.
+    /// Nothing changes for the order otherwise: the events still decide, in order, under the
+    /// locks the group holds; if the group fails, its events run alone and ask the carrier
+    /// again by key. A carrier that cannot be reached here is asked again per event.
+    async fn ship_ahead(
+        &self,
+        events: &[&Envelope],
+        group: &mut Group,
+    ) -> Result<(), HandlerError> {
+        let mut seen = HashSet::new();
+        let mut ready = Vec::new();
+        for event in events {
+            let Some(order_id) = event.order_id() else {
+                continue;
+            };
+            if !seen.insert(order_id) || event.detail_type != OrderReadyToShip::DETAIL_TYPE {
+                continue;
+            }
+            // One that does not decode is left to its own run, which dead-letters it.
+            if let Ok(d) = events::decode::<OrderReadyToShip>(event) {
+                match group.states.get(&d.order_id) {
+                    None | Some(State::Shipping) => ready.push(d),
+                    Some(State::Shipped | State::Cancelled) => {}
+                }
+            }
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let new: Vec<&str> = ready
+            .iter()
+            .filter(|d| !group.states.contains_key(&d.order_id))
+            .map(|d| d.order_id.as_str())
+            .collect();
+        if !new.is_empty() {
+            self.record_intents(&new).await?;
+            for id in new {
+                group.states.insert(id.to_string(), State::Shipping);
+            }
+        }
+        let parcels: Vec<Parcel<'_>> = ready
+            .iter()
+            .map(|d| Parcel {
+                order_id: &d.order_id,
+                address: &d.shipping_address,
+                lines: &d.lines,
+            })
+            .collect();
+        let Ok(answers) =
+            tokio::time::timeout(CARRIER_CALL_TIMEOUT, self.carrier.ship_all(&parcels)).await
+        else {
+            return Ok(());
+        };
+        for (d, answer) in ready.iter().zip(answers) {
+            if !matches!(answer, Err(CarrierError::Transient(_))) {
+                group.dispatched.insert(d.order_id.clone(), answer);
+            }
         }
         Ok(())
     }
@@ -206,28 +320,32 @@ impl Fulfillment {
             // An earlier run recorded its intent and died: ask the carrier again, by key.
             Some(State::Shipping) => {}
             None => {
-                self.record_intent(&d.order_id).await?;
+                self.record_intents(&[&d.order_id]).await?;
                 cx.state::<Group>()
                     .states
                     .insert(d.order_id.clone(), State::Shipping);
             }
         }
-        let parcel = Parcel {
-            order_id: &d.order_id,
-            address: &d.shipping_address,
-            lines: &d.lines,
+        let shipped = match cx.state::<Group>().dispatched.remove(&d.order_id) {
+            Some(answer) => answer,
+            None => {
+                let parcel = Parcel {
+                    order_id: &d.order_id,
+                    address: &d.shipping_address,
+                    lines: &d.lines,
+                };
+                // Bounded by the handler's time, so the answer can still be recorded and
+                // committed; a ship cut short is asked again by key on the retry.
+                cx.bounded(CARRIER_CALL_TIMEOUT, self.carrier.ship(&parcel))
+                    .await
+                    .unwrap_or_else(|limit| {
+                        Err(CarrierError::Transient(Context::out_of_time(
+                            "the carrier's ship",
+                            limit,
+                        )))
+                    })
+            }
         };
-        // Bounded by the handler's time, so the answer can still be recorded and committed; a
-        // ship cut short is asked again by key on the retry.
-        let shipped = cx
-            .bounded(CARRIER_CALL_TIMEOUT, self.carrier.ship(&parcel))
-            .await
-            .unwrap_or_else(|limit| {
-                Err(CarrierError::Transient(Context::out_of_time(
-                    "the carrier's ship",
-                    limit,
-                )))
-            });
         let dispatch = match shipped {
             Ok(dispatch) => dispatch,
             // A stop cancelled with the carrier and died before its commit: record it here;
@@ -240,28 +358,12 @@ impl Fulfillment {
             Some(Delivery::Delivered) => ("delivered", None),
             Some(Delivery::Failed { reason }) => ("failed", Some(reason.as_str())),
         };
-        let updated = cx
-            .tx
-            .execute_cached(
-                "UPDATE shipments SET state = 'shipped', carrier = $2, tracking_number = $3,
-                        delivery_state = $4, failure_reason = $5, updated_at = now()
-                  WHERE order_id = $1 AND state = 'shipping'",
-                &[
-                    &d.order_id,
-                    &self.carrier.name(),
-                    &dispatch.tracking_number,
-                    &delivery_state,
-                    &failure,
-                ],
-            )
-            .await
-            .map_err(|e| HandlerError::from_db("recording the shipment", &e))?;
-        if updated != 1 {
-            return Err(HandlerError::retry(format!(
-                "the shipment of {} left `shipping` under the order's lock",
-                d.order_id
-            )));
-        }
+        cx.state::<Group>().shipped.push(Shipped {
+            order_id: d.order_id.clone(),
+            tracking_number: dispatch.tracking_number.clone(),
+            delivery_state,
+            failure_reason: failure.map(str::to_string),
+        });
         cx.state::<Group>()
             .states
             .insert(d.order_id.clone(), State::Shipped);
@@ -341,7 +443,8 @@ impl Handler for Fulfillment {
         self.carrier.answers_locally()
     }
 
-    /// The order-id locks, in order-id order, then the shipments of those orders.
+    /// The order-id locks, in order-id order, then the shipments of those orders; then the
+    /// group's ships are recorded and handed to the carrier together ([`Fulfillment::ship_ahead`]).
     async fn lock_group(
         &self,
         tx: &Tx,
@@ -362,7 +465,14 @@ impl Handler for Fulfillment {
         for r in &rows {
             group.states.insert(r.get(0), State::parse(r.get(1))?);
         }
-        Ok(())
+        self.ship_ahead(events, group).await
+    }
+
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
+        match state.into_inner::<Group>() {
+            Some(group) => write_shipped(tx, self.carrier.name(), group.shipped).await,
+            None => Ok(()),
+        }
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
