@@ -52,9 +52,9 @@ test: up
 	@eval "$$(bash $(STACK) env)"; \
 	export PATH="$(CURDIR)/.venv/bin:$$PATH"; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		set -x; $(CARGO) nextest run --no-fail-fast --test-threads $(TEST_THREADS) $(TEST_ARGS); \
+		set -x; $(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS) $(TEST_ARGS); \
 	else \
-		set -x; $(CARGO) test --no-fail-fast $(TEST_ARGS) -- --test-threads $(TEST_THREADS); \
+		set -x; $(CARGO) test --workspace --no-fail-fast $(TEST_ARGS) -- --test-threads $(TEST_THREADS); \
 	fi
 
 run: up build
@@ -63,12 +63,14 @@ run: up build
 demo: up build
 	@bash scripts/demo.sh
 
-bench: up build
+# The benchmarks are their own package (bench/), built apart from the fleet's binaries.
+bench: up
+	$(CARGO) build --release -p orderfleet-bench --bins
 	@bash scripts/bench.sh $(BENCH_ARGS)
 
 lint:
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 clean-stack:
 	@bash $(STACK) clean

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Regenerates the flag tables of README.md's "Configuration" section from the binaries' --help.
 
-Usage: cargo build --bins && python3 scripts/config_reference.py
+Usage: cargo build --workspace --bins && python3 scripts/config_reference.py
 The tables sit between the BEGIN/END markers; tests/readme.rs fails when a flag's environment
 variable or a command is missing from the README.
 """
+import json
 import pathlib
 import re
 import subprocess
@@ -89,9 +90,13 @@ def walk(binary, name, path):
 
 
 def main():
-    target = ROOT / "target" / (sys.argv[1] if len(sys.argv) > 1 else "debug")
+    meta = subprocess.run(
+        ["cargo", "metadata", "--no-deps", "--format-version", "1"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout
+    target = pathlib.Path(json.loads(meta)["target_directory"]) / (sys.argv[1] if len(sys.argv) > 1 else "debug")
     parts = []
-    for name in ("orderfleet-worker", "orderfleet"):
+    for name in ("orderfleet-worker", "orderfleet", "orderfleet-bench"):
         for cmd, about, rows in walk(str(target / name), name, []):
             parts.append(f"#### `{cmd}`\n\n{about}\n\n{table(rows)}\n")
     readme = (ROOT / "README.md").read_text()

@@ -16,7 +16,6 @@
 //! - [`ledger`]: the double-entry ledger of payments.
 //! - [`payment_provider`], [`carrier`]: the outside world of payments and fulfillment, with
 //!   deterministic sandboxes.
-//! - [`inproc`]: an in-process fleet driver for tests and benchmarks: no SQS, same handlers.
 //! - [`topology`]: bus, queues, DLQs and rules as data; [`provision`] applies it.
 //! - [`db`]: the PostgreSQL pool and migrations.
 //! - [`deploy`]: the CloudFormation template, generated from the topology.
@@ -24,8 +23,6 @@
 //! - [`aws`]: AWS SDK clients from the environment.
 //! - [`operator`]: what `orderfleet status` and `orderfleet dlq` do: peek, filter, redrive
 //!   with a crash-safe journal, export/import, fleet status.
-//! - [`bench_sqs`]: an in-memory SQS endpoint for benchmarks; [`bench_saga`]: the saga
-//!   benchmark, in process on real PostgreSQL.
 //! - [`simulator`]: the storefront simulator behind `orderfleet seed` and `orderfleet publish`.
 //! - [`report`]: orders, stock, ledger totals and the invariants of `orderfleet report`.
 //! - [`lake`]: the S3 data lake: the lake outbox, its Firehose shipper, reading it back.
@@ -34,9 +31,6 @@
 //! - [`outcome`], [`metrics`]: typed failures and counters.
 
 pub mod aws;
-pub mod bench;
-pub mod bench_saga;
-pub mod bench_sqs;
 pub mod carrier;
 pub mod catalogue;
 pub mod cli;
@@ -48,7 +42,6 @@ pub mod envelope;
 pub mod events;
 pub mod handlers;
 pub mod health;
-pub mod inproc;
 pub mod lake;
 pub mod ledger;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! Drives the in-memory benchmark SQS endpoint (`orderfleet::bench_sqs`)
+//! Drives the in-memory benchmark SQS endpoint (`orderfleet_bench::sqs`)
 //! with the real `aws-sdk-sqs` client, to pin the wire protocol down.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 use md5::{Digest, Md5};
-use orderfleet::bench_sqs::{spawn_local, BenchSqs};
+use orderfleet_bench::sqs::{spawn_local, BenchSqs};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

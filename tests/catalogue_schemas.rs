@@ -1,5 +1,5 @@
 //! The event catalogue's contracts: one JSON Schema per detail-type in `schemas/`, checked
-//! against the catalogue, against `events::example` payloads, and against the payloads the
+//! against the catalogue, against `orderfleet_testkit::examples` payloads, and against the payloads the
 //! handlers really emit; and `docs/events.md`, generated from the catalogue and the schemas.
 //!
 //! The schemas use a small subset of JSON Schema (2020-12), checked here by a few dozen lines
@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use orderfleet::catalogue::{self, Producer};
 use orderfleet::events::{self, Meta, OrderCancellationRequested};
 use orderfleet::simulator::{self, OrderKind, PlanConfig};
+use orderfleet_testkit::examples;
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -250,7 +251,7 @@ fn schemas_use_only_keywords_the_checker_understands() {
 #[test]
 fn every_example_payload_matches_its_schema() {
     for spec in catalogue::EVENTS {
-        let example = events::example(spec.detail_type).expect(spec.detail_type);
+        let example = examples::example(spec.detail_type).expect(spec.detail_type);
         let errors = violations(spec.detail_type, &example);
         assert!(errors.is_empty(), "{errors:#?}");
         // The fleet's events carry the outbox's event_id; storefront ones their own.
@@ -262,7 +263,7 @@ fn every_example_payload_matches_its_schema() {
 
 #[test]
 fn the_checker_rejects_what_the_schemas_forbid() {
-    let good = events::example("OrderAccepted").unwrap();
+    let good = examples::example("OrderAccepted").unwrap();
     let broken = |f: &dyn Fn(&mut Value)| {
         let mut v = good.clone();
         f(&mut v);
@@ -299,14 +300,14 @@ fn the_checker_rejects_what_the_schemas_forbid() {
     for (what, errors) in cases {
         assert!(!errors.is_empty(), "{what} was accepted");
     }
-    let mut cancelled = events::example("OrderCancelled").unwrap();
+    let mut cancelled = examples::example("OrderCancelled").unwrap();
     cancelled["reason"] = json!("bored");
     assert!(!violations("OrderCancelled", &cancelled).is_empty());
 }
 
 #[test]
 fn product_documents_may_carry_fields_of_their_own() {
-    let mut product = events::example("ProductUpserted").unwrap();
+    let mut product = examples::example("ProductUpserted").unwrap();
     product["category"] = json!("tea");
     product["images"] = json!(["a.jpg"]);
     assert!(violations("ProductUpserted", &product).is_empty());

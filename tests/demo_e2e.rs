@@ -141,7 +141,7 @@ async fn twenty_orders_through_the_bus_and_the_real_worker_settle_with_every_inv
     assert!(by_status["cancelled"].as_i64() >= Some(1), "{by_status:?}");
     assert_eq!(report["orders_in_flight"], 0);
     // Nothing was dead-lettered on the way.
-    for handler in orderfleet::inproc::SAGA {
+    for handler in orderfleet_testkit::inproc::SAGA {
         let dlq = orderfleet::runtime::queue_url(&clients.sqs, &topo.dlq_name(handler))
             .await
             .unwrap();

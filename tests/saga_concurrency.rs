@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use orderfleet::handlers::inventory::Inventory;
 use orderfleet::handlers::Handler;
-use orderfleet::inproc::Fleet;
 use orderfleet::runtime::{self, Executed};
 use orderfleet::topology::HandlerName;
+use orderfleet_testkit::inproc::Fleet;
 use saga_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -49,7 +49,7 @@ fn applied(r: &Result<Executed, HandlerError>) -> bool {
 
 /// The `OrderAccepted` events of `orders` placed with `token`, one line of `sku` each.
 async fn accepted_orders(
-    fleet: &orderfleet::inproc::Fleet,
+    fleet: &orderfleet_testkit::inproc::Fleet,
     ids: &[String],
     sku: &str,
     token: &str,
@@ -60,7 +60,7 @@ async fn accepted_orders(
 
 /// The `OrderAccepted` events of `orders`, the i-th placed with `lines[i]`.
 async fn accepted_orders_of(
-    fleet: &orderfleet::inproc::Fleet,
+    fleet: &orderfleet_testkit::inproc::Fleet,
     ids: &[String],
     lines: &[Vec<(&str, i64, i64)>],
     token: &str,

@@ -245,7 +245,7 @@ async fn the_ledger_refuses_updates_deletes_and_unbalanced_transactions() {
 
 /// A fleet whose payments handler records its provider calls in `payment_attempts` before
 /// making them, and a crashing copy of that handler for simulating a rolled-back transaction.
-async fn attempt_logging_fleet() -> (orderfleet::inproc::Fleet, CrashBeforeCommit) {
+async fn attempt_logging_fleet() -> (orderfleet_testkit::inproc::Fleet, CrashBeforeCommit) {
     let (pool, url) = common::fresh_db().await;
     let provider: Arc<dyn PaymentProvider> = Arc::new(SandboxProvider::new(
         orderfleet::db::pool(&url, 8).unwrap(),
@@ -506,7 +506,7 @@ async fn ledger_movements_recorded_together_are_each_posted_once() {
 /// The `OrderAccepted` events of `ids` (one unit of `sku` at `price` each, paid with
 /// `tok_visa`), in the order of `ids`, delivered to no one yet.
 async fn accepted_events(
-    fleet: &orderfleet::inproc::Fleet,
+    fleet: &orderfleet_testkit::inproc::Fleet,
     ids: &[&str],
     sku: &str,
     price: i64,
@@ -533,7 +533,10 @@ async fn accepted_events(
 }
 
 /// The `OrderCancelled` that orders emits when the customer cancels `order_id`.
-async fn cancelled_by_customer(fleet: &orderfleet::inproc::Fleet, order_id: &str) -> Envelope {
+async fn cancelled_by_customer(
+    fleet: &orderfleet_testkit::inproc::Fleet,
+    order_id: &str,
+) -> Envelope {
     fleet.publish_event(&cancellation(order_id)).await.unwrap();
     let request = fleet.take(1).await.unwrap().remove(0);
     assert_eq!(request.detail_type, "OrderCancellationRequested");

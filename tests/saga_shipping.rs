@@ -12,10 +12,10 @@ use async_trait::async_trait;
 use orderfleet::carrier::{Cancellation, Carrier, CarrierError, Dispatch, Parcel, SandboxCarrier};
 use orderfleet::envelope::Envelope;
 use orderfleet::handlers::fulfillment::Fulfillment;
-use orderfleet::inproc::Fleet;
 use orderfleet::runtime::group::execute_group;
 use orderfleet::runtime::Executed;
 use orderfleet::topology::HandlerName;
+use orderfleet_testkit::inproc::Fleet;
 use saga_support::*;
 use tokio::sync::Notify;
 

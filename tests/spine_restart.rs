@@ -169,7 +169,7 @@ impl Apply for Gate {
 /// its delete silently does nothing).
 async fn strict_sqs() -> (aws_sdk_sqs::Client, tokio::task::JoinHandle<()>) {
     use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-    let (addr, _state, server) = orderfleet::bench_sqs::spawn_local(0).await.unwrap();
+    let (addr, _state, server) = orderfleet_bench::sqs::spawn_local(0).await.unwrap();
     let config = aws_sdk_sqs::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))

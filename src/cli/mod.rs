@@ -1,6 +1,5 @@
 //! The `orderfleet` operator CLI: one file per command. The binary only parses arguments.
 
-pub mod bench;
 pub mod cfn;
 pub mod dlq;
 pub mod lake;
@@ -42,8 +41,6 @@ pub enum Command {
     Provision(provision::Args),
     /// Apply the versioned SQL migrations, each in a transaction.
     Migrate(migrate::Args),
-    /// Benchmark the consumer runtime against the in-memory SQS endpoint.
-    Bench(bench::Args),
     /// Print the production CloudFormation template, generated from the topology.
     Cfn(cfn::Args),
     /// Every handler's queue and DLQ, running move tasks, and the live workers.
@@ -67,7 +64,6 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Provision(args) => provision::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Lake(args) => lake::run(args).await,

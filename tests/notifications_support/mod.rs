@@ -16,8 +16,8 @@ use orderfleet::email::{self, Mailer, Templates, Transport};
 use orderfleet::envelope::Envelope;
 use orderfleet::events::{Address, Contact, Meta, OrderAccepted, OrderLine};
 use orderfleet::handlers::notifications::Notifications;
-use orderfleet::inproc::Fleet;
 use orderfleet::topology::HandlerName;
+use orderfleet_testkit::inproc::Fleet;
 use serde_json::Value;
 
 use crate::common;

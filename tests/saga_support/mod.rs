@@ -10,7 +10,7 @@ use orderfleet::events::{
     Address, Currency, Customer, Meta, Money, OrderCancellationRequested, OrderPlaced, PlacedLine,
     ProductUpserted, StockReceived,
 };
-use orderfleet::inproc::Fleet;
+use orderfleet_testkit::inproc::Fleet;
 use serde_json::Value;
 
 use crate::common;

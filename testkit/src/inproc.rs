@@ -25,17 +25,17 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::carrier::SandboxCarrier;
-use crate::catalogue::{self, STOREFRONT_SOURCE};
-use crate::db::Cached;
-use crate::envelope::Envelope;
-use crate::events::Event;
-use crate::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};
-use crate::outcome::{FailureKind, HandlerError};
-use crate::payment_provider::SandboxProvider;
-use crate::runtime::group::{GroupCommit, GroupConfig};
-use crate::runtime::{self, Apply, Executed};
-use crate::topology::{HandlerName, DEFAULT_MAX_RECEIVE_COUNT};
+use orderfleet::carrier::SandboxCarrier;
+use orderfleet::catalogue::{self, STOREFRONT_SOURCE};
+use orderfleet::db::Cached;
+use orderfleet::envelope::Envelope;
+use orderfleet::events::Event;
+use orderfleet::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};
+use orderfleet::outcome::{FailureKind, HandlerError};
+use orderfleet::payment_provider::SandboxProvider;
+use orderfleet::runtime::group::{GroupCommit, GroupConfig};
+use orderfleet::runtime::{self, Apply, Executed};
+use orderfleet::topology::{HandlerName, DEFAULT_MAX_RECEIVE_COUNT};
 
 /// The handlers of the order saga: the ones a [`Fleet`] runs by default. Notifications,
 /// analytics and personalization are not driven in process.
@@ -72,7 +72,7 @@ pub struct Stats {
     /// Events taken from the outbox (or delivered by hand).
     pub events: u64,
     /// Database transactions of handlers: one per event handled alone, one per group of
-    /// events committed together (see [`crate::runtime::group`]).
+    /// events committed together (see [`orderfleet::runtime::group`]).
     pub executions: u64,
     pub applied: u64,
     pub duplicates: u64,
@@ -160,7 +160,7 @@ impl Fleet {
     pub fn from_deps(deps: &Deps) -> Result<Self> {
         let mut fleet = Fleet::new(deps.pool.clone());
         for name in SAGA {
-            fleet = fleet.with_handler(name, crate::handlers::build(name, deps)?);
+            fleet = fleet.with_handler(name, orderfleet::handlers::build(name, deps)?);
         }
         Ok(fleet)
     }
@@ -202,7 +202,7 @@ impl Fleet {
     }
 
     /// Whether taken events stay in the outbox, marked published (the default, so that tests
-    /// can read what was emitted), or are deleted as the [`crate::outbox::Relay`] deletes what
+    /// can read what was emitted), or are deleted as the [`orderfleet::outbox::Relay`] deletes what
     /// it published (the benchmark, to do the relay's work).
     pub fn with_published_kept(mut self, keep: bool) -> Self {
         self.inner_mut().keep_published = keep;

@@ -1,9 +1,9 @@
 //! `orderfleet-bench-sqs`: runs the in-memory SQS benchmark endpoint
-//! ([`orderfleet::bench_sqs`]) standalone, so that any SQS consumer can be
+//! ([`orderfleet_bench::sqs`]) standalone, so that any SQS consumer can be
 //! pointed at it with `--endpoint-url http://HOST:PORT`.
 
 use clap::Parser;
-use orderfleet::bench_sqs::{serve, BenchSqs};
+use orderfleet_bench::sqs::{serve, BenchSqs};
 
 /// In-memory SQS endpoint (AWS JSON 1.0 protocol) for benchmarking consumers.
 #[derive(Debug, Parser)]

@@ -1,5 +1,5 @@
 //! `make bench`: the consumer runtime measured against the in-memory SQS endpoint
-//! ([`crate::bench_sqs`]), which runs as a separate process so that the figures (and the RSS)
+//! ([`crate::sqs`]), which runs as a separate process so that the figures (and the RSS)
 //! are the consumer's alone.
 //!
 //! Two phases:
@@ -21,12 +21,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::Envelope;
-use crate::metrics::Counters;
-use crate::outcome::HandlerError;
-use crate::runtime::backoff::RetryPolicy;
-use crate::runtime::lease::Leases;
-use crate::runtime::{Apply, Consumer, ConsumerConfig, Executed};
+use orderfleet::envelope::Envelope;
+use orderfleet::metrics::Counters;
+use orderfleet::outcome::HandlerError;
+use orderfleet::runtime::backoff::RetryPolicy;
+use orderfleet::runtime::lease::Leases;
+use orderfleet::runtime::{Apply, Consumer, ConsumerConfig, Executed};
 
 /// Settings of one benchmark run.
 #[derive(Debug, Clone)]

@@ -1,18 +1,34 @@
-//! `orderfleet bench`: runs the runtime benchmark, then the saga benchmark
-//! ([`crate::bench_saga`]), and prints their figures. The last line is a one-line JSON summary
-//! of both.
+//! `orderfleet-bench`: runs the runtime benchmark ([`orderfleet_bench::consumer`]), then the
+//! saga benchmark ([`orderfleet_bench::saga`]), and prints their figures. The last line is a
+//! one-line JSON summary of both.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::Parser;
+use orderfleet::runtime::group::GroupConfig;
+use orderfleet::worker::{init_logging, LogFormat};
+use orderfleet_bench::consumer::{self as bench, BenchConfig};
+use orderfleet_bench::saga::{self as bench_saga, SagaConfig};
 
-use crate::bench::{self, BenchConfig};
-use crate::bench_saga::{self, SagaConfig};
-use crate::runtime::group::GroupConfig;
+// The same allocator as the fleet's binaries, so the figures are theirs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Debug, clap::Args)]
+/// Benchmarks the consumer runtime against the in-memory SQS endpoint, then the order saga in
+/// process on real PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "orderfleet-bench", version)]
 pub struct Args {
+    /// Log format (logs go to stderr).
+    #[arg(
+        long,
+        env = "ORDERFLEET_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    pub log_format: LogFormat,
     /// Messages preloaded and drained in the throughput phase.
     #[arg(long, default_value_t = 200_000)]
     pub messages: usize,
@@ -60,7 +76,20 @@ pub struct Args {
     pub database_url: Option<String>,
 }
 
-pub async fn run(args: Args) -> Result<ExitCode> {
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("orderfleet-bench: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<ExitCode> {
     let mut summary = serde_json::Map::new();
     if !args.saga_only {
         runtime_phase(&args, &mut summary).await?;

@@ -1,0 +1,15 @@
+//! # orderfleet-bench
+//!
+//! The benchmarks behind `make bench`, apart from the fleet so that the worker neither compiles
+//! nor links what only they need.
+//!
+//! - [`sqs`]: a small in-memory SQS endpoint (AWS JSON 1.0), run as the
+//!   `orderfleet-bench-sqs` process, for measuring a consumer without the emulator's cost.
+//! - [`consumer`]: the runtime benchmark: the fleet's consumer draining that endpoint.
+//! - [`saga`]: the order saga in process on real PostgreSQL, complete orders per second.
+//!
+//! `orderfleet-bench` runs both and prints their figures; docs/BENCHMARKS.md has the results.
+
+pub mod consumer;
+pub mod saga;
+pub mod sqs;
