@@ -7,7 +7,8 @@
 #   make run [ORDERS=10]        run the worker fleet locally (Ctrl-C stops)
 #   make demo [ORDERS=100]      end-to-end demo with a report
 #   make bench [BENCH_ARGS=..]  benchmark
-#   make lint                   rustfmt + clippy
+#   make lint                   rustfmt + clippy over the workspace
+#   make cfn                    regenerate deploy/cloudformation/orderfleet.json
 #   make clean-stack            stop the stack and delete its data
 
 SHELL := bash
@@ -22,7 +23,7 @@ TEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help up down env status tools build test run demo bench lint clean-stack
+.PHONY: help up down env status tools build test run demo bench lint cfn clean-stack
 
 help:
 	@sed -n 's/^#   /  /p' $(firstword $(MAKEFILE_LIST))
@@ -71,6 +72,10 @@ bench: up
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The CloudFormation template, generated from the topology by the xtask crate.
+cfn:
+	$(CARGO) run -p xtask -- cfn
 
 clean-stack:
 	@bash $(STACK) clean

@@ -18,7 +18,6 @@
 //!   deterministic sandboxes.
 //! - [`topology`]: bus, queues, DLQs and rules as data; [`provision`] applies it.
 //! - [`db`]: the PostgreSQL pool and migrations.
-//! - [`deploy`]: the CloudFormation template, generated from the topology.
 //! - [`worker`]: the `orderfleet-worker` process: wiring, signals, heartbeats.
 //! - [`aws`]: AWS SDK clients from the environment.
 //! - [`operator`]: what `orderfleet status` and `orderfleet dlq` do: peek, filter, redrive
@@ -35,7 +34,6 @@ pub mod carrier;
 pub mod catalogue;
 pub mod cli;
 pub mod db;
-pub mod deploy;
 pub mod email;
 pub mod emf;
 pub mod envelope;

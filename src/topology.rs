@@ -2,8 +2,9 @@
 //! the EventBridge rules that route each detail-type to the handlers that consume it.
 //!
 //! `orderfleet provision` applies it, the worker validates against it, and the CloudFormation
-//! template in `deploy/` is checked against it by a test. The routing itself comes from the
-//! event catalogue ([`crate::catalogue`]), so a new event needs one edit.
+//! template in `deploy/` is generated from it (by the workspace's `xtask` crate) and checked
+//! against it by a test. The routing itself comes from the event catalogue
+//! ([`crate::catalogue`]), so a new event needs one edit.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,6 +1,5 @@
 //! The `orderfleet` operator CLI: one file per command. The binary only parses arguments.
 
-pub mod cfn;
 pub mod dlq;
 pub mod lake;
 pub mod migrate;
@@ -41,8 +40,6 @@ pub enum Command {
     Provision(provision::Args),
     /// Apply the versioned SQL migrations, each in a transaction.
     Migrate(migrate::Args),
-    /// Print the production CloudFormation template, generated from the topology.
-    Cfn(cfn::Args),
     /// Every handler's queue and DLQ, running move tasks, and the live workers.
     Status(status::Args),
     /// Inspect, redrive, export, import and purge dead-letter queues.
@@ -67,7 +64,6 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Status(args) => status::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Lake(args) => lake::run(args).await,
-        Command::Cfn(args) => cfn::run(args),
         Command::Seed(args) => seed::run(args).await,
         Command::Publish(args) => publish::run(args).await,
         Command::Wait(args) => wait::run(args).await,

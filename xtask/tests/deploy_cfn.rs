@@ -1,17 +1,17 @@
 //! The committed CloudFormation template: generated from the code's topology, routing exactly
 //! like it, and accepted by cfn-lint.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use orderfleet::topology::{self, HandlerName, Topology};
 use serde_json::{json, Value};
 
-const REGENERATE: &str =
-    "cargo run --bin orderfleet -- cfn --out deploy/cloudformation/orderfleet.json";
+/// How to regenerate the committed template (also `make cfn`).
+const REGENERATE: &str = "cargo run -p xtask -- cfn";
 
 fn template_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cloudformation/orderfleet.json")
+    xtask::template_path()
 }
 
 fn committed() -> Value {
@@ -100,7 +100,7 @@ fn get_att(id: &str, attribute: &str) -> Value {
 
 #[test]
 fn the_committed_template_is_the_one_generated_from_the_topology() {
-    let generated = orderfleet::deploy::render(&Topology::default());
+    let generated = xtask::cfn::render(&Topology::default());
     let on_disk = std::fs::read_to_string(template_path()).unwrap_or_default();
     assert!(
         on_disk == generated,
@@ -209,7 +209,7 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
 fn each_task_stops_after_the_worker_s_shutdown_grace_and_checks_its_health() {
     let t = Template::load();
     for h in HandlerName::ALL {
-        let id = format!("{}TaskDefinition", orderfleet::deploy::logical_id(h));
+        let id = format!("{}TaskDefinition", xtask::cfn::logical_id(h));
         let containers = t.resource(&id)["Properties"]["ContainerDefinitions"]
             .as_array()
             .expect("ContainerDefinitions");
@@ -279,7 +279,7 @@ fn each_task_role_reaches_only_its_own_queues_and_its_own_dependencies() {
     let t = Template::load();
     let topo = Topology::default();
     for h in HandlerName::ALL {
-        let stem = orderfleet::deploy::logical_id(h);
+        let stem = xtask::cfn::logical_id(h);
         let (queue_id, _) = t.named("AWS::SQS::Queue", "QueueName", &topo.queue_name(h));
         let (dlq_id, _) = t.named("AWS::SQS::Queue", "QueueName", &topo.dlq_name(h));
         let role = t.resource(&format!("{stem}TaskRole"));
@@ -361,7 +361,7 @@ fn every_handler_is_alarmed_on_dlq_age_errors_and_a_missing_heartbeat() {
 
 #[test]
 fn the_template_passes_cfn_lint() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = xtask::workspace_root();
     let cfn_lint = root.join(".venv/bin/cfn-lint");
     assert!(
         cfn_lint.exists(),
@@ -370,7 +370,7 @@ fn the_template_passes_cfn_lint() {
     );
     let out = Command::new(&cfn_lint)
         .arg(template_path())
-        .current_dir(root)
+        .current_dir(&root)
         .output()
         .expect("run cfn-lint");
     assert!(

@@ -1,0 +1,147 @@
+//! The database: RDS PostgreSQL, reachable only from the worker tasks, its master credentials
+//! generated in Secrets Manager, and the `DATABASE_URL` secret the tasks are given.
+
+use serde_json::json;
+
+use super::{r, resource, resource_on_removal, sub, tags, Resources};
+
+/// Name of the database created on the RDS instance.
+const DATABASE_NAME: &str = "orderfleet";
+
+pub(super) fn shared(res: &mut Resources) {
+    network(res);
+    master_secret(res);
+    instance(res);
+    database_url_secret(res);
+}
+
+/// The database's security group (PostgreSQL from the tasks only) and subnet group.
+fn network(res: &mut Resources) {
+    res.add(
+        "DbSecurityGroup",
+        resource(
+            "AWS::EC2::SecurityGroup",
+            json!({
+                "GroupDescription": "orderfleet PostgreSQL: the worker tasks only",
+                "VpcId": r("VpcId"),
+                "SecurityGroupIngress": [{
+                    "IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
+                    "SourceSecurityGroupId": r("TaskSecurityGroup"),
+                    "Description": "PostgreSQL from the worker tasks"
+                }],
+                "Tags": tags("database")
+            }),
+        ),
+    );
+    res.add(
+        "DbSubnetGroup",
+        resource(
+            "AWS::RDS::DBSubnetGroup",
+            json!({
+                "DBSubnetGroupDescription": "orderfleet PostgreSQL subnets",
+                "SubnetIds": r("SubnetIds"),
+                "Tags": tags("database")
+            }),
+        ),
+    );
+}
+
+/// The generated master credentials, attached to the instance.
+fn master_secret(res: &mut Resources) {
+    res.add(
+        "DbMasterSecret",
+        // Kept with the final snapshot, whose master password it holds.
+        resource_on_removal(
+            "AWS::SecretsManager::Secret",
+            "Retain",
+            json!({
+                "Description": "orderfleet RDS master credentials",
+                "GenerateSecretString": {
+                    "SecretStringTemplate": "{\"username\":\"orderfleet\"}",
+                    "GenerateStringKey": "password",
+                    "PasswordLength": 32,
+                    // Alphanumeric only, so the password can sit in a URL unescaped.
+                    "ExcludePunctuation": true
+                },
+                "Tags": tags("database")
+            }),
+        ),
+    );
+    res.add(
+        "DbMasterSecretAttachment",
+        resource(
+            "AWS::SecretsManager::SecretTargetAttachment",
+            json!({"SecretId": r("DbMasterSecret"), "TargetId": r("Db"), "TargetType": "AWS::RDS::DBInstance"}),
+        ),
+    );
+}
+
+/// A dynamic reference to `key` of the master secret, for use inside `Fn::Sub`.
+fn master(key: &str) -> String {
+    format!("{{{{resolve:secretsmanager:${{DbMasterSecret}}:SecretString:{key}}}}}")
+}
+
+/// PostgreSQL 17 with TLS enforced (`DbForceSsl`), snapshotted when removed.
+fn instance(res: &mut Resources) {
+    res.add(
+        "DbParameterGroup",
+        resource(
+            "AWS::RDS::DBParameterGroup",
+            json!({
+                "Description": "orderfleet PostgreSQL 17",
+                "Family": "postgres17",
+                "Parameters": {"rds.force_ssl": r("DbForceSsl")},
+                "Tags": tags("database")
+            }),
+        ),
+    );
+    res.add(
+        "Db",
+        resource_on_removal(
+            "AWS::RDS::DBInstance",
+            "Snapshot",
+            json!({
+                "Engine": "postgres",
+                "EngineVersion": "17.6",
+                "DBInstanceClass": r("DbInstanceClass"),
+                "AllocatedStorage": r("DbAllocatedStorageGiB"),
+                "StorageType": "gp3",
+                "StorageEncrypted": true,
+                "DBName": DATABASE_NAME,
+                "MasterUsername": sub(&master("username")),
+                "MasterUserPassword": sub(&master("password")),
+                "DBSubnetGroupName": r("DbSubnetGroup"),
+                "DBParameterGroupName": r("DbParameterGroup"),
+                "VPCSecurityGroups": [r("DbSecurityGroup")],
+                "MultiAZ": r("DbMultiAz"),
+                "PubliclyAccessible": false,
+                "BackupRetentionPeriod": 7,
+                "DeletionProtection": true,
+                "CopyTagsToSnapshot": true,
+                "AutoMinorVersionUpgrade": true,
+                "Tags": tags("database")
+            }),
+        ),
+    );
+}
+
+/// What the workers read as `DATABASE_URL`, composed from the master secret at deploy time.
+fn database_url_secret(res: &mut Resources) {
+    let url = format!(
+        "postgres://{}:{}@${{Db.Endpoint.Address}}:${{Db.Endpoint.Port}}/{DATABASE_NAME}?sslmode=require",
+        master("username"),
+        master("password")
+    );
+    res.add(
+        "DatabaseUrlSecret",
+        resource_on_removal(
+            "AWS::SecretsManager::Secret",
+            "Delete",
+            json!({
+                "Description": "DATABASE_URL of the orderfleet workers",
+                "SecretString": sub(&url),
+                "Tags": tags("database")
+            }),
+        ),
+    );
+}
