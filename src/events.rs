@@ -70,6 +70,34 @@ impl Meta {
     }
 }
 
+/// A version other than [`VERSION`] is permanent: a newer producer; redrive after an upgrade.
+fn check_version(event: &Envelope, version: u32) -> Result<(), HandlerError> {
+    if version != VERSION {
+        return Err(HandlerError::permanent(format!(
+            "{} detail has version {version}; this build understands version {VERSION}",
+            event.detail_type
+        )));
+    }
+    Ok(())
+}
+
+/// The order id of an order event, read through the same checks as [`decode`] without
+/// decoding the rest: for a handler that only needs to know which order moved. A detail
+/// without an order id is poison.
+pub fn decode_order_id(event: &Envelope) -> Result<String, HandlerError> {
+    #[derive(Deserialize)]
+    struct OrderRef {
+        order_id: String,
+        #[serde(flatten)]
+        meta: Meta,
+    }
+    let r = OrderRef::deserialize(&event.detail).map_err(|e| {
+        HandlerError::poison(format!("{} detail has no order_id: {e}", event.detail_type))
+    })?;
+    check_version(event, r.meta.version)?;
+    Ok(r.order_id)
+}
+
 /// Decodes `event.detail` as `T`. A detail that does not match is poison (no retry can fix
 /// it); a version other than [`VERSION`] is permanent (a newer producer: redrive after an
 /// upgrade).
@@ -81,13 +109,7 @@ pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
             event.detail_type
         ))
     })?;
-    let version = payload.meta().version;
-    if version != VERSION {
-        return Err(HandlerError::permanent(format!(
-            "{} detail has version {version}; this build understands version {VERSION}",
-            event.detail_type
-        )));
-    }
+    check_version(event, payload.meta().version)?;
     let has_id = payload
         .meta()
         .event_id

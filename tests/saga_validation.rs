@@ -204,3 +204,45 @@ async fn an_undecodable_order_is_poison_and_the_fleet_goes_on() {
     assert!(dead[1].reason.contains("ISO 4217"), "{}", dead[1].reason);
     assert_eq!(status(&pool, "good").await, "completed");
 }
+
+#[tokio::test]
+async fn an_outcome_event_of_a_newer_schema_version_is_refused_not_applied() {
+    use orderfleet::outcome::HandlerError;
+    use orderfleet::topology::HandlerName;
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 10).await;
+    fleet
+        .publish_event(&order("ord-v2", &[("TEA-1", 1, 1000)], "tok_visa"))
+        .await
+        .unwrap();
+    // Deliver until inventory's answer comes up, and hand orders a version-2 copy of it.
+    let reserved = loop {
+        let event = fleet.take(1).await.unwrap().pop().expect("the saga stalled");
+        if event.detail_type == "InventoryReserved" {
+            break event;
+        }
+        fleet.deliver(&event).await;
+    };
+    let mut newer = reserved.clone();
+    newer.id = "eb-v2".into();
+    newer.detail["version"] = 2.into();
+    newer.detail["event_id"] = "evt-v2".into();
+    match fleet.deliver_to(HandlerName::Orders, &newer, 1).await {
+        Err(HandlerError::Permanent { reason }) => {
+            assert!(reason.contains("version 2"), "{reason}")
+        }
+        other => panic!("a version-2 event was not refused: {other:?}"),
+    }
+    let reservation = common::scalar(
+        &pool,
+        "SELECT count(*) FROM orders WHERE id = 'ord-v2' AND reservation_state = 'reserved'",
+    )
+    .await;
+    assert_eq!(reservation, 0, "the newer event was applied");
+
+    // The version-1 event still goes through, and the order completes.
+    fleet.deliver(&reserved).await;
+    fleet.run_until_quiet().await.unwrap();
+    assert_eq!(status(&pool, "ord-v2").await, "completed");
+}

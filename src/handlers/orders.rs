@@ -681,20 +681,6 @@ async fn settle(cx: &mut Context<'_>, mut o: Locked) -> Result<(), HandlerError>
     Ok(())
 }
 
-/// The one order id every outcome event carries.
-#[derive(serde::Deserialize)]
-struct OrderRef {
-    order_id: String,
-}
-
-fn order_ref(event: &Envelope) -> Result<String, HandlerError> {
-    <OrderRef as serde::Deserialize>::deserialize(&event.detail)
-        .map(|r| r.order_id)
-        .map_err(|e| {
-            HandlerError::poison(format!("{} detail has no order_id: {e}", event.detail_type))
-        })
-}
-
 impl Orders {
     async fn place(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: OrderPlaced = events::decode(event)?;
@@ -906,7 +892,7 @@ impl Orders {
         use DeliveryState as D;
         use PaymentState as P;
         use ReservationState as R;
-        let order_id = order_ref(event)?;
+        let order_id = events::decode_order_id(event)?;
         let mut o = lock_existing(cx, &order_id).await?;
         let s = &mut o.snap;
         let tracking = || {
