@@ -4,53 +4,39 @@
 //!
 //! # Layout
 //!
-//! - [`runtime`]: the SQS consumer, written once: receive loops with back pressure, batched
-//!   deletes, leases, typed outcomes, the DLQ, graceful shutdown, inbox retention.
-//! - [`handlers`]: the business logic of each worker, one file each; knows nothing of SQS.
-//! - [`outbox`]: the inbox (idempotency) and the outbox with its relay to EventBridge.
-//! - [`envelope`]: the EventBridge event as it arrives in an SQS body.
-//! - [`catalogue`]: every event type, its producer and consumers; drives routing.
-//! - [`events`]: the typed payload of every event: money, currencies, versions.
-//! - [`email`]: customer emails: templates, lettre messages, the file, SMTP and SES v2
-//!   transports, address masking.
-//! - [`ledger`]: the double-entry ledger of payments.
-//! - [`payment_provider`], [`carrier`]: the outside world of payments and fulfillment, with
-//!   deterministic sandboxes.
-//! - [`topology`]: bus, queues, DLQs and rules as data; [`provision`] applies it.
-//! - [`db`]: the PostgreSQL pool and migrations.
-//! - [`worker`]: the `orderfleet-worker` process: wiring, signals, heartbeats.
-//! - [`aws`]: AWS SDK clients from the environment.
-//! - [`operator`]: what `orderfleet status` and `orderfleet dlq` do: peek, filter, redrive
-//!   with a crash-safe journal, export/import, fleet status.
-//! - [`simulator`]: the storefront simulator behind `orderfleet seed` and `orderfleet publish`.
-//! - [`report`]: orders, stock, ledger totals and the invariants of `orderfleet report`.
-//! - [`lake`]: the S3 data lake: the lake outbox, its Firehose shipper, reading it back.
-//! - [`recommendations`]: "bought together" recommendations from the personalization worker's
-//!   co-occurrence table.
-//! - [`outcome`], [`metrics`]: typed failures and counters.
+//! Each folder is one layer, and a layer uses only the layers below it (`tests/it` checks the
+//! `use crate::` lines of every file against this order, top to bottom):
+//!
+//! 1. `src/bin/`: the two binaries; they parse arguments and hand over.
+//! 2. [`worker`] (the `orderfleet-worker` process: wiring, arguments, dependencies, signals,
+//!    heartbeats, [`worker::health`]) and [`cli`] (one file per `orderfleet` command, and the
+//!    storefront [`cli::simulator`] behind `seed` and `publish`).
+//! 3. [`operator`]: what `orderfleet status`, `dlq` and `report` do: peek, filter, redrive with a
+//!    crash-safe journal, export/import, fleet status, [`operator::report`]'s invariants.
+//! 4. [`runtime`]: the SQS consumer, written once: receive loops with back pressure, batched
+//!    deletes, leases, typed outcomes, the DLQ, group commit, graceful shutdown, retention.
+//! 5. [`handlers`]: the handler contract in `mod.rs` and one module per worker: the business
+//!    logic, knowing nothing of SQS.
+//! 6. [`providers`]: the outside world: the payment provider, the carrier and customer email,
+//!    each with its sandbox.
+//! 7. [`store`]: PostgreSQL: the pool and migrations, the inbox and the outbox with its relay to
+//!    EventBridge, the double-entry ledger, the lake outbox and its Firehose shipper, the
+//!    recommendations table.
+//! 8. [`infra`]: AWS clients, the topology (bus, queues, DLQs, rules as data) and provisioning.
+//! 9. [`telemetry`]: counters, CloudWatch embedded metrics, logging.
+//! 10. [`domain`]: what every layer speaks: the envelope, the event catalogue and handler names,
+//!     typed events and money, typed outcomes.
+//!
+//! The benchmarks (`bench/`), the in-process test fleet (`testkit/`) and the CloudFormation
+//! generator (`xtask/`) are packages of their own in the workspace.
 
-pub mod aws;
-pub mod carrier;
-pub mod catalogue;
 pub mod cli;
-pub mod db;
-pub mod email;
-pub mod emf;
-pub mod envelope;
-pub mod events;
+pub mod domain;
 pub mod handlers;
-pub mod health;
-pub mod lake;
-pub mod ledger;
-pub mod metrics;
+pub mod infra;
 pub mod operator;
-pub mod outbox;
-pub mod outcome;
-pub mod payment_provider;
-pub mod provision;
-pub mod recommendations;
-pub mod report;
+pub mod providers;
 pub mod runtime;
-pub mod simulator;
-pub mod topology;
+pub mod store;
+pub mod telemetry;
 pub mod worker;

@@ -19,15 +19,18 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use orderfleet::aws::Clients;
-use orderfleet::catalogue::STOREFRONT_SOURCE;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::catalogue::STOREFRONT_SOURCE;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::analytics::Analytics;
-use orderfleet::lake::{self, LakeShipper, ShipperConfig, MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
-use orderfleet::metrics::Counters;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Consumer, Executed};
-use orderfleet::topology::{HandlerName, Topology};
+use orderfleet::store::lake::{
+    self, LakeShipper, ShipperConfig, MAX_BATCH_BYTES, MAX_BATCH_RECORDS,
+};
+use orderfleet::telemetry::metrics::Counters;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -314,7 +317,7 @@ async fn lake_stats_counts_records_by_detail_type_and_day() {
 async fn provisioning_the_lake_twice_changes_nothing_the_second_time() {
     let clients = common::clients().await;
     let topo = Topology::with_prefix(common::unique("l"));
-    let first = orderfleet::provision::provision(&clients, &topo)
+    let first = orderfleet::infra::provision::provision(&clients, &topo)
         .await
         .unwrap();
     let lake: Vec<_> = first
@@ -328,7 +331,7 @@ async fn provisioning_the_lake_twice_changes_nothing_the_second_time() {
         lake,
         vec![(bucket.as_str(), "created"), (stream.as_str(), "created")]
     );
-    let second = orderfleet::provision::provision(&clients, &topo)
+    let second = orderfleet::infra::provision::provision(&clients, &topo)
         .await
         .unwrap();
     assert_eq!(second, vec![]);
@@ -479,7 +482,7 @@ async fn fake_firehose(
             });
         }
     });
-    let sdk = orderfleet::aws::sdk_config().await;
+    let sdk = orderfleet::infra::aws::sdk_config().await;
     let config = aws_sdk_firehose::config::Builder::from(&sdk)
         .endpoint_url(format!("http://{addr}"))
         .retry_config(aws_sdk_firehose::config::retry::RetryConfig::disabled())

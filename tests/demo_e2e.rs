@@ -8,7 +8,7 @@ mod common;
 use std::fs::File;
 use std::process::{Command, Output, Stdio};
 
-use orderfleet::simulator::{self, OrderKind, PlanConfig};
+use orderfleet::cli::simulator::{self, OrderKind, PlanConfig};
 use serde_json::Value;
 
 const ORDERS: usize = 20;

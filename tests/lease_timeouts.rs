@@ -7,8 +7,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orderfleet::metrics::Counters;
 use orderfleet::runtime::lease::Leases;
+use orderfleet::telemetry::metrics::Counters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -104,7 +104,7 @@ async fn a_hung_lease_extension_on_one_queue_does_not_stop_the_leases_of_another
 
     let hung_queue = common::unique("hung");
     let proxy = hanging_proxy(upstream, hung_queue.clone()).await;
-    let config = orderfleet::aws::sdk_config().await;
+    let config = orderfleet::infra::aws::sdk_config().await;
     let sqs = aws_sdk_sqs::Client::from_conf(
         aws_sdk_sqs::config::Builder::from(&config)
             .endpoint_url(proxy)

@@ -6,8 +6,8 @@ mod notifications_support;
 mod saga_support;
 
 use notifications_support::*;
+use orderfleet::domain::names::HandlerName;
 use orderfleet::runtime::Executed;
-use orderfleet::topology::HandlerName;
 use saga_support::{assert_no_dead_letters, order, stock_sku};
 
 fn read(dir: &std::path::Path, name: &str) -> Vec<u8> {
@@ -180,7 +180,8 @@ async fn a_returned_parcel_is_refunded_and_the_customer_is_told() {
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "TEA-1", 1000, 10).await;
     let mut placed = order("ord-ret", &[("TEA-1", 2, 1000)], "tok_visa");
-    placed.shipping_address.postal_code = orderfleet::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    placed.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
     fleet.publish_event(&placed).await.unwrap();
     fleet.run_until_quiet().await.unwrap();
     assert_no_dead_letters(&fleet);

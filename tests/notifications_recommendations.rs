@@ -7,9 +7,9 @@ mod notifications_support;
 mod saga_support;
 
 use notifications_support::*;
-use orderfleet::email::EmailArgs;
+use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::{self, Deps, DepsArgs};
-use orderfleet::topology::HandlerName;
+use orderfleet::providers::email::EmailArgs;
 use saga_support::{assert_no_dead_letters, order, stock_sku};
 
 /// (sku, quantity, unit price in EUR minor units).

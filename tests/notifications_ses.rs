@@ -10,17 +10,17 @@ mod saga_support;
 use std::sync::Arc;
 
 use notifications_support::*;
-use orderfleet::email::transport::Ses;
-use orderfleet::email::{self, Mailer, Templates};
-use orderfleet::outcome::HandlerError;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
+use orderfleet::providers::email::transport::Ses;
+use orderfleet::providers::email::{self, Mailer, Templates};
 use orderfleet::runtime::Executed;
-use orderfleet::topology::HandlerName;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn sesv2() -> aws_sdk_sesv2::Client {
     common::env("AWS_ENDPOINT_URL");
-    aws_sdk_sesv2::Client::new(&orderfleet::aws::sdk_config().await)
+    aws_sdk_sesv2::Client::new(&orderfleet::infra::aws::sdk_config().await)
 }
 
 /// A sender in a domain of its own, so that tests sharing the emulator do not see each

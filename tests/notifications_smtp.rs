@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notifications_support::*;
-use orderfleet::email::transport::Smtp;
-use orderfleet::email::SmtpTls;
-use orderfleet::outcome::HandlerError;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
+use orderfleet::providers::email::transport::Smtp;
+use orderfleet::providers::email::SmtpTls;
 use orderfleet::runtime::Executed;
-use orderfleet::topology::HandlerName;
 
 #[tokio::test]
 async fn a_confirmation_is_delivered_to_a_real_smtp_server() {
@@ -227,9 +227,9 @@ async fn a_server_without_starttls_is_a_configuration_error_and_nothing_goes_in_
 #[tokio::test]
 async fn a_send_to_a_server_that_hangs_ends_before_the_handler_s_time_with_its_reason() {
     use orderfleet::handlers::notifications::Notifications;
-    use orderfleet::metrics::Counters;
     use orderfleet::runtime::lease::Leases;
     use orderfleet::runtime::{self, Consumer, Transactional};
+    use orderfleet::telemetry::metrics::Counters;
     use tokio_util::sync::CancellationToken;
 
     // An SMTP server that accepts connections and never says a word; the transport's own

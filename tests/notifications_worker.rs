@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use notifications_support::*;
-use orderfleet::topology::HandlerName;
+use orderfleet::domain::names::HandlerName;
 
 #[tokio::test]
 async fn orderfleet_worker_runs_notifications_with_the_file_outbox_by_default() {

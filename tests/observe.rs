@@ -9,8 +9,9 @@ use std::io::Read;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use orderfleet::aws::Clients;
-use orderfleet::topology::{HandlerName, Topology};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use serde_json::Value;
 
 use common::signal;
@@ -36,7 +37,7 @@ async fn send_stock(clients: &Clients, topo: &Topology, n: usize) {
 }
 
 async fn processed(db_url: &str) -> i64 {
-    let pool = orderfleet::db::pool(db_url, 1).unwrap();
+    let pool = orderfleet::store::db::pool(db_url, 1).unwrap();
     let c = pool.get().await.unwrap();
     c.query_one("SELECT count(*) FROM processed_messages", &[])
         .await
@@ -227,10 +228,10 @@ async fn the_putmetricdata_sink_lands_metrics_in_cloudwatch() {
     // The interval is 60 s; the flush at shutdown sends this run's metrics in one call.
     signal(&child, "-TERM");
     assert_eq!(wait_exit(&mut child).await, 0);
-    let cw = aws_sdk_cloudwatch::Client::new(&orderfleet::aws::sdk_config().await);
+    let cw = aws_sdk_cloudwatch::Client::new(&orderfleet::infra::aws::sdk_config().await);
     let listed = cw
         .list_metrics()
-        .namespace(orderfleet::emf::NAMESPACE)
+        .namespace(orderfleet::telemetry::emf::NAMESPACE)
         .send()
         .await
         .unwrap();

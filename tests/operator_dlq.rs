@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use deadpool_postgres::Pool;
-use orderfleet::aws::Clients;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use orderfleet::operator::mover::{self, CrashPoint, MoveOptions, REDRIVE_KEY};
 use orderfleet::operator::progress::Progress;
 use orderfleet::operator::queue::{self, QueueRef, Role};
 use orderfleet::runtime;
-use orderfleet::topology::{HandlerName, Topology};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -189,7 +190,7 @@ async fn quick_topology(clients: &Clients) -> Topology {
     let mut topo = Topology::with_prefix(common::unique("t"));
     topo.max_receive_count = 2;
     topo.lake = false;
-    orderfleet::provision::provision(clients, &topo)
+    orderfleet::infra::provision::provision(clients, &topo)
         .await
         .expect("provision");
     topo

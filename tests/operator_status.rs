@@ -5,8 +5,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use orderfleet::domain::names::HandlerName;
 use orderfleet::runtime;
-use orderfleet::topology::HandlerName;
 use serde_json::Value;
 
 #[tokio::test]

@@ -8,9 +8,10 @@ use std::io::Read;
 use std::process::Command;
 use std::time::Duration;
 
-use orderfleet::aws::Clients;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use orderfleet::runtime;
-use orderfleet::topology::{HandlerName, Topology};
 use serde_json::{json, Value};
 
 /// An OrderPlaced whose every one of `lines` lines is wrong three ways (unknown SKU, quantity

@@ -15,7 +15,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
 use orderfleet::handlers::personalization::{Personalization, PersonalizeTracker};
 use orderfleet::runtime::{self, Executed};
 use serde_json::{json, Map, Value};
@@ -190,7 +190,7 @@ async fn start_fake() -> (Arc<Mutex<FakePersonalize>>, SocketAddr) {
 
 /// The handler, forwarding to the fake (the SDK's own retries off: one call, one request).
 async fn handler(addr: SocketAddr) -> Personalization {
-    let sdk = orderfleet::aws::sdk_config().await;
+    let sdk = orderfleet::infra::aws::sdk_config().await;
     let config = aws_sdk_personalizeevents::config::Builder::from(&sdk)
         .endpoint_url(format!("http://{addr}"))
         .retry_config(aws_sdk_personalizeevents::config::retry::RetryConfig::disabled())

@@ -4,10 +4,10 @@
 mod common;
 
 use deadpool_postgres::Pool;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
 use orderfleet::handlers::personalization::Personalization;
-use orderfleet::recommendations::{top_for_skus, Recommendation};
 use orderfleet::runtime::{self, Executed};
+use orderfleet::store::recommendations::{top_for_skus, Recommendation};
 use serde_json::json;
 
 /// An OrderCompleted as the orders worker publishes it, with `event_id` as its outbox id.

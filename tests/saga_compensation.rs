@@ -217,7 +217,8 @@ async fn a_failed_delivery_after_capture_refunds_and_restocks() {
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "TEA-1", 1000, 5).await;
     let mut placed = order("ord-ret", &[("TEA-1", 2, 1000)], "tok_visa");
-    placed.shipping_address.postal_code = orderfleet::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    placed.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
     fleet.publish_event(&placed).await.unwrap();
     fleet.run_until_quiet().await.unwrap();
 
@@ -257,7 +258,8 @@ async fn a_return_that_overtakes_its_shipment_voids_the_hold_instead_of_capturin
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "TEA-1", 1000, 5).await;
     let mut placed = order("ord-fast", &[("TEA-1", 2, 1000)], "tok_visa");
-    placed.shipping_address.postal_code = orderfleet::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    placed.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
     fleet.publish_event(&placed).await.unwrap();
 
     // Run until fulfillment has emitted OrderShipped and DeliveryFailed, then deliver them in
@@ -296,7 +298,7 @@ async fn a_declined_capture_is_recorded_on_the_shipped_order() {
         .publish_event(&order(
             "ord-nocap",
             &[("TEA-1", 1, 1000)],
-            orderfleet::payment_provider::tokens::CAPTURE_DECLINE,
+            orderfleet::providers::payment::tokens::CAPTURE_DECLINE,
         ))
         .await
         .unwrap();
@@ -317,7 +319,7 @@ async fn a_declined_capture_is_recorded_on_the_shipped_order() {
     assert!(ledger(&pool).await.is_empty());
 
     // The report puts it in front of a person, without calling it a broken invariant.
-    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+    let report = orderfleet::operator::report::build(&mut pool.get().await.unwrap())
         .await
         .unwrap();
     assert!(report.holds(), "{:?}", report.violations);

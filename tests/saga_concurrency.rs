@@ -6,10 +6,10 @@ mod saga_support;
 
 use std::sync::Arc;
 
+use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::inventory::Inventory;
 use orderfleet::handlers::Handler;
 use orderfleet::runtime::{self, Executed};
-use orderfleet::topology::HandlerName;
 use orderfleet_testkit::inproc::Fleet;
 use saga_support::*;
 

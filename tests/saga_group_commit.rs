@@ -11,15 +11,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use orderfleet::db::Cached;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::{Context, GroupState, Handler};
-use orderfleet::metrics::Counters;
-use orderfleet::outcome::HandlerError;
 use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
-use orderfleet::topology::HandlerName;
+use orderfleet::store::db::Cached;
+use orderfleet::telemetry::metrics::Counters;
 use saga_support::*;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -94,7 +94,7 @@ impl Handler for AtOnce {
     }
     async fn lock_group(
         &self,
-        tx: &orderfleet::db::Tx,
+        tx: &orderfleet::store::db::Tx,
         events: &[&Envelope],
         state: &mut GroupState,
     ) -> Result<(), HandlerError> {
@@ -105,7 +105,11 @@ impl Handler for AtOnce {
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         self.inner.handle(event, cx).await
     }
-    async fn finish(&self, tx: &orderfleet::db::Tx, state: GroupState) -> Result<(), HandlerError> {
+    async fn finish(
+        &self,
+        tx: &orderfleet::store::db::Tx,
+        state: GroupState,
+    ) -> Result<(), HandlerError> {
         self.inner.finish(tx, state).await
     }
 }
@@ -668,7 +672,7 @@ impl Handler for OrderWatch {
 
     async fn finish(
         &self,
-        _tx: &orderfleet::db::Tx,
+        _tx: &orderfleet::store::db::Tx,
         state: GroupState,
     ) -> Result<(), HandlerError> {
         let ids = state.into_inner::<Vec<String>>().unwrap_or_default();
@@ -747,7 +751,7 @@ fn event_of(detail_type: &str, detail: &impl serde::Serialize) -> Envelope {
 }
 
 fn cancelled(order_id: &str, sku: &str, total_minor: i64) -> Envelope {
-    use orderfleet::events::{CancelReason, Meta, OrderCancelled, SkuQuantity};
+    use orderfleet::domain::events::{CancelReason, Meta, OrderCancelled, SkuQuantity};
     event_of(
         "OrderCancelled",
         &OrderCancelled {
@@ -780,7 +784,7 @@ async fn payment_refs(pool: &deadpool_postgres::Pool, order_id: &str) -> [Option
 
 #[tokio::test]
 async fn payments_created_and_settled_inside_one_group_are_written_as_they_ended() {
-    use orderfleet::events::{DeliveryFailed, Meta, OrderShipped, SkuQuantity};
+    use orderfleet::domain::events::{DeliveryFailed, Meta, OrderShipped, SkuQuantity};
     let fleet = fleet().await;
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "PAY-G", 999, 10).await;
@@ -911,7 +915,7 @@ async fn a_payment_row_created_meanwhile_by_an_event_run_alone_sends_the_group_t
 
 #[tokio::test]
 async fn shipping_and_stopping_one_order_in_one_group_keep_the_first_decision() {
-    use orderfleet::events::{Contact, Meta, OrderReadyToShip, ShipmentCancelRequested};
+    use orderfleet::domain::events::{Contact, Meta, OrderReadyToShip, ShipmentCancelRequested};
     let fleet = fleet().await;
     let pool = fleet.pool().clone();
     let fulfillment = fleet.handler(HandlerName::Fulfillment).unwrap();
@@ -927,7 +931,7 @@ async fn shipping_and_stopping_one_order_in_one_group_keep_the_first_decision() 
                     email: placed.customer.email.unwrap(),
                     name: placed.customer.name,
                 },
-                lines: vec![orderfleet::events::SkuQuantity {
+                lines: vec![orderfleet::domain::events::SkuQuantity {
                     sku: "SHIP-G".into(),
                     quantity: 1,
                 }],
@@ -993,7 +997,7 @@ async fn shipment(pool: &deadpool_postgres::Pool, order_id: &str) -> String {
 
 #[tokio::test]
 async fn orders_placed_in_one_group_see_early_cancellations_repeats_and_unknown_skus() {
-    use orderfleet::events::Meta;
+    use orderfleet::domain::events::Meta;
     let fleet = fleet().await;
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "PLACE-G", 999, 10).await;

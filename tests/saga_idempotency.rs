@@ -4,9 +4,9 @@
 mod common;
 mod saga_support;
 
-use orderfleet::events::Meta;
+use orderfleet::domain::events::Meta;
+use orderfleet::domain::names::HandlerName;
 use orderfleet::runtime::Executed;
-use orderfleet::topology::HandlerName;
 use saga_support::*;
 
 #[tokio::test]

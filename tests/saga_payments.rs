@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::payments::Payments;
 use orderfleet::handlers::{Context, Handler};
-use orderfleet::outcome::HandlerError;
-use orderfleet::payment_provider::{
+use orderfleet::providers::payment::{
     PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest, SandboxProvider,
 };
-use orderfleet::topology::HandlerName;
 use saga_support::*;
 
 fn request(key: &str, token: &str) -> ProviderRequest {
@@ -205,11 +205,11 @@ async fn the_ledger_refuses_updates_deletes_and_unbalanced_transactions() {
     let (pool, _) = common::fresh_db().await;
     let mut c = pool.get().await.unwrap();
     let tx = c.transaction().await.unwrap();
-    assert!(orderfleet::ledger::capture(&tx, "o1", eur(700))
+    assert!(orderfleet::store::ledger::capture(&tx, "o1", eur(700))
         .await
         .unwrap());
     // The same movement again is a no-op.
-    assert!(!orderfleet::ledger::capture(&tx, "o1", eur(700))
+    assert!(!orderfleet::store::ledger::capture(&tx, "o1", eur(700))
         .await
         .unwrap());
     tx.commit().await.unwrap();
@@ -248,7 +248,7 @@ async fn the_ledger_refuses_updates_deletes_and_unbalanced_transactions() {
 async fn attempt_logging_fleet() -> (orderfleet_testkit::inproc::Fleet, CrashBeforeCommit) {
     let (pool, url) = common::fresh_db().await;
     let provider: Arc<dyn PaymentProvider> = Arc::new(SandboxProvider::new(
-        orderfleet::db::pool(&url, 8).unwrap(),
+        orderfleet::store::db::pool(&url, 8).unwrap(),
         Duration::ZERO,
     ));
     let fleet = sandbox_fleet(pool.clone(), &url).with_handler(
@@ -342,7 +342,8 @@ async fn a_return_that_overtakes_a_rolled_back_capture_refunds_it() {
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "TEA-1", 1000, 5).await;
     let mut placed = order("ord-lost-cap", &[("TEA-1", 2, 1000)], "tok_visa");
-    placed.shipping_address.postal_code = orderfleet::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    placed.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
     fleet.publish_event(&placed).await.unwrap();
 
     let (shipped, failed) = loop {
@@ -416,7 +417,7 @@ async fn a_return_that_overtakes_a_rolled_back_capture_refunds_it() {
 /// its two postings; an unbalanced one is refused and writes nothing.
 #[tokio::test]
 async fn a_ledger_movement_is_recorded_once_per_key_with_balanced_postings() {
-    use orderfleet::ledger::{self, Account, Posting};
+    use orderfleet::store::ledger::{self, Account, Posting};
     let (pool, _) = common::fresh_db().await;
     let mut client = pool.get().await.unwrap();
     let tx = client.transaction().await.unwrap();
@@ -458,7 +459,7 @@ async fn a_ledger_movement_is_recorded_once_per_key_with_balanced_postings() {
 /// the batch write nothing, and each new one gets its own postings.
 #[tokio::test]
 async fn ledger_movements_recorded_together_are_each_posted_once() {
-    use orderfleet::ledger::{self, Movement};
+    use orderfleet::store::ledger::{self, Movement};
     let (pool, _) = common::fresh_db().await;
     let mut client = pool.get().await.unwrap();
     let tx = client.transaction().await.unwrap();
@@ -711,7 +712,7 @@ async fn a_cancel_handled_while_a_group_authorizes_the_order_leaves_no_hold_on_t
     // How: the cancellation waited for the group's lock, and the group committed whole.
     assert!(cancel_waited, "the cancellation did not wait for the group");
     assert_eq!(group_transactions, 1);
-    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+    let report = orderfleet::operator::report::build(&mut pool.get().await.unwrap())
         .await
         .unwrap();
     assert_eq!(report.invariants.get(DANGLING), Some(&true), "{report:?}");
@@ -789,7 +790,7 @@ async fn the_report_flags_a_hold_left_on_a_rejected_order_and_not_a_normal_cance
     assert_eq!(status(&pool, "ord-bad").await, "rejected");
     assert_eq!(approved_at_provider(&pool, "ord-short").await, (true, true));
 
-    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+    let report = orderfleet::operator::report::build(&mut pool.get().await.unwrap())
         .await
         .unwrap();
     assert_eq!(report.invariants.get(DANGLING), Some(&true), "{report:?}");
@@ -808,7 +809,7 @@ async fn the_report_flags_a_hold_left_on_a_rejected_order_and_not_a_normal_cance
         )
         .await
         .unwrap();
-    let report = orderfleet::report::build(&mut pool.get().await.unwrap())
+    let report = orderfleet::operator::report::build(&mut pool.get().await.unwrap())
         .await
         .unwrap();
     assert_eq!(report.invariants.get(DANGLING), Some(&false), "{report:?}");

@@ -5,8 +5,8 @@
 mod common;
 mod saga_support;
 
-use orderfleet::events::{Currency, Meta, Money, StockReceived};
-use orderfleet::outcome::FailureKind;
+use orderfleet::domain::events::{Currency, Meta, Money, StockReceived};
+use orderfleet::domain::outcome::FailureKind;
 use saga_support::*;
 
 #[tokio::test]
@@ -152,7 +152,10 @@ async fn db_at(version: i32) -> deadpool_postgres::Pool {
     )
     .await
     .unwrap();
-    for &(v, name, sql) in orderfleet::db::MIGRATIONS.iter().filter(|m| m.0 <= version) {
+    for &(v, name, sql) in orderfleet::store::db::MIGRATIONS
+        .iter()
+        .filter(|m| m.0 <= version)
+    {
         c.batch_execute(sql).await.unwrap();
         c.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
@@ -178,7 +181,7 @@ async fn an_event_applied_before_the_inbox_migration_is_still_a_duplicate_after_
     .await
     .unwrap();
     drop(c);
-    let applied = orderfleet::db::migrate(&pool).await.unwrap();
+    let applied = orderfleet::store::db::migrate(&pool).await.unwrap();
     assert_eq!(
         applied.first(),
         Some(&10),
@@ -190,7 +193,7 @@ async fn an_event_applied_before_the_inbox_migration_is_still_a_duplicate_after_
         async move {
             let c = pool.get().await.unwrap();
             c.batch_execute("BEGIN").await.unwrap();
-            let claimed = orderfleet::outbox::claim(&c, "orders", "ord-9", detail_type)
+            let claimed = orderfleet::store::outbox::claim(&c, "orders", "ord-9", detail_type)
                 .await
                 .unwrap();
             c.batch_execute("COMMIT").await.unwrap();

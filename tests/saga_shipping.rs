@@ -9,12 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orderfleet::carrier::{Cancellation, Carrier, CarrierError, Dispatch, Parcel, SandboxCarrier};
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::fulfillment::Fulfillment;
+use orderfleet::providers::carrier::{
+    Cancellation, Carrier, CarrierError, Dispatch, Parcel, SandboxCarrier,
+};
 use orderfleet::runtime::group::execute_group;
 use orderfleet::runtime::Executed;
-use orderfleet::topology::HandlerName;
 use orderfleet_testkit::inproc::Fleet;
 use saga_support::*;
 use tokio::sync::Notify;
@@ -132,7 +134,7 @@ async fn fleet_crashing(
     crash_after_first_cancel: bool,
 ) -> (Fleet, Arc<TestCarrier>) {
     let (pool, url) = common::fresh_db().await;
-    let side = orderfleet::db::pool(&url, 8).unwrap();
+    let side = orderfleet::store::db::pool(&url, 8).unwrap();
     let carrier = Arc::new(TestCarrier {
         sandbox: SandboxCarrier::new(side.clone()),
         gate: gate.then(|| (Notify::new(), Notify::new())),
@@ -369,7 +371,7 @@ async fn a_crash_after_the_carrier_cancelled_the_parcel_ends_in_one_shipment_can
 
 #[tokio::test]
 async fn the_sandbox_carrier_gives_one_parcel_per_order_and_refuses_a_cancelled_one() {
-    use orderfleet::events::{Address, SkuQuantity};
+    use orderfleet::domain::events::{Address, SkuQuantity};
     let (pool, _) = common::fresh_db().await;
     let sandbox = SandboxCarrier::new(pool.clone());
     let address = Address {
@@ -423,7 +425,7 @@ async fn the_sandbox_carrier_gives_one_parcel_per_order_and_refuses_a_cancelled_
 async fn a_group_hands_its_parcels_over_in_one_call_and_a_crash_after_it_ends_in_one_parcel_per_order(
 ) {
     let (pool, url) = common::fresh_db().await;
-    let side = orderfleet::db::pool(&url, 8).unwrap();
+    let side = orderfleet::store::db::pool(&url, 8).unwrap();
     let carrier = Arc::new(TestCarrier {
         sandbox: SandboxCarrier::new(side.clone()),
         gate: None,
@@ -486,7 +488,7 @@ async fn a_group_hands_its_parcels_over_in_one_call_and_a_crash_after_it_ends_in
 #[tokio::test]
 async fn a_carrier_that_never_answers_is_given_up_before_the_handler_s_time_and_asked_again_by_key()
 {
-    use orderfleet::outcome::HandlerError;
+    use orderfleet::domain::outcome::HandlerError;
     use orderfleet::runtime::group::{execute_group_with, Limits};
     let (fleet, carrier) = fleet_with(true, false).await;
     let ready = until_ready_to_ship(&fleet, "ord-silent-carrier").await;

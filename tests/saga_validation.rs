@@ -4,8 +4,8 @@
 mod common;
 mod saga_support;
 
-use orderfleet::events::{Currency, Money, OrderPlaced};
-use orderfleet::outcome::FailureKind;
+use orderfleet::domain::events::{Currency, Money, OrderPlaced};
+use orderfleet::domain::outcome::FailureKind;
 use saga_support::*;
 
 fn with(id: &str, change: impl FnOnce(&mut OrderPlaced)) -> OrderPlaced {
@@ -37,7 +37,7 @@ async fn each_kind_of_invalid_order_is_rejected_with_its_reason() {
         ),
         (
             with("bad-mixed", |o| {
-                o.lines.push(orderfleet::events::PlacedLine {
+                o.lines.push(orderfleet::domain::events::PlacedLine {
                     sku: "CUP-1".into(),
                     quantity: 1,
                     unit_price: Money::new(500, usd),
@@ -137,7 +137,7 @@ async fn an_order_with_several_problems_lists_every_reason() {
     let placed = with("bad-many", |o| {
         o.customer.email = None;
         o.lines[0].quantity = 0;
-        o.lines.push(orderfleet::events::PlacedLine {
+        o.lines.push(orderfleet::domain::events::PlacedLine {
             sku: "NOPE-1".into(),
             quantity: 1,
             unit_price: Money::new(1, Currency::new("GBP").unwrap()),
@@ -207,8 +207,8 @@ async fn an_undecodable_order_is_poison_and_the_fleet_goes_on() {
 
 #[tokio::test]
 async fn an_outcome_event_of_a_newer_schema_version_is_refused_not_applied() {
-    use orderfleet::outcome::HandlerError;
-    use orderfleet::topology::HandlerName;
+    use orderfleet::domain::names::HandlerName;
+    use orderfleet::domain::outcome::HandlerError;
     let fleet = fleet().await;
     let pool = fleet.pool().clone();
     stock_sku(&fleet, "TEA-1", 1000, 10).await;
@@ -218,7 +218,12 @@ async fn an_outcome_event_of_a_newer_schema_version_is_refused_not_applied() {
         .unwrap();
     // Deliver until inventory's answer comes up, and hand orders a version-2 copy of it.
     let reserved = loop {
-        let event = fleet.take(1).await.unwrap().pop().expect("the saga stalled");
+        let event = fleet
+            .take(1)
+            .await
+            .unwrap()
+            .pop()
+            .expect("the saga stalled");
         if event.detail_type == "InventoryReserved" {
             break event;
         }

@@ -7,12 +7,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orderfleet::aws::Clients;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::{Context, Handler};
-use orderfleet::outcome::HandlerError;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::{self, Executed};
-use orderfleet::topology::{HandlerName, Topology};
 use serde_json::json;
 
 use common::{signal, wait_exit};

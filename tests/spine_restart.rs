@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use orderfleet::envelope::Envelope;
-use orderfleet::metrics::Counters;
-use orderfleet::outcome::HandlerError;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
+use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Apply, Consumer, Executed};
-use orderfleet::topology::{HandlerName, Topology};
+use orderfleet::telemetry::metrics::Counters;
 use tokio_util::sync::CancellationToken;
 
 /// The real inventory worker with `wait_secs` long polls (the tests' usual worker polls for 1 s,
@@ -27,7 +28,7 @@ fn worker(topo: &Topology, db_url: &str, wait_secs: u32, extra: &[&str]) -> comm
     common::inventory_worker_polling(topo, db_url, wait_secs, extra)
 }
 
-async fn inventory_queue(clients: &orderfleet::aws::Clients, topo: &Topology) -> String {
+async fn inventory_queue(clients: &orderfleet::infra::aws::Clients, topo: &Topology) -> String {
     runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
         .await
         .unwrap()
@@ -46,7 +47,7 @@ async fn wait_until_up(pool: &deadpool_postgres::Pool) {
 }
 
 async fn wait_until_all_handled(
-    clients: &orderfleet::aws::Clients,
+    clients: &orderfleet::infra::aws::Clients,
     pool: &deadpool_postgres::Pool,
     url: &str,
     n: i64,

@@ -10,17 +10,18 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use deadpool_postgres::Pool;
-use orderfleet::aws::Clients;
-use orderfleet::envelope::Envelope;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::{Context, Handler};
-use orderfleet::metrics::Counters;
-use orderfleet::outcome::HandlerError;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::group::{GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::retention::{self, InboxRetention};
 use orderfleet::runtime::{self, attrs, Apply, Consumer, ConsumerConfig, QueueFacts};
-use orderfleet::topology::{HandlerName, Topology};
+use orderfleet::telemetry::metrics::Counters;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -485,14 +486,14 @@ async fn a_handler_slower_than_the_visibility_timeout_is_not_redelivered_while_i
 async fn provisioning_twice_changes_nothing_the_second_time() {
     let clients = common::clients().await;
     let topo = Topology::with_prefix(common::unique("p"));
-    let first = orderfleet::provision::provision(&clients, &topo)
+    let first = orderfleet::infra::provision::provision(&clients, &topo)
         .await
         .unwrap();
     assert!(
         first.len() >= 7 * 4,
         "first run created the topology: {first:?}"
     );
-    let second = orderfleet::provision::provision(&clients, &topo)
+    let second = orderfleet::infra::provision::provision(&clients, &topo)
         .await
         .unwrap();
     assert_eq!(second, vec![], "second run changed something");
@@ -761,7 +762,7 @@ async fn an_abandoned_handler_leaves_no_open_transaction_behind_on_a_pooled_conn
         .unwrap();
     // One connection: whatever runs next gets the connection the abandoned handler had, or
     // its replacement.
-    let pool = orderfleet::db::pool(&url, 1).unwrap();
+    let pool = orderfleet::store::db::pool(&url, 1).unwrap();
     let first = Envelope::decode(&common::event_body("StockReceived", "test", json!({}))).unwrap();
     let hanging = Effecting {
         unstorable: false,
@@ -882,7 +883,7 @@ async fn a_handler_abandoned_in_a_lock_wait_leaves_no_waiting_backend_behind() {
         }
     };
 
-    let pool = orderfleet::db::pool(&url, 1).unwrap();
+    let pool = orderfleet::store::db::pool(&url, 1).unwrap();
     let event = Envelope::decode(&common::event_body("StockReceived", "test", json!({}))).unwrap();
     let abandoned = tokio::time::timeout(
         Duration::from_millis(500),
@@ -915,7 +916,7 @@ async fn a_handler_abandoned_in_a_lock_wait_leaves_no_waiting_backend_behind() {
 #[tokio::test]
 async fn a_database_url_naming_a_unix_socket_connects_through_it() {
     let url = common::env("ORDERFLEET_PG_SOCKET_URL");
-    let pool = orderfleet::db::pool(&url, 1).expect("pool");
+    let pool = orderfleet::store::db::pool(&url, 1).expect("pool");
     let client = pool.get().await.expect("connect through the socket");
     let row = client
         .query_one(

@@ -21,12 +21,12 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use orderfleet::envelope::Envelope;
-use orderfleet::metrics::Counters;
-use orderfleet::outcome::HandlerError;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::outcome::HandlerError;
 use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{Apply, Consumer, ConsumerConfig, Executed};
+use orderfleet::telemetry::metrics::Counters;
 
 /// Settings of one benchmark run.
 #[derive(Debug, Clone)]

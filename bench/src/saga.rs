@@ -9,7 +9,7 @@
 //! Each run gets a scratch database (`orderfleet_bench_<id>`, dropped afterwards). The
 //! catalogue and N orders are written to the outbox first; the clock runs from the first
 //! delivery until the outbox is empty, and every order must then be `completed` with every
-//! invariant of [`orderfleet::report`] holding, or the run fails.
+//! invariant of [`orderfleet::operator::report`] holding, or the run fails.
 //!
 //! Transactions are counted two ways: `handler_transactions` are the fleet's calls of
 //! [`orderfleet::runtime::execute`] (inbox, effects and outbox in one transaction each);
@@ -25,11 +25,11 @@ use anyhow::{bail, Context as _, Result};
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
-use orderfleet::carrier::SandboxCarrier;
+use orderfleet::cli::simulator::{self, PlanConfig};
+use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::fulfillment::Fulfillment;
+use orderfleet::providers::carrier::SandboxCarrier;
 use orderfleet::runtime::group::GroupConfig;
-use orderfleet::simulator::{self, PlanConfig};
-use orderfleet::topology::HandlerName;
 use orderfleet_testkit::inproc::Fleet;
 
 /// Settings of the saga benchmark.
@@ -97,7 +97,7 @@ async fn transactions(admin: &Pool, name: &str) -> Result<i64> {
 
 /// Runs the benchmark on a scratch database. `progress` receives human-readable lines.
 pub async fn run(cfg: &SagaConfig, progress: impl Fn(String)) -> Result<SagaReport> {
-    let admin = orderfleet::db::pool(&cfg.database_url, 1)?;
+    let admin = orderfleet::store::db::pool(&cfg.database_url, 1)?;
     let name = format!("orderfleet_bench_{}", simulator::new_run_id());
     admin
         .get()
@@ -127,9 +127,9 @@ pub async fn run(cfg: &SagaConfig, progress: impl Fn(String)) -> Result<SagaRepo
 /// their worker processes would have.
 fn fleet(url: &str, group: GroupConfig) -> Result<Fleet> {
     let size = 4 * group.transactions + 2;
-    let pool = orderfleet::db::pool(url, size)?;
-    let provider_pool = orderfleet::db::pool(url, group.transactions + 2)?;
-    let carrier_pool = orderfleet::db::pool(url, group.transactions + 1)?;
+    let pool = orderfleet::store::db::pool(url, size)?;
+    let provider_pool = orderfleet::store::db::pool(url, group.transactions + 2)?;
+    let carrier_pool = orderfleet::store::db::pool(url, group.transactions + 1)?;
     let fulfillment = Fulfillment::new(
         Arc::new(SandboxCarrier::new(carrier_pool.clone())),
         carrier_pool,
@@ -152,7 +152,7 @@ async fn run_in(
     // Setup: migrate, take the catalogue in, queue the orders. Not timed.
     {
         let setup = fleet(url, cfg.group)?;
-        orderfleet::db::migrate(setup.pool()).await?;
+        orderfleet::store::db::migrate(setup.pool()).await?;
         let products = simulator::catalogue(simulator::DEFAULT_SKUS);
         let units = simulator::units_for(cfg.orders, products.len());
         for e in simulator::seed_events("bench", &products, units)? {
@@ -204,12 +204,12 @@ async fn run_in(
     let after = transactions(admin, name).await?;
 
     // Judge the result on a fresh connection: every order completed, every invariant holds.
-    let check = orderfleet::db::pool(url, 1)?;
+    let check = orderfleet::store::db::pool(url, 1)?;
     let mut client = check
         .get()
         .await
         .context("connecting to the scratch database")?;
-    let report = orderfleet::report::build(&mut client).await?;
+    let report = orderfleet::operator::report::build(&mut client).await?;
     let completed = report
         .orders_by_status
         .get("completed")

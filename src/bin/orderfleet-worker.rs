@@ -19,7 +19,10 @@ async fn main() -> ExitCode {
         max_age_secs,
     }) = cli.command
     {
-        return match orderfleet::health::check(&health_file, Duration::from_secs(max_age_secs)) {
+        return match orderfleet::worker::health::check(
+            &health_file,
+            Duration::from_secs(max_age_secs),
+        ) {
             Ok(h) => {
                 println!(
                     "healthy: pid {} handlers {} in flight {}",
@@ -35,7 +38,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    worker::init_logging(cli.worker.common.log_format);
+    orderfleet::telemetry::logging::init_logging(cli.worker.common.log_format);
     match worker::run(cli.worker).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

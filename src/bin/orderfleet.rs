@@ -10,7 +10,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = orderfleet::cli::Cli::parse();
-    orderfleet::worker::init_logging(cli.log_format);
+    orderfleet::telemetry::logging::init_logging(cli.log_format);
     match orderfleet::cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {

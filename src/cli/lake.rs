@@ -1,14 +1,14 @@
 //! `orderfleet lake stats [--json]`: reads the data lake back from S3 and counts its records by
-//! detail-type and by day. See [`crate::lake`] for the layout and what `duplicates` means.
+//! detail-type and by day. See [`crate::store::lake`] for the layout and what `duplicates` means.
 
 use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::aws;
 use crate::cli::PrefixArg;
-use crate::lake::{self, LakeStats};
-use crate::topology::Topology;
+use crate::infra::aws;
+use crate::infra::topology::Topology;
+use crate::store::lake::{self, LakeStats};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

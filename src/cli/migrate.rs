@@ -13,8 +13,8 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode> {
-    let pool = crate::db::pool(&args.db.database_url, 2)?;
-    let applied = crate::db::migrate(&pool).await?;
+    let pool = crate::store::db::pool(&args.db.database_url, 2)?;
+    let applied = crate::store::db::migrate(&pool).await?;
     if applied.is_empty() {
         println!("migrate: schema is up to date");
     } else {

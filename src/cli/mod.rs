@@ -7,13 +7,14 @@ pub mod provision;
 pub mod publish;
 pub mod report;
 pub mod seed;
+pub mod simulator;
 pub mod status;
 pub mod wait;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::worker::LogFormat;
+use crate::telemetry::logging::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::aws::Clients;
 use crate::cli::PrefixArg;
-use crate::topology::{Topology, DEFAULT_MAX_RECEIVE_COUNT};
+use crate::infra::aws::Clients;
+use crate::infra::topology::{Topology, DEFAULT_MAX_RECEIVE_COUNT};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -30,7 +30,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     topo.max_receive_count = args.max_receive_count;
     topo.lake_bucket_override = args.lake_bucket.filter(|b| !b.is_empty());
     let clients = Clients::from_env().await;
-    let changes = crate::provision::provision(&clients, &topo).await?;
+    let changes = crate::infra::provision::provision(&clients, &topo).await?;
     if args.json {
         println!("{}", serde_json::json!({ "changes": changes }));
     } else if changes.is_empty() {

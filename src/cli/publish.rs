@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use crate::aws::Clients;
+use crate::cli::simulator::{self, Plan, PlanConfig, StorefrontEvent, TokenBucket, DEFAULT_SKUS};
 use crate::cli::{DatabaseArg, PrefixArg};
-use crate::simulator::{self, Plan, PlanConfig, StorefrontEvent, TokenBucket, DEFAULT_SKUS};
-use crate::topology::Topology;
+use crate::infra::aws::Clients;
+use crate::infra::topology::Topology;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -75,7 +75,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     }
     let clients = Clients::from_env().await;
     let topo = Topology::with_prefix(&args.prefix.prefix);
-    let pool = crate::db::pool(&args.db.database_url, 1)?;
+    let pool = crate::store::db::pool(&args.db.database_url, 1)?;
     let db = pool.get().await.context("connecting to the database")?;
     simulator::ensure_runs_table(&db).await?;
     let run_id = args.run_id.clone().unwrap_or_else(simulator::new_run_id);

@@ -1,14 +1,14 @@
 //! `orderfleet report [--json]`: orders by status, stock per SKU, ledger totals, emails, and
-//! the invariant checks of [`crate::report`]. Exits 1 when any invariant is broken.
+//! the invariant checks of [`crate::operator::report`]. Exits 1 when any invariant is broken.
 
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 
 use crate::cli::DatabaseArg;
-use crate::email::view::format_money;
-use crate::events::{Currency, Money};
-use crate::report::{self, Report};
+use crate::domain::events::{Currency, Money};
+use crate::operator::report::{self, Report};
+use crate::providers::email::view::format_money;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -20,7 +20,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode> {
-    let pool = crate::db::pool(&args.db.database_url, 1)?;
+    let pool = crate::store::db::pool(&args.db.database_url, 1)?;
     let mut db = pool.get().await.context("connecting to the database")?;
     let r = report::build(&mut db).await?;
     if args.json {
@@ -156,7 +156,7 @@ mod tests {
 
     #[test]
     fn ledger_totals_print_with_the_decimals_of_their_currency() {
-        let total = |currency: &str, amount_minor| crate::report::LedgerTotal {
+        let total = |currency: &str, amount_minor| crate::operator::report::LedgerTotal {
             account: "revenue".into(),
             currency: currency.into(),
             amount_minor,

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use crate::aws::Clients;
+use crate::cli::simulator::{self, DEFAULT_SKUS};
 use crate::cli::PrefixArg;
-use crate::simulator::{self, DEFAULT_SKUS};
-use crate::topology::Topology;
+use crate::infra::aws::Clients;
+use crate::infra::topology::Topology;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -69,7 +69,7 @@ pub async fn seed(
         let Some(url) = database_url else {
             bail!("waiting for the inventory handler needs --database-url (or DATABASE_URL); pass --no-wait to skip it");
         };
-        let pool = crate::db::pool(url, 1)?;
+        let pool = crate::store::db::pool(url, 1)?;
         let db = pool.get().await.context("connecting to the database")?;
         let ids: Vec<String> = events
             .iter()

@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::aws;
 use crate::cli::PrefixArg;
+use crate::infra::aws;
+use crate::infra::topology::Topology;
 use crate::operator::message::format_age;
 use crate::operator::status::{self, OutboxStatus, QueueStatus, WorkerStatus};
-use crate::topology::Topology;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,7 +42,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let cloudwatch = aws_sdk_cloudwatch::Client::new(&config);
     let topo = Topology::with_prefix(&args.prefix.prefix);
     let pool = match &args.database_url {
-        Some(url) => Some(crate::db::pool(url, 2)?),
+        Some(url) => Some(crate::store::db::pool(url, 2)?),
         None => None,
     };
     let stale_after = Duration::from_secs(args.stale_after_secs);

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::cli::simulator;
 use crate::cli::DatabaseArg;
-use crate::report::TERMINAL_STATUSES;
-use crate::simulator;
+use crate::operator::report::TERMINAL_STATUSES;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -82,7 +82,7 @@ impl Progress {
 }
 
 pub async fn run(args: Args) -> Result<ExitCode> {
-    let pool = crate::db::pool(&args.db.database_url, 1)?;
+    let pool = crate::store::db::pool(&args.db.database_url, 1)?;
     let db = pool.get().await.context("connecting to the database")?;
     let started = Instant::now();
     let timeout = Duration::from_secs(args.timeout_secs);

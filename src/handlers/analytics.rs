@@ -4,21 +4,21 @@
 //! |---|---|---|
 //! | every detail-type | its lake record in `lake_outbox` | (none) |
 //!
-//! The handler only writes the record in its transaction; the [`crate::lake::LakeShipper`]
-//! batches pending records into PutRecordBatch calls to Firehose. [`crate::lake`] explains
+//! The handler only writes the record in its transaction; the [`crate::store::lake::LakeShipper`]
+//! batches pending records into PutRecordBatch calls to Firehose. [`crate::store::lake`] explains
 //! why the work is split that way and what it guarantees.
 //!
 //! What happens if two processes, or a crash, land here: the handler calls nothing outside;
 //! two processes with one event are settled by the inbox (and `lake_outbox.event_key`), and a
 //! crash rolls the record back with the inbox row, so the redelivery writes it. The Firehose
-//! call, and its crash window, belong to the shipper: see [`crate::lake`].
+//! call, and its crash window, belong to the shipper: see [`crate::store::lake`].
 
 use async_trait::async_trait;
 
-use crate::envelope::Envelope;
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::HandlerError;
 use crate::handlers::{Context, Handler};
-use crate::lake;
-use crate::outcome::HandlerError;
+use crate::store::lake;
 
 /// The analytics handler.
 #[derive(Debug, Default, Clone, Copy)]

@@ -56,19 +56,19 @@ use async_trait::async_trait;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 
-use crate::carrier::{Cancellation, Carrier, CarrierError, Delivery, Dispatch, Parcel};
-use crate::db::{Cached, Tx};
-use crate::envelope::Envelope;
-use crate::events::{
+use crate::domain::envelope::Envelope;
+use crate::domain::events::{
     self, DeliveryFailed, Event, Meta, OrderDelivered, OrderReadyToShip, OrderShipped,
     ShipmentCancelRequested, ShipmentCancelled,
 };
 use crate::handlers::{Context, GroupState, Handler};
+use crate::providers::carrier::{Cancellation, Carrier, CarrierError, Delivery, Dispatch, Parcel};
+use crate::store::db::{Cached, Tx};
 
 /// The longest a carrier call may take; less when the handler's time is shorter (see
 /// [`Context::call_timeout`]).
 const CARRIER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
-use crate::outcome::HandlerError;
+use crate::domain::outcome::HandlerError;
 
 /// The fulfillment handler.
 pub struct Fulfillment {
@@ -192,13 +192,10 @@ async fn cancelled(
     cx.state::<Group>()
         .states
         .insert(order_id.to_string(), State::Cancelled);
-    events::emit(
-        cx,
-        &ShipmentCancelled {
-            meta: Meta::default(),
-            order_id: order_id.to_string(),
-        },
-    )
+    cx.emit_event(&ShipmentCancelled {
+        meta: Meta::default(),
+        order_id: order_id.to_string(),
+    })
 }
 
 fn carrier_error(order_id: &str, e: CarrierError) -> HandlerError {
@@ -368,38 +365,29 @@ impl Fulfillment {
             .states
             .insert(d.order_id.clone(), State::Shipped);
         let now = Utc::now();
-        events::emit(
-            cx,
-            &OrderShipped {
-                meta: Meta::default(),
-                order_id: d.order_id.clone(),
-                carrier: self.carrier.name().to_string(),
-                tracking_number: dispatch.tracking_number.clone(),
-                lines: d.lines.clone(),
-                shipped_at: now,
-            },
-        )?;
+        cx.emit_event(&OrderShipped {
+            meta: Meta::default(),
+            order_id: d.order_id.clone(),
+            carrier: self.carrier.name().to_string(),
+            tracking_number: dispatch.tracking_number.clone(),
+            lines: d.lines.clone(),
+            shipped_at: now,
+        })?;
         match dispatch.delivery {
             None => Ok(()),
-            Some(Delivery::Delivered) => events::emit(
-                cx,
-                &OrderDelivered {
-                    meta: Meta::default(),
-                    order_id: d.order_id,
-                    tracking_number: dispatch.tracking_number,
-                    delivered_at: now,
-                },
-            ),
-            Some(Delivery::Failed { reason }) => events::emit(
-                cx,
-                &DeliveryFailed {
-                    meta: Meta::default(),
-                    order_id: d.order_id,
-                    tracking_number: dispatch.tracking_number,
-                    reason,
-                    lines: d.lines,
-                },
-            ),
+            Some(Delivery::Delivered) => cx.emit_event(&OrderDelivered {
+                meta: Meta::default(),
+                order_id: d.order_id,
+                tracking_number: dispatch.tracking_number,
+                delivered_at: now,
+            }),
+            Some(Delivery::Failed { reason }) => cx.emit_event(&DeliveryFailed {
+                meta: Meta::default(),
+                order_id: d.order_id,
+                tracking_number: dispatch.tracking_number,
+                reason,
+                lines: d.lines,
+            }),
         }
     }
 

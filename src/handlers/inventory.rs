@@ -19,15 +19,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 
-use crate::db::{Cached, Tx};
-use crate::envelope::Envelope;
-use crate::events::{
+use crate::domain::envelope::Envelope;
+use crate::domain::events::{
     self, DeliveryFailed, InventoryCommitted, InventoryRejected, InventoryReleased,
     InventoryReserved, Meta, OrderAccepted, OrderCancelled, OrderShipped, ProductUpserted,
     ReleaseReason, Shortage, SkuQuantity, StockReceived,
 };
+use crate::domain::outcome::HandlerError;
 use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, GroupState, Handler};
-use crate::outcome::HandlerError;
+use crate::store::db::{Cached, Tx};
 
 /// The inventory handler.
 pub struct Inventory;
@@ -543,14 +543,11 @@ impl Inventory {
             .collect();
         if !shortages.is_empty() {
             insert_rows(cx, &d.order_id, &wanted, State::Rejected);
-            return events::emit(
-                cx,
-                &InventoryRejected {
-                    meta: Meta::default(),
-                    order_id: d.order_id,
-                    shortages,
-                },
-            );
+            return cx.emit_event(&InventoryRejected {
+                meta: Meta::default(),
+                order_id: d.order_id,
+                shortages,
+            });
         }
         move_stock(
             cx,
@@ -561,14 +558,11 @@ impl Inventory {
             "reserved",
         )?;
         insert_rows(cx, &d.order_id, &wanted, State::Reserved);
-        events::emit(
-            cx,
-            &InventoryReserved {
-                meta: Meta::default(),
-                order_id: d.order_id,
-                lines: to_lines(&wanted),
-            },
-        )
+        cx.emit_event(&InventoryReserved {
+            meta: Meta::default(),
+            order_id: d.order_id,
+            lines: to_lines(&wanted),
+        })
     }
 
     /// Gives the reservation back. Always confirms with `InventoryReleased`, even when nothing
@@ -612,15 +606,12 @@ impl Inventory {
                 }
             },
         };
-        events::emit(
-            cx,
-            &InventoryReleased {
-                meta: Meta::default(),
-                order_id: d.order_id,
-                reason: ReleaseReason::Cancelled,
-                lines: released,
-            },
-        )
+        cx.emit_event(&InventoryReleased {
+            meta: Meta::default(),
+            order_id: d.order_id,
+            reason: ReleaseReason::Cancelled,
+            lines: released,
+        })
     }
 
     /// The parcel left: the reserved units leave the warehouse.
@@ -652,14 +643,11 @@ impl Inventory {
                     "committed",
                 )?;
                 set_state(cx, &d.order_id, State::Committed);
-                events::emit(
-                    cx,
-                    &InventoryCommitted {
-                        meta: Meta::default(),
-                        order_id: d.order_id,
-                        lines: r.lines(),
-                    },
-                )
+                cx.emit_event(&InventoryCommitted {
+                    meta: Meta::default(),
+                    order_id: d.order_id,
+                    lines: r.lines(),
+                })
             }
         }
     }
@@ -716,15 +704,12 @@ impl Inventory {
                 }
             },
         };
-        events::emit(
-            cx,
-            &InventoryReleased {
-                meta: Meta::default(),
-                order_id: d.order_id,
-                reason: ReleaseReason::Returned,
-                lines: restocked,
-            },
-        )
+        cx.emit_event(&InventoryReleased {
+            meta: Meta::default(),
+            order_id: d.order_id,
+            reason: ReleaseReason::Returned,
+            lines: restocked,
+        })
     }
 }
 

@@ -4,13 +4,13 @@
 
 use std::any::Any;
 
+use crate::store::outbox::NewEvent;
 use async_trait::async_trait;
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::db::{Cached, Tx};
-use crate::envelope::Envelope;
-use crate::outcome::HandlerError;
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::HandlerError;
+use crate::store::db::{Cached, Tx};
 
 /// One worker's business logic.
 #[async_trait]
@@ -132,13 +132,6 @@ pub async fn lock_keys(tx: &Tx, keys: &[(&str, &str)]) -> Result<(), HandlerErro
     Ok(())
 }
 
-/// An event a handler asks to publish once its transaction commits.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    pub detail_type: String,
-    pub detail: Value,
-}
-
 /// What a handler sees besides the event: its transaction, and where to put what it emits.
 pub struct Context<'a> {
     pub tx: &'a Tx,
@@ -236,6 +229,14 @@ impl<'a> Context<'a> {
         self.state.get()
     }
 
+    /// Emits a typed event: [`Context::emit`] under its own detail-type.
+    pub fn emit_event<T: crate::domain::events::Event>(
+        &mut self,
+        event: &T,
+    ) -> Result<(), HandlerError> {
+        self.emit(T::DETAIL_TYPE, event)
+    }
+
     /// The events emitted so far.
     pub fn emitted(&self) -> &[NewEvent] {
         &self.emitted
@@ -257,17 +258,17 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use deadpool_postgres::Pool;
 
-use crate::aws::Clients;
-use crate::carrier::{Carrier, SandboxCarrier};
-use crate::payment_provider::{PaymentProvider, SandboxProvider};
-use crate::topology::HandlerName;
+use crate::domain::names::HandlerName;
+use crate::infra::aws::Clients;
+use crate::providers::carrier::{Carrier, SandboxCarrier};
+use crate::providers::payment::{PaymentProvider, SandboxProvider};
 
 /// Settings the handlers themselves need (providers, carriers, transports).
 #[derive(Debug, Clone, Args, Default)]
 pub struct DepsArgs {
     /// Email settings of the notifications worker (transport, sender, templates).
     #[command(flatten)]
-    pub email: crate::email::EmailArgs,
+    pub email: crate::providers::email::EmailArgs,
     /// Latency the sandbox payment provider adds to every call, to imitate a real one.
     #[arg(
         long = "sandbox-payment-latency-ms",
@@ -329,7 +330,7 @@ pub struct Deps {
     /// pool, of its own in the worker).
     pub carrier: Arc<dyn Carrier>,
     /// Builds and sends customer emails (notifications).
-    pub mailer: Arc<crate::email::Mailer>,
+    pub mailer: Arc<crate::providers::email::Mailer>,
     /// The Amazon Personalize event tracker, when `--personalize-tracking-id` is set.
     pub personalize: Option<personalization::PersonalizeTracker>,
 }
@@ -337,7 +338,7 @@ pub struct Deps {
 impl Deps {
     pub async fn new(args: &DepsArgs, pool: &Pool, clients: &Clients) -> Result<Self> {
         let sandbox_pool = match &args.sandbox_payment_database_url {
-            Some(url) => crate::db::pool(url, args.sandbox_payment_pool_size.max(1))
+            Some(url) => crate::store::db::pool(url, args.sandbox_payment_pool_size.max(1))
                 .context("--sandbox-payment-database-url")?,
             None => pool.clone(),
         };
@@ -352,7 +353,7 @@ impl Deps {
             )),
             carrier: Arc::new(SandboxCarrier::new(sandbox_pool.clone())),
             mailer: Arc::new(
-                crate::email::Mailer::from_args(&args.email)
+                crate::providers::email::Mailer::from_args(&args.email)
                     .await
                     .context("email settings")?,
             ),
@@ -360,10 +361,13 @@ impl Deps {
         })
     }
 
-    /// The lake shipper the analytics worker needs running beside it (see [`crate::lake`]):
+    /// The lake shipper the analytics worker needs running beside it (see [`crate::store::lake`]):
     /// to `--firehose-stream`, or else the topology's stream.
-    pub fn lake_shipper(&self, topo: &crate::topology::Topology) -> crate::lake::LakeShipper {
-        crate::lake::LakeShipper::new(
+    pub fn lake_shipper(
+        &self,
+        topo: &crate::infra::topology::Topology,
+    ) -> crate::store::lake::LakeShipper {
+        crate::store::lake::LakeShipper::new(
             self.pool.clone(),
             self.clients.firehose.clone(),
             self.args
@@ -371,9 +375,9 @@ impl Deps {
                 .clone()
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| topo.firehose_stream()),
-            crate::lake::ShipperConfig {
+            crate::store::lake::ShipperConfig {
                 flush_interval: Duration::from_millis(self.args.lake_flush_ms.max(1)),
-                ..crate::lake::ShipperConfig::default()
+                ..crate::store::lake::ShipperConfig::default()
             },
         )
     }
@@ -386,7 +390,7 @@ async fn personalize_tracker(args: &DepsArgs) -> Option<personalization::Persona
         .personalize_tracking_id
         .clone()
         .filter(|s| !s.trim().is_empty())?;
-    let config = crate::aws::sdk_config().await;
+    let config = crate::infra::aws::sdk_config().await;
     Some(personalization::PersonalizeTracker {
         client: aws_sdk_personalizeevents::Client::new(&config),
         tracking_id,

@@ -61,16 +61,16 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::db::{Cached, Tx};
-use crate::email::mask::{mask, redact};
-use crate::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
-use crate::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};
-use crate::envelope::Envelope;
-use crate::events::{
+use crate::domain::envelope::Envelope;
+use crate::domain::events::{
     self, Currency, Money, OrderAccepted, OrderShipped, PaymentRefunded, PaymentVoided,
 };
+use crate::domain::outcome::HandlerError;
 use crate::handlers::{Context, Handler};
-use crate::outcome::HandlerError;
+use crate::providers::email::mask::{mask, redact};
+use crate::providers::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
+use crate::providers::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};
+use crate::store::db::{Cached, Tx};
 
 /// Savepoint around the recommendations query: a failure there must not abort the email.
 const RECOMMENDATIONS_SAVEPOINT: &str = "notifications_recommendations";
@@ -363,7 +363,7 @@ impl Notifications {
         }
         tx.batch_execute(&format!("SAVEPOINT {RECOMMENDATIONS_SAVEPOINT}"))
             .await?;
-        match crate::recommendations::top_for_skus(tx, skus, n).await {
+        match crate::store::recommendations::top_for_skus(tx, skus, n).await {
             Ok(found) => {
                 tx.batch_execute(&format!("RELEASE SAVEPOINT {RECOMMENDATIONS_SAVEPOINT}"))
                     .await?;

@@ -27,16 +27,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use async_trait::async_trait;
 
-use crate::db::{Cached, Tx};
-use crate::envelope::Envelope;
-use crate::events::{
+use crate::domain::envelope::Envelope;
+use crate::domain::events::{
     self, Address, CancelReason, Contact, Currency, Meta, Money, OrderAccepted,
     OrderCancellationRequested, OrderCancelled, OrderCompleted, OrderLine, OrderPlaced,
     OrderReadyToShip, OrderRejected, PaymentFailed, PaymentStage, RejectionCode, RejectionReason,
     ShipmentCancelRequested, SkuQuantity,
 };
+use crate::domain::outcome::HandlerError;
 use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, GroupState, Handler};
-use crate::outcome::HandlerError;
+use crate::store::db::{Cached, Tx};
 
 /// The orders handler.
 pub struct Orders;
@@ -627,37 +627,28 @@ async fn apply_effect(
                     "order {order_id}: stored address is unreadable: {e}"
                 ))
             })?;
-            events::emit(
-                cx,
-                &OrderReadyToShip {
-                    meta: Meta::default(),
-                    customer: customer()?,
-                    order_id,
-                    lines: d.lines,
-                    shipping_address: address,
-                },
-            )
+            cx.emit_event(&OrderReadyToShip {
+                meta: Meta::default(),
+                customer: customer()?,
+                order_id,
+                lines: d.lines,
+                shipping_address: address,
+            })
         }
-        Effect::Cancel(reason) => events::emit(
-            cx,
-            &OrderCancelled {
-                meta: Meta::default(),
-                total: total()?,
-                order_id,
-                reason,
-                lines: d.lines,
-            },
-        ),
-        Effect::Completed => events::emit(
-            cx,
-            &OrderCompleted {
-                meta: Meta::default(),
-                customer_id: customer()?.id,
-                total: total()?,
-                order_id,
-                lines: d.lines,
-            },
-        ),
+        Effect::Cancel(reason) => cx.emit_event(&OrderCancelled {
+            meta: Meta::default(),
+            total: total()?,
+            order_id,
+            reason,
+            lines: d.lines,
+        }),
+        Effect::Completed => cx.emit_event(&OrderCompleted {
+            meta: Meta::default(),
+            customer_id: customer()?.id,
+            total: total()?,
+            order_id,
+            lines: d.lines,
+        }),
     }
 }
 
@@ -781,19 +772,16 @@ impl Orders {
             // out so that inventory and payments record the order as settled and confirm.
             return apply_effect(cx, &d.order_id, Effect::Cancel(CancelReason::Requested)).await;
         }
-        events::emit(
-            cx,
-            &OrderAccepted {
-                meta: Meta::default(),
-                order_id: d.order_id,
-                customer: valid.customer,
-                lines: valid.lines,
-                total: valid.total,
-                payment_token: d.payment_token,
-                shipping_address: d.shipping_address,
-                placed_at: d.placed_at,
-            },
-        )
+        cx.emit_event(&OrderAccepted {
+            meta: Meta::default(),
+            order_id: d.order_id,
+            customer: valid.customer,
+            lines: valid.lines,
+            total: valid.total,
+            payment_token: d.payment_token,
+            shipping_address: d.shipping_address,
+            placed_at: d.placed_at,
+        })
     }
 
     async fn reject(
@@ -822,15 +810,12 @@ impl Orders {
             )
             .await?;
         cx.state::<Rows>().placed.insert(d.order_id.clone());
-        events::emit(
-            cx,
-            &OrderRejected {
-                meta: Meta::default(),
-                order_id: d.order_id,
-                customer: d.customer,
-                reasons,
-            },
-        )
+        cx.emit_event(&OrderRejected {
+            meta: Meta::default(),
+            order_id: d.order_id,
+            customer: d.customer,
+            reasons,
+        })
     }
 
     /// Honoured until shipment: before the order is ready to ship it is cancelled at once;
@@ -866,13 +851,10 @@ impl Orders {
             }
             Status::ReadyToShip if !o.cancel_requested => {
                 o.cancel_requested = true;
-                events::emit(
-                    cx,
-                    &ShipmentCancelRequested {
-                        meta: Meta::default(),
-                        order_id: o.id.clone(),
-                    },
-                )?;
+                cx.emit_event(&ShipmentCancelRequested {
+                    meta: Meta::default(),
+                    order_id: o.id.clone(),
+                })?;
                 save(cx, o);
                 Ok(())
             }

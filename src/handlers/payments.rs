@@ -1,5 +1,5 @@
 //! payments: authorizes, captures, voids and refunds through a [`PaymentProvider`], and keeps
-//! the double-entry [`ledger`](crate::ledger).
+//! the double-entry [`ledger`](crate::store::ledger).
 //!
 //! | event | payment state | provider call (idempotency key) | emits |
 //! |---|---|---|---|
@@ -53,17 +53,17 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 
-use crate::db::{Cached, Tx};
-use crate::envelope::Envelope;
-use crate::events::{
+use crate::domain::envelope::Envelope;
+use crate::domain::events::{
     self, Currency, DeliveryFailed, Meta, Money, OrderAccepted, OrderCancelled, OrderShipped,
     PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentStage,
     PaymentVoided,
 };
+use crate::domain::outcome::HandlerError;
 use crate::handlers::{lock_order_once, Context, GroupState, Handler};
-use crate::ledger::{self, Movement};
-use crate::outcome::HandlerError;
-use crate::payment_provider::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
+use crate::providers::payment::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
+use crate::store::db::{Cached, Tx};
+use crate::store::ledger::{self, Movement};
 
 /// The payments handler.
 pub struct Payments {
@@ -573,31 +573,25 @@ impl Payments {
                 p.authorization_id = Some(reference.clone());
                 let amount = p.amount;
                 save(cx, p);
-                events::emit(
-                    cx,
-                    &PaymentAuthorized {
-                        meta: Meta::default(),
-                        order_id: d.order_id,
-                        authorization_id: reference,
-                        amount,
-                    },
-                )
+                cx.emit_event(&PaymentAuthorized {
+                    meta: Meta::default(),
+                    order_id: d.order_id,
+                    authorization_id: reference,
+                    amount,
+                })
             }
             ProviderOutcome::Declined { code, message } => {
                 p.state = State::Failed;
                 p.failure_code = Some(code.clone());
                 p.failure_message = Some(message.clone());
                 save(cx, p);
-                events::emit(
-                    cx,
-                    &PaymentFailed {
-                        meta: Meta::default(),
-                        order_id: d.order_id,
-                        stage: PaymentStage::Authorize,
-                        code,
-                        message,
-                    },
-                )
+                cx.emit_event(&PaymentFailed {
+                    meta: Meta::default(),
+                    order_id: d.order_id,
+                    stage: PaymentStage::Authorize,
+                    code,
+                    message,
+                })
             }
         }
     }
@@ -634,30 +628,24 @@ impl Payments {
                         .ledger
                         .push(Movement::capture(&d.order_id, amount)?);
                 }
-                events::emit(
-                    cx,
-                    &PaymentCaptured {
-                        meta: Meta::default(),
-                        order_id: d.order_id,
-                        capture_id: reference,
-                        amount,
-                    },
-                )
+                cx.emit_event(&PaymentCaptured {
+                    meta: Meta::default(),
+                    order_id: d.order_id,
+                    capture_id: reference,
+                    amount,
+                })
             }
             ProviderOutcome::Declined { code, message } => {
                 p.failure_code = Some(code.clone());
                 p.failure_message = Some(message.clone());
                 save(cx, p);
-                events::emit(
-                    cx,
-                    &PaymentFailed {
-                        meta: Meta::default(),
-                        order_id: d.order_id,
-                        stage: PaymentStage::Capture,
-                        code,
-                        message,
-                    },
-                )
+                cx.emit_event(&PaymentFailed {
+                    meta: Meta::default(),
+                    order_id: d.order_id,
+                    stage: PaymentStage::Capture,
+                    code,
+                    message,
+                })
             }
         }
     }
@@ -679,14 +667,11 @@ impl Payments {
             State::Pending | State::Failed => {
                 p.state = State::Voided;
                 save(cx, p);
-                events::emit(
-                    cx,
-                    &PaymentVoided {
-                        meta: Meta::default(),
-                        order_id,
-                        authorization_id: None,
-                    },
-                )
+                cx.emit_event(&PaymentVoided {
+                    meta: Meta::default(),
+                    order_id,
+                    authorization_id: None,
+                })
             }
             State::Authorized => {
                 let key = format!("void:{order_id}");
@@ -704,14 +689,11 @@ impl Payments {
                 p.void_key = Some(key);
                 let authorization_id = p.authorization_id.clone();
                 save(cx, p);
-                events::emit(
-                    cx,
-                    &PaymentVoided {
-                        meta: Meta::default(),
-                        order_id,
-                        authorization_id,
-                    },
-                )
+                cx.emit_event(&PaymentVoided {
+                    meta: Meta::default(),
+                    order_id,
+                    authorization_id,
+                })
             }
             State::Captured => {
                 let key = format!("refund:{order_id}");
@@ -748,15 +730,12 @@ impl Payments {
                     why = match why { Settle::Cancelled => "cancelled", Settle::Returned => "returned" },
                     "payment refunded"
                 );
-                events::emit(
-                    cx,
-                    &PaymentRefunded {
-                        meta: Meta::default(),
-                        order_id,
-                        refund_id: reference,
-                        amount,
-                    },
-                )
+                cx.emit_event(&PaymentRefunded {
+                    meta: Meta::default(),
+                    order_id,
+                    refund_id: reference,
+                    amount,
+                })
             }
         }
     }

@@ -6,7 +6,7 @@
 //! | `OrderCompleted` | +1 in `co_purchases` for every ordered pair of distinct SKUs in the order; with a tracker, one PutEvents `purchase` per SKU | (none) |
 //!
 //! An order counts once: `personalization_orders` is keyed by order id, beside the inbox that
-//! is keyed by event. [`crate::recommendations`] reads the table.
+//! is keyed by event. [`crate::store::recommendations`] reads the table.
 //!
 //! # Amazon Personalize
 //!
@@ -40,11 +40,11 @@ use aws_sdk_personalizeevents::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_personalizeevents::types::Event as PersonalizeEvent;
 use serde_json::json;
 
-use crate::db::Cached;
-use crate::envelope::Envelope;
-use crate::events::{self, OrderCompleted};
+use crate::domain::envelope::Envelope;
+use crate::domain::events::{self, OrderCompleted};
+use crate::domain::outcome::{error_chain, HandlerError};
 use crate::handlers::{Context, Handler};
-use crate::outcome::{error_chain, HandlerError};
+use crate::store::db::Cached;
 
 /// Events per PutEvents call: the API's limit.
 pub const MAX_EVENTS_PER_CALL: usize = 10;

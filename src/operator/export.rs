@@ -38,7 +38,7 @@ use super::progress::Progress;
 use super::queue::QueueRef;
 use super::rate::TokenBucket;
 use super::scan::Scanner;
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 

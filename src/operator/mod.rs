@@ -25,5 +25,6 @@ pub mod plan;
 pub mod progress;
 pub mod queue;
 pub mod rate;
+pub mod report;
 pub mod scan;
 pub mod status;

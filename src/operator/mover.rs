@@ -29,7 +29,7 @@ use super::progress::Progress;
 use super::queue::{self, QueueRef};
 use super::rate::TokenBucket;
 use super::scan::Scanner;
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
 
 /// Attribute naming the queue a redriven message came from.
 pub const REDRIVEN_FROM: &str = "orderfleet.redriven_from";

@@ -12,7 +12,7 @@ use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use serde::Serialize;
 
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
 
 /// The rate SQS accepts for a move task.
 pub const MAX_RATE: i32 = 500;

@@ -4,8 +4,9 @@
 use anyhow::{bail, Context as _, Result};
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use crate::outcome::error_chain;
-use crate::topology::{HandlerName, Topology};
+use crate::domain::names::HandlerName;
+use crate::domain::outcome::error_chain;
+use crate::infra::topology::Topology;
 
 /// A queue resolved to its URL and ARN.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use aws_sdk_sqs::types::{
 };
 use tokio::time::Instant;
 
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
 
 /// Receive rounds that bring nothing new before a scan counts the queue as read.
 const QUIET_ROUNDS: u32 = 2;

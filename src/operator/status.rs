@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use super::native::{self, Native};
 use super::queue::{self, Counts};
-use crate::topology::{HandlerName, Topology};
+use crate::domain::names::HandlerName;
+use crate::infra::topology::Topology;
 
 /// One handler's queue and DLQ.
 #[derive(Debug, Clone, Serialize)]
@@ -64,7 +65,7 @@ pub struct WorkerStatus {
 }
 
 /// The outbox: events not yet published, and events EventBridge will never accept, moved to
-/// `outbox_dead_letters` by the relay (see [`crate::outbox`]).
+/// `outbox_dead_letters` by the relay (see [`crate::store::outbox`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct OutboxStatus {
     pub pending: i64,

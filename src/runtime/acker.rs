@@ -10,9 +10,9 @@ use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::aws::CALL_TIMEOUT;
-use crate::metrics::Counters;
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
+use crate::infra::aws::CALL_TIMEOUT;
+use crate::telemetry::metrics::Counters;
 
 /// How many times a failing delete is retried before it is given up (the message then comes
 /// back after its visibility timeout and is absorbed by the inbox).

@@ -45,11 +45,12 @@ use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 
 use super::{commit_with_outbox, execute, panic_text, payload_text, roll_back, Apply, Executed};
-use crate::db::{Cached, OpenTransaction};
-use crate::envelope::Envelope;
-use crate::handlers::{Context, GroupState, Handler, NewEvent};
-use crate::metrics::Counters;
-use crate::outcome::HandlerError;
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::HandlerError;
+use crate::handlers::{Context, GroupState, Handler};
+use crate::store::db::{Cached, OpenTransaction};
+use crate::store::outbox::NewEvent;
+use crate::telemetry::metrics::Counters;
 
 /// Rounds of dropping a failed event and grouping the rest again before the remaining events
 /// are run alone.
@@ -341,7 +342,7 @@ async fn try_group(
 /// in key order (so that two groups claiming the same keys queue instead of deadlocking).
 /// Returns the pairs that were new.
 async fn claim_all(
-    tx: &crate::db::Tx,
+    tx: &crate::store::db::Tx,
     handler: &str,
     keys: &[&str],
     detail_types: &[&str],

@@ -24,9 +24,9 @@ use aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Counters;
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
 use crate::runtime::backoff::MAX_VISIBILITY;
+use crate::telemetry::metrics::Counters;
 
 struct Lease {
     queue_url: Arc<str>,

@@ -40,13 +40,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::catalogue;
-use crate::db::OpenTransaction;
-use crate::envelope::Envelope;
+use crate::domain::catalogue;
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::{error_chain, FailureKind, HandlerError};
 use crate::handlers::{Context, Handler};
-use crate::metrics::Counters;
-use crate::outbox;
-use crate::outcome::{error_chain, FailureKind, HandlerError};
+use crate::store::db::OpenTransaction;
+use crate::store::outbox;
+use crate::telemetry::metrics::Counters;
 use acker::Acker;
 use backoff::RetryPolicy;
 use lease::{LeaseGuard, Leases};
@@ -292,7 +292,7 @@ pub async fn execute(
 async fn commit_with_outbox(
     open: OpenTransaction,
     source: &str,
-    emitted: Vec<crate::handlers::NewEvent>,
+    emitted: Vec<crate::store::outbox::NewEvent>,
 ) -> Result<(), HandlerError> {
     let tx = open.tx();
     let rows = match outbox::OutboxRows::prepare(tx, source, emitted).await {

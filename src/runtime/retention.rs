@@ -1,7 +1,7 @@
 //! Inbox retention: how long the runtime remembers that it applied an event.
 //!
 //! Every applied event leaves a row in `processed_messages`, which is what makes a second
-//! delivery a duplicate (see [`crate::outbox`]). The rows would grow forever (about a dozen per
+//! delivery a duplicate (see [`crate::store::outbox`]). The rows would grow forever (about a dozen per
 //! order across the fleet), and with them the table, its index and every inbox claim's index
 //! descent. So each worker deletes rows older than the retention (default 30 days), in short
 //! batches so no delete holds locks or bloats WAL for long, once at start and then every
@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::Envelope;
+use crate::domain::envelope::Envelope;
 
 /// What separates the pruner's cutoff from the oldest event a consumer applies: room for the
 /// clocks of EventBridge, the worker and PostgreSQL to disagree.

@@ -1,7 +1,7 @@
 //! A representative payload of every detail-type, for schema checks, docs and tests.
 
 use chrono::{DateTime, Utc};
-use orderfleet::events::*;
+use orderfleet::domain::events::*;
 
 /// A representative payload of every detail-type, as JSON: for schema checks, docs and tests.
 /// `None` for a detail-type without a payload here.

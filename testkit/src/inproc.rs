@@ -25,17 +25,18 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use orderfleet::carrier::SandboxCarrier;
-use orderfleet::catalogue::{self, STOREFRONT_SOURCE};
-use orderfleet::db::Cached;
-use orderfleet::envelope::Envelope;
-use orderfleet::events::Event;
+use orderfleet::domain::catalogue::{self, STOREFRONT_SOURCE};
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::events::Event;
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::{FailureKind, HandlerError};
 use orderfleet::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};
-use orderfleet::outcome::{FailureKind, HandlerError};
-use orderfleet::payment_provider::SandboxProvider;
+use orderfleet::infra::topology::DEFAULT_MAX_RECEIVE_COUNT;
+use orderfleet::providers::carrier::SandboxCarrier;
+use orderfleet::providers::payment::SandboxProvider;
 use orderfleet::runtime::group::{GroupCommit, GroupConfig};
 use orderfleet::runtime::{self, Apply, Executed};
-use orderfleet::topology::{HandlerName, DEFAULT_MAX_RECEIVE_COUNT};
+use orderfleet::store::db::Cached;
 
 /// The handlers of the order saga: the ones a [`Fleet`] runs by default. Notifications,
 /// analytics and personalization are not driven in process.
@@ -202,7 +203,7 @@ impl Fleet {
     }
 
     /// Whether taken events stay in the outbox, marked published (the default, so that tests
-    /// can read what was emitted), or are deleted as the [`orderfleet::outbox::Relay`] deletes what
+    /// can read what was emitted), or are deleted as the [`orderfleet::store::outbox::Relay`] deletes what
     /// it published (the benchmark, to do the relay's work).
     pub fn with_published_kept(mut self, keep: bool) -> Self {
         self.inner_mut().keep_published = keep;

@@ -1,9 +1,9 @@
 //! The examples decode through the version check and round-trip, for every catalogued type.
 
 use chrono::Utc;
-use orderfleet::catalogue;
-use orderfleet::envelope::Envelope;
-use orderfleet::events::*;
+use orderfleet::domain::catalogue;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::events::*;
 use orderfleet_testkit::examples::example;
 
 fn envelope(detail_type: &str, detail: serde_json::Value) -> Envelope {

@@ -9,10 +9,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use orderfleet::aws::Clients;
+use orderfleet::infra::aws::Clients;
+use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::{ConsumerConfig, QueueFacts};
-use orderfleet::topology::Topology;
 use serde_json::Value;
 
 /// The environment variable, or a panic that says how to get it.
@@ -34,7 +34,7 @@ pub fn unique(prefix: &str) -> String {
 pub async fn fresh_db() -> (Pool, String) {
     let base = env("DATABASE_URL");
     let name = unique("of_test_");
-    let admin = orderfleet::db::pool(&base, 1).expect("pool");
+    let admin = orderfleet::store::db::pool(&base, 1).expect("pool");
     admin
         .get()
         .await
@@ -46,8 +46,10 @@ pub async fn fresh_db() -> (Pool, String) {
         Some(i) => format!("{}/{name}", &base[..i]),
         None => panic!("DATABASE_URL has no database name"),
     };
-    let pool = orderfleet::db::pool(&url, 16).expect("pool");
-    orderfleet::db::migrate(&pool).await.expect("migrate");
+    let pool = orderfleet::store::db::pool(&url, 16).expect("pool");
+    orderfleet::store::db::migrate(&pool)
+        .await
+        .expect("migrate");
     (pool, url)
 }
 
@@ -61,7 +63,7 @@ pub async fn clients() -> Clients {
 pub async fn topology(clients: &Clients) -> Topology {
     let mut topo = Topology::with_prefix(unique("t"));
     topo.lake = false;
-    orderfleet::provision::provision(clients, &topo)
+    orderfleet::infra::provision::provision(clients, &topo)
         .await
         .expect("provision");
     topo
@@ -70,7 +72,7 @@ pub async fn topology(clients: &Clients) -> Topology {
 /// Like [`topology`], with the lake: an S3 bucket and a Firehose delivery stream.
 pub async fn lake_topology(clients: &Clients) -> Topology {
     let topo = Topology::with_prefix(unique("t"));
-    orderfleet::provision::provision(clients, &topo)
+    orderfleet::infra::provision::provision(clients, &topo)
         .await
         .expect("provision");
     topo

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use deadpool_postgres::Pool;
-use orderfleet::email::transport::FileOutbox;
-use orderfleet::email::{self, Mailer, Templates, Transport};
-use orderfleet::envelope::Envelope;
-use orderfleet::events::{Address, Contact, Meta, OrderAccepted, OrderLine};
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::events::{Address, Contact, Meta, OrderAccepted, OrderLine};
+use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::notifications::Notifications;
-use orderfleet::topology::HandlerName;
+use orderfleet::providers::email::transport::FileOutbox;
+use orderfleet::providers::email::{self, Mailer, Templates, Transport};
 use orderfleet_testkit::inproc::Fleet;
 use serde_json::Value;
 

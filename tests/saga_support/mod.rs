@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use deadpool_postgres::Pool;
-use orderfleet::events::{
+use orderfleet::domain::events::{
     Address, Currency, Customer, Meta, Money, OrderCancellationRequested, OrderPlaced, PlacedLine,
     ProductUpserted, StockReceived,
 };
@@ -28,7 +28,7 @@ pub async fn fleet() -> Fleet {
 /// The saga handlers on `pool`, with the sandbox provider on its own pool of the same database
 /// (so that concurrent payments cannot starve it of connections).
 pub fn sandbox_fleet(pool: Pool, url: &str) -> Fleet {
-    let provider_pool = orderfleet::db::pool(url, 16).unwrap();
+    let provider_pool = orderfleet::store::db::pool(url, 16).unwrap();
     Fleet::sandbox_with(pool, provider_pool, std::time::Duration::ZERO)
 }
 
@@ -202,7 +202,7 @@ pub async fn provider_call(pool: &Pool, key: &str) -> Option<(i32, Option<Value>
 /// Sum of postings per (account, currency).
 pub async fn ledger(pool: &Pool) -> BTreeMap<String, i64> {
     let c = pool.get().await.unwrap();
-    orderfleet::ledger::balances(&c)
+    orderfleet::store::ledger::balances(&c)
         .await
         .unwrap()
         .into_iter()
@@ -213,7 +213,7 @@ pub async fn ledger(pool: &Pool) -> BTreeMap<String, i64> {
 /// Asserts every ledger transaction balances and the ledger sums to zero per currency.
 pub async fn assert_ledger_balances(pool: &Pool) {
     let c = pool.get().await.unwrap();
-    let unbalanced = orderfleet::ledger::unbalanced_transactions(&c)
+    let unbalanced = orderfleet::store::ledger::unbalanced_transactions(&c)
         .await
         .unwrap();
     assert!(

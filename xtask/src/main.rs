@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use orderfleet::topology::Topology;
+use orderfleet::infra::topology::Topology;
 use xtask::{cfn, template_path, TEMPLATE};
 
 const USAGE: &str = "\

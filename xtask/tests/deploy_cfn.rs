@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use orderfleet::topology::{self, HandlerName, Topology};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::topology::{self, Topology};
 use serde_json::{json, Value};
 
 /// How to regenerate the committed template (also `make cfn`).

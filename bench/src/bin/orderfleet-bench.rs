@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use orderfleet::runtime::group::GroupConfig;
-use orderfleet::worker::{init_logging, LogFormat};
+use orderfleet::telemetry::logging::{init_logging, LogFormat};
 use orderfleet_bench::consumer::{self as bench, BenchConfig};
 use orderfleet_bench::saga::{self as bench_saga, SagaConfig};
 

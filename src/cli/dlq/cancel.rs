@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::audit;
-use crate::aws::Clients;
 use crate::cli::PrefixArg;
+use crate::infra::aws::Clients;
 use crate::operator::native::{self, Native};
 use crate::operator::queue;
 

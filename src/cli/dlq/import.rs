@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::{audit, verdict};
-use crate::aws::Clients;
 use crate::cli::PrefixArg;
+use crate::infra::aws::Clients;
 use crate::operator::export::{self, ImportOptions};
 use crate::operator::progress::Progress;
 use crate::operator::queue;

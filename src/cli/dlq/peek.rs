@@ -10,8 +10,8 @@ use anyhow::Result;
 use chrono::Utc;
 
 use super::{cell, FilterArgs, VisibilityArg};
-use crate::aws::Clients;
 use crate::cli::PrefixArg;
+use crate::infra::aws::Clients;
 use crate::operator::message::format_age;
 use crate::operator::{plan, queue};
 

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use anyhow::Result;
 
 use super::audit;
-use crate::aws::Clients;
 use crate::cli::PrefixArg;
+use crate::domain::outcome::error_chain;
+use crate::infra::aws::Clients;
 use crate::operator::queue;
-use crate::outcome::error_chain;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 
 use super::{audit, verdict, FilterArgs, VisibilityArg};
-use crate::aws::Clients;
 use crate::cli::PrefixArg;
+use crate::infra::aws::Clients;
 use crate::operator::journal;
 use crate::operator::mover::{self, MoveOptions};
 use crate::operator::native::{self, Native, MAX_RATE};

@@ -2,7 +2,8 @@
 //! and the outbox dead letters, then per handler its DLQ, its oldest message, its error rate and
 //! its heartbeat. Every alarm notifies the topic when it fires and when it clears.
 
-use orderfleet::topology::{HandlerName, Topology};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::topology::Topology;
 use serde_json::{json, Value};
 
 use super::bus::bus_dlq_name;
@@ -75,7 +76,7 @@ fn outbox_dead_letters_alarm() -> Value {
         "AlarmName": sub(&outbox_dead_letters()),
         "AlarmDescription": format!("Events wait in the outbox dead letters (table outbox_dead_letters): EventBridge will never accept them as they are. Run `orderfleet status`, read the reasons, fix and re-insert them into the outbox, or delete them. {RUNBOOK}"),
         "Namespace": METRICS_NAMESPACE,
-        "MetricName": orderfleet::emf::OUTBOX_DEAD_LETTERS,
+        "MetricName": orderfleet::telemetry::emf::OUTBOX_DEAD_LETTERS,
         "Statistic": "Maximum",
         "Period": 60,
         "EvaluationPeriods": 1,

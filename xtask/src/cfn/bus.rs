@@ -1,7 +1,8 @@
 //! The EventBridge bus, the dead-letter queue for events it cannot deliver, and one rule per
 //! handler routing the events the handler consumes (per the catalogue) to its queue.
 
-use orderfleet::topology::{self, HandlerName, Topology};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::topology::{self, Topology};
 use serde_json::{json, Value};
 
 use super::queues::queue;

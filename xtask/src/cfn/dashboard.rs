@@ -1,7 +1,8 @@
 //! The fleet's CloudWatch dashboard: every alarm on top, then a grid of graphs, one per
 //! concern, with one line per handler.
 
-use orderfleet::topology::{HandlerName, Topology};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::infra::topology::Topology;
 use serde_json::{json, Value};
 
 use super::{alarms, resource, sub, Resources, METRICS_NAMESPACE, PREFIX};

@@ -2,7 +2,7 @@
 //! role, and per handler a task role reaching only what the handler needs, a task definition
 //! (a `migrate` container, then the worker) and a service.
 
-use orderfleet::topology::HandlerName;
+use orderfleet::domain::names::HandlerName;
 use serde_json::{json, Value};
 
 use super::{att, r, resource, resource_on_removal, sub, tags, Handler, Resources, PREFIX};

@@ -1,7 +1,7 @@
 //! The data lake: an encrypted S3 bucket with a lifecycle (archive, then expire) and a Firehose
 //! delivery stream that the analytics worker writes into it, partitioned by day.
 
-use orderfleet::topology::{self, Topology};
+use orderfleet::infra::topology::{self, Topology};
 use serde_json::json;
 
 use super::{att, r, resource, resource_on_removal, sub, tags, Resources};

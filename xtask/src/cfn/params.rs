@@ -1,7 +1,7 @@
 //! The template's parameters, in the groups the CloudFormation console shows them in
 //! (`AWS::CloudFormation::Interface`). Each group lists its parameters once, in display order.
 
-use orderfleet::topology::Topology;
+use orderfleet::infra::topology::Topology;
 use serde_json::{json, Value};
 
 /// One group of parameters in the console: its label and its parameters, in order.

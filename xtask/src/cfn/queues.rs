@@ -1,7 +1,7 @@
 //! Each handler's SQS queue and dead-letter queue, and the queue policy that lets only the
 //! handler's rule send to it. Redrive settings and policies are the topology's own.
 
-use orderfleet::topology::{self, Topology};
+use orderfleet::infra::topology::{self, Topology};
 use serde_json::{json, Value};
 
 use super::{

@@ -13,9 +13,9 @@ use deadpool_postgres::Pool;
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 
-use crate::db::Cached;
-use crate::events::Money;
-use crate::outcome::error_chain;
+use crate::domain::events::Money;
+use crate::domain::outcome::error_chain;
+use crate::store::db::Cached;
 
 /// One call to the provider.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::outcome::HandlerError;
+use crate::domain::outcome::HandlerError;
 
 /// An EventBridge event as delivered to an SQS target.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -41,7 +41,7 @@
 //!
 //! # Keys
 //!
-//! The delivery stream's prefix is [`crate::topology::LAKE_PREFIX`]: Firehose writes
+//! The delivery stream's prefix is [`crate::infra::topology::LAKE_PREFIX`]: Firehose writes
 //! `events/year=YYYY/month=MM/day=DD/<stream>-<version>-<time>-<uuid>`, the day being when
 //! Firehose received the records (UTC). moto 5.2.5 writes one object per PutRecordBatch,
 //! synchronously, but keeps the prefix's `!{timestamp:...}` expressions literally and appends
@@ -60,9 +60,9 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::Tx;
-use crate::envelope::Envelope;
-use crate::outcome::{error_chain, HandlerError};
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::{error_chain, HandlerError};
+use crate::store::db::Tx;
 
 /// Records per PutRecordBatch call: the API's limit.
 pub const MAX_BATCH_RECORDS: usize = 500;

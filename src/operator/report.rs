@@ -68,7 +68,7 @@ pub struct Report {
     /// orders in them are listed.
     pub needs_attention: BTreeMap<String, Attention>,
     /// Events in `outbox_dead_letters`: emitted, but never published, because EventBridge
-    /// will not accept them (see [`crate::outbox`]).
+    /// will not accept them (see [`crate::store::outbox`]).
     pub outbox_dead_letters: i64,
 }
 
@@ -311,7 +311,7 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
             }
         })
         .collect();
-    let ledger = crate::ledger::balances(db)
+    let ledger = crate::store::ledger::balances(db)
         .await
         .context("reading ledger balances")?
         .into_iter()

@@ -1,11 +1,11 @@
-//! The typed payloads of every detail-type in [`crate::catalogue`]: what `detail` holds.
+//! The typed payloads of every detail-type in [`crate::domain::catalogue`]: what `detail` holds.
 //!
 //! Every payload carries [`Meta`]: a schema `version` (1 today) and an `event_id`. The outbox
-//! stamps `event_id` into every event the fleet emits (see [`crate::outbox::insert`]), so
+//! stamps `event_id` into every event the fleet emits (see [`crate::store::outbox::insert`]), so
 //! handlers build payloads with `event_id: None`; storefront events carry their own, which makes
 //! a storefront retry of the same event count once (see
-//! [`crate::envelope::Envelope::event_key`]). A storefront event the catalogue marks
-//! [`crate::catalogue::EventSpec::requires_event_id`] (it changes stock or money) is a permanent
+//! [`crate::domain::envelope::Envelope::event_key`]). A storefront event the catalogue marks
+//! [`crate::domain::catalogue::EventSpec::requires_event_id`] (it changes stock or money) is a permanent
 //! failure without one: [`decode`] says so before the handler has any effect, so the rolled-back
 //! transaction leaves no inbox row and a corrected copy is applied normally.
 //!
@@ -20,9 +20,8 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::Envelope;
-use crate::handlers::Context;
-use crate::outcome::HandlerError;
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::HandlerError;
 
 /// The schema version every payload of this build speaks.
 pub const VERSION: u32 = 1;
@@ -115,7 +114,9 @@ pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
         .event_id
         .as_deref()
         .is_some_and(|id| !id.trim().is_empty());
-    if !has_id && crate::catalogue::spec(T::DETAIL_TYPE).is_some_and(|s| s.requires_event_id) {
+    if !has_id
+        && crate::domain::catalogue::spec(T::DETAIL_TYPE).is_some_and(|s| s.requires_event_id)
+    {
         // Checked before any effect, so the rolled-back transaction leaves no inbox row either.
         return Err(HandlerError::permanent(format!(
             "{} detail has no event_id: it changes stock or money, so it must carry the \
@@ -126,11 +127,6 @@ pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
         )));
     }
     Ok(payload)
-}
-
-/// Emits a typed event into the handler's outbox (see [`Context::emit`]).
-pub fn emit<T: Event>(cx: &mut Context<'_>, event: &T) -> Result<(), HandlerError> {
-    cx.emit(T::DETAIL_TYPE, event)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ use deadpool_postgres::Pool;
 use serde_json::{json, Map, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Counters, Samples, Snapshot};
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
+use crate::telemetry::metrics::{Counters, Samples, Snapshot};
 
 /// The CloudWatch namespace of every metric.
 pub const NAMESPACE: &str = "orderfleet";

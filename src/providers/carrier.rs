@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use md5::{Digest, Md5};
 
-use crate::db::Cached;
-use crate::events::{Address, SkuQuantity};
-use crate::outcome::error_chain;
+use crate::domain::events::{Address, SkuQuantity};
+use crate::domain::outcome::error_chain;
+use crate::store::db::Cached;
 
 /// A parcel to hand to the carrier.
 #[derive(Debug, Clone, PartialEq, Eq)]

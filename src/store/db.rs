@@ -16,53 +16,61 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// The migrations, in order. Each runs in its own transaction and is recorded in
 /// `schema_migrations`; a version that is already recorded is skipped.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "spine", include_str!("../migrations/0001_spine.sql")),
+    (1, "spine", include_str!("../../migrations/0001_spine.sql")),
     (
         2,
         "inventory",
-        include_str!("../migrations/0002_inventory.sql"),
+        include_str!("../../migrations/0002_inventory.sql"),
     ),
-    (3, "orders", include_str!("../migrations/0003_orders.sql")),
+    (
+        3,
+        "orders",
+        include_str!("../../migrations/0003_orders.sql"),
+    ),
     (
         4,
         "payments",
-        include_str!("../migrations/0004_payments.sql"),
+        include_str!("../../migrations/0004_payments.sql"),
     ),
-    (5, "emails", include_str!("../migrations/0005_emails.sql")),
+    (
+        5,
+        "emails",
+        include_str!("../../migrations/0005_emails.sql"),
+    ),
     (
         6,
         "lake_and_personalization",
-        include_str!("../migrations/0006_personalization.sql"),
+        include_str!("../../migrations/0006_personalization.sql"),
     ),
     (
         7,
         "payment_attempts",
-        include_str!("../migrations/0007_payment_attempts.sql"),
+        include_str!("../../migrations/0007_payment_attempts.sql"),
     ),
     (
         8,
         "hot_updates",
-        include_str!("../migrations/0008_hot_updates.sql"),
+        include_str!("../../migrations/0008_hot_updates.sql"),
     ),
     (
         9,
         "inbox_retention",
-        include_str!("../migrations/0009_inbox_retention.sql"),
+        include_str!("../../migrations/0009_inbox_retention.sql"),
     ),
     (
         10,
         "inbox_detail_type",
-        include_str!("../migrations/0010_inbox_detail_type.sql"),
+        include_str!("../../migrations/0010_inbox_detail_type.sql"),
     ),
     (
         11,
         "outbox_dead_letters",
-        include_str!("../migrations/0011_outbox_dead_letters.sql"),
+        include_str!("../../migrations/0011_outbox_dead_letters.sql"),
     ),
     (
         12,
         "shipping",
-        include_str!("../migrations/0012_shipping.sql"),
+        include_str!("../../migrations/0012_shipping.sql"),
     ),
 ];
 

@@ -11,7 +11,7 @@
 //! itself. A crash before the commit leaves neither the row nor the effects, so the redelivery
 //! applies the event; a crash after it leaves both, so the redelivery is a duplicate. The outbox holds the events a handler emitted, also in that transaction; the
 //! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
-//! republished event by its `detail.event_id` (see [`crate::envelope::Envelope::event_key`]).
+//! republished event by its `detail.event_id` (see [`crate::domain::envelope::Envelope::event_key`]).
 //!
 //! An event EventBridge will never accept (an entry over 256 KB, counted as EventBridge
 //! counts it, or an entry refused with a code that blames the entry itself, see
@@ -26,7 +26,7 @@
 //! commit leaves the row in the outbox with its lock released: it is checked again, and moved
 //! again, by whichever relay takes it next. A crash after PutEvents succeeded and before the
 //! commit republishes the batch; consumers absorb it by `event_id`. PutEvents is bounded by
-//! [`crate::aws::CALL_TIMEOUT`]: a hung call would otherwise hold the rows' locks and the relay.
+//! [`crate::infra::aws::CALL_TIMEOUT`]: a hung call would otherwise hold the rows' locks and the relay.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,9 +40,15 @@ use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{Cached, Tx};
-use crate::handlers::NewEvent;
-use crate::outcome::{error_chain, HandlerError};
+use crate::domain::outcome::{error_chain, HandlerError};
+use crate::store::db::{Cached, Tx};
+
+/// An event a handler asks to publish once its transaction commits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub detail_type: String,
+    pub detail: Value,
+}
 
 /// Records that `handler` processed the event `key` of `detail_type`. Returns false when it
 /// already had:
@@ -190,7 +196,7 @@ impl Relay {
             events,
             bus_name,
             wake: Arc::new(Notify::new()),
-            call_timeout: crate::aws::CALL_TIMEOUT,
+            call_timeout: crate::infra::aws::CALL_TIMEOUT,
         }
     }
 

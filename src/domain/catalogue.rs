@@ -1,10 +1,10 @@
 //! The event catalogue: every detail-type on the bus, who produces it and who consumes it.
 //!
 //! This table is the single source for routing (the EventBridge rules in
-//! [`crate::topology`]), for `docs/events.md` and for the JSON Schemas in `schemas/`, which a
-//! test checks against it. The typed payloads live in [`crate::events`].
+//! [`crate::infra::topology`]), for `docs/events.md` and for the JSON Schemas in `schemas/`, which a
+//! test checks against it. The typed payloads live in [`crate::domain::events`].
 
-use crate::topology::HandlerName::{self, *};
+use crate::domain::names::HandlerName::{self, *};
 
 /// The `source` of events published by the storefront (the e-commerce platform, or
 /// `orderfleet publish`, its simulator).
@@ -28,7 +28,7 @@ pub struct EventSpec {
     /// whose effect is counted per event rather than settled by a business key: a producer's
     /// retry after a lost PutEvents response gets a new EventBridge id, so without an
     /// `event_id` of the producer's it would be applied twice. One without it is
-    /// dead-lettered ([`crate::events::decode`]). The fleet's own events always carry one (the
+    /// dead-lettered ([`crate::domain::events::decode`]). The fleet's own events always carry one (the
     /// outbox stamps it).
     pub requires_event_id: bool,
 }

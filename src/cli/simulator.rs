@@ -22,13 +22,13 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::carrier::UNDELIVERABLE_POSTAL_CODE;
-use crate::catalogue::STOREFRONT_SOURCE;
-use crate::events::{
+use crate::domain::catalogue::STOREFRONT_SOURCE;
+use crate::domain::events::{
     Address, Currency, Customer, Event, Meta, Money, OrderCancellationRequested, OrderPlaced,
     PlacedLine, ProductUpserted, StockReceived,
 };
-use crate::payment_provider::tokens;
+use crate::providers::carrier::UNDELIVERABLE_POSTAL_CODE;
+use crate::providers::payment::tokens;
 
 /// PutEvents accepts at most this many entries per call.
 pub const PUT_EVENTS_BATCH: usize = 10;
@@ -581,7 +581,7 @@ pub async fn put_events(
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "PutEvents to bus {bus:?} failed: {}",
-                        crate::outcome::error_chain(&e)
+                        crate::domain::outcome::error_chain(&e)
                     )
                 })?;
             if out.failed_entry_count() == 0 {

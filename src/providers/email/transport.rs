@@ -29,7 +29,7 @@ use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use super::{EmailArgs, EmailKey, SmtpTls};
-use crate::outcome::error_chain;
+use crate::domain::outcome::error_chain;
 
 /// What a transport says about a message it accepted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -31,55 +31,55 @@ pub const DEFAULT_DIR: &str = "templates/email";
 const BUILT_IN: &[(&str, &str)] = &[
     (
         "layout.html.j2",
-        include_str!("../../templates/email/layout.html.j2"),
+        include_str!("../../../templates/email/layout.html.j2"),
     ),
     (
         "confirmation.subject.j2",
-        include_str!("../../templates/email/confirmation.subject.j2"),
+        include_str!("../../../templates/email/confirmation.subject.j2"),
     ),
     (
         "confirmation.txt.j2",
-        include_str!("../../templates/email/confirmation.txt.j2"),
+        include_str!("../../../templates/email/confirmation.txt.j2"),
     ),
     (
         "confirmation.html.j2",
-        include_str!("../../templates/email/confirmation.html.j2"),
+        include_str!("../../../templates/email/confirmation.html.j2"),
     ),
     (
         "shipped.subject.j2",
-        include_str!("../../templates/email/shipped.subject.j2"),
+        include_str!("../../../templates/email/shipped.subject.j2"),
     ),
     (
         "shipped.txt.j2",
-        include_str!("../../templates/email/shipped.txt.j2"),
+        include_str!("../../../templates/email/shipped.txt.j2"),
     ),
     (
         "shipped.html.j2",
-        include_str!("../../templates/email/shipped.html.j2"),
+        include_str!("../../../templates/email/shipped.html.j2"),
     ),
     (
         "cancelled.subject.j2",
-        include_str!("../../templates/email/cancelled.subject.j2"),
+        include_str!("../../../templates/email/cancelled.subject.j2"),
     ),
     (
         "cancelled.txt.j2",
-        include_str!("../../templates/email/cancelled.txt.j2"),
+        include_str!("../../../templates/email/cancelled.txt.j2"),
     ),
     (
         "cancelled.html.j2",
-        include_str!("../../templates/email/cancelled.html.j2"),
+        include_str!("../../../templates/email/cancelled.html.j2"),
     ),
     (
         "refunded.subject.j2",
-        include_str!("../../templates/email/refunded.subject.j2"),
+        include_str!("../../../templates/email/refunded.subject.j2"),
     ),
     (
         "refunded.txt.j2",
-        include_str!("../../templates/email/refunded.txt.j2"),
+        include_str!("../../../templates/email/refunded.txt.j2"),
     ),
     (
         "refunded.html.j2",
-        include_str!("../../templates/email/refunded.html.j2"),
+        include_str!("../../../templates/email/refunded.html.j2"),
     ),
 ];
 
@@ -249,7 +249,7 @@ pub fn names_for(kind: EmailKind) -> [String; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::email::view::{Cancelled, MoneyOutcome};
+    use crate::providers::email::view::{Cancelled, MoneyOutcome};
 
     #[test]
     fn every_kind_has_built_in_templates_that_render() {

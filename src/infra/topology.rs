@@ -4,14 +4,13 @@
 //! `orderfleet provision` applies it, the worker validates against it, and the CloudFormation
 //! template in `deploy/` is generated from it (by the workspace's `xtask` crate) and checked
 //! against it by a test. The routing itself comes from the event catalogue
-//! ([`crate::catalogue`]), so a new event needs one edit.
+//! ([`crate::domain::catalogue`]), so a new event needs one edit.
 
-use std::fmt;
-use std::str::FromStr;
+use crate::domain::names::HandlerName;
 
 use serde_json::{json, Value};
 
-use crate::catalogue;
+use crate::domain::catalogue;
 
 /// The EventBridge bus every event travels on.
 pub const BUS_NAME: &str = "orderfleet";
@@ -24,69 +23,6 @@ pub const DLQ_RETENTION_SECS: u32 = 14 * 24 * 3600;
 pub const QUEUE_RETENTION_SECS: u32 = 4 * 24 * 3600;
 /// Default visibility timeout of each work queue.
 pub const QUEUE_VISIBILITY_TIMEOUT_SECS: u32 = 60;
-
-/// The workers of the fleet. Each has its own queue, DLQ and rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum HandlerName {
-    Orders,
-    Inventory,
-    Payments,
-    Fulfillment,
-    Notifications,
-    Analytics,
-    Personalization,
-}
-
-impl HandlerName {
-    pub const ALL: [HandlerName; 7] = [
-        HandlerName::Orders,
-        HandlerName::Inventory,
-        HandlerName::Payments,
-        HandlerName::Fulfillment,
-        HandlerName::Notifications,
-        HandlerName::Analytics,
-        HandlerName::Personalization,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HandlerName::Orders => "orders",
-            HandlerName::Inventory => "inventory",
-            HandlerName::Payments => "payments",
-            HandlerName::Fulfillment => "fulfillment",
-            HandlerName::Notifications => "notifications",
-            HandlerName::Analytics => "analytics",
-            HandlerName::Personalization => "personalization",
-        }
-    }
-
-    /// The EventBridge `source` of the events this handler emits.
-    pub fn source(self) -> String {
-        format!("orderfleet.{}", self.as_str())
-    }
-}
-
-impl fmt::Display for HandlerName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for HandlerName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        HandlerName::ALL
-            .into_iter()
-            .find(|h| h.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = HandlerName::ALL.iter().map(|h| h.as_str()).collect();
-                format!(
-                    "unknown handler {s:?}; expected one of {}",
-                    names.join(", ")
-                )
-            })
-    }
-}
 
 /// Names and settings for one deployment of the topology. `prefix` lets tests (and several
 /// environments in one account) keep their resources apart.
@@ -117,7 +53,7 @@ impl Default for Topology {
 
 /// Where the delivery stream writes events in the lake bucket: one partition per UTC day, as
 /// Firehose evaluates these expressions at delivery (AWS; moto keeps them literally, see
-/// [`crate::lake`]).
+/// [`crate::store::lake`]).
 pub const LAKE_PREFIX: &str =
     "events/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/";
 /// Where Firehose writes records it could not deliver.
@@ -165,7 +101,7 @@ impl Topology {
 
     /// The lake's S3 bucket: the override, else `<prefix>-lake` in lower case (S3 bucket names
     /// allow no capitals). The CloudFormation stack names its bucket itself; readers find it
-    /// through the delivery stream (see [`crate::lake::resolve_bucket`]).
+    /// through the delivery stream (see [`crate::store::lake::resolve_bucket`]).
     pub fn lake_bucket(&self) -> String {
         match &self.lake_bucket_override {
             Some(name) => name.clone(),

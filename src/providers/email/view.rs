@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::EmailKind;
-use crate::events::{Address, Currency, Money};
+use crate::domain::events::{Address, Currency, Money};
 
 /// The data of one email, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -17,9 +17,9 @@ use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
 
-use crate::db::Cached;
-use crate::events::{Currency, Money};
-use crate::outcome::HandlerError;
+use crate::domain::events::{Currency, Money};
+use crate::domain::outcome::HandlerError;
+use crate::store::db::Cached;
 
 /// A named ledger account (seeded by the migration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

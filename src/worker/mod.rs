@@ -2,6 +2,8 @@
 //! runs one [`Consumer`] per handler plus the process-wide lease task, outbox relay and
 //! heartbeat, and turns SIGTERM/SIGINT into an orderly shutdown.
 
+pub mod health;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,18 +13,20 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::aws::Clients;
-use crate::emf::{Reporter, Sink};
+use crate::domain::names::HandlerName;
 use crate::handlers::{self, Deps, Handler};
-use crate::health::Liveness;
-use crate::metrics::Counters;
-use crate::outbox::Relay;
+use crate::infra::aws::Clients;
+use crate::infra::topology::Topology;
 use crate::runtime::backoff::RetryPolicy;
 use crate::runtime::group::{GroupCommit, GroupConfig};
 use crate::runtime::lease::Leases;
 use crate::runtime::retention::{self, InboxRetention};
 use crate::runtime::{self, notify, Apply, Consumer, ConsumerConfig};
-use crate::topology::{HandlerName, Topology};
+use crate::store::outbox::Relay;
+use crate::telemetry::emf::{Reporter, Sink};
+use crate::telemetry::logging::LogFormat;
+use crate::telemetry::metrics::Counters;
+use crate::worker::health::Liveness;
 
 /// The `orderfleet-worker` command line.
 #[derive(Debug, clap::Parser)]
@@ -47,7 +51,7 @@ pub enum WorkerCommand {
     /// checks; no HTTP port needed).
     Healthcheck {
         /// The liveness file the worker writes.
-        #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::health::default_path())]
+        #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::worker::health::default_path())]
         health_file: std::path::PathBuf,
         /// Unhealthy when the worker has not reported for this long.
         #[arg(long, env = "ORDERFLEET_HEALTH_MAX_AGE_SECS", default_value_t = 15)]
@@ -105,12 +109,12 @@ pub struct WorkerArgs {
     pub group_commit_transactions: usize,
     /// Where metrics go: EMF lines on stdout, PutMetricData, both, or none.
     #[arg(long, env = "ORDERFLEET_METRICS_SINK", default_value = "emf")]
-    pub metrics_sink: crate::emf::Sink,
+    pub metrics_sink: crate::telemetry::emf::Sink,
     /// Metrics are flushed this often (PutMetricData needs at least 60).
     #[arg(long, env = "ORDERFLEET_METRICS_INTERVAL_SECS", default_value_t = 60)]
     pub metrics_interval_secs: u64,
     /// The liveness file `orderfleet-worker healthcheck` reads.
-    #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::health::default_path())]
+    #[arg(long, env = "ORDERFLEET_HEALTH_FILE", default_value_os_t = crate::worker::health::default_path())]
     pub health_file: std::path::PathBuf,
 }
 
@@ -159,12 +163,6 @@ pub struct CommonArgs {
     /// Log format: `json` (one object per line, for CloudWatch Logs) or `pretty`.
     #[arg(long, env = "ORDERFLEET_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Pretty,
 }
 
 /// Settings of each queue consumer.
@@ -263,31 +261,16 @@ impl ConsumerArgs {
     }
 }
 
-/// Sets up `tracing` once. JSON lines by default; `RUST_LOG` filters (default `info`).
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
-}
-
 /// Checks the database is reachable and migrated, with an error that says what to run.
 pub async fn check_schema(pool: &Pool) -> Result<()> {
     let client = pool
         .get()
         .await
         .context("cannot connect to PostgreSQL; check DATABASE_URL (locally: `make up`)")?;
-    let latest = crate::db::MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let latest = crate::store::db::MIGRATIONS
+        .last()
+        .map(|m| m.0)
+        .unwrap_or(0);
     let have: Option<i32> = client
         .query_one("SELECT max(version) FROM schema_migrations", &[])
         .await
@@ -348,9 +331,9 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         bail!("--metrics-interval-secs must be at least 1");
     }
     let topo = Topology::with_prefix(&args.common.prefix);
-    let sdk = crate::aws::sdk_config().await;
+    let sdk = crate::infra::aws::sdk_config().await;
     let clients = Clients::new(&sdk);
-    let pool = crate::db::pool(&args.common.database_url, args.db_pool_size)?;
+    let pool = crate::store::db::pool(&args.common.database_url, args.db_pool_size)?;
     check_schema(&pool).await?;
     // The sandbox payment provider gets a pool of its own unless told otherwise: each payment
     // holds a connection for its transaction while the provider needs another, and sharing one
@@ -360,7 +343,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         deps_args.sandbox_payment_database_url = Some(args.common.database_url.clone());
     }
     let mut deps = Deps::new(&deps_args, &pool, &clients).await?;
-    deps.payment_attempts_pool = crate::db::pool(&args.common.database_url, 8)?;
+    deps.payment_attempts_pool = crate::store::db::pool(&args.common.database_url, 8)?;
 
     // Validate every queue before consuming any.
     let mut consumers = Vec::new();
@@ -401,7 +384,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         ))
     });
     // The lake shipper batches what the analytics handler archived into PutRecordBatch calls
-    // (see crate::lake). It stops with the background tasks, after the consumers, so it still
+    // (see crate::store::lake). It stops with the background tasks, after the consumers, so it still
     // ships what the last handlers committed.
     let lake_task = names
         .contains(&HandlerName::Analytics)

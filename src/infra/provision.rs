@@ -2,7 +2,7 @@
 //! read first and written only when it differs, so a second run reports no change.
 //!
 //! Besides the bus, queues and rules, it creates the lake: the S3 bucket and the Firehose
-//! delivery stream that writes into it (see [`crate::lake`]). The stream's IAM role is only
+//! delivery stream that writes into it (see [`crate::store::lake`]). The stream's IAM role is only
 //! referred to by name ([`Topology::lake_delivery_role`]): the CloudFormation stack creates it
 //! in AWS, and the local emulator does not check it.
 
@@ -13,9 +13,9 @@ use aws_sdk_eventbridge::types::{RuleState, Target};
 use aws_sdk_sqs::types::QueueAttributeName as Q;
 use serde_json::Value;
 
-use crate::aws::Clients;
-use crate::outcome::error_chain;
-use crate::topology::{self, HandlerResources, Topology};
+use crate::domain::outcome::error_chain;
+use crate::infra::aws::Clients;
+use crate::infra::topology::{self, HandlerResources, Topology};
 
 /// One change made by a provision run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -320,7 +320,7 @@ impl Mailer {
             TransportKind::File => Arc::new(transport::FileOutbox::new(&args.outbox_dir)),
             TransportKind::Smtp => Arc::new(transport::Smtp::from_args(args, send_timeout)?),
             TransportKind::Ses => {
-                let sdk = crate::aws::sdk_config().await;
+                let sdk = crate::infra::aws::sdk_config().await;
                 Arc::new(transport::Ses::new(
                     aws_sdk_sesv2::Client::new(&sdk),
                     from.email.to_string(),

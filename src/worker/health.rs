@@ -12,9 +12,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Counters;
+use crate::domain::names::HandlerName;
 use crate::runtime::lease::Leases;
-use crate::topology::HandlerName;
+use crate::telemetry::metrics::Counters;
 
 /// The default liveness file: in the temporary directory, so it works under
 /// `ProtectSystem=strict` with `PrivateTmp` and in a container.

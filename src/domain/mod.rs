@@ -1,0 +1,8 @@
+//! What every layer speaks: the EventBridge envelope, the catalogue of event types and the
+//! handlers' names, the typed payloads with their money, and the typed outcome of handling.
+
+pub mod catalogue;
+pub mod envelope;
+pub mod events;
+pub mod names;
+pub mod outcome;

@@ -1,0 +1,13 @@
+//! PostgreSQL, and what the fleet keeps in it beside the handlers' own tables.
+//!
+//! - [`db`]: the pool, TLS, migrations and the transaction wrapper.
+//! - [`outbox`]: the inbox (idempotency) and the outbox with its relay to EventBridge.
+//! - [`ledger`]: the double-entry ledger of payments.
+//! - [`lake`]: the lake outbox, its Firehose shipper, and reading the lake back.
+//! - [`recommendations`]: "bought together" from the personalization worker's co-occurrences.
+
+pub mod db;
+pub mod lake;
+pub mod ledger;
+pub mod outbox;
+pub mod recommendations;
