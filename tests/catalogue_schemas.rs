@@ -367,18 +367,7 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
         "tok_visa",
     );
     fleet.publish_event(&late).await.unwrap();
-    let held = loop {
-        let event = fleet
-            .take(1)
-            .await
-            .unwrap()
-            .pop()
-            .expect("the saga stalled");
-        if event.detail_type == "OrderReadyToShip" {
-            break event;
-        }
-        fleet.deliver(&event).await;
-    };
+    let held = fleet.deliver_until("OrderReadyToShip").await.unwrap();
     fleet
         .publish_event(&OrderCancellationRequested {
             meta: Meta::with_id("schemas-late-cancel"),

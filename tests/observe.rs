@@ -16,10 +16,6 @@ use serde_json::Value;
 
 use common::signal;
 
-fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
-    common::inventory_worker(topo, db_url, extra)
-}
-
 async fn wait_exit(child: &mut Child) -> i32 {
     common::wait_exit(child, Duration::from_secs(20))
         .await
@@ -147,7 +143,7 @@ async fn the_worker_writes_emf_lines_that_follow_the_specification() {
     let (_pool, db_url) = common::fresh_db().await;
     send_stock(&clients, &topo, 5).await;
     let health = std::env::temp_dir().join(common::unique("h"));
-    let mut child = worker(
+    let mut child = common::inventory_worker(
         &topo,
         &db_url,
         &[
@@ -209,7 +205,7 @@ async fn the_putmetricdata_sink_lands_metrics_in_cloudwatch() {
     let (_pool, db_url) = common::fresh_db().await;
     send_stock(&clients, &topo, 3).await;
     let health = std::env::temp_dir().join(common::unique("h"));
-    let mut child = worker(
+    let mut child = common::inventory_worker(
         &topo,
         &db_url,
         &[
@@ -295,7 +291,7 @@ async fn the_health_check_fails_when_the_worker_is_wedged_and_passes_when_health
             .output()
             .unwrap()
     };
-    let mut child = worker(
+    let mut child = common::inventory_worker(
         &topo,
         &db_url,
         &["--health-file", &health_arg, "--metrics-sink", "none"],

@@ -23,10 +23,6 @@ use tokio_util::sync::CancellationToken;
 // ---------------------------------------------------------------------------------------------
 // helpers
 
-fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
-    common::inventory_worker(topo, db_url, extra)
-}
-
 /// Runs the `orderfleet` binary to completion.
 fn cli(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_orderfleet"))
@@ -51,14 +47,6 @@ async fn stop_worker(mut child: common::Proc) {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 }
 
-fn stock(sku: &str, quantity: i64) -> String {
-    common::event_body(
-        "StockReceived",
-        "orderfleet.storefront",
-        json!({"sku": sku, "quantity": quantity, "event_id": common::unique("stock-")}),
-    )
-}
-
 async fn send_all(clients: &Clients, url: &str, bodies: &[String]) {
     common::send_bodies(clients, url, bodies).await;
 }
@@ -80,7 +68,7 @@ async fn dead_letter_through_the_worker(
     let work = url(clients, &topo.queue_name(HandlerName::Inventory)).await;
     let dlq = url(clients, &topo.dlq_name(HandlerName::Inventory)).await;
     send_all(clients, &work, bodies).await;
-    let child = worker(topo, db_url, worker_args);
+    let child = common::inventory_worker(topo, db_url, worker_args);
     // Generous: moto slows down when many tests share it, and this runs beside whole builds.
     let deadline = std::time::Instant::now() + Duration::from_secs(240);
     let last = loop {
@@ -242,8 +230,8 @@ async fn peek_shows_why_the_worker_dead_lettered_poison_and_permanent_failures()
     let topo = common::topology(&clients).await;
     let (_pool, db_url) = common::fresh_db().await;
     let bodies = vec![
-        stock("negative", -4),
-        stock("zero", 0),
+        common::stock_received("negative", -4),
+        common::stock_received("zero", 0),
         "not json at all".to_string(),
         common::event_body(
             "StockReceived",
@@ -335,10 +323,10 @@ async fn a_dry_run_prints_the_plan_and_changes_nothing() {
     let topo = common::topology(&clients).await;
     let (_pool, db_url) = common::fresh_db().await;
     let bodies = vec![
-        stock("a", 0),
-        stock("b", -1),
-        stock("c", -2),
-        stock("d", -2),
+        common::stock_received("a", 0),
+        common::stock_received("b", -1),
+        common::stock_received("c", -2),
+        common::stock_received("d", -2),
         "{\"broken\":".to_string(),
     ];
     dead_letter_through_the_worker(&clients, &topo, &db_url, &bodies, 5, &[]).await;
@@ -416,13 +404,19 @@ async fn a_filtered_redrive_moves_exactly_the_fixed_messages_and_the_fleet_then_
     lock.execute("INSERT INTO stock (sku, on_hand) VALUES ('locked', 0)", &[])
         .await
         .unwrap();
-    let stuck: Vec<String> = (0..3).map(|_| stock("locked", 2)).collect();
-    let broken = vec![stock("bad", 0), stock("bad", -1), "garbage".to_string()];
+    let stuck: Vec<String> = (0..3)
+        .map(|_| common::stock_received("locked", 2))
+        .collect();
+    let broken = vec![
+        common::stock_received("bad", 0),
+        common::stock_received("bad", -1),
+        "garbage".to_string(),
+    ];
     let all: Vec<String> = stuck.iter().chain(&broken).cloned().collect();
     let dlq = url(&clients, &topo.dlq_name(HandlerName::Inventory)).await;
     let work = url(&clients, &topo.queue_name(HandlerName::Inventory)).await;
     send_all(&clients, &work, &all).await;
-    let child = worker(
+    let child = common::inventory_worker(
         &topo,
         &db_url,
         &[
@@ -497,7 +491,7 @@ async fn a_filtered_redrive_moves_exactly_the_fixed_messages_and_the_fleet_then_
     assert_eq!(left, counted(broken.clone()));
 
     // The fleet handles the redriven messages: each applied once.
-    let child = worker(&topo, &db_url, &[]);
+    let child = common::inventory_worker(&topo, &db_url, &[]);
     common::wait_for(
         Duration::from_secs(30),
         "the redriven stock applied",
@@ -528,7 +522,9 @@ async fn a_redrive_killed_mid_way_and_rerun_moves_every_message_exactly_once() {
     let clients = common::clients().await;
     let topo = common::topology(&clients).await;
     let (_pool, db_url) = common::fresh_db().await;
-    let permanent: Vec<String> = (0..30).map(|i| stock(&format!("k{i}"), -i)).collect();
+    let permanent: Vec<String> = (0..30)
+        .map(|i| common::stock_received(&format!("k{i}"), -i))
+        .collect();
     let poison: Vec<String> = (0..6).map(|i| format!("poison {i}")).collect();
     let all: Vec<String> = permanent.iter().chain(&poison).cloned().collect();
     dead_letter_through_the_worker(&clients, &topo, &db_url, &all, 36, &[]).await;
@@ -633,7 +629,9 @@ async fn seeded_pair(clients: &Clients, n: usize) -> (Topology, QueueRef, QueueR
     let target = queue::resolve(&clients.sqs, &topo.prefix, "inventory", Role::Work)
         .await
         .unwrap();
-    let bodies: Vec<String> = (0..n).map(|i| stock(&format!("s{i}"), 1)).collect();
+    let bodies: Vec<String> = (0..n)
+        .map(|i| common::stock_received(&format!("s{i}"), 1))
+        .collect();
     seed_dlq(clients, &source.url, &bodies, "exhausted").await;
     (topo, source, target, bodies)
 }
@@ -774,7 +772,7 @@ async fn an_export_then_an_import_keeps_bodies_and_attributes_byte_for_byte() {
     let dlq = url(&clients, &topo.dlq_name(HandlerName::Inventory)).await;
     let bytes: Vec<u8> = (0..=255).collect();
     let bodies = [
-        stock("x", 0),
+        common::stock_received("x", 0),
         "  {\"b\":1,  \"a\":[2,1]}\n\ttrailing ".to_string(),
         "ünïcödé ✓ 🚚 \u{7f}".to_string(),
         "x".repeat(200_000),

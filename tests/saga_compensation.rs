@@ -116,18 +116,7 @@ async fn a_cancellation_while_ready_to_ship_stops_the_parcel_then_voids_and_rele
 
     // Deliver events oldest first until OrderReadyToShip comes up; hold it back from
     // fulfillment.
-    let ready = loop {
-        let event = fleet
-            .take(1)
-            .await
-            .unwrap()
-            .pop()
-            .expect("the saga stalled");
-        if event.detail_type == "OrderReadyToShip" {
-            break event;
-        }
-        fleet.deliver(&event).await;
-    };
+    let ready = fleet.deliver_until("OrderReadyToShip").await.unwrap();
     assert_eq!(status(&pool, "ord-r").await, "ready_to_ship");
 
     fleet.publish_event(&cancellation("ord-r")).await.unwrap();

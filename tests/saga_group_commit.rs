@@ -20,24 +20,11 @@ use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
 use orderfleet::store::db::Cached;
 use orderfleet::telemetry::metrics::Counters;
+use orderfleet_testkit::examples::envelope;
 use saga_support::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-fn envelope(detail_type: &str, detail: Value) -> Envelope {
-    Envelope {
-        version: "0".into(),
-        id: uuid::Uuid::new_v4().to_string(),
-        source: "orderfleet.storefront".into(),
-        detail_type: detail_type.into(),
-        time: Utc::now(),
-        account: String::new(),
-        region: String::new(),
-        resources: Vec::new(),
-        detail,
-    }
-}
 
 fn refs(events: &[Envelope], receive_count: u32) -> Vec<(&Envelope, u32)> {
     events.iter().map(|e| (e, receive_count)).collect()
@@ -274,15 +261,15 @@ async fn a_permanent_failure_in_a_group_is_judged_alone_and_its_neighbours_commi
     let events = vec![
         envelope(
             "StockReceived",
-            json!({"sku": "PF-1", "quantity": 3, "event_id": "sr-PF-1"}),
+            &json!({"sku": "PF-1", "quantity": 3, "event_id": "sr-PF-1"}),
         ),
         envelope(
             "StockReceived",
-            json!({"sku": "PF-BAD", "quantity": -1, "event_id": "sr-PF-BAD"}),
+            &json!({"sku": "PF-BAD", "quantity": -1, "event_id": "sr-PF-BAD"}),
         ),
         envelope(
             "StockReceived",
-            json!({"sku": "PF-2", "quantity": 4, "event_id": "sr-PF-2"}),
+            &json!({"sku": "PF-2", "quantity": 4, "event_id": "sr-PF-2"}),
         ),
     ];
     let outcome = execute_group(&*inventory, &pool, &refs(&events, 1)).await;
@@ -401,13 +388,13 @@ async fn queued_group(
     probe: &Probe,
     kinds: &[&str],
 ) -> (Vec<Envelope>, Vec<Result<Executed, HandlerError>>) {
-    let hold = envelope("Hold", json!({}));
+    let hold = envelope("Hold", &json!({}));
     let first = {
         let group = group.clone();
         tokio::spawn(async move { group.apply(&hold, 1).await })
     };
     probe.started.notified().await;
-    let queued: Vec<Envelope> = kinds.iter().map(|t| envelope(t, json!({}))).collect();
+    let queued: Vec<Envelope> = kinds.iter().map(|t| envelope(t, &json!({}))).collect();
     let mut waiting = Vec::new();
     for event in queued.clone() {
         let group = group.clone();
@@ -528,7 +515,7 @@ async fn a_transaction_aborted_by_a_swallowed_error_is_never_reported_as_applied
         release: Notify::new(),
     };
     // Alone: the COMMIT would quietly roll back; the check in front of it fails instead.
-    let swallow = envelope("Swallow", json!({}));
+    let swallow = envelope("Swallow", &json!({}));
     match runtime::execute(&probe, &pool, &swallow, 1).await {
         Err(HandlerError::Permanent { reason }) => {
             assert!(reason.contains("aborted"), "{reason}")
@@ -537,9 +524,9 @@ async fn a_transaction_aborted_by_a_swallowed_error_is_never_reported_as_applied
     }
     // In a group: the group cannot commit, so each event is judged alone.
     let events = vec![
-        envelope("Ok", json!({})),
-        envelope("Swallow", json!({})),
-        envelope("Ok", json!({})),
+        envelope("Ok", &json!({})),
+        envelope("Swallow", &json!({})),
+        envelope("Ok", &json!({})),
     ];
     let outcome = execute_group(&probe, &pool, &refs(&events, 1)).await;
     assert!(applied(&outcome.results[0]) && applied(&outcome.results[2]));
@@ -713,12 +700,12 @@ async fn concurrent_groups_of_one_handler_never_share_an_order() {
         for order in 0..10 {
             let event = envelope(
                 "Step",
-                json!({"order_id": format!("o-{order}"), "n": round}),
+                &json!({"order_id": format!("o-{order}"), "n": round}),
             );
             let group = group.clone();
             tasks.push(tokio::spawn(async move { group.apply(&event, 1).await }));
         }
-        let event = envelope("Tick", json!({"n": round}));
+        let event = envelope("Tick", &json!({"n": round}));
         let group = group.clone();
         tasks.push(tokio::spawn(async move { group.apply(&event, 1).await }));
     }
@@ -745,14 +732,9 @@ async fn concurrent_groups_of_one_handler_never_share_an_order() {
     );
 }
 
-/// An event of `detail_type` whose detail is `detail`, serialised.
-fn event_of(detail_type: &str, detail: &impl serde::Serialize) -> Envelope {
-    envelope(detail_type, serde_json::to_value(detail).unwrap())
-}
-
 fn cancelled(order_id: &str, sku: &str, total_minor: i64) -> Envelope {
     use orderfleet::domain::events::{CancelReason, Meta, OrderCancelled, SkuQuantity};
-    event_of(
+    envelope(
         "OrderCancelled",
         &OrderCancelled {
             meta: Meta::default(),
@@ -831,7 +813,7 @@ async fn payments_created_and_settled_inside_one_group_are_written_as_they_ended
         quantity: 1,
     }];
     let events = vec![
-        event_of(
+        envelope(
             "OrderShipped",
             &OrderShipped {
                 meta: Meta::default(),
@@ -842,7 +824,7 @@ async fn payments_created_and_settled_inside_one_group_are_written_as_they_ended
                 shipped_at: Utc::now(),
             },
         ),
-        event_of(
+        envelope(
             "DeliveryFailed",
             &DeliveryFailed {
                 meta: Meta::default(),
@@ -921,7 +903,7 @@ async fn shipping_and_stopping_one_order_in_one_group_keep_the_first_decision() 
     let fulfillment = fleet.handler(HandlerName::Fulfillment).unwrap();
     let ready = |order_id: &str| {
         let placed = order(order_id, &[("SHIP-G", 1, 999)], "tok_visa");
-        event_of(
+        envelope(
             "OrderReadyToShip",
             &OrderReadyToShip {
                 meta: Meta::default(),
@@ -940,7 +922,7 @@ async fn shipping_and_stopping_one_order_in_one_group_keep_the_first_decision() 
         )
     };
     let stop = |order_id: &str| {
-        event_of(
+        envelope(
             "ShipmentCancelRequested",
             &ShipmentCancelRequested {
                 meta: Meta::default(),
@@ -1004,18 +986,18 @@ async fn orders_placed_in_one_group_see_early_cancellations_repeats_and_unknown_
     let orders = fleet.handler(HandlerName::Orders).unwrap();
     let placed = |id: &str, sku: &str| order(id, &[(sku, 1, 999)], "tok_visa");
     // A cancellation that arrived, and committed, before its order.
-    let early = event_of("OrderCancellationRequested", &cancellation("place-g-1"));
+    let early = envelope("OrderCancellationRequested", &cancellation("place-g-1"));
     assert!(applied(&runtime::execute(&*orders, &pool, &early, 1).await));
     // The storefront placing order 3 a second time, under a new event id.
     let mut again = placed("place-g-3", "PLACE-G");
     again.meta = Meta::with_id("placed-again-place-g-3");
     let events = vec![
-        event_of("OrderPlaced", &placed("place-g-1", "PLACE-G")),
-        event_of("OrderCancellationRequested", &cancellation("place-g-2")),
-        event_of("OrderPlaced", &placed("place-g-2", "PLACE-G")),
-        event_of("OrderPlaced", &placed("place-g-3", "PLACE-G")),
-        event_of("OrderPlaced", &again),
-        event_of("OrderPlaced", &placed("place-g-4", "NO-SUCH-SKU")),
+        envelope("OrderPlaced", &placed("place-g-1", "PLACE-G")),
+        envelope("OrderCancellationRequested", &cancellation("place-g-2")),
+        envelope("OrderPlaced", &placed("place-g-2", "PLACE-G")),
+        envelope("OrderPlaced", &placed("place-g-3", "PLACE-G")),
+        envelope("OrderPlaced", &again),
+        envelope("OrderPlaced", &placed("place-g-4", "NO-SUCH-SKU")),
     ];
     let outcome = execute_group(&*orders, &pool, &refs(&events, 1)).await;
     assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);

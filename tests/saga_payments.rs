@@ -845,37 +845,17 @@ impl PaymentProvider for SilentProvider {
 
 #[tokio::test]
 async fn a_provider_that_never_answers_is_given_up_before_the_handler_s_time_with_its_reason() {
-    use orderfleet::runtime::group::{execute_group_with, Limits};
     let fleet = fleet().await;
     stock_sku(&fleet, "TEA-1", 1000, 5).await;
     let accepted = accepted_events(&fleet, &["ord-silent"], "TEA-1", 1000).await;
     let payments = Payments::with_attempt_log(Arc::new(SilentProvider), fleet.pool().clone());
-    let limit = Duration::from_secs(4);
-
-    let started = std::time::Instant::now();
-    let outcome = execute_group_with(
+    assert_gives_up_on_a_silent_call(
         &payments,
         fleet.pool(),
-        &[(&accepted[0], 1)],
-        &Limits {
-            event_timeout: limit,
-            ..Limits::default()
-        },
+        &accepted[0],
+        "the provider's authorize",
     )
     .await;
-
-    // The handler ended the call itself, leaving time to roll back and say why; the runtime's
-    // own timeout (which would abandon the call mid-flight) never fired.
-    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
-    match &outcome.results[0] {
-        Err(HandlerError::Retry { reason, .. }) => {
-            assert!(
-                reason.contains("the provider's authorize did not answer within"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected a retry, got {other:?}"),
-    }
     // The attempt was logged before the call, so the retry replays it by key.
     let logged = logged_attempts(fleet.pool(), "auth:ord-silent").await;
     assert_eq!(logged, 1, "the attempt is logged for its replay");

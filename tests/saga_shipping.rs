@@ -171,35 +171,16 @@ async fn until_ready_to_ship(fleet: &Fleet, order_id: &str) -> Envelope {
         .publish_event(&order(order_id, &[("TEA-1", 1, 1000)], "tok_visa"))
         .await
         .unwrap();
-    loop {
-        let event = fleet
-            .take(1)
-            .await
-            .unwrap()
-            .pop()
-            .expect("the saga stalled");
-        if event.detail_type == "OrderReadyToShip" {
-            return event;
-        }
-        fleet.deliver(&event).await;
-    }
+    fleet.deliver_until("OrderReadyToShip").await.unwrap()
 }
 
 /// Delivers events until the ShipmentCancelRequested of the cancellation comes up, which is
 /// returned undelivered.
 async fn until_cancel_requested(fleet: &Fleet) -> Envelope {
-    loop {
-        let event = fleet
-            .take(1)
-            .await
-            .unwrap()
-            .pop()
-            .expect("no ShipmentCancelRequested was emitted");
-        if event.detail_type == "ShipmentCancelRequested" {
-            return event;
-        }
-        fleet.deliver(&event).await;
-    }
+    fleet
+        .deliver_until("ShipmentCancelRequested")
+        .await
+        .unwrap()
 }
 
 /// Sessions of this test's database waiting for a lock.
@@ -488,35 +469,13 @@ async fn a_group_hands_its_parcels_over_in_one_call_and_a_crash_after_it_ends_in
 #[tokio::test]
 async fn a_carrier_that_never_answers_is_given_up_before_the_handler_s_time_and_asked_again_by_key()
 {
-    use orderfleet::domain::outcome::HandlerError;
-    use orderfleet::runtime::group::{execute_group_with, Limits};
     let (fleet, carrier) = fleet_with(true, false).await;
     let ready = until_ready_to_ship(&fleet, "ord-silent-carrier").await;
     let fulfillment = fleet.handler(HandlerName::Fulfillment).unwrap();
-    let limit = Duration::from_secs(4);
 
     // The gate is never opened: the carrier takes the call and never answers.
-    let started = std::time::Instant::now();
-    let outcome = execute_group_with(
-        &*fulfillment,
-        fleet.pool(),
-        &[(&ready, 1)],
-        &Limits {
-            event_timeout: limit,
-            ..Limits::default()
-        },
-    )
-    .await;
-    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
-    match &outcome.results[0] {
-        Err(HandlerError::Retry { reason, .. }) => {
-            assert!(
-                reason.contains("the carrier's ship did not answer within"),
-                "{reason}"
-            );
-        }
-        other => panic!("expected a retry, got {other:?}"),
-    }
+    assert_gives_up_on_a_silent_call(&*fulfillment, fleet.pool(), &ready, "the carrier's ship")
+        .await;
 
     // The carrier answers again; the retry finds the intent and ships once.
     carrier.gate.as_ref().unwrap().1.notify_one();

@@ -217,18 +217,7 @@ async fn an_outcome_event_of_a_newer_schema_version_is_refused_not_applied() {
         .await
         .unwrap();
     // Deliver until inventory's answer comes up, and hand orders a version-2 copy of it.
-    let reserved = loop {
-        let event = fleet
-            .take(1)
-            .await
-            .unwrap()
-            .pop()
-            .expect("the saga stalled");
-        if event.detail_type == "InventoryReserved" {
-            break event;
-        }
-        fleet.deliver(&event).await;
-    };
+    let reserved = fleet.deliver_until("InventoryReserved").await.unwrap();
     let mut newer = reserved.clone();
     newer.id = "eb-v2".into();
     newer.detail["version"] = 2.into();

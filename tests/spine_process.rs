@@ -18,10 +18,6 @@ use serde_json::json;
 
 use common::{signal, wait_exit};
 
-fn worker(topo: &Topology, db_url: &str, extra: &[&str]) -> common::Proc {
-    common::inventory_worker(topo, db_url, extra)
-}
-
 async fn send_stock(clients: &Clients, url: &str, sku: &str, n: usize) {
     let bodies: Vec<String> = (0..n).map(|_| common::stock_received(sku, 1)).collect();
     common::send_bodies(clients, url, &bodies).await;
@@ -49,7 +45,8 @@ async fn sigterm_lets_running_handlers_finish_and_strands_nothing_in_flight() {
         .await
         .unwrap();
 
-    let mut child = worker(&topo, &db_url, &["--concurrency", "2", "--receivers", "1"]);
+    let mut child =
+        common::inventory_worker(&topo, &db_url, &["--concurrency", "2", "--receivers", "1"]);
     common::wait_for(
         Duration::from_secs(20),
         "two messages in flight",
@@ -85,7 +82,7 @@ async fn kill_9_mid_batch_then_restart_applies_every_message_exactly_once() {
     send_stock(&clients, &url, "k9", 60).await;
     let args = ["--concurrency", "8", "--visibility-timeout-secs", "3"];
 
-    let mut first = worker(&topo, &db_url, &args);
+    let mut first = common::inventory_worker(&topo, &db_url, &args);
     common::wait_for(Duration::from_secs(30), "some progress", || async {
         let n = common::scalar(&pool, "SELECT count(*) FROM stock_movements").await;
         (n >= 10).then_some(())
@@ -100,7 +97,7 @@ async fn kill_9_mid_batch_then_restart_applies_every_message_exactly_once() {
         "the kill came too late to prove anything"
     );
 
-    let mut second = worker(&topo, &db_url, &args);
+    let mut second = common::inventory_worker(&topo, &db_url, &args);
     common::wait_for(Duration::from_secs(60), "every message handled", || async {
         let n = common::scalar(&pool, "SELECT count(*) FROM processed_messages").await;
         (n == 60 && common::depth(&clients, &url).await == (0, 0)).then_some(())
@@ -164,7 +161,7 @@ async fn an_event_committed_before_a_crash_is_published_after_restart() {
         .unwrap()
         .get(0);
 
-    let mut child = worker(&topo, &db_url, &[]);
+    let mut child = common::inventory_worker(&topo, &db_url, &[]);
     let orders_q = runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
         .await
         .unwrap();

@@ -24,10 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The real inventory worker with `wait_secs` long polls (the tests' usual worker polls for 1 s,
 /// which would hide what a production wait of 20 s does).
-fn worker(topo: &Topology, db_url: &str, wait_secs: u32, extra: &[&str]) -> common::Proc {
-    common::inventory_worker_polling(topo, db_url, wait_secs, extra)
-}
-
 async fn inventory_queue(clients: &orderfleet::infra::aws::Clients, topo: &Topology) -> String {
     runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
         .await
@@ -72,7 +68,7 @@ async fn a_worker_stopped_while_idle_leaves_no_message_hidden_from_its_successor
     let url = inventory_queue(&clients, &topo).await;
 
     // Four receive loops long-poll an empty queue for 10 s each.
-    let mut a = worker(&topo, &db_url, 10, &["--concurrency", "32"]);
+    let mut a = common::inventory_worker_polling(&topo, &db_url, 10, &["--concurrency", "32"]);
     wait_until_up(&pool).await;
     // Idle a moment, so that every receive loop has its long poll in flight.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -80,7 +76,7 @@ async fn a_worker_stopped_while_idle_leaves_no_message_hidden_from_its_successor
     let status = common::wait_exit(&mut a, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "exit code");
 
-    let _b = worker(&topo, &db_url, 1, &[]);
+    let _b = common::inventory_worker_polling(&topo, &db_url, 1, &[]);
     let bodies: Vec<String> = (0..48)
         .map(|i| common::stock_received(&format!("idle-{}", i % 6), 1))
         .collect();
@@ -105,7 +101,7 @@ async fn a_worker_stopped_under_load_hands_over_every_message_at_once() {
     lock.execute("INSERT INTO stock (sku, on_hand) VALUES ('held', 0)", &[])
         .await
         .unwrap();
-    let mut a = worker(
+    let mut a = common::inventory_worker_polling(
         &topo,
         &db_url,
         10,
@@ -129,7 +125,7 @@ async fn a_worker_stopped_under_load_hands_over_every_message_at_once() {
     let status = common::wait_exit(&mut a, Duration::from_secs(40)).await;
     assert_eq!(status.code(), Some(0), "exit code");
 
-    let _b = worker(&topo, &db_url, 1, &[]);
+    let _b = common::inventory_worker_polling(&topo, &db_url, 1, &[]);
     wait_until_all_handled(&clients, &pool, &url, 22, Duration::from_secs(15)).await;
     assert_eq!(
         common::scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'held'").await,

@@ -128,10 +128,6 @@ async fn send(clients: &Clients, queue_url: &str, body: &str) {
         .expect("send");
 }
 
-fn stock_received(sku: &str, qty: i64) -> String {
-    common::stock_received(sku, qty)
-}
-
 async fn on_hand(pool: &Pool, sku: &str) -> i64 {
     let c = pool.get().await.unwrap();
     c.query_opt("SELECT on_hand FROM stock WHERE sku = $1", &[&sku])
@@ -158,7 +154,7 @@ async fn the_same_message_delivered_twice_has_its_effect_once() {
     )
     .unwrap();
     let run = Running::start(&clients, &topo, &pool, handler, |_| {}).await;
-    let body = stock_received("sku-dup", 7);
+    let body = common::stock_received("sku-dup", 7);
     send(&clients, &run.facts.queue_url, &body).await;
     send(&clients, &run.facts.queue_url, &body).await;
     let counters = run.counters.clone();
@@ -220,7 +216,12 @@ async fn a_message_retried_twice_is_hidden_for_its_backoff_each_time_then_delete
         cap: Duration::from_secs(30),
     };
     let run = Running::start(&clients, &topo, &pool, flaky.clone(), |c| c.retry = policy).await;
-    send(&clients, &run.facts.queue_url, &stock_received("sku-r", 1)).await;
+    send(
+        &clients,
+        &run.facts.queue_url,
+        &common::stock_received("sku-r", 1),
+    )
+    .await;
     let counters = run.counters.clone();
     common::wait_for(
         Duration::from_secs(30),
@@ -302,7 +303,12 @@ async fn permanent_failures_and_undecodable_bodies_land_in_the_dlq_with_their_re
     let unknown = common::event_body("OrderTeleported", "orderfleet.storefront", json!({}));
     send(&clients, &url, poison).await;
     for i in 0..3 {
-        send(&clients, &url, &stock_received(&format!("ok-{i}"), 1)).await;
+        send(
+            &clients,
+            &url,
+            &common::stock_received(&format!("ok-{i}"), 1),
+        )
+        .await;
     }
     send(&clients, &url, &permanent).await;
     send(&clients, &url, &unknown).await;
@@ -383,7 +389,7 @@ async fn an_event_older_than_the_inbox_remembers_is_dead_lettered_unapplied_with
     .await;
     let aged = |days: i64| {
         let mut body: serde_json::Value =
-            serde_json::from_str(&stock_received(&format!("aged-{days}"), 1)).unwrap();
+            serde_json::from_str(&common::stock_received(&format!("aged-{days}"), 1)).unwrap();
         body["time"] = json!((chrono::Utc::now() - chrono::Duration::days(days)).to_rfc3339());
         body.to_string()
     };
@@ -452,7 +458,7 @@ async fn a_handler_slower_than_the_visibility_timeout_is_not_redelivered_while_i
         assert_eq!(c.visibility_timeout, Duration::from_secs(3));
     })
     .await;
-    send(&clients, &url, &stock_received("slow", 1)).await;
+    send(&clients, &url, &common::stock_received("slow", 1)).await;
     let counters = run.counters.clone();
     common::wait_for(
         Duration::from_secs(30),
@@ -583,7 +589,12 @@ async fn a_panic_and_a_timeout_count_once(grouped: bool) {
     } else {
         Running::start(&clients, &topo, &pool, unruly.clone(), tweak).await
     };
-    send(&clients, &run.facts.queue_url, &stock_received("u", 1)).await;
+    send(
+        &clients,
+        &run.facts.queue_url,
+        &common::stock_received("u", 1),
+    )
+    .await;
     let counters = run.counters.clone();
     common::wait_for(
         Duration::from_secs(30),
@@ -1104,7 +1115,7 @@ async fn an_event_its_group_committed_after_the_consumer_timed_out_is_not_dead_l
     })
     .await;
     let url = run.facts.queue_url.clone();
-    send(&clients, &url, &stock_received("first", 1)).await;
+    send(&clients, &url, &common::stock_received("first", 1)).await;
     common::wait_for(
         Duration::from_secs(20),
         "the first event running",
@@ -1115,7 +1126,10 @@ async fn an_event_its_group_committed_after_the_consumer_timed_out_is_not_dead_l
     common::send_bodies(
         &clients,
         &url,
-        &[stock_received("a", 1), stock_received("b", 1)],
+        &[
+            common::stock_received("a", 1),
+            common::stock_received("b", 1),
+        ],
     )
     .await;
     let counters = run.counters.clone();

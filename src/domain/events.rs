@@ -717,20 +717,6 @@ event!(ShipmentCancelled, "ShipmentCancelled");
 mod tests {
     use super::*;
 
-    fn envelope(detail_type: &str, detail: serde_json::Value) -> Envelope {
-        Envelope {
-            version: "0".into(),
-            id: "eb-1".into(),
-            source: "test".into(),
-            detail_type: detail_type.into(),
-            time: Utc::now(),
-            account: String::new(),
-            region: String::new(),
-            resources: vec![],
-            detail,
-        }
-    }
-
     #[test]
     fn currencies_are_three_uppercase_letters() {
         assert_eq!(Currency::new("EUR").unwrap().as_str(), "EUR");
@@ -758,24 +744,5 @@ mod tests {
             ISO_4217_TWO_DIGITS.windows(2).all(|w| w[0] < w[1]),
             "sorted"
         );
-    }
-
-    #[test]
-    fn a_detail_that_does_not_match_is_poison_and_an_unknown_version_is_permanent() {
-        let env = envelope("StockReceived", serde_json::json!({"sku": "x"}));
-        assert_eq!(decode::<StockReceived>(&env).unwrap_err().kind(), "poison");
-        let env = envelope(
-            "StockReceived",
-            serde_json::json!({"sku": "x", "quantity": 1, "version": 2}),
-        );
-        assert_eq!(
-            decode::<StockReceived>(&env).unwrap_err().kind(),
-            "permanent"
-        );
-        let env = envelope(
-            "StockReceived",
-            serde_json::json!({"sku": "x", "quantity": 1, "event_id": "sf-1"}),
-        );
-        assert_eq!(decode::<StockReceived>(&env).unwrap().meta.version, 1);
     }
 }

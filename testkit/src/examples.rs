@@ -1,7 +1,25 @@
 //! A representative payload of every detail-type, for schema checks, docs and tests.
 
 use chrono::{DateTime, Utc};
+use orderfleet::domain::catalogue;
+use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::events::*;
+
+/// An envelope as an EventBridge rule would deliver `detail`: a fresh id, the time now, and
+/// the source of the detail-type's producer in the catalogue (`test` for a type it lacks).
+pub fn envelope(detail_type: &str, detail: &impl serde::Serialize) -> Envelope {
+    Envelope {
+        version: "0".into(),
+        id: uuid::Uuid::new_v4().to_string(),
+        source: catalogue::spec(detail_type).map_or_else(|| "test".into(), |s| s.source()),
+        detail_type: detail_type.into(),
+        time: Utc::now(),
+        account: String::new(),
+        region: String::new(),
+        resources: Vec::new(),
+        detail: serde_json::to_value(detail).expect("a test detail serialises"),
+    }
+}
 
 /// A representative payload of every detail-type, as JSON: for schema checks, docs and tests.
 /// `None` for a detail-type without a payload here.

@@ -356,6 +356,20 @@ impl Fleet {
             .unwrap_or_default()
     }
 
+    /// Delivers events oldest first until one of `detail_type` comes up, and returns it
+    /// undelivered: for a test that holds an event back, drops it or delivers it twice.
+    pub async fn deliver_until(&self, detail_type: &str) -> Result<Envelope> {
+        loop {
+            let Some(event) = self.take(1).await?.pop() else {
+                bail!("the fleet went quiet before a {detail_type} came up");
+            };
+            if event.detail_type == detail_type {
+                return Ok(event);
+            }
+            self.deliver(&event).await;
+        }
+    }
+
     /// Runs `handler` on `event` once, as one receive with `receive_count`.
     pub async fn deliver_to(
         &self,

@@ -1,35 +1,19 @@
 //! The examples decode through the version check and round-trip, for every catalogued type.
 
-use chrono::Utc;
 use orderfleet::domain::catalogue;
-use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::events::*;
-use orderfleet_testkit::examples::example;
-
-fn envelope(detail_type: &str, detail: serde_json::Value) -> Envelope {
-    Envelope {
-        version: "0".into(),
-        id: "eb-1".into(),
-        source: "test".into(),
-        detail_type: detail_type.into(),
-        time: Utc::now(),
-        account: String::new(),
-        region: String::new(),
-        resources: vec![],
-        detail,
-    }
-}
+use orderfleet_testkit::examples::{envelope, example};
 
 #[test]
 fn storefront_events_that_change_stock_or_money_need_their_event_id() {
     let mut stock = example("StockReceived").unwrap();
     stock.as_object_mut().unwrap().remove("event_id");
-    let err = decode::<StockReceived>(&envelope("StockReceived", stock)).unwrap_err();
+    let err = decode::<StockReceived>(&envelope("StockReceived", &stock)).unwrap_err();
     assert_eq!(err.kind(), "permanent");
     assert!(err.to_string().contains("no event_id"), "{err}");
     let mut cancel = example("OrderCancellationRequested").unwrap();
     cancel.as_object_mut().unwrap().remove("event_id");
-    decode::<OrderCancellationRequested>(&envelope("OrderCancellationRequested", cancel)).unwrap();
+    decode::<OrderCancellationRequested>(&envelope("OrderCancellationRequested", &cancel)).unwrap();
 }
 
 #[test]
@@ -39,7 +23,7 @@ fn every_catalogued_event_has_an_example_that_round_trips() {
             let mut checked = Vec::new();
             $(
                 let json = example(<$ty>::DETAIL_TYPE).expect(<$ty>::DETAIL_TYPE);
-                let env = envelope(<$ty>::DETAIL_TYPE, json.clone());
+                let env = envelope(<$ty>::DETAIL_TYPE, &json);
                 let typed: $ty = decode(&env).expect(<$ty>::DETAIL_TYPE);
                 assert_eq!(serde_json::to_value(&typed).unwrap(), json);
                 assert_eq!(json["version"], 1);
@@ -81,4 +65,23 @@ fn every_catalogued_event_has_an_example_that_round_trips() {
         );
     }
     assert_eq!(checked.len(), catalogue::EVENTS.len());
+}
+
+#[test]
+fn a_detail_that_does_not_match_is_poison_and_an_unknown_version_is_permanent() {
+    let env = envelope("StockReceived", &serde_json::json!({"sku": "x"}));
+    assert_eq!(decode::<StockReceived>(&env).unwrap_err().kind(), "poison");
+    let env = envelope(
+        "StockReceived",
+        &serde_json::json!({"sku": "x", "quantity": 1, "version": 2}),
+    );
+    assert_eq!(
+        decode::<StockReceived>(&env).unwrap_err().kind(),
+        "permanent"
+    );
+    let env = envelope(
+        "StockReceived",
+        &serde_json::json!({"sku": "x", "quantity": 1, "event_id": "sf-1"}),
+    );
+    assert_eq!(decode::<StockReceived>(&env).unwrap().meta.version, 1);
 }

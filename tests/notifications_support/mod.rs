@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use deadpool_postgres::Pool;
-use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::events::{Address, Contact, Meta, OrderAccepted, OrderLine};
 use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::notifications::Notifications;
@@ -129,20 +128,8 @@ pub fn accepted(order_id: &str, email: &str) -> OrderAccepted {
     }
 }
 
-/// An envelope as EventBridge would deliver `detail` from orders.
-pub fn envelope(detail_type: &str, detail: &impl serde::Serialize) -> Envelope {
-    Envelope {
-        version: "0".into(),
-        id: uuid::Uuid::new_v4().to_string(),
-        source: "orderfleet.orders".into(),
-        detail_type: detail_type.into(),
-        time: Utc::now(),
-        account: String::new(),
-        region: String::new(),
-        resources: Vec::new(),
-        detail: serde_json::to_value(detail).unwrap(),
-    }
-}
+#[allow(unused_imports)]
+pub use orderfleet_testkit::examples::envelope;
 
 /// A row of `emails`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -329,3 +329,38 @@ pub fn assert_no_dead_letters(fleet: &Fleet) {
             .collect::<Vec<_>>()
     );
 }
+
+/// Runs `event` alone through `handler`, with `limit` as the handler's time as the runtime sets
+/// it, and asserts that the handler gave up on an outside call that never answered by itself,
+/// before its time ran out, with a retry naming `call` (e.g. "the carrier's ship").
+pub async fn assert_gives_up_on_a_silent_call(
+    handler: &dyn orderfleet::handlers::Handler,
+    pool: &Pool,
+    event: &orderfleet::domain::envelope::Envelope,
+    call: &str,
+) {
+    use orderfleet::domain::outcome::HandlerError;
+    use orderfleet::runtime::group::{execute_group_with, Limits};
+    let limit = std::time::Duration::from_secs(4);
+    let started = std::time::Instant::now();
+    let outcome = execute_group_with(
+        handler,
+        pool,
+        &[(event, 1)],
+        &Limits {
+            event_timeout: limit,
+            ..Limits::default()
+        },
+    )
+    .await;
+    // The handler ended the call itself, with time left to roll back and say why; the
+    // runtime's own timeout (which would abandon the call mid-flight) never fired.
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+    match &outcome.results[0] {
+        Err(HandlerError::Retry { reason, .. }) => assert!(
+            reason.contains(&format!("{call} did not answer within")),
+            "{reason}"
+        ),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+}
