@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use orderfleet::domain::names::HandlerName;
 use orderfleet::handlers::inventory::Inventory;
-use orderfleet::handlers::Handler;
+use orderfleet::handlers::AnyHandler;
 use orderfleet::runtime::{self, Executed};
 use orderfleet_testkit::inproc::Fleet;
 use saga_support::*;
@@ -42,7 +42,7 @@ async fn twenty_concurrent_orders_for_the_last_five_units_reserve_exactly_five()
     for event in accepted.clone() {
         let pool = pool.clone();
         tasks.spawn(async move {
-            let instance: Arc<dyn Handler> = Arc::new(Inventory);
+            let instance: Arc<dyn AnyHandler> = Arc::new(Inventory);
             runtime::execute(&*instance, &pool, &event, 1).await
         });
     }

@@ -14,7 +14,7 @@ use chrono::Utc;
 use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::HandlerError;
-use orderfleet::handlers::{Context, GroupState, Handler};
+use orderfleet::handlers::{AnyHandler, Context, GroupState, Handler};
 use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
@@ -67,14 +67,17 @@ async fn accepted_orders_of(
 /// A handler whose groups all wait for each other before taking their locks, so that they
 /// really contend instead of running one after the other.
 struct AtOnce {
-    inner: Arc<dyn Handler>,
+    inner: Arc<dyn AnyHandler>,
     barrier: tokio::sync::Barrier,
 }
 
 #[async_trait]
-impl Handler for AtOnce {
+impl AnyHandler for AtOnce {
     fn name(&self) -> &str {
         self.inner.name()
+    }
+    fn source(&self) -> String {
+        self.inner.source()
     }
     fn group_commit(&self) -> bool {
         true
@@ -89,7 +92,11 @@ impl Handler for AtOnce {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.barrier.wait()).await;
         self.inner.lock_group(tx, events, state).await
     }
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, GroupState>,
+    ) -> Result<(), HandlerError> {
         self.inner.handle(event, cx).await
     }
     async fn finish(
@@ -105,12 +112,12 @@ impl Handler for AtOnce {
 /// others at a barrier before it locks. Asserts that every group committed whole (no deadlock,
 /// no fallback) and applied every event.
 async fn groups_at_once(
-    handler: Arc<dyn Handler>,
+    handler: Arc<dyn AnyHandler>,
     pool: &deadpool_postgres::Pool,
     events: &[Envelope],
     size: usize,
 ) {
-    let handler: Arc<dyn Handler> = Arc::new(AtOnce {
+    let handler: Arc<dyn AnyHandler> = Arc::new(AtOnce {
         inner: handler,
         barrier: tokio::sync::Barrier::new(events.len().div_ceil(size)),
     });
@@ -340,6 +347,8 @@ struct Probe {
 
 #[async_trait]
 impl Handler for Probe {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "probe"
     }
@@ -624,6 +633,8 @@ struct OrderWatch {
 
 #[async_trait]
 impl Handler for OrderWatch {
+    type Batch = Vec<String>;
+
     fn name(&self) -> &str {
         "order-watch"
     }
@@ -633,12 +644,16 @@ impl Handler for OrderWatch {
     }
 
     /// Registers the event's order as open in this transaction (a group, or an event alone).
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Vec<String>>,
+    ) -> Result<(), HandlerError> {
         use std::sync::atomic::Ordering::SeqCst;
         let Some(id) = event.order_id() else {
             return Ok(());
         };
-        let mine = cx.state::<Vec<String>>();
+        let mine = &mut cx.batch;
         if mine.is_empty() {
             let now = self.groups_open.fetch_add(1, SeqCst) + 1;
             self.most_groups_open.fetch_max(now, SeqCst);
@@ -660,9 +675,8 @@ impl Handler for OrderWatch {
     async fn finish(
         &self,
         _tx: &orderfleet::store::db::Tx,
-        state: GroupState,
+        ids: Vec<String>,
     ) -> Result<(), HandlerError> {
-        let ids = state.into_inner::<Vec<String>>().unwrap_or_default();
         if ids.is_empty() {
             return Ok(());
         }

@@ -12,7 +12,7 @@ use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::payments::Payments;
-use orderfleet::handlers::{Context, Handler};
+use orderfleet::handlers::{AnyHandler, Context, Handler};
 use orderfleet::providers::payment::{
     PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest, SandboxProvider,
 };
@@ -136,11 +136,17 @@ struct CrashBeforeCommit(Payments);
 
 #[async_trait]
 impl Handler for CrashBeforeCommit {
+    type Batch = <Payments as Handler>::Batch;
+
     fn name(&self) -> &str {
         "payments"
     }
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
-        self.0.handle(event, cx).await?;
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Self::Batch>,
+    ) -> Result<(), HandlerError> {
+        Handler::handle(&self.0, event, cx).await?;
         Err(HandlerError::retry("simulated crash before commit"))
     }
 }
@@ -607,7 +613,7 @@ async fn approved_at_provider(pool: &deadpool_postgres::Pool, order_id: &str) ->
 /// Runs `event` alone with `handler` until it is not answered with a retry (a bounded number
 /// of times), as SQS would deliver it again.
 async fn execute_until_answered(
-    handler: &dyn Handler,
+    handler: &dyn AnyHandler,
     pool: &deadpool_postgres::Pool,
     event: &Envelope,
     first: Result<orderfleet::runtime::Executed, HandlerError>,

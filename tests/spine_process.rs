@@ -123,6 +123,8 @@ struct Emitter;
 
 #[async_trait]
 impl Handler for Emitter {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "inventory"
     }

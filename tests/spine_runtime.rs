@@ -13,7 +13,7 @@ use deadpool_postgres::Pool;
 use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::HandlerError;
-use orderfleet::handlers::{Context, Handler};
+use orderfleet::handlers::{AnyHandler, Context, Handler};
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::backoff::RetryPolicy;
@@ -41,7 +41,7 @@ impl Running {
         clients: &Clients,
         topo: &Topology,
         pool: &Pool,
-        handler: Arc<dyn Handler>,
+        handler: Arc<dyn AnyHandler>,
         tweak: impl FnOnce(&mut ConsumerConfig),
     ) -> Running {
         let pool_ = pool.clone();
@@ -185,6 +185,8 @@ struct Flaky {
 
 #[async_trait]
 impl Handler for Flaky {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "flaky"
     }
@@ -272,6 +274,8 @@ struct Picky {
 
 #[async_trait]
 impl Handler for Picky {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "picky"
     }
@@ -423,6 +427,8 @@ struct Slow {
 
 #[async_trait]
 impl Handler for Slow {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "slow"
     }
@@ -531,6 +537,8 @@ struct Unruly {
 
 #[async_trait]
 impl Handler for Unruly {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "unruly"
     }
@@ -690,6 +698,8 @@ struct Effecting {
 
 #[async_trait]
 impl Handler for Effecting {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "effecting"
     }
@@ -841,6 +851,8 @@ struct LockWaiting;
 
 #[async_trait]
 impl Handler for LockWaiting {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "lock-waiting"
     }
@@ -1053,6 +1065,8 @@ struct Quick {
 
 #[async_trait]
 impl Handler for Quick {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "inventory"
     }

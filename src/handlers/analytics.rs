@@ -26,6 +26,8 @@ pub struct Analytics;
 
 #[async_trait]
 impl Handler for Analytics {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "analytics"
     }

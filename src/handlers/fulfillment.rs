@@ -61,7 +61,7 @@ use crate::domain::events::{
     self, DeliveryFailed, Event, Meta, OrderDelivered, OrderReadyToShip, OrderShipped,
     ShipmentCancelRequested, ShipmentCancelled,
 };
-use crate::handlers::{Context, GroupState, Handler};
+use crate::handlers::{Context, Handler};
 use crate::providers::carrier::{Cancellation, Carrier, CarrierError, Delivery, Dispatch, Parcel};
 use crate::store::db::{Cached, Tx};
 
@@ -78,31 +78,19 @@ pub struct Fulfillment {
     intents: Pool,
 }
 
-/// A shipment row's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Shipping,
-    Shipped,
-    Cancelled,
-}
-
-impl State {
-    fn parse(s: &str) -> Result<Self, HandlerError> {
-        match s {
-            "shipping" => Ok(State::Shipping),
-            "shipped" => Ok(State::Shipped),
-            "cancelled" => Ok(State::Cancelled),
-            other => Err(HandlerError::permanent(format!(
-                "unknown shipment state {other:?}"
-            ))),
-        }
+stored_states!(
+    /// A shipment row's state.
+    State in "shipment state" {
+        Shipping = "shipping";
+        Shipped = "shipped";
+        Cancelled = "cancelled";
     }
-}
+);
 
 /// What one transaction of fulfillment events keeps: the orders whose `fulfillment:<id>` lock
 /// it holds, and the state of those that have a row, as its events left them.
 #[derive(Default)]
-struct Group {
+pub struct Group {
     locked: HashSet<String>,
     states: HashMap<String, State>,
     /// The carrier's answers for the orders the group shipped in one call
@@ -151,9 +139,9 @@ async fn write_shipped(tx: &Tx, carrier: &str, rows: Vec<Shipped>) -> Result<(),
 }
 
 /// Takes the order's lock unless this transaction holds it, and returns its shipment's state.
-async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<State>, HandlerError> {
+async fn lock(cx: &mut Context<'_, Group>, order_id: &str) -> Result<Option<State>, HandlerError> {
     let tx = cx.tx;
-    if !cx.state::<Group>().locked.contains(order_id) {
+    if !cx.batch.locked.contains(order_id) {
         crate::handlers::lock_order_ids(tx, "fulfillment", &[order_id]).await?;
         let row = tx
             .query_opt_cached(
@@ -162,7 +150,7 @@ async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<State>, Han
             )
             .await
             .map_err(|e| HandlerError::from_db("reading the shipment", &e))?;
-        let group = cx.state::<Group>();
+        let group = &mut cx.batch;
         group.locked.insert(order_id.to_string());
         if let Some(row) = row {
             group
@@ -170,13 +158,13 @@ async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<State>, Han
                 .insert(order_id.to_string(), State::parse(row.get(0))?);
         }
     }
-    Ok(cx.state::<Group>().states.get(order_id).copied())
+    Ok(cx.batch.states.get(order_id).copied())
 }
 
 /// Records `cancelled` for an order whose lock this transaction holds, and emits
 /// `ShipmentCancelled`.
 async fn cancelled(
-    cx: &mut Context<'_>,
+    cx: &mut Context<'_, Group>,
     order_id: &str,
     had_row: bool,
 ) -> Result<(), HandlerError> {
@@ -189,7 +177,7 @@ async fn cancelled(
         .execute_cached(sql, &[&order_id])
         .await
         .map_err(|e| HandlerError::from_db("recording the cancellation", &e))?;
-    cx.state::<Group>()
+    cx.batch
         .states
         .insert(order_id.to_string(), State::Cancelled);
     cx.emit_event(&ShipmentCancelled {
@@ -310,7 +298,11 @@ impl Fulfillment {
         Ok(())
     }
 
-    async fn ship(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn ship(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         let d: OrderReadyToShip = events::decode(event)?;
         match lock(cx, &d.order_id).await? {
             Some(State::Shipped | State::Cancelled) => return Ok(()),
@@ -318,12 +310,10 @@ impl Fulfillment {
             Some(State::Shipping) => {}
             None => {
                 self.record_intents(&[&d.order_id]).await?;
-                cx.state::<Group>()
-                    .states
-                    .insert(d.order_id.clone(), State::Shipping);
+                cx.batch.states.insert(d.order_id.clone(), State::Shipping);
             }
         }
-        let shipped = match cx.state::<Group>().dispatched.remove(&d.order_id) {
+        let shipped = match cx.batch.dispatched.remove(&d.order_id) {
             Some(answer) => answer,
             None => {
                 let parcel = Parcel {
@@ -336,7 +326,7 @@ impl Fulfillment {
                 cx.bounded(CARRIER_CALL_TIMEOUT, self.carrier.ship(&parcel))
                     .await
                     .unwrap_or_else(|limit| {
-                        Err(CarrierError::Transient(Context::out_of_time(
+                        Err(CarrierError::Transient(crate::handlers::out_of_time(
                             "the carrier's ship",
                             limit,
                         )))
@@ -355,15 +345,13 @@ impl Fulfillment {
             Some(Delivery::Delivered) => ("delivered", None),
             Some(Delivery::Failed { reason }) => ("failed", Some(reason.as_str())),
         };
-        cx.state::<Group>().shipped.push(Shipped {
+        cx.batch.shipped.push(Shipped {
             order_id: d.order_id.clone(),
             tracking_number: dispatch.tracking_number.clone(),
             delivery_state,
             failure_reason: failure.map(str::to_string),
         });
-        cx.state::<Group>()
-            .states
-            .insert(d.order_id.clone(), State::Shipped);
+        cx.batch.states.insert(d.order_id.clone(), State::Shipped);
         let now = Utc::now();
         cx.emit_event(&OrderShipped {
             meta: Meta::default(),
@@ -391,7 +379,11 @@ impl Fulfillment {
         }
     }
 
-    async fn stop(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn stop(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         let d: ShipmentCancelRequested = events::decode(event)?;
         match lock(cx, &d.order_id).await? {
             None => cancelled(cx, &d.order_id, false).await,
@@ -400,7 +392,7 @@ impl Fulfillment {
                 .bounded(CARRIER_CALL_TIMEOUT, self.carrier.cancel(&d.order_id))
                 .await
                 .unwrap_or_else(|limit| {
-                    Err(CarrierError::Transient(Context::out_of_time(
+                    Err(CarrierError::Transient(crate::handlers::out_of_time(
                         "the carrier's cancel",
                         limit,
                     )))
@@ -423,6 +415,8 @@ impl Fulfillment {
 
 #[async_trait]
 impl Handler for Fulfillment {
+    type Batch = Group;
+
     fn name(&self) -> &str {
         "fulfillment"
     }
@@ -437,7 +431,7 @@ impl Handler for Fulfillment {
         &self,
         tx: &Tx,
         events: &[&Envelope],
-        state: &mut GroupState,
+        batch: &mut Group,
     ) -> Result<(), HandlerError> {
         let ids = crate::handlers::sorted_order_ids(events);
         crate::handlers::lock_order_ids(tx, "fulfillment", &ids).await?;
@@ -448,7 +442,7 @@ impl Handler for Fulfillment {
             )
             .await
             .map_err(|e| HandlerError::from_db("reading the shipments", &e))?;
-        let group = state.get::<Group>();
+        let group = batch;
         group.locked.extend(ids.iter().map(|id| id.to_string()));
         for r in &rows {
             group.states.insert(r.get(0), State::parse(r.get(1))?);
@@ -456,17 +450,18 @@ impl Handler for Fulfillment {
         self.ship_ahead(events, group).await
     }
 
-    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
-        match state.into_inner::<Group>() {
-            Some(group) => write_shipped(tx, self.carrier.name(), group.shipped).await,
-            None => Ok(()),
-        }
+    async fn finish(&self, tx: &Tx, group: Group) -> Result<(), HandlerError> {
+        write_shipped(tx, self.carrier.name(), group.shipped).await
     }
 
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
-            "OrderReadyToShip" => self.ship(event, cx).await,
-            "ShipmentCancelRequested" => self.stop(event, cx).await,
+            OrderReadyToShip::DETAIL_TYPE => self.ship(event, cx).await,
+            ShipmentCancelRequested::DETAIL_TYPE => self.stop(event, cx).await,
             other => Err(HandlerError::permanent(format!(
                 "fulfillment does not handle {other}"
             ))),

@@ -20,51 +20,28 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use async_trait::async_trait;
 
 use crate::domain::envelope::Envelope;
+use crate::domain::events::Event;
 use crate::domain::events::{
     self, DeliveryFailed, InventoryCommitted, InventoryRejected, InventoryReleased,
     InventoryReserved, Meta, OrderAccepted, OrderCancelled, OrderShipped, ProductUpserted,
     ReleaseReason, Shortage, SkuQuantity, StockReceived,
 };
 use crate::domain::outcome::HandlerError;
-use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, GroupState, Handler};
+use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, Handler};
 use crate::store::db::{Cached, Tx};
 
 /// The inventory handler.
 pub struct Inventory;
 
-/// Inventory's decision for one order (uniform across its reservation rows).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Reserved,
-    Rejected,
-    Released,
-    Committed,
-}
-
-impl State {
-    fn as_str(self) -> &'static str {
-        match self {
-            State::Reserved => "reserved",
-            State::Rejected => "rejected",
-            State::Released => "released",
-            State::Committed => "committed",
-        }
+stored_states!(
+    /// Inventory's decision for one order (uniform across its reservation rows).
+    State in "reservation state" {
+        Reserved = "reserved";
+        Rejected = "rejected";
+        Released = "released";
+        Committed = "committed";
     }
-
-    fn parse(s: &str) -> Result<Self, HandlerError> {
-        Ok(match s {
-            "reserved" => State::Reserved,
-            "rejected" => State::Rejected,
-            "released" => State::Released,
-            "committed" => State::Committed,
-            other => {
-                return Err(HandlerError::permanent(format!(
-                    "unknown reservation state {other:?}"
-                )))
-            }
-        })
-    }
-}
+);
 
 /// An order's reservation rows, read under the order's lock.
 #[derive(Clone)]
@@ -112,9 +89,9 @@ fn per_sku(lines: &[SkuQuantity], order_id: &str) -> Result<BTreeMap<String, i64
 /// Serialises every inventory event of one order, across instances, until the transaction
 /// ends. An advisory lock rather than a row lock because the first event of an order may find
 /// no row to lock yet.
-async fn lock_order(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
+async fn lock_order(cx: &mut Context<'_, Group>, order_id: &str) -> Result<(), HandlerError> {
     let tx = cx.tx;
-    lock_order_once(tx, &mut cx.state::<Group>().held, "inventory", order_id).await
+    lock_order_once(tx, &mut cx.batch.held, "inventory", order_id).await
 }
 
 /// What inventory keeps for the length of one transaction (one event, or a group).
@@ -124,7 +101,7 @@ async fn lock_order(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerE
 /// changed row back once, with the movements' log, in [`Handler::finish`]. A row updated once
 /// per event would leave a chain of versions that every later lookup in the transaction walks.
 #[derive(Default)]
-struct Group {
+pub struct Group {
     /// The orders whose lock this transaction holds.
     held: HashSet<String>,
     /// The stock rows this transaction holds locked, as they stand now.
@@ -222,19 +199,25 @@ async fn read_reservations(
 }
 
 /// The order's reservation, read once per transaction (the order's lock must be held).
-async fn load(cx: &mut Context<'_>, order_id: &str) -> Result<Option<Reservation>, HandlerError> {
-    if !cx.state::<Group>().reservations.contains_key(order_id) {
+async fn load(
+    cx: &mut Context<'_, Group>,
+    order_id: &str,
+) -> Result<Option<Reservation>, HandlerError> {
+    if !cx.batch.reservations.contains_key(order_id) {
         let tx = cx.tx;
-        read_reservations(tx, cx.state::<Group>(), &[order_id]).await?;
+        read_reservations(tx, &mut cx.batch, &[order_id]).await?;
     }
-    Ok(cx.state::<Group>().reservations[order_id]
-        .reservation
-        .clone())
+    Ok(cx.batch.reservations[order_id].reservation.clone())
 }
 
 /// Records new reservation rows, written at the end of the transaction.
-fn insert_rows(cx: &mut Context<'_>, order_id: &str, lines: &BTreeMap<String, i64>, state: State) {
-    cx.state::<Group>().reservations.insert(
+fn insert_rows(
+    cx: &mut Context<'_, Group>,
+    order_id: &str,
+    lines: &BTreeMap<String, i64>,
+    state: State,
+) {
+    cx.batch.reservations.insert(
         order_id.to_string(),
         Held {
             reservation: Some(Reservation {
@@ -248,8 +231,8 @@ fn insert_rows(cx: &mut Context<'_>, order_id: &str, lines: &BTreeMap<String, i6
 
 /// Records a new state for the order's reservation rows, written at the end of the
 /// transaction. The caller has [`load`]ed them.
-fn set_state(cx: &mut Context<'_>, order_id: &str, state: State) {
-    if let Some(held) = cx.state::<Group>().reservations.get_mut(order_id) {
+fn set_state(cx: &mut Context<'_, Group>, order_id: &str, state: State) {
+    if let Some(held) = cx.batch.reservations.get_mut(order_id) {
         if let Some(r) = held.reservation.as_mut() {
             r.state = state;
             if held.write == Write::Nothing {
@@ -264,11 +247,11 @@ fn set_state(cx: &mut Context<'_>, order_id: &str, state: State) {
 /// [`Group`]. Rows it already holds are not read again. Returns (on_hand, reserved) per SKU
 /// that has a row.
 async fn lock_stock(
-    cx: &mut Context<'_>,
+    cx: &mut Context<'_, Group>,
     lines: &BTreeMap<String, i64>,
 ) -> Result<BTreeMap<String, (i64, i64)>, HandlerError> {
     let missing: Vec<&str> = {
-        let held = &cx.state::<Group>().stock;
+        let held = &cx.batch.stock;
         lines
             .keys()
             .filter(|sku| !held.contains_key(*sku))
@@ -284,9 +267,9 @@ async fn lock_stock(
             )
             .await
             .map_err(|e| HandlerError::from_db("locking stock", &e))?;
-        hold(cx.state::<Group>(), &rows);
+        hold(&mut cx.batch, &rows);
     }
-    let held = &cx.state::<Group>().stock;
+    let held = &cx.batch.stock;
     Ok(lines
         .keys()
         .filter_map(|sku| {
@@ -314,14 +297,14 @@ fn hold(group: &mut Group, rows: &[tokio_postgres::Row]) {
 /// locked rows (see [`lock_stock`]), and logs a stock movement of `kind` per line. The rows
 /// keep the table's own rules: neither quantity negative, reserved no more than on hand.
 fn move_stock(
-    cx: &mut Context<'_>,
+    cx: &mut Context<'_, Group>,
     order_id: &str,
     event_key: &str,
     lines: &BTreeMap<String, i64>,
     (d_on_hand, d_reserved): (i64, i64),
     kind: &'static str,
 ) -> Result<(), HandlerError> {
-    let group = cx.state::<Group>();
+    let group = &mut cx.batch;
     let unknown = lines
         .keys()
         .filter(|sku| !group.stock.contains_key(*sku))
@@ -453,7 +436,7 @@ impl Inventory {
     async fn stock_received(
         &self,
         event: &Envelope,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Group>,
     ) -> Result<(), HandlerError> {
         let d: StockReceived = events::decode(event)?;
         if d.quantity <= 0 {
@@ -462,7 +445,7 @@ impl Inventory {
                 d.sku, d.quantity
             )));
         }
-        let group = cx.state::<Group>();
+        let group = &mut cx.batch;
         if let Some(level) = group.stock.get_mut(&d.sku) {
             // A row this transaction holds changes in memory, or its write-back would undo this.
             level.on_hand = level
@@ -479,7 +462,7 @@ impl Inventory {
                 )
                 .await?;
         }
-        cx.state::<Group>().moves.push(Movement {
+        cx.batch.moves.push(Movement {
             sku: d.sku,
             kind: "received",
             quantity: d.quantity,
@@ -492,7 +475,7 @@ impl Inventory {
     async fn product_upserted(
         &self,
         event: &Envelope,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Group>,
     ) -> Result<(), HandlerError> {
         let d: ProductUpserted = events::decode(event)?;
         let mut doc = match serde_json::to_value(&d) {
@@ -514,7 +497,11 @@ impl Inventory {
 
     /// Reserves every line of the order or none. A decision already taken (including a release
     /// that arrived first) stands.
-    async fn reserve(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn reserve(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         let d: OrderAccepted = events::decode(event)?;
         let lines: Vec<SkuQuantity> = d.lines.iter().map(SkuQuantity::from).collect();
         let wanted = per_sku(&lines, &d.order_id)?;
@@ -568,7 +555,11 @@ impl Inventory {
     /// Gives the reservation back. Always confirms with `InventoryReleased`, even when nothing
     /// was reserved, so that the order can settle; when the cancellation arrives before the
     /// order, it leaves released rows behind so that the late `OrderAccepted` reserves nothing.
-    async fn release(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn release(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         let d: OrderCancelled = events::decode(event)?;
         lock_order(cx, &d.order_id).await?;
         let released = match load(cx, &d.order_id).await? {
@@ -615,7 +606,11 @@ impl Inventory {
     }
 
     /// The parcel left: the reserved units leave the warehouse.
-    async fn commit(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn commit(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         let d: OrderShipped = events::decode(event)?;
         lock_order(cx, &d.order_id).await?;
         let Some(r) = load(cx, &d.order_id).await? else {
@@ -656,7 +651,7 @@ impl Inventory {
     async fn restock_return(
         &self,
         event: &Envelope,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Group>,
     ) -> Result<(), HandlerError> {
         let d: DeliveryFailed = events::decode(event)?;
         lock_order(cx, &d.order_id).await?;
@@ -715,6 +710,8 @@ impl Inventory {
 
 #[async_trait]
 impl Handler for Inventory {
+    type Batch = Group;
+
     fn name(&self) -> &str {
         "inventory"
     }
@@ -729,7 +726,7 @@ impl Handler for Inventory {
         &self,
         tx: &Tx,
         events: &[&Envelope],
-        state: &mut GroupState,
+        batch: &mut Group,
     ) -> Result<(), HandlerError> {
         let ids = sorted_order_ids(events);
         let skus: BTreeSet<&str> = events.iter().flat_map(|e| skus_named(e)).collect();
@@ -751,27 +748,28 @@ impl Handler for Inventory {
             )
             .await
             .map_err(|e| HandlerError::from_db("locking stock", &e))?;
-        let group = state.get::<Group>();
+        let group = batch;
         group.held.extend(ids.iter().map(|id| id.to_string()));
         hold(group, &rows);
         read_reservations(tx, group, &ids).await
     }
 
-    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
-        match state.into_inner::<Group>() {
-            Some(group) => write_back(tx, group).await,
-            None => Ok(()),
-        }
+    async fn finish(&self, tx: &Tx, group: Group) -> Result<(), HandlerError> {
+        write_back(tx, group).await
     }
 
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Group>,
+    ) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
-            "StockReceived" => self.stock_received(event, cx).await,
-            "ProductUpserted" => self.product_upserted(event, cx).await,
-            "OrderAccepted" => self.reserve(event, cx).await,
-            "OrderCancelled" => self.release(event, cx).await,
-            "OrderShipped" => self.commit(event, cx).await,
-            "DeliveryFailed" => self.restock_return(event, cx).await,
+            StockReceived::DETAIL_TYPE => self.stock_received(event, cx).await,
+            ProductUpserted::DETAIL_TYPE => self.product_upserted(event, cx).await,
+            OrderAccepted::DETAIL_TYPE => self.reserve(event, cx).await,
+            OrderCancelled::DETAIL_TYPE => self.release(event, cx).await,
+            OrderShipped::DETAIL_TYPE => self.commit(event, cx).await,
+            DeliveryFailed::DETAIL_TYPE => self.restock_return(event, cx).await,
             other => Err(HandlerError::permanent(format!(
                 "inventory does not handle {other}"
             ))),

@@ -15,6 +15,12 @@ use crate::store::db::{Cached, Tx};
 /// One worker's business logic.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
+    /// What one transaction of this handler keeps across its events: rows it already locked
+    /// and read, writes it deferred to [`Handler::finish`]. Made empty ([`Default`]) at the
+    /// start of every transaction and dropped with it, so nothing outlives a rollback. `()`
+    /// for a handler that keeps nothing.
+    type Batch: Default + Send + Sync + 'static;
+
     /// The handler's name: its queue suffix, its inbox key and its metrics dimension.
     fn name(&self) -> &str;
 
@@ -24,7 +30,11 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Applies one event inside `cx.tx`. Returning an error rolls the transaction back.
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError>;
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Self::Batch>,
+    ) -> Result<(), HandlerError>;
 
     /// Whether several events may share one transaction
     /// ([`crate::runtime::group`]). Say yes only when handling an event is database work:
@@ -38,48 +48,173 @@ pub trait Handler: Send + Sync + 'static {
     /// takes every lock the group's events will take, in one global order (sorted keys), so
     /// that two groups never each hold what the other waits for. A lock taken later in a
     /// different order is still correct (PostgreSQL detects the deadlock and the group's
-    /// events are run alone), only slower. What it read may be kept in `state`, which the
-    /// group's events see as [`Context::state`].
+    /// events are run alone), only slower. What it read may be kept in `batch`, which the
+    /// group's events see as [`Context::batch`].
     async fn lock_group(
         &self,
         _tx: &Tx,
         _events: &[&Envelope],
-        _state: &mut GroupState,
+        _batch: &mut Self::Batch,
     ) -> Result<(), HandlerError> {
         Ok(())
     }
 
     /// Called once after the last event of a transaction (one event, or a group) was handled,
-    /// before the commit: writes what the handler deferred in its state. An error rolls the
+    /// before the commit: writes what the handler deferred in its batch. An error rolls the
     /// transaction back.
-    async fn finish(&self, _tx: &Tx, _state: GroupState) -> Result<(), HandlerError> {
+    async fn finish(&self, _tx: &Tx, _batch: Self::Batch) -> Result<(), HandlerError> {
         Ok(())
     }
 }
 
-/// What a handler keeps across the events of one transaction: rows it already locked and
-/// read, writes it deferred to [`Handler::finish`]. Empty at the start of every transaction and
-/// dropped with it, so nothing outlives a rollback.
+/// A [`Handler`] as the runtime drives it, whatever its [`Handler::Batch`]: every handler is
+/// one (a blanket implementation), and `dyn AnyHandler` is what the runtime, the worker and
+/// the in-process fleet hold. The batch travels between the runtime's calls as a
+/// [`GroupState`], which only this implementation opens, always as the handler's own type.
+#[async_trait]
+pub trait AnyHandler: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn source(&self) -> String;
+    fn group_commit(&self) -> bool;
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, GroupState>,
+    ) -> Result<(), HandlerError>;
+    async fn lock_group(
+        &self,
+        tx: &Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError>;
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError>;
+}
+
+#[async_trait]
+impl<H: Handler> AnyHandler for H {
+    fn name(&self) -> &str {
+        Handler::name(self)
+    }
+
+    fn source(&self) -> String {
+        Handler::source(self)
+    }
+
+    fn group_commit(&self) -> bool {
+        Handler::group_commit(self)
+    }
+
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, GroupState>,
+    ) -> Result<(), HandlerError> {
+        let mut typed = Context {
+            tx: cx.tx,
+            receive_count: cx.receive_count,
+            deadline: cx.deadline,
+            emitted: std::mem::take(&mut cx.emitted),
+            batch: std::mem::take(&mut cx.batch).into_batch::<H::Batch>(),
+        };
+        let result = Handler::handle(self, event, &mut typed).await;
+        cx.emitted = typed.emitted;
+        cx.batch = GroupState::of(typed.batch);
+        result
+    }
+
+    async fn lock_group(
+        &self,
+        tx: &Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
+        let mut batch = std::mem::take(state).into_batch::<H::Batch>();
+        let result = Handler::lock_group(self, tx, events, &mut batch).await;
+        *state = GroupState::of(batch);
+        result
+    }
+
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
+        Handler::finish(self, tx, state.into_batch::<H::Batch>()).await
+    }
+}
+
+/// A handler's [`Handler::Batch`] between the runtime's calls, its type erased. Empty at the
+/// start of every transaction.
 #[derive(Default)]
 pub struct GroupState(Option<Box<dyn Any + Send + Sync>>);
 
 impl GroupState {
-    /// The state of type `T`, created empty on first use.
-    pub fn get<T: Default + Send + Sync + 'static>(&mut self) -> &mut T {
-        if !self.0.as_ref().is_some_and(|b| b.is::<T>()) {
-            self.0 = Some(Box::<T>::default());
-        }
-        match self.0.as_mut().and_then(|b| b.downcast_mut::<T>()) {
-            Some(t) => t,
-            None => unreachable!("the state was just made a T"),
-        }
+    fn of<B: Send + Sync + 'static>(batch: B) -> Self {
+        GroupState(Some(Box::new(batch)))
     }
 
-    /// The state of type `T`, if there is one.
-    pub fn into_inner<T: 'static>(self) -> Option<T> {
-        self.0.and_then(|b| b.downcast::<T>().ok()).map(|b| *b)
+    /// The batch inside, or an empty one. Only [`AnyHandler`]'s implementation for `H` ever
+    /// fills a state, and always with `H::Batch`: another type here is a bug in the runtime.
+    fn into_batch<B: Default + 'static>(self) -> B {
+        match self.0 {
+            None => B::default(),
+            Some(any) => match any.downcast::<B>() {
+                Ok(batch) => *batch,
+                Err(_) => panic!(
+                    "a group state of another handler reached {}",
+                    std::any::type_name::<B>()
+                ),
+            },
+        }
     }
 }
+
+/// A state column's enum: its variants, the text each is stored as and, for states that only
+/// move forward, each one's rank (`advance_to` never moves a value back, so a duplicate or a
+/// stale event changes nothing). Every handler's state enum is written with it.
+macro_rules! stored_states {
+    (
+        $(#[$doc:meta])* $vis:vis $name:ident in $what:literal {
+            $($variant:ident = $text:literal $(, $rank:literal)?;)*
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name { $($variant),* }
+
+        // Not every state is both written and read as text.
+        #[allow(dead_code)]
+        impl $name {
+            /// The value stored in PostgreSQL.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+
+            /// Reads a stored value. An unknown one (written by a newer version) is permanent.
+            pub fn parse(s: &str) -> Result<Self, $crate::domain::outcome::HandlerError> {
+                match s {
+                    $($text => Ok($name::$variant),)*
+                    other => Err($crate::domain::outcome::HandlerError::permanent(format!(
+                        "unknown {} {other:?}", $what
+                    ))),
+                }
+            }
+        }
+
+        $crate::handlers::stored_states!(@rank $name { $($variant $(, $rank)?;)* });
+    };
+    (@rank $name:ident { $($variant:ident;)* }) => {};
+    (@rank $name:ident { $($variant:ident, $rank:literal;)* }) => {
+        impl $name {
+            /// How far along the value is: a value only ever replaces one of lower rank.
+            pub fn rank(self) -> u8 {
+                match self { $($name::$variant => $rank),* }
+            }
+
+            /// `self`, moved forward to `next` if `next` is further along.
+            pub fn advance_to(self, next: Self) -> Self {
+                if next.rank() > self.rank() { next } else { self }
+            }
+        }
+    };
+}
+pub(crate) use stored_states;
 
 /// The distinct order ids of `events`, sorted: the order in which group locks are taken.
 pub fn sorted_order_ids<'e>(events: &[&'e Envelope]) -> Vec<&'e str> {
@@ -133,7 +268,7 @@ pub async fn lock_keys(tx: &Tx, keys: &[(&str, &str)]) -> Result<(), HandlerErro
 }
 
 /// What a handler sees besides the event: its transaction, and where to put what it emits.
-pub struct Context<'a> {
+pub struct Context<'a, B = ()> {
     pub tx: &'a Tx,
     /// SQS's ApproximateReceiveCount for this delivery (1 on the first).
     pub receive_count: u32,
@@ -141,7 +276,8 @@ pub struct Context<'a> {
     /// limit applies (tests driving a handler directly).
     pub deadline: Option<tokio::time::Instant>,
     pub(crate) emitted: Vec<NewEvent>,
-    pub(crate) state: GroupState,
+    /// What this transaction keeps across its events: the handler's [`Handler::Batch`].
+    pub batch: B,
 }
 
 tokio::task_local! {
@@ -154,17 +290,31 @@ tokio::task_local! {
 /// and commit.
 pub const COMMIT_MARGIN: Duration = Duration::from_secs(2);
 
-impl<'a> Context<'a> {
+impl<'a, B: Default> Context<'a, B> {
     pub fn new(tx: &'a Tx, receive_count: u32) -> Self {
         Context {
             tx,
             receive_count,
             deadline: DEADLINE.try_with(|d| *d).ok(),
             emitted: Vec::new(),
-            state: GroupState::default(),
+            batch: B::default(),
         }
     }
+}
 
+/// The reason given when [`Context::bounded`] ran out of time for `what`.
+pub fn out_of_time(what: &str, limit: Duration) -> String {
+    if limit.is_zero() {
+        format!("{what} not started: the handler's time is nearly up")
+    } else {
+        format!(
+            "{what} did not answer within {}ms (the handler's time left)",
+            limit.as_millis()
+        )
+    }
+}
+
+impl<B> Context<'_, B> {
     /// The timeout for an outside call (payment provider, carrier, email) whose own timeout is
     /// `own`: the smaller of that and the handler's time left less [`COMMIT_MARGIN`]. A call
     /// that outlived the handler would be abandoned when the runtime stops waiting, after the
@@ -195,18 +345,6 @@ impl<'a> Context<'a> {
         tokio::time::timeout(limit, call).await.map_err(|_| limit)
     }
 
-    /// The reason given when [`Context::bounded`] ran out of time for `what`.
-    pub fn out_of_time(what: &str, limit: Duration) -> String {
-        if limit.is_zero() {
-            format!("{what} not started: the handler's time is nearly up")
-        } else {
-            format!(
-                "{what} did not answer within {}ms (the handler's time left)",
-                limit.as_millis()
-            )
-        }
-    }
-
     /// Queues an event for the outbox. It is written in this handler's transaction, so it is
     /// published if and only if the handler's effects commit.
     pub fn emit(&mut self, detail_type: &str, detail: &impl Serialize) -> Result<(), HandlerError> {
@@ -222,11 +360,6 @@ impl<'a> Context<'a> {
             detail,
         });
         Ok(())
-    }
-
-    /// The handler's state for this transaction (see [`GroupState`]).
-    pub fn state<T: Default + Send + Sync + 'static>(&mut self) -> &mut T {
-        self.state.get()
     }
 
     /// Emits a typed event: [`Context::emit`] under its own detail-type.
@@ -398,7 +531,7 @@ async fn personalize_tracker(args: &DepsArgs) -> Option<personalization::Persona
 }
 
 /// Builds the handler called `name`.
-pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn Handler>> {
+pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn AnyHandler>> {
     match name {
         HandlerName::Orders => Ok(Arc::new(orders::Orders)),
         HandlerName::Inventory => Ok(Arc::new(inventory::Inventory)),

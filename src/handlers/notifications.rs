@@ -62,6 +62,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::domain::envelope::Envelope;
+use crate::domain::events::Event;
 use crate::domain::events::{
     self, Currency, Money, OrderAccepted, OrderShipped, PaymentRefunded, PaymentVoided,
 };
@@ -394,16 +395,18 @@ impl Notifications {
 
 #[async_trait]
 impl Handler for Notifications {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "notifications"
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
-            "OrderAccepted" => self.confirmation(event, cx).await,
-            "OrderShipped" => self.shipped(event, cx).await,
-            "PaymentVoided" => self.voided(event, cx).await,
-            "PaymentRefunded" => self.refunded(event, cx).await,
+            OrderAccepted::DETAIL_TYPE => self.confirmation(event, cx).await,
+            OrderShipped::DETAIL_TYPE => self.shipped(event, cx).await,
+            PaymentVoided::DETAIL_TYPE => self.voided(event, cx).await,
+            PaymentRefunded::DETAIL_TYPE => self.refunded(event, cx).await,
             other => Err(HandlerError::permanent(format!(
                 "notifications does not handle {other}"
             ))),

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use async_trait::async_trait;
 
 use crate::domain::envelope::Envelope;
+use crate::domain::events::Event;
 use crate::domain::events::{
     self, Address, CancelReason, Contact, Currency, Meta, Money, OrderAccepted,
     OrderCancellationRequested, OrderCancelled, OrderCompleted, OrderLine, OrderPlaced,
@@ -35,51 +36,15 @@ use crate::domain::events::{
     ShipmentCancelRequested, SkuQuantity,
 };
 use crate::domain::outcome::HandlerError;
-use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, GroupState, Handler};
+use crate::handlers::{lock_keys, lock_order_once, sorted_order_ids, Context, Handler};
 use crate::store::db::{Cached, Tx};
 
 /// The orders handler.
 pub struct Orders;
 
-macro_rules! states {
-    ($(#[$doc:meta])* $name:ident { $($variant:ident = $text:literal, $rank:literal;)* }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($variant),* }
-
-        impl $name {
-            /// The value stored in PostgreSQL.
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),* }
-            }
-
-            /// Reads a stored value.
-            pub fn parse(s: &str) -> Result<Self, HandlerError> {
-                match s {
-                    $($text => Ok($name::$variant),)*
-                    other => Err(HandlerError::permanent(format!(
-                        "unknown {} {other:?} in the orders table", stringify!($name)
-                    ))),
-                }
-            }
-
-            /// How far along the value is: a value only ever replaces one of lower rank, so
-            /// duplicates and stale events change nothing.
-            pub fn rank(self) -> u8 {
-                match self { $($name::$variant => $rank),* }
-            }
-
-            /// `self`, moved forward to `next` if `next` is further along.
-            pub fn advance_to(self, next: Self) -> Self {
-                if next.rank() > self.rank() { next } else { self }
-            }
-        }
-    };
-}
-
-states!(
+stored_states!(
     /// The saga's state of an order.
-    Status {
+    pub Status in "order status" {
         Accepted = "accepted", 0;
         ReadyToShip = "ready_to_ship", 1;
         Shipped = "shipped", 2;
@@ -92,9 +57,9 @@ states!(
     }
 );
 
-states!(
+stored_states!(
     /// What orders has heard from inventory.
-    ReservationState {
+    pub ReservationState in "reservation state of an order" {
         Pending = "pending", 0;
         Reserved = "reserved", 1;
         Rejected = "rejected", 1;
@@ -103,9 +68,9 @@ states!(
     }
 );
 
-states!(
+stored_states!(
     /// What orders has heard from payments.
-    PaymentState {
+    pub PaymentState in "payment state of an order" {
         Pending = "pending", 0;
         Authorized = "authorized", 1;
         Failed = "failed", 1;
@@ -117,9 +82,9 @@ states!(
     }
 );
 
-states!(
+stored_states!(
     /// What orders has heard from fulfillment.
-    DeliveryState {
+    pub DeliveryState in "delivery state of an order" {
         Pending = "pending", 0;
         Shipped = "shipped", 1;
         Delivered = "delivered", 2;
@@ -360,9 +325,9 @@ pub fn validate(
 /// row exists there is nothing to lock, and without this a cancellation could miss an order
 /// being inserted concurrently (and the insert miss the cancellation). A group took the locks
 /// of all its orders already ([`Orders::lock_group`]), and they last until it commits.
-async fn lock_order_id(cx: &mut Context<'_>, order_id: &str) -> Result<(), HandlerError> {
+async fn lock_order_id(cx: &mut Context<'_, Rows>, order_id: &str) -> Result<(), HandlerError> {
     let tx = cx.tx;
-    lock_order_once(tx, &mut cx.state::<Rows>().held, "orders", order_id).await
+    lock_order_once(tx, &mut cx.batch.held, "orders", order_id).await
 }
 
 /// An order row, locked for the rest of the transaction.
@@ -379,7 +344,7 @@ struct Locked {
 /// when it locks them ([`Orders::lock_group`]), its events change them here, and
 /// [`Orders::finish`] writes the changed ones back in one statement before the commit.
 #[derive(Default)]
-struct Rows {
+pub struct Rows {
     locked: HashMap<String, Locked>,
     changed: BTreeSet<String>,
     /// The orders whose `orders:<id>` advisory lock this transaction holds.
@@ -482,20 +447,20 @@ async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<(Locked, Details)>, 
 }
 
 /// The order, locked: from this transaction's rows when it has it, else from the table.
-async fn lock(cx: &mut Context<'_>, order_id: &str) -> Result<Option<Locked>, HandlerError> {
-    if let Some(o) = cx.state::<Rows>().locked.get(order_id) {
+async fn lock(cx: &mut Context<'_, Rows>, order_id: &str) -> Result<Option<Locked>, HandlerError> {
+    if let Some(o) = cx.batch.locked.get(order_id) {
         return Ok(Some(o.clone()));
     }
     let Some((o, details)) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
         return Ok(None);
     };
-    let rows = cx.state::<Rows>();
+    let rows = &mut cx.batch;
     rows.locked.insert(order_id.to_string(), o.clone());
     rows.details.insert(order_id.to_string(), details);
     Ok(Some(o))
 }
 
-async fn lock_existing(cx: &mut Context<'_>, order_id: &str) -> Result<Locked, HandlerError> {
+async fn lock_existing(cx: &mut Context<'_, Rows>, order_id: &str) -> Result<Locked, HandlerError> {
     lock(cx, order_id).await?.ok_or_else(|| {
         // Outcomes answer events orders emitted after inserting the order, so this is a
         // different database or a forged event, not a race.
@@ -504,8 +469,8 @@ async fn lock_existing(cx: &mut Context<'_>, order_id: &str) -> Result<Locked, H
 }
 
 /// Keeps `o` as this transaction's version of the order; [`Orders::finish`] writes it.
-fn save(cx: &mut Context<'_>, o: Locked) {
-    let rows = cx.state::<Rows>();
+fn save(cx: &mut Context<'_, Rows>, o: Locked) {
+    let rows = &mut cx.batch;
     rows.changed.insert(o.id.clone());
     rows.locked.insert(o.id.clone(), o);
 }
@@ -585,8 +550,8 @@ struct Details {
 }
 
 /// The details of an order this transaction locked or inserted.
-async fn details(cx: &mut Context<'_>, order_id: &str) -> Result<Details, HandlerError> {
-    if let Some(d) = cx.state::<Rows>().details.get(order_id) {
+async fn details(cx: &mut Context<'_, Rows>, order_id: &str) -> Result<Details, HandlerError> {
+    if let Some(d) = cx.batch.details.get(order_id) {
         return Ok(d.clone());
     }
     // Inserted by this transaction: locked already, so reading it again only reads.
@@ -595,15 +560,13 @@ async fn details(cx: &mut Context<'_>, order_id: &str) -> Result<Details, Handle
             "order {order_id} is unknown"
         )));
     };
-    cx.state::<Rows>()
-        .details
-        .insert(order_id.to_string(), d.clone());
+    cx.batch.details.insert(order_id.to_string(), d.clone());
     Ok(d)
 }
 
 /// Emits what a transition asks for.
 async fn apply_effect(
-    cx: &mut Context<'_>,
+    cx: &mut Context<'_, Rows>,
     order_id: &str,
     effect: Effect,
 ) -> Result<(), HandlerError> {
@@ -653,7 +616,7 @@ async fn apply_effect(
 }
 
 /// Moves the order as far as it can go on its own, emitting on the way, then saves it.
-async fn settle(cx: &mut Context<'_>, mut o: Locked) -> Result<(), HandlerError> {
+async fn settle(cx: &mut Context<'_, Rows>, mut o: Locked) -> Result<(), HandlerError> {
     while let Some((next, effect)) = advance(&o.snap) {
         tracing::debug!(
             order_id = %o.id,
@@ -673,17 +636,18 @@ async fn settle(cx: &mut Context<'_>, mut o: Locked) -> Result<(), HandlerError>
 }
 
 impl Orders {
-    async fn place(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn place(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         let d: OrderPlaced = events::decode(event)?;
         if d.order_id.trim().is_empty() {
             return Err(HandlerError::poison("OrderPlaced has an empty order_id"));
         }
         lock_order_id(cx, &d.order_id).await?;
         let skus: Vec<&str> = d.lines.iter().map(|l| l.sku.as_str()).collect();
-        let (known_already, cancelled_early, known) = match cx
-            .state::<Rows>()
-            .facts(&d.order_id, &skus)
-        {
+        let (known_already, cancelled_early, known) = match cx.batch.facts(&d.order_id, &skus) {
             Some(facts) => facts,
             None => {
                 // After the lock, in one round trip: is the order known already, was its
@@ -766,7 +730,7 @@ impl Orders {
                 ],
             )
             .await?;
-        cx.state::<Rows>().placed.insert(d.order_id.clone());
+        cx.batch.placed.insert(d.order_id.clone());
         if cancelled_early {
             // Never accepted, so nothing to reserve or authorize; OrderCancelled still goes
             // out so that inventory and payments record the order as settled and confirm.
@@ -786,7 +750,7 @@ impl Orders {
 
     async fn reject(
         &self,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Rows>,
         d: OrderPlaced,
         reasons: Vec<RejectionReason>,
         address: serde_json::Value,
@@ -809,7 +773,7 @@ impl Orders {
                 ],
             )
             .await?;
-        cx.state::<Rows>().placed.insert(d.order_id.clone());
+        cx.batch.placed.insert(d.order_id.clone());
         cx.emit_event(&OrderRejected {
             meta: Meta::default(),
             order_id: d.order_id,
@@ -824,7 +788,7 @@ impl Orders {
     async fn request_cancel(
         &self,
         event: &Envelope,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Rows>,
     ) -> Result<(), HandlerError> {
         let d: OrderCancellationRequested = events::decode(event)?;
         lock_order_id(cx, &d.order_id).await?;
@@ -836,7 +800,7 @@ impl Orders {
                     &[&d.order_id, &d.reason],
                 )
                 .await?;
-            if let Some(p) = &mut cx.state::<Rows>().placing {
+            if let Some(p) = &mut cx.batch.placing {
                 p.cancel_requested.insert(d.order_id.clone());
             }
             return Ok(());
@@ -870,7 +834,11 @@ impl Orders {
     }
 
     /// Applies an outcome of inventory, payments or fulfillment, then advances.
-    async fn outcome(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn outcome(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         use DeliveryState as D;
         use PaymentState as P;
         use ReservationState as R;
@@ -885,12 +853,22 @@ impl Orders {
                 .map(str::to_string)
         };
         match event.detail_type.as_str() {
-            "InventoryReserved" => s.reservation = s.reservation.advance_to(R::Reserved),
-            "InventoryRejected" => s.reservation = s.reservation.advance_to(R::Rejected),
-            "InventoryCommitted" => s.reservation = s.reservation.advance_to(R::Committed),
-            "InventoryReleased" => s.reservation = s.reservation.advance_to(R::Released),
-            "PaymentAuthorized" => s.payment = s.payment.advance_to(P::Authorized),
-            "PaymentFailed" => {
+            events::InventoryReserved::DETAIL_TYPE => {
+                s.reservation = s.reservation.advance_to(R::Reserved)
+            }
+            events::InventoryRejected::DETAIL_TYPE => {
+                s.reservation = s.reservation.advance_to(R::Rejected)
+            }
+            events::InventoryCommitted::DETAIL_TYPE => {
+                s.reservation = s.reservation.advance_to(R::Committed)
+            }
+            events::InventoryReleased::DETAIL_TYPE => {
+                s.reservation = s.reservation.advance_to(R::Released)
+            }
+            events::PaymentAuthorized::DETAIL_TYPE => {
+                s.payment = s.payment.advance_to(P::Authorized)
+            }
+            PaymentFailed::DETAIL_TYPE => {
                 let d: PaymentFailed = events::decode(event)?;
                 if d.stage == PaymentStage::Capture {
                     // The parcel is gone and the capture was refused: a person must look. The
@@ -901,13 +879,15 @@ impl Orders {
                     s.payment = s.payment.advance_to(P::Failed);
                 }
             }
-            "PaymentCaptured" => s.payment = s.payment.advance_to(P::Captured),
-            "PaymentVoided" => s.payment = s.payment.advance_to(P::Voided),
-            "PaymentRefunded" => s.payment = s.payment.advance_to(P::Refunded),
-            "OrderShipped" | "OrderDelivered" | "DeliveryFailed" => {
+            events::PaymentCaptured::DETAIL_TYPE => s.payment = s.payment.advance_to(P::Captured),
+            events::PaymentVoided::DETAIL_TYPE => s.payment = s.payment.advance_to(P::Voided),
+            events::PaymentRefunded::DETAIL_TYPE => s.payment = s.payment.advance_to(P::Refunded),
+            events::OrderShipped::DETAIL_TYPE
+            | events::OrderDelivered::DETAIL_TYPE
+            | events::DeliveryFailed::DETAIL_TYPE => {
                 let next = match event.detail_type.as_str() {
-                    "OrderShipped" => D::Shipped,
-                    "OrderDelivered" => D::Delivered,
+                    events::OrderShipped::DETAIL_TYPE => D::Shipped,
+                    events::OrderDelivered::DETAIL_TYPE => D::Delivered,
                     _ => D::Failed,
                 };
                 s.delivery = s.delivery.advance_to(next);
@@ -928,7 +908,7 @@ impl Orders {
                     _ => {}
                 }
             }
-            "ShipmentCancelled" => {
+            events::ShipmentCancelled::DETAIL_TYPE => {
                 if o.snap.status == Status::ReadyToShip {
                     o.snap.status = Status::Cancelling;
                     o.cancel_reason = Some(CancelReason::Requested.as_str().into());
@@ -947,6 +927,8 @@ impl Orders {
 
 #[async_trait]
 impl Handler for Orders {
+    type Batch = Rows;
+
     fn name(&self) -> &str {
         "orders"
     }
@@ -961,7 +943,7 @@ impl Handler for Orders {
         &self,
         tx: &Tx,
         events: &[&Envelope],
-        state: &mut GroupState,
+        batch: &mut Rows,
     ) -> Result<(), HandlerError> {
         let ids = sorted_order_ids(events);
         let customers: BTreeSet<&str> = events
@@ -975,7 +957,7 @@ impl Handler for Orders {
             .chain(customers.into_iter().map(|c| ("customers", c)))
             .collect();
         lock_keys(tx, &keys).await?;
-        let rows = state.get::<Rows>();
+        let rows = batch;
         rows.held.extend(ids.iter().map(|id| id.to_string()));
         for (o, details) in select_locked(tx, &ids).await? {
             rows.details.insert(o.id.clone(), details);
@@ -1014,21 +996,31 @@ impl Handler for Orders {
     }
 
     /// Writes back the orders this transaction changed.
-    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
-        match state.into_inner::<Rows>() {
-            Some(rows) => write_back(tx, rows).await,
-            None => Ok(()),
-        }
+    async fn finish(&self, tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
+        write_back(tx, rows).await
     }
 
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
-            "OrderPlaced" => self.place(event, cx).await,
-            "OrderCancellationRequested" => self.request_cancel(event, cx).await,
-            "InventoryReserved" | "InventoryRejected" | "InventoryCommitted"
-            | "InventoryReleased" | "PaymentAuthorized" | "PaymentFailed" | "PaymentCaptured"
-            | "PaymentVoided" | "PaymentRefunded" | "OrderShipped" | "OrderDelivered"
-            | "DeliveryFailed" | "ShipmentCancelled" => self.outcome(event, cx).await,
+            OrderPlaced::DETAIL_TYPE => self.place(event, cx).await,
+            OrderCancellationRequested::DETAIL_TYPE => self.request_cancel(event, cx).await,
+            events::InventoryReserved::DETAIL_TYPE
+            | events::InventoryRejected::DETAIL_TYPE
+            | events::InventoryCommitted::DETAIL_TYPE
+            | events::InventoryReleased::DETAIL_TYPE
+            | events::PaymentAuthorized::DETAIL_TYPE
+            | PaymentFailed::DETAIL_TYPE
+            | events::PaymentCaptured::DETAIL_TYPE
+            | events::PaymentVoided::DETAIL_TYPE
+            | events::PaymentRefunded::DETAIL_TYPE
+            | events::OrderShipped::DETAIL_TYPE
+            | events::OrderDelivered::DETAIL_TYPE
+            | events::DeliveryFailed::DETAIL_TYPE
+            | events::ShipmentCancelled::DETAIL_TYPE => self.outcome(event, cx).await,
             other => Err(HandlerError::permanent(format!(
                 "orders does not handle {other}"
             ))),

@@ -54,13 +54,14 @@ use async_trait::async_trait;
 use deadpool_postgres::Pool;
 
 use crate::domain::envelope::Envelope;
+use crate::domain::events::Event;
 use crate::domain::events::{
     self, Currency, DeliveryFailed, Meta, Money, OrderAccepted, OrderCancelled, OrderShipped,
     PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentStage,
     PaymentVoided,
 };
 use crate::domain::outcome::HandlerError;
-use crate::handlers::{lock_order_once, Context, GroupState, Handler};
+use crate::handlers::{lock_order_once, Context, Handler};
 use crate::providers::payment::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
 use crate::store::db::{Cached, Tx};
 use crate::store::ledger::{self, Movement};
@@ -153,44 +154,17 @@ async fn attempted(tx: &Tx, key: &str) -> Result<Option<ProviderRequest>, Handle
     }))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Pending,
-    Authorized,
-    Failed,
-    Captured,
-    Voided,
-    Refunded,
-}
-
-impl State {
-    fn as_str(self) -> &'static str {
-        match self {
-            State::Pending => "pending",
-            State::Authorized => "authorized",
-            State::Failed => "failed",
-            State::Captured => "captured",
-            State::Voided => "voided",
-            State::Refunded => "refunded",
-        }
+stored_states!(
+    /// A payment row's state.
+    State in "payment state" {
+        Pending = "pending";
+        Authorized = "authorized";
+        Failed = "failed";
+        Captured = "captured";
+        Voided = "voided";
+        Refunded = "refunded";
     }
-
-    fn parse(s: &str) -> Result<Self, HandlerError> {
-        Ok(match s {
-            "pending" => State::Pending,
-            "authorized" => State::Authorized,
-            "failed" => State::Failed,
-            "captured" => State::Captured,
-            "voided" => State::Voided,
-            "refunded" => State::Refunded,
-            other => {
-                return Err(HandlerError::permanent(format!(
-                    "unknown payment state {other:?}"
-                )))
-            }
-        })
-    }
-}
+);
 
 /// A payment row, locked for the rest of the transaction, as the transaction last left it.
 #[derive(Clone)]
@@ -221,7 +195,7 @@ struct Payment {
 /// order whose lock the group took up front, a missing row is created in memory. An event
 /// run alone takes its order's lock in `lock`, then creates the row in the table.
 #[derive(Default)]
-struct Rows {
+pub struct Rows {
     rows: HashMap<String, Payment>,
     /// Orders whose advisory lock this transaction holds and whose row it read (or knows to
     /// be missing).
@@ -247,7 +221,7 @@ const PROVIDER_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// A provider call bounded by the handler's time left, so that its answer can still be recorded
 /// and committed; a call cut short is replayed by key on the retry.
 async fn bounded_call(
-    cx: &Context<'_>,
+    cx: &Context<'_, Rows>,
     op: &str,
     order_id: &str,
     call: impl std::future::Future<Output = Result<ProviderOutcome, ProviderError>>,
@@ -255,7 +229,7 @@ async fn bounded_call(
     cx.bounded(PROVIDER_CALL_TIMEOUT, call)
         .await
         .unwrap_or_else(|limit| {
-            Err(ProviderError::Transient(Context::out_of_time(
+            Err(ProviderError::Transient(crate::handlers::out_of_time(
                 &format!("the provider's {op}"),
                 limit,
             )))
@@ -323,12 +297,12 @@ async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>, HandlerErr
 /// decision taken on "no row yet" (authorize, or close without calling the provider) is not
 /// undone by a rival that read the same absence.
 async fn lock(
-    cx: &mut Context<'_>,
+    cx: &mut Context<'_, Rows>,
     order_id: &str,
     seed: Option<(Money, &str)>,
 ) -> Result<Option<Payment>, HandlerError> {
     let tx = cx.tx;
-    let rows = cx.state::<Rows>();
+    let rows = &mut cx.batch;
     if let Some(p) = rows.rows.get(order_id) {
         return Ok(Some(p.clone()));
     }
@@ -362,21 +336,22 @@ async fn lock(
     let Some(p) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
         return Ok(None);
     };
-    cx.state::<Rows>()
-        .rows
-        .insert(order_id.to_string(), p.clone());
+    cx.batch.rows.insert(order_id.to_string(), p.clone());
     Ok(Some(p))
 }
 
-async fn lock_existing(cx: &mut Context<'_>, order_id: &str) -> Result<Payment, HandlerError> {
+async fn lock_existing(
+    cx: &mut Context<'_, Rows>,
+    order_id: &str,
+) -> Result<Payment, HandlerError> {
     lock(cx, order_id, None).await?.ok_or_else(|| {
         HandlerError::permanent(format!("order {order_id} has no payment to act on"))
     })
 }
 
 /// Keeps `p` as this transaction's version of the row; [`Handler::finish`] writes it.
-fn save(cx: &mut Context<'_>, p: Payment) {
-    let rows = cx.state::<Rows>();
+fn save(cx: &mut Context<'_, Rows>, p: Payment) {
+    let rows = &mut cx.batch;
     if !rows.new.contains(&p.order_id) {
         rows.changed.insert(p.order_id.clone());
     }
@@ -540,7 +515,11 @@ impl Payment {
 }
 
 impl Payments {
-    async fn authorize(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn authorize(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         let d: OrderAccepted = events::decode(event)?;
         let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &d.payment_token))).await? else {
             return Err(HandlerError::permanent("payment row vanished"));
@@ -553,7 +532,7 @@ impl Payments {
             // Decided already.
             _ => return Ok(()),
         }
-        if !cx.state::<Rows>().locked.contains(&d.order_id) {
+        if !cx.batch.locked.contains(&d.order_id) {
             // `lock` takes the order's lock on every path; this only guards against a change
             // that would let a rival decide the row while the provider holds the card.
             return Err(HandlerError::retry(format!(
@@ -596,7 +575,11 @@ impl Payments {
         }
     }
 
-    async fn capture(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn capture(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         let d: OrderShipped = events::decode(event)?;
         let mut p = lock_existing(cx, &d.order_id).await?;
         match p.state {
@@ -624,7 +607,7 @@ impl Payments {
                 p.captured_minor = amount.amount_minor;
                 save(cx, p);
                 if amount.amount_minor > 0 {
-                    cx.state::<Rows>()
+                    cx.batch
                         .ledger
                         .push(Movement::capture(&d.order_id, amount)?);
                 }
@@ -655,7 +638,7 @@ impl Payments {
     /// that never held anything.
     async fn settle(
         &self,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Rows>,
         p: Payment,
         why: Settle,
     ) -> Result<(), HandlerError> {
@@ -721,9 +704,7 @@ impl Payments {
                 p.refunded_minor = p.captured_minor;
                 save(cx, p);
                 if amount.amount_minor > 0 {
-                    cx.state::<Rows>()
-                        .ledger
-                        .push(Movement::refund(&order_id, amount)?);
+                    cx.batch.ledger.push(Movement::refund(&order_id, amount)?);
                 }
                 tracing::info!(
                     order_id = %order_id,
@@ -747,7 +728,7 @@ impl Payments {
     /// a capture nobody recorded. A replay emits nothing: `settle` confirms with its one event.
     async fn reconcile(
         &self,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Rows>,
         mut p: Payment,
     ) -> Result<Payment, HandlerError> {
         let order_id = p.order_id.clone();
@@ -799,7 +780,7 @@ impl Payments {
                         p.captured_minor = req.amount.amount_minor;
                         save(cx, p.clone());
                         if req.amount.amount_minor > 0 {
-                            cx.state::<Rows>()
+                            cx.batch
                                 .ledger
                                 .push(Movement::capture(&order_id, req.amount)?);
                         }
@@ -823,7 +804,7 @@ impl Payments {
     /// order already has its `PaymentVoided`.
     async fn release_lost_hold(
         &self,
-        cx: &mut Context<'_>,
+        cx: &mut Context<'_, Rows>,
         mut p: Payment,
     ) -> Result<(), HandlerError> {
         if p.state != State::Voided || p.authorize_key.is_some() {
@@ -876,7 +857,11 @@ impl Payments {
         Ok(())
     }
 
-    async fn cancelled(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn cancelled(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         let d: OrderCancelled = events::decode(event)?;
         // Seeded from the event: a cancellation that overtakes the acceptance leaves a voided
         // payment behind, and the late OrderAccepted then authorizes nothing.
@@ -886,7 +871,11 @@ impl Payments {
         self.settle(cx, p, Settle::Cancelled).await
     }
 
-    async fn returned(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn returned(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         let d: DeliveryFailed = events::decode(event)?;
         let p = lock_existing(cx, &d.order_id).await?;
         self.settle(cx, p, Settle::Returned).await
@@ -895,6 +884,8 @@ impl Payments {
 
 #[async_trait]
 impl Handler for Payments {
+    type Batch = Rows;
+
     fn name(&self) -> &str {
         "payments"
     }
@@ -909,12 +900,12 @@ impl Handler for Payments {
         &self,
         tx: &Tx,
         events: &[&Envelope],
-        state: &mut GroupState,
+        batch: &mut Rows,
     ) -> Result<(), HandlerError> {
         let ids = crate::handlers::sorted_order_ids(events);
         crate::handlers::lock_order_ids(tx, "payments", &ids).await?;
         let found = select_locked(tx, &ids).await?;
-        let rows = state.get::<Rows>();
+        let rows = batch;
         rows.locked.extend(ids.iter().map(|id| id.to_string()));
         rows.rows
             .extend(found.into_iter().map(|p| (p.order_id.clone(), p)));
@@ -922,19 +913,20 @@ impl Handler for Payments {
     }
 
     /// Writes back the payment rows this transaction created or changed.
-    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
-        match state.into_inner::<Rows>() {
-            Some(rows) => write_back(tx, rows).await,
-            None => Ok(()),
-        }
+    async fn finish(&self, tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
+        write_back(tx, rows).await
     }
 
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
         match event.detail_type.as_str() {
-            "OrderAccepted" => self.authorize(event, cx).await,
-            "OrderShipped" => self.capture(event, cx).await,
-            "OrderCancelled" => self.cancelled(event, cx).await,
-            "DeliveryFailed" => self.returned(event, cx).await,
+            OrderAccepted::DETAIL_TYPE => self.authorize(event, cx).await,
+            OrderShipped::DETAIL_TYPE => self.capture(event, cx).await,
+            OrderCancelled::DETAIL_TYPE => self.cancelled(event, cx).await,
+            DeliveryFailed::DETAIL_TYPE => self.returned(event, cx).await,
             other => Err(HandlerError::permanent(format!(
                 "payments does not handle {other}"
             ))),

@@ -157,6 +157,8 @@ where
 
 #[async_trait]
 impl Handler for Personalization {
+    type Batch = ();
+
     fn name(&self) -> &str {
         "personalization"
     }

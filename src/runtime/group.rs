@@ -47,7 +47,7 @@ use std::panic::AssertUnwindSafe;
 use super::{commit_with_outbox, execute, panic_text, payload_text, roll_back, Apply, Executed};
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::HandlerError;
-use crate::handlers::{Context, GroupState, Handler};
+use crate::handlers::{AnyHandler, Context, GroupState};
 use crate::store::db::{Cached, OpenTransaction};
 use crate::store::outbox::NewEvent;
 use crate::telemetry::metrics::Counters;
@@ -92,7 +92,7 @@ impl Default for Limits<'_> {
 /// Applies `events` (each with its receive count) with `handler`, in as few transactions as
 /// the failures allow. See the module documentation.
 pub async fn execute_group(
-    handler: &dyn Handler,
+    handler: &dyn AnyHandler,
     pool: &Pool,
     events: &[(&Envelope, u32)],
 ) -> GroupOutcome {
@@ -101,7 +101,7 @@ pub async fn execute_group(
 
 /// [`execute_group`] with limits.
 pub async fn execute_group_with(
-    handler: &dyn Handler,
+    handler: &dyn AnyHandler,
     pool: &Pool,
     events: &[(&Envelope, u32)],
     limits: &Limits<'_>,
@@ -231,7 +231,7 @@ enum Round {
 }
 
 async fn try_group(
-    handler: &dyn Handler,
+    handler: &dyn AnyHandler,
     pool: &Pool,
     events: &[(&Envelope, u32)],
     members: &[usize],
@@ -298,7 +298,7 @@ async fn try_group(
         let (event, receive_count) = events[i];
         let mut cx = Context::new(tx, receive_count);
         cx.deadline = Some(tokio::time::Instant::now() + limits.event_timeout);
-        cx.state = std::mem::take(&mut state);
+        cx.batch = std::mem::take(&mut state);
         let run = guarded(handler.handle(event, &mut cx), limits);
         let Ok(handled) = tokio::time::timeout(limits.event_timeout, run).await else {
             // A statement may still be running: close the connection rather than wait for it.
@@ -310,7 +310,7 @@ async fn try_group(
             };
         };
         let mine = std::mem::take(&mut cx.emitted);
-        state = std::mem::take(&mut cx.state);
+        state = std::mem::take(&mut cx.batch);
         drop(cx);
         if let Err(error) = handled {
             roll_back(open).await;
@@ -403,7 +403,7 @@ pub struct GroupCommit {
 }
 
 struct Inner {
-    handler: Arc<dyn Handler>,
+    handler: Arc<dyn AnyHandler>,
     pool: Pool,
     cfg: GroupConfig,
     state: Mutex<State>,
@@ -431,7 +431,7 @@ struct Request {
 }
 
 impl GroupCommit {
-    pub fn new(handler: Arc<dyn Handler>, pool: Pool, cfg: GroupConfig) -> Self {
+    pub fn new(handler: Arc<dyn AnyHandler>, pool: Pool, cfg: GroupConfig) -> Self {
         Self::counting_into(handler, pool, cfg, Arc::default())
     }
 
@@ -439,7 +439,7 @@ impl GroupCommit {
     /// consumer that applies through it, so that they show in its metrics). A panic while the
     /// group locks, claims or commits counts once for the group.
     pub fn counting_into(
-        handler: Arc<dyn Handler>,
+        handler: Arc<dyn AnyHandler>,
         pool: Pool,
         cfg: GroupConfig,
         counters: Arc<Counters>,

@@ -43,7 +43,7 @@ use tracing::Instrument;
 use crate::domain::catalogue;
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::{error_chain, FailureKind, HandlerError};
-use crate::handlers::{Context, Handler};
+use crate::handlers::{AnyHandler, Context};
 use crate::store::db::OpenTransaction;
 use crate::store::outbox;
 use crate::telemetry::metrics::Counters;
@@ -242,7 +242,7 @@ pub enum Executed {
 /// its outbox rows commit together or not at all. This is the whole exactly-once story; it
 /// knows nothing of SQS and is reused by the in-process benchmark.
 pub async fn execute(
-    handler: &dyn Handler,
+    handler: &dyn AnyHandler,
     pool: &Pool,
     event: &Envelope,
     receive_count: u32,
@@ -270,7 +270,7 @@ pub async fn execute(
     let mut cx = Context::new(tx, receive_count);
     let handled = handler.handle(event, &mut cx).await;
     let emitted = std::mem::take(&mut cx.emitted);
-    let state = std::mem::take(&mut cx.state);
+    let state = std::mem::take(&mut cx.batch);
     drop(cx);
     let finished = match handled {
         Ok(()) => handler.finish(tx, state).await,
@@ -375,12 +375,12 @@ pub async fn committed(pool: &Pool, handler: &str, event: &Envelope) -> Option<b
 
 /// A handler run by [`execute`]: inbox, effects and outbox in one PostgreSQL transaction.
 pub struct Transactional {
-    pub handler: Arc<dyn Handler>,
+    pub handler: Arc<dyn AnyHandler>,
     pub pool: Pool,
 }
 
 impl Transactional {
-    pub fn new(handler: Arc<dyn Handler>, pool: Pool) -> Arc<Self> {
+    pub fn new(handler: Arc<dyn AnyHandler>, pool: Pool) -> Arc<Self> {
         Arc::new(Transactional { handler, pool })
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::names::HandlerName;
-use crate::handlers::{self, Deps, Handler};
+use crate::handlers::{self, AnyHandler, Deps};
 use crate::infra::aws::Clients;
 use crate::infra::topology::Topology;
 use crate::runtime::backoff::RetryPolicy;
@@ -129,7 +129,7 @@ impl WorkerArgs {
     /// all database work and grouping is on, else one transaction per event.
     fn applier(
         &self,
-        handler: Arc<dyn Handler>,
+        handler: Arc<dyn AnyHandler>,
         pool: &Pool,
         cfg: &ConsumerConfig,
         counters: &Arc<Counters>,
@@ -357,7 +357,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         cfg.max_event_age = args.inbox_retention().map(retention::max_event_age);
         runtime::validate(&cfg, &facts)
             .with_context(|| format!("handler {name} (queue {queue})"))?;
-        let handler: Arc<dyn Handler> = handlers::build(*name, &deps)?;
+        let handler: Arc<dyn AnyHandler> = handlers::build(*name, &deps)?;
         let counters = Arc::new(Counters::default());
         all_counters.push((*name, counters.clone()));
         let handler = args.applier(handler, &pool, &cfg, &counters);

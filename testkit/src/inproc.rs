@@ -30,7 +30,7 @@ use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::events::Event;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::{FailureKind, HandlerError};
-use orderfleet::handlers::{fulfillment, inventory, orders, payments, Deps, Handler};
+use orderfleet::handlers::{fulfillment, inventory, orders, payments, AnyHandler, Deps};
 use orderfleet::infra::topology::DEFAULT_MAX_RECEIVE_COUNT;
 use orderfleet::providers::carrier::SandboxCarrier;
 use orderfleet::providers::payment::SandboxProvider;
@@ -93,7 +93,7 @@ struct Counters {
 
 struct Inner {
     pool: Pool,
-    handlers: BTreeMap<HandlerName, Arc<dyn Handler>>,
+    handlers: BTreeMap<HandlerName, Arc<dyn AnyHandler>>,
     /// The handlers that group commits ([`Handler::group_commit`]), with their groupers.
     groups: BTreeMap<HandlerName, GroupCommit>,
     group: GroupConfig,
@@ -167,7 +167,7 @@ impl Fleet {
     }
 
     /// Adds (or replaces) the handler for `name`. Must be called before the fleet is cloned.
-    pub fn with_handler(mut self, name: HandlerName, handler: Arc<dyn Handler>) -> Self {
+    pub fn with_handler(mut self, name: HandlerName, handler: Arc<dyn AnyHandler>) -> Self {
         let inner = self.inner_mut();
         inner.groups.remove(&name);
         if handler.group_commit() {
@@ -223,7 +223,7 @@ impl Fleet {
     }
 
     /// The handler for `name`, when this fleet has it.
-    pub fn handler(&self, name: HandlerName) -> Option<Arc<dyn Handler>> {
+    pub fn handler(&self, name: HandlerName) -> Option<Arc<dyn AnyHandler>> {
         self.inner.handlers.get(&name).cloned()
     }
 

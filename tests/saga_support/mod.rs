@@ -334,7 +334,7 @@ pub fn assert_no_dead_letters(fleet: &Fleet) {
 /// it, and asserts that the handler gave up on an outside call that never answered by itself,
 /// before its time ran out, with a retry naming `call` (e.g. "the carrier's ship").
 pub async fn assert_gives_up_on_a_silent_call(
-    handler: &dyn orderfleet::handlers::Handler,
+    handler: &dyn orderfleet::handlers::AnyHandler,
     pool: &Pool,
     event: &orderfleet::domain::envelope::Envelope,
     call: &str,
