@@ -1,6 +1,6 @@
 //! "Customers also bought" in confirmation emails: completed orders feed personalization's
 //! co-occurrence table, and the next confirmation lists what was bought together, most often
-//! first. Handlers are built the way the worker builds them (`handlers::build` from `Deps`).
+//! first. Handlers are built the way the worker builds them (`worker::deps::build` from `Deps`).
 
 mod common;
 mod notifications_support;
@@ -8,8 +8,8 @@ mod saga_support;
 
 use notifications_support::*;
 use orderfleet::domain::names::HandlerName;
-use orderfleet::handlers::{self, Deps, DepsArgs};
 use orderfleet::providers::email::EmailArgs;
+use orderfleet::worker::deps::{self, Deps, DepsArgs};
 use saga_support::{assert_no_dead_letters, order, stock_sku};
 
 /// (sku, quantity, unit price in EUR minor units).
@@ -38,11 +38,11 @@ async fn after_enough_orders_recommendations_appear_in_the_confirmation_email() 
     let fleet = saga_support::sandbox_fleet(pool.clone(), &url)
         .with_handler(
             HandlerName::Personalization,
-            handlers::build(HandlerName::Personalization, &deps).unwrap(),
+            deps::build(HandlerName::Personalization, &deps).unwrap(),
         )
         .with_handler(
             HandlerName::Notifications,
-            handlers::build(HandlerName::Notifications, &deps).unwrap(),
+            deps::build(HandlerName::Notifications, &deps).unwrap(),
         );
     for sku in ["TEA-1", "CUP-1", "SPOON-1", "MUG-1"] {
         stock_sku(&fleet, sku, 500, 50).await;

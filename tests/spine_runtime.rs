@@ -146,9 +146,9 @@ async fn the_same_message_delivered_twice_has_its_effect_once() {
     let clients = common::clients().await;
     let topo = common::topology(&clients).await;
     let (pool, _) = common::fresh_db().await;
-    let handler = orderfleet::handlers::build(
+    let handler = orderfleet::worker::deps::build(
         HandlerName::Inventory,
-        &orderfleet::handlers::Deps::new(&Default::default(), &pool, &clients)
+        &orderfleet::worker::deps::Deps::new(&Default::default(), &pool, &clients)
             .await
             .unwrap(),
     )

@@ -2,6 +2,7 @@
 //! runs one [`Consumer`] per handler plus the process-wide lease task, outbox relay and
 //! heartbeat, and turns SIGTERM/SIGINT into an orderly shutdown.
 
+pub mod deps;
 pub mod health;
 
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::domain::names::HandlerName;
-use crate::handlers::{self, AnyHandler, Deps};
+use crate::handlers::AnyHandler;
 use crate::infra::aws::Clients;
 use crate::infra::topology::Topology;
 use crate::runtime::backoff::RetryPolicy;
@@ -27,6 +28,7 @@ use crate::telemetry::emf::{Reporter, Sink};
 use crate::telemetry::logging::LogFormat;
 use crate::telemetry::metrics::Counters;
 use crate::worker::health::Liveness;
+use deps::Deps;
 
 /// The `orderfleet-worker` command line.
 #[derive(Debug, clap::Parser)]
@@ -78,7 +80,7 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub consumer: ConsumerArgs,
     #[command(flatten)]
-    pub deps: handlers::DepsArgs,
+    pub deps: deps::DepsArgs,
     /// Do not run the outbox relay in this process (run it elsewhere).
     #[arg(long, env = "ORDERFLEET_NO_RELAY")]
     pub no_relay: bool,
@@ -357,7 +359,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         cfg.max_event_age = args.inbox_retention().map(retention::max_event_age);
         runtime::validate(&cfg, &facts)
             .with_context(|| format!("handler {name} (queue {queue})"))?;
-        let handler: Arc<dyn AnyHandler> = handlers::build(*name, &deps)?;
+        let handler: Arc<dyn AnyHandler> = deps::build(*name, &deps)?;
         let counters = Arc::new(Counters::default());
         all_counters.push((*name, counters.clone()));
         let handler = args.applier(handler, &pool, &cfg, &counters);

@@ -30,13 +30,14 @@ use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::events::Event;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::{FailureKind, HandlerError};
-use orderfleet::handlers::{fulfillment, inventory, orders, payments, AnyHandler, Deps};
+use orderfleet::handlers::{fulfillment, inventory, orders, payments, AnyHandler};
 use orderfleet::infra::topology::DEFAULT_MAX_RECEIVE_COUNT;
 use orderfleet::providers::carrier::SandboxCarrier;
 use orderfleet::providers::payment::SandboxProvider;
 use orderfleet::runtime::group::{GroupCommit, GroupConfig};
 use orderfleet::runtime::{self, Apply, Executed};
 use orderfleet::store::db::Cached;
+use orderfleet::worker::deps::Deps;
 
 /// The handlers of the order saga: the ones a [`Fleet`] runs by default. Notifications,
 /// analytics and personalization are not driven in process.
@@ -161,7 +162,7 @@ impl Fleet {
     pub fn from_deps(deps: &Deps) -> Result<Self> {
         let mut fleet = Fleet::new(deps.pool.clone());
         for name in SAGA {
-            fleet = fleet.with_handler(name, orderfleet::handlers::build(name, deps)?);
+            fleet = fleet.with_handler(name, orderfleet::worker::deps::build(name, deps)?);
         }
         Ok(fleet)
     }

@@ -1,0 +1,177 @@
+//! What the handlers need from the process, and how the worker builds each one: the payment
+//! provider and its attempt log, the carrier, the mailer, the Personalize tracker, and their
+//! pools and flags.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use deadpool_postgres::Pool;
+
+use crate::domain::names::HandlerName;
+use crate::handlers::{
+    analytics, fulfillment, inventory, notifications, orders, payments, personalization, AnyHandler,
+};
+use crate::infra::aws::Clients;
+use crate::providers::carrier::{Carrier, SandboxCarrier};
+use crate::providers::payment::{PaymentProvider, SandboxProvider};
+
+/// Settings the handlers themselves need (providers, carriers, transports).
+#[derive(Debug, Clone, Args, Default)]
+pub struct DepsArgs {
+    /// Email settings of the notifications worker (transport, sender, templates).
+    #[command(flatten)]
+    pub email: crate::providers::email::EmailArgs,
+    /// Latency the sandbox payment provider adds to every call, to imitate a real one.
+    #[arg(
+        long = "sandbox-payment-latency-ms",
+        env = "ORDERFLEET_SANDBOX_PAYMENT_LATENCY_MS",
+        default_value_t = 0
+    )]
+    pub sandbox_payment_latency_ms: u64,
+    /// Database where the sandbox payment provider keeps its state, through a pool of its own
+    /// (the worker defaults it to DATABASE_URL: a payment holds one connection for its
+    /// transaction while the sandbox takes another, so sharing one pool could starve).
+    #[arg(
+        long = "sandbox-payment-database-url",
+        env = "ORDERFLEET_SANDBOX_PAYMENT_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub sandbox_payment_database_url: Option<String>,
+    /// Connections of the sandbox payment provider's own pool.
+    #[arg(
+        long = "sandbox-payment-pool-size",
+        env = "ORDERFLEET_SANDBOX_PAYMENT_POOL_SIZE",
+        default_value_t = 8
+    )]
+    pub sandbox_payment_pool_size: usize,
+    /// The Firehose delivery stream the analytics worker ships the lake to; default: the
+    /// topology's `<prefix>-lake`.
+    #[arg(long = "firehose-stream", env = "ORDERFLEET_FIREHOSE_STREAM")]
+    pub firehose_stream: Option<String>,
+    /// How long lake records gather before a PutRecordBatch when the shipper has caught up
+    /// (full batches of 500 leave at once).
+    #[arg(
+        long = "lake-flush-ms",
+        env = "ORDERFLEET_LAKE_FLUSH_MS",
+        default_value_t = 1000
+    )]
+    pub lake_flush_ms: u64,
+    /// Amazon Personalize event tracker's tracking id: purchases are also sent to it with
+    /// PutEvents. Empty or unset: not forwarded. (Its endpoint can be overridden with
+    /// AWS_ENDPOINT_URL_PERSONALIZE_EVENTS.)
+    #[arg(
+        long = "personalize-tracking-id",
+        env = "ORDERFLEET_PERSONALIZE_TRACKING_ID"
+    )]
+    pub personalize_tracking_id: Option<String>,
+}
+
+/// What handlers are built from: the pool, the AWS clients and their own settings.
+#[derive(Clone)]
+pub struct Deps {
+    pub pool: Pool,
+    pub clients: Clients,
+    pub args: DepsArgs,
+    /// The payment provider (the sandbox, keeping its state in `pool`'s database).
+    pub payment_provider: Arc<dyn PaymentProvider>,
+    /// Where payments records each provider call before making it, outside the handler's
+    /// transaction (see [`crate::handlers::payments`]): the main database, through a pool of its own in the
+    /// worker so that a payment holding one connection never waits on itself for a second.
+    pub payment_attempts_pool: Pool,
+    /// The parcel carrier (the sandbox, keeping its parcels in the sandbox payment provider's
+    /// pool, of its own in the worker).
+    pub carrier: Arc<dyn Carrier>,
+    /// Builds and sends customer emails (notifications).
+    pub mailer: Arc<crate::providers::email::Mailer>,
+    /// The Amazon Personalize event tracker, when `--personalize-tracking-id` is set.
+    pub personalize: Option<personalization::PersonalizeTracker>,
+}
+
+impl Deps {
+    pub async fn new(args: &DepsArgs, pool: &Pool, clients: &Clients) -> Result<Self> {
+        let sandbox_pool = match &args.sandbox_payment_database_url {
+            Some(url) => crate::store::db::pool(url, args.sandbox_payment_pool_size.max(1))
+                .context("--sandbox-payment-database-url")?,
+            None => pool.clone(),
+        };
+        Ok(Deps {
+            payment_attempts_pool: pool.clone(),
+            pool: pool.clone(),
+            clients: clients.clone(),
+            args: args.clone(),
+            payment_provider: Arc::new(SandboxProvider::new(
+                sandbox_pool.clone(),
+                Duration::from_millis(args.sandbox_payment_latency_ms),
+            )),
+            carrier: Arc::new(SandboxCarrier::new(sandbox_pool.clone())),
+            mailer: Arc::new(
+                crate::providers::email::Mailer::from_args(&args.email)
+                    .await
+                    .context("email settings")?,
+            ),
+            personalize: personalize_tracker(args).await,
+        })
+    }
+
+    /// The lake shipper the analytics worker needs running beside it (see [`crate::store::lake`]):
+    /// to `--firehose-stream`, or else the topology's stream.
+    pub fn lake_shipper(
+        &self,
+        topo: &crate::infra::topology::Topology,
+    ) -> crate::store::lake::LakeShipper {
+        crate::store::lake::LakeShipper::new(
+            self.pool.clone(),
+            self.clients.firehose.clone(),
+            self.args
+                .firehose_stream
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| topo.firehose_stream()),
+            crate::store::lake::ShipperConfig {
+                flush_interval: Duration::from_millis(self.args.lake_flush_ms.max(1)),
+                ..crate::store::lake::ShipperConfig::default()
+            },
+        )
+    }
+}
+
+/// The Personalize tracker from `--personalize-tracking-id`; the CloudFormation stack passes
+/// an empty value to mean "none".
+async fn personalize_tracker(args: &DepsArgs) -> Option<personalization::PersonalizeTracker> {
+    let tracking_id = args
+        .personalize_tracking_id
+        .clone()
+        .filter(|s| !s.trim().is_empty())?;
+    let config = crate::infra::aws::sdk_config().await;
+    Some(personalization::PersonalizeTracker {
+        client: aws_sdk_personalizeevents::Client::new(&config),
+        tracking_id,
+    })
+}
+
+/// Builds the handler called `name`.
+pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn AnyHandler>> {
+    match name {
+        HandlerName::Orders => Ok(Arc::new(orders::Orders)),
+        HandlerName::Inventory => Ok(Arc::new(inventory::Inventory)),
+        HandlerName::Payments => Ok(Arc::new(payments::Payments::with_attempt_log(
+            deps.payment_provider.clone(),
+            deps.payment_attempts_pool.clone(),
+        ))),
+        // The intent to ship is committed outside the handler's transaction, like payments'
+        // attempt log, through the same second pool.
+        HandlerName::Fulfillment => Ok(Arc::new(fulfillment::Fulfillment::new(
+            deps.carrier.clone(),
+            deps.payment_attempts_pool.clone(),
+        ))),
+        HandlerName::Notifications => Ok(Arc::new(notifications::Notifications::new(
+            deps.mailer.clone(),
+        ))),
+        HandlerName::Analytics => Ok(Arc::new(analytics::Analytics)),
+        HandlerName::Personalization => Ok(Arc::new(personalization::Personalization::new(
+            deps.personalize.clone(),
+        ))),
+    }
+}
