@@ -45,9 +45,12 @@ struct Archiver {
 
 impl Archiver {
     async fn start(clients: &Clients, topo: &Topology, pool: &Pool) -> Archiver {
-        let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Analytics))
-            .await
-            .expect("analytics queue");
+        let facts = orderfleet::sqs::queue::inspect_queue(
+            &clients.sqs,
+            &topo.queue_name(HandlerName::Analytics),
+        )
+        .await
+        .expect("analytics queue");
         let cfg = common::consumer_config(&facts);
         runtime::validate(&cfg, &facts).expect("valid settings");
         let leases = Leases::default();

@@ -142,7 +142,7 @@ async fn twenty_orders_through_the_bus_and_the_real_worker_settle_with_every_inv
     assert_eq!(report["orders_in_flight"], 0);
     // Nothing was dead-lettered on the way.
     for handler in orderfleet_testkit::inproc::SAGA {
-        let dlq = orderfleet::runtime::queue_url(&clients.sqs, &topo.dlq_name(handler))
+        let dlq = orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.dlq_name(handler))
             .await
             .unwrap();
         assert_eq!(common::depth(&clients, &dlq).await, (0, 0), "{handler} DLQ");

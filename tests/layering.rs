@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["handlers"],
     &["providers"],
     &["store"],
-    &["infra"],
+    &["infra", "sqs"],
     &["telemetry"],
     &["domain"],
 ];

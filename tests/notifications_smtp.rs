@@ -228,7 +228,7 @@ async fn a_server_without_starttls_is_a_configuration_error_and_nothing_goes_in_
 async fn a_send_to_a_server_that_hangs_ends_before_the_handler_s_time_with_its_reason() {
     use orderfleet::handlers::notifications::Notifications;
     use orderfleet::runtime::lease::Leases;
-    use orderfleet::runtime::{self, Consumer, Transactional};
+    use orderfleet::runtime::{Consumer, Transactional};
     use orderfleet::telemetry::metrics::Counters;
     use tokio_util::sync::CancellationToken;
 
@@ -262,9 +262,12 @@ async fn a_send_to_a_server_that_hangs_ends_before_the_handler_s_time_with_its_r
     let (pool, _) = common::fresh_db().await;
     let clients = common::clients().await;
     let topo = common::topology(&clients).await;
-    let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
-        .await
-        .unwrap();
+    let facts = orderfleet::sqs::queue::inspect_queue(
+        &clients.sqs,
+        &topo.queue_name(HandlerName::Inventory),
+    )
+    .await
+    .unwrap();
     let mut cfg = common::consumer_config(&facts);
     cfg.handler_timeout = Duration::from_secs(4);
     let counters = Arc::new(Counters::default());

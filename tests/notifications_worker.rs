@@ -41,10 +41,12 @@ async fn orderfleet_worker_runs_notifications_with_the_file_outbox_by_default() 
 
     let order_id = common::unique("ord-w-");
     let detail = serde_json::to_value(accepted(&order_id, "ada@example.com")).unwrap();
-    let queue =
-        orderfleet::runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Notifications))
-            .await
-            .unwrap();
+    let queue = orderfleet::sqs::queue::queue_url(
+        &clients.sqs,
+        &topo.queue_name(HandlerName::Notifications),
+    )
+    .await
+    .unwrap();
     clients
         .sqs
         .send_message()

@@ -25,7 +25,7 @@ async fn wait_exit(child: &mut Child) -> i32 {
 
 async fn send_stock(clients: &Clients, topo: &Topology, n: usize) {
     let url =
-        orderfleet::runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
             .await
             .unwrap();
     let bodies: Vec<String> = (0..n).map(|_| common::stock_received("m", 1)).collect();

@@ -13,10 +13,10 @@ use deadpool_postgres::Pool;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
-use orderfleet::operator::mover::{self, CrashPoint, MoveOptions, REDRIVE_KEY};
+use orderfleet::operator::mover::{self, CrashPoint, MoveOptions};
 use orderfleet::operator::progress::Progress;
 use orderfleet::operator::queue::{self, QueueRef, Role};
-use orderfleet::runtime;
+use orderfleet::sqs::attrs::{REDRIVEN_FROM, REDRIVE_COUNT, REDRIVE_KEY};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +52,9 @@ async fn send_all(clients: &Clients, url: &str, bodies: &[String]) {
 }
 
 async fn url(clients: &Clients, name: &str) -> String {
-    runtime::queue_url(&clients.sqs, name).await.unwrap()
+    orderfleet::sqs::queue::queue_url(&clients.sqs, name)
+        .await
+        .unwrap()
 }
 
 /// Sends `bodies` to the inventory queue and lets the real worker handle them until `expect`
@@ -203,8 +205,11 @@ async fn seed_dlq(clients: &Clients, dlq_url: &str, bodies: &[String], kind: &st
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
                     .message_body(b)
-                    .message_attributes(runtime::attrs::KIND, failure_attr(kind))
-                    .message_attributes(runtime::attrs::REASON, failure_attr("seeded by a test"))
+                    .message_attributes(orderfleet::sqs::attrs::KIND, failure_attr(kind))
+                    .message_attributes(
+                        orderfleet::sqs::attrs::REASON,
+                        failure_attr("seeded by a test"),
+                    )
                     .message_attributes("tenant", failure_attr("acme"))
                     .build()
                     .unwrap()
@@ -668,13 +673,13 @@ async fn a_crash_before_the_send_or_before_the_delete_neither_loses_nor_duplicat
         // they came from.
         let attrs = &moved[0].1;
         assert_eq!(attrs["tenant"].string_value(), Some("acme"));
-        assert!(!attrs.contains_key(runtime::attrs::KIND));
-        assert!(!attrs.contains_key(runtime::attrs::REASON));
+        assert!(!attrs.contains_key(orderfleet::sqs::attrs::KIND));
+        assert!(!attrs.contains_key(orderfleet::sqs::attrs::REASON));
         assert_eq!(
-            attrs[mover::REDRIVEN_FROM].string_value(),
+            attrs[REDRIVEN_FROM].string_value(),
             Some(source.name.as_str())
         );
-        assert_eq!(attrs[mover::REDRIVE_COUNT].string_value(), Some("1"));
+        assert_eq!(attrs[REDRIVE_COUNT].string_value(), Some("1"));
     }
 }
 
@@ -789,7 +794,7 @@ async fn an_export_then_an_import_keeps_bodies_and_attributes_byte_for_byte() {
                 "custom",
                 attribute("String.json", Some("{\"k\": \"v\" }"), None),
             )
-            .message_attributes(runtime::attrs::KIND, failure_attr("poison"))
+            .message_attributes(orderfleet::sqs::attrs::KIND, failure_attr("poison"))
             .send()
             .await
             .unwrap();

@@ -6,7 +6,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use orderfleet::domain::names::HandlerName;
-use orderfleet::runtime;
 use serde_json::Value;
 
 #[tokio::test]
@@ -14,12 +13,14 @@ async fn status_json_shows_the_queues_the_dlq_depths_and_the_live_workers() {
     let clients = common::clients().await;
     let topo = common::topology(&clients).await;
     let (pool, db_url) = common::fresh_db().await;
-    let dlq = runtime::queue_url(&clients.sqs, &topo.dlq_name(HandlerName::Inventory))
-        .await
-        .unwrap();
-    let orders = runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
-        .await
-        .unwrap();
+    let dlq =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.dlq_name(HandlerName::Inventory))
+            .await
+            .unwrap();
+    let orders =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
+            .await
+            .unwrap();
     for (url, body) in [(&dlq, "dead 1"), (&dlq, "dead 2"), (&orders, "waiting")] {
         clients
             .sqs

@@ -11,7 +11,6 @@ use std::time::Duration;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
-use orderfleet::runtime;
 use serde_json::{json, Value};
 
 /// An OrderPlaced whose every one of `lines` lines is wrong three ways (unknown SKU, quantity
@@ -54,7 +53,7 @@ fn orders_worker(topo: &Topology, db_url: &str) -> common::Proc {
 }
 
 async fn queue(clients: &Clients, topo: &Topology, h: HandlerName) -> String {
-    runtime::queue_url(&clients.sqs, &topo.queue_name(h))
+    orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(h))
         .await
         .unwrap()
 }

@@ -555,9 +555,12 @@ async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
     let clients = common::clients().await;
     let topo = common::topology(&clients).await;
     let (pool, _) = common::fresh_db().await;
-    let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
-        .await
-        .unwrap();
+    let facts = orderfleet::sqs::queue::inspect_queue(
+        &clients.sqs,
+        &topo.queue_name(HandlerName::Inventory),
+    )
+    .await
+    .unwrap();
     let cfg = ConsumerConfig {
         concurrency: 30,
         receivers: 3,

@@ -24,7 +24,7 @@ async fn send_stock(clients: &Clients, url: &str, sku: &str, n: usize) {
 }
 
 async fn inventory_queue(clients: &Clients, topo: &Topology) -> String {
-    runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+    orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
         .await
         .unwrap()
 }
@@ -164,9 +164,10 @@ async fn an_event_committed_before_a_crash_is_published_after_restart() {
         .get(0);
 
     let mut child = common::inventory_worker(&topo, &db_url, &[]);
-    let orders_q = runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
-        .await
-        .unwrap();
+    let orders_q =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
+            .await
+            .unwrap();
     let body: String = common::wait_for(Duration::from_secs(20), "the event on the bus", || {
         let (sqs, q) = (clients.sqs.clone(), orders_q.clone());
         async move {

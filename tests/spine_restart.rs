@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 /// The real inventory worker with `wait_secs` long polls (the tests' usual worker polls for 1 s,
 /// which would hide what a production wait of 20 s does).
 async fn inventory_queue(clients: &orderfleet::infra::aws::Clients, topo: &Topology) -> String {
-    runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+    orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
         .await
         .unwrap()
 }
@@ -209,7 +209,7 @@ async fn a_second_copy_that_arrives_while_the_first_runs_is_kept_hidden_and_dele
     let (sqs, server) = strict_sqs().await;
     let url = create_queue(&sqs, "copies").await;
     let dlq_url = create_queue(&sqs, "copies-dlq").await;
-    let facts = runtime::QueueFacts {
+    let facts = orderfleet::sqs::queue::QueueFacts {
         queue_url: url.clone(),
         dlq_url,
         max_receive_count: 5,

@@ -19,8 +19,11 @@ use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::backoff::RetryPolicy;
 use orderfleet::runtime::group::{GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
-use orderfleet::runtime::retention::{self, InboxRetention};
-use orderfleet::runtime::{self, attrs, Apply, Consumer, ConsumerConfig, QueueFacts};
+use orderfleet::runtime::retention;
+use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig};
+use orderfleet::sqs::attrs;
+use orderfleet::sqs::queue::QueueFacts;
+use orderfleet::store::inbox::InboxRetention;
 use orderfleet::telemetry::metrics::Counters;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -57,9 +60,12 @@ impl Running {
         tweak: impl FnOnce(&mut ConsumerConfig),
         applier: impl FnOnce(&ConsumerConfig, &Arc<Counters>) -> Arc<dyn Apply>,
     ) -> Running {
-        let facts = runtime::inspect_queue(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
-            .await
-            .expect("queue");
+        let facts = orderfleet::sqs::queue::inspect_queue(
+            &clients.sqs,
+            &topo.queue_name(HandlerName::Inventory),
+        )
+        .await
+        .expect("queue");
         let mut cfg = common::consumer_config(&facts);
         tweak(&mut cfg);
         runtime::validate(&cfg, &facts).expect("valid settings");
@@ -445,9 +451,10 @@ async fn a_handler_slower_than_the_visibility_timeout_is_not_redelivered_while_i
     let topo = common::topology(&clients).await;
     let (pool, _) = common::fresh_db().await;
     // Shrink the queue's own visibility timeout to 3 s; the handler takes 8 s.
-    let url = runtime::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
-        .await
-        .unwrap();
+    let url =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+            .await
+            .unwrap();
     clients
         .sqs
         .set_queue_attributes()
@@ -522,7 +529,7 @@ async fn a_queue_without_a_redrive_policy_is_refused_with_a_clear_message() {
         .send()
         .await
         .unwrap();
-    let err = runtime::inspect_queue(&clients.sqs, &name)
+    let err = orderfleet::sqs::queue::inspect_queue(&clients.sqs, &name)
         .await
         .expect_err("must refuse");
     let text = format!("{err:#}");

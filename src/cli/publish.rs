@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
-use crate::cli::simulator::{self, Plan, PlanConfig, StorefrontEvent, TokenBucket, DEFAULT_SKUS};
+use crate::cli::simulator::{self, Plan, PlanConfig, StorefrontEvent, DEFAULT_SKUS};
 use crate::cli::{DatabaseArg, PrefixArg};
 use crate::infra::aws::Clients;
 use crate::infra::topology::Topology;
+use crate::operator::rate::TokenBucket;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -213,20 +214,15 @@ where
     for event in &plan.events {
         let is_order = event.detail_type == "OrderPlaced";
         if is_order {
-            if let Some(bucket) = bucket.as_mut() {
-                loop {
-                    let wait = bucket.try_take();
-                    if wait.is_zero() {
-                        break;
-                    }
-                    // Do not hold finished orders back while waiting for the next token.
-                    if !batch.is_empty() {
-                        simulator::put_events(&clients.events, &topo.bus_name, &batch).await?;
-                        batch.clear();
-                        published += std::mem::take(&mut orders_in_batch);
-                    }
-                    tokio::time::sleep(wait).await;
+            let wait = bucket.as_mut().map_or(Duration::ZERO, |b| b.take(1));
+            if !wait.is_zero() {
+                // Do not hold finished orders back while waiting for the next token.
+                if !batch.is_empty() {
+                    simulator::put_events(&clients.events, &topo.bus_name, &batch).await?;
+                    batch.clear();
+                    published += std::mem::take(&mut orders_in_batch);
                 }
+                tokio::time::sleep(wait).await;
             }
             orders_in_batch += 1;
         }

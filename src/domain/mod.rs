@@ -4,5 +4,6 @@
 pub mod catalogue;
 pub mod envelope;
 pub mod events;
+pub mod money;
 pub mod names;
 pub mod outcome;

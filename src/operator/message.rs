@@ -1,13 +1,13 @@
 //! One dead-lettered message as the operator sees it: the raw SQS message plus what can be
 //! read from it — the EventBridge envelope in its body (when the body is one) and the failure
-//! the worker recorded in its message attributes ([`crate::runtime::attrs`]).
+//! the worker recorded in its message attributes ([`crate::sqs::attrs`]).
 
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName};
 use chrono::{DateTime, TimeZone, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::runtime::attrs;
+use crate::sqs::attrs;
 
 /// A received message with its decoded envelope, if the body is a JSON object.
 #[derive(Debug, Clone)]
@@ -90,9 +90,7 @@ impl DlqMessage {
     /// SQS's ApproximateReceiveCount in the queue being read, including the receive that
     /// returned this copy.
     pub fn receive_count(&self) -> u32 {
-        self.system(MessageSystemAttributeName::ApproximateReceiveCount)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
+        attrs::receive_count(&self.message)
     }
 
     /// When the message was sent to the queue being read (SQS's SentTimestamp). For a message

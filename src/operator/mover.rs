@@ -30,15 +30,9 @@ use super::queue::{self, QueueRef};
 use super::rate::TokenBucket;
 use super::scan::Scanner;
 use crate::domain::outcome::error_chain;
-
-/// Attribute naming the queue a redriven message came from.
-pub const REDRIVEN_FROM: &str = "orderfleet.redriven_from";
-/// Attribute counting how often a message was redriven.
-pub const REDRIVE_COUNT: &str = "orderfleet.redrive_count";
-/// Attribute carrying the move's deterministic key for the source message.
-pub const REDRIVE_KEY: &str = "orderfleet.redrive_key";
-/// SQS's limit of message attributes per message.
-const MAX_ATTRIBUTES: usize = 10;
+use crate::sqs::attrs::{
+    self, FAILURE_PREFIX, MAX_ATTRIBUTES, REDRIVEN_FROM, REDRIVE_COUNT, REDRIVE_KEY,
+};
 
 /// A point at which a test makes the mover stop as if the process had been killed.
 #[doc(hidden)]
@@ -113,7 +107,7 @@ pub fn redrive_attributes(
         .message_attributes()
         .map(|a| {
             a.iter()
-                .filter(|(k, _)| !k.starts_with("orderfleet.failure."))
+                .filter(|(k, _)| !k.starts_with(FAILURE_PREFIX))
                 .filter(|(k, _)| ![REDRIVEN_FROM, REDRIVE_COUNT, REDRIVE_KEY].contains(&k.as_str()))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
@@ -133,11 +127,7 @@ pub fn redrive_attributes(
         if out.len() >= MAX_ATTRIBUTES {
             break;
         }
-        if let Ok(v) = MessageAttributeValue::builder()
-            .data_type(data_type)
-            .string_value(value)
-            .build()
-        {
+        if let Some(v) = attrs::value(data_type, &value) {
             out.insert(name.to_string(), v);
         }
     }

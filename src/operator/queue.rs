@@ -55,9 +55,9 @@ pub async fn resolve(
             Role::Dlq => topo.dlq_name(h),
             Role::Work => topo.queue_name(h),
         };
-        (crate::runtime::queue_url(sqs, &name).await?, Some(h))
+        (crate::sqs::queue::queue_url(sqs, &name).await?, Some(h))
     } else {
-        (crate::runtime::queue_url(sqs, arg).await?, None)
+        (crate::sqs::queue::queue_url(sqs, arg).await?, None)
     };
     let mut q = describe(sqs, &url).await?;
     q.handler = handler;
@@ -124,7 +124,7 @@ pub async fn default_target(
         }
     }
     if let Some(work) = source.name.strip_suffix("-dlq") {
-        if let Ok(url) = crate::runtime::queue_url(sqs, work).await {
+        if let Ok(url) = crate::sqs::queue::queue_url(sqs, work).await {
             return describe(sqs, &url).await;
         }
     }

@@ -175,7 +175,7 @@ async fn one_handler(sqs: &aws_sdk_sqs::Client, topo: &Topology, h: HandlerName)
 }
 
 async fn read_counts(sqs: &aws_sdk_sqs::Client, name: &str) -> Result<Counts> {
-    let url = crate::runtime::queue_url(sqs, name).await?;
+    let url = crate::sqs::queue::queue_url(sqs, name).await?;
     queue::counts(sqs, &url).await
 }
 

@@ -44,11 +44,13 @@ use tokio::sync::oneshot;
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 
-use super::{commit_with_outbox, execute, panic_text, payload_text, roll_back, Apply, Executed};
+use super::consumer::{panic_text, payload_text};
+use super::execute::{commit_with_outbox, execute, roll_back, Apply, Executed};
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::HandlerError;
 use crate::handlers::{AnyHandler, Context, GroupState};
-use crate::store::db::{Cached, OpenTransaction};
+use crate::store::db::OpenTransaction;
+use crate::store::inbox;
 use crate::store::outbox::NewEvent;
 use crate::telemetry::metrics::Counters;
 
@@ -250,7 +252,7 @@ async fn try_group(
         .collect();
     let (begun, claimed) = tokio::join!(
         tx.batch_execute("BEGIN"),
-        claim_all(tx, handler.name(), &keys, &types)
+        inbox::claim_all(tx, handler.name(), &keys, &types)
     );
     if let Err(e) = begun {
         return Round::Broken(HandlerError::from_db("beginning a transaction", &e));
@@ -336,28 +338,6 @@ async fn try_group(
         Ok(()) => Round::Committed(answers),
         Err(e) => Round::Broken(e),
     }
-}
-
-/// Records every (key, detail-type) of `keys` and `detail_types` as processed by `handler`,
-/// in key order (so that two groups claiming the same keys queue instead of deadlocking).
-/// Returns the pairs that were new.
-async fn claim_all(
-    tx: &crate::store::db::Tx,
-    handler: &str,
-    keys: &[&str],
-    detail_types: &[&str],
-) -> Result<HashSet<(String, String)>, HandlerError> {
-    let rows = tx
-        .query_cached(
-            "INSERT INTO processed_messages (handler, event_key, detail_type)
-             SELECT $1, k, t FROM unnest($2::text[], $3::text[]) AS m(k, t) ORDER BY k, t
-             ON CONFLICT DO NOTHING
-             RETURNING event_key, detail_type",
-            &[&handler, &keys, &detail_types],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("recording the processed messages", &e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// How [`GroupCommit`] forms groups.

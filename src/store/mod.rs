@@ -1,12 +1,15 @@
 //! PostgreSQL, and what the fleet keeps in it beside the handlers' own tables.
 //!
 //! - [`db`]: the pool, TLS, migrations and the transaction wrapper.
-//! - [`outbox`]: the inbox (idempotency) and the outbox with its relay to EventBridge.
+//! - [`inbox`]: the processed-message table that makes every handler idempotent, and its
+//!   retention.
+//! - [`outbox`]: the events handlers emit, and the relay that publishes them to EventBridge.
 //! - [`ledger`]: the double-entry ledger of payments.
 //! - [`lake`]: the lake outbox, its Firehose shipper, and reading the lake back.
 //! - [`recommendations`]: "bought together" from the personalization worker's co-occurrences.
 
 pub mod db;
+pub mod inbox;
 pub mod lake;
 pub mod ledger;
 pub mod outbox;

@@ -1,16 +1,7 @@
-//! The inbox and the outbox: exactly-once effects on top of at-least-once delivery.
+//! The outbox: the events a handler emitted, written in its own transaction next to its inbox
+//! row ([`crate::store::inbox`]) and its effects, and published afterwards.
 //!
-//! The inbox is a processed-message row keyed by (handler, event key, detail-type), inserted in
-//! the handler's own transaction: a redelivered event finds its row and is acknowledged with no
-//! effect. The detail-type is part of the key because producers reuse ids across detail-types
-//! (a storefront may send the order id as the `event_id` of both the order and its
-//! cancellation): keyed by id alone, the cancellation would be dropped as a duplicate.
-//!
-//! A rival process claiming the same event blocks on the primary key until the first
-//! transaction ends, then finds the row (a duplicate) or, if the first rolled back, claims it
-//! itself. A crash before the commit leaves neither the row nor the effects, so the redelivery
-//! applies the event; a crash after it leaves both, so the redelivery is a duplicate. The outbox holds the events a handler emitted, also in that transaction; the
-//! [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
+//! The [`Relay`] publishes them to EventBridge afterwards, at least once. Consumers recognise a
 //! republished event by its `detail.event_id` (see [`crate::domain::envelope::Envelope::event_key`]).
 //!
 //! An event EventBridge will never accept (an entry over 256 KB, counted as EventBridge
@@ -48,27 +39,6 @@ use crate::store::db::{Cached, Tx};
 pub struct NewEvent {
     pub detail_type: String,
     pub detail: Value,
-}
-
-/// Records that `handler` processed the event `key` of `detail_type`. Returns false when it
-/// already had:
-/// the caller must then apply nothing. A concurrent duplicate blocks on the primary key until
-/// the first transaction ends, so two deliveries can never both apply.
-pub async fn claim(
-    tx: &Tx,
-    handler: &str,
-    key: &str,
-    detail_type: &str,
-) -> Result<bool, HandlerError> {
-    let n = tx
-        .execute_cached(
-            "INSERT INTO processed_messages (handler, event_key, detail_type)
-             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&handler, &key, &detail_type],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("recording the processed message", &e))?;
-    Ok(n == 1)
 }
 
 /// Outbox rows ready to be written by one statement, each with a fresh `event_id` that is also

@@ -21,8 +21,9 @@ use crate::infra::topology::Topology;
 use crate::runtime::backoff::RetryPolicy;
 use crate::runtime::group::{GroupCommit, GroupConfig};
 use crate::runtime::lease::Leases;
-use crate::runtime::retention::{self, InboxRetention};
+use crate::runtime::retention;
 use crate::runtime::{self, notify, Apply, Consumer, ConsumerConfig};
+use crate::store::inbox::InboxRetention;
 use crate::store::outbox::Relay;
 use crate::telemetry::emf::{Reporter, Sink};
 use crate::telemetry::logging::LogFormat;
@@ -237,7 +238,7 @@ impl ConsumerArgs {
     }
 
     /// The consumer settings for a queue, given what the queue says about itself.
-    pub fn config(&self, facts: &runtime::QueueFacts) -> ConsumerConfig {
+    pub fn config(&self, facts: &crate::sqs::queue::QueueFacts) -> ConsumerConfig {
         ConsumerConfig {
             queue_url: facts.queue_url.clone(),
             dlq_url: facts.dlq_url.clone(),
@@ -354,7 +355,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     let mut all_counters = Vec::new();
     for name in &names {
         let queue = topo.queue_name(*name);
-        let facts = runtime::inspect_queue(&clients.sqs, &queue).await?;
+        let facts = crate::sqs::queue::inspect_queue(&clients.sqs, &queue).await?;
         let mut cfg = args.consumer.config(&facts);
         cfg.max_event_age = args.inbox_retention().map(retention::max_event_age);
         runtime::validate(&cfg, &facts)

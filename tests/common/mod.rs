@@ -12,7 +12,8 @@ use deadpool_postgres::Pool;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
 use orderfleet::runtime::backoff::RetryPolicy;
-use orderfleet::runtime::{ConsumerConfig, QueueFacts};
+use orderfleet::runtime::ConsumerConfig;
+use orderfleet::sqs::queue::QueueFacts;
 use serde_json::Value;
 
 /// The environment variable, or a panic that says how to get it.

@@ -47,7 +47,8 @@
 //!   `orderfleet report` checks, on the provider's records, that no cancelled or rejected
 //!   order kept an approved authorization without a void.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod store;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -56,15 +57,17 @@ use deadpool_postgres::Pool;
 use crate::domain::envelope::Envelope;
 use crate::domain::events::Event;
 use crate::domain::events::{
-    self, Currency, DeliveryFailed, Meta, Money, OrderAccepted, OrderCancelled, OrderShipped,
+    self, DeliveryFailed, Meta, Money, OrderAccepted, OrderCancelled, OrderShipped,
     PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentStage,
     PaymentVoided,
 };
 use crate::domain::outcome::HandlerError;
-use crate::handlers::{lock_order_once, Context, Handler};
+use crate::handlers::{Context, Handler};
 use crate::providers::payment::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
-use crate::store::db::{Cached, Tx};
-use crate::store::ledger::{self, Movement};
+use crate::store::db::Tx;
+use crate::store::ledger::Movement;
+pub use store::Rows;
+use store::*;
 
 /// The payments handler.
 pub struct Payments {
@@ -95,116 +98,19 @@ impl Payments {
         }
     }
 
-    /// Commits a record of `req` for `operation` before it is sent, so that it survives a
-    /// rollback of the handler's transaction. The first record of a key wins.
+    /// Commits a record of `req` for `operation` before it is sent (see
+    /// [`store::record_attempt`]); records nothing without an attempt log.
     async fn record_attempt(
         &self,
         order_id: &str,
         operation: &str,
         req: &ProviderRequest,
     ) -> Result<(), HandlerError> {
-        let Some(pool) = &self.attempts else {
-            return Ok(());
-        };
-        let client = pool.get().await.map_err(|e| {
-            HandlerError::retry(format!(
-                "recording the {operation} attempt for order {order_id}: {e}"
-            ))
-        })?;
-        client
-            .execute_cached(
-                "INSERT INTO payment_attempts (idempotency_key, order_id, operation,
-                     payment_token, amount_minor, currency, authorization_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (idempotency_key) DO NOTHING",
-                &[
-                    &req.idempotency_key,
-                    &order_id,
-                    &operation,
-                    &req.payment_token,
-                    &req.amount.amount_minor,
-                    &req.amount.currency.as_str(),
-                    &req.authorization_id,
-                ],
-            )
-            .await
-            .map_err(|e| HandlerError::from_db("recording the provider attempt", &e))?;
-        Ok(())
+        match &self.attempts {
+            Some(pool) => store::record_attempt(pool, order_id, operation, req).await,
+            None => Ok(()),
+        }
     }
-}
-
-/// The request recorded for `key` in `payment_attempts`, if one was ever about to be sent.
-async fn attempted(tx: &Tx, key: &str) -> Result<Option<ProviderRequest>, HandlerError> {
-    let row = tx
-        .query_opt_cached(
-            "SELECT payment_token, amount_minor, currency::text, authorization_id
-               FROM payment_attempts WHERE idempotency_key = $1",
-            &[&key],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("reading the provider attempts", &e))?;
-    let Some(r) = row else { return Ok(None) };
-    let currency: String = r.get(2);
-    let currency = Currency::new(&currency)
-        .map_err(|e| HandlerError::permanent(format!("provider attempt {key}: {e}")))?;
-    Ok(Some(ProviderRequest {
-        idempotency_key: key.to_string(),
-        payment_token: r.get(0),
-        amount: Money::new(r.get(1), currency),
-        authorization_id: r.get(3),
-    }))
-}
-
-stored_states!(
-    /// A payment row's state.
-    State in "payment state" {
-        Pending = "pending";
-        Authorized = "authorized";
-        Failed = "failed";
-        Captured = "captured";
-        Voided = "voided";
-        Refunded = "refunded";
-    }
-);
-
-/// A payment row, locked for the rest of the transaction, as the transaction last left it.
-#[derive(Clone)]
-struct Payment {
-    order_id: String,
-    state: State,
-    amount: Money,
-    captured_minor: i64,
-    refunded_minor: i64,
-    token: String,
-    authorization_id: Option<String>,
-    capture_id: Option<String>,
-    refund_id: Option<String>,
-    authorize_key: Option<String>,
-    capture_key: Option<String>,
-    void_key: Option<String>,
-    refund_key: Option<String>,
-    failure_code: Option<String>,
-    failure_message: Option<String>,
-}
-
-/// The payment rows a transaction locked, as its events last left them.
-///
-/// A group locks the `payments:<id>` advisory lock of each of its orders and reads their rows
-/// in [`Handler::lock_group`]; its events read and change the rows here, and
-/// [`Handler::finish`] writes them back: new rows in one `INSERT`, changed ones in one
-/// `UPDATE`, and the money movements of all its events in one [`ledger::record_all`]. For an
-/// order whose lock the group took up front, a missing row is created in memory. An event
-/// run alone takes its order's lock in `lock`, then creates the row in the table.
-#[derive(Default)]
-pub struct Rows {
-    rows: HashMap<String, Payment>,
-    /// Orders whose advisory lock this transaction holds and whose row it read (or knows to
-    /// be missing).
-    locked: HashSet<String>,
-    /// Rows to insert, and rows to update, by order id.
-    new: BTreeSet<String>,
-    changed: BTreeSet<String>,
-    /// Money movements to post, in the order they happened.
-    ledger: Vec<Movement>,
 }
 
 /// Why a compensation runs.
@@ -244,272 +150,6 @@ fn provider_error(op: &str, order_id: &str, e: ProviderError) -> HandlerError {
         }
         ProviderError::Invalid(reason) => {
             HandlerError::permanent(format!("{op} for order {order_id}: {reason}"))
-        }
-    }
-}
-
-/// Locks and reads the payment rows of `ids`, in order-id order.
-async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>, HandlerError> {
-    let rows = tx
-        .query_cached(
-            "SELECT order_id, state, amount_minor, currency::text, payment_token,
-                    authorization_id, capture_id, refund_id, authorize_key, capture_key,
-                    void_key, refund_key, captured_minor, refunded_minor, failure_code,
-                    failure_message
-               FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
-            &[&ids],
-        )
-        .await
-        .map_err(|e| HandlerError::from_db("locking the payment", &e))?;
-    rows.iter()
-        .map(|r| {
-            let order_id: String = r.get(0);
-            let currency: String = r.get(3);
-            let currency = Currency::new(&currency)
-                .map_err(|e| HandlerError::permanent(format!("payment of {order_id}: {e}")))?;
-            Ok(Payment {
-                state: State::parse(r.get(1))?,
-                amount: Money::new(r.get(2), currency),
-                token: r.get(4),
-                authorization_id: r.get(5),
-                capture_id: r.get(6),
-                refund_id: r.get(7),
-                authorize_key: r.get(8),
-                capture_key: r.get(9),
-                void_key: r.get(10),
-                refund_key: r.get(11),
-                captured_minor: r.get(12),
-                refunded_minor: r.get(13),
-                failure_code: r.get(14),
-                failure_message: r.get(15),
-                order_id,
-            })
-        })
-        .collect()
-}
-
-/// Locks the order's payment row, creating it as `pending` with `seed` when it does not exist
-/// yet (a cancellation may arrive before the acceptance).
-///
-/// Every path takes the order's `payments:<id>` advisory lock before it reads whether the row
-/// exists: a group in [`Handler::lock_group`], an event run alone here. So between that read
-/// and the transaction's end no other transaction can create or decide the row, and a
-/// decision taken on "no row yet" (authorize, or close without calling the provider) is not
-/// undone by a rival that read the same absence.
-async fn lock(
-    cx: &mut Context<'_, Rows>,
-    order_id: &str,
-    seed: Option<(Money, &str)>,
-) -> Result<Option<Payment>, HandlerError> {
-    let tx = cx.tx;
-    let rows = &mut cx.batch;
-    if let Some(p) = rows.rows.get(order_id) {
-        return Ok(Some(p.clone()));
-    }
-    if rows.locked.contains(order_id) {
-        // The group holds the order's lock and read no row: nobody else can create it now.
-        let Some((amount, token)) = seed else {
-            return Ok(None);
-        };
-        let p = Payment::pending(order_id, amount, token);
-        rows.new.insert(order_id.to_string());
-        rows.rows.insert(order_id.to_string(), p.clone());
-        return Ok(Some(p));
-    }
-    // An event run alone: the same lock a group takes, before anything is read.
-    lock_order_once(tx, &mut rows.locked, "payments", order_id).await?;
-    if let Some((amount, token)) = seed {
-        cx.tx
-            .execute_cached(
-                "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
-                 VALUES ($1, 'pending', $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
-                &[
-                    &order_id,
-                    &amount.amount_minor,
-                    &amount.currency.as_str(),
-                    &token,
-                ],
-            )
-            .await
-            .map_err(|e| HandlerError::from_db("creating the payment", &e))?;
-    }
-    let Some(p) = select_locked(cx.tx, &[order_id]).await?.into_iter().next() else {
-        return Ok(None);
-    };
-    cx.batch.rows.insert(order_id.to_string(), p.clone());
-    Ok(Some(p))
-}
-
-async fn lock_existing(
-    cx: &mut Context<'_, Rows>,
-    order_id: &str,
-) -> Result<Payment, HandlerError> {
-    lock(cx, order_id, None).await?.ok_or_else(|| {
-        HandlerError::permanent(format!("order {order_id} has no payment to act on"))
-    })
-}
-
-/// Keeps `p` as this transaction's version of the row; [`Handler::finish`] writes it.
-fn save(cx: &mut Context<'_, Rows>, p: Payment) {
-    let rows = &mut cx.batch;
-    if !rows.new.contains(&p.order_id) {
-        rows.changed.insert(p.order_id.clone());
-    }
-    rows.rows.insert(p.order_id.clone(), p);
-}
-
-/// Writes the new and changed rows of `rows`: one statement each.
-async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> {
-    let db = |e: tokio_postgres::Error| HandlerError::from_db("writing the payments", &e);
-    let pick = |ids: &BTreeSet<String>| -> Vec<&Payment> {
-        ids.iter().filter_map(|id| rows.rows.get(id)).collect()
-    };
-    let new = pick(&rows.new);
-    if !new.is_empty() {
-        let c = Columns::of(&new);
-        let amounts: Vec<i64> = new.iter().map(|p| p.amount.amount_minor).collect();
-        let currencies: Vec<&str> = new.iter().map(|p| p.amount.currency.as_str()).collect();
-        // A plain INSERT: if an event run alone elsewhere created one of these rows meanwhile,
-        // the group fails and its events run alone.
-        tx.execute_cached(
-            "INSERT INTO payments (order_id, state, payment_token, authorization_id, capture_id,
-                 refund_id, authorize_key, capture_key, void_key, refund_key, captured_minor,
-                 refunded_minor, failure_code, failure_message, amount_minor, currency)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[],
-                 $12::bigint[], $13::text[], $14::text[], $15::bigint[], $16::text[])",
-            &c.params(&[&amounts, &currencies]),
-        )
-        .await
-        .map_err(db)?;
-    }
-    let changed = pick(&rows.changed);
-    if !changed.is_empty() {
-        let c = Columns::of(&changed);
-        let n = tx
-            .execute_cached(
-                "UPDATE payments p SET state = u.state, payment_token = u.payment_token,
-                        authorization_id = u.authorization_id, capture_id = u.capture_id,
-                        refund_id = u.refund_id, authorize_key = u.authorize_key,
-                        capture_key = u.capture_key, void_key = u.void_key,
-                        refund_key = u.refund_key, captured_minor = u.captured_minor,
-                        refunded_minor = u.refunded_minor, failure_code = u.failure_code,
-                        failure_message = u.failure_message, updated_at = now()
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                               $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-                               $11::bigint[], $12::bigint[], $13::text[], $14::text[])
-                        AS u(order_id, state, payment_token, authorization_id, capture_id,
-                             refund_id, authorize_key, capture_key, void_key, refund_key,
-                             captured_minor, refunded_minor, failure_code, failure_message)
-                  WHERE p.order_id = u.order_id",
-                &c.params(&[]),
-            )
-            .await
-            .map_err(db)?;
-        if n != changed.len() as u64 {
-            return Err(HandlerError::retry(format!(
-                "updated {n} of {} locked payments",
-                changed.len()
-            )));
-        }
-    }
-    ledger::record_all(tx, &rows.ledger).await?;
-    Ok(())
-}
-
-type Param<'p> = dyn tokio_postgres::types::ToSql + Sync + 'p;
-
-/// The mutable columns of some payment rows, as arrays for `unnest`.
-struct Columns<'a> {
-    ids: Vec<&'a str>,
-    states: Vec<&'static str>,
-    tokens: Vec<&'a str>,
-    authorization_ids: Vec<Option<&'a str>>,
-    capture_ids: Vec<Option<&'a str>>,
-    refund_ids: Vec<Option<&'a str>>,
-    authorize_keys: Vec<Option<&'a str>>,
-    capture_keys: Vec<Option<&'a str>>,
-    void_keys: Vec<Option<&'a str>>,
-    refund_keys: Vec<Option<&'a str>>,
-    captured: Vec<i64>,
-    refunded: Vec<i64>,
-    failure_codes: Vec<Option<&'a str>>,
-    failure_messages: Vec<Option<&'a str>>,
-}
-
-impl<'a> Columns<'a> {
-    /// The arrays as statement parameters `$1` to `$14`, then `more`.
-    fn params<'p>(&'p self, more: &[&'p Param<'p>]) -> Vec<&'p Param<'p>> {
-        let mut all: Vec<&'p Param<'p>> = vec![
-            &self.ids,
-            &self.states,
-            &self.tokens,
-            &self.authorization_ids,
-            &self.capture_ids,
-            &self.refund_ids,
-            &self.authorize_keys,
-            &self.capture_keys,
-            &self.void_keys,
-            &self.refund_keys,
-            &self.captured,
-            &self.refunded,
-            &self.failure_codes,
-            &self.failure_messages,
-        ];
-        all.extend_from_slice(more);
-        all
-    }
-
-    fn of(rows: &[&'a Payment]) -> Self {
-        let text = |f: fn(&'a Payment) -> &'a Option<String>| -> Vec<Option<&'a str>> {
-            rows.iter().map(|p| f(p).as_deref()).collect()
-        };
-        Columns {
-            ids: rows.iter().map(|p| p.order_id.as_str()).collect(),
-            states: rows.iter().map(|p| p.state.as_str()).collect(),
-            tokens: rows.iter().map(|p| p.token.as_str()).collect(),
-            authorization_ids: text(|p| &p.authorization_id),
-            capture_ids: text(|p| &p.capture_id),
-            refund_ids: text(|p| &p.refund_id),
-            authorize_keys: text(|p| &p.authorize_key),
-            capture_keys: text(|p| &p.capture_key),
-            void_keys: text(|p| &p.void_key),
-            refund_keys: text(|p| &p.refund_key),
-            captured: rows.iter().map(|p| p.captured_minor).collect(),
-            refunded: rows.iter().map(|p| p.refunded_minor).collect(),
-            failure_codes: text(|p| &p.failure_code),
-            failure_messages: text(|p| &p.failure_message),
-        }
-    }
-}
-
-impl Payment {
-    fn pending(order_id: &str, amount: Money, token: &str) -> Self {
-        Payment {
-            order_id: order_id.to_string(),
-            state: State::Pending,
-            amount,
-            captured_minor: 0,
-            refunded_minor: 0,
-            token: token.to_string(),
-            authorization_id: None,
-            capture_id: None,
-            refund_id: None,
-            authorize_key: None,
-            capture_key: None,
-            void_key: None,
-            refund_key: None,
-            failure_code: None,
-            failure_message: None,
-        }
-    }
-
-    fn request(&self, key: String, amount: Money) -> ProviderRequest {
-        ProviderRequest {
-            idempotency_key: key,
-            payment_token: self.token.clone(),
-            amount,
-            authorization_id: self.authorization_id.clone(),
         }
     }
 }

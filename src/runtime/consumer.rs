@@ -1,0 +1,582 @@
+//! The receive loops and what happens to each message: a consumer long-polls its queue with
+//! back pressure, runs each message as its own task under a lease, and turns the handler's
+//! outcome into a delete, a visibility change for the retry, or a dead-letter with the reason.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::acker::Acker;
+use super::backoff;
+use super::execute::{Apply, Executed};
+use super::lease::{LeaseGuard, Leases};
+use super::retention;
+use super::{ConsumerConfig, RECEIVE_SLACK};
+use crate::domain::catalogue;
+use crate::domain::envelope::Envelope;
+use crate::domain::outcome::{error_chain, FailureKind, HandlerError};
+use crate::sqs::attrs::{self, receive_count};
+use crate::telemetry::metrics::Counters;
+
+/// Longest failure reason kept on a dead-lettered message.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// One queue's consumer.
+pub struct Consumer {
+    pub cfg: ConsumerConfig,
+    pub sqs: aws_sdk_sqs::Client,
+    pub handler: Arc<dyn Apply>,
+    pub leases: Leases,
+    pub counters: Arc<Counters>,
+    /// Poked after a commit that wrote to the outbox.
+    pub relay_wake: Option<Arc<Notify>>,
+}
+
+struct Shared {
+    cfg: ConsumerConfig,
+    sqs: aws_sdk_sqs::Client,
+    handler: Arc<dyn Apply>,
+    leases: Leases,
+    counters: Arc<Counters>,
+    relay_wake: Option<Arc<Notify>>,
+    queue_url: Arc<str>,
+    acker: Acker,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    /// SQS message ids being handled by this consumer, with the lease of the copy in hand. SQS
+    /// (and the emulator, under concurrent receives) may hand out a message again while a copy
+    /// is still in flight; the second copy is not handled (the message is handled, and
+    /// dead-lettered, once) but adopted by the first copy's lease (see [`Leases::adopt`]).
+    in_flight_ids: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+impl Consumer {
+    /// Consumes until `stop` is cancelled, then shuts down in order:
+    /// 1. the receive loops start no new receive; the ones in flight run to their end (SQS
+    ///    would still hand messages to an aborted poll and hide them for the visibility
+    ///    timeout), and the messages they return are handled like any other;
+    /// 2. running handlers get `shutdown_grace` to finish; after that they are aborted and
+    ///    their messages made visible again at once;
+    /// 3. pending deletes are flushed.
+    pub async fn run(self, stop: CancellationToken) -> Result<()> {
+        let (acker, acker_task) = Acker::spawn(
+            self.sqs.clone(),
+            self.cfg.queue_url.clone(),
+            self.cfg.delete_flush,
+            self.counters.clone(),
+        );
+        let shared = Arc::new(Shared {
+            queue_url: Arc::from(self.cfg.queue_url.as_str()),
+            cfg: self.cfg,
+            sqs: self.sqs,
+            handler: self.handler,
+            leases: self.leases,
+            counters: self.counters,
+            relay_wake: self.relay_wake,
+            acker,
+            stop: stop.clone(),
+            hard_stop: CancellationToken::new(),
+            in_flight_ids: Default::default(),
+        });
+        let permits = Arc::new(Semaphore::new(shared.cfg.concurrency));
+        let tracker = TaskTracker::new();
+        let mut receivers = tokio::task::JoinSet::new();
+        for _ in 0..shared.cfg.receivers {
+            receivers.spawn(receive_loop(
+                shared.clone(),
+                permits.clone(),
+                tracker.clone(),
+            ));
+        }
+        while receivers.join_next().await.is_some() {}
+
+        tracker.close();
+        let handler = shared.handler.name().to_string();
+        if tokio::time::timeout(shared.cfg.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                handler,
+                running = tracker.len(),
+                "shutdown grace ran out; aborting running handlers and releasing their messages"
+            );
+            shared.hard_stop.cancel();
+            tracker.wait().await;
+        }
+        drop(shared);
+        // The acker ends once the last handle (held by `shared`) is gone and its queue is flushed.
+        acker_task.await.context("acker task")?;
+        tracing::info!(handler, "consumer stopped");
+        Ok(())
+    }
+}
+
+async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: TaskTracker) {
+    let mut error_backoff = Duration::from_millis(200);
+    loop {
+        // Back pressure: wait for one free slot, then take up to nine more that are free now.
+        let first = tokio::select! {
+            // Biased: once stopped, no new receive starts even if a permit is free.
+            biased;
+            _ = shared.stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut held = vec![first];
+        while held.len() < 10 {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => held.push(p),
+                Err(_) => break,
+            }
+        }
+        let request = shared
+            .sqs
+            .receive_message()
+            .queue_url(&*shared.queue_url)
+            .max_number_of_messages(held.len() as i32)
+            .wait_time_seconds(shared.cfg.wait_time_secs)
+            .visibility_timeout(shared.cfg.visibility_timeout.as_secs() as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send();
+        // Not raced against the stop: SQS keeps serving a receive whose client went away, so
+        // an abandoned poll could still take messages and hide them for the visibility timeout.
+        // A receive in flight at a stop runs to its end (at most the wait time); its messages
+        // are handled within the shutdown grace. Only a receive that outlives its wait time by
+        // RECEIVE_SLACK is abandoned, as stalled.
+        let limit = Duration::from_secs(shared.cfg.wait_time_secs.max(0) as u64) + RECEIVE_SLACK;
+        let result = match tokio::time::timeout(limit, request).await {
+            Ok(r) => r.map_err(|e| error_chain(&e)),
+            Err(_) => Err(format!(
+                "ReceiveMessage did not answer within {}s",
+                limit.as_secs()
+            )),
+        };
+        let received_at = Instant::now();
+        match result {
+            Ok(out) => {
+                error_backoff = Duration::from_millis(200);
+                let messages = out.messages.unwrap_or_default();
+                if messages.is_empty() {
+                    Counters::inc(&shared.counters.empty_receives);
+                }
+                // Surplus permits drop here, back into the pool.
+                for (msg, permit) in messages.into_iter().zip(held.drain(..)) {
+                    Counters::inc(&shared.counters.received);
+                    tracker.spawn(process(shared.clone(), msg, received_at, permit));
+                }
+            }
+            Err(e) => {
+                Counters::inc(&shared.counters.receive_errors);
+                tracing::warn!(
+                    handler = shared.handler.name(),
+                    error = %e,
+                    backoff_ms = error_backoff.as_millis() as u64,
+                    "receive failed; backing off"
+                );
+                drop(held);
+                if shared.stop.is_cancelled() {
+                    return;
+                }
+                let jittered = error_backoff.mul_f64(1.0 + fastrand::f64());
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(jittered) => {}
+                }
+                error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn process(
+    shared: Arc<Shared>,
+    msg: Message,
+    received_at: Instant,
+    permit: OwnedSemaphorePermit,
+) {
+    let _permit = permit;
+    let Some(receipt) = msg.receipt_handle().map(str::to_string) else {
+        return;
+    };
+    let counters = &shared.counters;
+    let lease = shared.leases.hold(
+        shared.queue_url.clone(),
+        receipt.clone(),
+        received_at,
+        shared.cfg.visibility_timeout,
+        counters.clone(),
+    );
+    let _copy = match InFlightCopy::claim(&shared, msg.message_id(), lease.id()) {
+        Ok(copy) => copy,
+        Err(first) => {
+            // Handled once, by the copy already running; its lease keeps this copy hidden from
+            // now on and its outcome is sent with this copy's (the newest) receipt handle.
+            drop(lease);
+            let adopted = shared.leases.adopt(first, receipt.clone(), received_at);
+            tracing::info!(
+                handler = shared.handler.name(),
+                message_id = msg.message_id().unwrap_or_default(),
+                adopted,
+                "a copy of this message is already being handled here; its lease keeps this one hidden"
+            );
+            if !adopted {
+                // The first copy finished in the meantime; this one is released to be seen
+                // again (as a duplicate, if the first one's effect committed).
+                release(&shared, &receipt).await;
+            }
+            return;
+        }
+    };
+    counters.in_flight.fetch_add(1, Relaxed);
+    let count = receive_count(&msg);
+    let body = msg.body().unwrap_or_default();
+    let system = |k: MessageSystemAttributeName| msg.attributes().and_then(|a| a.get(&k));
+    // Age at receive, from SQS's SentTimestamp (epoch milliseconds).
+    let age_ms = system(MessageSystemAttributeName::SentTimestamp)
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|sent| (chrono::Utc::now().timestamp_millis() - sent).max(0) as f64);
+    let span = tracing::info_span!(
+        "message",
+        handler = shared.handler.name(),
+        event_id = tracing::field::Empty,
+        detail_type = tracing::field::Empty,
+        order_id = tracing::field::Empty,
+        receive_count = count,
+        // X-Ray context continued from the producer, when SQS carries it.
+        trace = system(MessageSystemAttributeName::AwsTraceHeader).map(String::as_str),
+    );
+    async {
+        // A message received after a stop (by a receive that was in flight) is handled: the
+        // shutdown grace allows it, and releasing it would only spend one of its receives.
+        // If the grace runs out first, the hard stop aborts it and it is released.
+        let started = Instant::now();
+        let outcome = match Envelope::decode(body) {
+            Err(e) => Err(e),
+            Ok(event) => {
+                let span = tracing::Span::current();
+                span.record("event_id", event.id.as_str());
+                span.record("detail_type", event.detail_type.as_str());
+                if let Some(order) = event.order_id() {
+                    span.record("order_id", order);
+                }
+                run_guarded(&shared, event, count).await
+            }
+        };
+        // The lease is held until the message is deleted, dead-lettered or handed back: a
+        // message whose fate is still being sent to SQS must not reappear meanwhile.
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        // The newest receipt handle: a second copy may have been adopted meanwhile.
+        let receipt = lease.receipt().unwrap_or(receipt);
+        counters.observe(started.elapsed().as_secs_f64() * 1000.0, age_ms, count);
+        match outcome {
+            Ok(Some(Executed::Applied { emitted })) => {
+                Counters::inc(&counters.succeeded);
+                if emitted > 0 {
+                    if let Some(wake) = &shared.relay_wake {
+                        wake.notify_one();
+                    }
+                }
+                tracing::info!(outcome = "succeeded", emitted, elapsed_ms, "handled");
+                shared.acker.delete(receipt);
+            }
+            Ok(Some(Executed::Duplicate)) => {
+                Counters::inc(&counters.duplicates);
+                tracing::info!(
+                    outcome = "duplicate",
+                    elapsed_ms,
+                    "already processed; acknowledged"
+                );
+                shared.acker.delete(receipt);
+            }
+            Ok(None) => {
+                drop(lease);
+                release(&shared, &receipt).await
+            }
+            Err(HandlerError::Retry { reason, after }) => {
+                if count >= shared.cfg.max_receive_count {
+                    let reason = format!("retries exhausted after {count} receives: {reason}");
+                    dead_letter(
+                        &shared,
+                        &msg,
+                        &receipt,
+                        FailureKind::Exhausted,
+                        &reason,
+                        count,
+                        lease,
+                    )
+                    .await;
+                } else {
+                    let delay = after.unwrap_or_else(|| shared.cfg.retry.delay(count));
+                    Counters::inc(&counters.retried);
+                    tracing::warn!(
+                        outcome = "retry",
+                        delay_ms = delay.as_millis() as u64,
+                        reason,
+                        "will retry"
+                    );
+                    // Dropped first, so that no extension overwrites the backoff.
+                    drop(lease);
+                    set_visibility(&shared, &receipt, delay).await;
+                }
+            }
+            Err(HandlerError::Permanent { reason }) => {
+                dead_letter(
+                    &shared,
+                    &msg,
+                    &receipt,
+                    FailureKind::Permanent,
+                    &reason,
+                    count,
+                    lease,
+                )
+                .await;
+            }
+            Err(HandlerError::Poison { reason }) => {
+                dead_letter(
+                    &shared,
+                    &msg,
+                    &receipt,
+                    FailureKind::Poison,
+                    &reason,
+                    count,
+                    lease,
+                )
+                .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    counters.in_flight.fetch_sub(1, Relaxed);
+}
+
+/// This consumer's claim on an SQS message id while it handles the message; released on drop.
+struct InFlightCopy<'a> {
+    shared: &'a Shared,
+    id: Option<String>,
+}
+
+impl<'a> InFlightCopy<'a> {
+    /// Claims the message for the copy whose lease is `lease`; `Err` with the lease of the copy
+    /// already in flight here. A message without an id (never from SQS) is not tracked.
+    fn claim(shared: &'a Shared, id: Option<&str>, lease: u64) -> Result<Self, u64> {
+        let id = id.map(str::to_string);
+        if let Some(id) = &id {
+            let mut ids = shared
+                .in_flight_ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(first) = ids.get(id) {
+                return Err(*first);
+            }
+            ids.insert(id.clone(), lease);
+        }
+        Ok(InFlightCopy { shared, id })
+    }
+}
+
+impl Drop for InFlightCopy<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let mut ids = self
+                .shared
+                .in_flight_ids
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            ids.remove(&id);
+        }
+    }
+}
+
+/// Runs the handler in its own task so that a panic is caught, bounded by the handler timeout
+/// and by the hard stop. `Ok(None)` means it was aborted by the hard stop and the message
+/// should be released.
+async fn run_guarded(
+    shared: &Arc<Shared>,
+    event: Envelope,
+    count: u32,
+) -> Result<Option<Executed>, HandlerError> {
+    if catalogue::spec(&event.detail_type).is_none() {
+        return Err(HandlerError::permanent(format!(
+            "unknown detail-type {:?} (source {:?}); it is not in the event catalogue",
+            event.detail_type, event.source
+        )));
+    }
+    if let Some(max) = shared.cfg.max_event_age {
+        if let Some(why) = retention::too_old(&event, max, chrono::Utc::now()) {
+            return Err(HandlerError::permanent(why));
+        }
+    }
+    let handler = shared.handler.clone();
+    let event = Arc::new(event);
+    let deadline = Instant::now() + shared.cfg.handler_timeout;
+    let mut task = tokio::spawn({
+        let event = event.clone();
+        crate::handlers::DEADLINE
+            .scope(deadline, async move { handler.apply(&event, count).await })
+            .in_current_span()
+    });
+    tokio::select! {
+        joined = tokio::time::timeout(shared.cfg.handler_timeout, &mut task) => match joined {
+            Ok(Ok(result)) => result.map(Some),
+            Ok(Err(join)) if join.is_panic() => {
+                Counters::inc(&shared.counters.panics);
+                Err(HandlerError::retry(format!("handler panicked: {}", panic_text(join))))
+            }
+            Ok(Err(join)) => Err(HandlerError::retry(format!("handler task failed: {join}"))),
+            Err(_) => {
+                task.abort();
+                Counters::inc(&shared.counters.timeouts);
+                // On the last allowed receive a retry is a dead letter. A grouped event can have
+                // been committed by its group after this consumer stopped waiting (the group
+                // was already committing); then it is done, not exhausted.
+                if count >= shared.cfg.max_receive_count {
+                    // The commit may itself be what took the time; it gets as long again.
+                    let bound = shared.cfg.handler_timeout.max(Duration::from_secs(10));
+                    let applied =
+                        tokio::time::timeout(bound, shared.handler.applied(&event)).await;
+                    if let Ok(Some(true)) = applied {
+                        return Ok(Some(Executed::Duplicate));
+                    }
+                }
+                Err(HandlerError::retry(format!(
+                    "handler timed out after {}s",
+                    shared.cfg.handler_timeout.as_secs()
+                )))
+            }
+        },
+        _ = shared.hard_stop.cancelled() => {
+            task.abort();
+            Ok(None)
+        }
+    }
+}
+
+pub(super) fn panic_text(join: tokio::task::JoinError) -> String {
+    payload_text(&*join.into_panic())
+}
+
+/// A panic's message.
+pub(super) fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+async fn set_visibility(shared: &Shared, receipt: &str, delay: Duration) {
+    let secs = delay.as_secs().min(backoff::MAX_VISIBILITY.as_secs()) as i32;
+    if let Err(e) = shared
+        .sqs
+        .change_message_visibility()
+        .queue_url(&*shared.queue_url)
+        .receipt_handle(receipt)
+        .visibility_timeout(secs)
+        .send()
+        .await
+    {
+        // The message comes back after its current visibility timeout instead: later than
+        // planned, but not lost.
+        tracing::warn!(error = %error_chain(&e), "ChangeMessageVisibility failed");
+    }
+}
+
+/// Makes a message visible again at once (shutdown, aborted handler).
+async fn release(shared: &Shared, receipt: &str) {
+    Counters::inc(&shared.counters.released);
+    set_visibility(shared, receipt, Duration::ZERO).await;
+}
+
+/// Sends the message to the DLQ with the failure recorded in its attributes, body unchanged,
+/// then deletes the original. If the send fails the original stays and is retried.
+async fn dead_letter(
+    shared: &Shared,
+    msg: &Message,
+    receipt: &str,
+    kind: FailureKind,
+    reason: &str,
+    count: u32,
+    lease: LeaseGuard,
+) {
+    let mut reason = reason.to_string();
+    if reason.len() > MAX_REASON_BYTES {
+        let mut cut = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    let ours: [(&str, String); 7] = [
+        (attrs::KIND, kind.as_str().to_string()),
+        (attrs::REASON, reason.clone()),
+        (attrs::HANDLER, shared.handler.name().to_string()),
+        (attrs::RECEIVE_COUNT, count.to_string()),
+        (attrs::SOURCE_QUEUE, shared.queue_url.to_string()),
+        (attrs::FAILED_AT, chrono::Utc::now().to_rfc3339()),
+        (
+            attrs::ORIGINAL_MESSAGE_ID,
+            msg.message_id().unwrap_or_default().to_string(),
+        ),
+    ];
+    // SQS allows ten attributes: keep the message's own first, ours override same names.
+    let mut attributes: HashMap<String, MessageAttributeValue> = msg
+        .message_attributes()
+        .map(|m| {
+            m.iter()
+                // Our failure record is replaced; anything else (the redrive history the CLI
+                // adds, the producer's own attributes) is kept.
+                .filter(|(k, _)| !attrs::is_failure_record(k))
+                .take(attrs::MAX_ATTRIBUTES - ours.len())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (k, v) in ours {
+        if let Some(v) = attrs::value("String", &v) {
+            attributes.insert(k.to_string(), v);
+        }
+    }
+    let sent = shared
+        .sqs
+        .send_message()
+        .queue_url(&shared.cfg.dlq_url)
+        .message_body(msg.body().unwrap_or_default())
+        .set_message_attributes(Some(attributes))
+        .send()
+        .await;
+    match sent {
+        Ok(_) => {
+            Counters::inc(&shared.counters.dead_lettered);
+            tracing::error!(
+                outcome = "dead_lettered",
+                kind = kind.as_str(),
+                reason,
+                "sent to the DLQ"
+            );
+            shared.acker.delete(receipt.to_string());
+        }
+        Err(e) => {
+            Counters::inc(&shared.counters.retried);
+            let delay = shared.cfg.retry.delay(count);
+            tracing::error!(
+                error = %error_chain(&e),
+                kind = kind.as_str(),
+                reason,
+                "could not send to the DLQ; the message stays in its queue and is retried"
+            );
+            drop(lease);
+            set_visibility(shared, receipt, delay).await;
+        }
+    }
+}
