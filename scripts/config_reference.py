@@ -2,7 +2,7 @@
 """Regenerates the flag tables of README.md's "Configuration" section from the binaries' --help.
 
 Usage: cargo build --workspace --bins && python3 scripts/config_reference.py
-The tables sit between the BEGIN/END markers; tests/readme.rs fails when a flag's environment
+The tables sit between the BEGIN/END markers; tests/it/readme.rs fails when a flag's environment
 variable or a command is missing from the README.
 """
 import json

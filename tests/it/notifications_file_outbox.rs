@@ -1,0 +1,337 @@
+//! Customer emails through the file outbox: `.eml` files a mail client can open (checked with
+//! Python's standard email parser), one per order and kind, for every step of the saga.
+
+use crate::support;
+use crate::support::notifications::*;
+use crate::support::saga::{assert_no_dead_letters, order, stock_sku};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::runtime::Executed;
+
+fn read(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join(name))
+        .unwrap_or_else(|e| panic!("{name}: {e}; the outbox holds {:?}", eml_files(dir)))
+}
+
+#[tokio::test]
+async fn a_completed_order_gets_one_confirmation_and_one_shipped_email_as_eml_files() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = fleet(file_mailer(outbox.path())).await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1250, 10).await;
+    stock_sku(&fleet, "CUP-1", 800, 4).await;
+    fleet
+        .publish_event(&order(
+            "ord-1",
+            &[("TEA-1", 2, 1250), ("CUP-1", 1, 800)],
+            "tok_visa",
+        ))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+    assert_eq!(support::saga::status(&pool, "ord-1").await, "completed");
+
+    assert_eq!(
+        eml_files(outbox.path()),
+        vec![
+            outbox.path().join("ord-1.confirmation.eml"),
+            outbox.path().join("ord-1.shipped.eml"),
+        ]
+    );
+
+    let confirmation = assert_well_formed(
+        &read(outbox.path(), "ord-1.confirmation.eml"),
+        "ada@example.com",
+    );
+    assert_eq!(
+        confirmation.header("Message-ID"),
+        Some("<confirmation.ord-1@example.com>")
+    );
+    assert_eq!(
+        confirmation.header("Subject"),
+        Some("Your order ord-1 is confirmed")
+    );
+    assert!(confirmation.header("To").unwrap().contains("Ada Lovelace"));
+    let text = confirmation.part("text/plain").unwrap();
+    for expected in [
+        "Hello Ada Lovelace",
+        "2 x Product TEA-1 (TEA-1) at EUR 12.50: EUR 25.00",
+        "1 x Product CUP-1 (CUP-1) at EUR 8.00: EUR 8.00",
+        "Total: EUR 33.00",
+        "SW1Y 4JH London",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in\n{text}");
+    }
+    // Nothing was bought before, so nothing to recommend yet.
+    assert!(!text.contains("also bought"), "{text}");
+    let html = confirmation.part("text/html").unwrap();
+    assert!(
+        html.contains("Product TEA-1") && html.contains("EUR 33.00"),
+        "{html}"
+    );
+
+    let shipped = assert_well_formed(&read(outbox.path(), "ord-1.shipped.eml"), "ada@example.com");
+    let tracking = support::saga::order_row(&pool, "ord-1")
+        .await
+        .tracking_number
+        .unwrap();
+    assert_eq!(
+        shipped.header("Message-ID"),
+        Some("<shipped.ord-1@example.com>")
+    );
+    let text = shipped.part("text/plain").unwrap();
+    assert!(
+        text.contains(&format!("Tracking number: {tracking}")),
+        "{text}"
+    );
+    assert!(text.contains("2 x Product TEA-1 (TEA-1)"), "{text}");
+    assert!(shipped.part("text/html").unwrap().contains(&tracking));
+
+    let rows = emails(&pool).await;
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    for (row, kind) in rows.iter().zip(["confirmation", "shipped"]) {
+        assert_eq!(row.kind, kind);
+        assert_eq!(row.status, "sent");
+        assert!(row.sent);
+        assert_eq!(row.transport, "file");
+        assert_eq!(row.recipient_masked, "a***@example.com");
+        assert_eq!(row.message_id, format!("<{kind}.ord-1@example.com>"));
+        assert_eq!(
+            row.provider_message_id.as_deref(),
+            Some(format!("ord-1.{kind}.eml").as_str())
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_order_says_why_and_that_the_hold_was_released() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = fleet(file_mailer(outbox.path())).await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 10).await;
+    fleet
+        .publish_event(&order("ord-c", &[("TEA-1", 2, 1000)], "tok_visa"))
+        .await
+        .unwrap();
+    // The cancellation arrives while the reservation and authorization are in flight.
+    fleet
+        .publish_event(&support::saga::cancellation("ord-c"))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+    assert_eq!(support::saga::status(&pool, "ord-c").await, "cancelled");
+    assert_eq!(support::saga::payment(&pool, "ord-c").await.0, "voided");
+
+    let cancelled = assert_well_formed(
+        &read(outbox.path(), "ord-c.cancelled.eml"),
+        "ada@example.com",
+    );
+    assert_eq!(
+        cancelled.header("Subject"),
+        Some("Your order ord-c was cancelled")
+    );
+    let text = cancelled.part("text/plain").unwrap();
+    assert!(text.contains("was cancelled, as requested."), "{text}");
+    assert!(
+        text.contains(
+            "the hold of EUR 20.00 on your card has been released. You were not charged."
+        ),
+        "{text}"
+    );
+    assert!(!outbox.path().join("ord-c.shipped.eml").exists());
+    let kinds: Vec<String> = emails(&pool).await.into_iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, vec!["cancelled", "confirmation"]);
+}
+
+#[tokio::test]
+async fn an_order_cancelled_for_a_declined_card_says_nothing_was_charged() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = fleet(file_mailer(outbox.path())).await;
+    stock_sku(&fleet, "TEA-1", 1000, 10).await;
+    fleet
+        .publish_event(&order("ord-d", &[("TEA-1", 1, 1000)], "tok_decline"))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+
+    let cancelled = assert_well_formed(
+        &read(outbox.path(), "ord-d.cancelled.eml"),
+        "ada@example.com",
+    );
+    let text = cancelled.part("text/plain").unwrap();
+    assert!(
+        text.contains("because the payment could not be authorized."),
+        "{text}"
+    );
+    assert!(text.contains("Your money: nothing was charged."), "{text}");
+    let html = cancelled.part("text/html").unwrap();
+    assert!(html.contains("nothing was charged"), "{html}");
+}
+
+#[tokio::test]
+async fn a_returned_parcel_is_refunded_and_the_customer_is_told() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = fleet(file_mailer(outbox.path())).await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1000, 10).await;
+    let mut placed = order("ord-ret", &[("TEA-1", 2, 1000)], "tok_visa");
+    placed.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    fleet.publish_event(&placed).await.unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+    assert_eq!(support::saga::payment(&pool, "ord-ret").await.0, "refunded");
+
+    let refunded = assert_well_formed(
+        &read(outbox.path(), "ord-ret.refunded.eml"),
+        "ada@example.com",
+    );
+    assert_eq!(
+        refunded.header("Subject"),
+        Some("Refund of EUR 20.00 for order ord-ret")
+    );
+    let text = refunded.part("text/plain").unwrap();
+    assert!(
+        text.contains("could not be delivered and came back to us"),
+        "{text}"
+    );
+    assert!(
+        text.contains("We refunded EUR 20.00 for order ord-ret"),
+        "{text}"
+    );
+    let kinds: Vec<String> = emails(&pool).await.into_iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, vec!["confirmation", "refunded", "shipped"]);
+}
+
+#[tokio::test]
+async fn duplicate_events_give_one_email() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = notifications_only(file_mailer(outbox.path())).await;
+    let event = envelope("OrderAccepted", &accepted("ord-dup", "ada@example.com"));
+
+    let first = fleet
+        .deliver_to(HandlerName::Notifications, &event, 1)
+        .await
+        .unwrap();
+    assert_eq!(first, Executed::Applied { emitted: 0 });
+    let sent = std::fs::read(outbox.path().join("ord-dup.confirmation.eml")).unwrap();
+
+    // The same event again (SQS redelivery): the inbox drops it.
+    let again = fleet
+        .deliver_to(HandlerName::Notifications, &event, 2)
+        .await
+        .unwrap();
+    assert_eq!(again, Executed::Duplicate);
+
+    // Another event for the same order and kind (a re-publication under a new event id): the
+    // emails table drops it.
+    let other = envelope("OrderAccepted", &accepted("ord-dup", "ada@example.com"));
+    let applied = fleet
+        .deliver_to(HandlerName::Notifications, &other, 1)
+        .await
+        .unwrap();
+    assert_eq!(applied, Executed::Applied { emitted: 0 });
+
+    assert_eq!(eml_files(outbox.path()).len(), 1);
+    assert_eq!(
+        std::fs::read(outbox.path().join("ord-dup.confirmation.eml")).unwrap(),
+        sent,
+        "the email was written once"
+    );
+    let rows = emails(fleet.pool()).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_duplicates_send_one_email() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = notifications_only(file_mailer(outbox.path())).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (fleet, event) = (
+            fleet.clone(),
+            envelope("OrderAccepted", &accepted("ord-race", "ada@example.com")),
+        );
+        tasks.spawn(async move {
+            fleet
+                .deliver_to(HandlerName::Notifications, &event, 1)
+                .await
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.unwrap();
+        assert_eq!(outcome.unwrap(), Executed::Applied { emitted: 0 });
+    }
+    assert_eq!(eml_files(outbox.path()).len(), 1);
+    let rows = emails(fleet.pool()).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "sent");
+}
+
+#[tokio::test]
+async fn an_invalid_address_is_recorded_as_permanent_and_not_retried() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = notifications_only(file_mailer(outbox.path())).await;
+    let event = envelope("OrderAccepted", &accepted("ord-bad", "ada.example.com"));
+
+    let delivery = fleet
+        .deliver_with_retries(HandlerName::Notifications, &event)
+        .await;
+    assert_eq!(delivery.attempts, 1, "not retried");
+    assert_eq!(delivery.outcome.unwrap(), Executed::Applied { emitted: 0 });
+    assert!(fleet.dead_letters().is_empty(), "not dead-lettered");
+    assert!(eml_files(outbox.path()).is_empty());
+
+    let rows = emails(fleet.pool()).await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.status, "failed_permanent");
+    assert!(!row.sent);
+    assert_eq!(row.recipient_masked, "a***");
+    let error = row.error.as_deref().unwrap();
+    assert!(error.contains("invalid address a***"), "{error}");
+    assert!(
+        !error.contains("ada.example.com"),
+        "the address leaked: {error}"
+    );
+
+    // A later event for the same order and kind does not try again.
+    let again = envelope("OrderAccepted", &accepted("ord-bad", "ada.example.com"));
+    fleet
+        .deliver_to(HandlerName::Notifications, &again, 1)
+        .await
+        .unwrap();
+    assert_eq!(emails(fleet.pool()).await, rows);
+}
+
+#[tokio::test]
+async fn customer_data_is_escaped_in_the_html_part_only() {
+    let outbox = TempDir::new("of-outbox-");
+    let fleet = notifications_only(file_mailer(outbox.path())).await;
+    let mut detail = accepted("ord-x", "ada@example.com");
+    detail.customer.name = "Ada <b>Lovelace</b> & Co".into();
+    fleet
+        .deliver_to(
+            HandlerName::Notifications,
+            &envelope("OrderAccepted", &detail),
+            1,
+        )
+        .await
+        .unwrap();
+    let parsed = assert_well_formed(
+        &std::fs::read(outbox.path().join("ord-x.confirmation.eml")).unwrap(),
+        "ada@example.com",
+    );
+    let html = parsed.part("text/html").unwrap();
+    // minijinja escapes `/` too, as `&#x2f;`.
+    assert!(
+        html.contains("Hello Ada &lt;b&gt;Lovelace&lt;&#x2f;b&gt; &amp; Co"),
+        "{html}"
+    );
+    assert!(!html.contains("<b>Lovelace"), "{html}");
+    let text = parsed.part("text/plain").unwrap();
+    assert!(text.contains("Hello Ada <b>Lovelace</b> & Co"), "{text}");
+}
