@@ -21,13 +21,18 @@ use crate::domain::envelope::Envelope;
 pub use crate::domain::money::{Currency, InvalidCurrency, Money};
 use crate::domain::outcome::HandlerError;
 
-/// The schema version every payload of this build speaks.
+/// The schema version of a payload that has never changed.
 pub const VERSION: u32 = 1;
 
 /// One detail-type's payload.
 pub trait Event: Serialize + DeserializeOwned {
     /// The EventBridge `detail-type`, as listed in the catalogue.
     const DETAIL_TYPE: &'static str;
+    /// The version this build emits.
+    const VERSION: u32 = VERSION;
+    /// The oldest version this build still applies: during a deploy, producers of the previous
+    /// version are still running.
+    const OLDEST_VERSION: u32 = VERSION;
     /// The payload's [`Meta`].
     fn meta(&self) -> &Meta;
 }
@@ -67,11 +72,26 @@ impl Meta {
     }
 }
 
-/// A version other than [`VERSION`] is permanent: a newer producer; redrive after an upgrade.
+/// The versions of `detail_type` this build applies, oldest and newest.
+pub fn versions(detail_type: &str) -> (u32, u32) {
+    match detail_type {
+        OrderAccepted::DETAIL_TYPE => (OrderAccepted::OLDEST_VERSION, OrderAccepted::VERSION),
+        _ => (VERSION, VERSION),
+    }
+}
+
+/// A version outside [`versions`] is permanent: a newer producer (redrive after an upgrade),
+/// or one too old to be understood.
 fn check_version(event: &Envelope, version: u32) -> Result<(), HandlerError> {
-    if version != VERSION {
+    let (oldest, newest) = versions(&event.detail_type);
+    if !(oldest..=newest).contains(&version) {
+        let known = if oldest == newest {
+            format!("version {newest}")
+        } else {
+            format!("versions {oldest} to {newest}")
+        };
         return Err(HandlerError::permanent(format!(
-            "{} detail has version {version}; this build understands version {VERSION}",
+            "{} detail has version {version}; this build understands {known}",
             event.detail_type
         )));
     }
@@ -96,8 +116,8 @@ pub fn decode_order_id(event: &Envelope) -> Result<String, HandlerError> {
 }
 
 /// Decodes `event.detail` as `T`. A detail that does not match is poison (no retry can fix
-/// it); a version other than [`VERSION`] is permanent (a newer producer: redrive after an
-/// upgrade).
+/// it); a version outside [`Event::OLDEST_VERSION`] to [`Event::VERSION`] is permanent (a
+/// newer producer: redrive after an upgrade).
 pub fn decode<T: Event>(event: &Envelope) -> Result<T, HandlerError> {
     // Deserialised from the borrowed detail: no copy of the JSON tree.
     let payload = T::deserialize(&event.detail).map_err(|e| {
@@ -295,6 +315,16 @@ macro_rules! event {
             }
         }
     };
+    ($ty:ident, $name:literal, versions $oldest:literal to $newest:literal) => {
+        impl Event for $ty {
+            const DETAIL_TYPE: &'static str = $name;
+            const VERSION: u32 = $newest;
+            const OLDEST_VERSION: u32 = $oldest;
+            fn meta(&self) -> &Meta {
+                &self.meta
+            }
+        }
+    };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -366,6 +396,11 @@ impl Event for ProductUpserted {
 // ---------------------------------------------------------------------------------------------
 
 /// The order passed validation: inventory reserves, payments authorizes.
+///
+/// Version 2 carries no payment token: orders hands the storefront's token to payments
+/// through the `payment_methods` table, in the transaction that emits this event, so the
+/// token never travels on the bus, into other workers' queues or the lake. Version 1 carried
+/// it in `payment_token`; payments still applies both during a deploy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderAccepted {
     #[serde(flatten)]
@@ -374,11 +409,13 @@ pub struct OrderAccepted {
     pub customer: Contact,
     pub lines: Vec<OrderLine>,
     pub total: Money,
-    pub payment_token: String,
+    /// Version 1 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_token: Option<String>,
     pub shipping_address: Address,
     pub placed_at: DateTime<Utc>,
 }
-event!(OrderAccepted, "OrderAccepted");
+event!(OrderAccepted, "OrderAccepted", versions 1 to 2);
 
 /// The order failed validation. Every reason found is listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -363,12 +363,21 @@ impl<B> Context<'_, B> {
         Ok(())
     }
 
-    /// Emits a typed event: [`Context::emit`] under its own detail-type.
+    /// Emits a typed event: [`Context::emit`] under its own detail-type, stamped with the
+    /// version this build emits ([`crate::domain::events::Event::VERSION`]).
     pub fn emit_event<T: crate::domain::events::Event>(
         &mut self,
         event: &T,
     ) -> Result<(), HandlerError> {
-        self.emit(T::DETAIL_TYPE, event)
+        self.emit(T::DETAIL_TYPE, event)?;
+        if let Some(detail) = self
+            .emitted
+            .last_mut()
+            .and_then(|e| e.detail.as_object_mut())
+        {
+            detail.insert("version".into(), T::VERSION.into());
+        }
+        Ok(())
     }
 
     /// The events emitted so far.

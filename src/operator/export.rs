@@ -148,9 +148,10 @@ pub struct ExportReport {
     pub interrupted: bool,
 }
 
-/// Creates `path` with mode 0600, refusing to overwrite.
+/// Creates `path` with mode 0600, refusing to overwrite, and makes its directory entry
+/// durable ([`sync_parent_dir`]) before anything is written to it.
 pub fn create_private(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -160,7 +161,23 @@ pub fn create_private(path: &Path) -> Result<File> {
                 "creating {} (it must not exist yet; exports are never overwritten)",
                 path.display()
             )
-        })
+        })?;
+    sync_parent_dir(path)?;
+    Ok(file)
+}
+
+/// Fsyncs the directory that holds `path`. A new file's data can be fsynced and still be lost
+/// in a crash if the directory entry that names it was not: `dlq export --delete` and the
+/// redrive journal delete messages from SQS on the strength of what they wrote, so the file
+/// must survive a power cut before the first delete.
+pub fn sync_parent_dir(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
 }
 
 /// Writes the messages of `source` to `out`.

@@ -116,6 +116,7 @@ impl Journal {
             .mode(0o600)
             .open(path)
             .with_context(|| format!("opening journal {}", path.display()))?;
+        super::export::sync_parent_dir(path)?;
         let replay = replay(&file, path)?;
         let mut journal = Journal {
             path: path.to_path_buf(),

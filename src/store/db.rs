@@ -72,6 +72,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "shipping",
         include_str!("../../migrations/0012_shipping.sql"),
     ),
+    (
+        13,
+        "payment_methods",
+        include_str!("../../migrations/0013_payment_methods.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -86,7 +86,10 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
             extra: Default::default(),
         }),
         "OrderAccepted" => to_value(OrderAccepted {
-            meta: meta(),
+            meta: Meta {
+                version: OrderAccepted::VERSION,
+                ..meta()
+            },
             order_id: order_id(),
             customer: contact,
             lines: vec![OrderLine {
@@ -95,7 +98,7 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
                 unit_price: money,
             }],
             total: money,
-            payment_token: "tok_visa".into(),
+            payment_token: None,
             shipping_address: address,
             placed_at: at,
         }),

@@ -25,6 +25,7 @@ mod operator_status;
 mod outbox_dead_letters;
 mod personalization_personalize;
 mod personalization_recommendations;
+mod privacy;
 mod readme;
 mod runtime_group_commit;
 mod saga_compensation;

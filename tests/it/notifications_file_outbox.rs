@@ -13,7 +13,7 @@ fn read(dir: &std::path::Path, name: &str) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn a_completed_order_gets_one_confirmation_and_one_shipped_email_as_eml_files() {
+async fn a_completed_order_gets_one_confirmation_and_one_shipped_email_as_private_eml_files() {
     let outbox = TempDir::new("of-outbox-");
     let fleet = fleet(file_mailer(outbox.path())).await;
     let pool = fleet.pool().clone();
@@ -38,6 +38,11 @@ async fn a_completed_order_gets_one_confirmation_and_one_shipped_email_as_eml_fi
             outbox.path().join("ord-1.shipped.eml"),
         ]
     );
+    for file in eml_files(outbox.path()) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is readable by others", file.display());
+    }
 
     let confirmation = assert_well_formed(
         &read(outbox.path(), "ord-1.confirmation.eml"),

@@ -187,9 +187,14 @@ impl Orders {
                            IS DISTINCT FROM (EXCLUDED.email, EXCLUDED.name)
                  ), placed AS (
                      INSERT INTO orders (id, customer_id, status, total_minor, currency,
-                                         payment_token, shipping_address, placed_at,
+                                         shipping_address, placed_at,
                                          cancel_requested, cancel_reason)
-                     VALUES ($1, $2, $5, $6, $7, $8, $9, $10, $11, $12)
+                     VALUES ($1, $2, $5, $6, $7, $9, $10, $11, $12)
+                 ), handed_over AS (
+                     -- The token goes to payments, and nowhere else (migration 0013).
+                     INSERT INTO payment_methods (order_id, payment_token)
+                     SELECT $1, $8 WHERE NOT $11
+                     ON CONFLICT (order_id) DO NOTHING
                  )
                  INSERT INTO order_lines (order_id, line_no, sku, quantity, unit_price_minor, currency)
                  SELECT $1, n, sku, qty, price, $7
@@ -227,7 +232,7 @@ impl Orders {
             customer: valid.customer,
             lines: valid.lines,
             total: valid.total,
-            payment_token: d.payment_token,
+            payment_token: None,
             shipping_address: d.shipping_address,
             placed_at: d.placed_at,
         })
@@ -246,16 +251,10 @@ impl Orders {
             .map_err(|e| HandlerError::permanent(format!("encoding the reasons: {e}")))?;
         cx.tx
             .execute_cached(
-                "INSERT INTO orders (id, status, payment_token, shipping_address, placed_at,
+                "INSERT INTO orders (id, status, shipping_address, placed_at,
                                      rejection_reasons, terminal_at)
-                 VALUES ($1, 'rejected', $2, $3, $4, $5, now())",
-                &[
-                    &d.order_id,
-                    &d.payment_token,
-                    &address,
-                    &d.placed_at,
-                    &stored,
-                ],
+                 VALUES ($1, 'rejected', $2, $3, $4, now())",
+                &[&d.order_id, &address, &d.placed_at, &stored],
             )
             .await?;
         cx.batch.placed.insert(d.order_id.clone());

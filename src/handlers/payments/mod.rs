@@ -161,7 +161,8 @@ impl Payments {
         cx: &mut Context<'_, Rows>,
     ) -> Result<(), HandlerError> {
         let d: OrderAccepted = events::decode(event)?;
-        let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &d.payment_token))).await? else {
+        let token = payment_token(cx, &d.order_id, d.payment_token.clone()).await?;
+        let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &token))).await? else {
             return Err(HandlerError::permanent("payment row vanished"));
         };
         match p.state {
@@ -545,6 +546,14 @@ impl Handler for Payments {
         let ids = crate::handlers::sorted_order_ids(events);
         crate::handlers::lock_order_ids(tx, "payments", &ids).await?;
         let found = select_locked(tx, &ids).await?;
+        let accepted: Vec<&str> = events
+            .iter()
+            .filter(|e| e.detail_type == OrderAccepted::DETAIL_TYPE)
+            .filter_map(|e| e.detail.get("order_id").and_then(|v| v.as_str()))
+            .collect();
+        if !accepted.is_empty() {
+            batch.methods = payment_methods(tx, &accepted).await?;
+        }
         let rows = batch;
         rows.locked.extend(ids.iter().map(|id| id.to_string()));
         rows.rows

@@ -119,6 +119,46 @@ pub struct Rows {
     pub(super) changed: BTreeSet<String>,
     /// Money movements to post, in the order they happened.
     pub(super) ledger: Vec<Movement>,
+    /// The tokens orders handed over for the group's `OrderAccepted` events, read up front.
+    pub(super) methods: HashMap<String, String>,
+}
+
+/// The storefront's payment tokens that orders handed over for `ids` (`payment_methods`,
+/// migration 0013): the only way a token reaches payments since `OrderAccepted` version 2.
+pub(super) async fn payment_methods(
+    tx: &Tx,
+    ids: &[&str],
+) -> Result<HashMap<String, String>, HandlerError> {
+    let rows = tx
+        .query_cached(
+            "SELECT order_id, payment_token FROM payment_methods WHERE order_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("reading the payment methods", &e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The token to authorize `order_id` with: from a version-1 event, else the one orders handed
+/// over. None on file is permanent: orders writes it in the transaction that emits the event,
+/// so only an erasure can have removed it.
+pub(super) async fn payment_token(
+    cx: &mut Context<'_, Rows>,
+    order_id: &str,
+    in_event: Option<String>,
+) -> Result<String, HandlerError> {
+    if let Some(token) = in_event.or_else(|| cx.batch.methods.get(order_id).cloned()) {
+        return Ok(token);
+    }
+    payment_methods(cx.tx, &[order_id])
+        .await?
+        .remove(order_id)
+        .ok_or_else(|| {
+            HandlerError::permanent(format!(
+                "order {order_id} has no payment method on file; orders hands it over when it \
+                 accepts the order, so it was erased since"
+            ))
+        })
 }
 
 /// Locks and reads the payment rows of `ids`, in order-id order.

@@ -15,10 +15,12 @@
 //! Error texts may echo the recipient's address; the handler redacts them with
 //! [`super::mask::redact`] before they reach a log or a table.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+
 use async_trait::async_trait;
 use aws_sdk_sesv2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
@@ -110,7 +112,15 @@ impl Transport for FileOutbox {
         let written = tokio::task::spawn_blocking(move || -> std::io::Result<PathBuf> {
             std::fs::create_dir_all(&dir)?;
             let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
-            std::fs::write(&tmp, &bytes)?;
+            // 0600: a message holds the customer's address and order; nobody else on the
+            // host needs to read it.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            drop(file);
             std::fs::rename(&tmp, &path).inspect_err(|_| {
                 let _ = std::fs::remove_file(&tmp);
             })?;

@@ -112,7 +112,7 @@ pub fn accepted(order_id: &str, email: &str) -> OrderAccepted {
             },
         ],
         total: support::saga::eur(2850),
-        payment_token: "tok_visa".into(),
+        payment_token: Some("tok_visa".into()),
         shipping_address: Address {
             name: "Ada Lovelace".into(),
             line1: "12 St James's Square".into(),

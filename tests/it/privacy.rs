@@ -1,0 +1,144 @@
+//! Privacy: the storefront's payment token stays with payments. Orders validates it and hands
+//! it over through `payment_methods`; no event after `OrderPlaced` carries it (OrderAccepted
+//! version 2), while a version-1 `OrderAccepted` from a worker not yet upgraded still
+//! authorizes during a deploy.
+
+use orderfleet::domain::events::{Event, OrderAccepted};
+use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::outcome::HandlerError;
+use orderfleet::runtime::Executed;
+
+use crate::support;
+use crate::support::saga::*;
+
+const TOKEN: &str = "tok_visa";
+
+#[tokio::test]
+async fn no_event_after_order_placed_carries_the_payment_token_and_the_order_still_completes() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1250, 10).await;
+    fleet
+        .publish_event(&order("ord-p1", &[("TEA-1", 2, 1250)], TOKEN))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&pool, "ord-p1").await, "completed");
+
+    let carrying = support::scalar(
+        &pool,
+        &format!(
+            "SELECT count(*) FROM outbox
+              WHERE detail_type <> 'OrderPlaced' AND detail::text LIKE '%{TOKEN}%'"
+        ),
+    )
+    .await;
+    assert_eq!(carrying, 0, "an event after OrderPlaced carried the token");
+    let emitted_events = support::scalar(
+        &pool,
+        "SELECT count(*) FROM outbox WHERE detail_type <> 'OrderPlaced'",
+    )
+    .await;
+    assert!(
+        emitted_events >= 8,
+        "the saga emitted {emitted_events} events"
+    );
+
+    let accepted = emitted(&pool, "OrderAccepted", Some("ord-p1")).await;
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0]["version"], OrderAccepted::VERSION);
+    assert!(accepted[0].get("payment_token").is_none());
+
+    // Orders keeps no copy; payments has the token it authorized and captured with.
+    let kept_by_orders = support::scalar(
+        &pool,
+        "SELECT count(*) FROM orders WHERE id = 'ord-p1' AND payment_token <> ''",
+    )
+    .await;
+    assert_eq!(kept_by_orders, 0);
+    let c = pool.get().await.unwrap();
+    let token: String = c
+        .query_one(
+            "SELECT payment_token FROM payments WHERE order_id = 'ord-p1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(token, TOKEN);
+    assert_eq!(payment(&pool, "ord-p1").await.0, "captured");
+}
+
+/// The `OrderAccepted` of `order_id` as a worker of the previous version emits it: version 1,
+/// with the token in the event.
+async fn version_1_accepted(
+    fleet: &orderfleet_testkit::inproc::Fleet,
+    order_id: &str,
+) -> orderfleet::domain::envelope::Envelope {
+    fleet
+        .publish_event(&order(order_id, &[("TEA-1", 1, 1250)], TOKEN))
+        .await
+        .unwrap();
+    let mut accepted = fleet.deliver_until("OrderAccepted").await.unwrap();
+    // As orders of the previous version sent it, before payment_methods existed.
+    accepted.detail["version"] = 1.into();
+    accepted.detail["payment_token"] = TOKEN.into();
+    fleet
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "DELETE FROM payment_methods WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await
+        .unwrap();
+    accepted
+}
+
+#[tokio::test]
+async fn payments_still_authorizes_a_version_1_order_accepted_with_its_token_during_a_deploy() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1250, 10).await;
+    let accepted = version_1_accepted(&fleet, "ord-p2").await;
+    let answer = fleet.deliver_to(HandlerName::Payments, &accepted, 1).await;
+    assert!(matches!(answer, Ok(Executed::Applied { .. })), "{answer:?}");
+    assert_eq!(payment(&pool, "ord-p2").await.0, "authorized");
+}
+
+#[tokio::test]
+async fn an_order_accepted_without_a_token_anywhere_is_refused_with_the_reason() {
+    let fleet = fleet().await;
+    let pool = fleet.pool().clone();
+    stock_sku(&fleet, "TEA-1", 1250, 10).await;
+    let mut accepted = version_1_accepted(&fleet, "ord-p3").await;
+    accepted.detail["version"] = 2.into();
+    accepted
+        .detail
+        .as_object_mut()
+        .unwrap()
+        .remove("payment_token");
+    match fleet.deliver_to(HandlerName::Payments, &accepted, 1).await {
+        Err(HandlerError::Permanent { reason }) => {
+            assert!(reason.contains("no payment method on file"), "{reason}")
+        }
+        other => panic!("an order without a token was not refused: {other:?}"),
+    }
+    let rows = support::scalar(
+        &pool,
+        "SELECT count(*) FROM payments WHERE order_id = 'ord-p3'",
+    )
+    .await;
+    assert_eq!(rows, 0, "a payment row was left behind");
+
+    accepted.detail["version"] = 3.into();
+    match fleet.deliver_to(HandlerName::Payments, &accepted, 1).await {
+        Err(HandlerError::Permanent { reason }) => {
+            assert!(reason.contains("versions 1 to 2"), "{reason}")
+        }
+        other => panic!("a version-3 OrderAccepted was not refused: {other:?}"),
+    }
+}
