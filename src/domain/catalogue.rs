@@ -42,6 +42,14 @@ impl EventSpec {
     }
 }
 
+/// Whether `handler` emits any event of the catalogue: only such a worker publishes to the bus,
+/// and only under its own source (its IAM role is scoped to it).
+pub fn produces(handler: HandlerName) -> bool {
+    EVENTS
+        .iter()
+        .any(|e| matches!(e.producer, Producer::Handler(h) if h == handler))
+}
+
 /// Looks a detail-type up in the catalogue.
 pub fn spec(detail_type: &str) -> Option<&'static EventSpec> {
     EVENTS.iter().find(|e| e.detail_type == detail_type)

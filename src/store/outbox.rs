@@ -130,6 +130,9 @@ pub struct Relay {
     pool: Pool,
     events: aws_sdk_eventbridge::Client,
     bus_name: String,
+    /// The sources whose rows this relay publishes: those of the handlers in its process, the
+    /// only ones its IAM role may put on the bus (`events:source`).
+    sources: Vec<String>,
     wake: Arc<Notify>,
     call_timeout: Duration,
 }
@@ -160,11 +163,18 @@ async fn dead_letter(tx: &(impl Cached + Sync), id: i64, reason: &str) -> Result
 }
 
 impl Relay {
-    pub fn new(pool: Pool, events: aws_sdk_eventbridge::Client, bus_name: String) -> Self {
+    /// A relay for the rows of `sources`.
+    pub fn new(
+        pool: Pool,
+        events: aws_sdk_eventbridge::Client,
+        bus_name: String,
+        sources: Vec<String>,
+    ) -> Self {
         Relay {
             pool,
             events,
             bus_name,
+            sources,
             wake: Arc::new(Notify::new()),
             call_timeout: crate::infra::aws::CALL_TIMEOUT,
         }
@@ -188,8 +198,9 @@ impl Relay {
                 // Rows that failed before sink behind fresh ones (`attempts`), so one event
                 // EventBridge keeps refusing for a while cannot hold up everything after it.
                 "SELECT id, event_id, source, detail_type, detail FROM outbox
-                 WHERE published_at IS NULL ORDER BY attempts, id LIMIT 10 FOR UPDATE SKIP LOCKED",
-                &[],
+                 WHERE published_at IS NULL AND source = ANY($1)
+                 ORDER BY attempts, id LIMIT 10 FOR UPDATE SKIP LOCKED",
+                &[&self.sources],
             )
             .await
             .context("relay: reading the outbox")?;

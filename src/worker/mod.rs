@@ -351,7 +351,20 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     // Validate every queue before consuming any.
     let mut consumers = Vec::new();
     let leases = Leases::default();
-    let relay = Relay::new(pool.clone(), clients.events.clone(), topo.bus_name.clone());
+    // Each worker publishes what its own handlers emitted, under their sources and no other:
+    // its role may put only those on the bus. A worker whose handlers emit nothing runs none.
+    let sources: Vec<String> = names
+        .iter()
+        .filter(|n| crate::domain::catalogue::produces(**n))
+        .map(|n| n.source())
+        .collect();
+    let run_relay = !args.no_relay && !sources.is_empty();
+    let relay = Relay::new(
+        pool.clone(),
+        clients.events.clone(),
+        topo.bus_name.clone(),
+        sources,
+    );
     let mut all_counters = Vec::new();
     for name in &names {
         let queue = topo.queue_name(*name);
@@ -370,7 +383,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
             handler,
             leases: leases.clone(),
             counters,
-            relay_wake: (!args.no_relay).then(|| relay.waker()),
+            relay_wake: run_relay.then(|| relay.waker()),
         });
     }
 
@@ -380,7 +393,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         runtime::LEASE_TICK,
         background.clone(),
     ));
-    let relay_task = (!args.no_relay).then(|| {
+    let relay_task = run_relay.then(|| {
         tokio::spawn(relay.clone().run(
             background.clone(),
             Duration::from_millis(args.relay_poll_ms),

@@ -23,6 +23,7 @@ mod operator_dlq;
 mod operator_native;
 mod operator_status;
 mod outbox_dead_letters;
+mod permissions;
 mod personalization_personalize;
 mod personalization_recommendations;
 mod privacy;
