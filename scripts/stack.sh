@@ -200,7 +200,7 @@ locate_pg_base() {
         elif is_root; then
             mkdir -p "$LOCAL"
             # .local is ours; make sure the cluster user may traverse it
-            # (harmless otherwise: nothing in .local is secret).
+            # (harmless otherwise: the one secret in .local, the local lake key, is 0600).
             chmod o+x "$LOCAL" 2>/dev/null || true
             pg_user_can_reach "$LOCAL" || PG_BASE=$fallback
         fi
@@ -466,7 +466,14 @@ env)
     # Local-only dummy credentials: moto accepts anything, these just keep
     # the AWS SDK from looking for real ones. ORDERFLEET_PG_SOCKET_URL reaches
     # the same database through its Unix-domain socket (the benchmark uses it).
+    # ORDERFLEET_LAKE_HASH_KEY: a random key made once per checkout (0600 in
+    # .local), under which the analytics worker pseudonymises the local lake.
     locate_pg_base
+    lake_key="$LOCAL/lake-hash-key"
+    if [ ! -s "$lake_key" ]; then
+        mkdir -p "$LOCAL"
+        (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$lake_key")
+    fi
     cat <<EOF
 export DATABASE_URL=postgres://$PG_ROLE@127.0.0.1:$PG_PORT/$PG_DB
 export ORDERFLEET_PG_SOCKET_URL=postgres://$PG_ROLE@$(urlencode "$PG_BASE/sock"):$PG_PORT/$PG_DB
@@ -475,6 +482,7 @@ export AWS_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=testing
 export AWS_SECRET_ACCESS_KEY=testing
 export ORDERFLEET_LOCAL=1
+export ORDERFLEET_LAKE_HASH_KEY=$(cat "$lake_key")
 EOF
     ;;
 status)

@@ -7,3 +7,4 @@ pub mod events;
 pub mod money;
 pub mod names;
 pub mod outcome;
+pub mod redaction;

@@ -2,7 +2,10 @@
 //!
 //! | event | effect | emits |
 //! |---|---|---|
-//! | every detail-type | its lake record in `lake_outbox` | (none) |
+//! | every detail-type | its lake record in `lake_outbox`, redacted | (none) |
+//!
+//! Records are redacted first ([`crate::domain::redaction`]): no payment token, customers
+//! under a keyed hash, addresses cut to country and postal-code prefix.
 //!
 //! The handler only writes the record in its transaction; the [`crate::store::lake::LakeShipper`]
 //! batches pending records into PutRecordBatch calls to Firehose. [`crate::store::lake`] explains
@@ -17,12 +20,22 @@ use async_trait::async_trait;
 
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::HandlerError;
+use crate::domain::redaction::Redactor;
 use crate::handlers::{Context, Handler};
 use crate::store::lake;
 
 /// The analytics handler.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Analytics;
+#[derive(Debug, Clone)]
+pub struct Analytics {
+    redactor: Redactor,
+}
+
+impl Analytics {
+    /// Archives events as `redactor` leaves them (see [`crate::domain::redaction`]).
+    pub fn new(redactor: Redactor) -> Self {
+        Analytics { redactor }
+    }
+}
 
 #[async_trait]
 impl Handler for Analytics {
@@ -35,7 +48,7 @@ impl Handler for Analytics {
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         // Any detail-type is archived, catalogued or not: the lake is the record of what was
         // on the bus. A false return is a redelivery whose record is already queued.
-        lake::enqueue(cx.tx, event).await?;
+        lake::enqueue(cx.tx, event, &self.redactor).await?;
         Ok(())
     }
 }

@@ -58,6 +58,16 @@ pub struct DepsArgs {
         default_value_t = 1000
     )]
     pub lake_flush_ms: u64,
+    /// The secret key under which the analytics worker pseudonymises customers in the lake
+    /// (HMAC-SHA256, at least 32 bytes; see `crate::domain::redaction`). Required by the
+    /// analytics worker; keep it as long as the lake, since a new key makes returning customers
+    /// look new.
+    #[arg(
+        long = "lake-hash-key",
+        env = "ORDERFLEET_LAKE_HASH_KEY",
+        hide_env_values = true
+    )]
+    pub lake_hash_key: Option<String>,
     /// Amazon Personalize event tracker's tracking id: purchases are also sent to it with
     /// PutEvents. Empty or unset: not forwarded. (Its endpoint can be overridden with
     /// AWS_ENDPOINT_URL_PERSONALIZE_EVENTS.)
@@ -169,7 +179,19 @@ pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn AnyHandler>> {
         HandlerName::Notifications => Ok(Arc::new(notifications::Notifications::new(
             deps.mailer.clone(),
         ))),
-        HandlerName::Analytics => Ok(Arc::new(analytics::Analytics)),
+        HandlerName::Analytics => {
+            let key = deps.args.lake_hash_key.as_deref().unwrap_or("");
+            if key.is_empty() {
+                anyhow::bail!(
+                    "the analytics worker pseudonymises customers in the lake with a keyed hash: \
+                     set ORDERFLEET_LAKE_HASH_KEY (or --lake-hash-key) to a secret of at least \
+                     32 bytes, the same on every analytics worker and kept as long as the lake"
+                );
+            }
+            let redactor = crate::domain::redaction::Redactor::new(key.as_bytes())
+                .context("ORDERFLEET_LAKE_HASH_KEY")?;
+            Ok(Arc::new(analytics::Analytics::new(redactor)))
+        }
         HandlerName::Personalization => Ok(Arc::new(personalization::Personalization::new(
             deps.personalize.clone(),
         ))),

@@ -26,7 +26,7 @@ fn every_catalogued_event_has_an_example_that_round_trips() {
                 let env = envelope(<$ty>::DETAIL_TYPE, &json);
                 let typed: $ty = decode(&env).expect(<$ty>::DETAIL_TYPE);
                 assert_eq!(serde_json::to_value(&typed).unwrap(), json);
-                assert_eq!(json["version"], 1);
+                assert_eq!(json["version"], <$ty>::VERSION);
                 checked.push(<$ty>::DETAIL_TYPE);
             )*
             checked

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use orderfleet::domain::catalogue::STOREFRONT_SOURCE;
 use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::names::HandlerName;
+use orderfleet::domain::redaction::Redactor;
 use orderfleet::handlers::analytics::Analytics;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
@@ -32,6 +33,13 @@ use orderfleet::store::lake::{
 use orderfleet::telemetry::metrics::Counters;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+
+/// The key tests pseudonymise the lake under.
+const LAKE_KEY: &[u8] = b"a test key of thirty-two bytes or more";
+
+fn analytics() -> Analytics {
+    Analytics::new(Redactor::new(LAKE_KEY).unwrap())
+}
 
 /// The analytics consumer and the lake shipper, running in this test against the topology.
 struct Archiver {
@@ -63,7 +71,7 @@ impl Archiver {
         let consumer = Consumer {
             cfg,
             sqs: clients.sqs.clone(),
-            handler: runtime::Transactional::new(Arc::new(Analytics), pool.clone()),
+            handler: runtime::Transactional::new(Arc::new(analytics()), pool.clone()),
             leases,
             counters: Arc::new(Counters::default()),
             relay_wake: None,
@@ -130,6 +138,64 @@ async fn publish(clients: &Clients, topo: &Topology, events: &[(String, Value)])
         );
     }
     ids
+}
+
+#[tokio::test]
+async fn the_lake_holds_no_payment_token_email_address_or_street_line() {
+    let clients = support::clients().await;
+    let topo = support::lake_topology(&clients).await;
+    let (pool, _) = support::fresh_db().await;
+    let bucket = lake::resolve_bucket(&clients.firehose, &topo.firehose_stream())
+        .await
+        .unwrap();
+    let archiver = Archiver::start(&clients, &topo, &pool).await;
+    let order = |n: u32| {
+        let mut d = orderfleet_testkit::examples::example("OrderPlaced").unwrap();
+        d["order_id"] = json!(format!("ord-lake-{n}"));
+        d["event_id"] = json!(format!("evt-lake-{n}"));
+        d["payment_token"] = json!("tok_secret_4242");
+        d["customer"]["email"] = json!("grace.hopper@example.com");
+        d["customer"]["name"] = json!("Grace Hopper");
+        d["shipping_address"]["line1"] = json!("1 Navy Yard Lane");
+        d["shipping_address"]["postal_code"] = json!("20374");
+        ("OrderPlaced".to_string(), d)
+    };
+    publish(&clients, &topo, &[order(1), order(2)]).await;
+    let records = support::wait_for(Duration::from_secs(60), "2 lake records", || async {
+        let (records, _) = lake::read(&clients.s3, &bucket).await.ok()?;
+        (records.len() >= 2).then_some(records)
+    })
+    .await;
+    archiver.shutdown().await;
+
+    let email = regex_lite::Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}").unwrap();
+    for r in &records {
+        let text = r.event.to_string();
+        for secret in ["tok_secret_4242", "Grace Hopper", "Navy Yard", "20374"] {
+            assert!(!text.contains(secret), "{secret} reached the lake: {text}");
+        }
+        assert!(
+            !email.is_match(&text),
+            "an email address reached the lake: {text}"
+        );
+        let detail = &r.event["detail"];
+        assert_eq!(
+            detail["shipping_address"],
+            json!({"country": "US", "postal_prefix": "203"})
+        );
+        assert!(
+            detail["lines"].is_array(),
+            "the order's lines stay for analysis"
+        );
+    }
+    // One customer, one pseudonym: returning customers can still be counted.
+    let redactor = Redactor::new(LAKE_KEY).unwrap();
+    for r in &records {
+        assert_eq!(
+            r.event["detail"]["customer"]["email"],
+            redactor.pseudonym("grace.hopper@example.com")
+        );
+    }
 }
 
 #[tokio::test]
@@ -257,19 +323,19 @@ async fn lake_stats_counts_records_by_detail_type_and_day() {
         for _ in 0..count {
             n += 1;
             let event = envelope(detail_type, time, &format!("ev-{n}"));
-            let done = runtime::execute(&Analytics, &pool, &event, 1)
+            let done = runtime::execute(&analytics(), &pool, &event, 1)
                 .await
                 .unwrap();
             assert_eq!(done, Executed::Applied { emitted: 0 });
             // A redelivery, and a republication of the same outbox event under a new
             // EventBridge id, archive nothing more.
-            let again = runtime::execute(&Analytics, &pool, &event, 2)
+            let again = runtime::execute(&analytics(), &pool, &event, 2)
                 .await
                 .unwrap();
             assert_eq!(again, Executed::Duplicate);
             let mut republished = event.clone();
             republished.id = uuid::Uuid::new_v4().to_string();
-            let again = runtime::execute(&Analytics, &pool, &republished, 1)
+            let again = runtime::execute(&analytics(), &pool, &republished, 1)
                 .await
                 .unwrap();
             assert_eq!(again, Executed::Duplicate);
@@ -503,8 +569,10 @@ async fn archive(pool: &Pool, n: usize, size: usize) -> Vec<Vec<u8>> {
             "detail": {"n": i, "pad": "x".repeat(size)},
         });
         let event = Envelope::decode(&body.to_string()).unwrap();
-        runtime::execute(&Analytics, pool, &event, 1).await.unwrap();
-        records.push(lake::record_for(&event).unwrap());
+        runtime::execute(&analytics(), pool, &event, 1)
+            .await
+            .unwrap();
+        records.push(lake::record_for(&event, &Redactor::new(LAKE_KEY).unwrap()).unwrap());
     }
     records
 }
@@ -631,7 +699,7 @@ async fn an_event_too_big_for_firehose_is_refused_for_good_and_archives_nothing(
         "detail": {"pad": "x".repeat(lake::MAX_RECORD_BYTES)},
     });
     let event = Envelope::decode(&body.to_string()).unwrap();
-    let err = runtime::execute(&Analytics, &pool, &event, 1)
+    let err = runtime::execute(&analytics(), &pool, &event, 1)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "permanent", "{err}");

@@ -58,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::{error_chain, HandlerError};
+use crate::domain::redaction::Redactor;
 use crate::store::db::Tx;
 
 /// Records per PutRecordBatch call: the API's limit.
@@ -70,7 +71,8 @@ pub const MAX_RECORD_BYTES: usize = 1000 * 1024;
 pub const EVENTS_PREFIX: &str = "events/";
 
 /// The lake record of one event: the EventBridge envelope as one line of JSON, newline
-/// terminated, so that the objects Firehose concatenates are newline-delimited JSON.
+/// terminated, so that the objects Firehose concatenates are newline-delimited JSON. Its
+/// `detail` is what [`Redactor::redact`] leaves of it: no token, no direct identifier.
 ///
 /// The envelope is re-serialised from its decoded form, which has every field EventBridge
 /// sends (`version`, `id`, `detail-type`, `source`, `account`, `time`, `region`,
@@ -78,8 +80,10 @@ pub const EVENTS_PREFIX: &str = "events/";
 /// strings, so one record is always one line. A record over [`MAX_RECORD_BYTES`] can never be
 /// accepted by Firehose: it is a permanent failure, and the event goes to the DLQ with that
 /// reason. (EventBridge caps events at 256 KB, so this is a guard, not a path.)
-pub fn record_for(event: &Envelope) -> Result<Vec<u8>, HandlerError> {
-    let mut record = serde_json::to_vec(event)
+pub fn record_for(event: &Envelope, redactor: &Redactor) -> Result<Vec<u8>, HandlerError> {
+    let mut redacted = event.clone();
+    redacted.detail = redactor.redact(&event.detail);
+    let mut record = serde_json::to_vec(&redacted)
         .map_err(|e| HandlerError::permanent(format!("serialising the event for the lake: {e}")))?;
     record.push(b'\n');
     if record.len() > MAX_RECORD_BYTES {
@@ -96,8 +100,8 @@ pub fn record_for(event: &Envelope) -> Result<Vec<u8>, HandlerError> {
 /// so that widening the key to (event key, detail-type), as the inbox's was in migration 0010,
 /// needs no change here; until then a storefront event that reuses another event's id passes
 /// the inbox but finds that id's record here and is not archived a second time.
-pub async fn enqueue(tx: &Tx, event: &Envelope) -> Result<bool, HandlerError> {
-    let record = record_for(event)?;
+pub async fn enqueue(tx: &Tx, event: &Envelope, redactor: &Redactor) -> Result<bool, HandlerError> {
+    let record = record_for(event, redactor)?;
     let n = tx
         .execute(
             "INSERT INTO lake_outbox (event_key, detail_type, record) VALUES ($1, $2, $3)
@@ -435,7 +439,7 @@ mod tests {
             "detail": {"blob": "x".repeat(MAX_RECORD_BYTES)}
         });
         let env = Envelope::decode(&body.to_string()).unwrap();
-        let err = record_for(&env).unwrap_err();
+        let err = record_for(&env, &Redactor::new(&[7u8; 32]).unwrap()).unwrap_err();
         assert_eq!(err.kind(), "permanent", "{err}");
     }
 
@@ -443,7 +447,7 @@ mod tests {
     fn a_record_is_one_line_of_the_envelope() {
         let body = r#"{"version":"0","id":"e-1","detail-type":"OrderPlaced","source":"s","account":"1","time":"2026-01-02T03:04:05Z","region":"r","resources":[],"detail":{"note":"two\nlines"}}"#;
         let env = Envelope::decode(body).unwrap();
-        let record = record_for(&env).unwrap();
+        let record = record_for(&env, &Redactor::new(&[7u8; 32]).unwrap()).unwrap();
         assert_eq!(record.iter().filter(|b| **b == b'\n').count(), 1);
         assert_eq!(record.last(), Some(&b'\n'));
         let back: serde_json::Value = serde_json::from_slice(&record).unwrap();
