@@ -4,6 +4,7 @@
 pub mod catalogue;
 pub mod envelope;
 pub mod events;
+pub mod mask;
 pub mod money;
 pub mod names;
 pub mod outcome;

@@ -22,6 +22,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
+use crate::domain::mask;
+
 /// The shortest key accepted, in bytes: a key is a secret, not a password.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -118,6 +120,56 @@ fn address(value: &Value) -> Value {
     serde_json::json!({"country": text("country"), "postal_prefix": prefix})
 }
 
+/// `detail` as an operator's terminal may show it (`dlq peek`, a redrive's samples): no
+/// token, customer emails masked ([`crate::domain::mask::mask`]), names and street lines
+/// hidden; the rest (ids, lines, money, city, postal code, country) kept for debugging.
+pub fn for_display(detail: &Value) -> Value {
+    let mut out = detail.clone();
+    let Some(fields) = out.as_object_mut() else {
+        return out;
+    };
+    if fields.contains_key("payment_token") {
+        fields.insert("payment_token".into(), Value::String(HIDDEN.into()));
+    }
+    if let Some(customer) = fields.get_mut("customer").and_then(Value::as_object_mut) {
+        if let Some(email) = customer.get("email").and_then(Value::as_str) {
+            let masked = mask::mask(email);
+            customer.insert("email".into(), Value::String(masked));
+        }
+        hide(customer, "name");
+    }
+    if let Some(address) = fields
+        .get_mut("shipping_address")
+        .and_then(Value::as_object_mut)
+    {
+        for key in ["name", "line1", "line2"] {
+            hide(address, key);
+        }
+    }
+    out
+}
+
+/// A message body as a terminal may show it: an event's `detail` through [`for_display`],
+/// anything else with its email addresses masked.
+pub fn body_for_display(body: &str) -> String {
+    match serde_json::from_str::<Value>(body) {
+        Ok(mut event) if event.get("detail").is_some_and(Value::is_object) => {
+            event["detail"] = for_display(&event["detail"]);
+            event.to_string()
+        }
+        _ => mask::emails_in(body),
+    }
+}
+
+/// What stands for a hidden value on a terminal.
+const HIDDEN: &str = "***";
+
+fn hide(fields: &mut Map<String, Value>, key: &str) {
+    if fields.get(key).is_some_and(|v| !v.is_null()) {
+        fields.insert(key.into(), Value::String(HIDDEN.into()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +225,30 @@ mod tests {
         assert_ne!(
             other.pseudonym("ada@example.com"),
             r.pseudonym("ada@example.com")
+        );
+    }
+
+    #[test]
+    fn a_terminal_sees_masked_emails_and_no_token() {
+        let body = json!({"id": "e-1", "detail-type": "OrderPlaced", "detail": {
+            "order_id": "o-1", "payment_token": "tok_visa",
+            "customer": {"id": "cus-1", "email": "ada@example.com", "name": "Ada Lovelace"},
+            "shipping_address": {"name": "Ada Lovelace", "line1": "12 St James's Square",
+                                 "city": "London", "postal_code": "SW1Y 4JH", "country": "GB"}
+        }})
+        .to_string();
+        let shown = body_for_display(&body);
+        for secret in ["tok_visa", "ada@example.com", "Lovelace", "James"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("a***@example.com"), "{shown}");
+        assert!(
+            shown.contains("SW1Y 4JH") && shown.contains("cus-1"),
+            "{shown}"
+        );
+        assert_eq!(
+            body_for_display("not json, from bob@example.org"),
+            "not json, from b***@example.org"
         );
     }
 }

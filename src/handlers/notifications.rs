@@ -66,9 +66,9 @@ use crate::domain::events::Event;
 use crate::domain::events::{
     self, Currency, Money, OrderAccepted, OrderShipped, PaymentRefunded, PaymentVoided,
 };
+use crate::domain::mask::{mask, redact};
 use crate::domain::outcome::HandlerError;
 use crate::handlers::{Context, Handler};
-use crate::providers::email::mask::{mask, redact};
 use crate::providers::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
 use crate::providers::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};
 use crate::store::db::{Cached, Tx};

@@ -23,6 +23,7 @@ use super::retention;
 use super::{ConsumerConfig, RECEIVE_SLACK};
 use crate::domain::catalogue;
 use crate::domain::envelope::Envelope;
+use crate::domain::mask;
 use crate::domain::outcome::{error_chain, FailureKind, HandlerError};
 use crate::sqs::attrs::{self, receive_count};
 use crate::telemetry::metrics::Counters;
@@ -321,7 +322,7 @@ async fn process(
                     tracing::warn!(
                         outcome = "retry",
                         delay_ms = delay.as_millis() as u64,
-                        reason,
+                        reason = %mask::emails_in(&reason),
                         "will retry"
                     );
                     // Dropped first, so that no extension overwrites the backoff.
@@ -509,7 +510,9 @@ async fn dead_letter(
     count: u32,
     lease: LeaseGuard,
 ) {
-    let mut reason = reason.to_string();
+    // The reason is kept on the message for the DLQ's retention and shown by `dlq peek`: an
+    // address a handler echoed in it is masked.
+    let mut reason = mask::emails_in(reason);
     if reason.len() > MAX_REASON_BYTES {
         let mut cut = MAX_REASON_BYTES;
         while !reason.is_char_boundary(cut) {

@@ -972,3 +972,64 @@ async fn a_bad_filter_is_refused_before_anything_is_read() {
     assert!(stderr.contains("unknown filter key \"colour\""), "{stderr}");
     assert!(stderr.contains("detail.<path>"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Privacy: what a terminal shows
+
+#[tokio::test]
+async fn peek_and_a_dry_run_mask_customer_data_that_peek_json_keeps_whole() {
+    let clients = support::clients().await;
+    let topo = support::topology(&clients).await;
+    let dlq = url(&clients, &topo.dlq_name(HandlerName::Orders)).await;
+    let mut detail = orderfleet_testkit::examples::example("OrderPlaced").unwrap();
+    detail["payment_token"] = json!("tok_secret_77");
+    detail["customer"]["email"] = json!("grace@example.com");
+    detail["shipping_address"]["line1"] = json!("1 Navy Yard Lane");
+    let body = serde_json::to_string(&orderfleet_testkit::examples::envelope(
+        "OrderPlaced",
+        &detail,
+    ))
+    .unwrap();
+    clients
+        .sqs
+        .send_message()
+        .queue_url(&dlq)
+        .message_body(&body)
+        .message_attributes(orderfleet::sqs::attrs::KIND, failure_attr("permanent"))
+        .message_attributes(
+            orderfleet::sqs::attrs::REASON,
+            failure_attr("mail to grace@example.com bounced"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let journals = temp_dir("journal");
+    let prefix = topo.prefix.as_str();
+    let shown = [
+        cli(&["dlq", "peek", "orders", "--prefix", prefix]),
+        cli(&[
+            "dlq",
+            "redrive",
+            "orders",
+            "--prefix",
+            prefix,
+            "--dry-run",
+            "--journal-dir",
+            journals.to_str().unwrap(),
+        ]),
+    ];
+    for out in &shown {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        for secret in ["grace@example.com", "tok_secret_77", "Navy Yard"] {
+            assert!(!stdout.contains(secret), "{secret} shown: {stdout}");
+        }
+        assert!(stdout.contains("g***@example.com"), "{stdout}");
+    }
+    let json_out = cli(&["dlq", "peek", "orders", "--prefix", prefix, "--json"]);
+    let full = text(&json_out.stdout);
+    assert!(
+        full.contains("grace@example.com") && full.contains("tok_secret_77"),
+        "--json keeps the body whole, as its --help says: {full}"
+    );
+}

@@ -1,4 +1,6 @@
 //! `orderfleet dlq export QUEUE --out FILE`: messages to JSON lines, full fidelity, mode 0600.
+//! Bodies are kept whole, customer data and payment tokens included: the file is as private
+//! as the queue, and is created 0600.
 //! See [`crate::operator::export`] for the format.
 
 use std::path::PathBuf;
@@ -17,7 +19,8 @@ use crate::operator::queue;
 pub struct Args {
     /// Handler name (its DLQ), queue name or queue URL.
     pub queue: String,
-    /// File to create (never overwritten).
+    /// File to create (never overwritten), mode 0600. It holds the bodies unmasked, customer
+    /// data and payment tokens as the producer sent them: keep it as private as the queue.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
     /// Delete each message from the queue once its line is safely on disk.

@@ -11,6 +11,7 @@ use chrono::Utc;
 
 use super::{cell, FilterArgs, VisibilityArg};
 use crate::cli::PrefixArg;
+use crate::domain::mask;
 use crate::infra::aws::Clients;
 use crate::operator::message::format_age;
 use crate::operator::{plan, queue};
@@ -28,7 +29,8 @@ pub struct Args {
     pub visibility: VisibilityArg,
     #[command(flatten)]
     pub prefix: PrefixArg,
-    /// Print the messages as JSON, bodies included.
+    /// Print the messages as JSON, bodies included and unmasked: customer emails, names,
+    /// addresses and payment tokens as the producer sent them. The table hides them.
     #[arg(long)]
     pub json: bool,
 }
@@ -92,7 +94,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             m.receive_count(),
             cell(failed.as_deref(), 6),
             cell(age.as_deref(), 5),
-            cell(m.reason(), 200),
+            cell(m.reason().map(mask::emails_in).as_deref(), 200),
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 
 use super::{audit, verdict, FilterArgs, VisibilityArg};
 use crate::cli::PrefixArg;
+use crate::domain::{mask, redaction};
 use crate::infra::aws::Clients;
 use crate::operator::journal;
 use crate::operator::mover::{self, MoveOptions};
@@ -184,7 +185,7 @@ fn print_plan(plan: &Plan, json: bool) {
     }
     println!("by failure reason:");
     for (k, n) in &plan.by_reason {
-        println!("  {n:>6}  {k}");
+        println!("  {n:>6}  {}", mask::emails_in(k));
     }
     for s in &plan.samples {
         println!(
@@ -193,9 +194,16 @@ fn print_plan(plan: &Plan, json: bool) {
             s.detail_type.as_deref().unwrap_or("(not an event)"),
             s.event_id.as_deref().unwrap_or("-"),
             s.kind.as_deref().unwrap_or("-"),
-            s.reason.as_deref().unwrap_or("-"),
+            s.reason
+                .as_deref()
+                .map(mask::emails_in)
+                .as_deref()
+                .unwrap_or("-"),
         );
-        println!("  body: {}", super::cell(Some(&s.body), 300));
+        // Masked: a dry run is read on a terminal, often shared; `dlq peek --json` and
+        // `dlq export` show bodies in full.
+        let body = redaction::body_for_display(&s.body);
+        println!("  body: {}", super::cell(Some(&body), 300));
     }
     println!("dry run: nothing changed");
 }

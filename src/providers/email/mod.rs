@@ -15,7 +15,6 @@
 //! each send, and so sending at most one email per (order, kind), is the notifications
 //! handler's job ([`crate::handlers::notifications`]).
 
-pub mod mask;
 pub mod templates;
 pub mod transport;
 pub mod view;
@@ -402,7 +401,7 @@ impl Mailer {
                 .parse()
                 .map_err(
                     |e: lettre::address::AddressError| ComposeError::InvalidAddress {
-                        masked: mask::mask(to_email),
+                        masked: crate::domain::mask::mask(to_email),
                         reason: e.to_string(),
                     },
                 )?;

@@ -13,7 +13,7 @@
 //! being recorded as failed, and are sent when redriven.
 //!
 //! Error texts may echo the recipient's address; the handler redacts them with
-//! [`super::mask::redact`] before they reach a log or a table.
+//! [`crate::domain::mask::redact`] before they reach a log or a table.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};

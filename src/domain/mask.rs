@@ -5,7 +5,9 @@
 //! (`ada@example.com` → `a***@example.com`): enough to tell "all mail to one provider bounces"
 //! from "one customer's box is full" at 3 a.m., too little to identify the customer. The
 //! length of the local part is not revealed. [`redact`] applies the mask to free text such as
-//! an SMTP reply (`550 5.1.1 <ada@example.com>: user unknown`), which often echoes the address.
+//! an SMTP reply (`550 5.1.1 <ada@example.com>: user unknown`), which often echoes the address,
+//! and [`emails_in`] to text that may hold any address (a failure reason on a dead-lettered
+//! message). [`crate::domain::redaction::for_display`] uses them to show an event on a terminal.
 
 /// What stands for the hidden part of an address.
 const STARS: &str = "***";
@@ -58,6 +60,35 @@ pub fn redact(text: &str, address: &str) -> String {
     out
 }
 
+/// Masks everything in `text` that looks like an email address (a run of address characters
+/// with an `@` and something on both sides of it).
+pub fn emails_in(text: &str) -> String {
+    let is_part = |c: char| c.is_alphanumeric() || "._%+-@'".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        let looks_like_address = run
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.ends_with('.'));
+        if looks_like_address {
+            out.push_str(&mask(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if is_part(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +127,20 @@ mod tests {
         assert!(!out.to_ascii_lowercase().contains("ada@"));
         assert_eq!(redact("nothing here", "ada@example.com"), "nothing here");
         assert_eq!(redact("text", ""), "text");
+    }
+
+    #[test]
+    fn every_address_in_free_text_is_masked_and_nothing_else() {
+        let reason = "invalid value: string \"ada@example.com\", expected one of a, b; at 3@4";
+        let out = emails_in(reason);
+        assert_eq!(
+            out,
+            "invalid value: string \"a***@example.com\", expected one of a, b; at 3@4"
+        );
+        assert_eq!(
+            emails_in("to <Bob.Smith+x@mail.co.uk>."),
+            "to <B***@mail.co.uk>."
+        );
+        assert_eq!(emails_in("no address here"), "no address here");
     }
 }
