@@ -1,5 +1,6 @@
 //! The `orderfleet` operator CLI: one file per command. The binary only parses arguments.
 
+pub mod customer;
 pub mod dlq;
 pub mod lake;
 pub mod migrate;
@@ -55,6 +56,8 @@ pub enum Command {
     Wait(wait::Args),
     /// Orders by status, stock, ledger totals and invariant checks; exits 1 if one fails.
     Report(report::Args),
+    /// Customers' personal data: `customer forget ID` honours an erasure request.
+    Customer(customer::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -69,6 +72,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Publish(args) => publish::run(args).await,
         Command::Wait(args) => wait::run(args).await,
         Command::Report(args) => report::run(args).await,
+        Command::Customer(args) => customer::run(args).await,
     }
 }
 

@@ -77,6 +77,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "payment_methods",
         include_str!("../../migrations/0013_payment_methods.sql"),
     ),
+    (
+        14,
+        "customer_erasures",
+        include_str!("../../migrations/0014_customer_erasures.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -142,3 +142,112 @@ async fn an_order_accepted_without_a_token_anywhere_is_refused_with_the_reason()
         other => panic!("a version-3 OrderAccepted was not refused: {other:?}"),
     }
 }
+
+/// Runs `orderfleet customer forget` against `db_url`.
+fn forget(db_url: &str, customer: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet"))
+        .args(["customer", "forget", customer, "--json"])
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run orderfleet customer forget")
+}
+
+#[tokio::test]
+async fn forgetting_a_customer_removes_their_personal_data_keeps_the_money_and_is_idempotent() {
+    let (pool, db_url) = support::fresh_db().await;
+    let fleet = sandbox_fleet(pool.clone(), &db_url);
+    stock_sku(&fleet, "TEA-1", 1250, 10).await;
+    fleet
+        .publish_event(&order("ord-f1", &[("TEA-1", 2, 1250)], TOKEN))
+        .await
+        .unwrap();
+    fleet
+        .publish_event(&order("ord-f2", &[("TEA-1", 1, 1250)], "tok_chargeback"))
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    // A third order, still in progress, holds the erasure back.
+    fleet
+        .publish_event(&order("ord-f3", &[("TEA-1", 1, 1250)], TOKEN))
+        .await
+        .unwrap();
+    let accepted = fleet.deliver_until("OrderAccepted").await.unwrap();
+    let refused = forget(&db_url, "cus-1");
+    assert_eq!(refused.status.code(), Some(2), "an error exits 2");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("ord-f3") && why.contains("in progress"),
+        "{why}"
+    );
+    fleet.deliver(&accepted).await;
+    fleet.run_until_quiet().await.unwrap();
+    assert_no_dead_letters(&fleet);
+
+    let out = forget(&db_url, "cus-1");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["orders"], 3, "{done}");
+    assert_eq!(done["recorded"], true);
+    assert_eq!(done["addresses"], 3);
+
+    // No email, name, street or token of the customer anywhere in the fleet's tables.
+    let c = pool.get().await.unwrap();
+    for (table, query) in [
+        (
+            "customers",
+            "SELECT count(*) FROM customers WHERE email <> '' OR name <> ''",
+        ),
+        (
+            "orders",
+            "SELECT count(*) FROM orders
+              WHERE shipping_address::text LIKE '%James%' OR payment_token <> ''",
+        ),
+        ("payment_methods", "SELECT count(*) FROM payment_methods"),
+        (
+            "payments",
+            "SELECT count(*) FROM payments WHERE payment_token <> ''",
+        ),
+        (
+            "payment_attempts",
+            "SELECT count(*) FROM payment_attempts WHERE payment_token <> ''",
+        ),
+    ] {
+        let n: i64 = c.query_one(query, &[]).await.unwrap().get(0);
+        assert_eq!(n, 0, "{table} still holds personal data");
+    }
+    let address: serde_json::Value = c
+        .query_one(
+            "SELECT shipping_address FROM orders WHERE id = 'ord-f1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        address,
+        serde_json::json!({"country": "GB", "postal_prefix": "SW1"})
+    );
+    // The money and every invariant are untouched.
+    assert_eq!(status(&pool, "ord-f1").await, "completed");
+    assert_ledger_balances(&pool).await;
+    let mut db = pool.get().await.unwrap();
+    let report = orderfleet::operator::report::build(&mut db).await.unwrap();
+    assert!(report.holds(), "{report:?}");
+
+    // Again: nothing left to change.
+    let again = forget(&db_url, "cus-1");
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["recorded"], false, "{again}");
+    assert_eq!(again["addresses"], 0);
+    let erasures = support::scalar(&pool, "SELECT count(*) FROM customer_erasures").await;
+    assert_eq!(erasures, 1);
+
+    let unknown = forget(&db_url, "cus-nobody");
+    assert_eq!(unknown.status.code(), Some(2));
+}

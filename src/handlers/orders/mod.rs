@@ -159,7 +159,7 @@ impl Orders {
             .map_err(|e| HandlerError::permanent(format!("encoding the address: {e}")))?;
         let valid = match validate(&d, &known) {
             Ok(v) => v,
-            Err(reasons) => return self.reject(cx, d, reasons, address).await,
+            Err(reasons) => return self.reject(cx, d, reasons).await,
         };
         let status = if cancelled_early {
             Status::Cancelling
@@ -243,7 +243,6 @@ impl Orders {
         cx: &mut Context<'_, Rows>,
         d: OrderPlaced,
         reasons: Vec<RejectionReason>,
-        address: serde_json::Value,
     ) -> Result<(), HandlerError> {
         let codes: Vec<&str> = reasons.iter().map(|r| r.code.as_str()).collect();
         tracing::info!(order_id = %d.order_id, reasons = ?codes, "order rejected");
@@ -251,10 +250,10 @@ impl Orders {
             .map_err(|e| HandlerError::permanent(format!("encoding the reasons: {e}")))?;
         cx.tx
             .execute_cached(
-                "INSERT INTO orders (id, status, shipping_address, placed_at,
-                                     rejection_reasons, terminal_at)
-                 VALUES ($1, 'rejected', $2, $3, $4, now())",
-                &[&d.order_id, &address, &d.placed_at, &stored],
+                // No address: a rejected order is never shipped, so it keeps none.
+                "INSERT INTO orders (id, status, placed_at, rejection_reasons, terminal_at)
+                 VALUES ($1, 'rejected', $2, $3, now())",
+                &[&d.order_id, &d.placed_at, &stored],
             )
             .await?;
         cx.batch.placed.insert(d.order_id.clone());
