@@ -82,6 +82,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "customer_erasures",
         include_str!("../../migrations/0014_customer_erasures.sql"),
     ),
+    (
+        15,
+        "worker_roles",
+        include_str!("../../migrations/0015_worker_roles.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,
@@ -113,6 +118,17 @@ fn tls() -> Result<MakeRustlsConnect> {
 /// Builds a pool for `url` with at most `max_size` connections. Connections are opened lazily,
 /// so this does not fail when the database is down; the first query does.
 pub fn pool(url: &str, max_size: usize) -> Result<Pool> {
+    build_pool(url, max_size, None)
+}
+
+/// [`pool`], each connection taking `role` (`SET ROLE`) as it is made: for a login that is a
+/// member of several of the fleet's roles (migration 0015) and must act as one of them, as the
+/// tests do to run each handler with its own grants.
+pub fn pool_as(url: &str, max_size: usize, role: &str) -> Result<Pool> {
+    build_pool(url, max_size, Some(role.to_string()))
+}
+
+fn build_pool(url: &str, max_size: usize, role: Option<String>) -> Result<Pool> {
     let mut config = tokio_postgres::Config::from_str(url)
         .with_context(|| "DATABASE_URL is not a valid PostgreSQL URL".to_string())?;
     if config.get_application_name().is_none() {
@@ -139,9 +155,17 @@ pub fn pool(url: &str, max_size: usize) -> Result<Pool> {
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(5)))
-        .post_create(Hook::async_fn(|client, _| {
+        .post_create(Hook::async_fn(move |client, _| {
+            let role = role.clone();
             Box::pin(async move {
                 watch_for_a_closed_client(client).await;
+                if let Some(role) = role {
+                    let quoted = format!("\"{}\"", role.replace('"', "\"\""));
+                    client
+                        .batch_execute(&format!("SET ROLE {quoted}"))
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)?;
+                }
                 Ok(())
             })
         }))

@@ -94,6 +94,9 @@ struct Counters {
 
 struct Inner {
     pool: Pool,
+    /// Handlers that run their transactions through a pool of their own (as their own
+    /// database role, say) instead of `pool`.
+    handler_pools: BTreeMap<HandlerName, Pool>,
     handlers: BTreeMap<HandlerName, Arc<dyn AnyHandler>>,
     /// The handlers that group commits ([`Handler::group_commit`]), with their groupers.
     groups: BTreeMap<HandlerName, GroupCommit>,
@@ -103,6 +106,13 @@ struct Inner {
     keep_published: bool,
     counters: Counters,
     dead: Mutex<Vec<DeadLetter>>,
+}
+
+impl Inner {
+    /// The pool `name`'s transactions run through.
+    fn pool_of(&self, name: HandlerName) -> Pool {
+        self.handler_pools.get(&name).unwrap_or(&self.pool).clone()
+    }
 }
 
 /// An in-process fleet over one database. Cheap to clone; clones share handlers and counters.
@@ -117,6 +127,7 @@ impl Fleet {
         Fleet {
             inner: Arc::new(Inner {
                 pool,
+                handler_pools: BTreeMap::new(),
                 handlers: BTreeMap::new(),
                 groups: BTreeMap::new(),
                 group: GroupConfig::default(),
@@ -172,10 +183,18 @@ impl Fleet {
         let inner = self.inner_mut();
         inner.groups.remove(&name);
         if handler.group_commit() {
-            let group = GroupCommit::new(handler.clone(), inner.pool.clone(), inner.group);
+            let group = GroupCommit::new(handler.clone(), inner.pool_of(name), inner.group);
             inner.groups.insert(name, group);
         }
         inner.handlers.insert(name, handler);
+        self
+    }
+
+    /// Runs `name`'s transactions through `pool` (e.g. [`orderfleet::store::db::pool_as`] its
+    /// own database role) instead of the fleet's. Call before [`Fleet::with_handler`] for
+    /// that handler.
+    pub fn with_handler_pool(mut self, name: HandlerName, pool: Pool) -> Self {
+        self.inner_mut().handler_pools.insert(name, pool);
         self
     }
 
@@ -186,7 +205,8 @@ impl Fleet {
         inner.group = cfg;
         for (name, group) in inner.groups.iter_mut() {
             let handler = inner.handlers[name].clone();
-            *group = GroupCommit::new(handler, inner.pool.clone(), cfg);
+            let pool = inner.handler_pools.get(name).unwrap_or(&inner.pool).clone();
+            *group = GroupCommit::new(handler, pool, cfg);
         }
         self
     }
@@ -388,7 +408,7 @@ impl Fleet {
             Some(group) => group.apply(event, receive_count).await,
             None => {
                 c.executions.fetch_add(1, Relaxed);
-                runtime::execute(&**h, &self.inner.pool, event, receive_count).await
+                runtime::execute(&**h, &self.inner.pool_of(handler), event, receive_count).await
             }
         };
         match &result {

@@ -64,3 +64,265 @@ fn only_orders_inventory_payments_and_fulfillment_emit_events_so_only_their_work
         assert!(catalogue::produces(h), "{h}");
     }
 }
+
+/// Runs `statement` as `role` in a transaction that is rolled back; the error's SQLSTATE, if
+/// it failed.
+async fn as_role(pool: &deadpool_postgres::Pool, role: &str, statement: &str) -> Option<String> {
+    let mut c = pool.get().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute(&format!("SET LOCAL ROLE {role}"))
+        .await
+        .unwrap();
+    let out = tx.batch_execute(statement).await;
+    tx.rollback().await.ok();
+    out.err()
+        .map(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn each_worker_role_is_refused_writes_to_tables_it_does_not_own() {
+    let (pool, _) = support::fresh_db().await;
+    const FORGE: &str = "INSERT INTO outbox (event_id, source, detail_type, detail)
+        VALUES (gen_random_uuid(), 'orderfleet.payments', 'PaymentCaptured', '{}')";
+    let refused: &[(&str, &str)] = &[
+        ("orderfleet_analytics", "UPDATE payments SET state = state"),
+        ("orderfleet_analytics", FORGE),
+        (
+            "orderfleet_notifications",
+            "UPDATE customers SET email = email",
+        ),
+        ("orderfleet_notifications", FORGE),
+        (
+            "orderfleet_personalization",
+            "UPDATE stock SET on_hand = on_hand",
+        ),
+        ("orderfleet_personalization", FORGE),
+        ("orderfleet_orders", "UPDATE payments SET state = state"),
+        ("orderfleet_orders", "DELETE FROM ledger_postings"),
+        (
+            "orderfleet_orders",
+            "SELECT payment_token FROM payment_methods",
+        ),
+        ("orderfleet_inventory", "UPDATE orders SET status = status"),
+        (
+            "orderfleet_fulfillment",
+            "UPDATE payments SET state = state",
+        ),
+        ("orderfleet_payments", "UPDATE orders SET status = status"),
+        ("orderfleet_payments", "DELETE FROM ledger_postings"),
+        (
+            "orderfleet_payments",
+            "TRUNCATE ledger_transactions CASCADE",
+        ),
+        ("orderfleet_operator", "UPDATE orders SET status = status"),
+        ("orderfleet_operator", "DELETE FROM processed_messages"),
+    ];
+    for (role, statement) in refused {
+        assert_eq!(
+            as_role(&pool, role, statement).await.as_deref(),
+            Some("42501"),
+            "{role} was not refused: {statement}"
+        );
+    }
+    // No worker owns the ledger, so none can switch its append-only guard off.
+    for role in [
+        "orderfleet_orders",
+        "orderfleet_inventory",
+        "orderfleet_payments",
+        "orderfleet_fulfillment",
+        "orderfleet_notifications",
+        "orderfleet_analytics",
+        "orderfleet_personalization",
+    ] {
+        assert_eq!(
+            as_role(
+                &pool,
+                role,
+                "DROP TRIGGER ledger_postings_append_only ON ledger_postings"
+            )
+            .await
+            .as_deref(),
+            Some("42501"),
+            "{role} could drop the ledger's trigger"
+        );
+    }
+    // And what they need is allowed: the refusals above are grants, not a broken login.
+    assert_eq!(
+        as_role(
+            &pool,
+            "orderfleet_payments",
+            "SELECT count(*) FROM payment_methods"
+        )
+        .await,
+        None
+    );
+    assert_eq!(
+        as_role(
+            &pool,
+            "orderfleet_operator",
+            "SELECT count(*) FROM ledger_postings"
+        )
+        .await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn the_whole_saga_runs_with_each_worker_under_its_own_role() {
+    use orderfleet::domain::redaction::Redactor;
+    use orderfleet::handlers::{analytics, fulfillment, inventory, orders, payments};
+    use orderfleet::providers::carrier::SandboxCarrier;
+    use orderfleet::providers::payment::SandboxProvider;
+    use orderfleet::store::db::pool_as;
+    use std::sync::Arc;
+
+    use crate::support::saga::*;
+
+    let (owner, url) = support::fresh_db().await;
+    let role = |h: HandlerName| pool_as(&url, 8, &format!("orderfleet_{h}")).unwrap();
+    let payments_pool = role(HandlerName::Payments);
+    let fulfillment_pool = role(HandlerName::Fulfillment);
+    let outbox = crate::support::notifications::TempDir::new("roles-mail-");
+    let mut fleet = orderfleet_testkit::inproc::Fleet::new(owner.clone());
+    for h in [
+        HandlerName::Orders,
+        HandlerName::Inventory,
+        HandlerName::Payments,
+        HandlerName::Fulfillment,
+        HandlerName::Notifications,
+        HandlerName::Analytics,
+        HandlerName::Personalization,
+    ] {
+        fleet = fleet.with_handler_pool(h, role(h));
+    }
+    let provider = Arc::new(SandboxProvider::new(
+        payments_pool.clone(),
+        std::time::Duration::ZERO,
+    ));
+    let fleet = fleet
+        .with_handler(HandlerName::Orders, Arc::new(orders::Orders))
+        .with_handler(HandlerName::Inventory, Arc::new(inventory::Inventory))
+        .with_handler(
+            HandlerName::Payments,
+            Arc::new(payments::Payments::with_attempt_log(
+                provider,
+                payments_pool,
+            )),
+        )
+        .with_handler(
+            HandlerName::Fulfillment,
+            Arc::new(fulfillment::Fulfillment::new(
+                Arc::new(SandboxCarrier::new(fulfillment_pool.clone())),
+                fulfillment_pool,
+            )),
+        )
+        .with_handler(
+            HandlerName::Notifications,
+            Arc::new(orderfleet::handlers::notifications::Notifications::new(
+                crate::support::notifications::file_mailer(outbox.path()),
+            )),
+        )
+        .with_handler(
+            HandlerName::Analytics,
+            Arc::new(analytics::Analytics::new(
+                Redactor::new(&[9u8; 32]).unwrap(),
+            )),
+        )
+        .with_handler(
+            HandlerName::Personalization,
+            Arc::new(orderfleet::handlers::personalization::Personalization::new(
+                None,
+            )),
+        );
+
+    stock_sku(&fleet, "TEA-1", 1250, 10).await;
+    fleet
+        .publish_event(&order("ord-r1", &[("TEA-1", 2, 1250)], "tok_visa"))
+        .await
+        .unwrap();
+    let mut returned = order("ord-r2", &[("TEA-1", 1, 1250)], "tok_visa");
+    returned.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    fleet.publish_event(&returned).await.unwrap();
+    fleet
+        .publish_event(&order("ord-r3", &[("TEA-1", 1, 1250)], "tok_visa"))
+        .await
+        .unwrap();
+    fleet.publish_event(&cancellation("ord-r3")).await.unwrap();
+    fleet.run_until_quiet().await.unwrap();
+
+    assert_no_dead_letters(&fleet);
+    assert_eq!(status(&owner, "ord-r1").await, "completed");
+    assert_eq!(status(&owner, "ord-r2").await, "returned");
+    assert_eq!(status(&owner, "ord-r3").await, "cancelled");
+    assert_ledger_balances(&owner).await;
+    let archived = support::scalar(&owner, "SELECT count(*) FROM lake_outbox").await;
+    assert!(archived > 0, "analytics archived nothing");
+    let emails = support::scalar(&owner, "SELECT count(*) FROM emails").await;
+    assert!(emails > 0, "notifications sent nothing");
+}
+
+#[tokio::test]
+async fn a_worker_process_runs_on_a_login_that_is_only_a_member_of_its_role() {
+    let clients = support::clients().await;
+    let topo = support::topology(&clients).await;
+    let (pool, url) = support::fresh_db().await;
+    let login = support::unique("inventory_login_");
+    let c = pool.get().await.unwrap();
+    c.batch_execute(&format!(
+        "CREATE ROLE {login} LOGIN IN ROLE orderfleet_inventory"
+    ))
+    .await
+    .unwrap();
+    // postgres://<owner>@host:port/db -> postgres://<login>@host:port/db
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (_, host_and_db) = rest.split_once('@').unwrap();
+    let login_url = format!("{scheme}://{login}@{host_and_db}");
+
+    let mut worker = support::Proc(
+        std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+            .args(["--handler", "inventory", "--prefix", &topo.prefix])
+            .args(["--database-url", &login_url, "--wait-time-secs", "1"])
+            .args(["--heartbeat-secs", "1", "--inbox-prune-interval-secs", "1"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn orderfleet-worker"),
+    );
+    let queue =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Inventory))
+            .await
+            .unwrap();
+    support::send_bodies(&clients, &queue, &[support::stock_received("ROLE-1", 5)]).await;
+    support::wait_for(
+        std::time::Duration::from_secs(30),
+        "the stock received by the worker",
+        || async {
+            let n = support::scalar(
+                &pool,
+                "SELECT coalesce(sum(on_hand), 0)::bigint FROM stock WHERE sku = 'ROLE-1'",
+            )
+            .await;
+            (n == 5).then_some(())
+        },
+    )
+    .await;
+    let beats = support::scalar(&pool, "SELECT count(*) FROM worker_heartbeats").await;
+    assert!(beats >= 1, "the worker's heartbeat was refused");
+    support::signal(&worker, "-TERM");
+    let status = support::wait_exit(&mut worker, std::time::Duration::from_secs(30)).await;
+    let mut stderr = String::new();
+    use std::io::Read;
+    if let Some(mut e) = worker.0.stderr.take() {
+        e.read_to_string(&mut stderr).ok();
+    }
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        !stderr.contains("permission denied"),
+        "the worker was refused something it needs: {stderr}"
+    );
+    c.batch_execute(&format!("DROP ROLE {login}"))
+        .await
+        .unwrap();
+}
