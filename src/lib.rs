@@ -10,15 +10,17 @@
 //! 1. `src/bin/`: the two binaries; they parse arguments and hand over.
 //! 2. [`worker`] (the `orderfleet-worker` process: wiring and flags in `mod.rs`,
 //!    [`worker::deps`] the handlers' dependencies, [`worker::health`]) and [`cli`] (one module
-//!    per `orderfleet` command: `lake`, `migrate`, `provision`, `publish`, `report`, `seed`,
-//!    `status`, `wait`, `dlq/{peek, redrive, export, import, purge, cancel}`; and
+//!    per `orderfleet` command: `customer`, `lake`, `migrate`, `provision`, `publish`,
+//!    `report`, `seed`, `status`, `wait`, `dlq/{peek, redrive, export, import, purge, cancel}`;
+//!    and
 //!    [`cli::simulator`], the storefront behind `seed` and `publish`, with its
 //!    [`cli::simulator::bus`] publisher).
 //! 3. [`operator`]: what `status`, `dlq` and `report` do: [`operator::queue`] (naming a
 //!    queue), [`operator::scan`], [`operator::message`], [`operator::filter`],
 //!    [`operator::plan`], [`operator::mover`] with its crash-safe [`operator::journal`],
 //!    [`operator::native`] (SQS's own redrive), [`operator::export`], [`operator::rate`],
-//!    [`operator::progress`], [`operator::status`], [`operator::report`]'s invariants.
+//!    [`operator::progress`], [`operator::status`], [`operator::report`]'s invariants,
+//!    [`operator::erasure`] (`customer forget`).
 //! 4. [`runtime`]: the SQS consumer, written once: its settings and queue checks (`mod.rs`),
 //!    [`runtime::consumer`]'s receive loops and outcomes, [`runtime::execute`]'s one-event
 //!    transaction, [`runtime::group`] commit, [`runtime::lease`], [`runtime::acker`],
@@ -30,7 +32,7 @@
 //!    [`handlers::notifications`], [`handlers::analytics`], [`handlers::personalization`]: the
 //!    business logic, knowing nothing of SQS.
 //! 6. [`providers`]: the outside world: [`providers::payment`], [`providers::carrier`] and
-//!    [`providers::email`] (templates, views, masking, SMTP/SES/file transports), each with its
+//!    [`providers::email`] (templates, views, SMTP/SES/file transports), each with its
 //!    sandbox.
 //! 7. [`store`]: PostgreSQL: [`store::db`] (pool, TLS, migrations), [`store::inbox`] (and its
 //!    retention), [`store::outbox`] with its relay to EventBridge, [`store::ledger`],
@@ -42,7 +44,9 @@
 //! 9. [`telemetry`]: [`telemetry::metrics`] counters, [`telemetry::emf`] (CloudWatch embedded
 //!    metrics), [`telemetry::logging`].
 //! 10. [`domain`]: what every layer speaks: [`domain::envelope`], [`domain::catalogue`],
-//!     [`domain::names`], [`domain::events`], [`domain::money`], [`domain::outcome`].
+//!     [`domain::names`], [`domain::events`], [`domain::money`], [`domain::outcome`],
+//!     [`domain::redaction`] (what of an event may reach the lake or a terminal) and
+//!     [`domain::mask`] (email masking).
 //!
 //! The benchmarks (`bench/`), the in-process test fleet (`testkit/`) and the CloudFormation
 //! generator (`xtask/`) are packages of their own in the workspace.
