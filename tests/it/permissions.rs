@@ -125,15 +125,8 @@ async fn each_worker_role_is_refused_writes_to_tables_it_does_not_own() {
         );
     }
     // No worker owns the ledger, so none can switch its append-only guard off.
-    for role in [
-        "orderfleet_orders",
-        "orderfleet_inventory",
-        "orderfleet_payments",
-        "orderfleet_fulfillment",
-        "orderfleet_notifications",
-        "orderfleet_analytics",
-        "orderfleet_personalization",
-    ] {
+    for role in HandlerName::ALL.map(|h| format!("orderfleet_{h}")) {
+        let role = role.as_str();
         assert_eq!(
             as_role(
                 &pool,
@@ -184,15 +177,7 @@ async fn the_whole_saga_runs_with_each_worker_under_its_own_role() {
     let fulfillment_pool = role(HandlerName::Fulfillment);
     let outbox = crate::support::notifications::TempDir::new("roles-mail-");
     let mut fleet = orderfleet_testkit::inproc::Fleet::new(owner.clone());
-    for h in [
-        HandlerName::Orders,
-        HandlerName::Inventory,
-        HandlerName::Payments,
-        HandlerName::Fulfillment,
-        HandlerName::Notifications,
-        HandlerName::Analytics,
-        HandlerName::Personalization,
-    ] {
+    for h in HandlerName::ALL {
         fleet = fleet.with_handler_pool(h, role(h));
     }
     let provider = Arc::new(SandboxProvider::new(
