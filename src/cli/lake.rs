@@ -47,8 +47,7 @@ async fn stats(args: StatsArgs) -> Result<ExitCode> {
         Some(bucket) => bucket,
         None => lake::resolve_bucket(&clients.firehose, &topo.firehose_stream()).await?,
     };
-    let (records, read) = lake::read(&clients.s3, &bucket).await?;
-    let stats = LakeStats::from_records(&read, &records);
+    let stats = LakeStats::gather(&clients.s3, &bucket).await?;
     if args.json {
         println!("{}", serde_json::to_string(&stats)?);
         return Ok(ExitCode::SUCCESS);

@@ -120,10 +120,22 @@ impl LakeRecord {
     }
 }
 
-/// Everything read back from the lake bucket under `events/`, object by object (listing
-/// paginates). Lines that are not JSON objects are counted in `unreadable`, not returned.
+/// Everything read back from the lake bucket under `events/`, in memory: for tests and small
+/// lakes. `orderfleet lake stats` uses [`LakeStats::gather`], which keeps no record.
 pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<(Vec<LakeRecord>, Lake)> {
     let mut records = Vec::new();
+    let lake = for_each_record(s3, bucket, |r| records.push(r)).await?;
+    Ok((records, lake))
+}
+
+/// Hands every record of the lake bucket under `events/` to `each`, object by object (listing
+/// paginates; one object's body is in memory at a time). Lines that are not JSON objects are
+/// counted in `unreadable`, not handed over.
+pub async fn for_each_record(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    mut each: impl FnMut(LakeRecord),
+) -> Result<Lake> {
     let mut lake = Lake {
         bucket: bucket.to_string(),
         objects: 0,
@@ -156,7 +168,7 @@ pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<(Vec<LakeReco
             let partition = partition_day(key);
             for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 match serde_json::from_slice::<Value>(line) {
-                    Ok(event) if event.is_object() => records.push(LakeRecord {
+                    Ok(event) if event.is_object() => each(LakeRecord {
                         key: key.to_string(),
                         partition,
                         event,
@@ -166,7 +178,7 @@ pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<(Vec<LakeReco
             }
         }
     }
-    Ok((records, lake))
+    Ok(lake)
 }
 
 /// Where records were read from.
@@ -180,7 +192,7 @@ pub struct Lake {
 }
 
 /// What `orderfleet lake stats` reports.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct LakeStats {
     pub bucket: String,
     pub objects: u64,
@@ -201,43 +213,67 @@ pub struct LakeStats {
 }
 
 impl LakeStats {
+    /// Counts the lake bucket's records as they are read, keeping none of them: its memory is
+    /// one object's body and one key per distinct event.
+    pub async fn gather(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<LakeStats> {
+        let mut counter = Counter::default();
+        let lake = for_each_record(s3, bucket, |r| counter.add(&r)).await?;
+        Ok(counter.finish(&lake))
+    }
+
     /// Counts `records` read from `lake`.
     pub fn from_records(lake: &Lake, records: &[LakeRecord]) -> LakeStats {
-        let mut seen = std::collections::HashSet::new();
-        let mut stats = LakeStats {
+        let mut counter = Counter::default();
+        for r in records {
+            counter.add(r);
+        }
+        counter.finish(lake)
+    }
+}
+
+/// [`LakeStats`] being counted.
+#[derive(Default)]
+struct Counter {
+    seen: std::collections::HashSet<(String, String)>,
+    stats: LakeStats,
+}
+
+impl Counter {
+    fn add(&mut self, r: &LakeRecord) {
+        let stats = &mut self.stats;
+        stats.records += 1;
+        let partition = r
+            .partition
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "unpartitioned".into());
+        *stats.by_partition.entry(partition).or_default() += 1;
+        // A producer may reuse one id across detail-types: the pair is the event.
+        if !self
+            .seen
+            .insert((r.detail_type().to_string(), r.event_key().to_string()))
+        {
+            stats.duplicates += 1;
+            return;
+        }
+        stats.distinct_events += 1;
+        *stats
+            .by_detail_type
+            .entry(r.detail_type().to_string())
+            .or_default() += 1;
+        let day = r
+            .day()
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        *stats.by_day.entry(day).or_default() += 1;
+    }
+
+    fn finish(self, lake: &Lake) -> LakeStats {
+        LakeStats {
             bucket: lake.bucket.clone(),
             objects: lake.objects,
-            records: records.len() as u64,
-            distinct_events: 0,
-            duplicates: 0,
             unreadable: lake.unreadable,
-            by_detail_type: BTreeMap::new(),
-            by_day: BTreeMap::new(),
-            by_partition: BTreeMap::new(),
-        };
-        for r in records {
-            let partition = r
-                .partition
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "unpartitioned".into());
-            *stats.by_partition.entry(partition).or_default() += 1;
-            // A producer may reuse one id across detail-types: the pair is the event.
-            if !seen.insert((r.detail_type().to_string(), r.event_key().to_string())) {
-                stats.duplicates += 1;
-                continue;
-            }
-            stats.distinct_events += 1;
-            *stats
-                .by_detail_type
-                .entry(r.detail_type().to_string())
-                .or_default() += 1;
-            let day = r
-                .day()
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "unknown".into());
-            *stats.by_day.entry(day).or_default() += 1;
+            ..self.stats
         }
-        stats
     }
 }
 
