@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use orderfleet::domain::catalogue::{Producer, EVENTS};
 use orderfleet::domain::names::HandlerName;
 use orderfleet::infra::topology::{self, Topology};
 use serde_json::{json, Value};
@@ -97,6 +98,36 @@ impl Template {
 
 fn get_att(id: &str, attribute: &str) -> Value {
     json!({"Fn::GetAtt": [id, attribute]})
+}
+
+/// Whether the catalogue lists an event `h` produces.
+fn produces_events(h: HandlerName) -> bool {
+    EVENTS.iter().any(|e| e.producer == Producer::Handler(h))
+}
+
+/// The statements of the handler's task role; a conditional one (`Fn::If`) by its `then` branch.
+fn task_role_statements(t: &Template, h: HandlerName) -> Vec<&Value> {
+    let role = t.resource(&format!("{}TaskRole", xtask::cfn::logical_id(h)));
+    role["Properties"]["Policies"]
+        .as_array()
+        .expect("Policies")
+        .iter()
+        .flat_map(|p| {
+            p["PolicyDocument"]["Statement"]
+                .as_array()
+                .expect("Statement")
+        })
+        .map(|s| s.get("Fn::If").map(|f| &f[1]).unwrap_or(s))
+        .collect()
+}
+
+/// The actions of a policy statement.
+fn actions(statement: &Value) -> Vec<&str> {
+    match &statement["Action"] {
+        Value::String(a) => vec![a.as_str()],
+        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+        other => panic!("odd Action {other}"),
+    }
 }
 
 #[test]
@@ -284,19 +315,13 @@ fn each_task_role_reaches_only_its_own_queues_and_its_own_dependencies() {
         let (queue_id, _) = t.named("AWS::SQS::Queue", "QueueName", &topo.queue_name(h));
         let (dlq_id, _) = t.named("AWS::SQS::Queue", "QueueName", &topo.dlq_name(h));
         let role = t.resource(&format!("{stem}TaskRole"));
-        let statements = role["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
-            .as_array()
-            .expect("Statement");
+        assert!(
+            role["Properties"]["ManagedPolicyArns"].is_null(),
+            "{h}: a task role gets its permissions from its own policy only"
+        );
         let mut services = Vec::new();
-        for s in statements {
-            // A conditional statement (Personalize) is checked through its `then` branch.
-            let s = s.get("Fn::If").map(|f| &f[1]).unwrap_or(s);
-            let actions: Vec<&str> = match &s["Action"] {
-                Value::String(a) => vec![a.as_str()],
-                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-                other => panic!("{h}: odd Action {other}"),
-            };
-            for action in &actions {
+        for s in task_role_statements(&t, h) {
+            for action in &actions(s) {
                 assert!(!action.contains('*'), "{h}: wildcard action {action}");
                 let service = action.split(':').next().unwrap_or_default().to_string();
                 if !services.contains(&service) {
@@ -325,11 +350,159 @@ fn each_task_role_reaches_only_its_own_queues_and_its_own_dependencies() {
             HandlerName::Personalization => Some("personalize"),
             _ => None,
         };
-        let mut expected = vec!["events", "sqs"];
+        let mut expected = vec!["sqs"];
+        if produces_events(h) {
+            expected.push("events");
+        }
         expected.extend(extra);
         expected.sort();
         assert_eq!(services, expected, "{h}: services the task role reaches");
     }
+}
+
+#[test]
+fn only_handlers_that_produce_events_may_put_events_and_only_under_their_own_source() {
+    let t = Template::load();
+    let topo = Topology::default();
+    let (bus_id, _) = t.named("AWS::Events::EventBus", "Name", &topo.bus_name);
+    let producers: Vec<HandlerName> = HandlerName::ALL
+        .into_iter()
+        .filter(|h| produces_events(*h))
+        .collect();
+    assert!(
+        !producers.is_empty() && producers.len() < HandlerName::ALL.len(),
+        "the catalogue should have handlers that produce events and handlers that do not"
+    );
+    for h in HandlerName::ALL {
+        let puts: Vec<&Value> = task_role_statements(&t, h)
+            .into_iter()
+            .filter(|s| {
+                actions(s)
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case("events:PutEvents") || *a == "*")
+            })
+            .collect();
+        if !produces_events(h) {
+            assert!(
+                puts.is_empty(),
+                "{h} produces no event in the catalogue, yet its task role may PutEvents: {puts:?}"
+            );
+            continue;
+        }
+        assert_eq!(
+            puts.len(),
+            1,
+            "{h}: one PutEvents statement, found {puts:?}"
+        );
+        let put = puts[0];
+        assert_eq!(put["Effect"], "Allow", "{h}");
+        assert_eq!(
+            put["Resource"],
+            get_att(bus_id, "Arn"),
+            "{h}: on the bus only"
+        );
+        assert_eq!(
+            put["Condition"],
+            json!({"StringEquals": {"events:source": [h.source()]}}),
+            "{h}: PutEvents must be held to the handler's own source"
+        );
+        // The catalogue's events of the handler carry that same source.
+        for e in EVENTS.iter().filter(|e| e.producer == Producer::Handler(h)) {
+            assert_eq!(e.source(), h.source(), "{h}: {}", e.detail_type);
+        }
+    }
+}
+
+#[test]
+fn tasks_send_only_https_out_and_postgresql_to_the_database() {
+    let t = Template::load();
+    let services = t.of_type("AWS::ECS::Service");
+    assert_eq!(services.len(), HandlerName::ALL.len());
+    let db_groups = t.resource("Db")["Properties"]["VPCSecurityGroups"]
+        .as_array()
+        .expect("VPCSecurityGroups");
+    assert_eq!(db_groups.len(), 1, "the database has one security group");
+    let db_group = &db_groups[0];
+
+    let mut task_groups: Vec<&Value> = Vec::new();
+    for (_, s) in &services {
+        for g in s["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"]
+            .as_array()
+            .expect("SecurityGroups")
+        {
+            if !task_groups.contains(&g) {
+                task_groups.push(g);
+            }
+        }
+    }
+    assert_eq!(task_groups.len(), 1, "every task shares one security group");
+    let task_group = task_groups[0];
+    let task_group_id = task_group["Ref"].as_str().expect("a Ref to the task group");
+    let group = &t.resource(task_group_id)["Properties"];
+    assert!(
+        group["SecurityGroupIngress"].is_null(),
+        "the tasks take no inbound traffic"
+    );
+
+    // Without an embedded rule, EC2 would keep its default allow-all egress.
+    let inline = group["SecurityGroupEgress"]
+        .as_array()
+        .expect("the task group must declare its egress, or EC2 allows all outbound traffic");
+    let standalone: Vec<&Value> = t
+        .of_type("AWS::EC2::SecurityGroupEgress")
+        .into_iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["GroupId"] == *task_group)
+        .collect();
+    let rules: Vec<&Value> = inline.iter().chain(standalone).collect();
+    for rule in &rules {
+        let protocol = rule["IpProtocol"].as_str().unwrap_or_default();
+        assert!(
+            protocol != "-1" && !protocol.eq_ignore_ascii_case("all"),
+            "all-traffic egress from the tasks: {rule}"
+        );
+        assert!(
+            rule["Description"].as_str().is_some_and(|d| !d.is_empty()),
+            "an egress rule without a reason: {rule}"
+        );
+    }
+    let https = |r: &Value| {
+        r["IpProtocol"] == "tcp"
+            && r["FromPort"] == 443
+            && r["ToPort"] == 443
+            && r["CidrIp"] == "0.0.0.0/0"
+            && r["DestinationSecurityGroupId"].is_null()
+    };
+    let postgres = |r: &Value| {
+        r["IpProtocol"] == "tcp"
+            && r["FromPort"] == 5432
+            && r["ToPort"] == 5432
+            && r["DestinationSecurityGroupId"] == *db_group
+            && r["CidrIp"].is_null()
+    };
+    assert_eq!(
+        rules.iter().filter(|r| https(r)).count(),
+        1,
+        "one HTTPS rule to the AWS APIs: {rules:?}"
+    );
+    assert_eq!(
+        rules.iter().filter(|r| postgres(r)).count(),
+        1,
+        "one PostgreSQL rule to the database's group: {rules:?}"
+    );
+    assert_eq!(rules.len(), 2, "no other egress from the tasks: {rules:?}");
+
+    // The other side: the database admits PostgreSQL from the tasks only.
+    let db_group_id = db_group["Ref"]
+        .as_str()
+        .expect("a Ref to the database group");
+    let ingress = t.resource(db_group_id)["Properties"]["SecurityGroupIngress"]
+        .as_array()
+        .expect("SecurityGroupIngress");
+    assert_eq!(ingress.len(), 1, "{ingress:?}");
+    assert_eq!(ingress[0]["SourceSecurityGroupId"], *task_group);
+    assert_eq!(ingress[0]["FromPort"], 5432);
+    assert_eq!(ingress[0]["ToPort"], 5432);
 }
 
 #[test]

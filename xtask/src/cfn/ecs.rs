@@ -1,10 +1,13 @@
-//! The workers on ECS Fargate: the cluster, their log group and security group, the execution
-//! role, and per handler a task role reaching only what the handler needs, a task definition
-//! (a `migrate` container, then the worker) and a service.
+//! The workers on ECS Fargate: the cluster, their log group, their security group (outbound
+//! HTTPS and PostgreSQL only), the execution role, and per handler a task role reaching only
+//! what the handler needs, a task definition (a `migrate` container, then the worker) and a
+//! service.
 
+use orderfleet::domain::catalogue::{EventSpec, Producer, EVENTS};
 use orderfleet::domain::names::HandlerName;
 use serde_json::{json, Value};
 
+use super::rds::POSTGRES_PORT;
 use super::{att, r, resource, resource_on_removal, sub, tags, Handler, Resources, PREFIX};
 
 /// `ORDERFLEET_SHUTDOWN_GRACE_SECS` given to every ECS task: what running handlers get to finish
@@ -51,15 +54,35 @@ pub(super) fn shared(res: &mut Resources) {
             }),
         ),
     );
+    // Giving the group an egress rule of its own replaces EC2's default allow-all one. Every AWS
+    // API the tasks call is HTTPS on public endpoints or VPC interface endpoints (the addresses
+    // vary, hence 0.0.0.0/0); the Amazon DNS resolver is not filtered by security groups.
     res.add(
         "TaskSecurityGroup",
         resource(
             "AWS::EC2::SecurityGroup",
             json!({
-                "GroupDescription": "orderfleet worker tasks: no inbound; outbound to the AWS APIs and PostgreSQL",
+                "GroupDescription": "orderfleet worker tasks: no inbound; outbound HTTPS to the AWS APIs and PostgreSQL to the database",
                 "VpcId": r("VpcId"),
-                "SecurityGroupEgress": [{"IpProtocol": "-1", "CidrIp": "0.0.0.0/0", "Description": "AWS APIs and the database"}],
+                "SecurityGroupEgress": [{
+                    "IpProtocol": "tcp", "FromPort": 443, "ToPort": 443, "CidrIp": "0.0.0.0/0",
+                    "Description": "HTTPS to the AWS APIs: SQS, EventBridge, Firehose, SES, CloudWatch, Secrets Manager, Personalize, ECR"
+                }],
                 "Tags": tags("workers")
+            }),
+        ),
+    );
+    // A rule of its own: inside the group it would reference the database's group, whose
+    // ingress references this one, and CloudFormation refuses the cycle.
+    res.add(
+        "TaskSecurityGroupEgressToDb",
+        resource(
+            "AWS::EC2::SecurityGroupEgress",
+            json!({
+                "GroupId": r("TaskSecurityGroup"),
+                "IpProtocol": "tcp", "FromPort": POSTGRES_PORT, "ToPort": POSTGRES_PORT,
+                "DestinationSecurityGroupId": r("DbSecurityGroup"),
+                "Description": "PostgreSQL to the database: the outbox, inbox and business data"
             }),
         ),
     );
@@ -107,10 +130,21 @@ pub(super) fn handler(res: &mut Resources, h: &Handler) {
 }
 
 fn task_role(h: &Handler) -> Value {
+    let description = if published_sources(h.handler).is_empty() {
+        format!(
+            "The {} worker: its own queue and DLQ and its own dependencies; it publishes no events",
+            h.name
+        )
+    } else {
+        format!(
+            "The {} worker: its own queue and DLQ, its own events onto the bus, and its own dependencies",
+            h.name
+        )
+    };
     resource(
         "AWS::IAM::Role",
         json!({
-            "Description": format!("The {} worker: its own queue and DLQ, the bus, and its own dependencies", h.name),
+            "Description": description,
             "AssumeRolePolicyDocument": assume_role("ecs-tasks.amazonaws.com"),
             "Policies": [{
                 "PolicyName": format!("orderfleet-{}", h.name),
@@ -121,8 +155,9 @@ fn task_role(h: &Handler) -> Value {
     )
 }
 
-/// Every handler consumes its queue, dead-letters to its DLQ and publishes to the bus; some
-/// reach one dependency of their own.
+/// Every handler consumes its queue and dead-letters to its DLQ; one the catalogue lists as a
+/// producer publishes to the bus, under its own source only; some reach one dependency of their
+/// own.
 fn statements(h: &Handler) -> Vec<Value> {
     let mut statements = vec![
         json!({
@@ -137,15 +172,40 @@ fn statements(h: &Handler) -> Vec<Value> {
             "Action": ["sqs:SendMessage", "sqs:GetQueueUrl", "sqs:GetQueueAttributes"],
             "Resource": att(&h.id("Dlq"), "Arn")
         }),
-        json!({
-            "Sid": "PublishToBus",
-            "Effect": "Allow",
-            "Action": "events:PutEvents",
-            "Resource": att("Bus", "Arn")
-        }),
     ];
+    statements.extend(publish_statement(h.handler));
     statements.extend(dependency_statement(h.handler));
     statements
+}
+
+/// The `source` of every event the catalogue says `handler` produces, sorted, without repeats:
+/// empty for a handler that only consumes.
+fn published_sources(handler: HandlerName) -> Vec<String> {
+    let mut sources: Vec<String> = EVENTS
+        .iter()
+        .filter(|e| e.producer == Producer::Handler(handler))
+        .map(EventSpec::source)
+        .collect();
+    sources.sort();
+    sources.dedup();
+    sources
+}
+
+/// PutEvents on the bus for a handler that produces events, held to the sources of those
+/// events: a worker's outbox relay publishes only the rows of the handlers it runs, so a task
+/// can neither publish another handler's events nor pose as the storefront.
+fn publish_statement(handler: HandlerName) -> Option<Value> {
+    let sources = published_sources(handler);
+    if sources.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "Sid": "PublishOwnEventsToBus",
+        "Effect": "Allow",
+        "Action": "events:PutEvents",
+        "Resource": att("Bus", "Arn"),
+        "Condition": {"StringEquals": {"events:source": sources}}
+    }))
 }
 
 /// The access to its own dependency a handler needs, if it has one.

@@ -9,7 +9,8 @@
 //! - `params`: the parameters and the console's grouping of them;
 //! - `bus`: the EventBridge bus, its dead-letter queue and one rule per handler;
 //! - `queues`: each handler's queue and DLQ, with the queue policy that admits its rule;
-//! - `ecs`: the cluster, log group, task security group, IAM roles, task definitions, services;
+//! - `ecs`: the cluster, log group, task security group and its egress, IAM roles, task
+//!   definitions, services;
 //! - `scaling`: target tracking of each service on visible messages per running task;
 //! - `rds`: PostgreSQL, its security and subnet groups, and the secrets holding its credentials;
 //! - `lake`: the S3 lake bucket and the Firehose delivery stream into it;

@@ -7,6 +7,9 @@ use super::{r, resource, resource_on_removal, sub, tags, Resources};
 
 /// Name of the database created on the RDS instance.
 const DATABASE_NAME: &str = "orderfleet";
+/// PostgreSQL's port: the instance keeps the engine's default (it sets no `Port`), which the
+/// database's ingress and the tasks' egress open.
+pub(super) const POSTGRES_PORT: u16 = 5432;
 
 pub(super) fn shared(res: &mut Resources) {
     network(res);
@@ -25,7 +28,7 @@ fn network(res: &mut Resources) {
                 "GroupDescription": "orderfleet PostgreSQL: the worker tasks only",
                 "VpcId": r("VpcId"),
                 "SecurityGroupIngress": [{
-                    "IpProtocol": "tcp", "FromPort": 5432, "ToPort": 5432,
+                    "IpProtocol": "tcp", "FromPort": POSTGRES_PORT, "ToPort": POSTGRES_PORT,
                     "SourceSecurityGroupId": r("TaskSecurityGroup"),
                     "Description": "PostgreSQL from the worker tasks"
                 }],
