@@ -160,9 +160,8 @@ fn build_pool(url: &str, max_size: usize, role: Option<String>) -> Result<Pool> 
             Box::pin(async move {
                 watch_for_a_closed_client(client).await;
                 if let Some(role) = role {
-                    let quoted = format!("\"{}\"", role.replace('"', "\"\""));
                     client
-                        .batch_execute(&format!("SET ROLE {quoted}"))
+                        .batch_execute(&format!("SET ROLE {}", quote_ident(&role)))
                         .await
                         .map_err(deadpool_postgres::HookError::Backend)?;
                 }
@@ -171,6 +170,34 @@ fn build_pool(url: &str, max_size: usize, role: Option<String>) -> Result<Pool> 
         }))
         .build()
         .context("building the database pool")
+}
+
+/// The database role of `handler`'s worker (migration 0015).
+pub fn worker_role(handler: crate::domain::names::HandlerName) -> String {
+    format!("orderfleet_{handler}")
+}
+
+/// Lets `role` log in with `password`. Run by `orderfleet migrate --login-for` as the owner;
+/// the password is a generated secret, quoted as a literal (ALTER ROLE takes no parameters).
+pub async fn allow_login(pool: &Pool, role: &str, password: &str) -> Result<()> {
+    if password.contains(['\0', '\\']) {
+        anyhow::bail!("the login password may not hold a NUL or a backslash");
+    }
+    let client = pool.get().await.context("connecting to set a login")?;
+    let role_ident = quote_ident(role);
+    let literal = format!("'{}'", password.replace('\'', "''"));
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {role_ident} WITH LOGIN PASSWORD {literal}"
+        ))
+        .await
+        .with_context(|| format!("letting {role} log in"))?;
+    Ok(())
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// How often a backend checks, while it runs a statement or waits for a lock, that its client

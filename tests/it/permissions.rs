@@ -311,3 +311,40 @@ async fn a_worker_process_runs_on_a_login_that_is_only_a_member_of_its_role() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn migrate_lets_a_worker_s_role_log_in_and_that_login_has_only_the_role_s_grants() {
+    let (pool, url) = support::fresh_db().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet"))
+        .args(["migrate", "--login-for", "analytics"])
+        .env("DATABASE_URL", &url)
+        .env("ORDERFLEET_DB_LOGIN_PASSWORD", "it's-a-generated-secret")
+        .output()
+        .expect("run orderfleet migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("orderfleet_analytics may log in"));
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (_, host_and_db) = rest.split_once('@').unwrap();
+    let login = orderfleet::store::db::pool(
+        &format!("{scheme}://orderfleet_analytics:it%27s-a-generated-secret@{host_and_db}"),
+        1,
+    )
+    .unwrap();
+    let c = login.get().await.expect("the role logs in");
+    let me: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(me, "orderfleet_analytics");
+    let refused = c
+        .batch_execute("UPDATE payments SET state = state")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("42501"));
+    drop(pool);
+}

@@ -506,6 +506,78 @@ fn tasks_send_only_https_out_and_postgresql_to_the_database() {
 }
 
 #[test]
+fn each_worker_connects_as_its_own_role_and_only_migrate_sees_the_master_url() {
+    let t = Template::load();
+    for h in HandlerName::ALL {
+        let stem = xtask::cfn::logical_id(h);
+        let containers = t.resource(&format!("{stem}TaskDefinition"))["Properties"]
+            ["ContainerDefinitions"]
+            .as_array()
+            .expect("ContainerDefinitions");
+        let container = |name: &str| {
+            containers
+                .iter()
+                .find(|c| c["Name"] == name)
+                .unwrap_or_else(|| panic!("{h}: a {name} container"))
+        };
+        let secret = |c: &Value, name: &str| {
+            c["Secrets"]
+                .as_array()
+                .expect("Secrets")
+                .iter()
+                .find(|s| s["Name"] == name)
+                .map(|s| s["ValueFrom"].clone())
+        };
+        let worker = container("worker");
+        let own_url = format!("{stem}DatabaseUrlSecret");
+        assert_eq!(
+            secret(worker, "DATABASE_URL"),
+            Some(json!({"Ref": own_url})),
+            "{h}: the worker's DATABASE_URL"
+        );
+        let url = t.resource(&own_url)["Properties"]["SecretString"]["Fn::Sub"]
+            .as_str()
+            .expect("a composed URL")
+            .to_string();
+        assert!(
+            url.starts_with(&format!("postgres://orderfleet_{h}:")),
+            "{h}: {url}"
+        );
+        assert!(
+            url.contains(&format!("${{{stem}DbPasswordSecret}}")),
+            "{h}: {url}"
+        );
+        let migrate = container("migrate");
+        assert_eq!(
+            secret(migrate, "DATABASE_URL"),
+            Some(json!({"Ref": "DatabaseUrlSecret"}))
+        );
+        assert_eq!(
+            secret(migrate, "ORDERFLEET_DB_LOGIN_PASSWORD"),
+            Some(json!({"Ref": format!("{stem}DbPasswordSecret")}))
+        );
+        assert_eq!(
+            migrate["Command"],
+            json!(["migrate", "--login-for", h.as_str()])
+        );
+        assert_eq!(
+            secret(worker, "ORDERFLEET_LAKE_HASH_KEY").is_some(),
+            h == HandlerName::Analytics,
+            "{h}: only analytics gets the lake's key"
+        );
+        // No task role may read a secret: only ECS injects them.
+        for statement in task_role_statements(&t, h) {
+            assert!(
+                !actions(statement)
+                    .iter()
+                    .any(|a| a.starts_with("secretsmanager:")),
+                "{h}'s task role reads secrets: {statement}"
+            );
+        }
+    }
+}
+
+#[test]
 fn every_handler_is_alarmed_on_dlq_age_errors_and_a_missing_heartbeat() {
     let t = Template::load();
     let topo = Topology::default();

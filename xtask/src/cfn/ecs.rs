@@ -101,12 +101,24 @@ fn execution_role() -> Value {
                 "PolicyName": "read-database-url",
                 "PolicyDocument": {
                     "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": r("DatabaseUrlSecret")}]
+                    "Statement": [{"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": execution_secrets()}]
                 }
             }],
             "Tags": tags("workers")
         }),
     )
+}
+
+/// Every secret ECS injects into a task: the master URL (migrate), each worker's password and
+/// URL, the lake's key. Only ECS reads them; no task role may.
+fn execution_secrets() -> Value {
+    let mut ids = vec![r("DatabaseUrlSecret"), r("LakeHashKeySecret")];
+    for handler in HandlerName::ALL {
+        let stem = super::logical_id(handler);
+        ids.push(r(&format!("{stem}DbPasswordSecret")));
+        ids.push(r(&format!("{stem}DatabaseUrlSecret")));
+    }
+    Value::Array(ids)
 }
 
 /// A trust policy for `service`, from ECS in this account and region only.
@@ -124,6 +136,7 @@ fn assume_role(service: &str) -> Value {
 
 /// The handler's task role, task definition and service.
 pub(super) fn handler(res: &mut Resources, h: &Handler) {
+    super::rds::worker_login(res, h);
     res.add(h.id("TaskRole"), task_role(h));
     res.add(h.id("TaskDefinition"), task_definition(h));
     res.add(h.id("Service"), service(h));
@@ -315,9 +328,13 @@ fn migrate_container(h: &Handler) -> Value {
         "Image": r("ImageUri"),
         "Essential": false,
         "EntryPoint": ["/usr/local/bin/orderfleet"],
-        "Command": ["migrate"],
+        // Migrates as the owner, then lets this worker's role log in with its password.
+        "Command": ["migrate", "--login-for", h.name],
         "Environment": [env("ORDERFLEET_LOG_FORMAT", json!("json"))],
-        "Secrets": database_url(),
+        "Secrets": [
+            secret("DATABASE_URL", "DatabaseUrlSecret"),
+            secret("ORDERFLEET_DB_LOGIN_PASSWORD", &h.id("DbPasswordSecret"))
+        ],
         "LogConfiguration": logs(&format!("{}-migrate", h.name))
     })
 }
@@ -329,7 +346,7 @@ fn worker_container(h: &Handler) -> Value {
         "Essential": true,
         "DependsOn": [{"ContainerName": "migrate", "Condition": "SUCCESS"}],
         "Environment": environment(h),
-        "Secrets": database_url(),
+        "Secrets": worker_secrets(h),
         "StopTimeout": STOP_TIMEOUT_SECS,
         "HealthCheck": {
             "Command": HEALTHCHECK_COMMAND,
@@ -339,9 +356,18 @@ fn worker_container(h: &Handler) -> Value {
     })
 }
 
-/// `DATABASE_URL`, injected by ECS from its secret.
-fn database_url() -> Value {
-    json!([{"Name": "DATABASE_URL", "ValueFrom": r("DatabaseUrlSecret")}])
+/// The environment variable `name`, injected by ECS from the secret `id`.
+fn secret(name: &str, id: &str) -> Value {
+    json!({"Name": name, "ValueFrom": r(id)})
+}
+
+/// The worker's secrets: its own role's `DATABASE_URL`, and for analytics the lake's key.
+fn worker_secrets(h: &Handler) -> Value {
+    let mut secrets = vec![secret("DATABASE_URL", &h.id("DatabaseUrlSecret"))];
+    if h.handler == HandlerName::Analytics {
+        secrets.push(secret("ORDERFLEET_LAKE_HASH_KEY", "LakeHashKeySecret"));
+    }
+    Value::Array(secrets)
 }
 
 /// The awslogs driver into the workers' log group, streams named `stream_prefix/...`.

@@ -10,6 +10,25 @@ pub(super) fn shared(res: &mut Resources, names: &Topology) {
     bucket(res);
     delivery_role(res);
     delivery_stream(res, names);
+    hash_key(res);
+}
+
+/// The key under which the analytics worker pseudonymises customers in the lake
+/// (`ORDERFLEET_LAKE_HASH_KEY`, see `orderfleet::domain::redaction`). Kept with the lake: a new
+/// key makes every returning customer look new.
+fn hash_key(res: &mut Resources) {
+    res.add(
+        "LakeHashKeySecret",
+        resource_on_removal(
+            "AWS::SecretsManager::Secret",
+            "Retain",
+            json!({
+                "Description": "Key of the lake's customer pseudonyms (HMAC-SHA256)",
+                "GenerateSecretString": {"PasswordLength": 64, "ExcludePunctuation": true},
+                "Tags": tags("lake")
+            }),
+        ),
+    );
 }
 
 /// The bucket, retained with the stack, and its policy refusing plain HTTP.

@@ -10,7 +10,7 @@ pub(super) fn outputs() -> Value {
         "BusArn": {"Value": att("Bus", "Arn")},
         "ClusterName": {"Value": r("Cluster")},
         "LogGroupName": {"Value": r("LogGroup")},
-        "DatabaseUrlSecretArn": {"Description": "Secret holding DATABASE_URL", "Value": r("DatabaseUrlSecret")},
+        "DatabaseUrlSecretArn": {"Description": "Secret holding the master DATABASE_URL (for orderfleet migrate; workers have their own)", "Value": r("DatabaseUrlSecret")},
         "DatabaseEndpoint": {"Value": att("Db", "Endpoint.Address")},
         "LakeBucketName": {"Value": r("LakeBucket")},
         "LakeDeliveryStreamName": {"Value": r("LakeDeliveryStream")},

@@ -1,9 +1,10 @@
 //! The database: RDS PostgreSQL, reachable only from the worker tasks, its master credentials
-//! generated in Secrets Manager, and the `DATABASE_URL` secret the tasks are given.
+//! generated in Secrets Manager, the master `DATABASE_URL` secret (for `orderfleet migrate`),
+//! and per worker a generated password for its role and the `DATABASE_URL` it connects with.
 
 use serde_json::json;
 
-use super::{r, resource, resource_on_removal, sub, tags, Resources};
+use super::{r, resource, resource_on_removal, sub, tags, Handler, Resources};
 
 /// Name of the database created on the RDS instance.
 const DATABASE_NAME: &str = "orderfleet";
@@ -16,6 +17,45 @@ pub(super) fn shared(res: &mut Resources) {
     master_secret(res);
     instance(res);
     database_url_secret(res);
+}
+
+/// The worker's own database login: a generated password for its role `orderfleet_<handler>`
+/// (migration 0015), which the task's `migrate` container sets (`orderfleet migrate
+/// --login-for`), and the `DATABASE_URL` the worker connects with as that role.
+pub(super) fn worker_login(res: &mut Resources, h: &Handler) {
+    res.add(
+        h.id("DbPasswordSecret"),
+        resource_on_removal(
+            "AWS::SecretsManager::Secret",
+            "Delete",
+            json!({
+                "Description": format!("Password of the {} worker's database role", h.name),
+                "GenerateSecretString": {
+                    "PasswordLength": 32,
+                    // Alphanumeric only, so the password can sit in a URL unescaped.
+                    "ExcludePunctuation": true
+                },
+                "Tags": tags(h.name)
+            }),
+        ),
+    );
+    let url = format!(
+        "postgres://orderfleet_{}:{{{{resolve:secretsmanager:${{{}}}}}}}@${{Db.Endpoint.Address}}:${{Db.Endpoint.Port}}/{DATABASE_NAME}?sslmode=require",
+        h.name,
+        h.id("DbPasswordSecret")
+    );
+    res.add(
+        h.id("DatabaseUrlSecret"),
+        resource_on_removal(
+            "AWS::SecretsManager::Secret",
+            "Delete",
+            json!({
+                "Description": format!("DATABASE_URL of the {} worker: its own role", h.name),
+                "SecretString": sub(&url),
+                "Tags": tags(h.name)
+            }),
+        ),
+    );
 }
 
 /// The database's security group (PostgreSQL from the tasks only) and subnet group.
@@ -141,7 +181,7 @@ fn database_url_secret(res: &mut Resources) {
             "AWS::SecretsManager::Secret",
             "Delete",
             json!({
-                "Description": "DATABASE_URL of the orderfleet workers",
+                "Description": "The master DATABASE_URL: for `orderfleet migrate`, never a worker",
                 "SecretString": sub(&url),
                 "Tags": tags("database")
             }),
