@@ -95,8 +95,9 @@ async fn ensure_lake(
     }
 
     use aws_sdk_firehose::types::{
-        BufferingHints, CompressionFormat, DeliveryStreamType, ExtendedS3DestinationConfiguration,
-        ExtendedS3DestinationUpdate,
+        BufferingHints, CompressionFormat, DeliveryStreamType, DynamicPartitioningConfiguration,
+        ExtendedS3DestinationConfiguration, ExtendedS3DestinationUpdate, ProcessingConfiguration,
+        Processor, ProcessorParameter, ProcessorParameterName, ProcessorType,
     };
     let stream = topo.firehose_stream();
     let bucket_arn = format!("arn:{partition}:s3:::{bucket}");
@@ -127,6 +128,20 @@ async fn ensure_lake(
             let in_place = current.is_some_and(|c| {
                 c.bucket_arn() == bucket_arn && c.prefix() == Some(topology::LAKE_PREFIX)
             });
+            let partitioned_by_event_time = current
+                .and_then(|c| c.dynamic_partitioning_configuration())
+                .and_then(|d| d.enabled())
+                == Some(true);
+            if !in_place && !partitioned_by_event_time && current.is_some() {
+                // Firehose cannot turn dynamic partitioning on for an existing stream.
+                return Err(anyhow!(
+                    "delivery stream {stream} partitions the lake by arrival time; Firehose \
+                     cannot switch an existing stream to the event's time. Once it has flushed \
+                     (5 minutes without traffic), delete it (`aws firehose \
+                     delete-delivery-stream --delivery-stream-name {stream}`) and run \
+                     `orderfleet provision` again"
+                ));
+            }
             if !in_place {
                 let destination_id = destination
                     .map(|d| d.destination_id().to_string())
@@ -163,6 +178,26 @@ async fn ensure_lake(
             if e.as_service_error()
                 .is_some_and(|s| s.is_resource_not_found_exception()) =>
         {
+            // Partitioned by the event's own time, as in the CloudFormation stack.
+            let parameter = |name: ProcessorParameterName, value: &str| {
+                ProcessorParameter::builder()
+                    .parameter_name(name)
+                    .parameter_value(value)
+                    .build()
+                    .map_err(|e| anyhow!("building the lake's partitioning: {e}"))
+            };
+            let extract = Processor::builder()
+                .r#type(ProcessorType::MetadataExtraction)
+                .parameters(parameter(
+                    ProcessorParameterName::MetadataExtractionQuery,
+                    topology::LAKE_PARTITION_QUERY,
+                )?)
+                .parameters(parameter(
+                    ProcessorParameterName::JsonParsingEngine,
+                    "JQ-1.6",
+                )?)
+                .build()
+                .map_err(|e| anyhow!("building the lake's partitioning: {e}"))?;
             let destination = ExtendedS3DestinationConfiguration::builder()
                 .bucket_arn(&bucket_arn)
                 .role_arn(&role_arn)
@@ -170,6 +205,17 @@ async fn ensure_lake(
                 .error_output_prefix(topology::LAKE_ERROR_PREFIX)
                 .buffering_hints(hints)
                 .compression_format(CompressionFormat::Uncompressed)
+                .dynamic_partitioning_configuration(
+                    DynamicPartitioningConfiguration::builder()
+                        .enabled(true)
+                        .build(),
+                )
+                .processing_configuration(
+                    ProcessingConfiguration::builder()
+                        .enabled(true)
+                        .processors(extract)
+                        .build(),
+                )
                 .build()
                 .map_err(|e| anyhow!("building the lake destination: {e}"))?;
             clients

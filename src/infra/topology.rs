@@ -51,11 +51,15 @@ impl Default for Topology {
     }
 }
 
-/// Where the delivery stream writes events in the lake bucket: one partition per UTC day, as
-/// Firehose evaluates these expressions at delivery (AWS; moto keeps them literally, see
-/// [`crate::store::lake`]).
-pub const LAKE_PREFIX: &str =
-    "events/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/";
+/// Where the delivery stream writes events in the lake bucket: one partition per UTC day of the
+/// event's own EventBridge `time`, which Firehose's dynamic partitioning reads from each record
+/// with [`LAKE_PARTITION_QUERY`] (AWS; moto keeps the expressions literally and appends the
+/// arrival time, see [`crate::store::lake::reader`]). A late or replayed event lands under the
+/// day it happened, where Athena's partition projection looks for it.
+pub const LAKE_PREFIX: &str = "events/year=!{partitionKeyFromQuery:year}/month=!{partitionKeyFromQuery:month}/day=!{partitionKeyFromQuery:day}/";
+/// The JQ query (JQ-1.6) that gives a record its partition keys: the date of its `time`
+/// (`2026-12-06T05:19:12Z` -> year 2026, month 12, day 06).
+pub const LAKE_PARTITION_QUERY: &str = "{year: .time[0:4], month: .time[5:7], day: .time[8:10]}";
 /// Where Firehose writes records it could not deliver.
 pub const LAKE_ERROR_PREFIX: &str = "errors/!{firehose:error-output-type}/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/";
 

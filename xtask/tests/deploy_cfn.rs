@@ -578,6 +578,60 @@ fn each_worker_connects_as_its_own_role_and_only_migrate_sees_the_master_url() {
 }
 
 #[test]
+fn the_lake_is_partitioned_by_event_time_and_athena_reads_it_through_partition_projection() {
+    let t = Template::load();
+    let s3 = &t.resource("LakeDeliveryStream")["Properties"]["ExtendedS3DestinationConfiguration"];
+    let prefix = s3["Prefix"].as_str().unwrap();
+    assert_eq!(prefix, topology::LAKE_PREFIX);
+    for key in ["year", "month", "day"] {
+        assert!(
+            prefix.contains(&format!("{key}=!{{partitionKeyFromQuery:{key}}}/")),
+            "{prefix}"
+        );
+    }
+    assert_eq!(s3["DynamicPartitioningConfiguration"]["Enabled"], true);
+    let params = &s3["ProcessingConfiguration"]["Processors"][0]["Parameters"];
+    let query = params
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ParameterName"] == "MetadataExtractionQuery")
+        .expect("a metadata extraction query")["ParameterValue"]
+        .as_str()
+        .unwrap();
+    // The partition is the event's own time, never the moment Firehose received it.
+    assert!(
+        query.contains(".time[0:4]") && query.contains(".time[8:10]"),
+        "{query}"
+    );
+
+    let table = &t.resource("LakeEventsTable")["Properties"]["TableInput"];
+    let location = table["Parameters"]["storage.location.template"]["Fn::Sub"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        location, "s3://${LakeBucket}/events/year=${!year}/month=${!month}/day=${!day}/",
+        "Athena's projection must name the keys the stream writes"
+    );
+    let partitions: Vec<&str> = table["PartitionKeys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(partitions, ["year", "month", "day"]);
+    let columns: Vec<&str> = table["StorageDescriptor"]["Columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["Name"].as_str().unwrap())
+        .collect();
+    for field in ["id", "detail_type", "source", "time", "detail"] {
+        assert!(columns.contains(&field), "{field} is not a column");
+    }
+}
+
+#[test]
 fn every_handler_is_alarmed_on_dlq_age_errors_and_a_missing_heartbeat() {
     let t = Template::load();
     let topo = Topology::default();

@@ -11,6 +11,74 @@ pub(super) fn shared(res: &mut Resources, names: &Topology) {
     delivery_role(res);
     delivery_stream(res, names);
     hash_key(res);
+    glue_table(res);
+}
+
+/// The lake as an Athena table: `<Prefix>_lake.events`, one row per record, partitioned by the
+/// event's day with partition projection (no crawler, no `MSCK REPAIR`): Athena computes the
+/// partitions from the key layout of [`topology::LAKE_PREFIX`]. `detail` is kept as JSON text,
+/// to be read with `json_extract`.
+fn glue_table(res: &mut Resources) {
+    res.add(
+        "LakeDatabase",
+        resource(
+            "AWS::Glue::Database",
+            json!({
+                "CatalogId": r("AWS::AccountId"),
+                "DatabaseInput": {
+                    "Name": sub("${Prefix}_lake"),
+                    "Description": "orderfleet's data lake (redacted events)"
+                }
+            }),
+        ),
+    );
+    let column = |name: &str, kind: &str| json!({"Name": name, "Type": kind});
+    res.add(
+        "LakeEventsTable",
+        resource(
+            "AWS::Glue::Table",
+            json!({
+                "CatalogId": r("AWS::AccountId"),
+                "DatabaseName": r("LakeDatabase"),
+                "TableInput": {
+                    "Name": "events",
+                    "Description": "Every event on the bus, redacted, by the day of its time",
+                    "TableType": "EXTERNAL_TABLE",
+                    "Parameters": {
+                        "classification": "json",
+                        "projection.enabled": "true",
+                        "projection.year.type": "integer",
+                        "projection.year.range": "2024,2099",
+                        "projection.month.type": "integer",
+                        "projection.month.range": "1,12",
+                        "projection.month.digits": "2",
+                        "projection.day.type": "integer",
+                        "projection.day.range": "1,31",
+                        "projection.day.digits": "2",
+                        "storage.location.template": sub("s3://${LakeBucket}/events/year=${!year}/month=${!month}/day=${!day}/")
+                    },
+                    "PartitionKeys": [column("year", "string"), column("month", "string"), column("day", "string")],
+                    "StorageDescriptor": {
+                        "Location": sub("s3://${LakeBucket}/events/"),
+                        "InputFormat": "org.apache.hadoop.mapred.TextInputFormat",
+                        "OutputFormat": "org.apache.hadoop.hive.ql.io.HiveIgnoreKeyTextOutputFormat",
+                        "SerdeInfo": {
+                            "SerializationLibrary": "org.openx.data.jsonserde.JsonSerDe",
+                            // EventBridge's `detail-type` is not a valid column name.
+                            "Parameters": {"mapping.detail_type": "detail-type", "ignore.malformed.json": "true"}
+                        },
+                        "Columns": [
+                            column("version", "string"), column("id", "string"),
+                            column("detail_type", "string"), column("source", "string"),
+                            column("account", "string"), column("time", "string"),
+                            column("region", "string"), column("resources", "array<string>"),
+                            column("detail", "string")
+                        ]
+                    }
+                }
+            }),
+        ),
+    );
 }
 
 /// The key under which the analytics worker pseudonymises customers in the lake
@@ -133,6 +201,21 @@ fn delivery_stream(res: &mut Resources, names: &Topology) {
                     "RoleARN": att("LakeDeliveryRole", "Arn"),
                     "Prefix": topology::LAKE_PREFIX,
                     "ErrorOutputPrefix": topology::LAKE_ERROR_PREFIX,
+                    // Partitions by the event's own time (see topology::LAKE_PREFIX).
+                    "DynamicPartitioningConfiguration": {
+                        "Enabled": true,
+                        "RetryOptions": {"DurationInSeconds": 300}
+                    },
+                    "ProcessingConfiguration": {
+                        "Enabled": true,
+                        "Processors": [{
+                            "Type": "MetadataExtraction",
+                            "Parameters": [
+                                {"ParameterName": "MetadataExtractionQuery", "ParameterValue": topology::LAKE_PARTITION_QUERY},
+                                {"ParameterName": "JsonParsingEngine", "ParameterValue": "JQ-1.6"}
+                            ]
+                        }]
+                    },
                     "BufferingHints": {"IntervalInSeconds": 300, "SizeInMBs": 64},
                     "CompressionFormat": "UNCOMPRESSED"
                 },
