@@ -293,6 +293,22 @@ pg_up() {
         log "creating database $PG_DB"
         pg_psql -d postgres -c "create database $PG_DB" >/dev/null
     fi
+    pg_worker_logins
+}
+
+# The workers' database roles (migration 0015 creates them NOLOGIN and grants them their
+# tables). Locally they may log in without a password (trust, loopback only), so that
+# `make -s env` can print one URL per role; the migration finds them and only grants.
+WORKER_ROLES="orders inventory payments fulfillment notifications analytics personalization operator"
+pg_worker_logins() {
+    local r
+    for r in $WORKER_ROLES; do
+        pg_psql -d postgres -c "DO \$\$ BEGIN
+            CREATE ROLE orderfleet_$r LOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            ALTER ROLE orderfleet_$r LOGIN;
+        END \$\$" >/dev/null
+    done
 }
 
 pg_down() {
@@ -484,6 +500,10 @@ export AWS_SECRET_ACCESS_KEY=testing
 export ORDERFLEET_LOCAL=1
 export ORDERFLEET_LAKE_HASH_KEY=$(cat "$lake_key")
 EOF
+    # One URL per worker role: what a worker of that handler may do, and no more.
+    for r in $WORKER_ROLES; do
+        echo "export ORDERFLEET_DATABASE_URL_${r^^}=postgres://orderfleet_$r@127.0.0.1:$PG_PORT/$PG_DB"
+    done
     ;;
 status)
     rc=0
