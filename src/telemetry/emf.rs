@@ -200,6 +200,9 @@ pub struct Reporter {
     pub consumers: Vec<(String, Arc<Counters>)>,
     pub cloudwatch: Option<aws_sdk_cloudwatch::Client>,
     pub pool: Pool,
+    /// Whether this process reports the outbox's lag and dead letters: only a process that
+    /// relays does (the others' database roles may not read the outbox, migration 0015).
+    pub outbox: bool,
 }
 
 impl Reporter {
@@ -246,7 +249,11 @@ impl Reporter {
             let before = last.insert(name.clone(), now).unwrap_or_default();
             groups.extend(handler_groups(name, &now, &before, c));
         }
-        if let Some((lag, dead_letters)) = self.outbox_readings().await {
+        let readings = match self.outbox {
+            true => self.outbox_readings().await,
+            false => None,
+        };
+        if let Some((lag, dead_letters)) = readings {
             groups.push(Group {
                 dimensions: vec![],
                 metrics: vec![

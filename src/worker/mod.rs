@@ -440,6 +440,7 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         cloudwatch: matches!(args.metrics_sink, Sink::Cloudwatch | Sink::Both)
             .then(|| aws_sdk_cloudwatch::Client::new(&sdk)),
         pool: pool.clone(),
+        outbox: run_relay,
     };
     let metrics_stop = CancellationToken::new();
     let reporter_task = tokio::spawn(reporter.run(metrics_stop.clone()));
