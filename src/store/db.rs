@@ -87,6 +87,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "worker_roles",
         include_str!("../../migrations/0015_worker_roles.sql"),
     ),
+    (
+        16,
+        "narrower_grants",
+        include_str!("../../migrations/0016_narrower_grants.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -80,7 +80,7 @@ async fn as_role(pool: &deadpool_postgres::Pool, role: &str, statement: &str) ->
 }
 
 #[tokio::test]
-async fn each_worker_role_is_refused_writes_to_tables_it_does_not_own() {
+async fn each_role_is_refused_what_is_not_its_own() {
     let (pool, _) = support::fresh_db().await;
     const FORGE: &str = "INSERT INTO outbox (event_id, source, detail_type, detail)
         VALUES (gen_random_uuid(), 'orderfleet.payments', 'PaymentCaptured', '{}')";
@@ -115,6 +115,22 @@ async fn each_worker_role_is_refused_writes_to_tables_it_does_not_own() {
             "TRUNCATE ledger_transactions CASCADE",
         ),
         ("orderfleet_operator", "UPDATE orders SET status = status"),
+        // The operator reads no personal data and no token.
+        ("orderfleet_operator", "SELECT email FROM customers"),
+        ("orderfleet_operator", "SELECT payment_token FROM payments"),
+        ("orderfleet_operator", "SELECT shipping_address FROM orders"),
+        (
+            "orderfleet_operator",
+            "SELECT payment_token FROM payment_methods",
+        ),
+        (
+            "orderfleet_operator",
+            "SELECT payment_token FROM sandbox_provider_calls",
+        ),
+        // Rows no worker deletes.
+        ("orderfleet_orders", "DELETE FROM orders"),
+        ("orderfleet_payments", "DELETE FROM payments"),
+        ("orderfleet_inventory", "DELETE FROM stock_movements"),
         ("orderfleet_operator", "DELETE FROM processed_messages"),
     ];
     for (role, statement) in refused {
@@ -245,6 +261,12 @@ async fn the_whole_saga_runs_with_each_worker_under_its_own_role() {
     assert!(archived > 0, "analytics archived nothing");
     let emails = support::scalar(&owner, "SELECT count(*) FROM emails").await;
     assert!(emails > 0, "notifications sent nothing");
+
+    // `orderfleet report` needs nothing the read-only operator role lacks.
+    let operator = pool_as(&url, 1, "orderfleet_operator").unwrap();
+    let mut db = operator.get().await.unwrap();
+    let report = orderfleet::operator::report::build(&mut db).await.unwrap();
+    assert!(report.holds(), "{report:?}");
 }
 
 #[tokio::test]
