@@ -65,6 +65,13 @@ fn only_orders_inventory_payments_and_fulfillment_emit_events_so_only_their_work
     }
 }
 
+/// `url` (`postgres://<owner>@host:port/db`) with another user (and password) in it.
+fn with_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (_, host_and_db) = rest.split_once('@').unwrap();
+    format!("{scheme}://{user}@{host_and_db}")
+}
+
 /// Runs `statement` as `role` in a transaction that is rolled back; the error's SQLSTATE, if
 /// it failed.
 async fn as_role(pool: &deadpool_postgres::Pool, role: &str, statement: &str) -> Option<String> {
@@ -282,9 +289,7 @@ async fn a_worker_process_runs_on_a_login_that_is_only_a_member_of_its_role() {
     .await
     .unwrap();
     // postgres://<owner>@host:port/db -> postgres://<login>@host:port/db
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (_, host_and_db) = rest.split_once('@').unwrap();
-    let login_url = format!("{scheme}://{login}@{host_and_db}");
+    let login_url = with_user(&url, &login);
 
     let mut worker = support::Proc(
         std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
@@ -349,10 +354,8 @@ async fn migrate_lets_a_worker_s_role_log_in_and_that_login_has_only_the_role_s_
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("orderfleet_analytics may log in"));
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (_, host_and_db) = rest.split_once('@').unwrap();
     let login = orderfleet::store::db::pool(
-        &format!("{scheme}://orderfleet_analytics:it%27s-a-generated-secret@{host_and_db}"),
+        &with_user(&url, "orderfleet_analytics:it%27s-a-generated-secret"),
         1,
     )
     .unwrap();
