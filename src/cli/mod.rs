@@ -4,6 +4,7 @@ pub mod customer;
 pub mod dlq;
 pub mod lake;
 pub mod migrate;
+pub mod order;
 pub mod provision;
 pub mod publish;
 pub mod report;
@@ -58,6 +59,8 @@ pub enum Command {
     Report(report::Args),
     /// Customers' personal data: `customer forget ID` honours an erasure request.
     Customer(customer::Args),
+    /// One order for a support desk: `order show ID`.
+    Order(order::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -73,6 +76,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Wait(args) => wait::run(args).await,
         Command::Report(args) => report::run(args).await,
         Command::Customer(args) => customer::run(args).await,
+        Command::Order(args) => order::run(args).await,
     }
 }
 

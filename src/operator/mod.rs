@@ -22,6 +22,7 @@ pub mod journal;
 pub mod message;
 pub mod mover;
 pub mod native;
+pub mod order;
 pub mod plan;
 pub mod progress;
 pub mod queue;

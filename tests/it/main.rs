@@ -41,3 +41,4 @@ mod saga_validation;
 mod spine_process;
 mod spine_restart;
 mod spine_runtime;
+mod support_desk;
