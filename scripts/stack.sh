@@ -400,7 +400,7 @@ moto_up() {
         # pipes open. The child writes its own pid, then execs the server.
         # shellcheck disable=SC2016 # $$, $0 and $@ are for the inner sh
         local launcher=(sh -c 'echo $$ > "$0"; exec "$@"' "$MOTO_PID_FILE"
-            "$VENV/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT")
+            "$VENV/bin/python" "$ROOT/scripts/moto_server.py" -H 127.0.0.1 -p "$MOTO_PORT")
         if command -v setsid >/dev/null 2>&1; then
             setsid "${launcher[@]}" </dev/null >"$MOTO_LOG" 2>&1 9>&- &
         else

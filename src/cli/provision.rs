@@ -20,6 +20,16 @@ pub struct Args {
     /// choose one no other account has.
     #[arg(long, env = "ORDERFLEET_LAKE_BUCKET")]
     pub lake_bucket: Option<String>,
+    /// A commerce platform's EventBridge partner event source to route into the storefront
+    /// queue (`aws.partner/shopify.com/<app id>/<name>` or
+    /// `aws.partner/commercetools.com/<project>/<subscription>`); at most one per platform.
+    /// Repeat the flag, or separate names with commas in the variable.
+    #[arg(
+        long = "partner-source",
+        env = "ORDERFLEET_PARTNER_SOURCES",
+        value_delimiter = ','
+    )]
+    pub partner_sources: Vec<String>,
     /// Print the changes as JSON.
     #[arg(long)]
     pub json: bool,
@@ -29,6 +39,13 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     let mut topo = Topology::with_prefix(&args.prefix.prefix);
     topo.max_receive_count = args.max_receive_count;
     topo.lake_bucket_override = args.lake_bucket.filter(|b| !b.is_empty());
+    topo.partner_sources = args
+        .partner_sources
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    topo.check_partner_sources().map_err(anyhow::Error::msg)?;
     let clients = Clients::from_env().await;
     let changes = crate::infra::provision::provision(&clients, &topo).await?;
     if args.json {

@@ -6,8 +6,9 @@
 
 use crate::domain::names::HandlerName::{self, *};
 
-/// The `source` of events published by the storefront (the e-commerce platform, or
-/// `orderfleet publish`, its simulator).
+/// The `source` of the storefront's events: those the storefront handler translates from the
+/// shop's commerce platform, and those `orderfleet publish` (the simulator) or a storefront of
+/// the shop's own puts on the bus directly. It is the storefront handler's own source.
 pub const STOREFRONT_SOURCE: &str = "orderfleet.storefront";
 
 /// Who publishes an event.
@@ -45,9 +46,10 @@ impl EventSpec {
 /// Whether `handler` emits any event of the catalogue: only such a worker publishes to the bus,
 /// and only under its own source (its IAM role is scoped to it).
 pub fn produces(handler: HandlerName) -> bool {
-    EVENTS
-        .iter()
-        .any(|e| matches!(e.producer, Producer::Handler(h) if h == handler))
+    EVENTS.iter().any(|e| match e.producer {
+        Producer::Handler(h) => h == handler,
+        Producer::Storefront => handler == HandlerName::Storefront,
+    })
 }
 
 /// Looks a detail-type up in the catalogue.
@@ -139,8 +141,9 @@ pub const EVENTS: &[EventSpec] = &[
         "OrderCancelled",
         By(Orders),
         // Notifications waits for the payment outcome that answers it (PaymentVoided or
-        // PaymentRefunded) to say what happened to the money.
-        &[Inventory, Payments, Analytics],
+        // PaymentRefunded) to say what happened to the money. The storefront tells the
+        // platform.
+        &[Inventory, Payments, HandlerName::Storefront, Analytics],
         "The order is cancelled; stock and money are to be given back.",
     ),
     ev(
@@ -208,14 +211,14 @@ pub const EVENTS: &[EventSpec] = &[
     ev(
         "PaymentRefunded",
         By(Payments),
-        &[Orders, Notifications, Analytics],
+        &[Orders, Notifications, HandlerName::Storefront, Analytics],
         "A captured payment was refunded.",
     ),
     // From fulfillment.
     ev(
         "OrderShipped",
         By(Fulfillment),
-        &[Orders, Inventory, Payments, Notifications, Analytics],
+        &[Orders, Inventory, Payments, Notifications, HandlerName::Storefront, Analytics],
         "The carrier accepted the shipment; carries the tracking number.",
     ),
     ev(
@@ -241,6 +244,12 @@ pub const EVENTS: &[EventSpec] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_storefront_handler_publishes_the_storefront_events() {
+        assert_eq!(HandlerName::Storefront.source(), STOREFRONT_SOURCE);
+        assert!(produces(HandlerName::Storefront));
+    }
 
     #[test]
     fn every_detail_type_is_listed_once_and_archived() {

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::domain::outcome::HandlerError;
+use crate::domain::platform::Platform;
 
 /// An EventBridge event as delivered to an SQS target.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -52,8 +53,14 @@ impl Envelope {
     /// publishes at least once, and EventBridge gives every PutEvents call a new `id`, so two
     /// publications of one outbox row must still count as one event. Events from elsewhere
     /// fall back to EventBridge's `id`. The inbox pairs the key with the detail-type, so a
-    /// producer that reuses one id across detail-types still has each counted.
+    /// producer that reuses one id across detail-types still has each counted. A commerce
+    /// platform's event (from its partner event source) is keyed by the platform's own id
+    /// ([`Platform::event_key`]): the platform redelivers a webhook under the same id.
     pub fn event_key(&self) -> &str {
+        if let Some(key) = Platform::of_source(&self.source).and_then(|p| p.event_key(&self.detail))
+        {
+            return key;
+        }
         self.detail
             .get("event_id")
             .and_then(Value::as_str)

@@ -75,6 +75,7 @@ impl Meta {
 /// The versions of `detail_type` this build applies, oldest and newest.
 pub fn versions(detail_type: &str) -> (u32, u32) {
     match detail_type {
+        OrderPlaced::DETAIL_TYPE => (OrderPlaced::OLDEST_VERSION, OrderPlaced::VERSION),
         OrderAccepted::DETAIL_TYPE => (OrderAccepted::OLDEST_VERSION, OrderAccepted::VERSION),
         _ => (VERSION, VERSION),
     }
@@ -197,6 +198,47 @@ pub struct OrderLine {
     pub sku: String,
     pub quantity: i64,
     pub unit_price: Money,
+}
+
+/// Where an order lives on the shop's commerce platform: what the storefront handler needs to
+/// tell the platform what happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformOrder {
+    pub platform: crate::domain::platform::Platform,
+    /// The platform's id of the order (Shopify: its GraphQL `gid://shopify/Order/...`;
+    /// commercetools: the order's id).
+    pub id: String,
+    /// The shop on the platform (Shopify: the `*.myshopify.com` domain; commercetools: the
+    /// project key).
+    #[serde(default)]
+    pub shop: String,
+}
+
+/// Money an order carries besides its lines, each in the order's currency. The total is the
+/// lines' subtotal less `discount`, plus `shipping`, plus `tax` unless `tax_included` (the
+/// lines' prices already hold it, as in shops that show prices with tax).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<Money>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipping: Option<Money>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tax: Option<Money>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tax_included: bool,
+}
+
+impl Charges {
+    pub fn is_empty(&self) -> bool {
+        self.discount.is_none() && self.shipping.is_none() && self.tax.is_none()
+    }
+
+    /// Each amount in minor units, zero when absent: (discount, shipping, tax).
+    pub fn minor(&self) -> (i64, i64, i64) {
+        let m = |x: &Option<Money>| x.map_or(0, |m| m.amount_minor);
+        (m(&self.discount), m(&self.shipping), m(&self.tax))
+    }
 }
 
 /// A SKU and a number of units (reservations, shipments, releases).
@@ -344,8 +386,17 @@ pub struct OrderPlaced {
     #[serde(default)]
     pub payment_token: String,
     pub placed_at: DateTime<Utc>,
+    /// Version 2: the platform's order number for humans (`#1001`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_number: Option<String>,
+    /// Version 2: the order on the shop's platform, for writing back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformOrder>,
+    /// Version 2: discount, shipping and tax besides the lines.
+    #[serde(default, skip_serializing_if = "Charges::is_empty")]
+    pub charges: Charges,
 }
-event!(OrderPlaced, "OrderPlaced");
+event!(OrderPlaced, "OrderPlaced", versions 1 to 2);
 
 /// The customer or the store asks to cancel an order. Honoured until shipment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -400,7 +451,9 @@ impl Event for ProductUpserted {
 /// Version 2 carries no payment token: orders hands the storefront's token to payments
 /// through the `payment_methods` table, in the transaction that emits this event, so the
 /// token never travels on the bus, into other workers' queues or the lake. Version 1 carried
-/// it in `payment_token`; payments still applies both during a deploy.
+/// it in `payment_token`; payments still applies both during a deploy. Version 3 adds the
+/// order's [`Charges`], its platform order number and its place on the platform; a version 2
+/// event has none, and its total is its lines' subtotal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderAccepted {
     #[serde(flatten)]
@@ -414,8 +467,17 @@ pub struct OrderAccepted {
     pub payment_token: Option<String>,
     pub shipping_address: Address,
     pub placed_at: DateTime<Utc>,
+    /// Version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_number: Option<String>,
+    /// Version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformOrder>,
+    /// Version 3.
+    #[serde(default, skip_serializing_if = "Charges::is_empty")]
+    pub charges: Charges,
 }
-event!(OrderAccepted, "OrderAccepted", versions 1 to 2);
+event!(OrderAccepted, "OrderAccepted", versions 1 to 3);
 
 /// The order failed validation. Every reason found is listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,4 +8,5 @@ pub mod mask;
 pub mod money;
 pub mod names;
 pub mod outcome;
+pub mod platform;
 pub mod redaction;

@@ -110,6 +110,44 @@ impl Money {
             currency,
         }
     }
+
+    /// Reads a decimal amount in major units (`"19.99"`, `"-3"`, `"1000.5"`) as minor units of
+    /// `currency`: exactly, without floating point. More decimals than the currency has minor
+    /// digits are refused unless they are zeros (`"19.990"` is 1999 cents; `"19.995"` is no
+    /// amount of EUR).
+    pub fn parse_decimal(text: &str, currency: Currency) -> Result<Money, String> {
+        let digits = currency
+            .minor_unit_exponent()
+            .ok_or_else(|| format!("{currency} is not an ISO 4217 currency with minor units"))?;
+        let bad = || format!("{text:?} is not an amount of {currency}");
+        let (negative, unsigned) = match text.trim().strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text.trim()),
+        };
+        let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+        if whole.is_empty() || !whole.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        if !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let digits = digits as usize;
+        let (kept, rest) = fraction.split_at(fraction.len().min(digits));
+        if rest.bytes().any(|b| b != b'0') {
+            return Err(format!(
+                "{text:?} has more decimals than {currency}'s {digits} minor digits"
+            ));
+        }
+        let scale = 10i64.pow(digits as u32);
+        let padded = format!("{kept:0<digits$}");
+        let minor = whole
+            .parse::<i64>()
+            .ok()
+            .and_then(|w| w.checked_mul(scale))
+            .and_then(|w| w.checked_add(if digits == 0 { 0 } else { padded.parse().ok()? }))
+            .ok_or_else(bad)?;
+        Ok(Money::new(if negative { -minor } else { minor }, currency))
+    }
 }
 
 impl fmt::Display for Money {
@@ -133,6 +171,31 @@ mod tests {
         assert_eq!(m, Money::new(5, Currency::new("USD").unwrap()));
         assert!(serde_json::from_str::<Money>(r#"{"amount_minor":5,"currency":"usd"}"#).is_err());
         assert!(serde_json::from_str::<Money>(r#"{"amount_minor":5.5,"currency":"USD"}"#).is_err());
+    }
+
+    #[test]
+    fn decimal_amounts_are_read_exactly() {
+        let eur = Currency::new("EUR").unwrap();
+        let jpy = Currency::new("JPY").unwrap();
+        let ok = |t: &str, c| Money::parse_decimal(t, c).map(|m| m.amount_minor);
+        assert_eq!(ok("19.99", eur), Ok(1999));
+        assert_eq!(ok("19.9", eur), Ok(1990));
+        assert_eq!(ok("19", eur), Ok(1900));
+        assert_eq!(ok("19.990", eur), Ok(1999));
+        assert_eq!(ok("-0.50", eur), Ok(-50));
+        assert_eq!(ok("1200", jpy), Ok(1200));
+        assert_eq!(ok("1200.00", jpy), Ok(1200));
+        for bad in [
+            "19.995",
+            "",
+            ".5",
+            "1e3",
+            "12,50",
+            "NaN",
+            "99999999999999999999",
+        ] {
+            assert!(Money::parse_decimal(bad, eur).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,10 +14,14 @@ pub enum HandlerName {
     Notifications,
     Analytics,
     Personalization,
+    /// The connector to the shop's commerce platform: translates the platform's webhooks
+    /// (through an EventBridge partner event source) into the catalogue's storefront events,
+    /// and tells the platform what the fleet did (shipped, cancelled, refunded).
+    Storefront,
 }
 
 impl HandlerName {
-    pub const ALL: [HandlerName; 7] = [
+    pub const ALL: [HandlerName; 8] = [
         HandlerName::Orders,
         HandlerName::Inventory,
         HandlerName::Payments,
@@ -25,6 +29,7 @@ impl HandlerName {
         HandlerName::Notifications,
         HandlerName::Analytics,
         HandlerName::Personalization,
+        HandlerName::Storefront,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +41,7 @@ impl HandlerName {
             HandlerName::Notifications => "notifications",
             HandlerName::Analytics => "analytics",
             HandlerName::Personalization => "personalization",
+            HandlerName::Storefront => "storefront",
         }
     }
 

@@ -393,3 +393,4 @@ pub mod notifications;
 pub mod orders;
 pub mod payments;
 pub mod personalization;
+pub mod storefront;

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::domain::outcome::error_chain;
 use crate::infra::aws::Clients;
-use crate::infra::topology::{self, HandlerResources, Topology};
+use crate::infra::topology::{self, ExternalBus, HandlerResources, Topology};
 
 /// One change made by a provision run.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -442,13 +442,65 @@ async fn ensure_handler(
     )
     .await?;
 
-    // The rule, compared by its pattern as JSON.
-    let pattern = res.pattern.to_string();
+    let mut rule_arns = vec![
+        ensure_rule(
+            clients,
+            &topo.bus_name,
+            &res.rule_name,
+            &res.pattern,
+            &format!("Routes the events {} consumes to its queue", res.handler),
+            (&res.queue_name, &queue_arn),
+            changes,
+        )
+        .await?,
+    ];
+    for rule in &res.external_rules {
+        if let ExternalBus::Partner(source) = &rule.bus {
+            ensure_partner_bus(clients, source, changes).await?;
+        }
+        rule_arns.push(
+            ensure_rule(
+                clients,
+                rule.bus.name(),
+                &rule.name,
+                &rule.pattern,
+                &rule.description,
+                (&res.queue_name, &queue_arn),
+                changes,
+            )
+            .await?,
+        );
+    }
+
+    // The queue policy that lets these rules deliver.
+    let rule_arns: Vec<&str> = rule_arns.iter().map(String::as_str).collect();
+    ensure_queue(
+        clients,
+        &res.queue_name,
+        &[(Q::Policy, topology::queue_policy(&queue_arn, &rule_arns))],
+        changes,
+    )
+    .await?;
+    Ok(())
+}
+
+/// A rule on `bus` with `pattern`, targeting the queue `(name, arn)`. The rule is compared by
+/// its pattern as JSON and its state; the target by its ARN. Returns the rule's ARN.
+async fn ensure_rule(
+    clients: &Clients,
+    bus: &str,
+    rule_name: &str,
+    pattern: &Value,
+    description: &str,
+    (queue_name, queue_arn): (&str, &str),
+    changes: &mut Vec<Change>,
+) -> Result<String> {
+    let pattern = pattern.to_string();
     let rule = clients
         .events
         .describe_rule()
-        .name(&res.rule_name)
-        .event_bus_name(&topo.bus_name)
+        .name(rule_name)
+        .event_bus_name(bus)
         .send()
         .await;
     let rule_arn = match rule {
@@ -462,28 +514,25 @@ async fn ensure_handler(
             let existed = clients
                 .events
                 .describe_rule()
-                .name(&res.rule_name)
-                .event_bus_name(&topo.bus_name)
+                .name(rule_name)
+                .event_bus_name(bus)
                 .send()
                 .await
                 .is_ok();
             let out = clients
                 .events
                 .put_rule()
-                .name(&res.rule_name)
-                .event_bus_name(&topo.bus_name)
+                .name(rule_name)
+                .event_bus_name(bus)
                 .event_pattern(&pattern)
                 .state(RuleState::Enabled)
-                .description(format!(
-                    "Routes the events {} consumes to its queue",
-                    res.handler
-                ))
+                .description(description)
                 .send()
                 .await
-                .map_err(|e| anyhow!("putting rule {}: {}", res.rule_name, error_chain(&e)))?;
+                .map_err(|e| anyhow!("putting rule {rule_name}: {}", error_chain(&e)))?;
             change(
                 changes,
-                format!("rule {}", res.rule_name),
+                format!("rule {rule_name}"),
                 if existed {
                     "updated pattern"
                 } else {
@@ -494,15 +543,14 @@ async fn ensure_handler(
         }
     };
 
-    // The target: the handler's queue.
     let targets = clients
         .events
         .list_targets_by_rule()
-        .rule(&res.rule_name)
-        .event_bus_name(&topo.bus_name)
+        .rule(rule_name)
+        .event_bus_name(bus)
         .send()
         .await
-        .map_err(|e| anyhow!("listing targets of {}: {}", res.rule_name, error_chain(&e)))?;
+        .map_err(|e| anyhow!("listing targets of {rule_name}: {}", error_chain(&e)))?;
     let has_target = targets
         .targets()
         .iter()
@@ -510,39 +558,74 @@ async fn ensure_handler(
     if !has_target {
         let target = Target::builder()
             .id("queue")
-            .arn(&queue_arn)
+            .arn(queue_arn)
             .build()
             .map_err(|e| anyhow!("building target: {e}"))?;
         let out = clients
             .events
             .put_targets()
-            .rule(&res.rule_name)
-            .event_bus_name(&topo.bus_name)
+            .rule(rule_name)
+            .event_bus_name(bus)
             .targets(target)
             .send()
             .await
-            .map_err(|e| anyhow!("putting target of {}: {}", res.rule_name, error_chain(&e)))?;
+            .map_err(|e| anyhow!("putting target of {rule_name}: {}", error_chain(&e)))?;
         if out.failed_entry_count() > 0 {
             return Err(anyhow!(
-                "putting target of {}: {:?}",
-                res.rule_name,
+                "putting target of {rule_name}: {:?}",
                 out.failed_entries()
             ));
         }
         change(
             changes,
-            format!("target {} -> {}", res.rule_name, res.queue_name),
+            format!("target {rule_name} -> {queue_name}"),
             "created",
         );
     }
+    Ok(rule_arn)
+}
 
-    // The queue policy that lets this rule deliver.
-    ensure_queue(
-        clients,
-        &res.queue_name,
-        &[(Q::Policy, topology::queue_policy(&queue_arn, &rule_arn))],
-        changes,
-    )
-    .await?;
-    Ok(())
+/// The partner event bus of a platform's partner event source. In AWS the source appears in
+/// the account when the platform is set up to send to it (see the README, "Connecting your
+/// platform"); creating the bus with the source's name and `EventSourceName` associates it.
+/// A missing source is an error that says so.
+async fn ensure_partner_bus(
+    clients: &Clients,
+    source: &str,
+    changes: &mut Vec<Change>,
+) -> Result<()> {
+    match clients
+        .events
+        .describe_event_bus()
+        .name(source)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_resource_not_found_exception()) =>
+        {
+            clients
+                .events
+                .create_event_bus()
+                .name(source)
+                .event_source_name(source)
+                .send()
+                .await
+                .map_err(|e| {
+                    anyhow!(
+                        "associating the partner event source {source} (is it set up on the \
+                         platform, and pending in this account and region?): {}",
+                        error_chain(&e)
+                    )
+                })?;
+            change(changes, format!("partner event bus {source}"), "created");
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(
+            "describing event bus {source}: {}",
+            error_chain(&e)
+        )),
+    }
 }

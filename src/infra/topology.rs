@@ -11,6 +11,7 @@ use crate::domain::names::HandlerName;
 use serde_json::{json, Value};
 
 use crate::domain::catalogue;
+use crate::domain::platform::Platform;
 
 /// The EventBridge bus every event travels on.
 pub const BUS_NAME: &str = "orderfleet";
@@ -37,6 +38,10 @@ pub struct Topology {
     /// Whether `provision` creates the lake (bucket and Firehose stream). Off for a topology
     /// without an analytics worker, e.g. most tests: the emulator allows only 50 streams.
     pub lake: bool,
+    /// The commerce platforms' EventBridge partner event sources the storefront handler
+    /// listens to (at most one per platform; `--partner-source`). Each gets a rule on its
+    /// partner event bus into the storefront queue.
+    pub partner_sources: Vec<String>,
 }
 
 impl Default for Topology {
@@ -47,6 +52,7 @@ impl Default for Topology {
             max_receive_count: DEFAULT_MAX_RECEIVE_COUNT,
             lake_bucket_override: None,
             lake: true,
+            partner_sources: Vec::new(),
         }
     }
 }
@@ -72,6 +78,39 @@ pub struct HandlerResources {
     pub rule_name: String,
     /// The EventBridge event pattern of the rule.
     pub pattern: Value,
+    /// Rules on other buses that deliver into the handler's queue too.
+    pub external_rules: Vec<ExternalRule>,
+}
+
+/// Which bus an [`ExternalRule`] is on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExternalBus {
+    /// A platform's partner event bus: named as its partner event source, and created by
+    /// associating the source (CreateEventBus with EventSourceName).
+    Partner(String),
+    /// The account's default bus, where AWS services put their events.
+    Default,
+}
+
+impl ExternalBus {
+    /// The bus's name, as the EventBridge API takes it.
+    pub fn name(&self) -> &str {
+        match self {
+            ExternalBus::Partner(name) => name,
+            ExternalBus::Default => "default",
+        }
+    }
+}
+
+/// A rule on a bus other than the fleet's that delivers into a handler's queue: events from
+/// outside the fleet (a commerce platform, an AWS service).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalRule {
+    pub handler: HandlerName,
+    pub name: String,
+    pub bus: ExternalBus,
+    pub pattern: Value,
+    pub description: String,
 }
 
 impl Topology {
@@ -127,7 +166,47 @@ impl Topology {
             dlq_name: self.dlq_name(handler),
             rule_name: self.rule_name(handler),
             pattern: event_pattern(handler),
+            external_rules: self
+                .external_rules()
+                .into_iter()
+                .filter(|r| r.handler == handler)
+                .collect(),
         }
+    }
+
+    /// Every rule on a bus other than the fleet's: one per partner event source, into the
+    /// storefront queue.
+    pub fn external_rules(&self) -> Vec<ExternalRule> {
+        self.partner_sources
+            .iter()
+            .filter_map(|source| {
+                let platform = Platform::of_source(source)?;
+                Some(ExternalRule {
+                    handler: HandlerName::Storefront,
+                    name: format!("{}-{}-to-storefront", self.prefix, platform.as_str()),
+                    bus: ExternalBus::Partner(source.clone()),
+                    pattern: platform.pattern(source),
+                    description: format!(
+                        "Routes {platform}'s events from its partner event source to the storefront queue"
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Checks the partner event sources: each names a platform, at most one per platform.
+    pub fn check_partner_sources(&self) -> Result<(), String> {
+        let mut seen = Vec::new();
+        for source in &self.partner_sources {
+            let platform = Platform::of_partner_source(source)?;
+            if seen.contains(&platform) {
+                return Err(format!(
+                    "more than one {platform} partner event source given"
+                ));
+            }
+            seen.push(platform);
+        }
+        Ok(())
     }
 
     pub fn all(&self) -> Vec<HandlerResources> {
@@ -149,8 +228,13 @@ pub fn redrive_allow_policy(source_queue_arn: &str) -> String {
     json!({"redrivePermission": "byQueue", "sourceQueueArns": [source_queue_arn]}).to_string()
 }
 
-/// The queue policy that lets exactly one EventBridge rule send to the queue.
-pub fn queue_policy(queue_arn: &str, rule_arn: &str) -> String {
+/// The queue policy that lets exactly the EventBridge rules `rule_arns` send to the queue.
+pub fn queue_policy(queue_arn: &str, rule_arns: &[&str]) -> String {
+    // One ARN stays a string, as it always was, so a queue provisioned before has no change.
+    let rule_arns = match rule_arns {
+        [one] => json!(one),
+        many => json!(many),
+    };
     json!({
         "Version": "2012-10-17",
         "Statement": [{
@@ -159,7 +243,7 @@ pub fn queue_policy(queue_arn: &str, rule_arn: &str) -> String {
             "Principal": {"Service": "events.amazonaws.com"},
             "Action": "sqs:SendMessage",
             "Resource": queue_arn,
-            "Condition": {"ArnEquals": {"aws:SourceArn": rule_arn}}
+            "Condition": {"ArnEquals": {"aws:SourceArn": rule_arns}}
         }]
     })
     .to_string()

@@ -3,8 +3,10 @@
 //!
 //! - [`payment`]: the payment provider (authorize, capture, void, refund).
 //! - [`carrier`]: the parcel carrier (ship, cancel).
+//! - [`platform`]: the shop's commerce platform (write-back of shipments, cancellations, refunds).
 //! - [`email`]: customer emails: templates, lettre messages, file, SMTP and SES v2 transports.
 
 pub mod carrier;
 pub mod email;
 pub mod payment;
+pub mod platform;

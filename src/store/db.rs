@@ -92,6 +92,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "narrower_grants",
         include_str!("../../migrations/0016_narrower_grants.sql"),
     ),
+    (
+        17,
+        "platforms",
+        include_str!("../../migrations/0017_platforms.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

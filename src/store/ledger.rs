@@ -8,7 +8,7 @@
 //!
 //! | movement | debit | credit |
 //! |---|---|---|
-//! | capture | `payments_clearing` | `sales_revenue` |
+//! | capture | `payments_clearing` (the total), `sales_discounts` (the discount) | `sales_revenue` (the goods, net of tax), `shipping_revenue`, `tax_payable` |
 //! | refund | `refunds` | `payments_clearing` |
 //!
 //! Authorizations and voids move no money, so they post nothing.
@@ -30,13 +30,22 @@ pub enum Account {
     SalesRevenue,
     /// Money given back to customers.
     Refunds,
+    /// Discounts given at sale (migration 0017).
+    SalesDiscounts,
+    /// Shipping charged to customers.
+    ShippingRevenue,
+    /// Tax collected, owed to the tax authorities.
+    TaxPayable,
 }
 
 impl Account {
-    pub const ALL: [Account; 3] = [
+    pub const ALL: [Account; 6] = [
         Account::PaymentsClearing,
         Account::SalesRevenue,
         Account::Refunds,
+        Account::SalesDiscounts,
+        Account::ShippingRevenue,
+        Account::TaxPayable,
     ];
 
     /// The account's name in `ledger_accounts`.
@@ -45,8 +54,19 @@ impl Account {
             Account::PaymentsClearing => "payments_clearing",
             Account::SalesRevenue => "sales_revenue",
             Account::Refunds => "refunds",
+            Account::SalesDiscounts => "sales_discounts",
+            Account::ShippingRevenue => "shipping_revenue",
+            Account::TaxPayable => "tax_payable",
         }
     }
+}
+
+/// The parts of an order's total a capture posts apart, in the total's currency's minor units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CaptureParts {
+    pub discount_minor: i64,
+    pub shipping_minor: i64,
+    pub tax_minor: i64,
 }
 
 /// One line of a ledger transaction: a signed amount on an account.
@@ -137,7 +157,50 @@ impl Movement {
 
     /// A capture of `amount` for `order_id`: debit clearing, credit revenue.
     pub fn capture(order_id: &str, amount: Money) -> Result<Self, HandlerError> {
-        let postings = movement(Account::PaymentsClearing, Account::SalesRevenue, amount)?;
+        Movement::capture_parts(order_id, amount, CaptureParts::default())
+    }
+
+    /// A capture of `amount` (the order's total) for `order_id`, posted by its parts: debit
+    /// clearing with the total and discounts with the discount; credit shipping and tax with
+    /// theirs, and sales with the rest (the goods net of tax, whether the prices included it
+    /// or not: total + discount - shipping - tax is the lines' net value either way).
+    pub fn capture_parts(
+        order_id: &str,
+        amount: Money,
+        parts: CaptureParts,
+    ) -> Result<Self, HandlerError> {
+        let in_currency = |minor: i64| Money::new(minor, amount.currency);
+        let sales = amount
+            .amount_minor
+            .checked_add(parts.discount_minor)
+            .and_then(|x| x.checked_sub(parts.shipping_minor))
+            .and_then(|x| x.checked_sub(parts.tax_minor))
+            .filter(|x| *x >= 0)
+            .ok_or_else(|| {
+                HandlerError::permanent(format!(
+                    "ledger capture for {order_id}: the total {amount} cannot hold shipping {} \
+                     and tax {} after a discount of {}",
+                    parts.shipping_minor, parts.tax_minor, parts.discount_minor
+                ))
+            })?;
+        let mut postings = vec![Posting::debit(Account::PaymentsClearing, amount)];
+        let mut credit = |account: Account, minor: i64| -> Result<(), HandlerError> {
+            if minor != 0 {
+                postings.push(Posting::credit(account, in_currency(minor)).ok_or_else(|| {
+                    HandlerError::permanent(format!("amount {minor} cannot be negated"))
+                })?);
+            }
+            Ok(())
+        };
+        credit(Account::SalesRevenue, sales)?;
+        credit(Account::ShippingRevenue, parts.shipping_minor)?;
+        credit(Account::TaxPayable, parts.tax_minor)?;
+        if parts.discount_minor != 0 {
+            postings.push(Posting::debit(
+                Account::SalesDiscounts,
+                in_currency(parts.discount_minor),
+            ));
+        }
         Movement::new(
             &format!("capture:{order_id}"),
             order_id,

@@ -9,13 +9,17 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use deadpool_postgres::Pool;
 
+use crate::domain::events::Currency;
 use crate::domain::names::HandlerName;
+use crate::domain::platform::Platform;
 use crate::handlers::{
-    analytics, fulfillment, inventory, notifications, orders, payments, personalization, AnyHandler,
+    analytics, fulfillment, inventory, notifications, orders, payments, personalization,
+    storefront, AnyHandler,
 };
 use crate::infra::aws::Clients;
 use crate::providers::carrier::{Carrier, SandboxCarrier};
 use crate::providers::payment::{PaymentProvider, SandboxProvider};
+use crate::providers::platform::PlatformApi;
 
 /// Settings the handlers themselves need (providers, carriers, transports).
 #[derive(Debug, Clone, Args, Default)]
@@ -76,6 +80,145 @@ pub struct DepsArgs {
         env = "ORDERFLEET_PERSONALIZE_TRACKING_ID"
     )]
     pub personalize_tracking_id: Option<String>,
+    /// The storefront worker's settings: which platforms it writes back to, and how.
+    #[command(flatten)]
+    pub platform: PlatformArgs,
+}
+
+/// How the storefront worker talks back to the shop's commerce platform.
+#[derive(Debug, Clone, Args)]
+pub struct PlatformArgs {
+    /// The shop's currency: the currency Shopify orders are charged in (an order whose
+    /// shop money is another currency is poison).
+    #[arg(
+        long = "shop-currency",
+        env = "ORDERFLEET_SHOP_CURRENCY",
+        default_value = "USD"
+    )]
+    pub shop_currency: String,
+    /// `sandbox`: write-back calls are recorded in the database (`sandbox_platform_calls`),
+    /// nothing leaves the machine; `live`: they go to the platforms' APIs with the
+    /// credentials below (a platform without credentials is refused at start).
+    #[arg(
+        long = "platform-api",
+        env = "ORDERFLEET_PLATFORM_API",
+        default_value = "sandbox",
+        value_parser = ["sandbox", "live"]
+    )]
+    pub platform_api: String,
+    /// Shopify Admin API access token of the shop's custom app (scopes: write_orders,
+    /// write_merchant_managed_fulfillment_orders, read_products, read_inventory).
+    #[arg(
+        long = "shopify-access-token",
+        env = "ORDERFLEET_SHOPIFY_ACCESS_TOKEN",
+        hide_env_values = true
+    )]
+    pub shopify_access_token: Option<String>,
+    /// Where the Shopify Admin API is; default `https://<shop>.myshopify.com` from each event.
+    #[arg(long = "shopify-admin-url", env = "ORDERFLEET_SHOPIFY_ADMIN_URL")]
+    pub shopify_admin_url: Option<String>,
+    /// commercetools API client's client id (scopes: manage_orders, manage_payments).
+    #[arg(
+        long = "commercetools-client-id",
+        env = "ORDERFLEET_COMMERCETOOLS_CLIENT_ID"
+    )]
+    pub commercetools_client_id: Option<String>,
+    /// commercetools API client's secret.
+    #[arg(
+        long = "commercetools-client-secret",
+        env = "ORDERFLEET_COMMERCETOOLS_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    pub commercetools_client_secret: Option<String>,
+    /// commercetools authorization server, e.g. `https://auth.europe-west1.gcp.commercetools.com`.
+    #[arg(
+        long = "commercetools-auth-url",
+        env = "ORDERFLEET_COMMERCETOOLS_AUTH_URL",
+        default_value = "https://auth.europe-west1.gcp.commercetools.com"
+    )]
+    pub commercetools_auth_url: String,
+    /// commercetools HTTP API, e.g. `https://api.europe-west1.gcp.commercetools.com`.
+    #[arg(
+        long = "commercetools-api-url",
+        env = "ORDERFLEET_COMMERCETOOLS_API_URL",
+        default_value = "https://api.europe-west1.gcp.commercetools.com"
+    )]
+    pub commercetools_api_url: String,
+    /// The longest one write-back request may take.
+    #[arg(
+        long = "platform-timeout-ms",
+        env = "ORDERFLEET_PLATFORM_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub platform_timeout_ms: u64,
+}
+
+impl Default for PlatformArgs {
+    fn default() -> Self {
+        PlatformArgs {
+            shop_currency: "USD".into(),
+            platform_api: "sandbox".into(),
+            shopify_access_token: None,
+            shopify_admin_url: None,
+            commercetools_client_id: None,
+            commercetools_client_secret: None,
+            commercetools_auth_url: "https://auth.europe-west1.gcp.commercetools.com".into(),
+            commercetools_api_url: "https://api.europe-west1.gcp.commercetools.com".into(),
+            platform_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl PlatformArgs {
+    /// The write-back clients: the sandbox for both platforms, or the live APIs of those
+    /// that have credentials.
+    pub fn clients(&self, sandbox_pool: &Pool) -> Result<Vec<Arc<dyn PlatformApi>>> {
+        use crate::providers::platform::{commercetools, http::JsonClient, shopify, Sandbox};
+        let timeout = Duration::from_millis(self.platform_timeout_ms.max(1));
+        if self.platform_api == "sandbox" {
+            return Ok(Platform::ALL
+                .into_iter()
+                .map(|p| {
+                    Arc::new(Sandbox::new(p, sandbox_pool.clone(), Duration::ZERO))
+                        as Arc<dyn PlatformApi>
+                })
+                .collect());
+        }
+        let set = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        let mut clients: Vec<Arc<dyn PlatformApi>> = Vec::new();
+        if let Some(token) = set(&self.shopify_access_token) {
+            clients.push(Arc::new(shopify::Shopify::new(
+                JsonClient::new(timeout),
+                token,
+                set(&self.shopify_admin_url),
+            )));
+        }
+        if let (Some(client_id), Some(client_secret)) = (
+            set(&self.commercetools_client_id),
+            set(&self.commercetools_client_secret),
+        ) {
+            clients.push(Arc::new(commercetools::Commercetools::new(
+                JsonClient::new(timeout),
+                commercetools::Credentials {
+                    auth_url: self
+                        .commercetools_auth_url
+                        .trim_end_matches('/')
+                        .to_string(),
+                    api_url: self.commercetools_api_url.trim_end_matches('/').to_string(),
+                    client_id,
+                    client_secret,
+                },
+            )));
+        }
+        if clients.is_empty() {
+            anyhow::bail!(
+                "--platform-api live needs a platform's credentials: \
+                 ORDERFLEET_SHOPIFY_ACCESS_TOKEN, or ORDERFLEET_COMMERCETOOLS_CLIENT_ID and \
+                 ORDERFLEET_COMMERCETOOLS_CLIENT_SECRET"
+            );
+        }
+        Ok(clients)
+    }
 }
 
 /// What handlers are built from: the pool, the AWS clients and their own settings.
@@ -97,6 +240,8 @@ pub struct Deps {
     pub mailer: Arc<crate::providers::email::Mailer>,
     /// The Amazon Personalize event tracker, when `--personalize-tracking-id` is set.
     pub personalize: Option<personalization::PersonalizeTracker>,
+    /// The storefront worker's write-back clients, one per platform.
+    pub platforms: Vec<Arc<dyn PlatformApi>>,
 }
 
 impl Deps {
@@ -122,6 +267,7 @@ impl Deps {
                     .context("email settings")?,
             ),
             personalize: personalize_tracker(args).await,
+            platforms: args.platform.clients(&sandbox_pool)?,
         })
     }
 
@@ -195,5 +341,17 @@ pub fn build(name: HandlerName, deps: &Deps) -> Result<Arc<dyn AnyHandler>> {
         HandlerName::Personalization => Ok(Arc::new(personalization::Personalization::new(
             deps.personalize.clone(),
         ))),
+        // Write-back calls are recorded before they are made through the second pool, like
+        // payments' attempts.
+        HandlerName::Storefront => {
+            let currency = Currency::new(deps.args.platform.shop_currency.trim())
+                .map_err(|e| anyhow::anyhow!("ORDERFLEET_SHOP_CURRENCY: {e}"))?;
+            Ok(Arc::new(storefront::Storefront::new(
+                deps.platforms.clone(),
+                currency,
+                deps.payment_attempts_pool.clone(),
+                Duration::from_millis(deps.args.platform.platform_timeout_ms.max(1)),
+            )))
+        }
     }
 }

@@ -67,6 +67,9 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
             shipping_address: address,
             payment_token: "tok_visa".into(),
             placed_at: at,
+            order_number: None,
+            platform: None,
+            charges: Default::default(),
         }),
         "OrderCancellationRequested" => to_value(OrderCancellationRequested {
             meta: Meta::with_id("sf-2"),
@@ -101,6 +104,9 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
             payment_token: None,
             shipping_address: address,
             placed_at: at,
+            order_number: None,
+            platform: None,
+            charges: Default::default(),
         }),
         "OrderRejected" => to_value(OrderRejected {
             meta: meta(),

@@ -41,4 +41,5 @@ mod saga_validation;
 mod spine_process;
 mod spine_restart;
 mod spine_runtime;
+mod storefront_platforms;
 mod support_desk;

@@ -216,7 +216,7 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
             .collect();
         assert_eq!(policies.len(), 1, "{h}: one queue policy");
         let expected: Value =
-            serde_json::from_str(&topology::queue_policy("QUEUE", "RULE")).expect("policy JSON");
+            serde_json::from_str(&topology::queue_policy("QUEUE", &["RULE"])).expect("policy JSON");
         let expected = expected
             .to_string()
             .replace("\"QUEUE\"", &get_att(queue_id, "Arn").to_string())

@@ -475,6 +475,9 @@ pub fn plan_orders(cfg: &PlanConfig, products: &[Product]) -> Result<Plan> {
             lines,
             payment_token: token,
             placed_at: now,
+            order_number: None,
+            platform: None,
+            charges: Default::default(),
         })?);
         // Release the cancellations that are due after this order.
         let mut still_pending = Vec::with_capacity(pending_cancels.len());

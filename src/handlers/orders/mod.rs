@@ -175,6 +175,7 @@ impl Orders {
             .iter()
             .map(|l| l.unit_price.amount_minor)
             .collect();
+        let (discount, shipping, tax) = d.charges.minor();
         // Customer, order and lines in one statement. The foreign keys are checked at its end,
         // when all three rows exist.
         cx.tx
@@ -188,8 +189,11 @@ impl Orders {
                  ), placed AS (
                      INSERT INTO orders (id, customer_id, status, total_minor, currency,
                                          shipping_address, placed_at,
-                                         cancel_requested, cancel_reason)
-                     VALUES ($1, $2, $5, $6, $7, $9, $10, $11, $12)
+                                         cancel_requested, cancel_reason, order_number,
+                                         platform, platform_order_id, discount_minor,
+                                         shipping_minor, tax_minor, tax_included)
+                     VALUES ($1, $2, $5, $6, $7, $9, $10, $11, $12, $17, $18, $19, $20, $21,
+                             $22, $23)
                  ), handed_over AS (
                      -- The token goes to payments, and nowhere else (migration 0013).
                      INSERT INTO payment_methods (order_id, payment_token)
@@ -217,6 +221,13 @@ impl Orders {
                     &skus,
                     &qtys,
                     &prices,
+                    &d.order_number,
+                    &d.platform.as_ref().map(|p| p.platform.as_str()),
+                    &d.platform.as_ref().map(|p| p.id.as_str()),
+                    &discount,
+                    &shipping,
+                    &tax,
+                    &d.charges.tax_included,
                 ],
             )
             .await?;
@@ -235,6 +246,9 @@ impl Orders {
             payment_token: None,
             shipping_address: d.shipping_address,
             placed_at: d.placed_at,
+            order_number: d.order_number,
+            platform: d.platform,
+            charges: d.charges,
         })
     }
 
@@ -251,9 +265,17 @@ impl Orders {
         cx.tx
             .execute_cached(
                 // No address: a rejected order is never shipped, so it keeps none.
-                "INSERT INTO orders (id, status, placed_at, rejection_reasons, terminal_at)
-                 VALUES ($1, 'rejected', $2, $3, now())",
-                &[&d.order_id, &d.placed_at, &stored],
+                "INSERT INTO orders (id, status, placed_at, rejection_reasons, terminal_at,
+                                     order_number, platform, platform_order_id)
+                 VALUES ($1, 'rejected', $2, $3, now(), $4, $5, $6)",
+                &[
+                    &d.order_id,
+                    &d.placed_at,
+                    &stored,
+                    &d.order_number,
+                    &d.platform.as_ref().map(|p| p.platform.as_str()),
+                    &d.platform.as_ref().map(|p| p.id.as_str()),
+                ],
             )
             .await?;
         cx.batch.placed.insert(d.order_id.clone());

@@ -7,6 +7,9 @@ use crate::domain::events::{
     Contact, Currency, Money, OrderLine, OrderPlaced, RejectionCode, RejectionReason,
 };
 
+// A valid order's total is its lines' subtotal less the discount, plus shipping, plus tax
+// unless the prices include it ([`crate::domain::events::Charges`]).
+
 /// The most units of one SKU an order may take, summed over its lines. Far past any real
 /// basket; its point is that quantities stay where stock arithmetic cannot overflow, so a
 /// broken or hostile order is an `OrderRejected` (`invalid_quantity`) at the edge and never a
@@ -130,6 +133,45 @@ pub fn validate(
             format!("the lines mix currencies {}", names.join(", ")),
         );
     }
+    // Discount, shipping and tax: in the lines' currency, never negative, a discount no larger
+    // than the lines, and the total what the charges make of the subtotal.
+    let (discount, shipping, tax) = order.charges.minor();
+    for (what, charge) in [
+        ("discount", order.charges.discount),
+        ("shipping", order.charges.shipping),
+        ("tax", order.charges.tax),
+    ] {
+        let Some(charge) = charge else { continue };
+        if charge.amount_minor < 0 {
+            reject(
+                RejectionCode::InvalidPrice,
+                format!("the order's {what} is negative ({})", charge.amount_minor),
+            );
+        }
+        if currencies.first().is_some_and(|c| *c != charge.currency) {
+            reject(
+                RejectionCode::MixedCurrencies,
+                format!(
+                    "the order's {what} is in {}, its lines in {}",
+                    charge.currency, currencies[0]
+                ),
+            );
+        }
+    }
+    if let Some(subtotal) = total {
+        if discount > subtotal {
+            reject(
+                RejectionCode::InvalidPrice,
+                format!("the discount {discount} exceeds the lines' subtotal {subtotal}"),
+            );
+        }
+    }
+    let tax_on_top = if order.charges.tax_included { 0 } else { tax };
+    let total = total.and_then(|t| {
+        t.checked_sub(discount)?
+            .checked_add(shipping)?
+            .checked_add(tax_on_top)
+    });
     if total.is_none() {
         reject(
             RejectionCode::TotalOverflow,

@@ -65,6 +65,7 @@ use crate::domain::outcome::HandlerError;
 use crate::handlers::{Context, Handler};
 use crate::providers::payment::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
 use crate::store::db::Tx;
+use crate::store::ledger::CaptureParts;
 use crate::store::ledger::Movement;
 pub use store::Rows;
 use store::*;
@@ -162,7 +163,8 @@ impl Payments {
     ) -> Result<(), HandlerError> {
         let d: OrderAccepted = events::decode(event)?;
         let token = payment_token(cx, &d.order_id, d.payment_token.clone()).await?;
-        let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &token))).await? else {
+        let Some(mut p) = lock(cx, &d.order_id, Some((d.total, &token, capture_parts(&d)))).await?
+        else {
             return Err(HandlerError::permanent("payment row vanished"));
         };
         match p.state {
@@ -241,6 +243,7 @@ impl Payments {
         let outcome = bounded_call(cx, "capture", &d.order_id, self.provider.capture(&req)).await?;
         p.capture_key = Some(key);
         let amount = p.amount;
+        let p_parts = p.parts;
         match outcome {
             ProviderOutcome::Approved { reference } => {
                 p.state = State::Captured;
@@ -250,7 +253,7 @@ impl Payments {
                 if amount.amount_minor > 0 {
                     cx.batch
                         .ledger
-                        .push(Movement::capture(&d.order_id, amount)?);
+                        .push(Movement::capture_parts(&d.order_id, amount, p_parts)?);
                 }
                 cx.emit_event(&PaymentCaptured {
                     meta: Meta::default(),
@@ -423,7 +426,7 @@ impl Payments {
                         if req.amount.amount_minor > 0 {
                             cx.batch
                                 .ledger
-                                .push(Movement::capture(&order_id, req.amount)?);
+                                .push(Movement::capture_parts(&order_id, req.amount, p.parts)?);
                         }
                     }
                     // Nothing was taken: the hold is still there, and settle voids it.
@@ -506,7 +509,13 @@ impl Payments {
         let d: OrderCancelled = events::decode(event)?;
         // Seeded from the event: a cancellation that overtakes the acceptance leaves a voided
         // payment behind, and the late OrderAccepted then authorizes nothing.
-        let Some(p) = lock(cx, &d.order_id, Some((d.total, ""))).await? else {
+        let Some(p) = lock(
+            cx,
+            &d.order_id,
+            Some((d.total, "", CaptureParts::default())),
+        )
+        .await?
+        else {
             return Err(HandlerError::permanent("payment row vanished"));
         };
         self.settle(cx, p, Settle::Cancelled).await
@@ -580,5 +589,15 @@ impl Handler for Payments {
                 "payments does not handle {other}"
             ))),
         }
+    }
+}
+
+/// The parts of an accepted order's total the capture posts apart (none before version 3).
+fn capture_parts(d: &OrderAccepted) -> CaptureParts {
+    let (discount_minor, shipping_minor, tax_minor) = d.charges.minor();
+    CaptureParts {
+        discount_minor,
+        shipping_minor,
+        tax_minor,
     }
 }

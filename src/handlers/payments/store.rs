@@ -11,7 +11,7 @@ use crate::domain::outcome::HandlerError;
 use crate::handlers::{lock_order_once, Context};
 use crate::providers::payment::ProviderRequest;
 use crate::store::db::{Cached, Tx};
-use crate::store::ledger::{self, Movement};
+use crate::store::ledger::{self, CaptureParts, Movement};
 
 /// Commits a record of `req` for `operation` through `pool` before it is sent, so that it survives a
 /// rollback of the handler's transaction. The first record of a key wins.
@@ -98,6 +98,8 @@ pub(super) struct Payment {
     pub(super) refund_key: Option<String>,
     pub(super) failure_code: Option<String>,
     pub(super) failure_message: Option<String>,
+    /// Discount, shipping and tax of the order's total, which the capture posts apart.
+    pub(super) parts: CaptureParts,
 }
 
 /// The payment rows a transaction locked, as its events last left them.
@@ -168,7 +170,7 @@ pub(super) async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>,
             "SELECT order_id, state, amount_minor, currency::text, payment_token,
                     authorization_id, capture_id, refund_id, authorize_key, capture_key,
                     void_key, refund_key, captured_minor, refunded_minor, failure_code,
-                    failure_message
+                    failure_message, discount_minor, shipping_minor, tax_minor
                FROM payments WHERE order_id = ANY($1) ORDER BY order_id FOR UPDATE",
             &[&ids],
         )
@@ -195,6 +197,11 @@ pub(super) async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>,
                 refunded_minor: r.get(13),
                 failure_code: r.get(14),
                 failure_message: r.get(15),
+                parts: CaptureParts {
+                    discount_minor: r.get(16),
+                    shipping_minor: r.get(17),
+                    tax_minor: r.get(18),
+                },
                 order_id,
             })
         })
@@ -212,7 +219,7 @@ pub(super) async fn select_locked(tx: &Tx, ids: &[&str]) -> Result<Vec<Payment>,
 pub(super) async fn lock(
     cx: &mut Context<'_, Rows>,
     order_id: &str,
-    seed: Option<(Money, &str)>,
+    seed: Option<(Money, &str, CaptureParts)>,
 ) -> Result<Option<Payment>, HandlerError> {
     let tx = cx.tx;
     let rows = &mut cx.batch;
@@ -221,26 +228,31 @@ pub(super) async fn lock(
     }
     if rows.locked.contains(order_id) {
         // The group holds the order's lock and read no row: nobody else can create it now.
-        let Some((amount, token)) = seed else {
+        let Some((amount, token, parts)) = seed else {
             return Ok(None);
         };
-        let p = Payment::pending(order_id, amount, token);
+        let p = Payment::pending(order_id, amount, token, parts);
         rows.new.insert(order_id.to_string());
         rows.rows.insert(order_id.to_string(), p.clone());
         return Ok(Some(p));
     }
     // An event run alone: the same lock a group takes, before anything is read.
     lock_order_once(tx, &mut rows.locked, "payments", order_id).await?;
-    if let Some((amount, token)) = seed {
+    if let Some((amount, token, parts)) = seed {
         cx.tx
             .execute_cached(
-                "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token)
-                 VALUES ($1, 'pending', $2, $3, $4) ON CONFLICT (order_id) DO NOTHING",
+                "INSERT INTO payments (order_id, state, amount_minor, currency, payment_token,
+                                       discount_minor, shipping_minor, tax_minor)
+                 VALUES ($1, 'pending', $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (order_id) DO NOTHING",
                 &[
                     &order_id,
                     &amount.amount_minor,
                     &amount.currency.as_str(),
                     &token,
+                    &parts.discount_minor,
+                    &parts.shipping_minor,
+                    &parts.tax_minor,
                 ],
             )
             .await
@@ -282,16 +294,21 @@ pub(super) async fn write_back(tx: &Tx, rows: Rows) -> Result<(), HandlerError> 
         let c = Columns::of(&new);
         let amounts: Vec<i64> = new.iter().map(|p| p.amount.amount_minor).collect();
         let currencies: Vec<&str> = new.iter().map(|p| p.amount.currency.as_str()).collect();
+        let discounts: Vec<i64> = new.iter().map(|p| p.parts.discount_minor).collect();
+        let shippings: Vec<i64> = new.iter().map(|p| p.parts.shipping_minor).collect();
+        let taxes: Vec<i64> = new.iter().map(|p| p.parts.tax_minor).collect();
         // A plain INSERT: if an event run alone elsewhere created one of these rows meanwhile,
         // the group fails and its events run alone.
         tx.execute_cached(
             "INSERT INTO payments (order_id, state, payment_token, authorization_id, capture_id,
                  refund_id, authorize_key, capture_key, void_key, refund_key, captured_minor,
-                 refunded_minor, failure_code, failure_message, amount_minor, currency)
+                 refunded_minor, failure_code, failure_message, amount_minor, currency,
+                 discount_minor, shipping_minor, tax_minor)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bigint[],
-                 $12::bigint[], $13::text[], $14::text[], $15::bigint[], $16::text[])",
-            &c.params(&[&amounts, &currencies]),
+                 $12::bigint[], $13::text[], $14::text[], $15::bigint[], $16::text[],
+                 $17::bigint[], $18::bigint[], $19::bigint[])",
+            &c.params(&[&amounts, &currencies, &discounts, &shippings, &taxes]),
         )
         .await
         .map_err(db)?;
@@ -397,7 +414,7 @@ impl<'a> Columns<'a> {
 }
 
 impl Payment {
-    pub(super) fn pending(order_id: &str, amount: Money, token: &str) -> Self {
+    pub(super) fn pending(order_id: &str, amount: Money, token: &str, parts: CaptureParts) -> Self {
         Payment {
             order_id: order_id.to_string(),
             state: State::Pending,
@@ -414,6 +431,7 @@ impl Payment {
             refund_key: None,
             failure_code: None,
             failure_message: None,
+            parts,
         }
     }
 

@@ -122,6 +122,9 @@ pub fn accepted(order_id: &str, email: &str) -> OrderAccepted {
             country: "GB".into(),
         },
         placed_at: Utc::now(),
+        order_number: None,
+        platform: None,
+        charges: Default::default(),
     }
 }
 

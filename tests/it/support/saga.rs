@@ -83,6 +83,9 @@ pub fn order(order_id: &str, lines: &[(&str, i64, i64)], token: &str) -> OrderPl
         },
         payment_token: token.into(),
         placed_at: Utc::now(),
+        order_number: None,
+        platform: None,
+        charges: Default::default(),
     }
 }
 

@@ -36,10 +36,11 @@ pub(super) fn shared(res: &mut Resources, names: &Topology) {
 
 /// Lets the fleet's rules, and nothing else, dead-letter into the bus DLQ.
 fn bus_dlq_policy() -> Value {
-    let rule_arns: Vec<Value> = HandlerName::ALL
+    let mut rule_arns: Vec<Value> = HandlerName::ALL
         .iter()
         .map(|h| att(&format!("{}Rule", logical_id(*h)), "Arn"))
         .collect();
+    rule_arns.extend(super::partners::rule_arns());
     resource(
         "AWS::SQS::QueuePolicy",
         json!({

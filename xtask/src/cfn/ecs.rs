@@ -113,6 +113,9 @@ fn execution_role() -> Value {
 /// URL, the lake's key. Only ECS reads them; no task role may.
 fn execution_secrets() -> Value {
     let mut ids = vec![r("DatabaseUrlSecret"), r("LakeHashKeySecret")];
+    for (_, parameter, condition) in super::partners::WRITE_BACK_SECRETS {
+        ids.push(json!({"Fn::If": [condition, r(parameter), r("AWS::NoValue")]}));
+    }
     for handler in HandlerName::ALL {
         let stem = super::logical_id(handler);
         ids.push(r(&format!("{stem}DbPasswordSecret")));
@@ -246,10 +249,12 @@ fn dependency_statement(handler: HandlerName) -> Option<Value> {
                 "Resource": r("PersonalizeEventTrackerArn")
             }, r("AWS::NoValue")]
         })),
+        // The platforms are called over HTTPS with their own credentials, not through AWS.
         HandlerName::Orders
         | HandlerName::Inventory
         | HandlerName::Payments
-        | HandlerName::Fulfillment => None,
+        | HandlerName::Fulfillment
+        | HandlerName::Storefront => None,
     }
 }
 
@@ -295,6 +300,10 @@ fn dependency_environment(handler: HandlerName) -> Vec<Value> {
         HandlerName::Personalization => {
             vec![env(ENV_PERSONALIZE_TRACKING_ID, r("PersonalizeTrackingId"))]
         }
+        HandlerName::Storefront => super::partners::write_back_environment()
+            .into_iter()
+            .map(|(name, value)| env(name, value))
+            .collect(),
         HandlerName::Orders
         | HandlerName::Inventory
         | HandlerName::Payments
@@ -366,6 +375,12 @@ fn worker_secrets(h: &Handler) -> Value {
     let mut secrets = vec![secret("DATABASE_URL", &h.id("DatabaseUrlSecret"))];
     if h.handler == HandlerName::Analytics {
         secrets.push(secret("ORDERFLEET_LAKE_HASH_KEY", "LakeHashKeySecret"));
+    }
+    if h.handler == HandlerName::Storefront {
+        for (name, parameter, condition) in super::partners::WRITE_BACK_SECRETS {
+            secrets
+                .push(json!({"Fn::If": [condition, secret(name, parameter), r("AWS::NoValue")]}));
+        }
     }
     Value::Array(secrets)
 }

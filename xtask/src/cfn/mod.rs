@@ -32,6 +32,7 @@ mod ecs;
 mod lake;
 mod outputs;
 mod params;
+mod partners;
 mod queues;
 mod rds;
 mod scaling;
@@ -89,10 +90,17 @@ pub fn logical_id(handler: HandlerName) -> String {
 
 fn conditions() -> Value {
     let not_empty = |parameter: &str| json!({"Fn::Not": [{"Fn::Equals": [r(parameter), ""]}]});
-    json!({
+    let mut conditions = json!({
         "HasAlarmEmail": not_empty("AlarmEmail"),
         "HasPersonalizeTracker": not_empty("PersonalizeEventTrackerArn")
-    })
+    });
+    for (name, condition) in partners::conditions()
+        .into_iter()
+        .chain(partners::write_back_conditions())
+    {
+        conditions[name] = condition;
+    }
+    conditions
 }
 
 /// Every resource: the shared ones, then each handler's, then the dashboard over them all.
@@ -111,6 +119,7 @@ fn resources(names: &Topology) -> Value {
         scaling::handler(&mut res, &h);
         alarms::handler(&mut res, &h);
     }
+    partners::resources(&mut res, names);
     dashboard::shared(&mut res, names);
     Value::Object(res.0)
 }

@@ -19,6 +19,11 @@ pub(super) fn groups(topo: &Topology) -> Vec<Group> {
         group("Workers", workers()),
         group("Database", database()),
         group("Email, lake, personalization", email_lake_personalization()),
+        group("Commerce platforms", {
+            let mut p = super::partners::parameters();
+            p.extend(super::partners::write_back_parameters());
+            p
+        }),
         group("Alarms", alarms()),
     ]
 }

@@ -1,6 +1,7 @@
 //! Each handler's SQS queue and dead-letter queue, and the queue policy that lets only the
 //! handler's rule send to it. Redrive settings and policies are the topology's own.
 
+use orderfleet::domain::names::HandlerName;
 use orderfleet::infra::topology::{self, Topology};
 use serde_json::{json, Value};
 
@@ -63,8 +64,19 @@ fn work_queue(res: &mut Resources, names: &Topology, h: &Handler) {
     );
 }
 
+/// Lets the handler's rule, and for the storefront the connected platforms' rules, send.
 fn queue_policy(res: &mut Resources, h: &Handler) {
     let (queue, rule) = (h.id("Queue"), h.id("Rule"));
+    let mut rules = vec![att(&rule, "Arn")];
+    if h.handler == HandlerName::Storefront {
+        rules.extend(super::partners::rule_arns());
+    }
+    let marks: Vec<String> = (0..rules.len())
+        .map(|i| format!("{RULE_ARN_MARK}{i}"))
+        .collect();
+    let mark_refs: Vec<&str> = marks.iter().map(String::as_str).collect();
+    let mut replacements = vec![(QUEUE_ARN_MARK, att(&queue, "Arn"))];
+    replacements.extend(mark_refs.iter().copied().zip(rules));
     res.add(
         h.id("QueuePolicy"),
         resource(
@@ -72,8 +84,8 @@ fn queue_policy(res: &mut Resources, h: &Handler) {
             json!({
                 "Queues": [r(&queue)],
                 "PolicyDocument": splice(
-                    &topology::queue_policy(QUEUE_ARN_MARK, RULE_ARN_MARK),
-                    &[(QUEUE_ARN_MARK, att(&queue, "Arn")), (RULE_ARN_MARK, att(&rule, "Arn"))],
+                    &topology::queue_policy(QUEUE_ARN_MARK, &mark_refs),
+                    &replacements,
                 )
             }),
         ),
