@@ -42,4 +42,5 @@ mod spine_process;
 mod spine_restart;
 mod spine_runtime;
 mod storefront_platforms;
+mod storefront_write_back;
 mod support_desk;

@@ -10,142 +10,19 @@
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+use crate::support::platforms::{
+    ct_answer, shopify_answer, Fake, Seen, CT_CLIENT_ID, CT_CLIENT_SECRET, CT_TOKEN, SHOPIFY_TOKEN,
+};
 use crate::support::{self, saga};
 
 const WAIT: Duration = Duration::from_secs(90);
-const SHOPIFY_TOKEN: &str = "shpat_test_0123456789abcdef";
-const CT_CLIENT_ID: &str = "orderfleet-writer";
-const CT_CLIENT_SECRET: &str = "ct-secret-for-tests";
-const CT_TOKEN: &str = "ct-access-token-1";
-
-// ---------------------------------------------------------------------------------------------
-// The platform's API, faked: every request kept, answered by the test's function
-
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    headers: BTreeMap<String, String>,
-    body: String,
-}
-
-impl Seen {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-
-    /// The GraphQL operation name of a Shopify request (`query OrderState(...)` → OrderState,
-    /// `mutation Fulfill(...) { fulfillmentCreate` → fulfillmentCreate for mutations).
-    fn graphql(&self) -> String {
-        let query = self.json()["query"].as_str().unwrap_or("").to_string();
-        for mutation in ["fulfillmentCreate", "orderCancel", "refundCreate"] {
-            if query.contains(&format!("{mutation}(")) {
-                return mutation.into();
-            }
-        }
-        query
-            .split(|c: char| c == '(' || c.is_whitespace())
-            .nth(1)
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
-type Answer = dyn Fn(&Seen, &[Seen]) -> (u16, Value) + Send + Sync;
-
-struct Fake {
-    url: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl Fake {
-    async fn start(
-        answer: impl Fn(&Seen, &[Seen]) -> (u16, Value) + Send + Sync + 'static,
-    ) -> Fake {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let answer: Arc<Answer> = Arc::new(answer);
-        let kept = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let (seen, answer) = (kept.clone(), answer.clone());
-                tokio::spawn(async move {
-                    let _ = serve(socket, seen, answer).await;
-                });
-            }
-        });
-        Fake { url, seen }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-/// HTTP/1.1 with keep-alive, one request after the other on a connection.
-async fn serve(
-    socket: tokio::net::TcpStream,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    answer: Arc<Answer>,
-) -> std::io::Result<()> {
-    let mut reader = BufReader::new(socket);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or("").to_string();
-        let path = parts.next().unwrap_or("").to_string();
-        let mut headers = BTreeMap::new();
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h).await?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-        let length: usize = headers
-            .get("content-length")
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).await?;
-        let request = Seen {
-            method,
-            path,
-            headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        };
-        let (status, reply) = {
-            let mut seen = seen.lock().unwrap();
-            let reply = answer(&request, &seen);
-            seen.push(request);
-            reply
-        };
-        let reply = reply.to_string();
-        let head = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            reply.len()
-        );
-        reader.get_mut().write_all(head.as_bytes()).await?;
-        reader.get_mut().write_all(reply.as_bytes()).await?;
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The fleet around it
@@ -331,63 +208,6 @@ fn shopify_order(id: u64, name: &str) -> Value {
     o["admin_graphql_api_id"] = json!(format!("gid://shopify/Order/{id}"));
     o["name"] = json!(name);
     o
-}
-
-/// Answers as Shopify's Admin GraphQL API does for the fleet's queries and mutations: an
-/// order with one open fulfillment order, fulfilled once `fulfillmentCreate` was called.
-fn shopify_answer(req: &Seen, before: &[Seen]) -> (u16, Value) {
-    if req
-        .headers
-        .get("x-shopify-access-token")
-        .map(String::as_str)
-        != Some(SHOPIFY_TOKEN)
-    {
-        return (
-            401,
-            json!({"errors": "[API] Invalid API key or access token"}),
-        );
-    }
-    if req.path != "/admin/api/2025-01/graphql.json" {
-        return (404, json!({"errors": "Not Found"}));
-    }
-    let body = req.json();
-    let order_id = body["variables"]["id"].as_str().unwrap_or("").to_string();
-    let fulfilled: Vec<Value> = before
-        .iter()
-        .filter(|s| s.graphql() == "fulfillmentCreate")
-        .map(|s| {
-            let number = s.json()["variables"]["fulfillment"]["trackingInfo"]["number"].clone();
-            json!({"id": "gid://shopify/Fulfillment/255858046", "trackingInfo": [{"number": number}]})
-        })
-        .collect();
-    match req.graphql().as_str() {
-        "OrderFulfillments" => (
-            200,
-            json!({"data": {"order": {
-                "fulfillments": fulfilled,
-                "fulfillmentOrders": {"nodes": [{"id": format!("{order_id}-fo").replace("Order", "FulfillmentOrder"), "status": "OPEN"}]}
-            }}}),
-        ),
-        "fulfillmentCreate" => (
-            200,
-            json!({"data": {"fulfillmentCreate": {
-                "fulfillment": {"id": "gid://shopify/Fulfillment/255858046", "status": "SUCCESS"},
-                "userErrors": []
-            }}}),
-        ),
-        "OrderState" => (
-            200,
-            json!({"data": {"order": {"id": order_id, "cancelledAt": null}}}),
-        ),
-        "orderCancel" => (
-            200,
-            json!({"data": {"orderCancel": {"job": {"id": "gid://shopify/Job/1"}, "orderCancelUserErrors": []}}}),
-        ),
-        other => (
-            200,
-            json!({"errors": [{"message": format!("the fake knows no {other}")}]}),
-        ),
-    }
 }
 
 #[tokio::test]
@@ -682,68 +502,6 @@ fn ct_stock(sku: &str, on_stock: i64) -> Value {
     m["newQuantityOnStock"] = json!(on_stock);
     m["newAvailableQuantity"] = json!(on_stock);
     m
-}
-
-/// Answers as commercetools' HTTP API does: a client-credentials token, then the order (with
-/// its deliveries so far) and its updates.
-fn ct_answer(req: &Seen, before: &[Seen]) -> (u16, Value) {
-    if req.path == "/oauth/token" {
-        use base64::Engine as _;
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("{CT_CLIENT_ID}:{CT_CLIENT_SECRET}"));
-        if req.headers.get("authorization") != Some(&format!("Basic {basic}"))
-            || !req.body.contains("grant_type=client_credentials")
-        {
-            return (401, json!({"statusCode": 401, "message": "invalid client"}));
-        }
-        return (
-            200,
-            json!({"access_token": CT_TOKEN, "token_type": "Bearer", "expires_in": 172800, "scope": "manage_orders:tea-and-cups"}),
-        );
-    }
-    if req.headers.get("authorization") != Some(&format!("Bearer {CT_TOKEN}")) {
-        return (401, json!({"statusCode": 401, "message": "invalid token"}));
-    }
-    let Some(order_id) = req.path.strip_prefix("/tea-and-cups/orders/") else {
-        return (404, json!({"statusCode": 404, "message": "not found"}));
-    };
-    let updates: Vec<Value> = before
-        .iter()
-        .filter(|s| s.method == "POST" && s.path == req.path)
-        .map(Seen::json)
-        .collect();
-    let deliveries: Vec<Value> = updates
-        .iter()
-        .flat_map(|u| u["actions"].as_array().cloned().unwrap_or_default())
-        .filter(|a| a["action"] == "addDelivery")
-        .enumerate()
-        .map(|(i, a)| json!({"id": format!("delivery-{i}"), "parcels": [{"id": format!("parcel-{i}"), "trackingData": a["parcels"][0]["trackingData"]}]}))
-        .collect();
-    let cancelled = updates
-        .iter()
-        .flat_map(|u| u["actions"].as_array().cloned().unwrap_or_default())
-        .any(|a| a["orderState"] == "Cancelled");
-    let mut order = json!({
-        "id": order_id,
-        "version": 1 + updates.len(),
-        "orderState": if cancelled { "Cancelled" } else { "Open" },
-        "lineItems": [
-            {"id": "a1b2c3d4-0000-4000-8000-00000000000a", "quantity": 1},
-            {"id": "a1b2c3d4-0000-4000-8000-00000000000c", "quantity": 2}
-        ],
-        "shippingInfo": {"deliveries": deliveries}
-    });
-    if req.method == "POST" {
-        let version = req.json()["version"].clone();
-        if version != json!(updates.len() + 1) {
-            return (
-                409,
-                json!({"statusCode": 409, "message": "Object version mismatch"}),
-            );
-        }
-        order["version"] = json!(updates.len() + 2);
-    }
-    (200, order)
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! `eval "$(make -s env)"` first.
 
 pub mod notifications;
+pub mod platforms;
 pub mod saga;
 
 use std::future::Future;
