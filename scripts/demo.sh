@@ -8,6 +8,10 @@
 # see select_handlers in lib.sh, ORDERFLEET_HANDLERS overrides) and logs to
 # WORKER_LOG (default .local/demo-worker.log), so that the terminal shows the
 # publisher's summary, the wait's progress and the report.
+#
+# PLATFORM=shopify (or commercetools) makes the orders arrive as that platform's
+# events on its partner event bus, through the storefront handler (see
+# connect_platform in lib.sh).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -16,12 +20,13 @@ export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"
 stack_env
 require_bins orderfleet orderfleet-worker
 
+connect_platform
 "$BIN/orderfleet" provision
 "$BIN/orderfleet" migrate
 export_fleet_env
 export WORKER_LOG="${WORKER_LOG:-$ROOT/.local/demo-worker.log}"
 start_worker "${HANDLER_ARGS[@]}"
-"$BIN/orderfleet" publish --orders "${ORDERS:-100}"
+"$BIN/orderfleet" publish --orders "${ORDERS:-100}" "${PUBLISH_PLATFORM_ARGS[@]}"
 
 wait_rc=0
 "$BIN/orderfleet" wait --timeout-secs "${DEMO_TIMEOUT:-900}" || wait_rc=$?

@@ -149,3 +149,32 @@ cleanup_worker() {
     fi
     exit "$rc"
 }
+
+# ---- a commerce platform ---------------------------------------------------
+#
+# With PLATFORM=shopify or commercetools, orders arrive as that platform's
+# events on its partner event bus. On AWS the platform creates the partner
+# event source; here nobody would, so this creates it in the emulator (the
+# platform's side of the API, CreatePartnerEventSource) and exports
+# ORDERFLEET_PARTNER_SOURCES for `orderfleet provision` and `publish`.
+connect_platform() {
+    PUBLISH_PLATFORM_ARGS=()
+    [[ -n ${PLATFORM:-} ]] || return 0
+    case $PLATFORM in
+    shopify | commercetools) ;;
+    *) die "PLATFORM must be shopify or commercetools, not '$PLATFORM'" ;;
+    esac
+    local source="aws.partner/$PLATFORM.com/local/${ORDERFLEET_PREFIX:-orderfleet}"
+    "$ROOT/.venv/bin/python" - "$source" <<'PY'
+import os, sys, boto3
+events = boto3.client("events", region_name=os.environ["AWS_REGION"],
+                      endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+try:
+    events.create_partner_event_source(Name=sys.argv[1], Account="123456789012")
+except events.exceptions.ResourceAlreadyExistsException:
+    pass
+PY
+    export ORDERFLEET_PARTNER_SOURCES="$source"
+    PUBLISH_PLATFORM_ARGS=(--platform "$PLATFORM")
+    log "orders arrive as $PLATFORM events on the partner bus $source"
+}

@@ -53,6 +53,27 @@ pub struct Args {
     /// How long to wait for the inventory handler to take the catalogue in.
     #[arg(long, env = "ORDERFLEET_SEED_TIMEOUT_SECS", default_value_t = 60)]
     pub seed_timeout_secs: u64,
+    /// Speak a commerce platform's dialect: each order becomes the platform's event (a
+    /// Shopify `orders/create` webhook, a commercetools `OrderCreated` Message) on its partner
+    /// event bus, for the storefront handler to translate. Orders are paid on the platform, so
+    /// only regular orders are planned. The catalogue is still seeded on the fleet's bus.
+    #[arg(long, requires = "partner_sources")]
+    pub platform: Option<crate::domain::platform::Platform>,
+    /// The platform's partner event source (its bus has the same name), as given to
+    /// `orderfleet provision --partner-source`; the one of `--platform` is used.
+    #[arg(
+        long = "partner-source",
+        env = "ORDERFLEET_PARTNER_SOURCES",
+        value_delimiter = ','
+    )]
+    pub partner_sources: Vec<String>,
+    /// The shop on the platform: Shopify's shop domain or commercetools' project key.
+    #[arg(
+        long,
+        env = "ORDERFLEET_SIMULATED_SHOP",
+        default_value = "orderfleet-demo"
+    )]
+    pub shop: String,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -74,6 +95,25 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             bail!("--rate must be a positive number of orders per second, got {rate}");
         }
     }
+    // Where the orders go: the fleet's bus as the storefront, or a platform's partner bus.
+    let (bus_source, platform) = match args.platform {
+        None => (None, None),
+        Some(platform) => {
+            let source = args
+                .partner_sources
+                .iter()
+                .map(|s| s.trim())
+                .find(|s| crate::domain::platform::Platform::of_source(s) == Some(platform))
+                .with_context(|| {
+                    format!(
+                        "--platform {platform} needs its partner event source in --partner-source \
+                         (ORDERFLEET_PARTNER_SOURCES), starting with {}",
+                        platform.source_prefix()
+                    )
+                })?;
+            (Some(source.to_string()), Some(platform))
+        }
+    };
     let clients = Clients::from_env().await;
     let topo = Topology::with_prefix(&args.prefix.prefix);
     let pool = crate::store::db::pool(&args.db.database_url, 1)?;
@@ -106,21 +146,34 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     }
 
     let products = simulator::catalogue(args.skus);
-    let plan = simulator::plan_orders(
+    let mut plan = simulator::plan_orders(
         &PlanConfig {
             orders: args.orders,
             seed: args.seed,
             run_id: run_id.clone(),
-            regular_only: false,
+            regular_only: platform.is_some(),
         },
         &products,
     )?;
+    let mut prefix = Plan::order_id_prefix(&run_id);
+    if let Some(platform) = platform {
+        prefix = simulator::platforms::order_ids(platform, &run_id, 0).1;
+        let mut events = Vec::with_capacity(plan.events.len());
+        for (n, event) in plan.events.iter().enumerate() {
+            let order: crate::domain::events::OrderPlaced =
+                serde_json::from_value(event.detail.clone()).context("a planned order")?;
+            let (id, _) = simulator::platforms::order_ids(platform, &run_id, n + 1);
+            events.push(simulator::platforms::placed(
+                platform, &order, &id, &args.shop,
+            )?);
+        }
+        plan.events = events;
+    }
     let counts: BTreeMap<&str, usize> = plan
         .counts()
         .into_iter()
         .map(|(k, n)| (k.as_str(), n))
         .collect();
-    let prefix = Plan::order_id_prefix(&run_id);
     db.execute(
         "INSERT INTO simulator_runs (run_id, seed, order_id_prefix, orders_planned, kinds)
          VALUES ($1, $2, $3, $4, $5)",
@@ -136,7 +189,11 @@ pub async fn run(args: Args) -> Result<ExitCode> {
     .await
     .context("recording the run in simulator_runs")?;
 
-    let published = publish_plan(&clients, &topo, &plan, args.rate, |n| {
+    let bus = bus_source.as_deref().unwrap_or(&topo.bus_name);
+    let source = bus_source
+        .as_deref()
+        .unwrap_or(crate::domain::catalogue::STOREFRONT_SOURCE);
+    let published = publish_plan(&clients, (bus, source), &plan, args.rate, |n| {
         let db = &db;
         let run_id = &run_id;
         async move {
@@ -168,7 +225,8 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             "{}",
             json!({
                 "run_id": run_id,
-                "bus": topo.bus_name,
+                "bus": bus,
+                "platform": platform.map(|p| p.as_str()),
                 "seed": args.seed,
                 "orders": published,
                 "cancellation_requests": cancellations,
@@ -182,7 +240,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         println!(
             "publish: {published} orders and {cancellations} cancellation requests on bus {} \
              in {elapsed:.1}s (run {run_id}, seed {}, order ids {prefix}*)",
-            topo.bus_name, args.seed
+            bus, args.seed
         );
         for (kind, n) in &counts {
             println!("  {kind:<20} {n:>7}");
@@ -196,7 +254,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
 /// second, and prints a progress line on stderr. Returns the number of orders published.
 async fn publish_plan<F, Fut>(
     clients: &Clients,
-    topo: &Topology,
+    (bus, source): (&str, &str),
     plan: &Plan,
     rate: Option<f64>,
     progress: F,
@@ -212,13 +270,14 @@ where
     let mut last_report = Instant::now();
     let total = plan.orders.len();
     for event in &plan.events {
-        let is_order = event.detail_type == "OrderPlaced";
+        // A platform's events are all orders (platform runs plan no cancellations).
+        let is_order = event.detail_type != "OrderCancellationRequested";
         if is_order {
             let wait = bucket.as_mut().map_or(Duration::ZERO, |b| b.take(1));
             if !wait.is_zero() {
                 // Do not hold finished orders back while waiting for the next token.
                 if !batch.is_empty() {
-                    simulator::put_events(&clients.events, &topo.bus_name, &batch).await?;
+                    simulator::put_events_from(&clients.events, bus, source, &batch).await?;
                     batch.clear();
                     published += std::mem::take(&mut orders_in_batch);
                 }
@@ -228,7 +287,7 @@ where
         }
         batch.push(event.clone());
         if batch.len() == simulator::PUT_EVENTS_BATCH {
-            simulator::put_events(&clients.events, &topo.bus_name, &batch).await?;
+            simulator::put_events_from(&clients.events, bus, source, &batch).await?;
             batch.clear();
             published += std::mem::take(&mut orders_in_batch);
         }
@@ -239,7 +298,7 @@ where
         }
     }
     if !batch.is_empty() {
-        simulator::put_events(&clients.events, &topo.bus_name, &batch).await?;
+        simulator::put_events_from(&clients.events, bus, source, &batch).await?;
         published += orders_in_batch;
     }
     Ok(published)

@@ -661,3 +661,94 @@ async fn a_commercetools_project_on_its_partner_bus_sells_cancels_and_hears_back
         1
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The simulator speaking Shopify: `orderfleet publish --platform shopify`, as `make demo
+// PLATFORM=shopify` runs it, with the write-back sandbox
+
+fn orderfleet(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_orderfleet"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env_remove("ORDERFLEET_PARTNER_SOURCES")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run orderfleet")
+}
+
+#[tokio::test]
+async fn the_simulator_publishes_shopify_orders_that_complete_and_are_written_back() {
+    let clients = support::clients().await;
+    let source = format!("aws.partner/shopify.com/1/{}", support::unique("sim"));
+    let topo = connected(&clients, &source).await;
+    let (pool, db_url) = support::fresh_db().await;
+    let _worker = Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--all", "--prefix", &topo.prefix, "--database-url", &db_url])
+        .args(["--sandbox-payment-database-url", &db_url])
+        .args(["--wait-time-secs", "1", "--retry-base-secs", "1"])
+        .args(["--heartbeat-secs", "1", "--metrics-sink", "none"])
+        .args([
+            "--lake-hash-key",
+            "a-test-key-of-at-least-thirty-two-bytes!!",
+        ])
+        .args(["--email-transport", "file", "--email-outbox-dir"])
+        .arg(std::env::temp_dir().join(format!("{}-mail", topo.prefix)))
+        .env("RUST_LOG", "warn")
+        .env_remove("ORDERFLEET_HANDLERS")
+        .env_remove("ORDERFLEET_PLATFORM_API")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map(support::Proc)
+        .expect("spawn orderfleet-worker");
+
+    let out = orderfleet(&[
+        "publish",
+        "--orders",
+        "6",
+        "--platform",
+        "shopify",
+        "--partner-source",
+        &source,
+        "--prefix",
+        &topo.prefix,
+        "--database-url",
+        &db_url,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["orders"], 6);
+    assert_eq!(summary["bus"], json!(source));
+    let waited = orderfleet(&[
+        "wait",
+        "--timeout-secs",
+        "60",
+        "--interval-ms",
+        "250",
+        "--database-url",
+        &db_url,
+    ]);
+    assert!(waited.status.success(), "{waited:?}");
+
+    let c = pool.get().await.unwrap();
+    let rows = c
+        .query(
+            "SELECT o.status, o.platform, o.shipping_minor, o.tax_minor, count(p.*)
+               FROM orders o
+               LEFT JOIN sandbox_platform_calls p ON p.order_ref = o.platform_order_id AND p.operation = 'fulfill'
+              GROUP BY 1, 2, 3, 4, o.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 6);
+    for r in rows {
+        assert_eq!(r.get::<_, String>(0), "completed");
+        assert_eq!(r.get::<_, Option<String>>(1).as_deref(), Some("shopify"));
+        assert_eq!(r.get::<_, i64>(2), 495);
+        assert!(r.get::<_, i64>(3) > 0);
+        assert_eq!(r.get::<_, i64>(4), 1, "one fulfillment written back");
+    }
+    saga::assert_ledger_balances(&pool).await;
+}

@@ -20,6 +20,17 @@ pub async fn put_events(
     bus: &str,
     events: &[StorefrontEvent],
 ) -> Result<()> {
+    put_events_from(client, bus, STOREFRONT_SOURCE, events).await
+}
+
+/// [`put_events`] with the events' `source` given: a commerce platform's partner event
+/// source, on its own bus (`orderfleet publish --platform`).
+pub async fn put_events_from(
+    client: &aws_sdk_eventbridge::Client,
+    bus: &str,
+    source: &str,
+    events: &[StorefrontEvent],
+) -> Result<()> {
     for chunk in events.chunks(PUT_EVENTS_BATCH) {
         let mut todo: Vec<&StorefrontEvent> = chunk.iter().collect();
         let mut attempt = 0u32;
@@ -30,7 +41,7 @@ pub async fn put_events(
                 .map(|e| {
                     PutEventsRequestEntry::builder()
                         .event_bus_name(bus)
-                        .source(STOREFRONT_SOURCE)
+                        .source(source)
                         .detail_type(e.detail_type)
                         .detail(e.detail.to_string())
                         .build()

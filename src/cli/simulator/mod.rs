@@ -13,8 +13,9 @@
 //! knows what "all done" means.
 
 pub mod bus;
+pub mod platforms;
 
-pub use bus::{ensure_runs_table, find_run, put_events, wait_for_inventory, Run};
+pub use bus::{ensure_runs_table, find_run, put_events, put_events_from, wait_for_inventory, Run};
 
 use std::collections::BTreeMap;
 
