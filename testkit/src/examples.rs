@@ -52,7 +52,10 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
     };
     let v = match detail_type {
         "OrderPlaced" => to_value(OrderPlaced {
-            meta: Meta::with_id("sf-1"),
+            meta: Meta {
+                version: OrderPlaced::VERSION,
+                ..Meta::with_id("sf-1")
+            },
             order_id: order_id(),
             customer: Customer {
                 id: contact.id.clone(),
@@ -67,9 +70,16 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
             shipping_address: address,
             payment_token: "tok_visa".into(),
             placed_at: at,
-            order_number: None,
-            platform: None,
-            charges: Default::default(),
+            order_number: Some("#1042".into()),
+            platform: Some(PlatformOrder {
+                platform: orderfleet::domain::platform::Platform::Shopify,
+                id: "gid://shopify/Order/820982911946154508".into(),
+                shop: "tea-and-cups.myshopify.com".into(),
+            }),
+            charges: Charges {
+                shipping: Some(money),
+                ..Default::default()
+            },
         }),
         "OrderCancellationRequested" => to_value(OrderCancellationRequested {
             meta: Meta::with_id("sf-2"),

@@ -134,12 +134,12 @@ async fn an_order_accepted_without_a_token_anywhere_is_refused_with_the_reason()
     .await;
     assert_eq!(rows, 0, "a payment row was left behind");
 
-    accepted.detail["version"] = 3.into();
+    accepted.detail["version"] = 4.into();
     match fleet.deliver_to(HandlerName::Payments, &accepted, 1).await {
         Err(HandlerError::Permanent { reason }) => {
-            assert!(reason.contains("versions 1 to 2"), "{reason}")
+            assert!(reason.contains("versions 1 to 3"), "{reason}")
         }
-        other => panic!("a version-3 OrderAccepted was not refused: {other:?}"),
+        other => panic!("a version-4 OrderAccepted was not refused: {other:?}"),
     }
 }
 

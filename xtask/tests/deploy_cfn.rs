@@ -57,6 +57,8 @@ impl Template {
     fn name(&self, v: &Value) -> String {
         match v {
             Value::String(s) => s.clone(),
+            // A name given at deploy time (a partner event source's): no literal to match.
+            _ if v["Ref"].is_string() => format!("<parameter {}>", v["Ref"].as_str().unwrap()),
             _ => {
                 let text = v["Fn::Sub"]
                     .as_str()
@@ -215,12 +217,28 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
             .filter(|(_, p)| p["Queues"] == json!([{"Ref": queue_id}]))
             .collect();
         assert_eq!(policies.len(), 1, "{h}: one queue policy");
+        // The storefront's queue also takes the rules on the platforms' partner buses, each
+        // when its platform is connected.
+        let partners = ["SHOPIFY", "COMMERCETOOLS"];
+        let rules: Vec<&str> = if h == HandlerName::Storefront {
+            ["RULE"].into_iter().chain(partners).collect()
+        } else {
+            vec!["RULE"]
+        };
         let expected: Value =
-            serde_json::from_str(&topology::queue_policy("QUEUE", &["RULE"])).expect("policy JSON");
+            serde_json::from_str(&topology::queue_policy("QUEUE", &rules)).expect("policy JSON");
+        let partner_rule = |stem: &str| {
+            json!({"Fn::If": [format!("Has{stem}EventSourceName"),
+                              get_att(&format!("{stem}PartnerRule"), "Arn"),
+                              {"Ref": "AWS::NoValue"}]})
+            .to_string()
+        };
         let expected = expected
             .to_string()
             .replace("\"QUEUE\"", &get_att(queue_id, "Arn").to_string())
-            .replace("\"RULE\"", &get_att(rule_id, "Arn").to_string());
+            .replace("\"RULE\"", &get_att(rule_id, "Arn").to_string())
+            .replace("\"SHOPIFY\"", &partner_rule("Shopify"))
+            .replace("\"COMMERCETOOLS\"", &partner_rule("Commercetools"));
         let expected: Value = serde_json::from_str(&expected).expect("policy JSON");
         assert_eq!(
             policies[0].1["PolicyDocument"], expected,
@@ -234,7 +252,11 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
         2 * HandlerName::ALL.len() + 1,
         "unexpected queues in the template"
     );
-    assert_eq!(t.of_type("AWS::Events::Rule").len(), HandlerName::ALL.len());
+    // One rule per handler on the fleet's bus, and one per platform on its partner bus.
+    assert_eq!(
+        t.of_type("AWS::Events::Rule").len(),
+        HandlerName::ALL.len() + orderfleet::domain::platform::Platform::ALL.len()
+    );
 }
 
 #[test]
