@@ -268,3 +268,111 @@ async fn commercetools_bad_credentials_are_refused_and_a_version_conflict_is_ret
         Err(PlatformError::Retry(_))
     ));
 }
+
+/// The platform acts, then its answer is lost (here a 502 after the fulfillment was made; in
+/// life a crash of the worker right after the call). The handler's first delivery fails and
+/// rolls back, but the call's record, committed before the call, says it was started; the
+/// next delivery asks Shopify, finds the fulfillment and marks it done: one fulfillment.
+#[tokio::test]
+async fn a_fulfillment_whose_answer_was_lost_is_found_not_made_again() {
+    use orderfleet::domain::events::{Meta, OrderShipped, SkuQuantity};
+    use orderfleet::domain::names::HandlerName;
+    use orderfleet::handlers::storefront::Storefront;
+    use orderfleet_testkit::examples::envelope;
+    use std::sync::Arc;
+
+    let fake = Fake::start(|req, before| {
+        let first_create = req.graphql() == "fulfillmentCreate"
+            && !before.iter().any(|s| s.graphql() == "fulfillmentCreate");
+        let answer = shopify_answer(req, before);
+        if first_create {
+            (502, json!({"errors": "Bad Gateway"}))
+        } else {
+            answer
+        }
+    })
+    .await;
+    let (pool, _) = crate::support::fresh_db().await;
+    let shopify = Arc::new(Shopify::new(
+        http(),
+        SHOPIFY_TOKEN.into(),
+        Some(fake.url.clone()),
+    ));
+    let storefront = Storefront::new(
+        vec![shopify],
+        Currency::new("USD").unwrap(),
+        pool.clone(),
+        Duration::from_secs(5),
+    );
+    let fleet = orderfleet_testkit::inproc::Fleet::new(pool.clone())
+        .with_handler(HandlerName::Storefront, Arc::new(storefront));
+    pool.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO platform_orders (order_id, platform, platform_order_id, shop, order_number)
+             VALUES ('shopify-820982911946154508', 'shopify',
+                     'gid://shopify/Order/820982911946154508', 'tea-and-cups.myshopify.com', '#1042')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let shipped = envelope(
+        "OrderShipped",
+        &OrderShipped {
+            meta: Meta::with_id("shipped-1"),
+            order_id: "shopify-820982911946154508".into(),
+            carrier: "DHL Express".into(),
+            tracking_number: "1Z999AA10123456784".into(),
+            lines: vec![SkuQuantity {
+                sku: "TEA-POT-1".into(),
+                quantity: 1,
+            }],
+            shipped_at: chrono::Utc::now(),
+        },
+    );
+    let first = fleet.deliver_to(HandlerName::Storefront, &shipped, 1).await;
+    assert!(
+        matches!(
+            first,
+            Err(orderfleet::domain::outcome::HandlerError::Retry { .. })
+        ),
+        "{first:?}"
+    );
+    let state = |pool: deadpool_postgres::Pool| async move {
+        let row = pool
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT state, attempts, result FROM platform_calls
+                  WHERE idempotency_key = 'fulfill:shopify-820982911946154508'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, Option<String>>(2),
+        )
+    };
+    assert_eq!(state(pool.clone()).await, ("started".into(), 1, None));
+
+    let again = fleet.deliver_to(HandlerName::Storefront, &shipped, 2).await;
+    assert!(again.is_ok(), "{again:?}");
+    assert_eq!(
+        state(pool.clone()).await,
+        (
+            "done".into(),
+            2,
+            Some("gid://shopify/Fulfillment/255858046".into())
+        )
+    );
+    let creates = fake
+        .seen()
+        .iter()
+        .filter(|s| s.graphql() == "fulfillmentCreate")
+        .count();
+    assert_eq!(creates, 1, "one fulfillment on the platform");
+}
