@@ -5,6 +5,7 @@
 use orderfleet::domain::catalogue;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::store::outbox::Relay;
+use serde_json::json;
 
 use crate::support;
 
@@ -45,7 +46,7 @@ async fn a_worker_s_relay_publishes_only_the_events_its_own_handlers_emitted() {
 }
 
 #[test]
-fn only_orders_inventory_payments_and_fulfillment_emit_events_so_only_their_workers_relay() {
+fn only_the_saga_handlers_and_the_storefront_emit_events_so_only_their_workers_relay() {
     // Analytics, notifications and personalization only consume: their workers publish
     // nothing, and their roles have no PutEvents.
     for h in [
@@ -60,6 +61,7 @@ fn only_orders_inventory_payments_and_fulfillment_emit_events_so_only_their_work
         HandlerName::Inventory,
         HandlerName::Payments,
         HandlerName::Fulfillment,
+        HandlerName::Storefront,
     ] {
         assert!(catalogue::produces(h), "{h}");
     }
@@ -241,7 +243,21 @@ async fn the_whole_saga_runs_with_each_worker_under_its_own_role() {
             Arc::new(orderfleet::handlers::personalization::Personalization::new(
                 None,
             )),
-        );
+        )
+        .with_handler(HandlerName::Storefront, {
+            let pool = role(HandlerName::Storefront);
+            let sandbox = orderfleet::providers::platform::Sandbox::new(
+                orderfleet::domain::platform::Platform::Shopify,
+                pool.clone(),
+                std::time::Duration::ZERO,
+            );
+            Arc::new(orderfleet::handlers::storefront::Storefront::new(
+                vec![Arc::new(sandbox)],
+                orderfleet::domain::events::Currency::new("EUR").unwrap(),
+                pool,
+                std::time::Duration::from_secs(5),
+            ))
+        });
 
     stock_sku(&fleet, "TEA-1", 1250, 10).await;
     fleet
@@ -257,7 +273,39 @@ async fn the_whole_saga_runs_with_each_worker_under_its_own_role() {
         .await
         .unwrap();
     fleet.publish_event(&cancellation("ord-r3")).await.unwrap();
+    // An order from Shopify, translated by the storefront and written back when it ships.
+    let money = json!({"shop_money": {"amount": "12.50", "currency_code": "EUR"}});
+    let shopify = orderfleet::domain::envelope::Envelope {
+        detail: json!({
+            "metadata": {"X-Shopify-Topic": "orders/create", "X-Shopify-Webhook-Id": "w-1",
+                         "X-Shopify-Shop-Domain": "roles.myshopify.com"},
+            "payload": {
+                "id": 4242, "name": "#4242", "email": "ada@example.com",
+                "created_at": "2026-12-01T10:00:00Z", "total_price_set": money,
+                "customer": {"id": 7, "first_name": "Ada", "last_name": "Lovelace"},
+                "shipping_address": {"name": "Ada Lovelace", "address1": "1 Lane",
+                                     "city": "London", "zip": "N1", "country_code": "GB"},
+                "line_items": [{"sku": "TEA-1", "quantity": 1, "price_set": money}]
+            }
+        }),
+        source: "aws.partner/shopify.com/1/roles".into(),
+        detail_type: "shopifyWebhook".into(),
+        ..orderfleet_testkit::examples::envelope("OrderPlaced", &json!({}))
+    };
+    fleet
+        .deliver_to(HandlerName::Storefront, &shopify, 1)
+        .await
+        .unwrap();
     fleet.run_until_quiet().await.unwrap();
+    assert_eq!(status(&owner, "shopify-4242").await, "completed");
+    assert_eq!(
+        support::scalar(
+            &owner,
+            "SELECT count(*) FROM platform_calls WHERE order_id = 'shopify-4242' AND state = 'done'"
+        )
+        .await,
+        1
+    );
 
     assert_no_dead_letters(&fleet);
     assert_eq!(status(&owner, "ord-r1").await, "completed");
