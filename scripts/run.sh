@@ -22,6 +22,9 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 local_output_defaults
+# On Ctrl-C the worker first lets its long polls in flight return: 5 s here
+# rather than the production default of 20, so stopping is quick.
+export ORDERFLEET_WAIT_TIME_SECS="${ORDERFLEET_WAIT_TIME_SECS:-5}"
 stack_env
 require_bins orderfleet orderfleet-worker
 

@@ -335,11 +335,11 @@ fn screen(v: &View) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:>7} {:>8} {:>6} {:>9} {:>6}  NOTE",
+        "{:<16} {:>7} {:>7} {:>9} {:>6} {:>9} {:>6}  NOTE",
         "HANDLER",
         "WORKERS",
         "MSG/S",
-        format!("IN {}S", s.window_secs as u64),
+        format!("LAST {}S", s.window_secs as u64),
         "QUEUE",
         "IN FLIGHT",
         "DLQ"
@@ -356,7 +356,7 @@ fn screen(v: &View) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:>7.1} {:>8} {:>6} {:>9} {:>6}  {}",
+            "{:<16} {:>7} {:>7.1} {:>9} {:>6} {:>9} {:>6}  {}",
             h.handler,
             h.workers,
             h.per_sec,
