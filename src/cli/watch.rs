@@ -150,14 +150,15 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             Output::Line => format!("{}\n", line(&view)),
             // Home, the frame with each line cleared to its end, then the rest of the screen
             // cleared: a redraw without the flicker of clearing everything first.
-            Output::Screen => format!(
-                "\x1b[H{}\x1b[J",
-                screen(&view).replace('\n', "\x1b[K\n")
-            ),
+            Output::Screen => format!("\x1b[H{}\x1b[J", screen(&view).replace('\n', "\x1b[K\n")),
         };
         let mut out = std::io::stdout().lock();
         // A closed pipe (`watch | head`) ends the watch.
-        if out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_err() {
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             return Ok(ExitCode::SUCCESS);
         }
         drop(out);
@@ -317,7 +318,9 @@ fn screen(v: &View) -> String {
         .orders
         .by_status
         .iter()
-        .filter(|(status, _)| !crate::operator::report::TERMINAL_STATUSES.contains(&status.as_str()))
+        .filter(|(status, _)| {
+            !crate::operator::report::TERMINAL_STATUSES.contains(&status.as_str())
+        })
         .map(|(status, n)| format!("{status} {n}"))
         .collect();
     if !moving.is_empty() {
@@ -538,7 +541,10 @@ mod tests {
             text.contains("17 as .eml files in /srv/shop/.local/outbox (17 files there)"),
             "{text}"
         );
-        assert!(text.contains("logs    /srv/shop/.local/run-1.log"), "{text}");
+        assert!(
+            text.contains("logs    /srv/shop/.local/run-1.log"),
+            "{text}"
+        );
     }
 
     #[test]

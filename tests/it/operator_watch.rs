@@ -312,7 +312,9 @@ fn lines(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
 fn make_run_shows_the_watch_and_keeps_the_logs_plain_in_the_file_it_names() {
     support::env("DATABASE_URL");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_orderfleet")).parent().unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_orderfleet"))
+        .parent()
+        .unwrap();
     let dir = std::env::temp_dir().join(support::unique("of_run_"));
     std::fs::create_dir_all(&dir).unwrap();
     let run_log = dir.join("run.log");
@@ -410,7 +412,10 @@ fn make_run_shows_the_watch_and_keeps_the_logs_plain_in_the_file_it_names() {
     assert!(text.contains("worker ready"), "{context}");
     assert!(text.contains("worker stopped"), "{context}");
     assert!(text.contains("handled"), "{context}");
-    assert!(!text.contains("\"_aws\""), "EMF lines in the log\n{context}");
+    assert!(
+        !text.contains("\"_aws\""),
+        "EMF lines in the log\n{context}"
+    );
     assert!(!text.contains('\x1b'), "colour codes in the log\n{context}");
     assert!(
         !text.lines().any(|l| l.starts_with('{')),
