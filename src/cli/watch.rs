@@ -357,8 +357,7 @@ fn screen(v: &View) -> String {
         } else {
             String::new()
         };
-        let _ = writeln!(
-            out,
+        let row = format!(
             "{:<16} {:>7} {:>7.1} {:>9} {:>6} {:>9} {:>6}  {}",
             h.handler,
             h.workers,
@@ -369,6 +368,7 @@ fn screen(v: &View) -> String {
             num(h.dlq_depth),
             note
         );
+        let _ = writeln!(out, "{}", row.trim_end());
     }
     let _ = writeln!(out);
     if let Some(o) = &s.outbox {
