@@ -303,6 +303,31 @@ fn lines(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
     rx
 }
 
+/// The script, in a process group of its own. Dropped while it still runs (a failed assertion),
+/// it gets SIGTERM, which its trap forwards to the worker (in a group of its own), and a while
+/// to stop, so that no worker is left consuming the stack's queues.
+struct Script(support::Proc);
+
+impl Script {
+    fn signal_group(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, "--", &format!("-{}", self.0.id())])
+            .status();
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.signal_group("-TERM");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// `make run` without the build: `scripts/run.sh` with this build's binaries, on the stack's own
 /// database and default prefix, as `make run` uses them. It publishes three orders, shows the
 /// watch (one line per refresh, since its stdout is a pipe here) and keeps the workers' logs
@@ -344,8 +369,8 @@ fn make_run_shows_the_watch_and_keeps_the_logs_plain_in_the_file_it_names() {
         // Its own process group, as a shell gives a foreground job: the signal below goes to
         // the whole group, like a terminal's Ctrl-C.
         .process_group(0);
-    let mut child = support::Proc(script.spawn().expect("run scripts/run.sh"));
-    let stdout = lines(child.stdout.take().unwrap());
+    let mut child = Script(support::Proc(script.spawn().expect("run scripts/run.sh")));
+    let stdout = lines(child.0.stdout.take().unwrap());
     let log = || std::fs::read_to_string(&run_log).unwrap_or_default();
 
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -363,13 +388,10 @@ fn make_run_shows_the_watch_and_keeps_the_logs_plain_in_the_file_it_names() {
             Err(_) => break false,
         }
     };
-    let pgid = child.id().to_string();
-    let _ = Command::new("kill")
-        .args(["-INT", "--", &format!("-{pgid}")])
-        .status();
+    child.signal_group("-INT");
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break Some(status);
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -380,7 +402,7 @@ fn make_run_shows_the_watch_and_keeps_the_logs_plain_in_the_file_it_names() {
     let mut stderr = String::new();
     if status.is_some() {
         use std::io::Read;
-        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let _ = child.0.stderr.take().unwrap().read_to_string(&mut stderr);
     }
     seen.extend(stdout.try_iter());
     let context = format!(
