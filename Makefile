@@ -4,7 +4,7 @@
 #   make up | down | status     start / stop / show the local stack
 #   eval "$(make -s env)"       export DATABASE_URL, AWS_* ... into your shell
 #   make test                   run the test suite against the local stack
-#   make run [ORDERS=10]        run the worker fleet locally (Ctrl-C stops)
+#   make run [ORDERS=10]        run the fleet locally and watch it (Ctrl-C stops)
 #   make demo [ORDERS=100]      end-to-end demo with a report
 #   make bench [BENCH_ARGS=..]  benchmark
 #   make lint                   rustfmt + clippy over the workspace

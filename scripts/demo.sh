@@ -4,10 +4,11 @@
 # (DEMO_TIMEOUT seconds, default 900: the emulator's PutEvents, about 12 ms per rule target, bounds the pace), print the report, stop the workers.
 # Exits with the report's exit status (or the wait's, if only that failed).
 #
-# The worker runs the saga handlers (orders, inventory, payments, fulfillment;
+# The worker runs every handler (orders, inventory, payments, fulfillment, ...;
 # see select_handlers in lib.sh, ORDERFLEET_HANDLERS overrides) and logs to
-# WORKER_LOG (default .local/demo-worker.log), so that the terminal shows the
-# publisher's summary, the wait's progress and the report.
+# WORKER_LOG (default .local/demo-worker.log, emptied first; compact text and no
+# EMF metric lines, see local_output_defaults in lib.sh), so that the terminal
+# shows the publisher's summary, the wait's progress and the report.
 #
 # PLATFORM=shopify (or commercetools) makes the orders arrive as that platform's
 # events on its partner event bus, through the storefront handler (see
@@ -16,7 +17,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"
+local_output_defaults
 stack_env
 require_bins orderfleet orderfleet-worker
 
@@ -25,6 +26,8 @@ connect_platform
 "$BIN/orderfleet" migrate
 export_fleet_env
 export WORKER_LOG="${WORKER_LOG:-$ROOT/.local/demo-worker.log}"
+mkdir -p "$(dirname "$WORKER_LOG")"
+: >"$WORKER_LOG"
 start_worker "${HANDLER_ARGS[@]}"
 "$BIN/orderfleet" publish --orders "${ORDERS:-100}" "${PUBLISH_PLATFORM_ARGS[@]}"
 

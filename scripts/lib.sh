@@ -14,7 +14,8 @@ target_dir() {
         echo "$ROOT/target"
     fi
 }
-BIN="$(target_dir)/release"
+# ORDERFLEET_BIN_DIR points the scripts at other builds (the tests use their debug binaries).
+BIN="${ORDERFLEET_BIN_DIR:-$(target_dir)/release}"
 SCRIPT_NAME="$(basename "$0" .sh)"
 
 log() { printf '%s: %s\n' "$SCRIPT_NAME" "$*" >&2; }
@@ -37,7 +38,16 @@ require_bins() { # name...
 
 # ---- fleet settings --------------------------------------------------------
 #
-# The handlers the local fleet runs: all seven by default (`--all`). Override
+# Local runs write logs for a person: compact text, not the JSON lines CloudWatch Logs wants,
+# and no EMF metric lines (the worker's production default writes them to stdout, where
+# CloudWatch turns them into metrics; here they would only bury the logs). Either default
+# gives way to a value the caller exported.
+local_output_defaults() {
+    export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"
+    export ORDERFLEET_METRICS_SINK="${ORDERFLEET_METRICS_SINK:-none}"
+}
+#
+# The handlers the local fleet runs: every one by default (`--all`). Override
 # with ORDERFLEET_HANDLERS=orders,inventory,... to run a subset.
 SAGA_HANDLERS=all
 
@@ -83,7 +93,7 @@ forward_signal() { # INT|TERM
     fi
 }
 
-# With WORKER_LOG set, the worker's stdout and stderr go to that file.
+# With WORKER_LOG set, the worker's stdout and stderr are appended to that file.
 start_worker() { # worker args...
     trap 'forward_signal INT' INT
     trap 'forward_signal TERM' TERM
@@ -91,7 +101,7 @@ start_worker() { # worker args...
     set -m
     if [[ -n ${WORKER_LOG:-} ]]; then
         mkdir -p "$(dirname "$WORKER_LOG")"
-        "$BIN/orderfleet-worker" "$@" >"$WORKER_LOG" 2>&1 &
+        "$BIN/orderfleet-worker" "$@" >>"$WORKER_LOG" 2>&1 &
     else
         "$BIN/orderfleet-worker" "$@" &
     fi
@@ -126,11 +136,19 @@ stop_worker() {
     wait_worker
 }
 
+# Other background processes of the script (run.sh's publisher and watch): the
+# EXIT trap stops them too.
+HELPER_PIDS=()
+
 # EXIT trap: never leave a worker behind (e.g. when a step fails under set -e
 # or publish is interrupted). Gives it 60 s to shut down (the worker's default
 # --stop-timeout-secs: receives in flight return, then the grace), then kills it.
 cleanup_worker() {
-    local rc=$? i
+    local rc=$? i pid
+    for pid in "${HELPER_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     if [[ -n $WORKER_PID ]] && kill -0 "$WORKER_PID" 2>/dev/null; then
         # Already signalled by forward_signal? Then just give it time.
         if ((!STOP_REQUESTED)); then

@@ -12,6 +12,7 @@ pub mod seed;
 pub mod simulator;
 pub mod status;
 pub mod wait;
+pub mod watch;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -61,6 +62,8 @@ pub enum Command {
     Customer(customer::Args),
     /// One order for a support desk: `order show ID`.
     Order(order::Args),
+    /// A live summary: orders by outcome, messages per second, queue and DLQ depths, emails.
+    Watch(watch::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -77,6 +80,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Report(args) => report::run(args).await,
         Command::Customer(args) => customer::run(args).await,
         Command::Order(args) => order::run(args).await,
+        Command::Watch(args) => watch::run(args).await,
     }
 }
 

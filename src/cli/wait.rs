@@ -8,7 +8,6 @@
 //! `--orders-expected N` overrides the count; without any recorded run it means "at least N
 //! orders in the database, all terminal".
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::cli::simulator;
 use crate::cli::DatabaseArg;
-use crate::operator::report::TERMINAL_STATUSES;
+use crate::operator::report::{self, OrderCounts};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -39,9 +38,7 @@ pub struct Args {
 /// One look at the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Progress {
-    by_status: BTreeMap<String, i64>,
-    terminal: i64,
-    in_flight: i64,
+    orders: OrderCounts,
     unpublished: i64,
     expected: i64,
     /// The publisher is still putting orders on the bus.
@@ -51,20 +48,21 @@ struct Progress {
 impl Progress {
     fn done(&self) -> bool {
         !self.publishing
-            && self.terminal >= self.expected
-            && self.in_flight == 0
+            && self.orders.terminal >= self.expected
+            && self.orders.in_flight == 0
             && self.unpublished == 0
     }
 
     fn line(&self) -> String {
         let statuses: Vec<String> = self
+            .orders
             .by_status
             .iter()
             .map(|(s, n)| format!("{s} {n}"))
             .collect();
         format!(
             "orders: {}/{} terminal ({}); outbox: {} unpublished{}",
-            self.terminal,
+            self.orders.terminal,
             self.expected,
             if statuses.is_empty() {
                 "none yet".to_string()
@@ -120,23 +118,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         let expected = expected_override
             .or_else(|| run.as_ref().map(|r| i64::from(r.orders_published)))
             .unwrap_or(0);
-        let by_status: BTreeMap<String, i64> = db
-            .query(
-                "SELECT status, count(*) FROM orders
-                  WHERE left(id, length($1)) = $1 GROUP BY status ORDER BY status",
-                &[&prefix],
-            )
-            .await
-            .context("counting orders")?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        let terminal = by_status
-            .iter()
-            .filter(|(s, _)| TERMINAL_STATUSES.contains(&s.as_str()))
-            .map(|(_, n)| n)
-            .sum();
-        let in_flight = by_status.values().sum::<i64>() - terminal;
+        let orders = report::count_orders(&db, &prefix).await?;
         let unpublished: i64 = db
             .query_one(
                 "SELECT count(*) FROM outbox WHERE published_at IS NULL",
@@ -146,9 +128,7 @@ pub async fn run(args: Args) -> Result<ExitCode> {
             .context("counting unpublished outbox rows")?
             .get(0);
         let p = Progress {
-            by_status,
-            terminal,
-            in_flight,
+            orders,
             unpublished,
             expected,
             publishing,
@@ -178,15 +158,14 @@ pub async fn run(args: Args) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn progress(terminal: i64, in_flight: i64, unpublished: i64, publishing: bool) -> Progress {
         Progress {
-            by_status: BTreeMap::from([
+            orders: OrderCounts::new(BTreeMap::from([
                 ("completed".to_string(), terminal),
                 ("accepted".to_string(), in_flight),
-            ]),
-            terminal,
-            in_flight,
+            ])),
             unpublished,
             expected: 10,
             publishing,

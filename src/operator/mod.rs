@@ -14,6 +14,7 @@
 //! - [`export`]: `export` and `import` as JSON lines.
 //! - [`status`]: queue depths, CloudWatch ages, move tasks, worker heartbeats.
 //! - [`rate`], [`progress`]: pacing and progress on stderr.
+//! - [`watch`]: one look at a running fleet (orders, handler rates, depths, emails).
 
 pub mod erasure;
 pub mod export;
@@ -30,3 +31,4 @@ pub mod rate;
 pub mod report;
 pub mod scan;
 pub mod status;
+pub mod watch;

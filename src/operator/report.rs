@@ -88,6 +88,106 @@ impl Report {
     }
 }
 
+/// Orders by status, and how many are settled or still moving: what `report`, `wait` and
+/// `watch` count.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OrderCounts {
+    /// status → number of orders.
+    pub by_status: BTreeMap<String, i64>,
+    pub total: i64,
+    /// Orders in one of the [`TERMINAL_STATUSES`].
+    pub terminal: i64,
+    /// Orders not yet in a terminal status.
+    pub in_flight: i64,
+}
+
+impl OrderCounts {
+    /// The totals of `by_status`.
+    pub fn new(by_status: BTreeMap<String, i64>) -> Self {
+        let total = by_status.values().sum();
+        let terminal = by_status
+            .iter()
+            .filter(|(s, _)| TERMINAL_STATUSES.contains(&s.as_str()))
+            .map(|(_, n)| n)
+            .sum();
+        OrderCounts {
+            by_status,
+            total,
+            terminal,
+            in_flight: total - terminal,
+        }
+    }
+
+    /// Orders in `status` (0 when there are none).
+    pub fn status(&self, status: &str) -> i64 {
+        self.by_status.get(status).copied().unwrap_or(0)
+    }
+}
+
+/// Counts the orders whose id starts with `id_prefix` (`""`: every order) by status.
+pub async fn count_orders(db: &impl GenericClient, id_prefix: &str) -> Result<OrderCounts> {
+    let by_status = db
+        .query(
+            "SELECT status, count(*) FROM orders
+              WHERE left(id, length($1)) = $1 GROUP BY status ORDER BY status",
+            &[&id_prefix],
+        )
+        .await
+        .context("counting orders by status")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(OrderCounts::new(by_status))
+}
+
+/// The `emails` table in figures: every row by kind, and the sent ones by transport.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EmailCounts {
+    /// kind → emails recorded (sent or failed for good).
+    pub by_kind: BTreeMap<String, i64>,
+    /// transport (`file`, `smtp`, `ses`) → emails it accepted.
+    pub sent_by_transport: BTreeMap<String, i64>,
+    pub sent: i64,
+    /// Emails no transport will ever deliver (`failed_permanent`).
+    pub failed: i64,
+}
+
+/// Counts the emails of orders whose id starts with `order_id_prefix` (`""`: every email);
+/// all zero when the notifications schema is not there.
+pub async fn count_emails(db: &impl GenericClient, order_id_prefix: &str) -> Result<EmailCounts> {
+    let exists: bool = db
+        .query_one("SELECT to_regclass('emails') IS NOT NULL", &[])
+        .await
+        .context("looking for the emails table")?
+        .get(0);
+    let mut counts = EmailCounts::default();
+    if !exists {
+        return Ok(counts);
+    }
+    let rows = db
+        .query(
+            "SELECT kind::text, transport::text, status::text, count(*) FROM emails
+              WHERE left(order_id, length($1)) = $1 GROUP BY 1, 2, 3",
+            &[&order_id_prefix],
+        )
+        .await
+        .context("counting emails")?;
+    for r in rows {
+        let (kind, transport, status, n): (String, String, String, i64) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        *counts.by_kind.entry(kind).or_default() += n;
+        match status.as_str() {
+            "sent" => {
+                counts.sent += n;
+                *counts.sent_by_transport.entry(transport).or_default() += n;
+            }
+            "failed_permanent" => counts.failed += n,
+            _ => {}
+        }
+    }
+    Ok(counts)
+}
+
 /// Per-order money, shared by the money invariants: the order, what the ledger moved on
 /// `payments_clearing` for it, and what the payments table says.
 const ORDER_MONEY: &str = "
@@ -275,22 +375,7 @@ pub async fn build(db: &mut deadpool_postgres::Client) -> Result<Report> {
 }
 
 async fn read(db: &impl GenericClient) -> Result<Report> {
-    let orders_by_status: BTreeMap<String, i64> = db
-        .query(
-            "SELECT status, count(*) FROM orders GROUP BY status ORDER BY status",
-            &[],
-        )
-        .await
-        .context("counting orders by status")?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let orders_total = orders_by_status.values().sum();
-    let orders_in_flight = orders_by_status
-        .iter()
-        .filter(|(s, _)| !TERMINAL_STATUSES.contains(&s.as_str()))
-        .map(|(_, n)| n)
-        .sum();
+    let orders = count_orders(db, "").await?;
     let stock = db
         .query(
             "SELECT s.sku, p.doc->>'name', s.on_hand, s.reserved
@@ -353,14 +438,14 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
         }
     }
     Ok(Report {
-        orders_by_status,
-        orders_total,
-        orders_in_flight,
+        orders_by_status: orders.by_status,
+        orders_total: orders.total,
+        orders_in_flight: orders.in_flight,
         stock,
         ledger,
         invariants,
         violations,
-        emails_by_kind: emails_by_kind(db).await?,
+        emails_by_kind: count_emails(db, "").await?.by_kind,
         needs_attention,
         outbox_dead_letters: db
             .query_one("SELECT count(*) FROM outbox_dead_letters", &[])
@@ -368,26 +453,4 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
             .context("counting the outbox dead letters")?
             .get(0),
     })
-}
-
-/// Emails per kind, from the notifications handler's `emails` table when it exists.
-async fn emails_by_kind(db: &impl GenericClient) -> Result<BTreeMap<String, i64>> {
-    let exists: bool = db
-        .query_one("SELECT to_regclass('emails') IS NOT NULL", &[])
-        .await
-        .context("looking for the emails table")?
-        .get(0);
-    if !exists {
-        return Ok(BTreeMap::new());
-    }
-    Ok(db
-        .query(
-            "SELECT kind::text, count(*) FROM emails GROUP BY kind ORDER BY kind",
-            &[],
-        )
-        .await
-        .context("counting emails by kind")?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
 }

@@ -1,4 +1,5 @@
-//! The process's logs: `tracing` to stderr, as JSON lines or compact text.
+//! The process's logs: `tracing` to stderr, as JSON lines or compact text (coloured only when
+//! stderr is a terminal).
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -21,6 +22,10 @@ pub fn init_logging(format: LogFormat) {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        // Colours only on a terminal: a log file (`make run` writes one) gets plain text.
+        LogFormat::Pretty => builder
+            .compact()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
 }

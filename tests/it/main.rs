@@ -22,6 +22,7 @@ mod observe;
 mod operator_dlq;
 mod operator_native;
 mod operator_status;
+mod operator_watch;
 mod outbox_dead_letters;
 mod permissions;
 mod personalization_personalize;

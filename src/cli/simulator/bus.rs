@@ -104,7 +104,17 @@ pub async fn ensure_runs_table(db: &impl GenericClient) -> Result<()> {
              kinds            jsonb       NOT NULL DEFAULT '{}',
              started_at       timestamptz NOT NULL DEFAULT now(),
              finished_at      timestamptz
-         )",
+         );
+         -- The operator login reads it too (`orderfleet wait` and `watch` look runs up). A
+         -- publisher that cannot grant (not the table's owner) leaves the grant as it is.
+         DO $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'orderfleet_operator')
+                AND NOT has_table_privilege('orderfleet_operator', 'simulator_runs', 'SELECT') THEN
+                 GRANT SELECT ON simulator_runs TO orderfleet_operator;
+             END IF;
+         EXCEPTION WHEN insufficient_privilege THEN NULL;
+         END $$",
     )
     .await
     .context("creating simulator_runs")?;
