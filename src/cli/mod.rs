@@ -2,6 +2,7 @@
 
 pub mod customer;
 pub mod dlq;
+pub mod email;
 pub mod lake;
 pub mod migrate;
 pub mod order;
@@ -61,6 +62,8 @@ pub enum Command {
     Customer(customer::Args),
     /// One order for a support desk: `order show ID`.
     Order(order::Args),
+    /// Email deliverability: `email suppressions list|remove`, `email unsubscribe`.
+    Email(email::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -77,6 +80,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Report(args) => report::run(args).await,
         Command::Customer(args) => customer::run(args).await,
         Command::Order(args) => order::run(args).await,
+        Command::Email(args) => email::run(args).await,
     }
 }
 

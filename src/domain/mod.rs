@@ -10,3 +10,5 @@ pub mod names;
 pub mod outcome;
 pub mod platform;
 pub mod redaction;
+pub mod deliverability;
+pub mod ses;

@@ -30,3 +30,4 @@ pub mod rate;
 pub mod report;
 pub mod scan;
 pub mod status;
+pub mod suppressions;

@@ -61,8 +61,11 @@ pub struct Report {
     pub invariants: BTreeMap<String, bool>,
     /// invariant name → up to ten examples of what breaks it (only for broken ones).
     pub violations: BTreeMap<String, Vec<String>>,
-    /// email kind → number sent; empty when the notifications schema is not there.
+    /// email kind → number sent (or refused for good); empty when the notifications schema
+    /// is not there. Skipped emails are not counted here.
     pub emails_by_kind: BTreeMap<String, i64>,
+    /// Why emails were not sent (a suppressed address, a marketing opt-out) → how many.
+    pub emails_skipped: BTreeMap<String, i64>,
     /// What a person must look at: kind of trouble → the orders in it. Not an invariant: the
     /// fleet did the right thing, but it cannot finish these orders alone. Only kinds with
     /// orders in them are listed.
@@ -361,6 +364,7 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
         invariants,
         violations,
         emails_by_kind: emails_by_kind(db).await?,
+        emails_skipped: emails_skipped(db).await?,
         needs_attention,
         outbox_dead_letters: db
             .query_one("SELECT count(*) FROM outbox_dead_letters", &[])
@@ -382,11 +386,39 @@ async fn emails_by_kind(db: &impl GenericClient) -> Result<BTreeMap<String, i64>
     }
     Ok(db
         .query(
-            "SELECT kind::text, count(*) FROM emails GROUP BY kind ORDER BY kind",
+            "SELECT kind::text, count(*) FROM emails WHERE status <> 'skipped'
+              GROUP BY kind ORDER BY kind",
             &[],
         )
         .await
         .context("counting emails by kind")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Skipped emails per reason, once migration 0019 added the column.
+async fn emails_skipped(db: &impl GenericClient) -> Result<BTreeMap<String, i64>> {
+    let exists: bool = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                             WHERE table_name = 'emails' AND column_name = 'skip_reason')",
+            &[],
+        )
+        .await
+        .context("looking for emails.skip_reason")?
+        .get(0);
+    if !exists {
+        return Ok(BTreeMap::new());
+    }
+    Ok(db
+        .query(
+            "SELECT skip_reason, count(*) FROM emails WHERE status = 'skipped'
+              GROUP BY skip_reason ORDER BY skip_reason",
+            &[],
+        )
+        .await
+        .context("counting skipped emails")?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())

@@ -407,7 +407,7 @@ async fn run_guarded(
     event: Envelope,
     count: u32,
 ) -> Result<Option<Executed>, HandlerError> {
-    if catalogue::spec(&event.detail_type).is_none() {
+    if !catalogue::knows(&event.source, &event.detail_type) {
         return Err(HandlerError::permanent(format!(
             "unknown detail-type {:?} (source {:?}); it is not in the event catalogue",
             event.detail_type, event.source
