@@ -195,7 +195,7 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
             let r = rows(
                 &pool,
                 "SELECT address_hash, address_masked, reason, detail FROM email_suppressions
-                  ORDER BY address_masked",
+                  ORDER BY reason",
             )
             .await;
             (r.len() >= 2).then_some(r)
