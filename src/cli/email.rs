@@ -227,7 +227,10 @@ async fn unsubscribe(args: UnsubscribeArgs) -> Result<ExitCode> {
                 )
             })
             .unwrap_or_default();
-        bail!("PutEvents to bus {:?} refused the event: {why}", topo.bus_name);
+        bail!(
+            "PutEvents to bus {:?} refused the event: {why}",
+            topo.bus_name
+        );
     }
     println!(
         "published MarketingOptOut for {shown} (event {event_id}); the notifications worker \

@@ -34,7 +34,10 @@ pub struct Args {
     /// complaints reach the notifications queue through a rule on the account's default bus
     /// (the set's EventBridge event destination must point at that bus; see
     /// docs/notifications.md). Unset: no such rule.
-    #[arg(long = "ses-configuration-set", env = "ORDERFLEET_SES_CONFIGURATION_SET")]
+    #[arg(
+        long = "ses-configuration-set",
+        env = "ORDERFLEET_SES_CONFIGURATION_SET"
+    )]
     pub ses_configuration_set: Option<String>,
     /// Print the changes as JSON.
     #[arg(long)]

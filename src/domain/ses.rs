@@ -209,8 +209,8 @@ mod tests {
         let ev = SesEvent::decode(&envelope(COMPLAINT, detail.clone())).unwrap();
         assert!(matches!(ev.feedback().unwrap(), Feedback::Complaint { .. }));
         assert_eq!(event_key(&detail), Some("m-2"));
-        let err = SesEvent::decode(&envelope(COMPLAINT, json!({"eventType": "Complaint"})))
-            .unwrap_err();
+        let err =
+            SesEvent::decode(&envelope(COMPLAINT, json!({"eventType": "Complaint"}))).unwrap_err();
         assert_eq!(err.kind(), "poison");
         let ev = SesEvent::decode(&envelope(
             COMPLAINT,

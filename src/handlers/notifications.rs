@@ -85,9 +85,9 @@ use crate::domain::events::{
     self, Currency, MarketingOptOut, Money, OrderAccepted, OrderCompleted, OrderShipped,
     PaymentRefunded, PaymentVoided,
 };
-use crate::domain::ses::{self, Feedback, SesEvent};
 use crate::domain::mask::{mask, redact};
 use crate::domain::outcome::HandlerError;
+use crate::domain::ses::{self, Feedback, SesEvent};
 use crate::handlers::{Context, Handler};
 use crate::providers::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
 use crate::providers::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};
@@ -492,7 +492,12 @@ impl Notifications {
     /// Records a customer's opt-out of marketing email.
     async fn opt_out(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: MarketingOptOut = events::decode(event)?;
-        let id = d.customer.id.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        let id = d
+            .customer
+            .id
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
         let email = d
             .customer
             .email

@@ -316,7 +316,9 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
     pool.get()
         .await
         .unwrap()
-        .batch_execute(&format!("CREATE ROLE {login} LOGIN IN ROLE orderfleet_operator"))
+        .batch_execute(&format!(
+            "CREATE ROLE {login} LOGIN IN ROLE orderfleet_operator"
+        ))
         .await
         .unwrap();
     let operator_url = with_user(&url, &login);
@@ -335,7 +337,10 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
     assert!(!out.contains("ada@example.com"), "{out}");
     let (code, out, _) = cli(&["email", "suppressions", "list"], &db);
     assert_eq!(code, 0);
-    assert!(out.contains("a***@example.com") && out.contains("complaint"), "{out}");
+    assert!(
+        out.contains("a***@example.com") && out.contains("complaint"),
+        "{out}"
+    );
 
     // By address, the key is needed; with it the suppression goes.
     let (code, _, err) = cli(&["email", "suppressions", "remove", "ada@example.com"], &db);
@@ -367,18 +372,19 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
     );
 
     // The other configuration set's bounce never arrived; nothing was dead-lettered.
-    let dlq = orderfleet::sqs::queue::queue_url(
-        &clients.sqs,
-        &topo.dlq_name(HandlerName::Notifications),
-    )
-    .await
-    .unwrap();
+    let dlq =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.dlq_name(HandlerName::Notifications))
+            .await
+            .unwrap();
     assert_eq!(support::depth(&clients, &dlq).await, (0, 0));
     drop(worker);
     let log = std::fs::read_to_string(cwd.path().join("worker.log")).unwrap();
     assert!(log.contains("address suppressed"), "{log}");
     for address in ["ada@example.com", "bob@example.net", "Cy@Example.org"] {
-        assert!(!log.contains(address), "{address} in full in the log: {log}");
+        assert!(
+            !log.contains(address),
+            "{address} in full in the log: {log}"
+        );
     }
 }
 
@@ -386,7 +392,11 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
 async fn marketing_fleet(
     outbox: &std::path::Path,
     unsubscribe: bool,
-) -> (orderfleet_testkit::inproc::Fleet, deadpool_postgres::Pool, String) {
+) -> (
+    orderfleet_testkit::inproc::Fleet,
+    deadpool_postgres::Pool,
+    String,
+) {
     let (pool, url) = support::fresh_db().await;
     let clients = support::clients().await;
     let mut email = EmailArgs {
@@ -418,7 +428,11 @@ async fn marketing_fleet(
     // A teapot sold with a cup: the next teapot's buyer hears about cups.
     for id in ["ord-h1", "ord-h2"] {
         fleet
-            .publish_event(&order(id, &[("TEA-1", 1, 500), ("CUP-1", 1, 500)], "tok_visa"))
+            .publish_event(&order(
+                id,
+                &[("TEA-1", 1, 500), ("CUP-1", 1, 500)],
+                "tok_visa",
+            ))
             .await
             .unwrap();
         fleet.run_until_quiet().await.unwrap();
@@ -454,7 +468,10 @@ async fn the_recommendations_email_offers_one_click_unsubscribe_and_an_opt_out_s
         .strip_prefix('<')
         .and_then(|h| h.strip_suffix('>'))
         .unwrap_or_else(|| panic!("List-Unsubscribe is not <url>: {header}"));
-    assert!(link.starts_with(&format!("{UNSUBSCRIBE_URL}?token=")), "{link}");
+    assert!(
+        link.starts_with(&format!("{UNSUBSCRIBE_URL}?token=")),
+        "{link}"
+    );
     // The shop's page checks the token with the shared key and learns the customer.
     let token = token_of_link(link).unwrap();
     let signer = UnsubscribeSigner::new(UNSUBSCRIBE_KEY.as_bytes()).unwrap();
@@ -467,10 +484,15 @@ async fn the_recommendations_email_offers_one_click_unsubscribe_and_an_opt_out_s
     let html = parsed.part("text/html").unwrap();
     assert!(html.contains("Unsubscribe"), "{html}");
     // The confirmation is transactional: no unsubscribe header, no recommendations.
-    let confirmation =
-        assert_well_formed(&std::fs::read(outbox.path().join("ord-r1.confirmation.eml")).unwrap(), "ada@example.com");
+    let confirmation = assert_well_formed(
+        &std::fs::read(outbox.path().join("ord-r1.confirmation.eml")).unwrap(),
+        "ada@example.com",
+    );
     assert!(confirmation.header("List-Unsubscribe").is_none());
-    assert!(!confirmation.part("text/plain").unwrap().contains("also bought"));
+    assert!(!confirmation
+        .part("text/plain")
+        .unwrap()
+        .contains("also bought"));
 
     // The shop's page publishes the opt-out; the next order gets its confirmation, shipping
     // email and no recommendations.
@@ -505,7 +527,11 @@ async fn the_recommendations_email_offers_one_click_unsubscribe_and_an_opt_out_s
         "{r2:?}"
     );
     assert!(
-        r2.contains(&vec![Some("confirmation".into()), Some("sent".into()), None]),
+        r2.contains(&vec![
+            Some("confirmation".into()),
+            Some("sent".into()),
+            None
+        ]),
         "{r2:?}"
     );
     assert_no_dead_letters(&fleet);
@@ -555,7 +581,13 @@ async fn support_can_unsubscribe_a_customer_by_address() {
     let topo = support::topology(&clients).await;
     // The CLI publishes MarketingOptOut on the fleet's bus; the rule routes it to notifications.
     let (code, out, err) = cli(
-        &["email", "unsubscribe", "Ada@Example.com", "--prefix", &topo.prefix],
+        &[
+            "email",
+            "unsubscribe",
+            "Ada@Example.com",
+            "--prefix",
+            &topo.prefix,
+        ],
         &[],
     );
     assert_eq!(code, 0, "{err}");
@@ -579,7 +611,9 @@ async fn support_can_unsubscribe_a_customer_by_address() {
                 .send()
                 .await
                 .ok()?;
-            out.messages().first().and_then(|m| m.body().map(String::from))
+            out.messages()
+                .first()
+                .and_then(|m| m.body().map(String::from))
         }
     })
     .await;

@@ -266,8 +266,8 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
         json!([{"Ref": "SesConfigurationSet"}])
     );
     assert_eq!(
-        t.resource("SesEventDestination")["Properties"]["EventDestination"]["EventBridgeDestination"]
-            ["EventBusArn"],
+        t.resource("SesEventDestination")["Properties"]["EventDestination"]
+            ["EventBridgeDestination"]["EventBusArn"],
         json!({"Fn::Sub": "arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:event-bus/default"})
     );
 }

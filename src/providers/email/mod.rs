@@ -355,7 +355,11 @@ impl Unsubscribe {
                  List-Unsubscribe header cannot carry (<, >, space or comma); percent-encode it"
             );
         }
-        let key = args.unsubscribe_key.as_ref().map(|k| k.0.as_str()).unwrap_or("");
+        let key = args
+            .unsubscribe_key
+            .as_ref()
+            .map(|k| k.0.as_str())
+            .unwrap_or("");
         if key.is_empty() {
             bail!(
                 "--unsubscribe-url is set but --unsubscribe-key (ORDERFLEET_UNSUBSCRIBE_KEY) is \
@@ -377,7 +381,12 @@ impl Unsubscribe {
 
 /// The suppression list's hasher `--email-hash-key` describes, if given.
 pub fn address_hasher(args: &EmailArgs) -> Result<Option<AddressHasher>> {
-    match args.hash_key.as_ref().map(|k| k.0.as_str()).filter(|k| !k.is_empty()) {
+    match args
+        .hash_key
+        .as_ref()
+        .map(|k| k.0.as_str())
+        .filter(|k| !k.is_empty())
+    {
         Some(key) => Ok(Some(AddressHasher::new(key.as_bytes())?)),
         None => Ok(None),
     }
