@@ -71,8 +71,19 @@
 //!   on redelivery (at least once, the window above). The copy has the same Message-ID, so a
 //!   mail client that threads or de-duplicates by it shows one; the customer may still see two.
 //!
+//! - Two SES reports about one address at once (a bounce and a complaint, or one report
+//!   delivered twice under different EventBridge ids): each is an upsert on the address's
+//!   hash, so the second waits on the row lock and then counts; the first reason stays. The
+//!   same report twice under one SES feedback id is one inbox key, applied once.
+//! - An opt-out and a recommendations email of the same customer at once: if the opt-out
+//!   commits first the email is skipped; if the email's transaction read no opt-out, that one
+//!   email goes out and every later one is skipped. An opt-out recorded twice changes nothing.
+//! - A suppression arriving while an email to the address is being sent: that email goes out
+//!   (it was decided before); the next is skipped.
+//!
 //! Addresses are masked ([`mask`]) in every log line, in `emails.recipient_masked`, and in
-//! every error text kept or logged.
+//! every error text kept or logged; the deliverability tables hold a keyed hash and the masked
+//! form, never the address.
 
 use std::collections::HashMap;
 use std::sync::Arc;
