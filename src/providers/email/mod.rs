@@ -691,6 +691,55 @@ mod tests {
     }
 
     #[test]
+    fn marketing_settings_are_checked_at_startup_and_name_the_flag() {
+        assert!(Unsubscribe::from_args(&EmailArgs::default())
+            .unwrap()
+            .is_none());
+        let with = |url: &str, key: Option<&str>| EmailArgs {
+            unsubscribe_url: Some(url.into()),
+            unsubscribe_key: key.map(|k| Secret(k.into())),
+            ..EmailArgs::default()
+        };
+        let key = "0123456789abcdef0123456789abcdef";
+        let u = Unsubscribe::from_args(&with("https://shop.example/u", Some(key)))
+            .unwrap()
+            .unwrap();
+        assert!(u.link("cus-1").starts_with("https://shop.example/u?token="));
+        for (args, flag) in [
+            (with("https://shop.example/u", None), "--unsubscribe-key"),
+            (
+                with("https://shop.example/u", Some("short")),
+                "ORDERFLEET_UNSUBSCRIBE_KEY",
+            ),
+            (
+                with("mailto:stop@shop.example", Some(key)),
+                "--unsubscribe-url",
+            ),
+            (
+                with("https://shop.example/a b", Some(key)),
+                "--unsubscribe-url",
+            ),
+        ] {
+            let err = Unsubscribe::from_args(&args).unwrap_err();
+            assert!(format!("{err:#}").contains(flag), "{err:#}");
+        }
+    }
+
+    #[tokio::test]
+    async fn ses_with_a_configuration_set_and_no_hash_key_refuses_to_start() {
+        let args = EmailArgs {
+            transport: TransportKind::Ses,
+            ses_configuration_set: Some("shop-email".into()),
+            ..EmailArgs::default()
+        };
+        let err = Mailer::from_args(&args).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("ORDERFLEET_EMAIL_HASH_KEY"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn message_ids_are_stable_per_order_and_kind() {
         let a = EmailKey::new("ord-1", EmailKind::Confirmation);
         assert_eq!(
