@@ -20,7 +20,8 @@
 //!    [`operator::plan`], [`operator::mover`] with its crash-safe [`operator::journal`],
 //!    [`operator::native`] (SQS's own redrive), [`operator::export`], [`operator::rate`],
 //!    [`operator::progress`], [`operator::status`], [`operator::report`]'s invariants,
-//!    [`operator::erasure`] (`customer forget`).
+//!    [`operator::erasure`] (`customer forget`), [`operator::suppressions`] (`email
+//!    suppressions`).
 //! 4. [`runtime`]: the SQS consumer, written once: its settings and queue checks (`mod.rs`),
 //!    [`runtime::consumer`]'s receive loops and outcomes, [`runtime::execute`]'s one-event
 //!    transaction, [`runtime::group`] commit, [`runtime::lease`], [`runtime::acker`],
@@ -45,8 +46,9 @@
 //!    metrics), [`telemetry::logging`].
 //! 10. [`domain`]: what every layer speaks: [`domain::envelope`], [`domain::catalogue`],
 //!     [`domain::names`], [`domain::events`], [`domain::money`], [`domain::outcome`],
-//!     [`domain::redaction`] (what of an event may reach the lake or a terminal) and
-//!     [`domain::mask`] (email masking).
+//!     [`domain::redaction`] (what of an event may reach the lake or a terminal),
+//!     [`domain::mask`] (email masking), [`domain::ses`] (SES's bounce and complaint events)
+//!     and [`domain::deliverability`] (address hashes, unsubscribe tokens).
 //!
 //! The benchmarks (`bench/`), the in-process test fleet (`testkit/`) and the CloudFormation
 //! generator (`xtask/`) are packages of their own in the workspace.

@@ -2,6 +2,7 @@
 
 pub mod customer;
 pub mod dlq;
+pub mod email;
 pub mod lake;
 pub mod migrate;
 pub mod order;
@@ -64,6 +65,8 @@ pub enum Command {
     Order(order::Args),
     /// A live summary: orders by outcome, messages per second, queue and DLQ depths, emails.
     Watch(watch::Args),
+    /// Email deliverability: `email suppressions list|remove`, `email unsubscribe`.
+    Email(email::Args),
 }
 
 /// Runs a parsed command. The exit code is the command's verdict (e.g. a failed invariant).
@@ -81,6 +84,7 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Customer(args) => customer::run(args).await,
         Command::Order(args) => order::run(args).await,
         Command::Watch(args) => watch::run(args).await,
+        Command::Email(args) => email::run(args).await,
     }
 }
 

@@ -128,8 +128,14 @@ fn render(o: &OrderView) -> String {
         out += "\nEMAILS\n";
         for e in &o.emails {
             out += &format!(
-                "  {:<14} {:<18} to {}\n",
-                e.kind, e.status, e.recipient_masked
+                "  {:<15} {:<18} to {}{}\n",
+                e.kind,
+                e.status,
+                e.recipient_masked,
+                e.skip_reason
+                    .as_deref()
+                    .map(|r| format!("  ({r})"))
+                    .unwrap_or_default()
             );
         }
     }

@@ -30,6 +30,15 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub partner_sources: Vec<String>,
+    /// The SES configuration set the notifications worker sends with: its bounces and
+    /// complaints reach the notifications queue through a rule on the account's default bus
+    /// (the set's EventBridge event destination must point at that bus; see
+    /// docs/notifications.md). Unset: no such rule.
+    #[arg(
+        long = "ses-configuration-set",
+        env = "ORDERFLEET_SES_CONFIGURATION_SET"
+    )]
+    pub ses_configuration_set: Option<String>,
     /// Print the changes as JSON.
     #[arg(long)]
     pub json: bool,
@@ -46,6 +55,10 @@ pub async fn run(args: Args) -> Result<ExitCode> {
         .filter(|s| !s.is_empty())
         .collect();
     topo.check_partner_sources().map_err(anyhow::Error::msg)?;
+    topo.ses_configuration_set = args
+        .ses_configuration_set
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
     let clients = Clients::from_env().await;
     let changes = crate::infra::provision::provision(&clients, &topo).await?;
     if args.json {

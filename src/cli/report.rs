@@ -108,6 +108,12 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(out, "  {kind:<20} {n:>8}");
         }
     }
+    if !r.emails_skipped.is_empty() {
+        let _ = writeln!(out, "\nEmails skipped");
+        for (reason, n) in &r.emails_skipped {
+            let _ = writeln!(out, "  {n:>8}  {reason}");
+        }
+    }
 
     if !r.needs_attention.is_empty() {
         let _ = writeln!(out, "\nNeeds attention");
@@ -175,6 +181,7 @@ mod tests {
             invariants: Default::default(),
             violations: Default::default(),
             emails_by_kind: Default::default(),
+            emails_skipped: Default::default(),
             needs_attention: Default::default(),
             outbox_dead_letters: 0,
         };

@@ -149,7 +149,8 @@ pub const EVENTS: &[EventSpec] = &[
     ev(
         "OrderCompleted",
         By(Orders),
-        &[Personalization, Analytics],
+        // Notifications sends the recommendations email (marketing).
+        &[Personalization, Notifications, Analytics],
         "The order shipped, was paid and delivered: a purchase.",
     ),
     ev(
@@ -239,7 +240,58 @@ pub const EVENTS: &[EventSpec] = &[
         &[Orders, Analytics],
         "The parcel was stopped before it left, answering ShipmentCancelRequested.",
     ),
+    // Marketing consent. The shop's unsubscribe page publishes it after checking the signed
+    // token of the link in a marketing email; `orderfleet email unsubscribe` publishes it for
+    // support. Recording it twice changes nothing.
+    ev(
+        "MarketingOptOut",
+        Storefront,
+        &[Notifications, Analytics],
+        "A customer opted out of marketing email (the unsubscribe link, or support): transactional email still goes out.",
+    ),
 ];
+
+/// An event from outside the fleet that a handler consumes: an AWS service's event on the
+/// account's default bus, routed by a rule of [`crate::infra::topology::Topology::external_rules`].
+/// These are not archived (they carry addresses the lake must not hold) and have no schema of
+/// ours; their producer documents them.
+#[derive(Debug, Clone, Copy)]
+pub struct ExternalSpec {
+    pub source: &'static str,
+    pub detail_type: &'static str,
+    pub consumers: &'static [HandlerName],
+    pub description: &'static str,
+}
+
+/// Every external event a handler consumes.
+pub const EXTERNAL_EVENTS: &[ExternalSpec] = &[
+    ExternalSpec {
+        source: crate::domain::ses::SOURCE,
+        detail_type: crate::domain::ses::BOUNCED,
+        consumers: &[Notifications],
+        description: "SES could not deliver an email (configuration set event destination): a permanent bounce suppresses the address.",
+    },
+    ExternalSpec {
+        source: crate::domain::ses::SOURCE,
+        detail_type: crate::domain::ses::COMPLAINT,
+        consumers: &[Notifications],
+        description: "A recipient marked an email as spam: the address is suppressed.",
+    },
+];
+
+/// The external events of `source`.
+pub fn external(source: &str) -> impl Iterator<Item = &'static ExternalSpec> + '_ {
+    EXTERNAL_EVENTS.iter().filter(move |e| e.source == source)
+}
+
+/// Whether a handler may be given an event of `source` and `detail_type`: a catalogued event,
+/// an external one, or a commerce platform's (whose detail-types are the platform's own; the
+/// storefront handler sorts them out).
+pub fn knows(source: &str, detail_type: &str) -> bool {
+    spec(detail_type).is_some()
+        || external(source).any(|e| e.detail_type == detail_type)
+        || crate::domain::platform::Platform::of_source(source).is_some()
+}
 
 #[cfg(test)]
 mod tests {

@@ -55,11 +55,17 @@ impl Envelope {
     /// fall back to EventBridge's `id`. The inbox pairs the key with the detail-type, so a
     /// producer that reuses one id across detail-types still has each counted. A commerce
     /// platform's event (from its partner event source) is keyed by the platform's own id
-    /// ([`Platform::event_key`]): the platform redelivers a webhook under the same id.
+    /// ([`Platform::event_key`]): the platform redelivers a webhook under the same id. An SES
+    /// email event is keyed by SES's own ids ([`crate::domain::ses::event_key`]).
     pub fn event_key(&self) -> &str {
         if let Some(key) = Platform::of_source(&self.source).and_then(|p| p.event_key(&self.detail))
         {
             return key;
+        }
+        if self.source == crate::domain::ses::SOURCE {
+            if let Some(key) = crate::domain::ses::event_key(&self.detail) {
+                return key;
+            }
         }
         self.detail
             .get("event_id")

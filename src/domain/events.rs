@@ -693,3 +693,45 @@ pub struct ShipmentCancelled {
     pub order_id: String,
 }
 event!(ShipmentCancelled, "ShipmentCancelled");
+
+/// Who opts out of marketing email: the customer's id (what the unsubscribe link's token
+/// names), or for support an address alone, which notifications resolves to the customers
+/// that have it. Under `customer`, so the lake keeps the id and only a keyed hash of the
+/// address ([`crate::domain::redaction`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptOutSubject {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+/// How a [`MarketingOptOut`] came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptOutChannel {
+    /// The unsubscribe link of a marketing email (the shop's page checked its token).
+    Link,
+    /// Support, with `orderfleet email unsubscribe`.
+    Support,
+}
+
+impl OptOutChannel {
+    /// The name stored in `marketing_opt_outs.channel`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptOutChannel::Link => "link",
+            OptOutChannel::Support => "support",
+        }
+    }
+}
+
+/// A customer opted out of marketing email; transactional email still goes out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketingOptOut {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub customer: OptOutSubject,
+    pub channel: OptOutChannel,
+}
+event!(MarketingOptOut, "MarketingOptOut");

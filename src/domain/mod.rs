@@ -2,6 +2,7 @@
 //! handlers' names, the typed payloads with their money, and the typed outcome of handling.
 
 pub mod catalogue;
+pub mod deliverability;
 pub mod envelope;
 pub mod events;
 pub mod mask;
@@ -10,3 +11,4 @@ pub mod names;
 pub mod outcome;
 pub mod platform;
 pub mod redaction;
+pub mod ses;

@@ -2,11 +2,28 @@
 //!
 //! | event | email (`emails.kind`) | recipient from |
 //! |---|---|---|
-//! | `OrderAccepted` | `confirmation`: lines, total, "customers also bought" | the event |
+//! | `OrderAccepted` | `confirmation`: lines, total, shipping address | the event |
 //! | `OrderShipped` | `shipped`: carrier, tracking number, items | `orders` + `customers` |
 //! | `PaymentVoided` of a cancelled order | `cancelled`: reason; hold released, or nothing charged | `orders` + `customers` |
 //! | `PaymentRefunded` of a cancelled order | `cancelled`: reason; amount refunded | `orders` + `customers` |
 //! | `PaymentRefunded` otherwise (a returned parcel) | `refunded`: amount | `orders` + `customers` |
+//! | `OrderCompleted` | `recommendations` (marketing): "customers also bought", unsubscribe link | `orders` + `customers` |
+//!
+//! # Deliverability
+//!
+//! - **Suppression list** (`email_suppressions`). SES reports bounces and complaints through
+//!   EventBridge (`aws.ses`, [`crate::domain::ses`]): a permanent bounce or a complaint
+//!   suppresses every address it names; a transient bounce is counted in
+//!   `email_transient_bounces` and suppresses nothing. Addresses are stored as a keyed hash
+//!   and a masked form ([`crate::domain::deliverability::AddressHasher`]). Every email,
+//!   transactional or not, to a suppressed address is recorded as `skipped` with the reason
+//!   instead of being sent: it would only bounce again and hurt the sender's reputation.
+//! - **Marketing consent** (`marketing_opt_outs`). The recommendations email is marketing: it
+//!   carries an unsubscribe link to the shop's page with a signed token naming the customer,
+//!   and `List-Unsubscribe` / `List-Unsubscribe-Post` headers (RFC 8058). The page publishes
+//!   `MarketingOptOut`, which this handler records; an opted-out customer's recommendations
+//!   email is `skipped`. Without `--unsubscribe-url` no marketing email is sent at all.
+//!   Transactional email (confirmation, shipped, cancelled, refunded) ignores opt-outs.
 //!
 //! The cancellation email is sent on the payment outcome, not on `OrderCancelled`, because only
 //! then is it known what happened to the money; payments answers every `OrderCancelled` with
@@ -14,7 +31,8 @@
 //! orders commits before it emits `OrderCancelled`, so it is always there by then. (A
 //! `PaymentVoided` of an order that was not cancelled, a parcel returned before capture, sends
 //! nothing: nothing was charged and the shipped email already went out.) This handler reads the
-//! `orders`, `customers` and `products` tables of other handlers and writes only `emails`.
+//! `orders`, `customers` and `products` tables of other handlers and writes only `emails` and
+//! the deliverability tables below.
 //!
 //! # Exactly once, and the one exception
 //!
@@ -53,8 +71,19 @@
 //!   on redelivery (at least once, the window above). The copy has the same Message-ID, so a
 //!   mail client that threads or de-duplicates by it shows one; the customer may still see two.
 //!
+//! - Two SES reports about one address at once (a bounce and a complaint, or one report
+//!   delivered twice under different EventBridge ids): each is an upsert on the address's
+//!   hash, so the second waits on the row lock and then counts; the first reason stays. The
+//!   same report twice under one SES feedback id is one inbox key, applied once.
+//! - An opt-out and a recommendations email of the same customer at once: if the opt-out
+//!   commits first the email is skipped; if the email's transaction read no opt-out, that one
+//!   email goes out and every later one is skipped. An opt-out recorded twice changes nothing.
+//! - A suppression arriving while an email to the address is being sent: that email goes out
+//!   (it was decided before); the next is skipped.
+//!
 //! Addresses are masked ([`mask`]) in every log line, in `emails.recipient_masked`, and in
-//! every error text kept or logged.
+//! every error text kept or logged; the deliverability tables hold a keyed hash and the masked
+//! form, never the address.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,10 +93,12 @@ use async_trait::async_trait;
 use crate::domain::envelope::Envelope;
 use crate::domain::events::Event;
 use crate::domain::events::{
-    self, Currency, Money, OrderAccepted, OrderShipped, PaymentRefunded, PaymentVoided,
+    self, Currency, MarketingOptOut, Money, OrderAccepted, OrderCompleted, OrderShipped,
+    PaymentRefunded, PaymentVoided,
 };
 use crate::domain::mask::{mask, redact};
 use crate::domain::outcome::HandlerError;
+use crate::domain::ses::{self, Feedback, SesEvent};
 use crate::handlers::{Context, Handler};
 use crate::providers::email::view::{self, format_minor, format_money, EmailView, MoneyOutcome};
 use crate::providers::email::{ComposeError, EmailKey, EmailKind, Mailer, SendError};
@@ -89,8 +120,25 @@ impl Notifications {
             // The shop's own address, not a customer's: logged in full.
             from = %mailer.from(),
             templates = %mailer.templates_origin(),
+            suppression_list = mailer.hasher().is_some(),
             "notifications configured"
         );
+        match mailer.unsubscribe() {
+            None => tracing::warn!(
+                "no --unsubscribe-url (ORDERFLEET_UNSUBSCRIBE_URL): marketing emails (the \
+                 recommendations email) are not sent at all; transactional emails are"
+            ),
+            Some(u) => tracing::info!(
+                unsubscribe_url = %u.url,
+                "marketing emails carry an unsubscribe link and List-Unsubscribe headers"
+            ),
+        }
+        if mailer.hasher().is_none() {
+            tracing::warn!(
+                "no --email-hash-key (ORDERFLEET_EMAIL_HASH_KEY): SES bounces and complaints \
+                 cannot be recorded (they are dead-lettered) and no address is suppressed"
+            );
+        }
         Notifications { mailer }
     }
 
@@ -110,7 +158,6 @@ impl Notifications {
         };
         let skus: Vec<String> = d.lines.iter().map(|l| l.sku.clone()).collect();
         let names = product_names(cx.tx, &skus).await?;
-        let recommendations = self.recommendations(cx.tx, &skus).await?;
         let lines = d
             .lines
             .iter()
@@ -132,9 +179,8 @@ impl Notifications {
             lines,
             total: format_money(d.total),
             shipping: view::AddressView::from(&d.shipping_address),
-            recommendations,
         });
-        self.deliver(cx, claim, &view).await
+        self.deliver(cx, claim, &view, None).await
     }
 
     async fn shipped(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
@@ -161,7 +207,7 @@ impl Notifications {
                 })
                 .collect(),
         });
-        self.deliver(cx, claim, &view).await
+        self.deliver(cx, claim, &view, None).await
     }
 
     async fn voided(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
@@ -208,7 +254,7 @@ impl Notifications {
             amount: format_money(d.amount),
             returned: matches!(order.status.as_str(), "returning" | "returned"),
         });
-        self.deliver(cx, claim, &view).await
+        self.deliver(cx, claim, &view, None).await
     }
 
     async fn cancelled(
@@ -231,7 +277,7 @@ impl Notifications {
             money,
             amount: amount.map(format_money).unwrap_or_default(),
         });
-        self.deliver(cx, claim, &view).await
+        self.deliver(cx, claim, &view, None).await
     }
 
     /// Claims `key` for this transaction. `None` when its email was already sent or failed for
@@ -276,6 +322,10 @@ impl Notifications {
             );
             return Ok(None);
         }
+        if let Some(reason) = self.suppressed(tx, &to.email).await? {
+            record_skip(tx, key, &masked, &format!("address suppressed: {reason}")).await?;
+            return Ok(None);
+        }
         Ok(Some(Claim {
             key: key.clone(),
             to: to.clone(),
@@ -284,12 +334,241 @@ impl Notifications {
         }))
     }
 
-    /// Composes, sends and records the claimed email.
+    /// Why `address` is on the suppression list (`bounce` or `complaint`, with SES's subtype),
+    /// or `None`. Always `None` without a hash key: nothing can have been suppressed.
+    async fn suppressed(&self, tx: &Tx, address: &str) -> Result<Option<String>, HandlerError> {
+        let Some(hasher) = self.mailer.hasher() else {
+            return Ok(None);
+        };
+        let row = tx
+            .query_opt_cached(
+                "SELECT reason, detail FROM email_suppressions WHERE address_hash = $1",
+                &[&hasher.hash(address)],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("reading the suppression list", &e))?;
+        Ok(row.map(|r| {
+            let reason: String = r.get(0);
+            match r.get::<_, Option<String>>(1) {
+                Some(detail) => format!("{reason} ({detail})"),
+                None => reason,
+            }
+        }))
+    }
+
+    /// The "customers also bought" email after a completed order: marketing. Not sent without
+    /// an unsubscribe URL (said once at startup), without anything to recommend, or to a
+    /// customer who opted out (recorded as skipped).
+    async fn recommendations_email(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let d: OrderCompleted = events::decode(event)?;
+        let Some(unsubscribe) = self.mailer.unsubscribe() else {
+            return Ok(());
+        };
+        let skus: Vec<String> = d.lines.iter().map(|l| l.sku.clone()).collect();
+        let recommendations = self.recommendations(cx.tx, &skus).await?;
+        if recommendations.is_empty() {
+            tracing::debug!(order_id = %d.order_id, "nothing to recommend; no recommendations email");
+            return Ok(());
+        }
+        let order = order_facts(cx.tx, &d.order_id).await?;
+        let key = EmailKey::new(&d.order_id, EmailKind::Recommendations);
+        let Some(claim) = self.claim(cx.tx, &key, &order.recipient).await? else {
+            return Ok(());
+        };
+        let opted_out = cx
+            .tx
+            .query_opt_cached(
+                "SELECT channel FROM marketing_opt_outs WHERE customer_id = $1",
+                &[&d.customer_id],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("reading the marketing opt-outs", &e))?;
+        if let Some(row) = opted_out {
+            let channel: String = row.get(0);
+            let reason = format!("customer opted out of marketing email ({channel})");
+            return record_skip(cx.tx, &key, &claim.masked, &reason).await;
+        }
+        let link = unsubscribe.link(&d.customer_id);
+        let view = EmailView::Recommendations(view::Recommendations {
+            order_id: d.order_id.clone(),
+            customer_name: order.recipient.name.clone(),
+            recommendations,
+            unsubscribe_url: link.clone(),
+        });
+        self.deliver(cx, claim, &view, Some(&link)).await
+    }
+
+    /// A bounce or complaint SES reported: suppress, or count a transient bounce.
+    async fn ses_feedback(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_>,
+    ) -> Result<(), HandlerError> {
+        let Some(hasher) = self.mailer.hasher() else {
+            return Err(HandlerError::permanent(format!(
+                "{} from SES cannot be recorded: this worker has no --email-hash-key \
+                 (ORDERFLEET_EMAIL_HASH_KEY); set it, then redrive",
+                event.detail_type
+            )));
+        };
+        let ses_event = SesEvent::decode(event)?;
+        let message_id = ses_event.mail.message_id.as_str();
+        let (recipients, reason, detail) = match ses_event.feedback()? {
+            Feedback::TransientBounce {
+                recipients,
+                bounce_type,
+            } => {
+                for address in &recipients {
+                    let masked = mask(address);
+                    cx.tx
+                        .execute_cached(
+                            "INSERT INTO email_transient_bounces
+                                    (address_hash, address_masked, last_event_id, first_seen, last_seen)
+                             VALUES ($1, $2, $3, $4, $4)
+                             ON CONFLICT (address_hash) DO UPDATE
+                                SET bounces = email_transient_bounces.bounces + 1,
+                                    last_event_id = EXCLUDED.last_event_id,
+                                    last_seen = GREATEST(email_transient_bounces.last_seen,
+                                                         EXCLUDED.last_seen)",
+                            &[&hasher.hash(address), &masked, &event.id, &event.time],
+                        )
+                        .await
+                        .map_err(|e| HandlerError::from_db("counting a transient bounce", &e))?;
+                    tracing::info!(
+                        recipient = %masked,
+                        bounce_type = %bounce_type,
+                        ses_message_id = message_id,
+                        "transient bounce counted; the address is not suppressed"
+                    );
+                }
+                return Ok(());
+            }
+            Feedback::PermanentBounce {
+                recipients,
+                sub_type,
+            } => (recipients, "bounce", sub_type),
+            Feedback::Complaint {
+                recipients,
+                feedback_type,
+            } => (recipients, "complaint", feedback_type),
+        };
+        for address in &recipients {
+            let masked = mask(address);
+            // The first reason stays: a complaint after a bounce (or the reverse) only counts.
+            cx.tx
+                .execute_cached(
+                    "INSERT INTO email_suppressions
+                            (address_hash, address_masked, reason, detail, source_event_id,
+                             last_event_id, ses_message_id, first_seen, last_seen)
+                     VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $7)
+                     ON CONFLICT (address_hash) DO UPDATE
+                        SET events = email_suppressions.events + 1,
+                            last_event_id = EXCLUDED.last_event_id,
+                            ses_message_id = EXCLUDED.ses_message_id,
+                            last_seen = GREATEST(email_suppressions.last_seen, EXCLUDED.last_seen)",
+                    &[
+                        &hasher.hash(address),
+                        &masked,
+                        &reason,
+                        &detail,
+                        &event.id,
+                        &message_id,
+                        &event.time,
+                    ],
+                )
+                .await
+                .map_err(|e| HandlerError::from_db("suppressing an address", &e))?;
+            tracing::warn!(
+                recipient = %masked,
+                reason,
+                detail = detail.as_deref().unwrap_or(""),
+                ses_message_id = message_id,
+                "address suppressed: no more email goes to it"
+            );
+        }
+        if recipients.is_empty() {
+            tracing::warn!(
+                ses_message_id = message_id,
+                reason,
+                "SES event names no recipient; nothing suppressed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Records a customer's opt-out of marketing email.
+    async fn opt_out(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        let d: MarketingOptOut = events::decode(event)?;
+        let id = d
+            .customer
+            .id
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let email = d
+            .customer
+            .email
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let customers: Vec<String> = match (id, email) {
+            (Some(id), _) => vec![id.to_string()],
+            (None, Some(email)) => cx
+                .tx
+                .query_cached(
+                    "SELECT id FROM customers WHERE lower(email) = lower($1) ORDER BY id",
+                    &[&email],
+                )
+                .await
+                .map_err(|e| HandlerError::from_db("looking the address up", &e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+            (None, None) => {
+                return Err(HandlerError::permanent(
+                    "MarketingOptOut names no customer: give customer.id or customer.email",
+                ))
+            }
+        };
+        if customers.is_empty() {
+            tracing::warn!(
+                recipient = %mask(email.unwrap_or("")),
+                "MarketingOptOut: no customer has this address; nothing recorded"
+            );
+        }
+        let key = event.event_key();
+        for customer in &customers {
+            let recorded = cx
+                .tx
+                .execute_cached(
+                    "INSERT INTO marketing_opt_outs (customer_id, channel, event_id)
+                     VALUES ($1, $2, $3) ON CONFLICT (customer_id) DO NOTHING",
+                    &[customer, &d.channel.as_str(), &key],
+                )
+                .await
+                .map_err(|e| HandlerError::from_db("recording the opt-out", &e))?;
+            tracing::info!(
+                customer_id = %customer,
+                channel = d.channel.as_str(),
+                already = recorded == 0,
+                "customer opted out of marketing email"
+            );
+        }
+        Ok(())
+    }
+
+    /// Composes, sends and records the claimed email; `unsubscribe` is a marketing email's
+    /// link, for its List-Unsubscribe headers.
     async fn deliver(
         &self,
         cx: &Context<'_>,
         claim: Claim,
         view: &EmailView,
+        unsubscribe: Option<&str>,
     ) -> Result<(), HandlerError> {
         let tx = cx.tx;
         let Claim {
@@ -298,7 +577,10 @@ impl Notifications {
             masked,
             message_id,
         } = claim;
-        let message = match self.mailer.compose(&key, &to.email, &to.name, view) {
+        let message = match self
+            .mailer
+            .compose(&key, &to.email, &to.name, view, unsubscribe)
+        {
             Ok(message) => message,
             Err(ComposeError::InvalidAddress { masked, reason }) => {
                 let error = redact(&format!("invalid address {masked}: {reason}"), &to.email);
@@ -351,8 +633,8 @@ impl Notifications {
     }
 
     /// Up to the configured number of "bought together" products for `skus`. The query runs
-    /// under a savepoint: recommendations are a nicety, so their failure is logged and the
-    /// confirmation goes out without them.
+    /// under a savepoint: recommendations are a nicety, so their failure is logged and no
+    /// recommendations email goes out.
     async fn recommendations(
         &self,
         tx: &Tx,
@@ -402,8 +684,13 @@ impl Handler for Notifications {
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+        if event.source == ses::SOURCE {
+            return self.ses_feedback(event, cx).await;
+        }
         match event.detail_type.as_str() {
             OrderAccepted::DETAIL_TYPE => self.confirmation(event, cx).await,
+            OrderCompleted::DETAIL_TYPE => self.recommendations_email(event, cx).await,
+            MarketingOptOut::DETAIL_TYPE => self.opt_out(event, cx).await,
             OrderShipped::DETAIL_TYPE => self.shipped(event, cx).await,
             PaymentVoided::DETAIL_TYPE => self.voided(event, cx).await,
             PaymentRefunded::DETAIL_TYPE => self.refunded(event, cx).await,
@@ -449,6 +736,30 @@ async fn record_failure(
         recipient = %masked,
         error,
         "email refused for good; recorded as failed_permanent, not retried"
+    );
+    Ok(())
+}
+
+/// Records that the claimed email is not sent, and why. The handler then succeeds.
+async fn record_skip(
+    tx: &Tx,
+    key: &EmailKey,
+    masked: &str,
+    reason: &str,
+) -> Result<(), HandlerError> {
+    tx.execute_cached(
+        "UPDATE emails SET status = 'skipped', skip_reason = $3
+          WHERE order_id = $1 AND kind = $2",
+        &[&key.order_id, &key.kind.as_str(), &reason],
+    )
+    .await
+    .map_err(|e| HandlerError::from_db("recording the skipped email", &e))?;
+    tracing::info!(
+        order_id = %key.order_id,
+        kind = key.kind.as_str(),
+        recipient = %masked,
+        reason,
+        "email not sent; recorded as skipped"
     );
     Ok(())
 }

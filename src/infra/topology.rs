@@ -42,6 +42,10 @@ pub struct Topology {
     /// listens to (at most one per platform; `--partner-source`). Each gets a rule on its
     /// partner event bus into the storefront queue.
     pub partner_sources: Vec<String>,
+    /// The SES configuration set whose email events (bounces, complaints) reach the
+    /// notifications queue through a rule on the account's default bus
+    /// (`--ses-configuration-set`); `None`: no such rule.
+    pub ses_configuration_set: Option<String>,
 }
 
 impl Default for Topology {
@@ -53,6 +57,7 @@ impl Default for Topology {
             lake_bucket_override: None,
             lake: true,
             partner_sources: Vec::new(),
+            ses_configuration_set: None,
         }
     }
 }
@@ -175,8 +180,39 @@ impl Topology {
     }
 
     /// Every rule on a bus other than the fleet's: one per partner event source, into the
-    /// storefront queue.
+    /// storefront queue, and with an SES configuration set the rule of its email events
+    /// into the notifications queue.
     pub fn external_rules(&self) -> Vec<ExternalRule> {
+        let mut rules = self.partner_rules();
+        if let Some(set) = &self.ses_configuration_set {
+            rules.push(self.ses_rule(serde_json::Value::String(set.clone())));
+        }
+        rules
+    }
+
+    /// The rule on the default bus that routes the bounces and complaints of the SES
+    /// configuration set `set` (as JSON, so the template can pass an intrinsic) into the
+    /// notifications queue. SES tags every event it publishes with its configuration set, so
+    /// another sender in the account (or another environment) does not reach this fleet.
+    pub fn ses_rule(&self, set: Value) -> ExternalRule {
+        let detail_types: Vec<&str> = catalogue::external(crate::domain::ses::SOURCE)
+            .filter(|e| e.consumers.contains(&HandlerName::Notifications))
+            .map(|e| e.detail_type)
+            .collect();
+        ExternalRule {
+            handler: HandlerName::Notifications,
+            name: format!("{}-ses-to-notifications", self.prefix),
+            bus: ExternalBus::Default,
+            pattern: json!({
+                "source": [crate::domain::ses::SOURCE],
+                "detail-type": detail_types,
+                "detail": {"mail": {"tags": {(crate::domain::ses::CONFIGURATION_SET_TAG): [set]}}}
+            }),
+            description: "Routes SES bounces and complaints of the fleet's configuration set to the notifications queue".into(),
+        }
+    }
+
+    fn partner_rules(&self) -> Vec<ExternalRule> {
         self.partner_sources
             .iter()
             .filter_map(|source| {

@@ -31,4 +31,5 @@ pub mod rate;
 pub mod report;
 pub mod scan;
 pub mod status;
+pub mod suppressions;
 pub mod watch;

@@ -77,6 +77,8 @@ pub struct Email {
     pub status: String,
     pub recipient_masked: String,
     pub sent_at: Option<DateTime<Utc>>,
+    /// Why a `skipped` email was not sent (a suppressed address, a marketing opt-out).
+    pub skip_reason: Option<String>,
 }
 
 /// One moment of the order's life.
@@ -170,7 +172,7 @@ pub async fn show(db: &impl GenericClient, id: &str) -> Result<Option<OrderView>
         .context("reading the shipment")?;
     let emails: Vec<Email> = db
         .query(
-            "SELECT kind, status, recipient_masked, sent_at FROM emails
+            "SELECT kind, status, recipient_masked, sent_at, skip_reason FROM emails
               WHERE order_id = $1 ORDER BY id",
             &[&id],
         )
@@ -182,6 +184,7 @@ pub async fn show(db: &impl GenericClient, id: &str) -> Result<Option<OrderView>
             status: r.get(1),
             recipient_masked: r.get(2),
             sent_at: r.get(3),
+            skip_reason: r.get(4),
         })
         .collect();
 

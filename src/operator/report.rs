@@ -61,8 +61,11 @@ pub struct Report {
     pub invariants: BTreeMap<String, bool>,
     /// invariant name → up to ten examples of what breaks it (only for broken ones).
     pub violations: BTreeMap<String, Vec<String>>,
-    /// email kind → number sent; empty when the notifications schema is not there.
+    /// email kind → number sent (or refused for good); empty when the notifications schema
+    /// is not there. Skipped emails are not counted here.
     pub emails_by_kind: BTreeMap<String, i64>,
+    /// Why emails were not sent (a suppressed address, a marketing opt-out) → how many.
+    pub emails_skipped: BTreeMap<String, i64>,
     /// What a person must look at: kind of trouble → the orders in it. Not an invariant: the
     /// fleet did the right thing, but it cannot finish these orders alone. Only kinds with
     /// orders in them are listed.
@@ -175,7 +178,9 @@ pub async fn count_emails(db: &impl GenericClient, order_id_prefix: &str) -> Res
     for r in rows {
         let (kind, transport, status, n): (String, String, String, i64) =
             (r.get(0), r.get(1), r.get(2), r.get(3));
-        *counts.by_kind.entry(kind).or_default() += n;
+        if status != "skipped" {
+            *counts.by_kind.entry(kind).or_default() += n;
+        }
         match status.as_str() {
             "sent" => {
                 counts.sent += n;
@@ -446,6 +451,7 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
         invariants,
         violations,
         emails_by_kind: count_emails(db, "").await?.by_kind,
+        emails_skipped: emails_skipped(db).await?,
         needs_attention,
         outbox_dead_letters: db
             .query_one("SELECT count(*) FROM outbox_dead_letters", &[])
@@ -453,4 +459,31 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
             .context("counting the outbox dead letters")?
             .get(0),
     })
+}
+
+/// Skipped emails per reason, once migration 0019 added the column.
+async fn emails_skipped(db: &impl GenericClient) -> Result<BTreeMap<String, i64>> {
+    let exists: bool = db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                             WHERE table_name = 'emails' AND column_name = 'skip_reason')",
+            &[],
+        )
+        .await
+        .context("looking for emails.skip_reason")?
+        .get(0);
+    if !exists {
+        return Ok(BTreeMap::new());
+    }
+    Ok(db
+        .query(
+            "SELECT skip_reason, count(*) FROM emails WHERE status = 'skipped'
+              GROUP BY skip_reason ORDER BY skip_reason",
+            &[],
+        )
+        .await
+        .context("counting skipped emails")?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }

@@ -407,10 +407,7 @@ async fn run_guarded(
     event: Envelope,
     count: u32,
 ) -> Result<Option<Executed>, HandlerError> {
-    // A commerce platform's events are the platform's dialect, translated by the storefront
-    // handler (the only queue their rules reach), not catalogue events.
-    let from_platform = crate::domain::platform::Platform::of_source(&event.source).is_some();
-    if catalogue::spec(&event.detail_type).is_none() && !from_platform {
+    if !catalogue::knows(&event.source, &event.detail_type) {
         return Err(HandlerError::permanent(format!(
             "unknown detail-type {:?} (source {:?}); it is not in the event catalogue",
             event.detail_type, event.source

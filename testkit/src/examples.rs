@@ -236,6 +236,14 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
             meta: meta(),
             order_id: order_id(),
         }),
+        "MarketingOptOut" => to_value(MarketingOptOut {
+            meta: Meta::with_id("sf-5"),
+            customer: OptOutSubject {
+                id: Some("cus-1".into()),
+                email: None,
+            },
+            channel: OptOutChannel::Link,
+        }),
         _ => return None,
     };
     v.ok()

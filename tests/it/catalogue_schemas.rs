@@ -377,6 +377,18 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
         .unwrap();
     fleet.run_until_quiet().await.unwrap();
     fleet.deliver(&held).await;
+    // What the shop's unsubscribe page publishes.
+    fleet
+        .publish_event(&orderfleet::domain::events::MarketingOptOut {
+            meta: Meta::with_id("schemas-opt-out"),
+            customer: orderfleet::domain::events::OptOutSubject {
+                id: Some("cus-1".into()),
+                email: None,
+            },
+            channel: orderfleet::domain::events::OptOutChannel::Link,
+        })
+        .await
+        .unwrap();
     fleet.run_until_quiet().await.unwrap();
     support::saga::assert_no_dead_letters(&fleet);
 

@@ -13,6 +13,7 @@ mod demo_e2e;
 mod deploy_systemd;
 mod layering;
 mod lease_timeouts;
+mod notifications_deliverability;
 mod notifications_file_outbox;
 mod notifications_recommendations;
 mod notifications_ses;

@@ -141,6 +141,20 @@ async fn each_role_is_refused_what_is_not_its_own() {
         ("orderfleet_payments", "DELETE FROM payments"),
         ("orderfleet_inventory", "DELETE FROM stock_movements"),
         ("orderfleet_operator", "DELETE FROM processed_messages"),
+        // The suppression list: the operator reads and removes, only notifications adds.
+        (
+            "orderfleet_operator",
+            "INSERT INTO email_suppressions (address_hash, address_masked, reason, \
+             source_event_id, last_event_id, first_seen, last_seen) VALUES \
+             ('hmac-sha256:00000000000000000000000000000000', 'a***@x', 'bounce', 'e', 'e', now(), now())",
+        ),
+        (
+            "orderfleet_operator",
+            "UPDATE email_suppressions SET reason = reason",
+        ),
+        ("orderfleet_operator", "DELETE FROM marketing_opt_outs"),
+        ("orderfleet_notifications", "DELETE FROM email_suppressions"),
+        ("orderfleet_analytics", "SELECT * FROM email_suppressions"),
     ];
     for (role, statement) in refused {
         assert_eq!(
@@ -183,6 +197,17 @@ async fn each_role_is_refused_what_is_not_its_own() {
         .await,
         None
     );
+    for allowed in [
+        "SELECT address_hash, address_masked, reason FROM email_suppressions",
+        "DELETE FROM email_suppressions WHERE address_hash = 'x'",
+        "SELECT count(*) FROM marketing_opt_outs",
+    ] {
+        assert_eq!(
+            as_role(&pool, "orderfleet_operator", allowed).await,
+            None,
+            "{allowed}"
+        );
+    }
 }
 
 #[tokio::test]

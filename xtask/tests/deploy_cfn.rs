@@ -57,8 +57,8 @@ impl Template {
     fn name(&self, v: &Value) -> String {
         match v {
             Value::String(s) => s.clone(),
-            // A name given at deploy time (a partner event source's): no literal to match.
-            _ if v["Ref"].is_string() => format!("<parameter {}>", v["Ref"].as_str().unwrap()),
+            // A name given at deploy time (a partner event source): never one the topology has.
+            _ if v["Ref"].is_string() => format!("<{}>", v["Ref"].as_str().unwrap_or_default()),
             _ => {
                 let text = v["Fn::Sub"]
                     .as_str()
@@ -217,28 +217,30 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
             .filter(|(_, p)| p["Queues"] == json!([{"Ref": queue_id}]))
             .collect();
         assert_eq!(policies.len(), 1, "{h}: one queue policy");
-        // The storefront's queue also takes the rules on the platforms' partner buses, each
-        // when its platform is connected.
-        let partners = ["SHOPIFY", "COMMERCETOOLS"];
-        let rules: Vec<&str> = if h == HandlerName::Storefront {
-            ["RULE"].into_iter().chain(partners).collect()
-        } else {
-            vec!["RULE"]
-        };
+        // Rules from other buses deliver too: the platforms' into storefront (each only when
+        // connected), SES's events into notifications.
+        let mut rules = vec![get_att(rule_id, "Arn")];
+        if h == HandlerName::Storefront {
+            for p in ["ShopifyPartnerRule", "CommercetoolsPartnerRule"] {
+                let condition = t.doc["Resources"][p]["Condition"].clone();
+                rules.push(
+                    json!({"Fn::If": [condition, get_att(p, "Arn"), {"Ref": "AWS::NoValue"}]}),
+                );
+            }
+        }
+        if h == HandlerName::Notifications {
+            rules.push(get_att("SesEventsRule", "Arn"));
+        }
+        let marks: Vec<String> = (0..rules.len()).map(|i| format!("RULE{i}")).collect();
+        let marks: Vec<&str> = marks.iter().map(String::as_str).collect();
         let expected: Value =
-            serde_json::from_str(&topology::queue_policy("QUEUE", &rules)).expect("policy JSON");
-        let partner_rule = |stem: &str| {
-            json!({"Fn::If": [format!("Has{stem}EventSourceName"),
-                              get_att(&format!("{stem}PartnerRule"), "Arn"),
-                              {"Ref": "AWS::NoValue"}]})
+            serde_json::from_str(&topology::queue_policy("QUEUE", &marks)).expect("policy JSON");
+        let mut expected = expected
             .to_string()
-        };
-        let expected = expected
-            .to_string()
-            .replace("\"QUEUE\"", &get_att(queue_id, "Arn").to_string())
-            .replace("\"RULE\"", &get_att(rule_id, "Arn").to_string())
-            .replace("\"SHOPIFY\"", &partner_rule("Shopify"))
-            .replace("\"COMMERCETOOLS\"", &partner_rule("Commercetools"));
+            .replace("\"QUEUE\"", &get_att(queue_id, "Arn").to_string());
+        for (mark, rule) in marks.iter().zip(&rules) {
+            expected = expected.replace(&format!("\"{mark}\""), &rule.to_string());
+        }
         let expected: Value = serde_json::from_str(&expected).expect("policy JSON");
         assert_eq!(
             policies[0].1["PolicyDocument"], expected,
@@ -252,10 +254,21 @@ fn every_handler_has_the_topology_s_queue_dlq_rule_pattern_and_redrive() {
         2 * HandlerName::ALL.len() + 1,
         "unexpected queues in the template"
     );
-    // One rule per handler on the fleet's bus, and one per platform on its partner bus.
+    // One rule per handler, one per platform's partner bus, one for SES on the default bus.
     assert_eq!(
         t.of_type("AWS::Events::Rule").len(),
-        HandlerName::ALL.len() + orderfleet::domain::platform::Platform::ALL.len()
+        HandlerName::ALL.len() + 2 + 1
+    );
+    let ses = t.resource("SesEventsRule");
+    assert_eq!(ses["Properties"]["EventBusName"], "default");
+    assert_eq!(
+        ses["Properties"]["EventPattern"]["detail"]["mail"]["tags"]["ses:configuration-set"],
+        json!([{"Ref": "SesConfigurationSet"}])
+    );
+    assert_eq!(
+        t.resource("SesEventDestination")["Properties"]["EventDestination"]
+            ["EventBridgeDestination"]["EventBusArn"],
+        json!({"Fn::Sub": "arn:${AWS::Partition}:events:${AWS::Region}:${AWS::AccountId}:event-bus/default"})
     );
 }
 

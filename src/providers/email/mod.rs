@@ -32,13 +32,15 @@ use lettre::{Address, Message};
 use md5::{Digest, Md5};
 
 pub use templates::Templates;
+
+use crate::domain::deliverability::{AddressHasher, UnsubscribeSigner};
 pub use transport::{SendError, Sent, Transport};
 pub use view::EmailView;
 
 /// The kinds of email, one per (order, kind) at most. The text is stored in `emails.kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EmailKind {
-    /// The order was accepted: lines, total, recommendations.
+    /// The order was accepted: lines, total, shipping address.
     Confirmation,
     /// The parcel left, with its tracking number.
     Shipped,
@@ -46,15 +48,18 @@ pub enum EmailKind {
     Cancelled,
     /// A returned parcel was refunded.
     Refunded,
+    /// "Customers also bought", after a completed order: marketing (List-Unsubscribe, opt-out).
+    Recommendations,
 }
 
 impl EmailKind {
     /// Every kind.
-    pub const ALL: [EmailKind; 4] = [
+    pub const ALL: [EmailKind; 5] = [
         EmailKind::Confirmation,
         EmailKind::Shipped,
         EmailKind::Cancelled,
         EmailKind::Refunded,
+        EmailKind::Recommendations,
     ];
 
     /// The name stored in `emails.kind` and used for template files (`<kind>.txt.j2`).
@@ -64,7 +69,15 @@ impl EmailKind {
             EmailKind::Shipped => "shipped",
             EmailKind::Cancelled => "cancelled",
             EmailKind::Refunded => "refunded",
+            EmailKind::Recommendations => "recommendations",
         }
+    }
+
+    /// Whether the kind is marketing: sent only with an unsubscribe link, and never to a
+    /// customer who opted out. The others are transactional and always go out (unless the
+    /// address is suppressed).
+    pub fn is_marketing(self) -> bool {
+        self == EmailKind::Recommendations
     }
 }
 
@@ -206,7 +219,8 @@ pub struct EmailArgs {
     /// directory, otherwise the built-in copies alone.
     #[arg(long = "email-templates-dir", env = "ORDERFLEET_EMAIL_TEMPLATES_DIR")]
     pub templates_dir: Option<PathBuf>,
-    /// How many "customers also bought" products a confirmation lists (0: none).
+    /// How many "customers also bought" products the recommendations email lists (0: no
+    /// recommendations email).
     #[arg(
         long = "email-recommendations",
         env = "ORDERFLEET_EMAIL_RECOMMENDATIONS",
@@ -249,6 +263,29 @@ pub struct EmailArgs {
         env = "ORDERFLEET_SES_CONFIGURATION_SET"
     )]
     pub ses_configuration_set: Option<String>,
+    /// Key of the suppression list's address hashes (HMAC-SHA256, at least 32 bytes; keep it
+    /// in a secret store). Needed to act on SES bounces and complaints: without it nothing is
+    /// suppressed, and with an SES configuration set the worker refuses to start. The
+    /// operator CLI needs the same key to remove a suppression by address.
+    #[arg(
+        long = "email-hash-key",
+        env = "ORDERFLEET_EMAIL_HASH_KEY",
+        hide_env_values = true
+    )]
+    pub hash_key: Option<Secret>,
+    /// The shop's unsubscribe page (https), where a marketing email's unsubscribe link and
+    /// its List-Unsubscribe header point, with `token=<signed customer id>` added. Unset: no
+    /// marketing email (the recommendations email) is sent at all.
+    #[arg(long = "unsubscribe-url", env = "ORDERFLEET_UNSUBSCRIBE_URL")]
+    pub unsubscribe_url: Option<String>,
+    /// Key that signs the unsubscribe tokens (HMAC-SHA256, at least 32 bytes), shared with
+    /// the shop's unsubscribe page, which checks them. Required with --unsubscribe-url.
+    #[arg(
+        long = "unsubscribe-key",
+        env = "ORDERFLEET_UNSUBSCRIBE_KEY",
+        hide_env_values = true
+    )]
+    pub unsubscribe_key: Option<Secret>,
 }
 
 impl Default for EmailArgs {
@@ -266,6 +303,9 @@ impl Default for EmailArgs {
             smtp_username: None,
             smtp_password: None,
             ses_configuration_set: None,
+            hash_key: None,
+            unsubscribe_url: None,
+            unsubscribe_key: None,
         }
     }
 }
@@ -283,6 +323,75 @@ pub enum ComposeError {
     Build(String),
 }
 
+/// Where marketing emails' unsubscribe links point, and how their tokens are signed.
+#[derive(Debug, Clone)]
+pub struct Unsubscribe {
+    /// The shop's unsubscribe page.
+    pub url: String,
+    pub signer: UnsubscribeSigner,
+}
+
+impl Unsubscribe {
+    /// The settings `--unsubscribe-url` and `--unsubscribe-key` describe; `None` without a URL.
+    /// Fails, naming the flag, on a URL that is not http(s) or a missing or short key.
+    pub fn from_args(args: &EmailArgs) -> Result<Option<Unsubscribe>> {
+        let Some(url) = args
+            .unsubscribe_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(None);
+        };
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            bail!(
+                "--unsubscribe-url (ORDERFLEET_UNSUBSCRIBE_URL) {url:?} is not an http(s) URL; \
+                 give the shop's unsubscribe page, e.g. https://shop.example/unsubscribe"
+            );
+        }
+        if url.contains(['<', '>', ' ', ',']) {
+            bail!(
+                "--unsubscribe-url (ORDERFLEET_UNSUBSCRIBE_URL) {url:?} holds a character a \
+                 List-Unsubscribe header cannot carry (<, >, space or comma); percent-encode it"
+            );
+        }
+        let key = args
+            .unsubscribe_key
+            .as_ref()
+            .map(|k| k.0.as_str())
+            .unwrap_or("");
+        if key.is_empty() {
+            bail!(
+                "--unsubscribe-url is set but --unsubscribe-key (ORDERFLEET_UNSUBSCRIBE_KEY) is \
+                 not: set it to the secret the shop's unsubscribe page checks tokens with"
+            );
+        }
+        let signer = UnsubscribeSigner::new(key.as_bytes())?;
+        Ok(Some(Unsubscribe {
+            url: url.to_string(),
+            signer,
+        }))
+    }
+
+    /// The link for `customer_id`.
+    pub fn link(&self, customer_id: &str) -> String {
+        self.signer.link(&self.url, customer_id)
+    }
+}
+
+/// The suppression list's hasher `--email-hash-key` describes, if given.
+pub fn address_hasher(args: &EmailArgs) -> Result<Option<AddressHasher>> {
+    match args
+        .hash_key
+        .as_ref()
+        .map(|k| k.0.as_str())
+        .filter(|k| !k.is_empty())
+    {
+        Some(key) => Ok(Some(AddressHasher::new(key.as_bytes())?)),
+        None => Ok(None),
+    }
+}
+
 /// Builds and sends customer emails: the sender, the templates and the transport.
 pub struct Mailer {
     from: Mailbox,
@@ -291,6 +400,8 @@ pub struct Mailer {
     transport: Arc<dyn Transport>,
     recommendations: usize,
     send_timeout: Duration,
+    unsubscribe: Option<Unsubscribe>,
+    hasher: Option<AddressHasher>,
 }
 
 impl fmt::Debug for Mailer {
@@ -315,6 +426,20 @@ impl Mailer {
             bail!("--email-send-timeout-secs must be at least 1");
         }
         let send_timeout = Duration::from_secs(args.send_timeout_secs);
+        let unsubscribe = Unsubscribe::from_args(args)?;
+        let hasher = address_hasher(args)?;
+        let ses_events = args.transport == TransportKind::Ses
+            && args
+                .ses_configuration_set
+                .as_deref()
+                .is_some_and(|s| !s.trim().is_empty());
+        if ses_events && hasher.is_none() {
+            bail!(
+                "--ses-configuration-set is set, so SES bounces and complaints reach this worker, \
+                 but --email-hash-key (ORDERFLEET_EMAIL_HASH_KEY) is not: set it to a secret of \
+                 at least 32 bytes (e.g. `openssl rand -hex 32`) so they can be recorded"
+            );
+        }
         let transport: Arc<dyn Transport> = match args.transport {
             TransportKind::File => Arc::new(transport::FileOutbox::new(&args.outbox_dir)),
             TransportKind::Smtp => Arc::new(transport::Smtp::from_args(args, send_timeout)?),
@@ -329,7 +454,9 @@ impl Mailer {
         };
         Ok(Mailer::new(from, templates, transport)
             .with_recommendations(args.recommendations)
-            .with_send_timeout(send_timeout))
+            .with_send_timeout(send_timeout)
+            .with_unsubscribe(unsubscribe)
+            .with_hasher(hasher))
     }
 
     /// A mailer from parts (tests use it to plug in a transport).
@@ -346,7 +473,31 @@ impl Mailer {
             transport,
             recommendations: DEFAULT_RECOMMENDATIONS,
             send_timeout: Duration::from_secs(DEFAULT_SEND_TIMEOUT_SECS),
+            unsubscribe: None,
+            hasher: None,
         }
+    }
+
+    /// Sets where marketing emails' unsubscribe links point (`None`: no marketing email).
+    pub fn with_unsubscribe(mut self, unsubscribe: Option<Unsubscribe>) -> Self {
+        self.unsubscribe = unsubscribe;
+        self
+    }
+
+    /// Sets the suppression list's hasher (`None`: nothing is suppressed).
+    pub fn with_hasher(mut self, hasher: Option<AddressHasher>) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// The unsubscribe settings, when marketing email is on.
+    pub fn unsubscribe(&self) -> Option<&Unsubscribe> {
+        self.unsubscribe.as_ref()
+    }
+
+    /// The suppression list's hasher, when a key is configured.
+    pub fn hasher(&self) -> Option<&AddressHasher> {
+        self.hasher.as_ref()
     }
 
     /// Sets how many recommendations a confirmation lists.
@@ -387,13 +538,17 @@ impl Mailer {
     }
 
     /// Renders `view` for `key` into a multipart/alternative message (text, then HTML) to
-    /// `to_email`, named `to_name` when not empty.
+    /// `to_email`, named `to_name` when not empty. With `unsubscribe` (a marketing email's
+    /// link), the message carries `List-Unsubscribe: <link>` and `List-Unsubscribe-Post:
+    /// List-Unsubscribe=One-Click` (RFC 8058), so a mail client can offer one-click
+    /// unsubscribing; the link is also in the body.
     pub fn compose(
         &self,
         key: &EmailKey,
         to_email: &str,
         to_name: &str,
         view: &EmailView,
+        unsubscribe: Option<&str>,
     ) -> Result<Message, ComposeError> {
         let address: Address =
             to_email
@@ -411,7 +566,7 @@ impl Mailer {
             .templates
             .render(view, &self.shop_name)
             .map_err(|e| ComposeError::Build(format!("rendering the {} email: {e:#}", key.kind)))?;
-        Message::builder()
+        let mut builder = Message::builder()
             .from(self.from.clone())
             .to(to)
             .subject(rendered.subject)
@@ -421,7 +576,19 @@ impl Mailer {
             .raw_header(HeaderValue::new(
                 HeaderName::new_from_ascii_str("Auto-Submitted"),
                 "auto-generated".to_string(),
-            ))
+            ));
+        if let Some(link) = unsubscribe {
+            builder = builder
+                .raw_header(HeaderValue::new(
+                    HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                    format!("<{link}>"),
+                ))
+                .raw_header(HeaderValue::new(
+                    HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                    "List-Unsubscribe=One-Click".to_string(),
+                ));
+        }
+        builder
             .multipart(MultiPart::alternative_plain_html(
                 rendered.text,
                 rendered.html,
@@ -521,6 +688,55 @@ mod tests {
         assert!(parse_from("orders@shop.example").is_ok());
         let err = parse_from("not an address").unwrap_err();
         assert!(format!("{err:#}").contains("--email-from"));
+    }
+
+    #[test]
+    fn marketing_settings_are_checked_at_startup_and_name_the_flag() {
+        assert!(Unsubscribe::from_args(&EmailArgs::default())
+            .unwrap()
+            .is_none());
+        let with = |url: &str, key: Option<&str>| EmailArgs {
+            unsubscribe_url: Some(url.into()),
+            unsubscribe_key: key.map(|k| Secret(k.into())),
+            ..EmailArgs::default()
+        };
+        let key = "0123456789abcdef0123456789abcdef";
+        let u = Unsubscribe::from_args(&with("https://shop.example/u", Some(key)))
+            .unwrap()
+            .unwrap();
+        assert!(u.link("cus-1").starts_with("https://shop.example/u?token="));
+        for (args, flag) in [
+            (with("https://shop.example/u", None), "--unsubscribe-key"),
+            (
+                with("https://shop.example/u", Some("short")),
+                "ORDERFLEET_UNSUBSCRIBE_KEY",
+            ),
+            (
+                with("mailto:stop@shop.example", Some(key)),
+                "--unsubscribe-url",
+            ),
+            (
+                with("https://shop.example/a b", Some(key)),
+                "--unsubscribe-url",
+            ),
+        ] {
+            let err = Unsubscribe::from_args(&args).unwrap_err();
+            assert!(format!("{err:#}").contains(flag), "{err:#}");
+        }
+    }
+
+    #[tokio::test]
+    async fn ses_with_a_configuration_set_and_no_hash_key_refuses_to_start() {
+        let args = EmailArgs {
+            transport: TransportKind::Ses,
+            ses_configuration_set: Some("shop-email".into()),
+            ..EmailArgs::default()
+        };
+        let err = Mailer::from_args(&args).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("ORDERFLEET_EMAIL_HASH_KEY"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -81,6 +81,18 @@ const BUILT_IN: &[(&str, &str)] = &[
         "refunded.html.j2",
         include_str!("../../../templates/email/refunded.html.j2"),
     ),
+    (
+        "recommendations.subject.j2",
+        include_str!("../../../templates/email/recommendations.subject.j2"),
+    ),
+    (
+        "recommendations.txt.j2",
+        include_str!("../../../templates/email/recommendations.txt.j2"),
+    ),
+    (
+        "recommendations.html.j2",
+        include_str!("../../../templates/email/recommendations.html.j2"),
+    ),
 ];
 
 /// One rendered email: a one-line subject, the text part and the HTML part.

@@ -16,6 +16,7 @@ pub enum EmailView {
     Shipped(Shipped),
     Cancelled(Cancelled),
     Refunded(Refunded),
+    Recommendations(Recommendations),
 }
 
 impl EmailView {
@@ -26,11 +27,12 @@ impl EmailView {
             EmailView::Shipped(_) => EmailKind::Shipped,
             EmailView::Cancelled(_) => EmailKind::Cancelled,
             EmailView::Refunded(_) => EmailKind::Refunded,
+            EmailView::Recommendations(_) => EmailKind::Recommendations,
         }
     }
 
     /// One example of every kind and every branch the templates have (each money outcome of a
-    /// cancellation, with and without recommendations). Rendered at startup, so that a broken
+    /// cancellation, each refund). Rendered at startup, so that a broken
     /// template fails the worker's start rather than a customer's email.
     pub fn samples() -> Vec<EmailView> {
         // Cannot fail: "EUR" is three uppercase ASCII letters.
@@ -53,10 +55,6 @@ impl EmailView {
                 lines: vec!["12 St James's Square".into(), "SW1Y 4JH London".into()],
                 country: "GB".into(),
             },
-            recommendations: vec![RecommendationView {
-                sku: "CUP-1".into(),
-                name: "Cup".into(),
-            }],
         };
         let cancelled = |reason: &str, money: MoneyOutcome| {
             EmailView::Cancelled(Cancelled {
@@ -68,11 +66,16 @@ impl EmailView {
             })
         };
         vec![
-            EmailView::Confirmation(Confirmation {
-                recommendations: vec![],
-                ..confirmation.clone()
-            }),
             EmailView::Confirmation(confirmation),
+            EmailView::Recommendations(Recommendations {
+                order_id: "ord-sample".into(),
+                customer_name: "Ada Lovelace".into(),
+                recommendations: vec![RecommendationView {
+                    sku: "CUP-1".into(),
+                    name: "Cup".into(),
+                }],
+                unsubscribe_url: "https://shop.example/unsubscribe?token=sample".into(),
+            }),
             EmailView::Shipped(Shipped {
                 order_id: "ord-sample".into(),
                 customer_name: "Ada Lovelace".into(),
@@ -114,8 +117,18 @@ pub struct Confirmation {
     pub lines: Vec<LineView>,
     pub total: String,
     pub shipping: AddressView,
-    /// "Customers also bought": empty when there is nothing to recommend yet.
+}
+
+/// "Customers also bought", after a completed order: marketing, so it carries an
+/// unsubscribe link and goes only to customers who have not opted out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Recommendations {
+    pub order_id: String,
+    pub customer_name: String,
+    /// Never empty: without anything to recommend there is no email.
     pub recommendations: Vec<RecommendationView>,
+    /// The shop's unsubscribe page with the customer's signed token.
+    pub unsubscribe_url: String,
 }
 
 /// One line of a confirmation.

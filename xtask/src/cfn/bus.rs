@@ -41,6 +41,7 @@ fn bus_dlq_policy() -> Value {
         .map(|h| att(&format!("{}Rule", logical_id(*h)), "Arn"))
         .collect();
     rule_arns.extend(super::partners::rule_arns());
+    rule_arns.push(att(super::deliverability::RULE_ID, "Arn"));
     resource(
         "AWS::SQS::QueuePolicy",
         json!({

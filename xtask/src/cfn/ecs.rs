@@ -113,6 +113,7 @@ fn execution_role() -> Value {
 /// URL, the lake's key. Only ECS reads them; no task role may.
 fn execution_secrets() -> Value {
     let mut ids = vec![r("DatabaseUrlSecret"), r("LakeHashKeySecret")];
+    ids.extend(super::deliverability::execution_secrets());
     for (_, parameter, condition) in super::partners::WRITE_BACK_SECRETS {
         ids.push(json!({"Fn::If": [condition, r(parameter), r("AWS::NoValue")]}));
     }
@@ -231,7 +232,10 @@ fn dependency_statement(handler: HandlerName) -> Option<Value> {
             "Sid": "SendCustomerEmail",
             "Effect": "Allow",
             "Action": ["ses:SendEmail", "ses:SendRawEmail"],
-            "Resource": sub("arn:${AWS::Partition}:ses:${AWS::Region}:${AWS::AccountId}:identity/${SesIdentity}"),
+            "Resource": [
+                sub("arn:${AWS::Partition}:ses:${AWS::Region}:${AWS::AccountId}:identity/${SesIdentity}"),
+                super::deliverability::configuration_set_arn()
+            ],
             "Condition": {"StringEquals": {"ses:FromAddress": r("EmailFromAddress")}}
         })),
         HandlerName::Analytics => Some(json!({
@@ -292,10 +296,18 @@ fn environment(h: &Handler) -> Vec<Value> {
 /// The settings of a handler's own dependency, matching [`dependency_statement`].
 fn dependency_environment(handler: HandlerName) -> Vec<Value> {
     match handler {
-        HandlerName::Notifications => vec![
-            env(ENV_EMAIL_TRANSPORT, json!("ses")),
-            env(ENV_EMAIL_FROM, r("EmailFromAddress")),
-        ],
+        HandlerName::Notifications => {
+            let mut environment = vec![
+                env(ENV_EMAIL_TRANSPORT, json!("ses")),
+                env(ENV_EMAIL_FROM, r("EmailFromAddress")),
+            ];
+            environment.extend(
+                super::deliverability::environment()
+                    .into_iter()
+                    .map(|(name, value)| env(name, value)),
+            );
+            environment
+        }
         HandlerName::Analytics => vec![env(ENV_FIREHOSE_STREAM, r("LakeDeliveryStream"))],
         HandlerName::Personalization => {
             vec![env(ENV_PERSONALIZE_TRACKING_ID, r("PersonalizeTrackingId"))]
@@ -370,11 +382,15 @@ fn secret(name: &str, id: &str) -> Value {
     json!({"Name": name, "ValueFrom": r(id)})
 }
 
-/// The worker's secrets: its own role's `DATABASE_URL`, and for analytics the lake's key.
+/// The worker's secrets: its own role's `DATABASE_URL`, for analytics the lake's key, for
+/// notifications the suppression list's key and the unsubscribe key.
 fn worker_secrets(h: &Handler) -> Value {
     let mut secrets = vec![secret("DATABASE_URL", &h.id("DatabaseUrlSecret"))];
     if h.handler == HandlerName::Analytics {
         secrets.push(secret("ORDERFLEET_LAKE_HASH_KEY", "LakeHashKeySecret"));
+    }
+    if h.handler == HandlerName::Notifications {
+        secrets.extend(super::deliverability::secrets());
     }
     if h.handler == HandlerName::Storefront {
         for (name, parameter, condition) in super::partners::WRITE_BACK_SECRETS {

@@ -14,6 +14,9 @@
 //! - `scaling`: target tracking of each service on visible messages per running task;
 //! - `rds`: PostgreSQL, its security and subnet groups, and the secrets holding its credentials;
 //! - `lake`: the S3 lake bucket and the Firehose delivery stream into it;
+//! - `deliverability`: the SES configuration set, its bounces and complaints into the
+//!   notifications queue through the default bus, the suppression list's key, unsubscribe
+//!   settings;
 //! - `alarms`: the SNS topic and the CloudWatch alarms;
 //! - `dashboard`: the fleet's CloudWatch dashboard;
 //! - `outputs`: the stack's outputs.
@@ -28,6 +31,7 @@
 mod alarms;
 mod bus;
 mod dashboard;
+mod deliverability;
 mod ecs;
 mod lake;
 mod outputs;
@@ -97,6 +101,7 @@ fn conditions() -> Value {
     for (name, condition) in partners::conditions()
         .into_iter()
         .chain(partners::write_back_conditions())
+        .chain(deliverability::conditions())
     {
         conditions[name] = condition;
     }
@@ -120,6 +125,7 @@ fn resources(names: &Topology) -> Value {
         alarms::handler(&mut res, &h);
     }
     partners::resources(&mut res, names);
+    deliverability::resources(&mut res, names);
     dashboard::shared(&mut res, names);
     Value::Object(res.0)
 }

@@ -18,7 +18,11 @@ pub(super) fn groups(topo: &Topology) -> Vec<Group> {
         group("Network", network()),
         group("Workers", workers()),
         group("Database", database()),
-        group("Email, lake, personalization", email_lake_personalization()),
+        group("Email, lake, personalization", {
+            let mut p = email_lake_personalization();
+            p.extend(super::deliverability::parameters());
+            p
+        }),
         group("Commerce platforms", {
             let mut p = super::partners::parameters();
             p.extend(super::partners::write_back_parameters());

@@ -64,12 +64,16 @@ fn work_queue(res: &mut Resources, names: &Topology, h: &Handler) {
     );
 }
 
-/// Lets the handler's rule, and for the storefront the connected platforms' rules, send.
+/// Lets the handler's rule send, and for the storefront the connected platforms' rules, for
+/// notifications the SES events' rule on the default bus.
 fn queue_policy(res: &mut Resources, h: &Handler) {
     let (queue, rule) = (h.id("Queue"), h.id("Rule"));
     let mut rules = vec![att(&rule, "Arn")];
     if h.handler == HandlerName::Storefront {
         rules.extend(super::partners::rule_arns());
+    }
+    if h.handler == HandlerName::Notifications {
+        rules.push(att(super::deliverability::RULE_ID, "Arn"));
     }
     let marks: Vec<String> = (0..rules.len())
         .map(|i| format!("{RULE_ARN_MARK}{i}"))
