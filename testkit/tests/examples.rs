@@ -55,6 +55,7 @@ fn every_catalogued_event_has_an_example_that_round_trips() {
         OrderShipped,
         OrderDelivered,
         DeliveryFailed,
+        MarketingOptOut,
         ShipmentCancelled
     );
     for spec in catalogue::EVENTS {
