@@ -15,6 +15,7 @@
 //! - [`status`]: queue depths, CloudWatch ages, move tasks, worker heartbeats.
 //! - [`rate`], [`progress`]: pacing and progress on stderr.
 
+pub mod desk;
 pub mod erasure;
 pub mod export;
 pub mod filter;

@@ -97,6 +97,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "platforms",
         include_str!("../../migrations/0017_platforms.sql"),
     ),
+    (
+        18,
+        "operator_actions",
+        include_str!("../../migrations/0018_operator_actions.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

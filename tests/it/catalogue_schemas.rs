@@ -419,6 +419,7 @@ fn producer(p: Producer) -> String {
     match p {
         Producer::Storefront => "storefront".into(),
         Producer::Handler(h) => h.as_str().into(),
+        Producer::Operator => "operator (`orderfleet order`)".into(),
     }
 }
 

@@ -43,3 +43,4 @@ mod spine_restart;
 mod spine_runtime;
 mod storefront_platforms;
 mod support_desk;
+mod support_desk_actions;
