@@ -378,7 +378,11 @@ fn render(o: &OrderView) -> String {
             money(Some(o.discount_minor)),
             money(Some(o.shipping_minor)),
             money(Some(o.tax_minor)),
-            if o.tax_included { " (included in the prices)" } else { "" }
+            if o.tax_included {
+                " (included in the prices)"
+            } else {
+                ""
+            }
         );
     }
     out += "\nLINES\n";
@@ -478,7 +482,8 @@ fn render(o: &OrderView) -> String {
                     d.message_id
                 );
             }
-            out += "  (redrive with `orderfleet dlq redrive HANDLER --filter detail.order_id=...`)\n";
+            out +=
+                "  (redrive with `orderfleet dlq redrive HANDLER --filter detail.order_id=...`)\n";
         }
         Some(_) => out += "\nDEAD-LETTERED\n  none\n",
         None => {}

@@ -755,4 +755,38 @@ pub struct OperatorCancellationRequested {
     pub operator: String,
     pub requested_at: DateTime<Utc>,
 }
-event!(OperatorCancellationRequested, "OperatorCancellationRequested");
+event!(
+    OperatorCancellationRequested,
+    "OperatorCancellationRequested"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(detail_type: &str, detail: serde_json::Value) -> Envelope {
+        Envelope {
+            version: "0".into(),
+            id: "e-1".into(),
+            source: "orderfleet.payments".into(),
+            detail_type: detail_type.into(),
+            time: Utc::now(),
+            account: String::new(),
+            region: String::new(),
+            resources: Vec::new(),
+            detail,
+        }
+    }
+
+    #[test]
+    fn a_version_1_refund_still_decodes_as_a_full_refund_of_no_operator() {
+        let v1 = serde_json::json!({"version": 1, "event_id": "x", "order_id": "o-1",
+            "refund_id": "ref_1", "amount": {"amount_minor": 2500, "currency": "EUR"}});
+        let d: PaymentRefunded = decode(&envelope("PaymentRefunded", v1)).unwrap();
+        assert!(!d.by_operator());
+        assert_eq!((d.refunded_total, d.remaining), (None, None));
+        let v3 = serde_json::json!({"version": 3, "order_id": "o-1", "refund_id": "r",
+            "amount": {"amount_minor": 1, "currency": "EUR"}});
+        assert!(decode::<PaymentRefunded>(&envelope("PaymentRefunded", v3)).is_err());
+    }
+}

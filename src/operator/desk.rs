@@ -80,7 +80,10 @@ impl RefundPlan {
             m(self.captured_minor),
             m(self.refunded_minor),
             if self.requested_minor > 0 {
-                format!(", {} more requested and not applied yet", m(self.requested_minor))
+                format!(
+                    ", {} more requested and not applied yet",
+                    m(self.requested_minor)
+                )
             } else {
                 String::new()
             },
@@ -151,7 +154,11 @@ pub async fn plan_refund(
         None => Money::new(left, currency),
         Some(text) => match Money::parse_decimal(text.trim(), currency) {
             Ok(a) if a.amount_minor > 0 => a,
-            Ok(_) => return Ok(Err(format!("--amount {text}: a refund must be more than zero"))),
+            Ok(_) => {
+                return Ok(Err(format!(
+                    "--amount {text}: a refund must be more than zero"
+                )))
+            }
             Err(e) => {
                 return Ok(Err(format!(
                     "--amount {text}: {e} (give it in {currency}, e.g. 12.50)"
@@ -220,7 +227,7 @@ pub async fn plan_cancel(
             )))
         }
     };
-    if delivery != "none" {
+    if delivery != "pending" {
         return Ok(Err(format!(
             "order {order_id} has shipped (delivery {delivery}): refund it instead"
         )));

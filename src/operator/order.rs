@@ -21,8 +21,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::catalogue;
+use crate::domain::events::{Currency, Money};
 use crate::domain::names::HandlerName;
 use crate::infra::topology::Topology;
+use crate::providers::email::view::format_money;
 use crate::store::operator_actions::{self, OperatorAction};
 
 /// What `order show` prints.
@@ -137,10 +139,9 @@ pub async fn dead_letters(
                 anyhow::bail!("finding DLQ {name}: {e}");
             }
         };
-        let (messages, _) =
-            crate::operator::plan::peek(sqs, &url, visibility, &[], None, &stop)
-                .await
-                .with_context(|| format!("reading DLQ {name}"))?;
+        let (messages, _) = crate::operator::plan::peek(sqs, &url, visibility, &[], None, &stop)
+            .await
+            .with_context(|| format!("reading DLQ {name}"))?;
         for m in messages.into_iter().filter(|m| m.body().contains(&needle)) {
             found.push(DeadLetter {
                 handler: handler.as_str().to_string(),
@@ -396,8 +397,8 @@ pub async fn show(db: &impl GenericClient, key: &str) -> Result<Option<OrderView
         step(Some(e.at), what);
     }
     for a in &actions {
-        let amount = match (a.amount_minor, &a.currency) {
-            (Some(minor), Some(c)) => format!(" of {minor} {c} (minor units)"),
+        let amount = match (a.amount_minor, a.currency.as_deref().map(Currency::new)) {
+            (Some(minor), Some(Ok(c))) => format!(" {}", format_money(Money::new(minor, c))),
             _ => String::new(),
         };
         step(

@@ -261,32 +261,32 @@ fn attention_command(name: &str) -> String {
 
 fn attention_checks() -> Vec<Check> {
     vec![
-    Check {
-        // In flight and unchanged for an hour: an event lost or dead-lettered, a worker down.
-        // `order show` tells what it waits for.
-        name: "stuck_in_flight",
-        sql: format!(
-            "SELECT format('order %s (%s): unchanged since %s', id, status,
+        Check {
+            // In flight and unchanged for an hour: an event lost or dead-lettered, a worker down.
+            // `order show` tells what it waits for.
+            name: "stuck_in_flight",
+            sql: format!(
+                "SELECT format('order %s (%s): unchanged since %s', id, status,
                            to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS')),
                     count(*) OVER ()
                FROM orders
               WHERE status NOT IN ('completed', 'cancelled', 'returned', 'rejected')
                 AND updated_at < now() - make_interval(mins => {STUCK_MINUTES})
               ORDER BY updated_at LIMIT {EXAMPLES}"
-        ),
-    },
-    Check {
-        // The parcel left, then the provider refused the capture: the order stays shipped with
-        // its authorization open, and someone must collect the money or write it off.
-        name: "capture_declined_after_shipment",
-        sql: format!(
-            "SELECT format('order %s (%s): %s %s, tracking %s, capture declined',
+            ),
+        },
+        Check {
+            // The parcel left, then the provider refused the capture: the order stays shipped with
+            // its authorization open, and someone must collect the money or write it off.
+            name: "capture_declined_after_shipment",
+            sql: format!(
+                "SELECT format('order %s (%s): %s %s, tracking %s, capture declined',
                            id, status, total_minor, currency, coalesce(tracking_number, 'none')),
                     count(*) OVER ()
                FROM orders WHERE payment_state = 'capture_failed'
               ORDER BY id LIMIT {EXAMPLES}"
-        ),
-    },
+            ),
+        },
     ]
 }
 

@@ -161,8 +161,8 @@ pub async fn committed(pool: &Pool, handler: &str, event: &Envelope) -> Option<b
             &event.detail_type,
             event.order_id(),
         )
-            .await
-            .ok(),
+        .await
+        .ok(),
         Err(_) => None,
     };
     roll_back(open).await;

@@ -23,7 +23,9 @@ async fn desk() -> (Pool, Fleet, String) {
     pool.get()
         .await
         .unwrap()
-        .batch_execute(&format!("CREATE ROLE {login} LOGIN IN ROLE orderfleet_operator"))
+        .batch_execute(&format!(
+            "CREATE ROLE {login} LOGIN IN ROLE orderfleet_operator"
+        ))
         .await
         .unwrap();
     let (scheme, rest) = url.split_once("://").unwrap();
@@ -95,16 +97,53 @@ async fn operator_events(pool: &Pool) -> i64 {
 #[tokio::test]
 async fn a_partial_then_a_full_refund_give_the_capture_back_and_keep_the_ledger_balanced() {
     let (pool, fleet, url) = desk().await;
+    // With the storefront handler and a sandbox Shopify: the order came from a platform, and
+    // each refund is written back to it.
+    let shopify = orderfleet::providers::platform::Sandbox::new(
+        orderfleet::domain::platform::Platform::Shopify,
+        pool.clone(),
+        std::time::Duration::ZERO,
+    );
+    let fleet = fleet.with_handler(
+        HandlerName::Storefront,
+        std::sync::Arc::new(orderfleet::handlers::storefront::Storefront::new(
+            vec![std::sync::Arc::new(shopify)],
+            eur(0).currency,
+            pool.clone(),
+            std::time::Duration::from_secs(5),
+        )),
+    );
+    pool.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO platform_orders (order_id, platform, platform_order_id, shop, order_number)
+             VALUES ('ord-r1', 'shopify', 'gid://shopify/Order/1', 'desk.myshopify.com', '#1001')",
+            &[],
+        )
+        .await
+        .unwrap();
     completed(&fleet, &pool, "ord-r1").await;
 
     let first = cli(
         &url,
-        &["order", "refund", "ord-r1", "--amount", "10.00", "--reason", "damaged lid"],
+        &[
+            "order",
+            "refund",
+            "ord-r1",
+            "--amount",
+            "10.00",
+            "--reason",
+            "damaged lid",
+        ],
     );
     assert!(first.status.success(), "{}", out(&first));
     assert!(out(&first).contains("requested (action"), "{}", out(&first));
     fleet.run_until_quiet().await.unwrap();
-    assert_eq!(payment(&pool, "ord-r1").await, ("captured".into(), 2500, 1000));
+    assert_eq!(
+        payment(&pool, "ord-r1").await,
+        ("captured".into(), 2500, 1000)
+    );
     // The order goes on: a goodwill refund does not reopen or cancel it.
     assert_eq!(status(&pool, "ord-r1").await, "completed");
     let refunded = emitted(&pool, "PaymentRefunded", Some("ord-r1")).await;
@@ -115,25 +154,47 @@ async fn a_partial_then_a_full_refund_give_the_capture_back_and_keep_the_ledger_
     assert!(refunded[0]["action_id"].is_i64());
 
     // Without --amount: everything that is left.
-    let rest = cli(&url, &["order", "refund", "ord-r1", "--reason", "customer unhappy"]);
+    let rest = cli(
+        &url,
+        &["order", "refund", "ord-r1", "--reason", "customer unhappy"],
+    );
     assert!(rest.status.success(), "{}", out(&rest));
     fleet.run_until_quiet().await.unwrap();
-    assert_eq!(payment(&pool, "ord-r1").await, ("refunded".into(), 2500, 2500));
+    assert_eq!(
+        payment(&pool, "ord-r1").await,
+        ("refunded".into(), 2500, 2500)
+    );
     assert_eq!(net_money(&pool, "ord-r1").await, 0);
     assert_ledger_balances(&pool).await;
     let l = ledger(&pool).await;
     assert_eq!(l.get("refunds:EUR"), Some(&2500), "{l:?}");
+    // Both refunds reached the platform, each once.
+    let written_back = support::scalar(
+        &pool,
+        "SELECT count(*) FROM sandbox_platform_calls WHERE operation = 'refund' AND calls = 1",
+    )
+    .await;
+    assert_eq!(written_back, 2);
 
     // Nothing left: refused at the CLI, nothing published.
     let again = cli(&url, &["order", "refund", "ord-r1", "--reason", "again"]);
     assert_eq!(again.status.code(), Some(1), "{}", out(&again));
-    assert!(out(&again).contains("nothing left to refund"), "{}", out(&again));
+    assert!(
+        out(&again).contains("nothing left to refund"),
+        "{}",
+        out(&again)
+    );
 
     // Both actions are audited with who, why and what came of it.
     let audit = actions(&pool, "ord-r1").await;
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert_eq!(
-        (audit[0].0.as_str(), audit[0].1, audit[0].2.as_str(), audit[0].3.as_str()),
+        (
+            audit[0].0.as_str(),
+            audit[0].1,
+            audit[0].2.as_str(),
+            audit[0].3.as_str()
+        ),
         ("refund", Some(1000), "alice", "damaged lid")
     );
     assert_eq!(audit[0].4, "applied");
@@ -143,10 +204,18 @@ async fn a_partial_then_a_full_refund_give_the_capture_back_and_keep_the_ledger_
     let shown = cli(&url, &["order", "show", "ord-r1", "--no-dlq"]);
     let text = out(&shown);
     assert!(shown.status.success(), "{text}");
-    for part in ["SUPPORT DESK", "refund EUR 10.00 by alice", "damaged lid", "-> applied"] {
+    for part in [
+        "SUPPORT DESK",
+        "refund EUR 10.00 by alice",
+        "damaged lid",
+        "-> applied",
+    ] {
         assert!(text.contains(part), "{part} missing from {text}");
     }
-    assert!(text.contains("RefundRequested (from operator) applied by payments"), "{text}");
+    assert!(
+        text.contains("RefundRequested (from operator) applied by payments"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -155,7 +224,9 @@ async fn a_refund_over_what_is_left_is_refused_at_the_cli_and_nothing_is_publish
     completed(&fleet, &pool, "ord-r2").await;
     let over = cli(
         &url,
-        &["order", "refund", "ord-r2", "--amount", "25.01", "--reason", "too much"],
+        &[
+            "order", "refund", "ord-r2", "--amount", "25.01", "--reason", "too much",
+        ],
     );
     assert_eq!(over.status.code(), Some(1), "{}", out(&over));
     let text = out(&over);
@@ -163,7 +234,12 @@ async fn a_refund_over_what_is_left_is_refused_at_the_cli_and_nothing_is_publish
     assert_eq!(operator_events(&pool).await, 0);
     assert!(actions(&pool, "ord-r2").await.is_empty());
 
-    let bad = cli(&url, &["order", "refund", "ord-r2", "--amount", "ten", "--reason", "x"]);
+    let bad = cli(
+        &url,
+        &[
+            "order", "refund", "ord-r2", "--amount", "ten", "--reason", "x",
+        ],
+    );
     assert_eq!(bad.status.code(), Some(1), "{}", out(&bad));
     assert!(out(&bad).contains("--amount ten"), "{}", out(&bad));
     let unknown = cli(&url, &["order", "refund", "ord-nope", "--reason", "x"]);
@@ -192,7 +268,10 @@ async fn two_refunds_that_together_exceed_the_capture_only_one_applies() {
     }
     fleet.run_until_quiet_concurrently(4, 4).await.unwrap();
 
-    assert_eq!(payment(&pool, "ord-r3").await, ("captured".into(), 2500, 1500));
+    assert_eq!(
+        payment(&pool, "ord-r3").await,
+        ("captured".into(), 2500, 1500)
+    );
     let audit = actions(&pool, "ord-r3").await;
     let outcomes: Vec<&str> = audit.iter().map(|a| a.4.as_str()).collect();
     assert!(
@@ -202,7 +281,12 @@ async fn two_refunds_that_together_exceed_the_capture_only_one_applies() {
     let refused = audit.iter().find(|a| a.4 == "refused").unwrap();
     let why = refused.5.as_deref().unwrap();
     assert!(why.contains("at most EUR 10.00 can be refunded"), "{why}");
-    assert_eq!(emitted(&pool, "PaymentRefunded", Some("ord-r3")).await.len(), 1);
+    assert_eq!(
+        emitted(&pool, "PaymentRefunded", Some("ord-r3"))
+            .await
+            .len(),
+        1
+    );
     assert_eq!(net_money(&pool, "ord-r3").await, 1000);
     assert_ledger_balances(&pool).await;
 }
@@ -217,12 +301,29 @@ async fn an_order_not_shipped_yet_is_cancelled_and_one_that_shipped_is_refused()
     fleet.step().await.unwrap(); // OrderPlaced: accepted, nothing reserved or authorized yet
     assert_eq!(status(&pool, "ord-c1").await, "accepted");
 
-    let dry = cli(&url, &["order", "cancel", "ord-c1", "--reason", "duplicate", "--dry-run"]);
+    let dry = cli(
+        &url,
+        &[
+            "order",
+            "cancel",
+            "ord-c1",
+            "--reason",
+            "duplicate",
+            "--dry-run",
+        ],
+    );
     assert!(dry.status.success(), "{}", out(&dry));
-    assert!(out(&dry).contains("dry run: order ord-c1 is accepted"), "{}", out(&dry));
+    assert!(
+        out(&dry).contains("dry run: order ord-c1 is accepted"),
+        "{}",
+        out(&dry)
+    );
     assert_eq!(operator_events(&pool).await, 0);
 
-    let c = cli(&url, &["order", "cancel", "ord-c1", "--reason", "duplicate order"]);
+    let c = cli(
+        &url,
+        &["order", "cancel", "ord-c1", "--reason", "duplicate order"],
+    );
     assert!(c.status.success(), "{}", out(&c));
     fleet.run_until_quiet().await.unwrap();
     assert_eq!(status(&pool, "ord-c1").await, "cancelled");
@@ -230,7 +331,12 @@ async fn an_order_not_shipped_yet_is_cancelled_and_one_that_shipped_is_refused()
     let audit = actions(&pool, "ord-c1").await;
     assert_eq!(audit.len(), 1);
     assert_eq!(
-        (audit[0].0.as_str(), audit[0].2.as_str(), audit[0].3.as_str(), audit[0].4.as_str()),
+        (
+            audit[0].0.as_str(),
+            audit[0].2.as_str(),
+            audit[0].3.as_str(),
+            audit[0].4.as_str()
+        ),
         ("cancel", "alice", "duplicate order", "applied")
     );
 
@@ -263,7 +369,17 @@ async fn a_dry_run_shows_the_refund_and_publishes_and_records_nothing() {
     completed(&fleet, &pool, "ord-d1").await;
     let dry = cli(
         &url,
-        &["order", "refund", "ord-d1", "--amount", "5", "--reason", "late", "--dry-run", "--json"],
+        &[
+            "order",
+            "refund",
+            "ord-d1",
+            "--amount",
+            "5",
+            "--reason",
+            "late",
+            "--dry-run",
+            "--json",
+        ],
     );
     assert!(dry.status.success(), "{}", out(&dry));
     let v: Value = serde_json::from_slice(&dry.stdout).unwrap();
@@ -293,12 +409,20 @@ async fn order_show_finds_an_order_by_its_platform_number_with_its_charges() {
         let events = v["events"].as_array().unwrap();
         assert!(
             events.iter().any(|e| e["detail_type"] == "OrderPlaced"
-                && e["applied_by"].as_array().unwrap().contains(&"orders".into())),
+                && e["applied_by"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&"orders".into())),
             "{events:?}"
         );
     }
     let _ = pool;
-    assert_eq!(cli(&url, &["order", "show", "#9999", "--no-dlq"]).status.code(), Some(1));
+    assert_eq!(
+        cli(&url, &["order", "show", "#9999", "--no-dlq"])
+            .status
+            .code(),
+        Some(1)
+    );
 }
 
 #[tokio::test]
@@ -330,7 +454,14 @@ async fn order_show_lists_a_dlq_message_that_mentions_the_order_and_leaves_it_th
     support::send_bodies(&clients, &dlq, &[body, other]).await;
 
     let shown = std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet"))
-        .args(["order", "show", "ord-q1", "--prefix", &topo.prefix, "--json"])
+        .args([
+            "order",
+            "show",
+            "ord-q1",
+            "--prefix",
+            &topo.prefix,
+            "--json",
+        ])
         .args(["--visibility-timeout-secs", "5"])
         .env("DATABASE_URL", &url)
         .output()
@@ -358,7 +489,11 @@ async fn order_list_finds_a_stuck_order_and_a_declined_capture() {
     let (pool, fleet, url) = desk().await;
     completed(&fleet, &pool, "ord-l1").await;
     fleet
-        .publish_event(&order("ord-l2", &[("TEA-1", 1, 1250)], "tok_capture_decline"))
+        .publish_event(&order(
+            "ord-l2",
+            &[("TEA-1", 1, 1250)],
+            "tok_capture_decline",
+        ))
         .await
         .unwrap();
     fleet.run_until_quiet().await.unwrap();
@@ -381,23 +516,56 @@ async fn order_list_finds_a_stuck_order_and_a_declined_capture() {
     let ids = |o: &Output| -> Vec<String> {
         String::from_utf8_lossy(&o.stdout)
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect()
     };
     let stuck = cli(&url, &["order", "list", "--stuck-minutes", "60", "--json"]);
     assert!(stuck.status.success(), "{}", out(&stuck));
     assert_eq!(ids(&stuck), ["ord-l3"]);
-    let declined = cli(&url, &["order", "list", "--payment-state", "capture_failed", "--json"]);
+    let declined = cli(
+        &url,
+        &[
+            "order",
+            "list",
+            "--payment-state",
+            "capture_failed",
+            "--json",
+        ],
+    );
     assert_eq!(ids(&declined), ["ord-l2"]);
-    let all = cli(&url, &["order", "list", "--since", "1h", "--status", "completed,accepted"]);
+    let all = cli(
+        &url,
+        &[
+            "order",
+            "list",
+            "--since",
+            "1h",
+            "--status",
+            "completed,accepted",
+        ],
+    );
     let text = out(&all);
-    assert!(text.contains("ord-l1") && text.contains("ord-l3") && !text.contains("ord-l2"), "{text}");
+    assert!(
+        text.contains("ord-l1") && text.contains("ord-l3") && !text.contains("ord-l2"),
+        "{text}"
+    );
 
     // The report points at the same lists.
     let report = cli(&url, &["report"]);
     let text = String::from_utf8_lossy(&report.stdout);
-    assert!(text.contains("orderfleet order list --payment-state capture_failed"), "{text}");
-    assert!(text.contains("orderfleet order list --stuck-minutes 60"), "{text}");
+    assert!(
+        text.contains("orderfleet order list --payment-state capture_failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("orderfleet order list --stuck-minutes 60"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -406,7 +574,12 @@ async fn the_orders_worker_relay_publishes_the_desk_s_events_to_payments() {
     let topo = support::topology(&clients).await;
     let (pool, fleet, url) = desk().await;
     completed(&fleet, &pool, "ord-p1").await;
-    let c = cli(&url, &["order", "refund", "ord-p1", "--amount", "1.00", "--reason", "x"]);
+    let c = cli(
+        &url,
+        &[
+            "order", "refund", "ord-p1", "--amount", "1.00", "--reason", "x",
+        ],
+    );
     assert!(c.status.success(), "{}", out(&c));
 
     // Only the orders worker takes them; another worker's relay leaves them alone.
@@ -418,9 +591,23 @@ async fn the_orders_worker_relay_publishes_the_desk_s_events_to_payments() {
             catalogue::relayed_sources(h),
         )
     };
-    assert_eq!(relay(HandlerName::Payments).publish_once().await.unwrap().published, 0);
+    assert_eq!(
+        relay(HandlerName::Payments)
+            .publish_once()
+            .await
+            .unwrap()
+            .published,
+        0
+    );
     assert!(catalogue::relayed_sources(HandlerName::Orders).contains(&OPERATOR_SOURCE.to_string()));
-    assert_eq!(relay(HandlerName::Orders).publish_once().await.unwrap().published, 1);
+    assert_eq!(
+        relay(HandlerName::Orders)
+            .publish_once()
+            .await
+            .unwrap()
+            .published,
+        1
+    );
     assert_eq!(operator_events(&pool).await, 0);
 
     // The rule routes it to the payments queue.
@@ -434,23 +621,27 @@ async fn the_orders_worker_relay_publishes_the_desk_s_events_to_payments() {
         .queue_url()
         .unwrap()
         .to_string();
-    let body = support::wait_for(std::time::Duration::from_secs(10), "RefundRequested", || {
-        let (sqs, queue) = (clients.sqs.clone(), queue.clone());
-        async move {
-            let got = sqs
-                .receive_message()
-                .queue_url(&queue)
-                .wait_time_seconds(1)
-                .send()
-                .await
-                .ok()?;
-            got.messages()
-                .iter()
-                .filter_map(|m| m.body())
-                .find(|b| b.contains("RefundRequested"))
-                .map(str::to_string)
-        }
-    })
+    let body = support::wait_for(
+        std::time::Duration::from_secs(10),
+        "RefundRequested",
+        || {
+            let (sqs, queue) = (clients.sqs.clone(), queue.clone());
+            async move {
+                let got = sqs
+                    .receive_message()
+                    .queue_url(&queue)
+                    .wait_time_seconds(1)
+                    .send()
+                    .await
+                    .ok()?;
+                got.messages()
+                    .iter()
+                    .filter_map(|m| m.body())
+                    .find(|b| b.contains("RefundRequested"))
+                    .map(str::to_string)
+            }
+        },
+    )
     .await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["source"], OPERATOR_SOURCE);

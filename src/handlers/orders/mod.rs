@@ -46,10 +46,10 @@ use crate::domain::events::{
     OrderRejected, PaymentFailed, PaymentRefunded, PaymentStage, RejectionReason,
     ShipmentCancelRequested,
 };
-use crate::store::operator_actions;
 use crate::domain::outcome::HandlerError;
 use crate::handlers::{lock_keys, sorted_order_ids, Context, Handler};
 use crate::store::db::{Cached, Tx};
+use crate::store::operator_actions;
 pub use saga::{advance, DeliveryState, Effect, PaymentState, ReservationState, Snapshot, Status};
 pub use store::Rows;
 use store::*;
@@ -341,7 +341,7 @@ impl Orders {
     ) -> Result<(), HandlerError> {
         let d: OrderCancellationRequested = events::decode(event)?;
         lock_order_id(cx, &d.order_id).await?;
-        let Some(mut o) = lock(cx, &d.order_id).await? else {
+        let Some(o) = lock(cx, &d.order_id).await? else {
             cx.tx
                 .execute_cached(
                     "INSERT INTO order_cancellation_requests (order_id, reason) VALUES ($1, $2)

@@ -374,6 +374,7 @@ impl Payments {
                 p.refund_id = Some(reference.clone());
                 p.refund_key = Some(key);
                 p.refunded_minor = p.captured_minor;
+                let refunded_total = Money::new(p.captured_minor, amount.currency);
                 save(cx, p);
                 if amount.amount_minor > 0 {
                     cx.batch.ledger.push(Movement::refund(&order_id, amount)?);
@@ -383,7 +384,6 @@ impl Payments {
                     why = match why { Settle::Cancelled => "cancelled", Settle::Returned => "returned" },
                     "payment refunded"
                 );
-                let refunded_total = Money::new(p.captured_minor, amount.currency);
                 cx.emit_event(&PaymentRefunded {
                     meta: Meta::default(),
                     order_id,
@@ -423,7 +423,10 @@ impl Payments {
             return refuse(
                 cx,
                 &d,
-                format!("the refund is in {}, the payment in {currency}", d.amount.currency),
+                format!(
+                    "the refund is in {}, the payment in {currency}",
+                    d.amount.currency
+                ),
             )
             .await;
         }
@@ -456,7 +459,9 @@ impl Payments {
         let refunded_total = Money::new(p.refunded_minor, currency);
         let remaining = Money::new(p.captured_minor - p.refunded_minor, currency);
         save(cx, p);
-        cx.batch.ledger.push(Movement::refund_keyed(&key, &order_id, d.amount)?);
+        cx.batch
+            .ledger
+            .push(Movement::refund_keyed(&key, &order_id, d.amount)?);
         record_outcome(
             cx,
             &d,
