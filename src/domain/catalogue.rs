@@ -266,13 +266,14 @@ pub const EVENTS: &[EventSpec] = &[
         "The parcel was stopped before it left, answering ShipmentCancelRequested.",
     ),
     // From the support desk (`orderfleet order refund`, `order cancel`), through the outbox.
+    // Both always carry the event id `operator_request` gives them.
     keyed(
         "RefundRequested",
         Operator,
         &[Payments, Analytics],
         "An operator asks to refund part or all of a captured payment; audited in operator_actions.",
     ),
-    ev(
+    keyed(
         "OperatorCancellationRequested",
         Operator,
         &[Orders, Analytics],
