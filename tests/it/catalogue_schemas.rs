@@ -392,10 +392,18 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
             .await
             .unwrap()
             .get(0);
-        request(&c, &done, Action::Refund { amount_minor: 1 }, "schemas", "ci")
+        request(
+            &c,
+            &done,
+            Action::Refund { amount_minor: 1 },
+            "schemas",
+            "ci",
+        )
+        .await
+        .unwrap();
+        request(&c, &done, Action::Cancel, "schemas", "ci")
             .await
             .unwrap();
-        request(&c, &done, Action::Cancel, "schemas", "ci").await.unwrap();
     }
     fleet.run_until_quiet().await.unwrap();
     support::saga::assert_no_dead_letters(&fleet);
