@@ -57,6 +57,8 @@ impl Template {
     fn name(&self, v: &Value) -> String {
         match v {
             Value::String(s) => s.clone(),
+            // A name given as a parameter (a partner event source's bus): never one of ours.
+            Value::Object(o) if o.contains_key("Ref") => format!("<{}>", o["Ref"]),
             _ => {
                 let text = v["Fn::Sub"]
                     .as_str()
