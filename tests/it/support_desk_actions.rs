@@ -649,3 +649,39 @@ async fn the_orders_worker_relay_publishes_the_desk_s_events_to_payments() {
     assert_eq!(v["detail"]["operator"], "alice");
     assert_eq!(v["detail"]["amount"]["amount_minor"], 100);
 }
+
+#[tokio::test]
+async fn a_cancellation_of_an_order_ready_to_ship_waits_for_the_parcel_to_be_stopped() {
+    let (pool, fleet, url) = desk().await;
+    fleet
+        .publish_event(&order("ord-c3", &[("TEA-1", 1, 1250)], "tok_visa"))
+        .await
+        .unwrap();
+    // Fulfillment has not seen OrderReadyToShip yet: the parcel can still be stopped.
+    let held = fleet.deliver_until("OrderReadyToShip").await.unwrap();
+    assert_eq!(status(&pool, "ord-c3").await, "ready_to_ship");
+    let c = cli(
+        &url,
+        &["order", "cancel", "ord-c3", "--reason", "wrong size"],
+    );
+    assert!(c.status.success(), "{}", out(&c));
+    assert!(out(&c).contains("stop the parcel"), "{}", out(&c));
+    // Orders asks fulfillment to stop it: pending until fulfillment answers.
+    let stop = fleet
+        .deliver_until("ShipmentCancelRequested")
+        .await
+        .unwrap();
+    assert_eq!(actions(&pool, "ord-c3").await[0].4, "pending");
+    fleet.deliver(&stop).await;
+    fleet.run_until_quiet().await.unwrap();
+    fleet.deliver(&held).await;
+    fleet.run_until_quiet().await.unwrap();
+    assert_eq!(status(&pool, "ord-c3").await, "cancelled");
+    let audit = actions(&pool, "ord-c3").await;
+    assert_eq!(audit[0].4, "applied", "{audit:?}");
+    assert!(audit[0]
+        .5
+        .as_deref()
+        .unwrap()
+        .contains("parcel was stopped"));
+}
