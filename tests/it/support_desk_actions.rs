@@ -685,3 +685,50 @@ async fn a_cancellation_of_an_order_ready_to_ship_waits_for_the_parcel_to_be_sto
         .unwrap()
         .contains("parcel was stopped"));
 }
+
+#[tokio::test]
+async fn a_returned_parcel_refunds_only_what_operators_left_and_the_order_still_settles() {
+    let (pool, fleet, url) = desk().await;
+    // ord-t1: 5.00 refunded by an operator, then the parcel comes back; ord-t2: everything
+    // refunded by an operator first.
+    for (id, amount) in [("ord-t1", Some("5.00")), ("ord-t2", None)] {
+        let mut o = order(id, &[("TEA-1", 2, 1250)], "tok_visa");
+        o.shipping_address.postal_code =
+            orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+        fleet.publish_event(&o).await.unwrap();
+        let returned = fleet.deliver_until("DeliveryFailed").await.unwrap();
+        fleet.run_until_quiet().await.unwrap();
+        assert_eq!(payment(&pool, id).await.0, "captured");
+        let mut args = vec!["order", "refund", id, "--reason", "goodwill"];
+        if let Some(a) = amount {
+            args.extend(["--amount", a]);
+        }
+        let r = cli(&url, &args);
+        assert!(r.status.success(), "{}", out(&r));
+        fleet.run_until_quiet().await.unwrap();
+        fleet.deliver(&returned).await;
+        fleet.run_until_quiet().await.unwrap();
+        assert_eq!(status(&pool, id).await, "returned", "{id}");
+        assert_eq!(
+            payment(&pool, id).await,
+            ("refunded".into(), 2500, 2500),
+            "{id}"
+        );
+        assert_eq!(net_money(&pool, id).await, 0, "{id}");
+    }
+    let amounts = |id: &'static str| {
+        let pool = pool.clone();
+        async move {
+            emitted(&pool, "PaymentRefunded", Some(id))
+                .await
+                .iter()
+                .map(|d| d["amount"]["amount_minor"].as_i64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    // The return refunds the 20.00 left; after a full operator refund, a refund of nothing
+    // settles the order.
+    assert_eq!(amounts("ord-t1").await, [500, 2000]);
+    assert_eq!(amounts("ord-t2").await, [2500, 0]);
+    assert_ledger_balances(&pool).await;
+}
