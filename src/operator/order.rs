@@ -352,12 +352,13 @@ pub async fn show(db: &impl GenericClient, key: &str) -> Result<Option<OrderView
         step(Some(p.get(5)), "payment opened".into());
         step(Some(p.get(6)), format!("payment {}", p.get::<_, String>(0)));
     }
-    let mut last_kind = String::new();
+    let mut last: Option<(&str, DateTime<Utc>)> = None;
     for posting in &ledger {
-        // One step per ledger transaction, not per posting.
-        if posting.kind != last_kind {
+        // One step per ledger transaction, not per posting (an operator's refunds are several
+        // transactions of one kind).
+        if last != Some((posting.kind.as_str(), posting.at)) {
             step(Some(posting.at), format!("ledger: {}", posting.kind));
-            last_kind = posting.kind.clone();
+            last = Some((posting.kind.as_str(), posting.at));
         }
     }
     if let Some(s) = &shipment_row {

@@ -216,6 +216,7 @@ async fn a_partial_then_a_full_refund_give_the_capture_back_and_keep_the_ledger_
         text.contains("RefundRequested (from operator) applied by payments"),
         "{text}"
     );
+    assert_eq!(text.matches("ledger: refund").count(), 2, "{text}");
 }
 
 #[tokio::test]
