@@ -733,3 +733,79 @@ async fn a_returned_parcel_refunds_only_what_operators_left_and_the_order_still_
     assert_eq!(amounts("ord-t2").await, [2500, 0]);
     assert_ledger_balances(&pool).await;
 }
+
+#[tokio::test]
+async fn the_desk_writes_its_actions_only_through_operator_request_and_the_handlers_only_their_outcome(
+) {
+    let (pool, fleet, url) = desk().await;
+    completed(&fleet, &pool, "ord-g1").await;
+    let desk = orderfleet::store::db::pool(&url, 1).unwrap();
+    let c = desk.get().await.unwrap();
+    let code = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_string());
+    for statement in [
+        "INSERT INTO outbox (event_id, source, detail_type, detail)
+         VALUES (gen_random_uuid(), 'orderfleet.operator', 'RefundRequested', '{}')",
+        "INSERT INTO operator_actions (order_id, action, reason, operator, event_id)
+         VALUES ('ord-g1', 'cancel', 'x', 'y', gen_random_uuid())",
+        "UPDATE operator_actions SET outcome = 'applied'",
+    ] {
+        let refused = c.batch_execute(statement).await.unwrap_err();
+        assert_eq!(code(refused).as_deref(), Some("42501"), "{statement}");
+    }
+    // What the function refuses, it refuses with a reason and writes nothing.
+    for (order, action, amount, reason) in [
+        ("ord-nope", "cancel", None, "x"),
+        ("ord-g1", "cancel", Some(100i64), "x"),
+        ("ord-g1", "refund", None, "x"),
+        ("ord-g1", "refund", Some(-5), "x"),
+        ("ord-g1", "publish", None, "x"),
+        ("ord-g1", "cancel", None, "  "),
+    ] {
+        let err = c
+            .query_one(
+                "SELECT operator_request($1, $2, $3, $4, 'alice')",
+                &[&order, &action, &amount, &reason],
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            code(err).is_some(),
+            "{order} {action} {amount:?} {reason:?}"
+        );
+    }
+    assert!(actions(&pool, "ord-g1").await.is_empty());
+    assert_eq!(operator_events(&pool).await, 0);
+
+    // The login is recorded beside the name the operator gave.
+    let id = orderfleet::store::operator_actions::request(
+        &c,
+        "ord-g1",
+        orderfleet::store::operator_actions::Action::Cancel,
+        "audit",
+        "alice",
+    )
+    .await
+    .unwrap();
+    let login: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT db_user FROM operator_actions WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(login.starts_with("desk_"), "{login}");
+
+    // Payments may record an outcome, not rewrite what was asked.
+    let mut admin = pool.get().await.unwrap();
+    let tx = admin.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL ROLE orderfleet_payments")
+        .await
+        .unwrap();
+    let rewrite = tx
+        .batch_execute("UPDATE operator_actions SET reason = 'rewritten'")
+        .await
+        .unwrap_err();
+    assert_eq!(code(rewrite).as_deref(), Some("42501"));
+    tx.rollback().await.unwrap();
+}
