@@ -61,7 +61,7 @@ pub enum Command {
     Report(report::Args),
     /// Customers' personal data: `customer forget ID` honours an erasure request.
     Customer(customer::Args),
-    /// One order for a support desk: `order show ID`.
+    /// The support desk: `order show`, `refund`, `cancel` and `list`.
     Order(order::Args),
     /// A live summary: orders by outcome, messages per second, queue and DLQ depths, emails.
     Watch(watch::Args),

@@ -122,6 +122,11 @@ pub fn render(r: &Report) -> String {
             for e in &a.examples {
                 let _ = writeln!(out, "         {e}");
             }
+            let _ = writeln!(
+                out,
+                "         all of them: {}; one: orderfleet order show ID",
+                a.command
+            );
         }
     }
 

@@ -11,11 +11,22 @@ use crate::domain::names::HandlerName::{self, *};
 /// the shop's own puts on the bus directly. It is the storefront handler's own source.
 pub const STOREFRONT_SOURCE: &str = "orderfleet.storefront";
 
+/// The `source` of the support desk's events (`orderfleet order refund`, `order cancel`).
+/// The CLI writes them to the outbox (migration 0018's `operator_request`), and the relay of
+/// [`OPERATOR_RELAY`]'s worker publishes them: the CLI needs no AWS rights to act.
+pub const OPERATOR_SOURCE: &str = "orderfleet.operator";
+
+/// The handler whose worker's relay publishes the support desk's events. Orders runs in every
+/// fleet, and its IAM role may put [`OPERATOR_SOURCE`] on the bus besides its own.
+pub const OPERATOR_RELAY: HandlerName = HandlerName::Orders;
+
 /// Who publishes an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Producer {
     Storefront,
     Handler(HandlerName),
+    /// An operator, through `orderfleet` and the outbox.
+    Operator,
 }
 
 /// One detail-type of the catalogue.
@@ -39,6 +50,7 @@ impl EventSpec {
         match self.producer {
             Producer::Storefront => STOREFRONT_SOURCE.to_string(),
             Producer::Handler(h) => h.source(),
+            Producer::Operator => OPERATOR_SOURCE.to_string(),
         }
     }
 }
@@ -49,7 +61,21 @@ pub fn produces(handler: HandlerName) -> bool {
     EVENTS.iter().any(|e| match e.producer {
         Producer::Handler(h) => h == handler,
         Producer::Storefront => handler == HandlerName::Storefront,
+        Producer::Operator => false,
     })
+}
+
+/// The sources whose outbox rows the relay of a worker running `handler` publishes: the
+/// handler's own if it emits events, and the support desk's for [`OPERATOR_RELAY`].
+pub fn relayed_sources(handler: HandlerName) -> Vec<String> {
+    let mut sources = Vec::new();
+    if produces(handler) {
+        sources.push(handler.source());
+    }
+    if handler == OPERATOR_RELAY {
+        sources.push(OPERATOR_SOURCE.to_string());
+    }
+    sources
 }
 
 /// Looks a detail-type up in the catalogue.
@@ -85,7 +111,7 @@ const fn keyed(
     }
 }
 
-use Producer::{Handler as By, Storefront};
+use Producer::{Handler as By, Operator, Storefront};
 
 /// Every event of the fleet. Analytics archives all of them.
 pub const EVENTS: &[EventSpec] = &[
@@ -248,6 +274,20 @@ pub const EVENTS: &[EventSpec] = &[
         Storefront,
         &[Notifications, Analytics],
         "A customer opted out of marketing email (the unsubscribe link, or support): transactional email still goes out.",
+    ),
+    // From the support desk (`orderfleet order refund`, `order cancel`), through the outbox.
+    // Both always carry the event id `operator_request` gives them.
+    keyed(
+        "RefundRequested",
+        Operator,
+        &[Payments, Analytics],
+        "An operator asks to refund part or all of a captured payment; audited in operator_actions.",
+    ),
+    keyed(
+        "OperatorCancellationRequested",
+        Operator,
+        &[Orders, Analytics],
+        "An operator asks to cancel an order that has not shipped; audited in operator_actions.",
     ),
 ];
 

@@ -77,6 +77,7 @@ pub fn versions(detail_type: &str) -> (u32, u32) {
     match detail_type {
         OrderPlaced::DETAIL_TYPE => (OrderPlaced::OLDEST_VERSION, OrderPlaced::VERSION),
         OrderAccepted::DETAIL_TYPE => (OrderAccepted::OLDEST_VERSION, OrderAccepted::VERSION),
+        PaymentRefunded::DETAIL_TYPE => (PaymentRefunded::OLDEST_VERSION, PaymentRefunded::VERSION),
         _ => (VERSION, VERSION),
     }
 }
@@ -634,16 +635,40 @@ pub struct PaymentVoided {
 }
 event!(PaymentVoided, "PaymentVoided");
 
-/// A captured payment was refunded in full.
+/// A captured payment was refunded: in full for a cancellation or a return; in full or in part
+/// for an operator's [`RefundRequested`].
+///
+/// Version 2 says which operator action it answers and what is left: a refund of an operator
+/// (`action_id` set) does not move the order's saga, since the order itself goes on (a
+/// goodwill refund of a delivered order). Version 1 events have none of these and were always
+/// a full refund.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRefunded {
     #[serde(flatten)]
     pub meta: Meta,
     pub order_id: String,
     pub refund_id: String,
+    /// What this refund gave back.
     pub amount: Money,
+    /// Version 2: the operator action (`operator_actions.id`) this refund answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_id: Option<i64>,
+    /// Version 2: everything refunded of the payment so far, this refund included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunded_total: Option<Money>,
+    /// Version 2: what is captured and not refunded yet, after this refund.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<Money>,
 }
-event!(PaymentRefunded, "PaymentRefunded");
+event!(PaymentRefunded, "PaymentRefunded", versions 1 to 2);
+
+impl PaymentRefunded {
+    /// Whether this refund was an operator's (support desk) rather than a cancellation's or a
+    /// return's.
+    pub fn by_operator(&self) -> bool {
+        self.action_id.is_some()
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // From fulfillment
@@ -735,3 +760,75 @@ pub struct MarketingOptOut {
     pub channel: OptOutChannel,
 }
 event!(MarketingOptOut, "MarketingOptOut");
+
+// ---------------------------------------------------------------------------------------------
+// From the support desk (`orderfleet order refund` and `order cancel`)
+// ---------------------------------------------------------------------------------------------
+
+/// An operator asks to give `amount` of a captured payment back (`orderfleet order refund`).
+/// Payments refunds it if that much is captured and not refunded yet, and refuses otherwise:
+/// two operators may ask at once, and only what was captured can go back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundRequested {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    /// The audited action (`operator_actions.id`).
+    pub action_id: i64,
+    pub amount: Money,
+    pub reason: String,
+    /// Who asked, as the operator named themself.
+    pub operator: String,
+    pub requested_at: DateTime<Utc>,
+}
+event!(RefundRequested, "RefundRequested");
+
+/// An operator asks to cancel an order (`orderfleet order cancel`). Orders honours it as the
+/// storefront's [`OrderCancellationRequested`] until shipment, and records the outcome in the
+/// audited action either way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorCancellationRequested {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub order_id: String,
+    /// The audited action (`operator_actions.id`).
+    pub action_id: i64,
+    pub reason: String,
+    pub operator: String,
+    pub requested_at: DateTime<Utc>,
+}
+event!(
+    OperatorCancellationRequested,
+    "OperatorCancellationRequested"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(detail_type: &str, detail: serde_json::Value) -> Envelope {
+        Envelope {
+            version: "0".into(),
+            id: "e-1".into(),
+            source: "orderfleet.payments".into(),
+            detail_type: detail_type.into(),
+            time: Utc::now(),
+            account: String::new(),
+            region: String::new(),
+            resources: Vec::new(),
+            detail,
+        }
+    }
+
+    #[test]
+    fn a_version_1_refund_still_decodes_as_a_full_refund_of_no_operator() {
+        let v1 = serde_json::json!({"version": 1, "event_id": "x", "order_id": "o-1",
+            "refund_id": "ref_1", "amount": {"amount_minor": 2500, "currency": "EUR"}});
+        let d: PaymentRefunded = decode(&envelope("PaymentRefunded", v1)).unwrap();
+        assert!(!d.by_operator());
+        assert_eq!((d.refunded_total, d.remaining), (None, None));
+        let v3 = serde_json::json!({"version": 3, "order_id": "o-1", "refund_id": "r",
+            "amount": {"amount_minor": 1, "currency": "EUR"}});
+        assert!(decode::<PaymentRefunded>(&envelope("PaymentRefunded", v3)).is_err());
+    }
+}

@@ -231,6 +231,11 @@ impl Notifications {
 
     async fn refunded(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let d: PaymentRefunded = events::decode(event)?;
+        if d.amount.amount_minor == 0 && d.refunded_total.is_some() {
+            // Nothing was left to refund (operators gave it all back before): their refund's
+            // email said so already.
+            return Ok(());
+        }
         let order = order_facts(cx.tx, &d.order_id).await?;
         if let Some(reason) = order.cancel_reason.clone() {
             return self

@@ -16,6 +16,7 @@
 //! - [`rate`], [`progress`]: pacing and progress on stderr.
 //! - [`watch`]: one look at a running fleet (orders, handler rates, depths, emails).
 
+pub mod desk;
 pub mod erasure;
 pub mod export;
 pub mod filter;

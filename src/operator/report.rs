@@ -82,6 +82,8 @@ pub struct Attention {
     pub orders: i64,
     /// Up to ten of them, described.
     pub examples: Vec<String>,
+    /// The `orderfleet` command that lists them all, to act on them one by one.
+    pub command: String,
 }
 
 impl Report {
@@ -349,19 +351,48 @@ fn checks() -> Vec<Check> {
 
 /// Orders the fleet cannot finish alone: kind, and a query returning one row per order with
 /// its description and the number of orders of that kind.
+/// Orders in flight that have not changed for this long are listed as stuck.
+pub const STUCK_MINUTES: i32 = 60;
+
+/// The `order list` command that lists the orders of attention check `name`.
+fn attention_command(name: &str) -> String {
+    match name {
+        "capture_declined_after_shipment" => {
+            "orderfleet order list --payment-state capture_failed".into()
+        }
+        _ => format!("orderfleet order list --stuck-minutes {STUCK_MINUTES}"),
+    }
+}
+
 fn attention_checks() -> Vec<Check> {
-    vec![Check {
-        // The parcel left, then the provider refused the capture: the order stays shipped with
-        // its authorization open, and someone must collect the money or write it off.
-        name: "capture_declined_after_shipment",
-        sql: format!(
-            "SELECT format('order %s (%s): %s %s, tracking %s, capture declined',
+    vec![
+        Check {
+            // In flight and unchanged for an hour: an event lost or dead-lettered, a worker down.
+            // `order show` tells what it waits for.
+            name: "stuck_in_flight",
+            sql: format!(
+                "SELECT format('order %s (%s): unchanged since %s', id, status,
+                           to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS')),
+                    count(*) OVER ()
+               FROM orders
+              WHERE status NOT IN ('completed', 'cancelled', 'returned', 'rejected')
+                AND updated_at < now() - make_interval(mins => {STUCK_MINUTES})
+              ORDER BY updated_at LIMIT {EXAMPLES}"
+            ),
+        },
+        Check {
+            // The parcel left, then the provider refused the capture: the order stays shipped with
+            // its authorization open, and someone must collect the money or write it off.
+            name: "capture_declined_after_shipment",
+            sql: format!(
+                "SELECT format('order %s (%s): %s %s, tracking %s, capture declined',
                            id, status, total_minor, currency, coalesce(tracking_number, 'none')),
                     count(*) OVER ()
                FROM orders WHERE payment_state = 'capture_failed'
               ORDER BY id LIMIT {EXAMPLES}"
-        ),
-    }]
+            ),
+        },
+    ]
 }
 
 /// Reads everything and checks every invariant, in one repeatable-read snapshot so that the
@@ -438,6 +469,7 @@ async fn read(db: &impl GenericClient) -> Result<Report> {
                 Attention {
                     orders: first.get(1),
                     examples: rows.iter().map(|r| r.get(0)).collect(),
+                    command: attention_command(check.name),
                 },
             );
         }

@@ -37,7 +37,13 @@ pub async fn execute(
     // only when the connection does, and then so does the claim.
     let (begun, claimed) = tokio::join!(
         tx.batch_execute("BEGIN"),
-        inbox::claim(tx, handler.name(), event.event_key(), &event.detail_type)
+        inbox::claim(
+            tx,
+            handler.name(),
+            event.event_key(),
+            &event.detail_type,
+            event.order_id()
+        )
     );
     begun.map_err(|e| HandlerError::from_db("beginning a transaction", &e))?;
     match claimed {
@@ -148,9 +154,15 @@ pub async fn committed(pool: &Pool, handler: &str, event: &Envelope) -> Option<b
     let open = OpenTransaction::new(pool.get().await.ok()?);
     let tx = open.tx();
     let claimed = match tx.batch_execute("BEGIN").await {
-        Ok(()) => inbox::claim(tx, handler, event.event_key(), &event.detail_type)
-            .await
-            .ok(),
+        Ok(()) => inbox::claim(
+            tx,
+            handler,
+            event.event_key(),
+            &event.detail_type,
+            event.order_id(),
+        )
+        .await
+        .ok(),
         Err(_) => None,
     };
     roll_back(open).await;

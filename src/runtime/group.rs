@@ -250,9 +250,10 @@ async fn try_group(
         .iter()
         .map(|&i| events[i].0.detail_type.as_str())
         .collect();
+    let order_ids: Vec<Option<&str>> = members.iter().map(|&i| events[i].0.order_id()).collect();
     let (begun, claimed) = tokio::join!(
         tx.batch_execute("BEGIN"),
-        inbox::claim_all(tx, handler.name(), &keys, &types)
+        inbox::claim_all(tx, handler.name(), &keys, &types, &order_ids)
     );
     if let Err(e) = begun {
         return Round::Broken(HandlerError::from_db("beginning a transaction", &e));

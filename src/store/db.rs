@@ -98,6 +98,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0017_platforms.sql"),
     ),
     (
+        18,
+        "operator_actions",
+        include_str!("../../migrations/0018_operator_actions.sql"),
+    ),
+    (
         19,
         "email_deliverability",
         include_str!("../../migrations/0019_email_deliverability.sql"),

@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::outcome::HandlerError;
 use crate::store::db::{Cached, Tx};
 
-/// Records that `handler` processed the event `key` of `detail_type`. Returns false when it
+/// Records that `handler` processed the event `key` of `detail_type`, about `order_id` if it
+/// names one (migration 0018: `order show` reads it). Returns false when it
 /// already had: the caller must then apply nothing. A concurrent duplicate blocks on the
 /// primary key until the first transaction ends, so two deliveries can never both apply.
 pub async fn claim(
@@ -43,19 +44,21 @@ pub async fn claim(
     handler: &str,
     key: &str,
     detail_type: &str,
+    order_id: Option<&str>,
 ) -> Result<bool, HandlerError> {
     let n = tx
         .execute_cached(
-            "INSERT INTO processed_messages (handler, event_key, detail_type)
-             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&handler, &key, &detail_type],
+            "INSERT INTO processed_messages (handler, event_key, detail_type, order_id)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            &[&handler, &key, &detail_type, &order_id],
         )
         .await
         .map_err(|e| HandlerError::from_db("recording the processed message", &e))?;
     Ok(n == 1)
 }
 
-/// Records every (key, detail-type) of `keys` and `detail_types` as processed by `handler`,
+/// Records every (key, detail-type) of `keys` and `detail_types` (about `order_ids`, one per
+/// key) as processed by `handler`,
 /// in key order (so that two groups claiming the same keys queue instead of deadlocking).
 /// Returns the pairs that were new.
 pub async fn claim_all(
@@ -63,14 +66,16 @@ pub async fn claim_all(
     handler: &str,
     keys: &[&str],
     detail_types: &[&str],
+    order_ids: &[Option<&str>],
 ) -> Result<HashSet<(String, String)>, HandlerError> {
     let rows = tx
         .query_cached(
-            "INSERT INTO processed_messages (handler, event_key, detail_type)
-             SELECT $1, k, t FROM unnest($2::text[], $3::text[]) AS m(k, t) ORDER BY k, t
+            "INSERT INTO processed_messages (handler, event_key, detail_type, order_id)
+             SELECT $1, k, t, o FROM unnest($2::text[], $3::text[], $4::text[]) AS m(k, t, o)
+              ORDER BY k, t
              ON CONFLICT DO NOTHING
              RETURNING event_key, detail_type",
-            &[&handler, &keys, &detail_types],
+            &[&handler, &keys, &detail_types, &order_ids],
         )
         .await
         .map_err(|e| HandlerError::from_db("recording the processed messages", &e))?;

@@ -9,7 +9,7 @@
 //! | movement | debit | credit |
 //! |---|---|---|
 //! | capture | `payments_clearing` (the total), `sales_discounts` (the discount) | `sales_revenue` (the goods, net of tax), `shipping_revenue`, `tax_payable` |
-//! | refund | `refunds` | `payments_clearing` |
+//! | refund (a cancellation's, a return's, or an operator's part) | `refunds` | `payments_clearing` |
 //!
 //! Authorizations and voids move no money, so they post nothing.
 
@@ -211,8 +211,15 @@ impl Movement {
 
     /// A refund of `amount` for `order_id`: debit refunds, credit clearing.
     pub fn refund(order_id: &str, amount: Money) -> Result<Self, HandlerError> {
+        Movement::refund_keyed(&format!("refund:{order_id}"), order_id, amount)
+    }
+
+    /// A refund of `amount` for `order_id` under its own key: an operator's partial refunds
+    /// (`refund:<order>:<action>`) are each posted once, beside the cancellation's or the
+    /// return's refund of the rest.
+    pub fn refund_keyed(key: &str, order_id: &str, amount: Money) -> Result<Self, HandlerError> {
         let postings = movement(Account::Refunds, Account::PaymentsClearing, amount)?;
-        Movement::new(&format!("refund:{order_id}"), order_id, "refund", &postings)
+        Movement::new(key, order_id, "refund", &postings)
     }
 }
 

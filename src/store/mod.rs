@@ -6,11 +6,13 @@
 //! - [`outbox`]: the events handlers emit, and the relay that publishes them to EventBridge.
 //! - [`ledger`]: the double-entry ledger of payments.
 //! - [`lake`]: the lake outbox, its Firehose shipper, and reading the lake back.
+//! - [`operator_actions`]: the support desk's audited refunds and cancellations.
 //! - [`recommendations`]: "bought together" from the personalization worker's co-occurrences.
 
 pub mod db;
 pub mod inbox;
 pub mod lake;
 pub mod ledger;
+pub mod operator_actions;
 pub mod outbox;
 pub mod recommendations;

@@ -353,11 +353,12 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
     let leases = Leases::default();
     // Each worker publishes what its own handlers emitted, under their sources and no other:
     // its role may put only those on the bus. A worker whose handlers emit nothing runs none.
-    let sources: Vec<String> = names
+    // The orders worker also publishes the support desk's events (`relayed_sources`).
+    let mut sources: Vec<String> = names
         .iter()
-        .filter(|n| crate::domain::catalogue::produces(**n))
-        .map(|n| n.source())
+        .flat_map(|n| crate::domain::catalogue::relayed_sources(*n))
         .collect();
+    sources.dedup();
     let run_relay = !args.no_relay && !sources.is_empty();
     let relay = Relay::new(
         pool.clone(),

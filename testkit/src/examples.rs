@@ -206,10 +206,33 @@ pub fn example(detail_type: &str) -> Option<serde_json::Value> {
             authorization_id: Some("auth_1".into()),
         }),
         "PaymentRefunded" => to_value(PaymentRefunded {
-            meta: meta(),
+            meta: Meta {
+                version: PaymentRefunded::VERSION,
+                ..meta()
+            },
             order_id: order_id(),
             refund_id: "ref_1".into(),
             amount: money,
+            action_id: Some(7),
+            refunded_total: Some(money),
+            remaining: Some(Money::new(0, eur)),
+        }),
+        "RefundRequested" => to_value(RefundRequested {
+            meta: Meta::with_id("7f0c1e52-6a51-4c3e-9d7e-0c9a1f3b2a10"),
+            order_id: order_id(),
+            action_id: 7,
+            amount: money,
+            reason: "parcel arrived damaged".into(),
+            operator: "alice".into(),
+            requested_at: at,
+        }),
+        "OperatorCancellationRequested" => to_value(OperatorCancellationRequested {
+            meta: Meta::with_id("0b6a3f1e-2d4c-4e8a-9b1f-5c7d9e0a1b2c"),
+            order_id: order_id(),
+            action_id: 8,
+            reason: "customer called to cancel".into(),
+            operator: "alice".into(),
+            requested_at: at,
         }),
         "OrderShipped" => to_value(OrderShipped {
             meta: meta(),

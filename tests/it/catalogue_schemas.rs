@@ -390,6 +390,34 @@ async fn every_payload_the_saga_really_emits_matches_its_schema() {
         .await
         .unwrap();
     fleet.run_until_quiet().await.unwrap();
+
+    // The support desk's events, as `orderfleet order refund` and `order cancel` write them:
+    // a partial refund of a completed order (PaymentRefunded version 2), and a cancellation.
+    {
+        use orderfleet::store::operator_actions::{request, Action};
+        let c = pool.get().await.unwrap();
+        let done: String = c
+            .query_one(
+                "SELECT id FROM orders WHERE status = 'completed' ORDER BY id LIMIT 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        request(
+            &c,
+            &done,
+            Action::Refund { amount_minor: 1 },
+            "schemas",
+            "ci",
+        )
+        .await
+        .unwrap();
+        request(&c, &done, Action::Cancel, "schemas", "ci")
+            .await
+            .unwrap();
+    }
+    fleet.run_until_quiet().await.unwrap();
     support::saga::assert_no_dead_letters(&fleet);
 
     let rows = pool
@@ -431,6 +459,7 @@ fn producer(p: Producer) -> String {
     match p {
         Producer::Storefront => "storefront".into(),
         Producer::Handler(h) => h.as_str().into(),
+        Producer::Operator => "operator (`orderfleet order`)".into(),
     }
 }
 

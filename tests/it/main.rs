@@ -46,3 +46,4 @@ mod spine_runtime;
 mod storefront_platforms;
 mod storefront_write_back;
 mod support_desk;
+mod support_desk_actions;

@@ -191,9 +191,10 @@ async fn an_event_applied_before_the_inbox_migration_is_still_a_duplicate_after_
         async move {
             let c = pool.get().await.unwrap();
             c.batch_execute("BEGIN").await.unwrap();
-            let claimed = orderfleet::store::inbox::claim(&c, "orders", "ord-9", detail_type)
-                .await
-                .unwrap();
+            let claimed =
+                orderfleet::store::inbox::claim(&c, "orders", "ord-9", detail_type, Some("ord-9"))
+                    .await
+                    .unwrap();
             c.batch_execute("COMMIT").await.unwrap();
             claimed
         }

@@ -22,6 +22,13 @@
 //! sub-state (`reservation_state`, `payment_state`, `delivery_state`) forward by rank, under
 //! `SELECT ... FOR UPDATE` on the order row; then [`advance`] derives the next status from the
 //! whole row. The result does not depend on the order of arrival.
+//!
+//! An operator's cancellation (`OperatorCancellationRequested`, from `orderfleet order
+//! cancel`) is honoured like the storefront's, and its outcome is recorded in the audited
+//! action (`operator_actions`): `applied` when the order is cancelled at once or its parcel is
+//! stopped, `pending` while fulfillment is asked to stop it, `refused` once it has shipped (or
+//! was cancelled or rejected already). An operator's refund (`PaymentRefunded` with an
+//! `action_id`) does not move the saga: the order goes on, with less money kept.
 
 mod saga;
 mod store;
@@ -34,13 +41,15 @@ use async_trait::async_trait;
 use crate::domain::envelope::Envelope;
 use crate::domain::events::Event;
 use crate::domain::events::{
-    self, Address, CancelReason, Meta, OrderAccepted, OrderCancellationRequested, OrderCancelled,
-    OrderCompleted, OrderPlaced, OrderReadyToShip, OrderRejected, PaymentFailed, PaymentStage,
-    RejectionReason, ShipmentCancelRequested,
+    self, Address, CancelReason, Meta, OperatorCancellationRequested, OrderAccepted,
+    OrderCancellationRequested, OrderCancelled, OrderCompleted, OrderPlaced, OrderReadyToShip,
+    OrderRejected, PaymentFailed, PaymentRefunded, PaymentStage, RejectionReason,
+    ShipmentCancelRequested,
 };
 use crate::domain::outcome::HandlerError;
 use crate::handlers::{lock_keys, sorted_order_ids, Context, Handler};
 use crate::store::db::{Cached, Tx};
+use crate::store::operator_actions;
 pub use saga::{advance, DeliveryState, Effect, PaymentState, ReservationState, Snapshot, Status};
 pub use store::Rows;
 use store::*;
@@ -118,6 +127,41 @@ async fn settle(cx: &mut Context<'_, Rows>, mut o: Locked) -> Result<(), Handler
     }
     save(cx, o);
     Ok(())
+}
+
+/// What a cancellation request did to an order.
+enum Cancel {
+    /// Cancelled at once: it was not ready to ship yet.
+    Cancelled,
+    /// Ready to ship: fulfillment is asked to stop the parcel (`asked`), or was asked before.
+    StoppingParcel { asked: bool },
+    /// Too late, or nothing to do: the order's status.
+    Ignored(Status),
+}
+
+/// Honours a cancellation request for the locked order `o` (see [`Orders::request_cancel`]).
+async fn cancel(cx: &mut Context<'_, Rows>, mut o: Locked) -> Result<Cancel, HandlerError> {
+    match o.snap.status {
+        Status::Accepted => {
+            o.cancel_requested = true;
+            o.cancel_reason = Some(CancelReason::Requested.as_str().into());
+            o.snap.status = Status::Cancelling;
+            apply_effect(cx, &o.id, Effect::Cancel(CancelReason::Requested)).await?;
+            settle(cx, o).await?;
+            Ok(Cancel::Cancelled)
+        }
+        Status::ReadyToShip if !o.cancel_requested => {
+            o.cancel_requested = true;
+            cx.emit_event(&ShipmentCancelRequested {
+                meta: Meta::default(),
+                order_id: o.id.clone(),
+            })?;
+            save(cx, o);
+            Ok(Cancel::StoppingParcel { asked: true })
+        }
+        Status::ReadyToShip => Ok(Cancel::StoppingParcel { asked: false }),
+        status => Ok(Cancel::Ignored(status)),
+    }
 }
 
 impl Orders {
@@ -297,7 +341,7 @@ impl Orders {
     ) -> Result<(), HandlerError> {
         let d: OrderCancellationRequested = events::decode(event)?;
         lock_order_id(cx, &d.order_id).await?;
-        let Some(mut o) = lock(cx, &d.order_id).await? else {
+        let Some(o) = lock(cx, &d.order_id).await? else {
             cx.tx
                 .execute_cached(
                     "INSERT INTO order_cancellation_requests (order_id, reason) VALUES ($1, $2)
@@ -310,32 +354,63 @@ impl Orders {
             }
             return Ok(());
         };
-        match o.snap.status {
-            Status::Accepted => {
-                o.cancel_requested = true;
-                o.cancel_reason = Some(CancelReason::Requested.as_str().into());
-                o.snap.status = Status::Cancelling;
-                apply_effect(cx, &o.id, Effect::Cancel(CancelReason::Requested)).await?;
-                settle(cx, o).await
-            }
-            Status::ReadyToShip if !o.cancel_requested => {
-                o.cancel_requested = true;
-                cx.emit_event(&ShipmentCancelRequested {
-                    meta: Meta::default(),
-                    order_id: o.id.clone(),
-                })?;
-                save(cx, o);
-                Ok(())
-            }
-            status => {
+        match cancel(cx, o).await? {
+            Cancel::Ignored(status) => {
                 tracing::info!(
-                    order_id = %o.id,
+                    order_id = %d.order_id,
                     status = status.as_str(),
                     "cancellation request ignored: already cancelling, shipped or final"
                 );
                 Ok(())
             }
+            Cancel::Cancelled | Cancel::StoppingParcel { .. } => Ok(()),
         }
+    }
+
+    /// An operator's cancellation: as the storefront's, with the outcome recorded in the
+    /// audited action.
+    async fn operator_cancel(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
+        let d: OperatorCancellationRequested = events::decode(event)?;
+        lock_order_id(cx, &d.order_id).await?;
+        let (outcome, detail) = match lock(cx, &d.order_id).await? {
+            None => ("refused", "there is no such order".to_string()),
+            Some(o) => match cancel(cx, o).await? {
+                Cancel::Cancelled => (
+                    "applied",
+                    "cancelled before it was ready to ship; stock and money are given back"
+                        .to_string(),
+                ),
+                Cancel::StoppingParcel { asked: true } => (
+                    "pending",
+                    "the order is ready to ship: fulfillment is asked to stop the parcel"
+                        .to_string(),
+                ),
+                Cancel::StoppingParcel { asked: false } => (
+                    "pending",
+                    "an earlier cancellation is already stopping the parcel".to_string(),
+                ),
+                Cancel::Ignored(status) => (
+                    "refused",
+                    match status {
+                        Status::Cancelling | Status::Cancelled => {
+                            "the order is cancelled already".to_string()
+                        }
+                        Status::Rejected => "the order was rejected; nothing to cancel".into(),
+                        s => format!(
+                            "the order has shipped (it is {}): refund it instead",
+                            s.as_str()
+                        ),
+                    },
+                ),
+            },
+        };
+        tracing::info!(order_id = %d.order_id, action_id = d.action_id, operator = %d.operator,
+            outcome, detail = %detail, "operator cancellation");
+        operator_actions::record_outcome(cx.tx, d.action_id, &d.order_id, outcome, &detail).await
     }
 
     /// Applies an outcome of inventory, payments or fulfillment, then advances.
@@ -386,7 +461,13 @@ impl Orders {
             }
             events::PaymentCaptured::DETAIL_TYPE => s.payment = s.payment.advance_to(P::Captured),
             events::PaymentVoided::DETAIL_TYPE => s.payment = s.payment.advance_to(P::Voided),
-            events::PaymentRefunded::DETAIL_TYPE => s.payment = s.payment.advance_to(P::Refunded),
+            PaymentRefunded::DETAIL_TYPE => {
+                let d: PaymentRefunded = events::decode(event)?;
+                // An operator's refund leaves the order where it is (see the module doc).
+                if !d.by_operator() {
+                    s.payment = s.payment.advance_to(P::Refunded);
+                }
+            }
             events::OrderShipped::DETAIL_TYPE
             | events::OrderDelivered::DETAIL_TYPE
             | events::DeliveryFailed::DETAIL_TYPE => {
@@ -401,7 +482,18 @@ impl Orders {
                 }
                 match o.snap.status {
                     // A cancellation requested meanwhile lost the race: the parcel left.
-                    Status::ReadyToShip => o.snap.status = Status::Shipped,
+                    Status::ReadyToShip => {
+                        o.snap.status = Status::Shipped;
+                        if o.cancel_requested {
+                            operator_actions::settle_pending_cancellations(
+                                cx.tx,
+                                &o.id,
+                                "refused",
+                                "the parcel left before it could be stopped: refund it instead",
+                            )
+                            .await?;
+                        }
+                    }
                     Status::Accepted | Status::Cancelling | Status::Cancelled => {
                         return Err(HandlerError::permanent(format!(
                             "order {} shipped while {}: fulfillment shipped an order that was \
@@ -418,6 +510,13 @@ impl Orders {
                     o.snap.status = Status::Cancelling;
                     o.cancel_reason = Some(CancelReason::Requested.as_str().into());
                     apply_effect(cx, &o.id, Effect::Cancel(CancelReason::Requested)).await?;
+                    operator_actions::settle_pending_cancellations(
+                        cx.tx,
+                        &o.id,
+                        "applied",
+                        "the parcel was stopped; stock and money are given back",
+                    )
+                    .await?;
                 }
             }
             other => {
@@ -513,6 +612,7 @@ impl Handler for Orders {
         match event.detail_type.as_str() {
             OrderPlaced::DETAIL_TYPE => self.place(event, cx).await,
             OrderCancellationRequested::DETAIL_TYPE => self.request_cancel(event, cx).await,
+            OperatorCancellationRequested::DETAIL_TYPE => self.operator_cancel(event, cx).await,
             events::InventoryReserved::DETAIL_TYPE
             | events::InventoryRejected::DETAIL_TYPE
             | events::InventoryCommitted::DETAIL_TYPE

@@ -7,6 +7,13 @@
 //! | `OrderShipped` | authorized → captured | capture (`capture:<order>`) | `PaymentCaptured` |
 //! | `OrderCancelled` | authorized → voided; captured → refunded; pending, failed → voided | void (`void:<order>`) / refund (`refund:<order>`) | `PaymentVoided` / `PaymentRefunded` (always one) |
 //! | `DeliveryFailed` | captured → refunded; authorized → voided | refund / void | `PaymentRefunded` / `PaymentVoided` |
+//! | `RefundRequested` (an operator) | captured → captured (part) or refunded (all) | refund (`refund:<order>:<action>`) | `PaymentRefunded` v2, or nothing when refused |
+//!
+//! A cancellation or a return refunds what is captured and not refunded yet. An operator's
+//! refund is checked under the order's lock against that same figure: two operators who ask at
+//! once for more than was captured are served in turn, and the second is refused (recorded in
+//! `operator_actions`, with the figures) before any provider call. The CLI checks too, but only
+//! this check holds.
 //!
 //! The payment row is locked `FOR UPDATE` for the whole handler, so events of one order apply
 //! one at a time. The provider is called inside that transaction but is not part of it: if the
@@ -59,10 +66,11 @@ use crate::domain::events::Event;
 use crate::domain::events::{
     self, DeliveryFailed, Meta, Money, OrderAccepted, OrderCancelled, OrderShipped,
     PaymentAuthorized, PaymentCaptured, PaymentFailed, PaymentRefunded, PaymentStage,
-    PaymentVoided,
+    PaymentVoided, RefundRequested,
 };
 use crate::domain::outcome::HandlerError;
 use crate::handlers::{Context, Handler};
+use crate::providers::email::view::format_money;
 use crate::providers::payment::{PaymentProvider, ProviderError, ProviderOutcome, ProviderRequest};
 use crate::store::db::Tx;
 use crate::store::ledger::CaptureParts;
@@ -290,6 +298,25 @@ impl Payments {
         let order_id = p.order_id.clone();
         match p.state {
             State::Voided => self.release_lost_hold(cx, p).await,
+            State::Refunded if p.refund_key.as_deref() != Some(&format!("refund:{order_id}")) => {
+                // Operators refunded all of it before this compensation: nothing is left to
+                // give back, but the order still waits for its one answer. A refund of
+                // nothing, once (the key marks it sent).
+                let currency = p.amount.currency;
+                let refunded_total = Money::new(p.refunded_minor, currency);
+                let refund_id = p.refund_id.clone().unwrap_or_default();
+                p.refund_key = Some(format!("refund:{order_id}"));
+                save(cx, p);
+                cx.emit_event(&PaymentRefunded {
+                    meta: Meta::default(),
+                    order_id,
+                    refund_id,
+                    amount: Money::new(0, currency),
+                    action_id: None,
+                    refunded_total: Some(refunded_total),
+                    remaining: Some(Money::new(0, currency)),
+                })
+            }
             State::Refunded => Ok(()),
             State::Pending | State::Failed => {
                 p.state = State::Voided;
@@ -324,7 +351,8 @@ impl Payments {
             }
             State::Captured => {
                 let key = format!("refund:{order_id}");
-                let amount = Money::new(p.captured_minor, p.amount.currency);
+                // What an operator refunded already stays refunded: the rest goes back.
+                let amount = Money::new(p.captured_minor - p.refunded_minor, p.amount.currency);
                 let req = p.request(key.clone(), amount);
                 self.record_attempt(&order_id, "refund", &req).await?;
                 let reference = match bounded_call(
@@ -346,6 +374,7 @@ impl Payments {
                 p.refund_id = Some(reference.clone());
                 p.refund_key = Some(key);
                 p.refunded_minor = p.captured_minor;
+                let refunded_total = Money::new(p.captured_minor, amount.currency);
                 save(cx, p);
                 if amount.amount_minor > 0 {
                     cx.batch.ledger.push(Movement::refund(&order_id, amount)?);
@@ -360,9 +389,101 @@ impl Payments {
                     order_id,
                     refund_id: reference,
                     amount,
+                    action_id: None,
+                    refunded_total: Some(refunded_total),
+                    remaining: Some(Money::new(0, amount.currency)),
                 })
             }
         }
+    }
+
+    /// An operator's refund (`orderfleet order refund`): gives `amount` back if that much is
+    /// captured and not refunded yet, under the order's lock, and records the outcome in the
+    /// audited action. A refusal is the action's outcome, not the handler's failure: nothing is
+    /// retried or dead-lettered, and the operator reads why in `order show`.
+    async fn refund_requested(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Rows>,
+    ) -> Result<(), HandlerError> {
+        let d: RefundRequested = events::decode(event)?;
+        let Some(p) = lock(cx, &d.order_id, None).await? else {
+            return refuse(cx, &d, "the order has no payment".into()).await;
+        };
+        let mut p = p;
+        let currency = p.amount.currency;
+        let refundable = p.captured_minor - p.refunded_minor;
+        let figures = format!(
+            "captured {}, refunded {} already, so at most {} can be refunded",
+            format_money(Money::new(p.captured_minor, currency)),
+            format_money(Money::new(p.refunded_minor, currency)),
+            format_money(Money::new(refundable, currency))
+        );
+        if d.amount.currency != currency {
+            return refuse(
+                cx,
+                &d,
+                format!(
+                    "the refund is in {}, the payment in {currency}",
+                    d.amount.currency
+                ),
+            )
+            .await;
+        }
+        if !matches!(p.state, State::Captured) || d.amount.amount_minor > refundable {
+            let why = format!(
+                "a refund of {} is more than can be given back (payment {}: {figures})",
+                format_money(d.amount),
+                p.state.as_str()
+            );
+            return refuse(cx, &d, why).await;
+        }
+        let order_id = d.order_id.clone();
+        let key = format!("refund:{order_id}:{}", d.action_id);
+        let req = p.request(key.clone(), d.amount);
+        self.record_attempt(&order_id, "refund", &req).await?;
+        let reference =
+            match bounded_call(cx, "refund", &order_id, self.provider.refund(&req)).await? {
+                ProviderOutcome::Approved { reference } => reference,
+                ProviderOutcome::Declined { code, message } => {
+                    let why = format!("the provider declined the refund: {code}: {message}");
+                    return refuse(cx, &d, why).await;
+                }
+            };
+        p.refunded_minor += d.amount.amount_minor;
+        if p.refunded_minor == p.captured_minor {
+            p.state = State::Refunded;
+        }
+        p.refund_id = Some(reference.clone());
+        p.refund_key = Some(key.clone());
+        let refunded_total = Money::new(p.refunded_minor, currency);
+        let remaining = Money::new(p.captured_minor - p.refunded_minor, currency);
+        save(cx, p);
+        cx.batch
+            .ledger
+            .push(Movement::refund_keyed(&key, &order_id, d.amount)?);
+        record_outcome(
+            cx,
+            &d,
+            "applied",
+            &format!(
+                "refunded {} ({reference}); {} left to refund",
+                format_money(d.amount),
+                format_money(remaining)
+            ),
+        )
+        .await?;
+        tracing::info!(order_id = %order_id, action_id = d.action_id, operator = %d.operator,
+            amount_minor = d.amount.amount_minor, "operator refund applied");
+        cx.emit_event(&PaymentRefunded {
+            meta: Meta::default(),
+            order_id,
+            refund_id: reference,
+            amount: d.amount,
+            action_id: Some(d.action_id),
+            refunded_total: Some(refunded_total),
+            remaining: Some(remaining),
+        })
     }
 
     /// Brings a payment about to be compensated up to what the provider did: an authorize or
@@ -585,6 +706,7 @@ impl Handler for Payments {
             OrderShipped::DETAIL_TYPE => self.capture(event, cx).await,
             OrderCancelled::DETAIL_TYPE => self.cancelled(event, cx).await,
             DeliveryFailed::DETAIL_TYPE => self.returned(event, cx).await,
+            RefundRequested::DETAIL_TYPE => self.refund_requested(event, cx).await,
             other => Err(HandlerError::permanent(format!(
                 "payments does not handle {other}"
             ))),
@@ -600,4 +722,27 @@ fn capture_parts(d: &OrderAccepted) -> CaptureParts {
         shipping_minor,
         tax_minor,
     }
+}
+
+/// Records that the operator's refund `d` was refused, and why; emits nothing.
+async fn refuse(
+    cx: &mut Context<'_, Rows>,
+    d: &RefundRequested,
+    why: String,
+) -> Result<(), HandlerError> {
+    tracing::warn!(order_id = %d.order_id, action_id = d.action_id, operator = %d.operator,
+        reason = %why, "operator refund refused");
+    record_outcome(cx, d, "refused", &why).await
+}
+
+/// Writes the outcome of the operator's action `d` (migration 0018), in the handler's
+/// transaction.
+async fn record_outcome(
+    cx: &mut Context<'_, Rows>,
+    d: &RefundRequested,
+    outcome: &str,
+    detail: &str,
+) -> Result<(), HandlerError> {
+    crate::store::operator_actions::record_outcome(cx.tx, d.action_id, &d.order_id, outcome, detail)
+        .await
 }

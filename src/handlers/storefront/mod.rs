@@ -387,6 +387,11 @@ impl Handler for Storefront {
             }
             PaymentRefunded::DETAIL_TYPE => {
                 let d: PaymentRefunded = events::decode(event)?;
+                if d.amount.amount_minor == 0 {
+                    // Operators refunded everything before a cancellation or a return asked:
+                    // their refunds were written back already.
+                    return Ok(());
+                }
                 let key = format!("refund:{}:{}", d.order_id, d.refund_id);
                 let action = Action::Refund { amount: d.amount };
                 self.write_back(cx, &d.order_id, key, action).await

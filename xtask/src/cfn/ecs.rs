@@ -3,7 +3,7 @@
 //! what the handler needs, a task definition (a `migrate` container, then the worker) and a
 //! service.
 
-use orderfleet::domain::catalogue::{EventSpec, Producer, EVENTS};
+use orderfleet::domain::catalogue::{EventSpec, Producer, EVENTS, OPERATOR_RELAY, OPERATOR_SOURCE};
 use orderfleet::domain::names::HandlerName;
 use serde_json::{json, Value};
 
@@ -203,6 +203,11 @@ fn published_sources(handler: HandlerName) -> Vec<String> {
         .filter(|e| e.producer == Producer::Handler(handler))
         .map(EventSpec::source)
         .collect();
+    // The orders worker's relay also publishes the support desk's events (the CLI writes them
+    // to the outbox and needs no AWS rights).
+    if handler == OPERATOR_RELAY {
+        sources.push(OPERATOR_SOURCE.to_string());
+    }
     sources.sort();
     sources.dedup();
     sources
