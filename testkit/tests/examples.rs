@@ -56,6 +56,8 @@ fn every_catalogued_event_has_an_example_that_round_trips() {
         OrderDelivered,
         DeliveryFailed,
         MarketingOptOut,
+        RefundRequested,
+        OperatorCancellationRequested,
         ShipmentCancelled
     );
     for spec in catalogue::EVENTS {
