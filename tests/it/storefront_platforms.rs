@@ -146,6 +146,47 @@ async fn placed_handled(pool: &deadpool_postgres::Pool) -> i64 {
     .get(0)
 }
 
+/// The duplicate delivery was applied once (one OrderPlaced reached orders), and the topic the
+/// fleet does not translate was counted once, not dead-lettered.
+async fn once_and_skipped(pool: &deadpool_postgres::Pool, topic: &str) {
+    assert_eq!(
+        placed_handled(pool).await,
+        1,
+        "one OrderPlaced reached orders"
+    );
+    let skipped = "SELECT events FROM platform_skipped_topics WHERE topic = $1";
+    assert_eq!(scalar_of(pool, skipped, topic).await, 1, "{topic} counted");
+}
+
+/// The ledger's sales revenue, discounts, shipping revenue and tax payable in `currency`
+/// (credits negative), and every transaction balanced.
+async fn assert_books(pool: &deadpool_postgres::Pool, currency: &str, want: [i64; 4]) {
+    let books = balances(pool, currency).await;
+    let got = [
+        "sales_revenue",
+        "sales_discounts",
+        "shipping_revenue",
+        "tax_payable",
+    ]
+    .map(|account| books.get(account).copied().unwrap_or(0));
+    assert_eq!(got, want, "{books:?}");
+    saga::assert_ledger_balances(pool).await;
+}
+
+/// Waits until the storefront recorded that the platform cancelled `order_id` itself.
+async fn wait_cancelled_on_platform(pool: &deadpool_postgres::Pool, order_id: &str) {
+    support::wait_for(WAIT, "the platform's cancellation recorded", || async {
+        let n = scalar_of(
+            pool,
+            "SELECT count(*) FROM platform_orders WHERE order_id = $1 AND cancelled_on_platform",
+            order_id,
+        )
+        .await;
+        (n == 1).then_some(())
+    })
+    .await;
+}
+
 /// What `orderfleet dlq peek storefront --json` shows.
 fn dlq_peek(topo: &Topology) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_orderfleet"))
@@ -354,29 +395,11 @@ async fn a_shopify_shop_on_its_partner_bus_sells_cancels_and_hears_back() {
     .await;
 
     // The duplicate webhook was applied once; the unknown topic was counted, not dead-lettered.
-    assert_eq!(
-        placed_handled(&pool).await,
-        1,
-        "one OrderPlaced reached orders"
-    );
-    assert_eq!(
-        scalar_of(
-            &pool,
-            "SELECT events FROM platform_skipped_topics WHERE topic = $1",
-            "customers/create"
-        )
-        .await,
-        1
-    );
+    once_and_skipped(&pool, "customers/create").await;
 
     // The ledger books each part: revenue at list price, the discount against it, shipping
     // and tax apart; and it balances.
-    let usd = balances(&pool, "USD").await;
-    assert_eq!(usd.get("sales_revenue"), Some(&-7000), "{usd:?}");
-    assert_eq!(usd.get("sales_discounts"), Some(&700), "{usd:?}");
-    assert_eq!(usd.get("shipping_revenue"), Some(&-595), "{usd:?}");
-    assert_eq!(usd.get("tax_payable"), Some(&-504), "{usd:?}");
-    saga::assert_ledger_balances(&pool).await;
+    assert_books(&pool, "USD", [-7000, 700, -595, -504]).await;
 
     // Cancelled on Shopify (the webhook may come before the order's): the order ends
     // cancelled and nothing is written back, the platform knows already.
@@ -390,16 +413,7 @@ async fn a_shopify_shop_on_its_partner_bus_sells_cancels_and_hears_back() {
         &shopify_event("orders/cancelled", cancelled),
     )
     .await;
-    support::wait_for(WAIT, "the platform's cancellation recorded", || async {
-        let n = scalar_of(
-            &pool,
-            "SELECT count(*) FROM platform_orders WHERE order_id = $1 AND cancelled_on_platform",
-            &format!("shopify-{early}"),
-        )
-        .await;
-        (n == 1).then_some(())
-    })
-    .await;
+    wait_cancelled_on_platform(&pool, &format!("shopify-{early}")).await;
     put(
         &clients,
         &source,
@@ -605,27 +619,9 @@ async fn a_commercetools_project_on_its_partner_bus_sells_cancels_and_hears_back
             {"id": "a1b2c3d4-0000-4000-8000-00000000000c", "quantity": 2}
         ])
     );
-    assert_eq!(
-        placed_handled(&pool).await,
-        1,
-        "one OrderPlaced reached orders"
-    );
-    assert_eq!(
-        scalar_of(
-            &pool,
-            "SELECT events FROM platform_skipped_topics WHERE topic = $1",
-            "CustomerCreated"
-        )
-        .await,
-        1
-    );
+    once_and_skipped(&pool, "CustomerCreated").await;
     // Tax included in the prices: revenue is what is left of the total after shipping and tax.
-    let eur = balances(&pool, "EUR").await;
-    assert_eq!(eur.get("sales_revenue"), Some(&-6746), "{eur:?}");
-    assert_eq!(eur.get("sales_discounts"), Some(&797), "{eur:?}");
-    assert_eq!(eur.get("shipping_revenue"), Some(&-490), "{eur:?}");
-    assert_eq!(eur.get("tax_payable"), Some(&-1224), "{eur:?}");
-    saga::assert_ledger_balances(&pool).await;
+    assert_books(&pool, "EUR", [-6746, 797, -490, -1224]).await;
 
     // Cancelled on commercetools before its order arrived: it ends cancelled, and nothing
     // is written back.
@@ -633,16 +629,7 @@ async fn a_commercetools_project_on_its_partner_bus_sells_cancels_and_hears_back
     let mut state = ct_message("commercetools/order_state_changed.json");
     state["resource"]["id"] = json!(early);
     put(&clients, &source, "OrderStateChanged", &state).await;
-    support::wait_for(WAIT, "the platform's cancellation recorded", || async {
-        let n = scalar_of(
-            &pool,
-            "SELECT count(*) FROM platform_orders WHERE order_id = $1 AND cancelled_on_platform",
-            &format!("ct-{early}"),
-        )
-        .await;
-        (n == 1).then_some(())
-    })
-    .await;
+    wait_cancelled_on_platform(&pool, &format!("ct-{early}")).await;
     let mut order = ct_message("commercetools/order_created.json");
     order["order"]["id"] = json!(early);
     order["order"]["orderNumber"] = json!("CT-10043");

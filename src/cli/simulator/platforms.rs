@@ -71,11 +71,7 @@ pub fn placed(
                 json!({"shop_money": {"amount": format_major(m), "currency_code": m.currency.as_str()},
                        "presentment_money": {"amount": format_major(m), "currency_code": m.currency.as_str()}})
             };
-            let (first, last) = order
-                .customer
-                .name
-                .split_once(' ')
-                .unwrap_or((order.customer.name.as_str(), ""));
+            let (first, last) = first_and_last(&order.customer.name);
             let lines: Vec<Value> = order
                 .lines
                 .iter()
@@ -124,11 +120,7 @@ pub fn placed(
                 json!({"type": "centPrecision", "currencyCode": currency.as_str(),
                        "centAmount": minor, "fractionDigits": 2})
             };
-            let (first, last) = order
-                .customer
-                .name
-                .split_once(' ')
-                .unwrap_or((order.customer.name.as_str(), ""));
+            let (first, last) = first_and_last(&order.customer.name);
             let lines: Vec<Value> = order
                 .lines
                 .iter()
@@ -167,6 +159,11 @@ pub fn placed(
             }
         }
     })
+}
+
+/// A full name as the platforms keep it: first name, then the rest.
+fn first_and_last(name: &str) -> (&str, &str) {
+    name.split_once(' ').unwrap_or((name, ""))
 }
 
 #[cfg(test)]

@@ -102,6 +102,16 @@ impl Shopify {
         }
     }
 
+    /// The id of what `mutation` created (its payload's `object`), or its user errors.
+    fn created(data: &Value, mutation: &str, object: &str) -> Result<String, PlatformError> {
+        let payload = &data[mutation];
+        Self::user_errors(mutation, payload)?;
+        Ok(payload[object]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    }
+
     async fn fulfill(
         &self,
         call: &Call,
@@ -169,12 +179,7 @@ impl Shopify {
                 }}),
             )
             .await?;
-        let payload = &data["fulfillmentCreate"];
-        Self::user_errors("fulfillmentCreate", payload)?;
-        Ok(payload["fulfillment"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        Self::created(&data, "fulfillmentCreate", "fulfillment")
     }
 
     async fn cancel(&self, call: &Call, reason: &str) -> Result<String, PlatformError> {
@@ -282,12 +287,7 @@ impl Shopify {
                 }}),
             )
             .await?;
-        let payload = &data["refundCreate"];
-        Self::user_errors("refundCreate", payload)?;
-        Ok(payload["refund"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string())
+        Self::created(&data, "refundCreate", "refund")
     }
 }
 
