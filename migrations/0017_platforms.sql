@@ -120,6 +120,8 @@ CREATE TABLE platform_inventory_items (
     item_id        text   NOT NULL,
     sku            text   NOT NULL,
     last_available bigint,
+    -- When the platform measured that level: an older one delivered late changes nothing.
+    last_level_at  timestamptz,
     PRIMARY KEY (platform, item_id)
 );
 GRANT SELECT, INSERT, UPDATE ON platform_inventory_items TO orderfleet_storefront;

@@ -85,6 +85,10 @@ pub struct DepsArgs {
     pub platform: PlatformArgs,
 }
 
+/// commercetools' default region (the flags' defaults, also for [`PlatformArgs::default`]).
+const CT_AUTH_URL: &str = "https://auth.europe-west1.gcp.commercetools.com";
+const CT_API_URL: &str = "https://api.europe-west1.gcp.commercetools.com";
+
 /// How the storefront worker talks back to the shop's commerce platform.
 #[derive(Debug, Clone, Args)]
 pub struct PlatformArgs {
@@ -134,14 +138,14 @@ pub struct PlatformArgs {
     #[arg(
         long = "commercetools-auth-url",
         env = "ORDERFLEET_COMMERCETOOLS_AUTH_URL",
-        default_value = "https://auth.europe-west1.gcp.commercetools.com"
+        default_value = CT_AUTH_URL
     )]
     pub commercetools_auth_url: String,
     /// commercetools HTTP API, e.g. `https://api.europe-west1.gcp.commercetools.com`.
     #[arg(
         long = "commercetools-api-url",
         env = "ORDERFLEET_COMMERCETOOLS_API_URL",
-        default_value = "https://api.europe-west1.gcp.commercetools.com"
+        default_value = CT_API_URL
     )]
     pub commercetools_api_url: String,
     /// The longest one write-back request may take.
@@ -162,8 +166,8 @@ impl Default for PlatformArgs {
             shopify_admin_url: None,
             commercetools_client_id: None,
             commercetools_client_secret: None,
-            commercetools_auth_url: "https://auth.europe-west1.gcp.commercetools.com".into(),
-            commercetools_api_url: "https://api.europe-west1.gcp.commercetools.com".into(),
+            commercetools_auth_url: CT_AUTH_URL.into(),
+            commercetools_api_url: CT_API_URL.into(),
             platform_timeout_ms: 10_000,
         }
     }
@@ -178,10 +182,7 @@ impl PlatformArgs {
         if self.platform_api == "sandbox" {
             return Ok(Platform::ALL
                 .into_iter()
-                .map(|p| {
-                    Arc::new(Sandbox::new(p, sandbox_pool.clone(), Duration::ZERO))
-                        as Arc<dyn PlatformApi>
-                })
+                .map(|p| Arc::new(Sandbox::new(p, sandbox_pool.clone())) as Arc<dyn PlatformApi>)
                 .collect());
         }
         let set = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());

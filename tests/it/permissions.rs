@@ -274,7 +274,6 @@ async fn the_whole_saga_runs_with_each_worker_under_its_own_role() {
             let sandbox = orderfleet::providers::platform::Sandbox::new(
                 orderfleet::domain::platform::Platform::Shopify,
                 pool.clone(),
-                std::time::Duration::ZERO,
             );
             Arc::new(orderfleet::handlers::storefront::Storefront::new(
                 vec![Arc::new(sandbox)],

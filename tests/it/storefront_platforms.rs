@@ -187,6 +187,18 @@ async fn wait_cancelled_on_platform(pool: &deadpool_postgres::Pool, order_id: &s
     .await;
 }
 
+/// Events the storefront handler applied so far.
+async fn handled_by_storefront(pool: &deadpool_postgres::Pool) -> i64 {
+    let c = pool.get().await.unwrap();
+    c.query_one(
+        "SELECT count(*) FROM processed_messages WHERE handler = 'storefront'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// What `orderfleet dlq peek storefront --json` shows.
 fn dlq_peek(topo: &Topology) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_orderfleet"))
@@ -311,6 +323,32 @@ async fn a_shopify_shop_on_its_partner_bus_sells_cancels_and_hears_back() {
     }
     wait_stock(&pool, "TEA-POT-1", 10).await;
     wait_stock(&pool, "TEA-CUP-2", 10).await;
+    // Levels out of order: a measurement older than the last one applied, arriving late, is
+    // stale; only rises over the newest level are received.
+    for (available, at) in [
+        (12, "2026-12-01T11:00:00+01:00"),
+        (3, "2026-12-01T10:30:00+01:00"),
+        (13, "2026-12-01T11:30:00+01:00"),
+    ] {
+        let mut level = fixture("shopify/inventory_levels_update.json")["payload"].clone();
+        level["inventory_item_id"] = json!(49148385001u64);
+        level["available"] = json!(available);
+        level["updated_at"] = json!(at);
+        // One at a time, so that the stale one is applied between the two others.
+        let handled = handled_by_storefront(&pool).await;
+        put(
+            &clients,
+            &source,
+            "shopifyWebhook",
+            &shopify_event("inventory_levels/update", level),
+        )
+        .await;
+        support::wait_for(WAIT, "the level handled", || async {
+            (handled_by_storefront(&pool).await > handled).then_some(())
+        })
+        .await;
+    }
+    wait_stock(&pool, "TEA-CUP-2", 13).await;
 
     // The fixture's order, delivered twice (Shopify redelivers with the same webhook id), and
     // a topic the fleet does not translate.

@@ -102,7 +102,6 @@ async fn a_partial_then_a_full_refund_give_the_capture_back_and_keep_the_ledger_
     let shopify = orderfleet::providers::platform::Sandbox::new(
         orderfleet::domain::platform::Platform::Shopify,
         pool.clone(),
-        std::time::Duration::ZERO,
     );
     let fleet = fleet.with_handler(
         HandlerName::Storefront,

@@ -56,9 +56,12 @@ pub enum Inbound {
         items: Vec<(String, String)>,
     },
     /// An inventory item's level now (Shopify): a rise over the last level seen is received.
+    /// Levels can arrive out of order (redeliveries, several workers): one measured before the
+    /// last one applied (`at`) is stale and changes nothing.
     Level {
         item_id: String,
         available: i64,
+        at: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Stock on hand of a SKU changed by `delta` (commercetools).
     Received {
@@ -172,11 +175,15 @@ impl Storefront {
                 }
                 Ok(())
             }
-            Inbound::Level { item_id, available } => {
+            Inbound::Level {
+                item_id,
+                available,
+                at,
+            } => {
                 let row = cx
                     .tx
                     .query_opt_cached(
-                        "SELECT sku, last_available FROM platform_inventory_items
+                        "SELECT sku, last_available, last_level_at FROM platform_inventory_items
                           WHERE platform = $1 AND item_id = $2 FOR UPDATE",
                         &[&platform.as_str(), &item_id],
                     )
@@ -189,11 +196,20 @@ impl Storefront {
                     )));
                 };
                 let (sku, last): (String, Option<i64>) = (row.get(0), row.get(1));
+                let last_at: Option<chrono::DateTime<chrono::Utc>> = row.get(2);
+                if let (Some(at), Some(last_at)) = (at, last_at) {
+                    if at <= last_at {
+                        tracing::info!(%platform, %item_id, %at, %last_at,
+                            "stale inventory level (an older measurement arrived late); ignored");
+                        return Ok(());
+                    }
+                }
                 cx.tx
                     .execute_cached(
-                        "UPDATE platform_inventory_items SET last_available = $3
+                        "UPDATE platform_inventory_items
+                            SET last_available = $3, last_level_at = coalesce($4, last_level_at)
                           WHERE platform = $1 AND item_id = $2",
-                        &[&platform.as_str(), &item_id, &available],
+                        &[&platform.as_str(), &item_id, &available, &at],
                     )
                     .await?;
                 // The first level seen of an item is received in full.

@@ -58,6 +58,7 @@ pub fn translate(detail: &Value, shop_currency: Currency) -> Result<Inbound, Han
             Ok(Inbound::Level {
                 item_id: level.inventory_item_id.to_string(),
                 available: level.available.unwrap_or(0),
+                at: level.updated_at,
             })
         }
         other => Ok(Inbound::Skipped {
@@ -169,6 +170,8 @@ struct InventoryLevel {
     inventory_item_id: u64,
     #[serde(default)]
     available: Option<i64>,
+    #[serde(default)]
+    updated_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Deserialize)]

@@ -9,8 +9,6 @@
 //! The storefront handler records every call before it is made (`platform_calls`), so a retry
 //! after a crash right after the call finds the effect and returns it instead of acting twice.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
 
@@ -81,16 +79,11 @@ pub trait PlatformApi: Send + Sync + 'static {
 pub struct Sandbox {
     platform: Platform,
     pool: Pool,
-    latency: Duration,
 }
 
 impl Sandbox {
-    pub fn new(platform: Platform, pool: Pool, latency: Duration) -> Self {
-        Sandbox {
-            platform,
-            pool,
-            latency,
-        }
+    pub fn new(platform: Platform, pool: Pool) -> Self {
+        Sandbox { platform, pool }
     }
 }
 
@@ -101,7 +94,6 @@ impl PlatformApi for Sandbox {
     }
 
     async fn apply(&self, call: &Call, action: &Action) -> Result<String, PlatformError> {
-        tokio::time::sleep(self.latency).await;
         let client = self
             .pool
             .get()
