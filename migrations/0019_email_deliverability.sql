@@ -44,6 +44,15 @@ CREATE TABLE marketing_opt_outs (
     opted_out_at     timestamptz NOT NULL DEFAULT now()
 );
 
+-- ... and by address (its keyed hash, as in email_suppressions), so that an opt-out holds for
+-- whoever uses the address next: a guest checkout gets a new customer id with every order.
+CREATE TABLE marketing_opt_out_addresses (
+    address_hash     text        PRIMARY KEY,
+    channel          text        NOT NULL CHECK (channel IN ('link', 'support')),
+    event_id         text        NOT NULL,
+    opted_out_at     timestamptz NOT NULL DEFAULT now()
+);
+
 -- An email not sent, and why: the address is suppressed, the customer opted out of
 -- marketing. `orderfleet order show` and `report` read it.
 ALTER TABLE emails DROP CONSTRAINT emails_kind_check;
@@ -56,9 +65,10 @@ ALTER TABLE emails ADD COLUMN skip_reason text;
 ALTER TABLE emails ADD CONSTRAINT emails_skip_reason_check
     CHECK ((status = 'skipped') = (skip_reason IS NOT NULL));
 
-GRANT SELECT, INSERT, UPDATE ON email_suppressions, email_transient_bounces, marketing_opt_outs
-    TO orderfleet_notifications;
+GRANT SELECT, INSERT, UPDATE ON email_suppressions, email_transient_bounces, marketing_opt_outs,
+    marketing_opt_out_addresses TO orderfleet_notifications;
 -- The operator lists and removes suppressions (the hash and masked form only: no address),
 -- reads the counts and the opt-outs (customer ids).
 GRANT SELECT, DELETE ON email_suppressions TO orderfleet_operator;
-GRANT SELECT ON email_transient_bounces, marketing_opt_outs TO orderfleet_operator;
+GRANT SELECT ON email_transient_bounces, marketing_opt_outs, marketing_opt_out_addresses
+    TO orderfleet_operator;

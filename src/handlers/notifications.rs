@@ -384,11 +384,17 @@ impl Notifications {
         let Some(claim) = self.claim(cx.tx, &key, &order.recipient).await? else {
             return Ok(());
         };
+        // By customer, or by address: a guest's next order has a customer id of its own.
+        // (The mailer has a hasher whenever it has an unsubscribe link.)
+        let address = self.mailer.hasher().map(|h| h.hash(&order.recipient.email));
         let opted_out = cx
             .tx
             .query_opt_cached(
-                "SELECT channel FROM marketing_opt_outs WHERE customer_id = $1",
-                &[&d.customer_id],
+                "SELECT channel FROM marketing_opt_outs WHERE customer_id = $1
+                 UNION ALL
+                 SELECT channel FROM marketing_opt_out_addresses WHERE address_hash = $2
+                 LIMIT 1",
+                &[&d.customer_id, &address],
             )
             .await
             .map_err(|e| HandlerError::from_db("reading the marketing opt-outs", &e))?;
@@ -520,32 +526,57 @@ impl Notifications {
             .as_deref()
             .map(str::trim)
             .filter(|s| !s.is_empty());
-        let customers: Vec<String> = match (id, email) {
-            (Some(id), _) => vec![id.to_string()],
-            (None, Some(email)) => cx
-                .tx
-                .query_cached(
-                    "SELECT id FROM customers WHERE lower(email) = lower($1) ORDER BY id",
-                    &[&email],
-                )
-                .await
-                .map_err(|e| HandlerError::from_db("looking the address up", &e))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect(),
+        // The customers it names, and the addresses: the given one, or the customer's.
+        let (customers, addresses): (Vec<String>, Vec<String>) = match (id, email) {
+            (Some(id), _) => {
+                let known: Option<String> = cx
+                    .tx
+                    .query_opt_cached("SELECT email FROM customers WHERE id = $1", &[&id])
+                    .await
+                    .map_err(|e| HandlerError::from_db("looking the customer up", &e))?
+                    .and_then(|r| r.get(0));
+                let addresses = email.map(str::to_string).or(known).into_iter().collect();
+                (vec![id.to_string()], addresses)
+            }
+            (None, Some(email)) => {
+                let customers = cx
+                    .tx
+                    .query_cached(
+                        "SELECT id FROM customers WHERE lower(email) = lower($1) ORDER BY id",
+                        &[&email],
+                    )
+                    .await
+                    .map_err(|e| HandlerError::from_db("looking the address up", &e))?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                (customers, vec![email.to_string()])
+            }
             (None, None) => {
                 return Err(HandlerError::permanent(
                     "MarketingOptOut names no customer: give customer.id or customer.email",
                 ))
             }
         };
-        if customers.is_empty() {
+        let key = event.event_key();
+        if let Some(hasher) = self.mailer.hasher() {
+            for address in &addresses {
+                cx.tx
+                    .execute_cached(
+                        "INSERT INTO marketing_opt_out_addresses (address_hash, channel, event_id)
+                         VALUES ($1, $2, $3) ON CONFLICT (address_hash) DO NOTHING",
+                        &[&hasher.hash(address), &d.channel.as_str(), &key],
+                    )
+                    .await
+                    .map_err(|e| HandlerError::from_db("recording the opt-out", &e))?;
+            }
+        } else if customers.is_empty() {
             tracing::warn!(
                 recipient = %mask(email.unwrap_or("")),
-                "MarketingOptOut: no customer has this address; nothing recorded"
+                "MarketingOptOut: no customer has this address and this worker has no \
+                 --email-hash-key to keep it by address; nothing recorded"
             );
         }
-        let key = event.event_key();
         for customer in &customers {
             let recorded = cx
                 .tx

@@ -555,6 +555,56 @@ async fn the_recommendations_email_offers_one_click_unsubscribe_and_an_opt_out_s
     );
 }
 
+/// A guest checkout gets a new customer id with every order: an opt-out given for an address
+/// before any customer had it holds for the guest order that comes with it later.
+#[tokio::test]
+async fn an_opt_out_by_address_holds_for_a_later_guest_order() {
+    let outbox = TempDir::new("of-guest-");
+    let (fleet, pool, _url) = marketing_fleet(outbox.path(), true).await;
+    fleet
+        .publish_event(&MarketingOptOut {
+            meta: Meta::with_id("optout-guest"),
+            customer: OptOutSubject {
+                id: None,
+                email: Some("Grace@Example.com".into()),
+            },
+            channel: OptOutChannel::Support,
+        })
+        .await
+        .unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    let mut guest = order("ord-g1", &[("TEA-1", 1, 500)], "tok_visa");
+    guest.customer.id = "guest-ord-g1".into();
+    guest.customer.email = Some("grace@example.com".into());
+    fleet.publish_event(&guest).await.unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    assert_eq!(support::saga::status(&pool, "ord-g1").await, "completed");
+    assert!(outbox.path().join("ord-g1.confirmation.eml").exists());
+    assert!(!outbox.path().join("ord-g1.recommendations.eml").exists());
+    let skipped = rows(
+        &pool,
+        "SELECT skip_reason FROM emails WHERE order_id = 'ord-g1' AND kind = 'recommendations'",
+    )
+    .await;
+    assert_eq!(
+        skipped,
+        vec![vec![Some(
+            "customer opted out of marketing email (support)".to_string()
+        )]]
+    );
+    // Kept as a keyed hash, not the address.
+    let kept = rows(
+        &pool,
+        "SELECT address_hash FROM marketing_opt_out_addresses",
+    )
+    .await;
+    assert_eq!(kept.len(), 1);
+    assert!(
+        !kept[0][0].as_deref().unwrap().contains("grace"),
+        "{kept:?}"
+    );
+}
+
 #[tokio::test]
 async fn without_an_unsubscribe_url_no_marketing_email_is_sent_but_transactional_ones_are() {
     let outbox = TempDir::new("of-nomkt-");

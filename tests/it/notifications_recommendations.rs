@@ -30,6 +30,7 @@ async fn after_enough_orders_a_completed_order_brings_a_recommendations_email() 
             outbox_dir: outbox.path().to_path_buf(),
             unsubscribe_url: Some("https://shop.example/unsubscribe".into()),
             unsubscribe_key: Some(Secret("a key of at least thirty-two bytes".into())),
+            hash_key: Some(Secret("an address hash key of thirty-two bytes".into())),
             ..EmailArgs::default()
         },
         ..DepsArgs::default()

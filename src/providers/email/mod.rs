@@ -440,6 +440,13 @@ impl Mailer {
                  at least 32 bytes (e.g. `openssl rand -hex 32`) so they can be recorded"
             );
         }
+        if unsubscribe.is_some() && hasher.is_none() {
+            bail!(
+                "--unsubscribe-url is set but --email-hash-key (ORDERFLEET_EMAIL_HASH_KEY) is \
+                 not: opt-outs are also kept by address (a keyed hash), so that a guest's \
+                 opt-out holds for their next order; set it to a secret of at least 32 bytes"
+            );
+        }
         let transport: Arc<dyn Transport> = match args.transport {
             TransportKind::File => Arc::new(transport::FileOutbox::new(&args.outbox_dir)),
             TransportKind::Smtp => Arc::new(transport::Smtp::from_args(args, send_timeout)?),
