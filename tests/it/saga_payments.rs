@@ -130,7 +130,7 @@ async fn the_sandbox_returns_the_first_outcome_for_a_repeated_key() {
 
 /// Runs the real payments handler, then fails as if the process died before the commit: the
 /// provider has acted, but the transaction rolls back.
-struct CrashBeforeCommit(Payments);
+pub(crate) struct CrashBeforeCommit(pub(crate) Payments);
 
 #[async_trait]
 impl Handler for CrashBeforeCommit {

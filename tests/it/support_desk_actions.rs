@@ -808,3 +808,118 @@ async fn the_desk_writes_its_actions_only_through_operator_request_and_the_handl
     assert_eq!(code(rewrite).as_deref(), Some("42501"));
     tx.rollback().await.unwrap();
 }
+
+/// Asks, as the CLI does on the operator's login, for a refund of `amount_minor` of `order_id`,
+/// and returns the event that carries it (taken from the outbox, not yet delivered).
+async fn refund_event(
+    fleet: &Fleet,
+    url: &str,
+    order_id: &str,
+    amount_minor: i64,
+) -> orderfleet::domain::envelope::Envelope {
+    let desk = orderfleet::store::db::pool(url, 1).unwrap();
+    let c = desk.get().await.unwrap();
+    orderfleet::store::operator_actions::request(
+        &c,
+        order_id,
+        orderfleet::store::operator_actions::Action::Refund { amount_minor },
+        "goodwill",
+        "alice",
+    )
+    .await
+    .unwrap();
+    let event = fleet.take(1).await.unwrap().remove(0);
+    assert_eq!(event.detail_type, "RefundRequested");
+    event
+}
+
+/// Payments that records its provider attempts and rolls back after handling: the provider
+/// approved, our side forgot (a crash right after the call).
+fn crashing_payments(pool: &Pool, url: &str) -> crate::saga_payments::CrashBeforeCommit {
+    use orderfleet::providers::payment::{PaymentProvider, SandboxProvider};
+    let provider: std::sync::Arc<dyn PaymentProvider> = std::sync::Arc::new(SandboxProvider::new(
+        orderfleet::store::db::pool(url, 2).unwrap(),
+        std::time::Duration::ZERO,
+    ));
+    crate::saga_payments::CrashBeforeCommit(
+        orderfleet::handlers::payments::Payments::with_attempt_log(provider, pool.clone()),
+    )
+}
+
+/// An operator refund the provider approved but whose transaction rolled back: the money may
+/// have gone, so it is neither refunded again by a later refund nor judged again when it is
+/// delivered again, but replayed with its key and booked once.
+#[tokio::test]
+async fn an_operator_refund_whose_transaction_rolled_back_is_booked_once_not_paid_twice() {
+    let (pool, url) = support::fresh_db().await;
+    let fleet = sandbox_fleet(pool.clone(), &url);
+    stock_sku(&fleet, "TEA-1", 1250, 50).await;
+    let crashing = crashing_payments(&pool, &url);
+
+    // Another operator's refund of everything comes while 10.00 is under way: refused.
+    completed(&fleet, &pool, "ord-rb1").await;
+    let first = refund_event(&fleet, &url, "ord-rb1", 1000).await;
+    let err = orderfleet::runtime::execute(&crashing, &pool, &first, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "retry");
+    assert_eq!(
+        payment(&pool, "ord-rb1").await,
+        ("captured".into(), 2500, 0)
+    );
+    let all = refund_event(&fleet, &url, "ord-rb1", 2500).await;
+    fleet.deliver(&all).await;
+    let audit = actions(&pool, "ord-rb1").await;
+    assert_eq!(audit[1].4, "refused", "{audit:?}");
+    assert!(
+        audit[1]
+            .5
+            .as_deref()
+            .unwrap()
+            .contains("EUR 10.00 under way"),
+        "{audit:?}"
+    );
+    // The first, delivered again, is replayed and booked.
+    fleet.deliver(&first).await;
+    fleet.run_until_quiet().await.unwrap();
+    assert_eq!(
+        payment(&pool, "ord-rb1").await,
+        ("captured".into(), 2500, 1000)
+    );
+    assert_eq!(actions(&pool, "ord-rb1").await[0].4, "applied");
+    let key = format!("refund:ord-rb1:{}", first.detail["action_id"]);
+    let (attempts, _) = provider_call(&pool, &key).await.unwrap();
+    assert_eq!(attempts, 2, "asked twice under one key, decided once");
+    assert_eq!(net_money(&pool, "ord-rb1").await, 1500);
+
+    // A returned parcel's compensation comes first: it replays the lost 5.00, then gives
+    // back only the 20.00 left; the operator's event, delivered again, changes nothing.
+    let mut o = order("ord-rb2", &[("TEA-1", 2, 1250)], "tok_visa");
+    o.shipping_address.postal_code =
+        orderfleet::providers::carrier::UNDELIVERABLE_POSTAL_CODE.into();
+    fleet.publish_event(&o).await.unwrap();
+    let returned = fleet.deliver_until("DeliveryFailed").await.unwrap();
+    fleet.run_until_quiet().await.unwrap();
+    let lost = refund_event(&fleet, &url, "ord-rb2", 500).await;
+    let err = orderfleet::runtime::execute(&crashing, &pool, &lost, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "retry");
+    fleet.deliver(&returned).await;
+    fleet.run_until_quiet().await.unwrap();
+    fleet.deliver(&lost).await;
+    fleet.run_until_quiet().await.unwrap();
+    assert_eq!(status(&pool, "ord-rb2").await, "returned");
+    assert_eq!(
+        payment(&pool, "ord-rb2").await,
+        ("refunded".into(), 2500, 2500)
+    );
+    let amounts: Vec<i64> = emitted(&pool, "PaymentRefunded", Some("ord-rb2"))
+        .await
+        .iter()
+        .map(|d| d["amount"]["amount_minor"].as_i64().unwrap())
+        .collect();
+    assert_eq!(amounts, [500, 2000]);
+    assert_eq!(net_money(&pool, "ord-rb2").await, 0);
+    assert_ledger_balances(&pool).await;
+}

@@ -410,15 +410,26 @@ impl Payments {
         let Some(p) = lock(cx, &d.order_id, None).await? else {
             return refuse(cx, &d, "the order has no payment".into()).await;
         };
-        let mut p = p;
+        // Decided already: applied by `reconcile` replaying it after a rollback, or refused.
+        let decided = store::action_outcome(cx.tx, d.action_id).await?;
+        if matches!(decided.as_deref(), Some("applied" | "refused")) {
+            return Ok(());
+        }
         let currency = p.amount.currency;
-        let refundable = p.captured_minor - p.refunded_minor;
-        let figures = format!(
-            "captured {}, refunded {} already, so at most {} can be refunded",
-            format_money(Money::new(p.captured_minor, currency)),
-            format_money(Money::new(p.refunded_minor, currency)),
-            format_money(Money::new(refundable, currency))
-        );
+        let order_id = d.order_id.clone();
+        let key = operator_refund_key(&order_id, d.action_id);
+        // Sent to the provider before, by a delivery that rolled back: the provider may have
+        // paid it, so it is replayed with its key, not judged again.
+        let replay = attempted(cx.tx, &key).await?.is_some();
+        // Other operator refunds sent to the provider whose transactions rolled back are
+        // money that may have gone: not refundable again.
+        let in_flight: i64 = store::lost_operator_refunds(cx.tx, &order_id)
+            .await?
+            .iter()
+            .filter(|l| l.action_id != d.action_id)
+            .map(|l| l.req.amount.amount_minor)
+            .sum();
+        let refundable = p.captured_minor - p.refunded_minor - in_flight;
         if d.amount.currency != currency {
             return refuse(
                 cx,
@@ -430,60 +441,49 @@ impl Payments {
             )
             .await;
         }
-        if !matches!(p.state, State::Captured) || d.amount.amount_minor > refundable {
-            let why = format!(
-                "a refund of {} is more than can be given back (payment {}: {figures})",
-                format_money(d.amount),
+        if replay && !matches!(p.state, State::Captured) {
+            return Err(HandlerError::permanent(format!(
+                "operator refund {} of order {order_id} was sent to the provider, but the payment \
+                 is now {}: check the provider's records by hand (key {key})",
+                d.action_id,
                 p.state.as_str()
+            )));
+        }
+        if !replay && (!matches!(p.state, State::Captured) || d.amount.amount_minor > refundable) {
+            let why = format!(
+                "a refund of {} is more than can be given back (payment {}: captured {}, \
+                 refunded {} already{}, so at most {} can be refunded)",
+                format_money(d.amount),
+                p.state.as_str(),
+                format_money(Money::new(p.captured_minor, currency)),
+                format_money(Money::new(p.refunded_minor, currency)),
+                if in_flight > 0 {
+                    format!(
+                        ", {} under way",
+                        format_money(Money::new(in_flight, currency))
+                    )
+                } else {
+                    String::new()
+                },
+                format_money(Money::new(refundable.max(0), currency))
             );
             return refuse(cx, &d, why).await;
         }
-        let order_id = d.order_id.clone();
-        let key = format!("refund:{order_id}:{}", d.action_id);
         let req = p.request(key.clone(), d.amount);
         self.record_attempt(&order_id, "refund", &req).await?;
-        let reference =
-            match bounded_call(cx, "refund", &order_id, self.provider.refund(&req)).await? {
-                ProviderOutcome::Approved { reference } => reference,
-                ProviderOutcome::Declined { code, message } => {
-                    let why = format!("the provider declined the refund: {code}: {message}");
-                    return refuse(cx, &d, why).await;
-                }
-            };
-        p.refunded_minor += d.amount.amount_minor;
-        if p.refunded_minor == p.captured_minor {
-            p.state = State::Refunded;
+        match bounded_call(cx, "refund", &order_id, self.provider.refund(&req)).await? {
+            ProviderOutcome::Approved { reference } => {
+                tracing::info!(order_id = %order_id, action_id = d.action_id,
+                    operator = %d.operator, amount_minor = d.amount.amount_minor,
+                    "operator refund applied");
+                apply_operator_refund(cx, p, d.action_id, &key, d.amount, reference).await?;
+                Ok(())
+            }
+            ProviderOutcome::Declined { code, message } => {
+                let why = format!("the provider declined the refund: {code}: {message}");
+                refuse(cx, &d, why).await
+            }
         }
-        p.refund_id = Some(reference.clone());
-        p.refund_key = Some(key.clone());
-        let refunded_total = Money::new(p.refunded_minor, currency);
-        let remaining = Money::new(p.captured_minor - p.refunded_minor, currency);
-        save(cx, p);
-        cx.batch
-            .ledger
-            .push(Movement::refund_keyed(&key, &order_id, d.amount)?);
-        record_outcome(
-            cx,
-            &d,
-            "applied",
-            &format!(
-                "refunded {} ({reference}); {} left to refund",
-                format_money(d.amount),
-                format_money(remaining)
-            ),
-        )
-        .await?;
-        tracing::info!(order_id = %order_id, action_id = d.action_id, operator = %d.operator,
-            amount_minor = d.amount.amount_minor, "operator refund applied");
-        cx.emit_event(&PaymentRefunded {
-            meta: Meta::default(),
-            order_id,
-            refund_id: reference,
-            amount: d.amount,
-            action_id: Some(d.action_id),
-            refunded_total: Some(refunded_total),
-            remaining: Some(remaining),
-        })
     }
 
     /// Brings a payment about to be compensated up to what the provider did: an authorize or
@@ -552,6 +552,45 @@ impl Payments {
                     }
                     // Nothing was taken: the hold is still there, and settle voids it.
                     ProviderOutcome::Declined { .. } => {}
+                }
+            }
+        }
+        // Operator refunds sent to the provider whose transactions rolled back: replayed and
+        // applied now, so that what `settle` gives back is only what is left.
+        if p.state == State::Captured {
+            for lost in store::lost_operator_refunds(cx.tx, &order_id).await? {
+                let outcome = bounded_call(
+                    cx,
+                    "refund (replay)",
+                    &order_id,
+                    self.provider.refund(&lost.req),
+                )
+                .await?;
+                match outcome {
+                    ProviderOutcome::Approved { reference } => {
+                        tracing::warn!(order_id = %order_id, action_id = lost.action_id,
+                            refund_id = %reference,
+                            "found an operator refund whose transaction rolled back");
+                        p = apply_operator_refund(
+                            cx,
+                            p,
+                            lost.action_id,
+                            &lost.key,
+                            lost.req.amount,
+                            reference,
+                        )
+                        .await?;
+                    }
+                    ProviderOutcome::Declined { code, message } => {
+                        crate::store::operator_actions::record_outcome(
+                            cx.tx,
+                            lost.action_id,
+                            &order_id,
+                            "refused",
+                            &format!("the provider declined the refund: {code}: {message}"),
+                        )
+                        .await?;
+                    }
                 }
             }
         }
@@ -725,6 +764,59 @@ fn capture_parts(d: &OrderAccepted) -> CaptureParts {
 }
 
 /// Records that the operator's refund `d` was refused, and why; emits nothing.
+/// The provider idempotency key of operator action `action_id`'s refund.
+fn operator_refund_key(order_id: &str, action_id: i64) -> String {
+    format!("refund:{order_id}:{action_id}")
+}
+
+/// Books an operator refund the provider approved: the payment's refunded total, the ledger,
+/// the action's outcome, and `PaymentRefunded`. Returns the payment as saved.
+async fn apply_operator_refund(
+    cx: &mut Context<'_, Rows>,
+    mut p: Payment,
+    action_id: i64,
+    key: &str,
+    amount: Money,
+    reference: String,
+) -> Result<Payment, HandlerError> {
+    let order_id = p.order_id.clone();
+    let currency = p.amount.currency;
+    p.refunded_minor += amount.amount_minor;
+    if p.refunded_minor == p.captured_minor {
+        p.state = State::Refunded;
+    }
+    p.refund_id = Some(reference.clone());
+    p.refund_key = Some(key.to_string());
+    let refunded_total = Money::new(p.refunded_minor, currency);
+    let remaining = Money::new(p.captured_minor - p.refunded_minor, currency);
+    save(cx, p.clone());
+    cx.batch
+        .ledger
+        .push(Movement::refund_keyed(key, &order_id, amount)?);
+    crate::store::operator_actions::record_outcome(
+        cx.tx,
+        action_id,
+        &order_id,
+        "applied",
+        &format!(
+            "refunded {} ({reference}); {} left to refund",
+            format_money(amount),
+            format_money(remaining)
+        ),
+    )
+    .await?;
+    cx.emit_event(&PaymentRefunded {
+        meta: Meta::default(),
+        order_id,
+        refund_id: reference,
+        amount,
+        action_id: Some(action_id),
+        refunded_total: Some(refunded_total),
+        remaining: Some(remaining),
+    })?;
+    Ok(p)
+}
+
 async fn refuse(
     cx: &mut Context<'_, Rows>,
     d: &RefundRequested,

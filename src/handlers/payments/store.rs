@@ -444,3 +444,51 @@ impl Payment {
         }
     }
 }
+
+/// An operator refund sent to the provider (its attempt recorded) whose outcome was never
+/// written: its transaction rolled back, so the provider may have paid it.
+pub(super) struct LostRefund {
+    pub action_id: i64,
+    pub key: String,
+    pub req: ProviderRequest,
+}
+
+/// The operator refunds of `order_id` that were sent to the provider and are still
+/// `requested` in `operator_actions`.
+pub(super) async fn lost_operator_refunds(
+    tx: &Tx,
+    order_id: &str,
+) -> Result<Vec<LostRefund>, HandlerError> {
+    let rows = tx
+        .query_cached(
+            "SELECT o.id, a.idempotency_key
+               FROM operator_actions o
+               JOIN payment_attempts a ON a.idempotency_key = 'refund:' || o.order_id || ':' || o.id
+              WHERE o.order_id = $1 AND o.action = 'refund' AND o.outcome = 'requested'
+              ORDER BY o.id",
+            &[&order_id],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("reading the operator refunds under way", &e))?;
+    let mut lost = Vec::with_capacity(rows.len());
+    for r in rows {
+        let key: String = r.get(1);
+        if let Some(req) = attempted(tx, &key).await? {
+            lost.push(LostRefund {
+                action_id: r.get(0),
+                key,
+                req,
+            });
+        }
+    }
+    Ok(lost)
+}
+
+/// The outcome of operator action `id` (`requested`, `applied`, ...), if it exists.
+pub(super) async fn action_outcome(tx: &Tx, id: i64) -> Result<Option<String>, HandlerError> {
+    Ok(tx
+        .query_opt_cached("SELECT outcome FROM operator_actions WHERE id = $1", &[&id])
+        .await
+        .map_err(|e| HandlerError::from_db("reading the operator action", &e))?
+        .map(|r| r.get(0)))
+}
