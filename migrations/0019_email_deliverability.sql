@@ -3,7 +3,7 @@
 -- Addresses are never stored here in full: the suppression list would otherwise become a
 -- second copy of the customers' emails. Each is kept as a keyed hash (`hmac-sha256:` and 32
 -- hex digits of HMAC-SHA256 of the trimmed, lower-cased address under
--- ORDERFLEET_EMAIL_HASH_KEY, see src/domain/suppression.rs) and a masked form for people
+-- ORDERFLEET_EMAIL_HASH_KEY, see src/domain/deliverability.rs) and a masked form for people
 -- (`a***@example.com`).
 
 -- Addresses no email goes to any more: a permanent bounce or a complaint reported by SES.

@@ -49,7 +49,7 @@ step() { # what command...
     fi
 }
 
-connect_platform >>"$RUN_LOG" 2>&1
+connect_platform
 step provision "$BIN/orderfleet" provision
 step migrate "$BIN/orderfleet" migrate
 export_fleet_env

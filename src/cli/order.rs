@@ -130,17 +130,12 @@ fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    let err = || format!("{s:?} is neither a time (2026-12-01T00:00:00Z) nor an age (30m, 6h, 2d)");
-    let (n, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: i64 = n.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return Err(err()),
-    };
-    Ok(Utc::now() - chrono::Duration::seconds(secs))
+    crate::operator::filter::parse_age(s)
+        .filter(|secs| *secs >= 0.0 && *secs < 1e10)
+        .map(|secs| Utc::now() - chrono::Duration::milliseconds((secs * 1000.0) as i64))
+        .ok_or_else(|| {
+            format!("{s:?} is neither a time (2026-12-01T00:00:00Z) nor an age (30m, 6h, 2d)")
+        })
 }
 
 pub async fn run(args: Args) -> Result<ExitCode> {

@@ -71,13 +71,15 @@
 //!   on redelivery (at least once, the window above). The copy has the same Message-ID, so a
 //!   mail client that threads or de-duplicates by it shows one; the customer may still see two.
 //!
-//! - Two SES reports about one address at once (a bounce and a complaint, or one report
-//!   delivered twice under different EventBridge ids): each is an upsert on the address's
-//!   hash, so the second waits on the row lock and then counts; the first reason stays. The
-//!   same report twice under one SES feedback id is one inbox key, applied once.
+//! - Two SES reports about one address at once (a bounce and a complaint): each is an upsert
+//!   on the address's hash, so the second waits on the row lock and then counts; the first
+//!   reason stays. One report delivered twice (under one EventBridge id or two) has one SES
+//!   feedback id, its inbox key, and is applied once.
 //! - An opt-out and a recommendations email of the same customer at once: if the opt-out
 //!   commits first the email is skipped; if the email's transaction read no opt-out, that one
 //!   email goes out and every later one is skipped. An opt-out recorded twice changes nothing.
+//!   Opt-outs are kept by customer id and by address (its keyed hash): a guest checkout has a
+//!   new customer id with every order, and its address still says no.
 //! - A suppression arriving while an email to the address is being sent: that email goes out
 //!   (it was decided before); the next is skipped.
 //!

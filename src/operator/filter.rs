@@ -161,7 +161,7 @@ impl fmt::Display for Filter {
 }
 
 /// `90`, `90s`, `15m`, `2h`, `3d` as seconds.
-fn parse_age(v: &str) -> Option<f64> {
+pub(crate) fn parse_age(v: &str) -> Option<f64> {
     let v = v.trim();
     let (digits, unit) = match v.char_indices().last()? {
         (i, c) if c.is_ascii_alphabetic() => (&v[..i], c),
