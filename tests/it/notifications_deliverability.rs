@@ -307,9 +307,6 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
         .join(format!("{skipped_order}.confirmation.eml"))
         .exists());
 
-    // The support desk sees why (`order show` reads no personal data; it needs orders rows,
-    // which this test has none of, so the emails table is what it would print).
-
     // `orderfleet email suppressions` through the real binary, as a login of the operator
     // role only.
     let login = support::unique("operator_login_");
@@ -371,7 +368,17 @@ async fn ses_bounces_and_complaints_on_the_default_bus_feed_the_suppression_list
         0
     );
 
-    // The other configuration set's bounce never arrived; nothing was dead-lettered.
+    // The other configuration set's bounce never arrived: zed was never suppressed, and
+    // nothing was dead-lettered.
+    let zed = hasher.hash("zed@example.com");
+    assert_eq!(
+        support::scalar(
+            &pool,
+            &format!("SELECT count(*) FROM email_suppressions WHERE address_hash = '{zed}'")
+        )
+        .await,
+        0
+    );
     let dlq =
         orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.dlq_name(HandlerName::Notifications))
             .await

@@ -767,8 +767,15 @@ async fn the_desk_writes_its_actions_only_through_operator_request_and_the_handl
             )
             .await
             .unwrap_err();
-        assert!(
-            code(err).is_some(),
+        // no_data_found for a missing order; check_violation for the rest.
+        let want = if order == "ord-nope" {
+            "P0002"
+        } else {
+            "23514"
+        };
+        assert_eq!(
+            code(err).as_deref(),
+            Some(want),
             "{order} {action} {amount:?} {reason:?}"
         );
     }
