@@ -6,7 +6,8 @@
 #   make test                   run the test suite against the local stack
 #   make run [ORDERS=10]        run the fleet locally and watch it (Ctrl-C stops)
 #   make demo [ORDERS=100]      end-to-end demo with a report
-#   make bench [BENCH_ARGS=..]  benchmark
+#   make bench [BENCH_ARGS=..]  benchmark: the consumer runtime and the saga in process
+#   make bench-fleet [BENCH_ARGS=..]  benchmark: orders through real worker processes
 #   make lint                   rustfmt + clippy over the workspace
 #   make cfn                    regenerate deploy/cloudformation/orderfleet.json
 #   make clean-stack            stop the stack and delete its data
@@ -23,7 +24,7 @@ TEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help up down env status tools build test run demo bench lint cfn clean-stack
+.PHONY: help up down env status tools build test run demo bench bench-fleet lint cfn clean-stack
 
 help:
 	@sed -n 's/^#   /  /p' $(firstword $(MAKEFILE_LIST))
@@ -68,6 +69,11 @@ demo: up build
 bench: up
 	$(CARGO) build --release -p orderfleet-bench --bins
 	@bash scripts/bench.sh $(BENCH_ARGS)
+
+# The fleet benchmark runs the fleet's own release binaries as processes.
+bench-fleet: up
+	$(CARGO) build --release --bins -p orderfleet -p orderfleet-bench
+	@bash scripts/bench-fleet.sh $(BENCH_ARGS)
 
 lint:
 	$(CARGO) fmt --all --check

@@ -7,9 +7,13 @@
 //!   `orderfleet-bench-sqs` process, for measuring a consumer without the emulator's cost.
 //! - [`consumer`]: the runtime benchmark: the fleet's consumer draining that endpoint.
 //! - [`saga`]: the order saga in process on real PostgreSQL, complete orders per second.
+//! - [`fleet`]: complete orders per second through real worker processes, the endpoint and
+//!   PostgreSQL, and what each order costs on AWS ([`cost`]); `orderfleet-bench-fleet`.
 //!
 //! `orderfleet-bench` runs both and prints their figures; docs/BENCHMARKS.md has the results.
 
 pub mod consumer;
+pub mod cost;
+pub mod fleet;
 pub mod saga;
 pub mod sqs;

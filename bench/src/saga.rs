@@ -66,7 +66,7 @@ pub struct SagaReport {
 }
 
 /// The URL of database `name` on the server of `url`.
-fn database_url(url: &str, name: &str) -> Result<String> {
+pub(crate) fn database_url(url: &str, name: &str) -> Result<String> {
     let (base, rest) = match url.find("://") {
         Some(i) => url.split_at(i + 3),
         None => bail!("DATABASE_URL must be a postgres:// URL"),
@@ -83,7 +83,7 @@ fn database_url(url: &str, name: &str) -> Result<String> {
 
 /// Committed plus rolled-back transactions of database `name` so far. Backends publish their
 /// counts when they exit, so callers close their pools first.
-async fn transactions(admin: &Pool, name: &str) -> Result<i64> {
+pub(crate) async fn transactions(admin: &Pool, name: &str) -> Result<i64> {
     let client = admin.get().await.context("admin connection")?;
     let row = client
         .query_one(
