@@ -117,6 +117,10 @@ pub struct PhaseReport {
     pub events_emitted: u64,
     pub eventbridge_entries_per_emitted_event: f64,
     pub db_transactions_per_order: f64,
+    /// Rows inserted, updated or deleted, and WAL written, per order: the write volume a
+    /// database instance must sustain.
+    pub db_rows_written_per_order: f64,
+    pub wal_bytes_per_order: f64,
     pub cpu_secs_per_order: CpuSplit,
     pub log_bytes_per_order: f64,
     pub emf_bytes_per_order: f64,
@@ -175,6 +179,8 @@ impl FleetReport {
             "eventbridge_entries_per_order": round(t.eventbridge_entries_per_order, 3),
             "eventbridge_entries_per_emitted_event": round(t.eventbridge_entries_per_emitted_event, 3),
             "db_transactions_per_order": round(t.db_transactions_per_order, 2),
+            "db_rows_written_per_order": round(t.db_rows_written_per_order, 1),
+            "wal_bytes_per_order": round(t.wal_bytes_per_order, 0),
             "rss_mb": round(self.workers.iter().map(|w| w.peak_rss_mb).fold(0.0, f64::max), 1),
             "cpu_secs_per_order": {
                 "workers": round(t.cpu_secs_per_order.workers * 1000.0, 3) / 1000.0,
@@ -750,6 +756,16 @@ struct PhaseCtx<'a> {
     timeout: Duration,
 }
 
+/// One bigint from the admin connection, for database `name`.
+async fn admin_row(admin: &Pool, sql: &str, name: &str) -> Result<i64> {
+    let client = admin.get().await.context("admin connection")?;
+    let row = client
+        .query_one(sql, &[&name])
+        .await
+        .with_context(|| format!("reading {sql}"))?;
+    Ok(row.get(0))
+}
+
 /// How long PostgreSQL may take to publish a backend's transaction counts (PG 15 flushes
 /// them at most once a second while busy and within 10 s once idle).
 const STATS_SETTLE: Duration = Duration::from_secs(11);
@@ -757,6 +773,10 @@ const STATS_SETTLE: Duration = Duration::from_secs(11);
 #[derive(Debug, Clone, Copy)]
 struct Snapshot {
     xacts: i64,
+    /// Rows inserted, updated and deleted in the scratch database.
+    rows_written: i64,
+    /// The server's WAL position, in bytes.
+    wal_bytes: i64,
     workers_cpu: f64,
     postgres_cpu: f64,
     endpoint_cpu: f64,
@@ -788,6 +808,19 @@ impl PhaseCtx<'_> {
             .context("counting the outbox, the lake and the emails")?;
         Ok(Snapshot {
             xacts: transactions(self.admin, self.name).await?,
+            rows_written: admin_row(
+                self.admin,
+                "SELECT (tup_inserted + tup_updated + tup_deleted)::bigint
+                   FROM pg_stat_database WHERE datname = $1",
+                self.name,
+            )
+            .await?,
+            wal_bytes: admin_row(
+                self.admin,
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint WHERE $1 <> ''",
+                self.name,
+            )
+            .await?,
             workers_cpu: workers.iter().map(|w| cpu_secs(w.pid)).sum(),
             postgres_cpu: postgres_cpu_secs(self.postmaster),
             endpoint_cpu: cpu_secs(self.endpoint_pid),
@@ -923,6 +956,7 @@ impl PhaseCtx<'_> {
         let idle_xacts =
             (idle_per_sec as f64 * settled.at.duration_since(drained).as_secs_f64()).round() as i64;
         after.xacts = settled.xacts - idle_xacts;
+        after.rows_written = settled.rows_written;
         after.lake_records = settled.lake_records;
         after.lake_bytes = settled.lake_bytes;
         after.lake_billed_bytes = settled.lake_billed_bytes;
@@ -1001,6 +1035,8 @@ impl PhaseCtx<'_> {
             events_emitted: emitted,
             eventbridge_entries_per_emitted_event: stats.entries as f64 / emitted.max(1) as f64,
             db_transactions_per_order: (after.xacts - before.xacts) as f64 / n,
+            db_rows_written_per_order: (after.rows_written - before.rows_written) as f64 / n,
+            wal_bytes_per_order: (after.wal_bytes - before.wal_bytes) as f64 / n,
             cpu_secs_per_order: CpuSplit {
                 workers: (cpu_end.workers_cpu - before.workers_cpu) / n,
                 postgres: (cpu_end.postgres_cpu - before.postgres_cpu) / n,
