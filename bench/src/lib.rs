@@ -5,11 +5,15 @@
 //!
 //! - [`sqs`]: a small in-memory SQS endpoint (AWS JSON 1.0), run as the
 //!   `orderfleet-bench-sqs` process, for measuring a consumer without the emulator's cost.
+//! - [`events`]: the same endpoint's EventBridge (AWS JSON 1.1): buses, rules matched as
+//!   EventBridge matches them, and delivery of matched events into the endpoint's queues, so
+//!   that a whole fleet (workers and `orderfleet provision`) can run against it.
 //! - [`consumer`]: the runtime benchmark: the fleet's consumer draining that endpoint.
 //! - [`saga`]: the order saga in process on real PostgreSQL, complete orders per second.
 //!
 //! `orderfleet-bench` runs both and prints their figures; docs/BENCHMARKS.md has the results.
 
 pub mod consumer;
+pub mod events;
 pub mod saga;
 pub mod sqs;
