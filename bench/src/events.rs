@@ -458,7 +458,10 @@ impl Bus {
         if self.name == DEFAULT_BUS {
             format!("arn:aws:events:{REGION}:{ACCOUNT_ID}:rule/{rule}")
         } else {
-            format!("arn:aws:events:{REGION}:{ACCOUNT_ID}:rule/{}/{rule}", self.name)
+            format!(
+                "arn:aws:events:{REGION}:{ACCOUNT_ID}:rule/{}/{rule}",
+                self.name
+            )
         }
     }
 
@@ -841,7 +844,9 @@ impl EventState {
             .get(&input.name)
             .is_some_and(|rule| !rule.targets.is_empty())
         {
-            return Err(EventsError::invalid("Rule can't be deleted since it has targets."));
+            return Err(EventsError::invalid(
+                "Rule can't be deleted since it has targets.",
+            ));
         }
         // Deleting a rule that does not exist succeeds, as in AWS.
         bus.rules.remove(&input.name);
@@ -982,7 +987,13 @@ impl EventState {
                 "1 validation error detected: Value at 'entries' failed to satisfy constraint: Member must have length less than or equal to {MAX_PUT_EVENTS_ENTRIES} and greater than or equal to 1 (got {count})"
             )));
         }
-        if input.entries.iter().map(PutEventsEntry::size).sum::<usize>() > MAX_ENTRIES_BYTES {
+        if input
+            .entries
+            .iter()
+            .map(PutEventsEntry::size)
+            .sum::<usize>()
+            > MAX_ENTRIES_BYTES
+        {
             return Err(EventsError::invalid(
                 "Total size of the entries in the request is over the limit.",
             ));
@@ -1029,7 +1040,8 @@ impl EventState {
             }
         }
         if unmatched > 0 {
-            self.unmatched_events.fetch_add(unmatched, Ordering::Relaxed);
+            self.unmatched_events
+                .fetch_add(unmatched, Ordering::Relaxed);
         }
         let (mut delivered, mut lost) = (0u64, 0u64);
         for (body, queues) in deliveries {
@@ -1130,7 +1142,9 @@ mod tests {
     fn buses_are_named_by_name_or_arn() {
         assert_eq!(bus_name(None), "default");
         assert_eq!(
-            bus_name(Some("arn:aws:events:us-east-1:000000000000:event-bus/aws.partner/shopify.com/1/of")),
+            bus_name(Some(
+                "arn:aws:events:us-east-1:000000000000:event-bus/aws.partner/shopify.com/1/of"
+            )),
             "aws.partner/shopify.com/1/of"
         );
         assert_eq!(bus_name(Some("orderfleet")), "orderfleet");

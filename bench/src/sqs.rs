@@ -1377,7 +1377,9 @@ impl BenchSqs {
 
     /// EventBridge's counters since start or the last reset.
     pub fn event_stats(&self) -> EventStats {
-        self.inner.events.collect(|counter| counter.load(Ordering::Relaxed))
+        self.inner
+            .events
+            .collect(|counter| counter.load(Ordering::Relaxed))
     }
 
     /// Zeroes the request counters (EventBridge's too).

@@ -178,11 +178,23 @@ fn prefix_and_suffix_match_strings_with_and_without_case() {
 #[test]
 fn anything_but_matches_every_present_value_it_does_not_name() {
     let cases = [
-        (json!({"anything-but": "init"}), json!("done"), json!("init")),
+        (
+            json!({"anything-but": "init"}),
+            json!("done"),
+            json!("init"),
+        ),
         (json!({"anything-but": ["a", "b"]}), json!("c"), json!("b")),
         (json!({"anything-but": [1, 2]}), json!(3), json!(2)),
-        (json!({"anything-but": {"prefix": "us-"}}), json!("eu-1"), json!("us-1")),
-        (json!({"anything-but": {"suffix": ".png"}}), json!("a.jpg"), json!("a.png")),
+        (
+            json!({"anything-but": {"prefix": "us-"}}),
+            json!("eu-1"),
+            json!("us-1"),
+        ),
+        (
+            json!({"anything-but": {"suffix": ".png"}}),
+            json!("a.jpg"),
+            json!("a.png"),
+        ),
         (
             json!({"anything-but": {"equals-ignore-case": ["Init", "x"]}}),
             json!("done"),
@@ -196,9 +208,18 @@ fn anything_but_matches_every_present_value_it_does_not_name() {
     ];
     for (filter, yes, no) in cases {
         let pattern = json!({"detail": {"v": [filter]}});
-        assert!(matches_detail(pattern.clone(), json!({"v": yes})), "{pattern} {yes}");
-        assert!(!matches_detail(pattern.clone(), json!({"v": no})), "{pattern} {no}");
-        assert!(!matches_detail(pattern, json!({})), "anything-but needs the field");
+        assert!(
+            matches_detail(pattern.clone(), json!({"v": yes})),
+            "{pattern} {yes}"
+        );
+        assert!(
+            !matches_detail(pattern.clone(), json!({"v": no})),
+            "{pattern} {no}"
+        );
+        assert!(
+            !matches_detail(pattern, json!({})),
+            "anything-but needs the field"
+        );
     }
 }
 

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
-use aws_sdk_eventbridge::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
+use aws_sdk_eventbridge::config::{
+    BehaviorVersion, Credentials, Region, SharedCredentialsProvider,
+};
 use aws_sdk_eventbridge::error::ProvideErrorMetadata;
 use aws_sdk_eventbridge::types::{PutEventsRequestEntry, RuleState, Target};
 use orderfleet::domain::catalogue::EVENTS;
@@ -72,7 +74,12 @@ fn topology() -> Topology {
     }
 }
 
-fn entry(bus: Option<&str>, source: &str, detail_type: &str, detail: &Value) -> PutEventsRequestEntry {
+fn entry(
+    bus: Option<&str>,
+    source: &str,
+    detail_type: &str,
+    detail: &Value,
+) -> PutEventsRequestEntry {
     PutEventsRequestEntry::builder()
         .set_event_bus_name(bus.map(str::to_owned))
         .source(source)
@@ -168,10 +175,14 @@ async fn provision_is_idempotent_and_every_event_reaches_exactly_its_consumers()
 
     let first = within(provision(clients, &topo)).await.expect("provision");
     assert!(
-        first.iter().any(|c| c.resource == format!("partner event bus {PARTNER}")),
+        first
+            .iter()
+            .any(|c| c.resource == format!("partner event bus {PARTNER}")),
         "{first:?}"
     );
-    let second = within(provision(clients, &topo)).await.expect("provision again");
+    let second = within(provision(clients, &topo))
+        .await
+        .expect("provision again");
     assert_eq!(second, vec![], "a second run changes nothing");
     endpoint.state.reset_stats();
 
@@ -204,7 +215,12 @@ async fn provision_is_idempotent_and_every_event_reaches_exactly_its_consumers()
     put_all(
         clients,
         vec![
-            entry(Some(PARTNER), PARTNER, "shopifyWebhook", &json!({"metadata": {}})),
+            entry(
+                Some(PARTNER),
+                PARTNER,
+                "shopifyWebhook",
+                &json!({"metadata": {}}),
+            ),
             entry(
                 None,
                 "aws.ses",
@@ -253,7 +269,10 @@ async fn provision_is_idempotent_and_every_event_reaches_exactly_its_consumers()
     assert_eq!(placed["account"], "000000000000");
     assert_eq!(placed["region"], "us-east-1");
     assert_eq!(placed["resources"], json!([]));
-    assert_eq!(placed["detail"], json!({"n": n, "order_id": format!("o-{n}")}));
+    assert_eq!(
+        placed["detail"],
+        json!({"n": n, "order_id": format!("o-{n}")})
+    );
     assert!(placed["id"].as_str().is_some_and(|id| id.len() == 36));
     let time = placed["time"].as_str().expect("time");
     assert!(
@@ -314,7 +333,10 @@ async fn put_events_takes_one_to_ten_entries_within_256_kib_and_fails_bad_entrie
         .expect_err("an oversize entry is refused");
     assert_eq!(oversize.code(), Some("ValidationException"));
     assert!(
-        oversize.message().unwrap_or_default().contains("over the limit"),
+        oversize
+            .message()
+            .unwrap_or_default()
+            .contains("over the limit"),
         "{oversize:?}"
     );
 
@@ -406,7 +428,12 @@ async fn rules_and_targets_are_refused_rather_than_served_wrongly() {
         events
             .put_targets()
             .rule("r")
-            .targets(target("shaped", "q").input_path("$.detail").build().expect("target"))
+            .targets(
+                target("shaped", "q")
+                    .input_path("$.detail")
+                    .build()
+                    .expect("target"),
+            )
             .targets(target("gone", "missing-queue").build().expect("target"))
             .send(),
     )
@@ -445,6 +472,8 @@ async fn rules_and_targets_are_refused_rather_than_served_wrongly() {
     within(events.delete_rule().name("r").send())
         .await
         .expect("delete rule");
-    let rules = within(events.list_rules().send()).await.expect("list rules");
+    let rules = within(events.list_rules().send())
+        .await
+        .expect("list rules");
     assert!(rules.rules().is_empty());
 }

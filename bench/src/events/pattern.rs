@@ -41,8 +41,8 @@ pub struct Pattern {
 impl Pattern {
     /// Compiles the JSON text of an event pattern, or says why it is not valid.
     pub fn parse(text: &str) -> Result<Pattern, String> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|err| format!("Event pattern is not valid JSON: {err}"))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|err| format!("Event pattern is not valid JSON: {err}"))?;
         Pattern::compile(&value)
     }
 
@@ -172,11 +172,7 @@ impl Node {
             let field = match value {
                 Value::Object(sub) => Field::Object(Node::compile(sub, &here)?),
                 Value::Array(items) => Field::Leaf(compile_leaf(items, &here)?),
-                _ => {
-                    return Err(format!(
-                        "\"{here}\" must be an object or an array."
-                    ))
-                }
+                _ => return Err(format!("\"{here}\" must be an object or an array.")),
             };
             node.fields.push((key.clone(), field));
         }
@@ -261,7 +257,9 @@ fn compile_operator(op: &Map<String, Value>, path: &str) -> Result<Cond, String>
             Value::Bool(b) => Ok(Cond::Exists(*b)),
             _ => Err(bad("\"exists\" takes true or false")),
         },
-        "numeric" => compile_numeric(operand).map(Cond::Numeric).map_err(|e| bad(&e)),
+        "numeric" => compile_numeric(operand)
+            .map(Cond::Numeric)
+            .map_err(|e| bad(&e)),
         "anything-but" => compile_anything_but(operand)
             .map(Cond::AnythingBut)
             .map_err(|e| bad(&e)),
@@ -485,7 +483,9 @@ impl Cond {
             Cond::Exact(scalar) => scalar.equals(value),
             Cond::Prefix(text) => value.as_str().is_some_and(|s| text.starts(s)),
             Cond::Suffix(text) => value.as_str().is_some_and(|s| text.ends(s)),
-            Cond::EqualsIgnoreCase(text) => value.as_str().is_some_and(|s| lower(s) == text.as_str()),
+            Cond::EqualsIgnoreCase(text) => {
+                value.as_str().is_some_and(|s| lower(s) == text.as_str())
+            }
             Cond::Wildcard(wildcard) => value.as_str().is_some_and(|s| wildcard.matches(s)),
             Cond::Numeric(terms) => value.as_f64().is_some_and(|n| {
                 terms.iter().all(|(op, bound)| match op {
@@ -570,14 +570,26 @@ mod tests {
 
     #[test]
     fn exists_false_matches_a_missing_path_even_under_a_missing_parent() {
-        assert!(matches(json!({"detail": {"a": {"b": [{"exists": false}]}}}), json!({})));
-        assert!(!matches(json!({"detail": {"a": [{"exists": true}]}}), json!({"a": []})));
-        assert!(matches(json!({"detail": {"a": [{"exists": false}]}}), json!({"a": {"b": 1}})));
+        assert!(matches(
+            json!({"detail": {"a": {"b": [{"exists": false}]}}}),
+            json!({})
+        ));
+        assert!(!matches(
+            json!({"detail": {"a": [{"exists": true}]}}),
+            json!({"a": []})
+        ));
+        assert!(matches(
+            json!({"detail": {"a": [{"exists": false}]}}),
+            json!({"a": {"b": 1}})
+        ));
     }
 
     #[test]
     fn resources_match_when_any_element_does() {
         assert!(matches(json!({"resources": ["arn:aws:s3:::b"]}), json!({})));
-        assert!(!matches(json!({"resources": ["arn:aws:s3:::c"]}), json!({})));
+        assert!(!matches(
+            json!({"resources": ["arn:aws:s3:::c"]}),
+            json!({})
+        ));
     }
 }
