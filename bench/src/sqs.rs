@@ -4,7 +4,9 @@
 //! memory, the AWS JSON 1.0 wire protocol that the current `aws-sdk-sqs`
 //! crate speaks (`POST /`, `X-Amz-Target: AmazonSQS.<Operation>`,
 //! `Content-Type: application/x-amz-json-1.0`), and per-operation request
-//! counters.
+//! counters. The same listener serves EventBridge (`X-Amz-Target:
+//! AWSEvents.<Operation>`, AWS JSON 1.1; see [`crate::events`]), whose rules
+//! deliver matched events straight into these queues.
 //!
 //! Why it exists: moto's `ReceiveMessage` gets slower as the backlog grows,
 //! so against moto a benchmark measures moto, not the consumer. This endpoint
@@ -21,7 +23,8 @@
 //! `ChangeMessageVisibility`, `ChangeMessageVisibilityBatch`, `PurgeQueue`.
 //! Two extra, non-AWS targets read the counters:
 //! `X-Amz-Target: OrderfleetBench.Stats` answers
-//! `{"requests":{"ReceiveMessage":n,...},"total":n}` and
+//! `{"requests":{"ReceiveMessage":n,...},"total":n,"events":{...}}` (SQS
+//! requests, and EventBridge's counters as [`crate::events::EventStats`]) and
 //! `OrderfleetBench.Reset` answers the same shape and zeroes the counters.
 //! Neither is counted itself.
 //!
@@ -71,10 +74,12 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
-/// Account id used in queue URLs and ARNs.
-const ACCOUNT_ID: &str = "000000000000";
-/// Region used in queue ARNs.
-const REGION: &str = "us-east-1";
+use crate::events::{EventState, EventStats};
+
+/// Account id used in queue URLs and ARNs (EventBridge's too).
+pub(crate) const ACCOUNT_ID: &str = "000000000000";
+/// Region used in queue ARNs (EventBridge's too).
+pub(crate) const REGION: &str = "us-east-1";
 /// Largest request body accepted (a full batch of maximum-size messages fits).
 const MAX_REQUEST_BYTES: usize = 12 * 1024 * 1024;
 /// `MaximumMessageSize` upper bound (SQS raised it to 1 MiB in 2025).
@@ -173,6 +178,9 @@ pub struct Stats {
     pub requests: BTreeMap<String, u64>,
     /// Sum of all counts.
     pub total: u64,
+    /// EventBridge's counters (requests are not part of `requests` or `total`).
+    #[serde(default)]
+    pub events: EventStats,
 }
 
 impl Stats {
@@ -1326,6 +1334,8 @@ struct Inner {
     counters: [AtomicU64; Op::COUNT],
     next_seq: AtomicU64,
     next_request_id: AtomicU64,
+    /// The EventBridge half of the endpoint.
+    events: EventState,
     /// Random per instance, embedded in receipt handles so that a handle from
     /// an earlier run of a standalone server is rejected.
     instance: u32,
@@ -1353,17 +1363,26 @@ impl BenchSqs {
                 counters: std::array::from_fn(|_| AtomicU64::new(0)),
                 next_seq: AtomicU64::new(1),
                 next_request_id: AtomicU64::new(1),
+                events: EventState::new(),
                 instance: fastrand::u32(..),
             }),
         }
     }
 
-    /// Request counts per operation since start or the last reset.
+    /// Request counts per operation since start or the last reset, SQS and
+    /// EventBridge.
     pub fn stats(&self) -> Stats {
         self.collect_stats(|counter| counter.load(Ordering::Relaxed))
     }
 
-    /// Zeroes the request counters.
+    /// EventBridge's counters since start or the last reset.
+    pub fn event_stats(&self) -> EventStats {
+        self.inner
+            .events
+            .collect(|counter| counter.load(Ordering::Relaxed))
+    }
+
+    /// Zeroes the request counters (EventBridge's too).
     pub fn reset_stats(&self) {
         self.take_stats();
     }
@@ -1382,6 +1401,7 @@ impl BenchSqs {
                 stats.total += count;
             }
         }
+        stats.events = self.inner.events.collect(read);
         stats
     }
 
@@ -1405,6 +1425,27 @@ impl BenchSqs {
             }
         }
         queue.notify.notify_waiters();
+    }
+
+    /// Enqueues one message into `queue` as an EventBridge target delivery
+    /// does: visible at once, no attributes. False if the queue does not
+    /// exist.
+    pub(crate) fn deliver(&self, queue: &str, body: String) -> bool {
+        let Some(queue) = self.find(queue) else {
+            return false;
+        };
+        let data = Arc::new(MessageData::new(body, Attributes::new(), Attributes::new()));
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let wake = {
+            let mut state = lock(&queue.state);
+            state.tick(now);
+            state.insert(seq, data, Duration::ZERO, now)
+        };
+        if wake {
+            queue.notify.notify_waiters();
+        }
+        true
     }
 
     /// Message counts of `queue`, `None` if it does not exist.
@@ -1486,10 +1527,19 @@ impl BenchSqs {
             "OrderfleetBench.Reset" => to_json(&self.take_stats()),
             _ => match target.strip_prefix("AmazonSQS.") {
                 Some(name) => self.call(name, &body, &host).await,
-                None => Err(SqsError::new(
-                    ErrorKind::UnknownOperation,
-                    format!("Unknown X-Amz-Target {target:?}."),
-                )),
+                // Checked after SQS so that the SQS path pays nothing for it.
+                None => match target.strip_prefix("AWSEvents.") {
+                    Some(name) => {
+                        return self
+                            .inner
+                            .events
+                            .respond(self, name, &body, self.request_id())
+                    }
+                    None => Err(SqsError::new(
+                        ErrorKind::UnknownOperation,
+                        format!("Unknown X-Amz-Target {target:?}."),
+                    )),
+                },
             },
         };
         let request_id = self.request_id();

@@ -1,11 +1,15 @@
-//! `orderfleet-bench-sqs`: runs the in-memory SQS benchmark endpoint
-//! ([`orderfleet_bench::sqs`]) standalone, so that any SQS consumer can be
-//! pointed at it with `--endpoint-url http://HOST:PORT`.
+//! `orderfleet-bench-sqs`: runs the in-memory SQS and EventBridge benchmark
+//! endpoint ([`orderfleet_bench::sqs`], [`orderfleet_bench::events`])
+//! standalone, so that any SQS consumer can be pointed at it with
+//! `--endpoint-url http://HOST:PORT`, and a whole fleet with
+//! `AWS_ENDPOINT_URL_SQS=http://HOST:PORT` and
+//! `AWS_ENDPOINT_URL_EVENTBRIDGE=http://HOST:PORT`.
 
 use clap::Parser;
 use orderfleet_bench::sqs::{serve, BenchSqs};
 
-/// In-memory SQS endpoint (AWS JSON 1.0 protocol) for benchmarking consumers.
+/// In-memory SQS (AWS JSON 1.0) and EventBridge (AWS JSON 1.1) endpoint for benchmarking
+/// consumers and fleets.
 #[derive(Debug, Parser)]
 #[command(name = "orderfleet-bench-sqs", version)]
 struct Args {
