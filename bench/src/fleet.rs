@@ -73,6 +73,9 @@ pub struct FleetConfig {
     pub database_url: String,
     /// Where `orderfleet`, `orderfleet-worker` and `orderfleet-bench-sqs` are.
     pub bin_dir: PathBuf,
+    /// Orders put through the fleet before anything is measured, after which the tables are
+    /// analysed.
+    pub warmup_orders: usize,
     /// Orders of the throughput phase.
     pub orders: usize,
     /// Orders of the latency phase (0 skips it).
@@ -86,6 +89,8 @@ pub struct FleetConfig {
     /// Resource prefix (queues, bus, lake stream).
     pub prefix: String,
     pub keep_database: bool,
+    /// The lake's emulator (S3 and Firehose), for its CPU time.
+    pub lake_emulator_pid: Option<u32>,
     /// Longest a phase may take before the run fails.
     pub phase_timeout: Duration,
 }
@@ -108,6 +113,8 @@ pub struct PhaseReport {
     pub sqs_requests_per_order: f64,
     /// Messages the fleet's queues received (EventBridge deliveries), and SQS requests per one.
     pub messages_handled: u64,
+    /// Messages in the DLQs at the end (none in a healthy run).
+    pub dead_lettered: u64,
     pub sqs_requests_per_message: f64,
     pub sqs_requests_by_operation: HashMap<String, u64>,
     pub eventbridge_entries: u64,
@@ -136,6 +143,8 @@ pub struct CpuSplit {
     pub workers: f64,
     pub postgres: f64,
     pub endpoint: f64,
+    /// The lake's emulator (moto, for S3 and Firehose), when its pid was given.
+    pub lake_emulator: f64,
 }
 
 /// What one worker process did during the whole run.
@@ -143,6 +152,8 @@ pub struct CpuSplit {
 pub struct WorkerReport {
     pub handlers: String,
     pub peak_rss_mb: f64,
+    /// CPU seconds over the whole run (set-up and every phase).
+    pub cpu_secs: f64,
     pub log_bytes: u64,
 }
 
@@ -186,6 +197,7 @@ impl FleetReport {
                 "workers": round(t.cpu_secs_per_order.workers * 1000.0, 3) / 1000.0,
                 "postgres": round(t.cpu_secs_per_order.postgres * 1000.0, 3) / 1000.0,
                 "endpoint": round(t.cpu_secs_per_order.endpoint * 1000.0, 3) / 1000.0,
+                "lake_emulator": round(t.cpu_secs_per_order.lake_emulator * 1000.0, 3) / 1000.0,
             },
             "log_bytes_per_order": round(t.log_bytes_per_order, 0),
             "usd_per_1000_orders": round(t.usd_per_1000_orders, 5),
@@ -357,8 +369,10 @@ struct EndpointStats {
     sqs_billed: u64,
     entries: u64,
     delivered: u64,
-    /// Messages waiting or in flight in all queues.
+    /// Messages waiting or in flight in the work queues.
     backlog: u64,
+    /// Messages in the dead-letter queues.
+    dead_lettered: u64,
 }
 
 async fn endpoint_call(http: &Http, url: &str, target: &str) -> Result<EndpointStats> {
@@ -366,18 +380,19 @@ async fn endpoint_call(http: &Http, url: &str, target: &str) -> Result<EndpointS
     let v: Value = serde_json::from_slice(&body).context("the endpoint's stats")?;
     let sqs_requests: HashMap<String, u64> =
         serde_json::from_value(v["requests"].clone()).unwrap_or_default();
-    let backlog = v["queues"]
-        .as_object()
-        .map(|qs| {
-            qs.values()
-                .map(|q| {
-                    q["visible"].as_u64().unwrap_or(0)
-                        + q["in_flight"].as_u64().unwrap_or(0)
-                        + q["delayed"].as_u64().unwrap_or(0)
-                })
-                .sum()
-        })
-        .unwrap_or(0);
+    let (mut backlog, mut dead_lettered) = (0, 0);
+    if let Some(queues) = v["queues"].as_object() {
+        for (name, q) in queues {
+            let n = q["visible"].as_u64().unwrap_or(0)
+                + q["in_flight"].as_u64().unwrap_or(0)
+                + q["delayed"].as_u64().unwrap_or(0);
+            if name.ends_with("-dlq") {
+                dead_lettered += n;
+            } else {
+                backlog += n;
+            }
+        }
+    }
     Ok(EndpointStats {
         sqs_total: v["total"].as_u64().unwrap_or(0),
         sqs_billed: v["billed_units"]
@@ -387,6 +402,7 @@ async fn endpoint_call(http: &Http, url: &str, target: &str) -> Result<EndpointS
         entries: v["events"]["put_events_entries"].as_u64().unwrap_or(0),
         delivered: v["events"]["matched_deliveries"].as_u64().unwrap_or(0),
         backlog,
+        dead_lettered,
     })
 }
 
@@ -634,6 +650,7 @@ async fn run_in(
                 .trim_start_matches("orderfleet-worker --handler ")
                 .into(),
             peak_rss_mb: peak_rss_mb(w.pid),
+            cpu_secs: cpu_secs(w.pid),
             log_bytes: w.output.bytes.load(Relaxed),
         })
         .collect();
@@ -662,7 +679,10 @@ async fn phases(
     progress: &impl Fn(String),
 ) -> Result<(PhaseReport, Option<PhaseReport>)> {
     let products = simulator::catalogue(DEFAULT_SKUS);
-    let units = simulator::units_for(cfg.orders + cfg.latency_orders, products.len());
+    let units = simulator::units_for(
+        cfg.warmup_orders + cfg.orders + cfg.latency_orders,
+        products.len(),
+    );
     let cli = cfg.bin_dir.join("orderfleet");
     run_checked("orderfleet seed", {
         let mut c = fleet_command(&cli, env);
@@ -692,7 +712,13 @@ async fn phases(
             .map(|(ppid, _, _)| ppid)
             .context("reading the PostgreSQL backend's parent")?
     };
-    let events = orderfleet::infra::aws::Clients::from_env().await.events;
+    // The driver puts the storefront's events on the endpoint's bus, as the workers' relays do.
+    let sdk = orderfleet::infra::aws::sdk_config().await;
+    let events = aws_sdk_eventbridge::Client::from_conf(
+        aws_sdk_eventbridge::config::Builder::from(&sdk)
+            .endpoint_url(endpoint_url)
+            .build(),
+    );
     let bus = cfg.prefix.clone();
     let ctx = PhaseCtx {
         admin,
@@ -700,12 +726,31 @@ async fn phases(
         pool: &pool,
         endpoint_url,
         endpoint_pid: endpoint.pid,
+        emulator_pid: cfg.lake_emulator_pid,
         postmaster,
         events: &events,
         bus: &bus,
         timeout: cfg.phase_timeout,
     };
 
+    // A shop's database is not empty: orders flow through a warm fleet whose tables have
+    // statistics. On empty tables the planner's generic plans (kept by every connection's
+    // statement cache) scan whole tables, which costs more with every order until autovacuum
+    // analyses them (a minute or more).
+    if cfg.warmup_orders > 0 {
+        let warm = ctx
+            .phase("warm-up", "w", cfg.warmup_orders, None, workers, progress)
+            .await?;
+        pool.get()
+            .await?
+            .batch_execute("ANALYZE")
+            .await
+            .context("analysing the scratch database")?;
+        progress(format!(
+            "fleet: warm-up: {} orders at {:.0}/s; tables analysed",
+            warm.orders, warm.complete_orders_per_sec
+        ));
+    }
     let throughput = ctx
         .phase("throughput", "t", cfg.orders, None, workers, progress)
         .await?;
@@ -750,6 +795,7 @@ struct PhaseCtx<'a> {
     pool: &'a Pool,
     endpoint_url: &'a str,
     endpoint_pid: u32,
+    emulator_pid: Option<u32>,
     postmaster: u32,
     events: &'a aws_sdk_eventbridge::Client,
     bus: &'a str,
@@ -780,6 +826,7 @@ struct Snapshot {
     workers_cpu: f64,
     postgres_cpu: f64,
     endpoint_cpu: f64,
+    emulator_cpu: f64,
     log_bytes: u64,
     emf_bytes: u64,
     outbox_events: i64,
@@ -824,6 +871,7 @@ impl PhaseCtx<'_> {
             workers_cpu: workers.iter().map(|w| cpu_secs(w.pid)).sum(),
             postgres_cpu: postgres_cpu_secs(self.postmaster),
             endpoint_cpu: cpu_secs(self.endpoint_pid),
+            emulator_cpu: self.emulator_pid.map_or(0.0, cpu_secs),
             log_bytes: workers.iter().map(|w| w.output.bytes.load(Relaxed)).sum(),
             emf_bytes: workers
                 .iter()
@@ -880,7 +928,7 @@ impl PhaseCtx<'_> {
         ));
         let published = Arc::new(Mutex::new(HashMap::with_capacity(orders)));
         let started = Instant::now();
-        let publisher = tokio::spawn(publish(
+        let mut publisher = tokio::spawn(publish(
             self.events.clone(),
             self.bus.to_string(),
             plan.events,
@@ -889,9 +937,15 @@ impl PhaseCtx<'_> {
         ));
         // Wait for every order to reach a terminal state.
         let deadline = started + self.timeout;
+        let mut published_all = false;
         let completed = loop {
             for w in workers.iter_mut() {
                 w.check_alive()?;
+            }
+            if !published_all && publisher.is_finished() {
+                // A publisher that failed ends the phase at once, with its error.
+                (&mut publisher).await.context("the publisher")??;
+                published_all = true;
             }
             let db = self.pool.get().await?;
             let row = db
@@ -913,7 +967,9 @@ impl PhaseCtx<'_> {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         };
-        publisher.await.context("the publisher")??;
+        if !published_all {
+            publisher.await.context("the publisher")??;
+        }
         if completed as usize != orders {
             bail!("{phase} phase: {completed} of {orders} orders completed; every regular order should");
         }
@@ -1028,6 +1084,7 @@ impl PhaseCtx<'_> {
             sqs_requests: stats.sqs_total,
             sqs_requests_per_order: stats.sqs_total as f64 / n,
             messages_handled: stats.delivered,
+            dead_lettered: stats.dead_lettered,
             sqs_requests_per_message: stats.sqs_total as f64 / stats.delivered.max(1) as f64,
             sqs_requests_by_operation: stats.sqs_requests,
             eventbridge_entries: stats.entries,
@@ -1041,6 +1098,7 @@ impl PhaseCtx<'_> {
                 workers: (cpu_end.workers_cpu - before.workers_cpu) / n,
                 postgres: (cpu_end.postgres_cpu - before.postgres_cpu) / n,
                 endpoint: (cpu_end.endpoint_cpu - before.endpoint_cpu) / n,
+                lake_emulator: (cpu_end.emulator_cpu - before.emulator_cpu) / n,
             },
             log_bytes_per_order: usage.log_bytes,
             emf_bytes_per_order: (after.emf_bytes - before.emf_bytes) as f64 / n,

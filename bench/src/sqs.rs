@@ -178,9 +178,16 @@ pub struct Stats {
     pub requests: BTreeMap<String, u64>,
     /// Sum of all counts.
     pub total: u64,
+    /// SQS requests as AWS bills them: each 64 KB of payload (of the request or of its
+    /// answer, whichever is larger) is one request.
+    #[serde(default)]
+    pub billed_units: u64,
     /// EventBridge's counters (requests are not part of `requests` or `total`).
     #[serde(default)]
     pub events: EventStats,
+    /// Each queue's message counts now (over HTTP only; a reset does not change them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub queues: BTreeMap<String, QueueCounts>,
 }
 
 impl Stats {
@@ -1332,6 +1339,8 @@ impl AttributeSelector {
 struct Inner {
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     counters: [AtomicU64; Op::COUNT],
+    /// SQS requests as billed: one per 64 KB of request or answer, whichever is larger.
+    billed_units: AtomicU64,
     next_seq: AtomicU64,
     next_request_id: AtomicU64,
     /// The EventBridge half of the endpoint.
@@ -1361,6 +1370,7 @@ impl BenchSqs {
             inner: Arc::new(Inner {
                 queues: RwLock::new(HashMap::new()),
                 counters: std::array::from_fn(|_| AtomicU64::new(0)),
+                billed_units: AtomicU64::new(0),
                 next_seq: AtomicU64::new(1),
                 next_request_id: AtomicU64::new(1),
                 events: EventState::new(),
@@ -1387,6 +1397,26 @@ impl BenchSqs {
         self.take_stats();
     }
 
+    /// [`Self::stats`] with every queue's message counts.
+    fn stats_with_queues(&self) -> Stats {
+        let mut stats = self.stats();
+        let queues: Vec<(String, Arc<Queue>)> = self
+            .inner
+            .queues
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, q)| (name.clone(), q.clone()))
+            .collect();
+        let now = Instant::now();
+        for (name, queue) in queues {
+            let mut state = lock(&queue.state);
+            state.tick(now);
+            stats.queues.insert(name, state.counts());
+        }
+        stats
+    }
+
     /// Returns the counts and zeroes them, losing no concurrent increment.
     fn take_stats(&self) -> Stats {
         self.collect_stats(|counter| counter.swap(0, Ordering::Relaxed))
@@ -1401,6 +1431,7 @@ impl BenchSqs {
                 stats.total += count;
             }
         }
+        stats.billed_units = read(&self.inner.billed_units);
         stats.events = self.inner.events.collect(read);
         stats
     }
@@ -1523,10 +1554,16 @@ impl BenchSqs {
             .and_then(|v| v.to_str().ok())
             .map_or_else(|| local.to_string(), str::to_owned);
         let result = match target {
-            "OrderfleetBench.Stats" => to_json(&self.stats()),
+            "OrderfleetBench.Stats" => to_json(&self.stats_with_queues()),
             "OrderfleetBench.Reset" => to_json(&self.take_stats()),
             _ => match target.strip_prefix("AmazonSQS.") {
-                Some(name) => self.call(name, &body, &host).await,
+                Some(name) => {
+                let answer = self.call(name, &body, &host).await;
+                let bytes = answer.as_ref().map_or(0, Vec::len).max(body.len());
+                let units = (bytes as u64).div_ceil(64 * 1024).max(1);
+                self.inner.billed_units.fetch_add(units, Ordering::Relaxed);
+                answer
+            }
                 // Checked after SQS so that the SQS path pays nothing for it.
                 None => match target.strip_prefix("AWSEvents.") {
                     Some(name) => {

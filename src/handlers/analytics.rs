@@ -45,6 +45,13 @@ impl Handler for Analytics {
         "analytics"
     }
 
+    /// Archiving is an insert into `lake_outbox` and nothing else (the shipper calls Firehose
+    /// later, outside the transaction), so events share transactions. Every event of an order
+    /// reaches this handler, so this is most of the fleet's transactions when it is off.
+    fn group_commit(&self) -> bool {
+        true
+    }
+
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         // Any detail-type is archived, catalogued or not: the lake is the record of what was
         // on the bus. A false return is a redelivery whose record is already queued.

@@ -287,7 +287,10 @@ async fn process(
                         wake.notify_one();
                     }
                 }
-                tracing::info!(outcome = "succeeded", emitted, elapsed_ms, "handled");
+                // Debug, not info: a line per message was most of the fleet's CloudWatch Logs
+                // bill and a third of the consumer's CPU (docs/BENCHMARKS.md). Successes are
+                // counted in the metrics; anything else is still logged at info or above.
+                tracing::debug!(outcome = "succeeded", emitted, elapsed_ms, "handled");
                 shared.acker.delete(receipt);
             }
             Ok(Some(Executed::Duplicate)) => {

@@ -15,6 +15,10 @@ use orderfleet_bench::fleet::{self, FleetConfig};
 #[derive(Debug, Parser)]
 #[command(name = "orderfleet-bench-fleet", version)]
 struct Args {
+    /// Orders put through the fleet first, unmeasured; then the tables are analysed, as
+    /// autovacuum would have done in a shop's database.
+    #[arg(long, default_value_t = 1000)]
+    warmup_orders: usize,
     /// Orders of the throughput phase, put on the bus as fast as PutEvents takes them.
     #[arg(long, default_value_t = 6000)]
     orders: usize,
@@ -44,6 +48,10 @@ struct Args {
     /// Longest a phase may take.
     #[arg(long, default_value_t = 600)]
     phase_timeout_secs: u64,
+    /// The process serving S3 and Firehose (the lake's emulator), whose CPU time is reported
+    /// apart from the endpoint's.
+    #[arg(long)]
+    lake_emulator_pid: Option<u32>,
     /// Keep the scratch database for inspection.
     #[arg(long)]
     keep_database: bool,
@@ -83,11 +91,31 @@ fn split(processes: &[String]) -> Result<Vec<Vec<HandlerName>>> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
+    // On SIGINT or SIGTERM the run is dropped, and with it every process it started.
+    let result = tokio::select! {
+        r = run() => r,
+        _ = stop_signal() => Err(anyhow::anyhow!("stopped by a signal")),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("orderfleet-bench-fleet: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
@@ -122,6 +150,7 @@ async fn run() -> Result<()> {
     let cfg = FleetConfig {
         database_url: args.database_url,
         bin_dir,
+        warmup_orders: args.warmup_orders,
         orders: args.orders,
         latency_orders: args.latency_orders,
         latency_rate: args.latency_rate,
@@ -129,6 +158,7 @@ async fn run() -> Result<()> {
         worker_env,
         prefix: args.prefix,
         keep_database: args.keep_database,
+        lake_emulator_pid: args.lake_emulator_pid,
         phase_timeout: Duration::from_secs(args.phase_timeout_secs),
     };
     let report = fleet::run(&cfg, |line| eprintln!("{line}")).await?;
