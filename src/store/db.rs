@@ -107,6 +107,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "email_deliverability",
         include_str!("../../migrations/0019_email_deliverability.sql"),
     ),
+    (
+        20,
+        "outbox_by_source",
+        include_str!("../../migrations/0020_outbox_by_source.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -191,19 +191,31 @@ impl Relay {
     /// a crash after PutEvents and before the commit republishes, which consumers absorb.
     /// A row EventBridge will never accept is moved to `outbox_dead_letters` instead.
     pub async fn publish_once(&self) -> Result<RelayPass> {
+        /// Rows one pass takes: one PutEvents call.
+        const RELAY_BATCH: usize = 10;
         let mut client = self.pool.get().await.context("relay: database pool")?;
         let tx = client.transaction().await?;
-        let rows = tx
-            .query(
-                // Rows that failed before sink behind fresh ones (`attempts`), so one event
-                // EventBridge keeps refusing for a while cannot hold up everything after it.
-                "SELECT id, event_id, source, detail_type, detail FROM outbox
-                 WHERE published_at IS NULL AND source = ANY($1)
-                 ORDER BY attempts, id LIMIT 10 FOR UPDATE SKIP LOCKED",
-                &[&self.sources],
-            )
-            .await
-            .context("relay: reading the outbox")?;
+        // One query per source, each the first rows of the index on (source, attempts, id)
+        // (migration 0020): a pass reads what it takes, not every unpublished row. Rows that
+        // failed before sink behind fresh ones (`attempts`), so one event EventBridge keeps
+        // refusing for a while cannot hold up everything after it.
+        let mut rows = Vec::with_capacity(RELAY_BATCH);
+        for source in &self.sources {
+            let want = (RELAY_BATCH - rows.len()) as i64;
+            if want == 0 {
+                break;
+            }
+            rows.extend(
+                tx.query(
+                    "SELECT id, event_id, source, detail_type, detail FROM outbox
+                     WHERE published_at IS NULL AND source = $1
+                     ORDER BY attempts, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    &[source, &want],
+                )
+                .await
+                .context("relay: reading the outbox")?,
+            );
+        }
         if rows.is_empty() {
             return Ok(RelayPass::default());
         }
