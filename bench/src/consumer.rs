@@ -179,6 +179,7 @@ fn consumer(sqs: &aws_sdk_sqs::Client, url: &str, cfg: &BenchConfig, apply: Arc<
             retry: RetryPolicy::default(),
             max_receive_count: 5,
             delete_flush: Duration::from_millis(5),
+            receive_linger: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
             max_event_age: None,
         },

@@ -170,10 +170,19 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
                 if messages.is_empty() {
                     Counters::inc(&shared.counters.empty_receives);
                 }
+                let short = !messages.is_empty() && messages.len() < held.len();
                 // Surplus permits drop here, back into the pool.
                 for (msg, permit) in messages.into_iter().zip(held.drain(..)) {
                     Counters::inc(&shared.counters.received);
                     tracker.spawn(process(shared.clone(), msg, received_at, permit));
+                }
+                // Messages are arriving, but slower than this loop receives them: let a few
+                // more gather before asking again.
+                if short && !shared.cfg.receive_linger.is_zero() {
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => return,
+                        _ = tokio::time::sleep(shared.cfg.receive_linger) => {}
+                    }
                 }
             }
             Err(e) => {

@@ -63,6 +63,8 @@ pub struct ConsumerConfig {
     /// The queue's maxReceiveCount: on that receive, a retry becomes a dead-letter.
     pub max_receive_count: u32,
     pub delete_flush: Duration,
+    /// Pause of a receive loop after a receive that came back short but not empty.
+    pub receive_linger: Duration,
     /// Running handlers get this long to finish after a stop is requested.
     pub shutdown_grace: Duration,
     /// Events older than this (by their EventBridge `time`) are dead-lettered unapplied: the

@@ -655,6 +655,7 @@ async fn receive_errors_back_off_instead_of_spinning_and_stop_still_works() {
             retry: RetryPolicy::default(),
             max_receive_count: 5,
             delete_flush: Duration::from_millis(5),
+            receive_linger: Duration::ZERO,
             shutdown_grace: Duration::from_secs(1),
             max_event_age: None,
         },

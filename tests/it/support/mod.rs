@@ -265,6 +265,7 @@ pub fn consumer_config(facts: &QueueFacts) -> ConsumerConfig {
         retry: RetryPolicy::default(),
         max_receive_count: facts.max_receive_count,
         delete_flush: Duration::from_millis(5),
+        receive_linger: Duration::ZERO,
         shutdown_grace: Duration::from_secs(10),
         max_event_age: None,
     }
