@@ -268,7 +268,9 @@ async fn read_backlog_now(shared: &Shared) {
     let waiting = match answer {
         Ok(Ok(out)) => out
             .attributes()
-            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages))
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            })
             .and_then(|v| v.parse::<u64>().ok()),
         Ok(Err(e)) => {
             tracing::debug!(handler = shared.handler.name(), error = %error_chain(&e), "backlog reading failed");
