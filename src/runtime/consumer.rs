@@ -240,7 +240,7 @@ fn observe_receive(shared: &Shared, asked: usize, got: usize) -> bool {
     }
     let due = p
         .last_read
-        .is_none_or(|at| at.elapsed() >= adapt::BACKLOG_EVERY);
+        .map_or(true, |at| at.elapsed() >= adapt::BACKLOG_EVERY);
     let read = !p.reading && due && p.depth.wants_backlog();
     if read {
         p.reading = true;
