@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use aws_sdk_sqs::types::{Message, MessageAttributeValue, MessageSystemAttributeName};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::acker::Acker;
+use super::adapt::{self, Depth, Limit};
 use super::backoff;
 use super::execute::{Apply, Executed};
 use super::lease::{LeaseGuard, Leases};
@@ -58,6 +59,18 @@ struct Shared {
     /// is still in flight; the second copy is not handled (the message is handled, and
     /// dead-lettered, once) but adopted by the first copy's lease (see [`Leases::adopt`]).
     in_flight_ids: std::sync::Mutex<HashMap<String, u64>>,
+    /// How many messages may be in flight: the permits, and the target they follow.
+    limit: Limit,
+    depth: std::sync::Mutex<Pacing>,
+}
+
+/// The in-flight target and the pacing of backlog readings, changed once per receive (never
+/// per message) under one lock.
+struct Pacing {
+    depth: Depth,
+    /// When the last backlog reading started; a reading is under way while `reading`.
+    last_read: Option<Instant>,
+    reading: bool,
 }
 
 impl Consumer {
@@ -75,6 +88,10 @@ impl Consumer {
             self.cfg.delete_flush,
             self.counters.clone(),
         );
+        let depth = Depth::new(self.cfg.concurrency);
+        self.counters
+            .in_flight_target
+            .store(depth.target() as u64, Relaxed);
         let shared = Arc::new(Shared {
             queue_url: Arc::from(self.cfg.queue_url.as_str()),
             cfg: self.cfg,
@@ -87,16 +104,17 @@ impl Consumer {
             stop: stop.clone(),
             hard_stop: CancellationToken::new(),
             in_flight_ids: Default::default(),
+            limit: Limit::new(depth.target()),
+            depth: std::sync::Mutex::new(Pacing {
+                depth,
+                last_read: None,
+                reading: false,
+            }),
         });
-        let permits = Arc::new(Semaphore::new(shared.cfg.concurrency));
         let tracker = TaskTracker::new();
         let mut receivers = tokio::task::JoinSet::new();
         for _ in 0..shared.cfg.receivers {
-            receivers.spawn(receive_loop(
-                shared.clone(),
-                permits.clone(),
-                tracker.clone(),
-            ));
+            receivers.spawn(receive_loop(shared.clone(), tracker.clone()));
         }
         while receivers.join_next().await.is_some() {}
 
@@ -122,10 +140,13 @@ impl Consumer {
     }
 }
 
-async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: TaskTracker) {
+async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
     let mut error_backoff = Duration::from_millis(200);
+    let permits = shared.limit.semaphore().clone();
     loop {
         // Back pressure: wait for one free slot, then take up to nine more that are free now.
+        // The slots are the in-flight target's: a loop the target does not need waits here
+        // rather than in a long poll.
         let first = tokio::select! {
             // Biased: once stopped, no new receive starts even if a permit is free.
             biased;
@@ -171,10 +192,18 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
                     Counters::inc(&shared.counters.empty_receives);
                 }
                 let short = !messages.is_empty() && messages.len() < held.len();
-                // Surplus permits drop here, back into the pool.
-                for (msg, permit) in messages.into_iter().zip(held.drain(..)) {
+                let read_backlog = observe_receive(&shared, held.len(), messages.len());
+                let mut held = held.into_iter();
+                for (msg, permit) in messages.into_iter().zip(held.by_ref()) {
                     Counters::inc(&shared.counters.received);
                     tracker.spawn(process(shared.clone(), msg, received_at, permit));
+                }
+                // Surplus permits go back (or pay a shrink's debt).
+                for permit in held {
+                    shared.limit.give_back(permit);
+                }
+                if read_backlog {
+                    read_backlog_now(&shared).await;
                 }
                 // Messages are arriving, but slower than this loop receives them: let a few
                 // more gather before asking again.
@@ -193,7 +222,9 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
                     backoff_ms = error_backoff.as_millis() as u64,
                     "receive failed; backing off"
                 );
-                drop(held);
+                for permit in held {
+                    shared.limit.give_back(permit);
+                }
                 if shared.stop.is_cancelled() {
                     return;
                 }
@@ -208,13 +239,104 @@ async fn receive_loop(shared: Arc<Shared>, permits: Arc<Semaphore>, tracker: Tas
     }
 }
 
+/// Feeds one receive to the in-flight target and applies a change. Returns whether this loop
+/// should now read the queue's backlog (at most one reading at a time, and one every
+/// [`adapt::BACKLOG_EVERY`]).
+fn observe_receive(shared: &Shared, asked: usize, got: usize) -> bool {
+    let mut p = shared.depth.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(change) = p.depth.on_receive(asked, got) {
+        apply_change(shared, change, None);
+    }
+    let due = p
+        .last_read
+        .map_or(true, |at| at.elapsed() >= adapt::BACKLOG_EVERY);
+    let read = !p.reading && due && p.depth.wants_backlog();
+    if read {
+        p.reading = true;
+        p.last_read = Some(Instant::now());
+    }
+    read
+}
+
+/// Reads ApproximateNumberOfMessages and feeds it to the in-flight target. Only called while
+/// receives come back full, so a quiet queue never pays for it. A failed reading changes
+/// nothing.
+async fn read_backlog_now(shared: &Shared) {
+    Counters::inc(&shared.counters.backlog_reads);
+    let request = shared
+        .sqs
+        .get_queue_attributes()
+        .queue_url(&*shared.queue_url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send();
+    // Abandoning a reading is harmless, unlike a receive: it races the stop.
+    let answer = tokio::select! {
+        _ = shared.stop.cancelled() => return,
+        answer = tokio::time::timeout(RECEIVE_SLACK, request) => answer,
+    };
+    let waiting = match answer {
+        Ok(Ok(out)) => out
+            .attributes()
+            .and_then(|a| {
+                a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            })
+            .and_then(|v| v.parse::<u64>().ok()),
+        Ok(Err(e)) => {
+            tracing::debug!(handler = shared.handler.name(), error = %error_chain(&e), "backlog reading failed");
+            None
+        }
+        Err(_) => None,
+    };
+    let mut p = shared.depth.lock().unwrap_or_else(|e| e.into_inner());
+    p.reading = false;
+    if let Some(waiting) = waiting {
+        if let Some(change) = p.depth.on_backlog(waiting) {
+            apply_change(shared, change, Some(waiting));
+        }
+    }
+}
+
+/// Applies a change of the target (under the [`Pacing`] lock, so changes apply in order).
+fn apply_change(shared: &Shared, change: adapt::Change, backlog: Option<u64>) {
+    shared.limit.apply(change);
+    shared
+        .counters
+        .in_flight_target
+        .store(change.to as u64, Relaxed);
+    tracing::debug!(
+        handler = shared.handler.name(),
+        from = change.from,
+        to = change.to,
+        backlog,
+        "in-flight target changed"
+    );
+}
+
+/// A message's slot in the in-flight limit, given back when its handling ends (however it
+/// ends).
+struct Slot<'a> {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: &'a Limit,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.limit.give_back(permit);
+        }
+    }
+}
+
 async fn process(
     shared: Arc<Shared>,
     msg: Message,
     received_at: Instant,
     permit: OwnedSemaphorePermit,
 ) {
-    let _permit = permit;
+    let _slot = Slot {
+        permit: Some(permit),
+        limit: &shared.limit,
+    };
     let Some(receipt) = msg.receipt_handle().map(str::to_string) else {
         return;
     };

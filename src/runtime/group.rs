@@ -28,9 +28,13 @@
 //!
 //! [`GroupCommit`] forms the groups. It is an [`Apply`]: each consumer task hands it one event
 //! and awaits the answer. At most `transactions` groups of a handler run at once; events that
-//! arrive while they are busy queue, and the next free runner takes up to `max_group` of them.
+//! arrive while they are busy queue, and the next free runner takes up to the group cap of them.
 //! So a quiet queue sees groups of one (no added latency), and a busy one sees groups that
-//! grow with the load. Only handlers that say their work is all database work
+//! grow with the load. The group cap is `max_group` (the flag), or, when the consumer that
+//! applies through it shares its [`Counters`] ([`GroupCommit::counting_into`]), the consumer's
+//! in-flight target divided by `transactions`, between 1 and `max_group`
+//! ([`adapt::group_cap`]): every message in flight fits in the running groups, and a queue
+//! without a backlog, whose target sits at the floor, keeps its groups (and its locks) small. Only handlers that say their work is all database work
 //! ([`Handler::group_commit`]) are grouped: grouping serialises a remote call's waits.
 
 use std::collections::{HashSet, VecDeque};
@@ -44,6 +48,7 @@ use tokio::sync::oneshot;
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 
+use super::adapt;
 use super::consumer::{panic_text, payload_text};
 use super::execute::{commit_with_outbox, execute, roll_back, Apply, Executed};
 use crate::domain::envelope::Envelope;
@@ -344,7 +349,8 @@ async fn try_group(
 /// How [`GroupCommit`] forms groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupConfig {
-    /// Most events in one transaction (1: every event alone).
+    /// Most events in one transaction (1: every event alone); a ceiling that the consumer's
+    /// in-flight target scales down when they share counters.
     pub max_group: usize,
     /// Most transactions of this handler running at once.
     pub transactions: usize,
@@ -374,6 +380,8 @@ pub struct GroupStats {
     pub transactions: u64,
     /// Handler panics caught (in the consumer's counters, when it counts into them).
     pub panics: u64,
+    /// Events in the largest group formed.
+    pub largest: u64,
 }
 
 /// Forms groups of the events handed to [`Apply::apply`] and runs them with
@@ -391,6 +399,7 @@ struct Inner {
     events: AtomicU64,
     groups: AtomicU64,
     transactions: AtomicU64,
+    largest: AtomicU64,
     /// Caught panics are counted here (the consumer's counters, in a worker).
     counters: Arc<Counters>,
 }
@@ -416,9 +425,11 @@ impl GroupCommit {
         Self::counting_into(handler, pool, cfg, Arc::default())
     }
 
-    /// [`GroupCommit::new`], counting caught handler panics in `counters` (those of the
-    /// consumer that applies through it, so that they show in its metrics). A panic while the
-    /// group locks, claims or commits counts once for the group.
+    /// [`GroupCommit::new`], counting caught handler panics, groups and their sizes in
+    /// `counters` (those of the consumer that applies through it, so that they show in its
+    /// metrics), and sizing groups from that consumer's in-flight target (see the module
+    /// documentation). A panic while the group locks, claims or commits counts once for the
+    /// group.
     pub fn counting_into(
         handler: Arc<dyn AnyHandler>,
         pool: Pool,
@@ -438,6 +449,7 @@ impl GroupCommit {
                 events: AtomicU64::new(0),
                 groups: AtomicU64::new(0),
                 transactions: AtomicU64::new(0),
+                largest: AtomicU64::new(0),
                 counters,
             }),
         }
@@ -454,11 +466,26 @@ impl GroupCommit {
             groups: self.inner.groups.load(Relaxed),
             transactions: self.inner.transactions.load(Relaxed),
             panics: self.inner.counters.panics.load(Relaxed),
+            largest: self.inner.largest.load(Relaxed),
         }
     }
 }
 
 impl Inner {
+    /// The largest group to form now: `max_group` scaled to the consumer's in-flight target
+    /// when the consumer sharing these counters has one (see [`adapt::group_cap`]), else
+    /// `max_group` itself.
+    fn max_group(&self) -> usize {
+        let target = self.counters.in_flight_target.load(Relaxed) as usize;
+        let cap = if target == 0 {
+            self.cfg.max_group
+        } else {
+            adapt::group_cap(target, self.cfg.transactions, self.cfg.max_group)
+        };
+        self.counters.group_cap.store(cap as u64, Relaxed);
+        cap
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
@@ -474,6 +501,7 @@ impl Inner {
         for id in finished.drain(..) {
             state.busy.remove(&id);
         }
+        let max_group = self.max_group();
         let mut group = Vec::new();
         let mut rest = VecDeque::with_capacity(state.queue.len());
         let queue = std::mem::take(&mut state.queue);
@@ -483,7 +511,7 @@ impl Inner {
                 continue;
             }
             let free = !r.event.order_id().is_some_and(|id| state.busy.contains(id));
-            if free && group.len() < self.cfg.max_group {
+            if free && group.len() < max_group {
                 if let Some(id) = r.event.order_id() {
                     if !finished.iter().any(|f| f == id) {
                         finished.push(id.to_string());
@@ -562,6 +590,9 @@ async fn run(inner: Arc<Inner>) {
             };
         inner.groups.fetch_add(1, Relaxed);
         inner.events.fetch_add(n as u64, Relaxed);
+        inner.largest.fetch_max(n as u64, Relaxed);
+        inner.counters.groups.fetch_add(1, Relaxed);
+        inner.counters.grouped_events.fetch_add(n as u64, Relaxed);
         let mut replies = replies.lock().unwrap_or_else(|p| p.into_inner());
         for (reply, answer) in replies.iter_mut().zip(answers) {
             if let Some(reply) = reply.take() {

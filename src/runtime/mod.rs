@@ -1,7 +1,9 @@
 //! The SQS consumer runtime, written once and shared by every handler.
 //!
 //! Per queue: receive loops long-poll for up to ten messages each, but only ask for as many
-//! as there are free concurrency permits (back pressure); each message runs as its own task;
+//! as there are free in-flight permits (back pressure); the permits follow a target that
+//! grows with the queue's backlog up to `--concurrency` and shrinks back to one full receive
+//! when it drains ([`adapt`]); each message runs as its own task;
 //! deletes go through the batching [`acker::Acker`]; the process-wide [`lease::Leases`] keeps
 //! in-flight messages invisible. A handler's typed outcome decides what happens next:
 //!
@@ -18,6 +20,7 @@
 //! once, and flushes deletes.
 
 pub mod acker;
+pub mod adapt;
 pub mod backoff;
 pub mod consumer;
 pub mod execute;
@@ -51,7 +54,8 @@ pub const FLUSH_BUDGET: Duration = Duration::from_secs(5);
 pub struct ConsumerConfig {
     pub queue_url: String,
     pub dlq_url: String,
-    /// Messages handled at once.
+    /// Most messages handled at once: the ceiling of the adaptive in-flight target (see
+    /// [`adapt`]), which starts at one full receive and grows only with the queue's backlog.
     pub concurrency: usize,
     /// Receive loops; each holds up to ten permits while it polls.
     pub receivers: usize,

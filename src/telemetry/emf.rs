@@ -98,8 +98,24 @@ pub fn handler_groups(
         count("HandlerPanics", d(|s| s.panics)),
         count("HandlerTimeouts", d(|s| s.timeouts)),
         count("InFlight", now.in_flight),
+        // The adaptive depth: how many messages the consumer lets be in flight now, and the
+        // backlog readings that let it grow (see runtime::adapt).
+        count("InFlightTarget", now.in_flight_target),
+        count("BacklogReads", d(|s| s.backlog_reads)),
         count("Heartbeat", 1),
     ];
+    // Only for handlers that group: the largest group allowed now, and the mean group size.
+    if now.group_cap > 0 {
+        metrics.push(count("GroupCap", now.group_cap));
+        let groups = d(|s| s.groups);
+        if groups > 0 {
+            metrics.push(Metric {
+                name: "MeanGroupSize",
+                unit: "Count",
+                value: Reading::Number(d(|s| s.grouped_events) as f64 / groups as f64),
+            });
+        }
+    }
     metrics.extend(dist(
         "HandlerDurationMs",
         "Milliseconds",
@@ -308,12 +324,19 @@ mod tests {
         let now = Snapshot {
             received: 3,
             succeeded: 2,
+            in_flight_target: 40,
+            group_cap: 20,
+            groups: 2,
+            grouped_events: 3,
             ..Default::default()
         };
         let groups = handler_groups("orders", &now, &Snapshot::default(), &c);
         let line: Value = serde_json::from_str(&emf_line(&groups[0], 1)).unwrap();
         assert_eq!(line["handler"], "orders");
         assert_eq!(line["MessagesReceived"], 3.0);
+        assert_eq!(line["InFlightTarget"], 40.0);
+        assert_eq!(line["GroupCap"], 20.0);
+        assert_eq!(line["MeanGroupSize"], 1.5);
         assert_eq!(line["HandlerDurationMs"], json!([12.0]));
         let declared = line["_aws"]["CloudWatchMetrics"][0]["Metrics"]
             .as_array()

@@ -64,6 +64,18 @@ pub struct Counters {
     pub in_flight: AtomicU64,
     pub panics: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Messages the consumer lets be in flight now: its adaptive target, between one full
+    /// receive and `--concurrency` (see `runtime::adapt`). A group commit that counts into
+    /// these counters sizes its groups from it.
+    pub in_flight_target: AtomicU64,
+    /// GetQueueAttributes calls made to read the backlog (only while receives come back full).
+    pub backlog_reads: AtomicU64,
+    /// The largest group the group commit forms now (0 when the handler does not group).
+    pub group_cap: AtomicU64,
+    /// Groups committed (or tried) by the group commit, and the events they held: their
+    /// ratio over an interval is the mean group size.
+    pub groups: AtomicU64,
+    pub grouped_events: AtomicU64,
     /// Per-message distributions since the last [`Counters::take_distributions`].
     pub distributions: Mutex<Distributions>,
 }
@@ -84,6 +96,11 @@ pub struct Snapshot {
     pub in_flight: u64,
     pub panics: u64,
     pub timeouts: u64,
+    pub in_flight_target: u64,
+    pub backlog_reads: u64,
+    pub group_cap: u64,
+    pub groups: u64,
+    pub grouped_events: u64,
 }
 
 impl Counters {
@@ -121,6 +138,11 @@ impl Counters {
             in_flight: self.in_flight.load(Relaxed),
             panics: self.panics.load(Relaxed),
             timeouts: self.timeouts.load(Relaxed),
+            in_flight_target: self.in_flight_target.load(Relaxed),
+            backlog_reads: self.backlog_reads.load(Relaxed),
+            group_cap: self.group_cap.load(Relaxed),
+            groups: self.groups.load(Relaxed),
+            grouped_events: self.grouped_events.load(Relaxed),
         }
     }
 }

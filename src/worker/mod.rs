@@ -102,13 +102,15 @@ pub struct WorkerArgs {
     /// Connections in the PostgreSQL pool.
     #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 32)]
     pub db_pool_size: usize,
-    /// Most events of one handler committed in one transaction when its queue is busy
-    /// (orders, inventory, and payments and fulfillment with the sandboxes); 1 commits each
-    /// event alone.
-    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    /// Most events of one handler committed in one transaction (orders, inventory, and payments
+    /// and fulfillment with the sandboxes); 1 commits each event alone. A ceiling: groups are
+    /// capped at the messages in flight / --group-commit-transactions, so they grow only with
+    /// the queue's backlog.
+    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub group_commit_max: usize,
-    /// Transactions of one grouping handler running at once (at most --db-pool-size).
-    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_TRANSACTIONS", default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    /// Transactions of one grouping handler running at once (at most --db-pool-size). The
+    /// in-flight messages are shared among them, so fewer transactions make larger groups.
+    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_TRANSACTIONS", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub group_commit_transactions: usize,
     /// Where metrics go: EMF lines on stdout, PutMetricData, both, or none.
     #[arg(long, env = "ORDERFLEET_METRICS_SINK", default_value = "emf")]
@@ -171,8 +173,9 @@ pub struct CommonArgs {
 /// Settings of each queue consumer.
 #[derive(Debug, Clone, Args)]
 pub struct ConsumerArgs {
-    /// Messages handled at once per handler (may exceed 10: several receive loops are used).
-    #[arg(long, env = "ORDERFLEET_CONCURRENCY", default_value_t = 32)]
+    /// Most messages handled at once per handler. A ceiling: the consumer keeps one full
+    /// receive (10) in flight and grows towards this only while its queue has a backlog.
+    #[arg(long, env = "ORDERFLEET_CONCURRENCY", default_value_t = 512)]
     pub concurrency: usize,
     /// Receive loops per handler; default: concurrency / 10, at least 1, at most 8.
     #[arg(long, env = "ORDERFLEET_RECEIVERS")]

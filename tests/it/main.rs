@@ -30,6 +30,7 @@ mod personalization_personalize;
 mod personalization_recommendations;
 mod privacy;
 mod readme;
+mod runtime_adaptive_depth;
 mod runtime_group_commit;
 mod saga_compensation;
 mod saga_concurrency;

@@ -1,0 +1,368 @@
+//! How deep a consumer reaches into its queue: the in-flight target follows the backlog.
+//!
+//! `--concurrency` is a ceiling, not a setting. A quiet queue is consumed with [`FLOOR`]
+//! messages in flight (one full receive), so few of its events wait together and the group
+//! commit sees groups of one, each holding its orders' locks briefly. A queue with a backlog
+//! grows its target (doubling) up to the ceiling, and with it the largest group
+//! ([`group_cap`]), which is where a busy fleet's throughput comes from.
+//!
+//! [`Depth`] is the pure decision, fed with observations and no clock, so it is tested on its
+//! own. Its rules:
+//! - a receive that comes back full (as many messages as it asked for) while the last backlog
+//!   reading, less what has been received since, still exceeds the target doubles the target,
+//!   at most to the ceiling;
+//! - the backlog (ApproximateNumberOfMessages) is only wanted after [`FULL_TO_READ`] full
+//!   receives in a row and below the ceiling, so a quiet queue costs no GetQueueAttributes; the
+//!   consumer reads it at most every [`BACKLOG_EVERY`];
+//! - [`SHORT_TO_SHRINK`] receives in a row that come back short (or empty) halve the target, at
+//!   least to the floor, and forget the backlog reading.
+//!
+//! Doubling per full receive rather than per reading lets a large backlog reach the ceiling in
+//! a few receives (the reading caps how far it goes), instead of one step every few seconds.
+//! Halving needs several short receives so that one unlucky receive on a busy queue does not
+//! undo the growth.
+//!
+//! [`Limit`] applies the target to the consumer's semaphore without a lock on the hot path:
+//! growing adds permits; shrinking forgets the free ones and records the rest as a debt, paid
+//! by permits as they come back (one atomic load per message while there is no debt).
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The smallest in-flight target: one full receive.
+pub const FLOOR: usize = 10;
+/// Full receives in a row before the backlog is worth reading.
+pub const FULL_TO_READ: u32 = 2;
+/// Short or empty receives in a row that halve the target.
+pub const SHORT_TO_SHRINK: u32 = 3;
+/// Least time between two backlog readings of one consumer.
+pub const BACKLOG_EVERY: Duration = Duration::from_secs(2);
+
+/// The in-flight target of one consumer, between its floor and its ceiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Depth {
+    floor: usize,
+    cap: usize,
+    target: usize,
+    /// Messages waiting at the last reading, less those received since; `None` once stale.
+    backlog: Option<u64>,
+    full_in_a_row: u32,
+    short_in_a_row: u32,
+}
+
+/// A change of the target: from, to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Change {
+    pub from: usize,
+    pub to: usize,
+}
+
+impl Depth {
+    /// Starts at the floor ([`FLOOR`], or `cap` when that is smaller).
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        let floor = FLOOR.min(cap);
+        Depth {
+            floor,
+            cap,
+            target: floor,
+            backlog: None,
+            full_in_a_row: 0,
+            short_in_a_row: 0,
+        }
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    pub fn floor(&self) -> usize {
+        self.floor
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// One receive asked for `asked` messages and got `got`.
+    pub fn on_receive(&mut self, asked: usize, got: usize) -> Option<Change> {
+        if let Some(b) = &mut self.backlog {
+            *b = b.saturating_sub(got as u64);
+        }
+        if asked > 0 && got >= asked {
+            self.short_in_a_row = 0;
+            self.full_in_a_row = self.full_in_a_row.saturating_add(1);
+            self.grow()
+        } else {
+            self.full_in_a_row = 0;
+            self.short_in_a_row += 1;
+            if self.short_in_a_row < SHORT_TO_SHRINK {
+                return None;
+            }
+            self.short_in_a_row = 0;
+            self.backlog = None;
+            self.set(self.target / 2)
+        }
+    }
+
+    /// Whether a backlog reading would be used now: receives keep coming back full and the
+    /// target can still grow. The caller adds its own pacing ([`BACKLOG_EVERY`]).
+    pub fn wants_backlog(&self) -> bool {
+        self.full_in_a_row >= FULL_TO_READ && self.target < self.cap
+    }
+
+    /// The queue's ApproximateNumberOfMessages, as just read.
+    pub fn on_backlog(&mut self, waiting: u64) -> Option<Change> {
+        self.backlog = Some(waiting);
+        if self.full_in_a_row >= FULL_TO_READ {
+            self.grow()
+        } else {
+            None
+        }
+    }
+
+    fn grow(&mut self) -> Option<Change> {
+        match self.backlog {
+            Some(waiting) if waiting > self.target as u64 => self.set(self.target * 2),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, to: usize) -> Option<Change> {
+        let to = to.clamp(self.floor, self.cap);
+        let from = std::mem::replace(&mut self.target, to);
+        (from != to).then_some(Change { from, to })
+    }
+}
+
+/// The largest group a group commit forms when `target` messages are in flight and
+/// `transactions` groups run at once: enough for every message in flight to be in a running
+/// group, at least 1, at most `max_group` (the flag).
+pub fn group_cap(target: usize, transactions: usize, max_group: usize) -> usize {
+    (target / transactions.max(1)).clamp(1, max_group.max(1))
+}
+
+/// The consumer's in-flight limit: a semaphore whose permits follow the target.
+pub struct Limit {
+    permits: Arc<Semaphore>,
+    /// Permits to forget as they come back, owed by a shrink that found them in use.
+    debt: AtomicUsize,
+}
+
+impl Limit {
+    pub fn new(target: usize) -> Self {
+        Limit {
+            permits: Arc::new(Semaphore::new(target)),
+            debt: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn semaphore(&self) -> &Arc<Semaphore> {
+        &self.permits
+    }
+
+    /// Moves the number of permits from `change.from` to `change.to`. Calls must be serialised
+    /// (the consumer makes them under its [`Depth`] lock) and follow the targets in order, so
+    /// that permits in use plus free never exceed the larger of the two targets.
+    pub fn apply(&self, change: Change) {
+        if change.to > change.from {
+            let mut more = change.to - change.from;
+            // Cancel debt first: those permits are still out, and now may stay.
+            let owed = self
+                .debt
+                .fetch_update(Relaxed, Relaxed, |d| Some(d.saturating_sub(more)))
+                .unwrap_or(0);
+            more -= owed.min(more);
+            if more > 0 {
+                self.permits.add_permits(more);
+            }
+        } else {
+            let fewer = change.from - change.to;
+            let forgotten = self.permits.forget_permits(fewer);
+            if fewer > forgotten {
+                self.debt.fetch_add(fewer - forgotten, Relaxed);
+            }
+        }
+    }
+
+    /// Gives a permit back, or forgets it while a shrink is owed one.
+    pub fn give_back(&self, permit: OwnedSemaphorePermit) {
+        if self.debt.load(Relaxed) > 0
+            && self
+                .debt
+                .fetch_update(Relaxed, Relaxed, |d| d.checked_sub(1))
+                .is_ok()
+        {
+            permit.forget();
+        }
+        // Otherwise dropped here, back into the pool.
+    }
+
+    /// Permits in use plus free ones, less the debt: what the limit is now.
+    #[cfg(test)]
+    fn effective(&self, in_use: usize) -> usize {
+        self.permits.available_permits() + in_use - self.debt.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(d: &mut Depth) -> Option<Change> {
+        d.on_receive(10, 10)
+    }
+
+    #[test]
+    fn a_quiet_queue_stays_at_the_floor_and_never_reads_the_backlog() {
+        let mut d = Depth::new(512);
+        for _ in 0..1000 {
+            assert_eq!(d.on_receive(10, 1), None);
+            assert_eq!(d.on_receive(10, 0), None);
+            assert!(!d.wants_backlog());
+        }
+        assert_eq!(d.target(), FLOOR);
+        assert_eq!(group_cap(d.target(), 2, 256), 5);
+    }
+
+    #[test]
+    fn full_receives_without_a_backlog_reading_do_not_grow() {
+        let mut d = Depth::new(512);
+        assert!(!d.wants_backlog());
+        assert_eq!(full(&mut d), None);
+        assert_eq!(full(&mut d), None);
+        assert!(d.wants_backlog());
+        assert_eq!(d.target(), FLOOR);
+    }
+
+    #[test]
+    fn a_big_backlog_grows_the_target_to_the_cap_and_no_further() {
+        let mut d = Depth::new(512);
+        full(&mut d);
+        full(&mut d);
+        assert_eq!(d.on_backlog(100_000), Some(Change { from: 10, to: 20 }));
+        let mut seen = vec![d.target()];
+        for _ in 0..100 {
+            if let Some(c) = full(&mut d) {
+                seen.push(c.to);
+            }
+        }
+        assert_eq!(seen, vec![20, 40, 80, 160, 320, 512]);
+        assert_eq!(d.target(), 512);
+        assert!(!d.wants_backlog(), "at the cap the backlog is not read");
+        assert_eq!(d.on_backlog(1_000_000), None);
+        assert_eq!(group_cap(d.target(), 2, 256), 256);
+        assert_eq!(group_cap(d.target(), 4, 256), 128);
+    }
+
+    #[test]
+    fn growth_stops_where_the_backlog_reading_runs_out() {
+        let mut d = Depth::new(512);
+        full(&mut d);
+        full(&mut d);
+        // 60 waiting: 10 -> 20 at the reading; the next full receive leaves 50 > 20 -> 40;
+        // the one after leaves 40, not more than 40.
+        d.on_backlog(60);
+        assert_eq!(d.target(), 20);
+        assert_eq!(full(&mut d), Some(Change { from: 20, to: 40 }));
+        assert_eq!(full(&mut d), None);
+        assert_eq!(full(&mut d), None);
+        assert_eq!(d.target(), 40);
+        assert!(d.wants_backlog(), "a fresh reading may allow more");
+    }
+
+    #[test]
+    fn a_draining_backlog_shrinks_the_target_back_to_the_floor() {
+        let mut d = Depth::new(512);
+        full(&mut d);
+        full(&mut d);
+        d.on_backlog(1_000_000);
+        while full(&mut d).is_some() {}
+        assert_eq!(d.target(), 512);
+        // One or two short receives on a busy queue change nothing.
+        assert_eq!(d.on_receive(10, 7), None);
+        assert_eq!(d.on_receive(10, 3), None);
+        assert_eq!(full(&mut d), None);
+        assert_eq!(d.target(), 512);
+        // Then the queue runs dry.
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            if let Some(c) = d.on_receive(10, 2) {
+                seen.push(c.to);
+            }
+        }
+        assert_eq!(seen, vec![256, 128, 64, 32, 16, 10]);
+        assert_eq!(d.target(), FLOOR);
+        // And the stale reading is gone: full receives alone do not grow it again.
+        assert_eq!(full(&mut d), None);
+        assert_eq!(full(&mut d), None);
+        assert_eq!(d.target(), FLOOR);
+    }
+
+    #[test]
+    fn a_cap_under_the_floor_is_a_fixed_depth() {
+        let mut d = Depth::new(4);
+        assert_eq!((d.floor(), d.target()), (4, 4));
+        d.on_receive(4, 4);
+        d.on_receive(4, 4);
+        assert!(!d.wants_backlog());
+        assert_eq!(d.on_backlog(1000), None);
+        assert_eq!(group_cap(d.target(), 4, 256), 1);
+    }
+
+    #[test]
+    fn group_cap_is_at_least_one_and_at_most_the_flag() {
+        assert_eq!(group_cap(10, 4, 256), 2);
+        assert_eq!(group_cap(3, 4, 256), 1);
+        assert_eq!(group_cap(512, 1, 256), 256);
+        assert_eq!(group_cap(512, 0, 0), 1);
+    }
+
+    #[tokio::test]
+    async fn the_limit_never_exceeds_the_target_and_pays_its_debt_as_permits_return() {
+        let limit = Limit::new(10);
+        let sem = limit.semaphore().clone();
+        limit.apply(Change { from: 10, to: 40 });
+        assert_eq!(sem.available_permits(), 40);
+        // 30 in use, then a shrink to 20: the 10 free go at once, 10 more are owed.
+        let held: Vec<_> = (0..30)
+            .map(|_| sem.clone().try_acquire_owned().unwrap())
+            .collect();
+        limit.apply(Change { from: 40, to: 20 });
+        assert_eq!(sem.available_permits(), 0);
+        assert_eq!(limit.effective(30), 20);
+        let mut held = held.into_iter();
+        for p in held.by_ref().take(15) {
+            limit.give_back(p);
+        }
+        // 10 forgotten, 5 back in the pool: 15 in use + 5 free = 20.
+        assert_eq!(sem.available_permits(), 5);
+        assert_eq!(limit.effective(15), 20);
+        // Growing while nothing is owed adds permits.
+        limit.apply(Change { from: 20, to: 25 });
+        assert_eq!(sem.available_permits(), 10);
+        for p in held {
+            limit.give_back(p);
+        }
+        assert_eq!(sem.available_permits(), 25);
+    }
+
+    #[tokio::test]
+    async fn growing_while_in_debt_cancels_the_debt_first() {
+        let limit = Limit::new(20);
+        let sem = limit.semaphore().clone();
+        let held: Vec<_> = (0..20)
+            .map(|_| sem.clone().try_acquire_owned().unwrap())
+            .collect();
+        limit.apply(Change { from: 20, to: 10 });
+        limit.apply(Change { from: 10, to: 15 });
+        assert_eq!(sem.available_permits(), 0);
+        for p in held {
+            limit.give_back(p);
+        }
+        assert_eq!(sem.available_permits(), 15);
+    }
+}
