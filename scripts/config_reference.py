@@ -96,7 +96,7 @@ def main():
     ).stdout
     target = pathlib.Path(json.loads(meta)["target_directory"]) / (sys.argv[1] if len(sys.argv) > 1 else "debug")
     parts = []
-    for name in ("orderfleet-worker", "orderfleet", "orderfleet-bench"):
+    for name in ("orderfleet-worker", "orderfleet", "orderfleet-bench", "orderfleet-bench-fleet"):
         for cmd, about, rows in walk(str(target / name), name, []):
             parts.append(f"#### `{cmd}`\n\n{about}\n\n{table(rows)}\n")
     readme = (ROOT / "README.md").read_text()

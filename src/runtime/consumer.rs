@@ -59,6 +59,12 @@ struct Shared {
     /// is still in flight; the second copy is not handled (the message is handled, and
     /// dead-lettered, once) but adopted by the first copy's lease (see [`Leases::adopt`]).
     in_flight_ids: std::sync::Mutex<HashMap<String, u64>>,
+    /// Set while receives come back short or empty: messages arrive slower than the loops
+    /// could take them. Then one loop at a time receives (it holds `turn` through its receive
+    /// and its linger), so a trickle is not split into receives of one message each, and a
+    /// quiet queue has one long poll open, not one per loop.
+    trickling: std::sync::atomic::AtomicBool,
+    turn: tokio::sync::Mutex<()>,
     /// How many messages may be in flight: the permits, and the target they follow.
     limit: Limit,
     depth: std::sync::Mutex<Pacing>,
@@ -104,6 +110,8 @@ impl Consumer {
             stop: stop.clone(),
             hard_stop: CancellationToken::new(),
             in_flight_ids: Default::default(),
+            trickling: std::sync::atomic::AtomicBool::new(true),
+            turn: tokio::sync::Mutex::new(()),
             limit: Limit::new(depth.target()),
             depth: std::sync::Mutex::new(Pacing {
                 depth,
@@ -144,6 +152,16 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
     let mut error_backoff = Duration::from_millis(200);
     let permits = shared.limit.semaphore().clone();
     loop {
+        // While the queue trickles, loops take turns (see `Shared::trickling`).
+        let _turn = if shared.trickling.load(Relaxed) {
+            tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => return,
+                turn = shared.turn.lock() => Some(turn),
+            }
+        } else {
+            None
+        };
         // Back pressure: wait for one free slot, then take up to nine more that are free now.
         // The slots are the in-flight target's: a loop the target does not need waits here
         // rather than in a long poll.
@@ -192,6 +210,9 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                     Counters::inc(&shared.counters.empty_receives);
                 }
                 let short = !messages.is_empty() && messages.len() < held.len();
+                shared
+                    .trickling
+                    .store(messages.len() < held.len(), Relaxed);
                 let read_backlog = observe_receive(&shared, held.len(), messages.len());
                 let mut held = held.into_iter();
                 for (msg, permit) in messages.into_iter().zip(held.by_ref()) {

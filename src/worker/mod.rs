@@ -200,12 +200,13 @@ pub struct ConsumerArgs {
     /// requests.
     #[arg(long, env = "ORDERFLEET_DELETE_FLUSH_MS", default_value_t = 50)]
     pub delete_flush_ms: u64,
-    /// After a receive that returned some messages but fewer than it asked for, its loop waits
-    /// this long before the next receive, so that receives on a busy queue come back fuller
-    /// (fewer SQS requests per message) at the cost of this much latency per hop. A receive
-    /// that returned nothing long-polls again at once, so a quiet queue answers its first
-    /// message without delay. 0 turns it off.
-    #[arg(long, env = "ORDERFLEET_RECEIVE_LINGER_MS", default_value_t = 10)]
+    /// While messages trickle in (receives come back short), one receive loop at a time
+    /// receives, and after a receive that returned some messages but fewer than it asked for
+    /// it waits this long before the next one: receives come back fuller (fewer SQS requests
+    /// per message) for at most this much latency per hop. A receive that returned nothing
+    /// long-polls again at once, so a quiet queue answers its first message without delay.
+    /// 0 turns the wait off.
+    #[arg(long, env = "ORDERFLEET_RECEIVE_LINGER_MS", default_value_t = 20)]
     pub receive_linger_ms: u64,
     /// On SIGTERM, once the receives in flight have returned, running handlers (and those the
     /// last receives returned) get this long to finish.
