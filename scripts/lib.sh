@@ -39,12 +39,15 @@ require_bins() { # name...
 # ---- fleet settings --------------------------------------------------------
 #
 # Local runs write logs for a person: compact text, not the JSON lines CloudWatch Logs wants,
-# and no EMF metric lines (the worker's production default writes them to stdout, where
+# a line per message handled, and no EMF metric lines (the worker's production default writes them to stdout, where
 # CloudWatch turns them into metrics; here they would only bury the logs). Either default
 # gives way to a value the caller exported.
 local_output_defaults() {
     export ORDERFLEET_LOG_FORMAT="${ORDERFLEET_LOG_FORMAT:-pretty}"
     export ORDERFLEET_METRICS_SINK="${ORDERFLEET_METRICS_SINK:-none}"
+    # One line per message handled, for a person following a local run. In production that
+    # line is debug: it was most of the fleet's CloudWatch Logs bill (docs/BENCHMARKS.md).
+    export RUST_LOG="${RUST_LOG:-info,orderfleet::runtime::consumer=debug}"
 }
 #
 # The handlers the local fleet runs: every one by default (`--all`). Override

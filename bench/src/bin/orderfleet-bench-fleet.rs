@@ -20,10 +20,10 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     warmup_orders: usize,
     /// Orders of the throughput phase, put on the bus as fast as PutEvents takes them.
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, default_value_t = 3000)]
     orders: usize,
     /// Orders of the latency phase (0 skips it).
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 1000)]
     latency_orders: usize,
     /// Orders per second offered in the latency phase; default: half the throughput phase's
     /// complete orders per second.
