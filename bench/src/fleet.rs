@@ -289,11 +289,15 @@ impl Proc {
         Ok(())
     }
 
-    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL.
-    async fn stop(&mut self, grace: Duration) {
+    fn terminate(&self) {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status();
+    }
+
+    /// SIGTERM, then up to `grace` for a clean exit, then SIGKILL.
+    async fn stop(&mut self, grace: Duration) {
+        self.terminate();
         if tokio::time::timeout(grace, self.child.wait())
             .await
             .is_err()
@@ -664,6 +668,10 @@ async fn run_in(
             log_bytes: w.output.bytes.load(Relaxed),
         })
         .collect();
+    // All at once: each drains its long polls (up to the wait time) before it exits.
+    for w in &workers {
+        w.terminate();
+    }
     for w in &mut workers {
         w.stop(Duration::from_secs(30)).await;
     }

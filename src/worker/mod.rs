@@ -106,7 +106,7 @@ pub struct WorkerArgs {
     /// and fulfillment with the sandboxes); 1 commits each event alone. A ceiling: groups are
     /// capped at the messages in flight / --group-commit-transactions, so they grow only with
     /// the queue's backlog.
-    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub group_commit_max: usize,
     /// Transactions of one grouping handler running at once (at most --db-pool-size). The
     /// in-flight messages are shared among them, so fewer transactions make larger groups.
@@ -175,7 +175,7 @@ pub struct CommonArgs {
 pub struct ConsumerArgs {
     /// Most messages handled at once per handler. A ceiling: the consumer keeps one full
     /// receive (10) in flight and grows towards this only while its queue has a backlog.
-    #[arg(long, env = "ORDERFLEET_CONCURRENCY", default_value_t = 512)]
+    #[arg(long, env = "ORDERFLEET_CONCURRENCY", default_value_t = 128)]
     pub concurrency: usize,
     /// Receive loops per handler; default: concurrency / 10, at least 1, at most 8.
     #[arg(long, env = "ORDERFLEET_RECEIVERS")]
