@@ -44,7 +44,7 @@ use orderfleet::cli::simulator::{self, PlanConfig, StorefrontEvent, DEFAULT_SKUS
 use orderfleet::domain::names::HandlerName;
 
 use crate::cost::{Bill, Usage};
-use crate::saga::{database_url, transactions};
+use crate::saga::{transactions, with_scratch_database};
 
 /// The saga handlers, each in a process of its own by default.
 pub const SAGA: [HandlerName; 4] = [
@@ -472,30 +472,20 @@ impl Http {
 
 /// Runs the fleet benchmark. `progress` receives human-readable lines.
 pub async fn run(cfg: &FleetConfig, progress: impl Fn(String)) -> Result<FleetReport> {
-    let admin = orderfleet::store::db::pool(&cfg.database_url, 1)?;
-    let name = format!("orderfleet_fleet_{}", simulator::new_run_id());
-    admin
-        .get()
-        .await
-        .context("connecting to PostgreSQL (is the stack up? `make up`)")?
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .with_context(|| format!("creating the scratch database {name}"))?;
-    let url = database_url(&cfg.database_url, &name)?;
-    let scratch = tempdir()?;
-    let result = run_in(cfg, &admin, &name, &url, &scratch, &progress).await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    if cfg.keep_database {
-        progress(format!("fleet: kept database {name}"));
-    } else if let Ok(client) = admin.get().await {
-        if let Err(e) = client
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-        {
-            progress(format!("fleet: could not drop {name}: {e}"));
-        }
-    }
-    result
+    let progress = &progress;
+    with_scratch_database(
+        &cfg.database_url,
+        ("orderfleet_fleet", "fleet"),
+        cfg.keep_database,
+        progress,
+        |admin, name, url| async move {
+            let scratch = tempdir()?;
+            let result = run_in(cfg, &admin, &name, &url, &scratch, progress).await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            result
+        },
+    )
+    .await
 }
 
 fn tempdir() -> Result<PathBuf> {

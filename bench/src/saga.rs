@@ -66,7 +66,7 @@ pub struct SagaReport {
 }
 
 /// The URL of database `name` on the server of `url`.
-pub(crate) fn database_url(url: &str, name: &str) -> Result<String> {
+fn database_url(url: &str, name: &str) -> Result<String> {
     let (base, rest) = match url.find("://") {
         Some(i) => url.split_at(i + 3),
         None => bail!("DATABASE_URL must be a postgres:// URL"),
@@ -97,8 +97,33 @@ pub(crate) async fn transactions(admin: &Pool, name: &str) -> Result<i64> {
 
 /// Runs the benchmark on a scratch database. `progress` receives human-readable lines.
 pub async fn run(cfg: &SagaConfig, progress: impl Fn(String)) -> Result<SagaReport> {
-    let admin = orderfleet::store::db::pool(&cfg.database_url, 1)?;
-    let name = format!("orderfleet_bench_{}", simulator::new_run_id());
+    let progress = &progress;
+    with_scratch_database(
+        &cfg.database_url,
+        ("orderfleet_bench", "saga"),
+        cfg.keep_database,
+        progress,
+        |admin, name, url| async move { run_in(cfg, &admin, &name, &url, &progress).await },
+    )
+    .await
+}
+
+/// Runs `body` on a new database next to `admin_url`'s (`<prefix>_<id>`), given the admin
+/// pool, the database's name and its URL; drops it afterwards unless `keep`. `what` names the
+/// benchmark in progress lines.
+pub(crate) async fn with_scratch_database<T, F, Fut>(
+    admin_url: &str,
+    (prefix, what): (&str, &str),
+    keep: bool,
+    progress: &impl Fn(String),
+    body: F,
+) -> Result<T>
+where
+    F: FnOnce(Pool, String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let admin = orderfleet::store::db::pool(admin_url, 1)?;
+    let name = format!("{prefix}_{}", simulator::new_run_id());
     admin
         .get()
         .await
@@ -106,16 +131,16 @@ pub async fn run(cfg: &SagaConfig, progress: impl Fn(String)) -> Result<SagaRepo
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
         .with_context(|| format!("creating the scratch database {name}"))?;
-    let url = database_url(&cfg.database_url, &name)?;
-    let result = run_in(cfg, &admin, &name, &url, &progress).await;
-    if cfg.keep_database {
-        progress(format!("saga: kept database {name}"));
+    let url = database_url(admin_url, &name)?;
+    let result = body(admin.clone(), name.clone(), url).await;
+    if keep {
+        progress(format!("{what}: kept database {name}"));
     } else if let Ok(client) = admin.get().await {
         if let Err(e) = client
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .await
         {
-            progress(format!("saga: could not drop {name}: {e}"));
+            progress(format!("{what}: could not drop {name}: {e}"));
         }
     }
     result

@@ -1558,12 +1558,12 @@ impl BenchSqs {
             "OrderfleetBench.Reset" => to_json(&self.take_stats()),
             _ => match target.strip_prefix("AmazonSQS.") {
                 Some(name) => {
-                let answer = self.call(name, &body, &host).await;
-                let bytes = answer.as_ref().map_or(0, Vec::len).max(body.len());
-                let units = (bytes as u64).div_ceil(64 * 1024).max(1);
-                self.inner.billed_units.fetch_add(units, Ordering::Relaxed);
-                answer
-            }
+                    let answer = self.call(name, &body, &host).await;
+                    let bytes = answer.as_ref().map_or(0, Vec::len).max(body.len());
+                    let units = (bytes as u64).div_ceil(64 * 1024).max(1);
+                    self.inner.billed_units.fetch_add(units, Ordering::Relaxed);
+                    answer
+                }
                 // Checked after SQS so that the SQS path pays nothing for it.
                 None => match target.strip_prefix("AWSEvents.") {
                     Some(name) => {

@@ -210,9 +210,7 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                     Counters::inc(&shared.counters.empty_receives);
                 }
                 let short = !messages.is_empty() && messages.len() < held.len();
-                shared
-                    .trickling
-                    .store(messages.len() < held.len(), Relaxed);
+                shared.trickling.store(messages.len() < held.len(), Relaxed);
                 let read_backlog = observe_receive(&shared, held.len(), messages.len());
                 let mut held = held.into_iter();
                 for (msg, permit) in messages.into_iter().zip(held.by_ref()) {
