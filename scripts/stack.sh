@@ -278,11 +278,16 @@ pg_up() {
             die "the cluster in $data is running but not answering on port $PG_PORT" \
                 "(started with another ORDERFLEET_PG_PORT?); run '$0 down' first"
         fi
-        # pg_stat_statements is loaded so that `make bench-fleet` can count statements per
-        # order (it is only read by the benchmark; nothing else depends on it).
+        # pg_stat_statements is loaded, where the server has it, so that `make bench-fleet`
+        # can count statements per order (only the benchmark reads it; without it the
+        # benchmark reports no statement count and nothing else changes).
+        local preload=""
+        if [[ -f $PG_BIN_DIR/../lib/pg_stat_statements.so ]]; then
+            preload=" -c shared_preload_libraries=pg_stat_statements"
+        fi
         log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
         if ! as_pg "$PG_BIN_DIR/pg_ctl" start -w -t 60 -D "$data" \
-            -l "$PG_BASE/postgres.log" -o "-p $PG_PORT -c shared_preload_libraries=pg_stat_statements" </dev/null >/dev/null 2>&1 9>&-; then
+            -l "$PG_BASE/postgres.log" -o "-p $PG_PORT$preload" </dev/null >/dev/null 2>&1 9>&-; then
             as_pg tail -n 30 "$PG_BASE/postgres.log" >&2 || true
             die "PostgreSQL failed to start (log: $PG_BASE/postgres.log)"
         fi
