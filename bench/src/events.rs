@@ -434,6 +434,34 @@ impl Rule {
     }
 }
 
+/// Rule `rule` of bus `bus_name`, or the error AWS answers for a missing bus or rule.
+fn find_rule<'a>(
+    buses: &'a BTreeMap<String, Bus>,
+    bus_name: &str,
+    rule: &str,
+) -> Result<&'a Rule, EventsError> {
+    buses
+        .get(bus_name)
+        .ok_or_else(|| EventsError::no_bus(bus_name))?
+        .rules
+        .get(rule)
+        .ok_or_else(|| EventsError::no_rule(rule, bus_name))
+}
+
+/// [`find_rule`], to change the rule.
+fn find_rule_mut<'a>(
+    buses: &'a mut BTreeMap<String, Bus>,
+    bus_name: &str,
+    rule: &str,
+) -> Result<&'a mut Rule, EventsError> {
+    buses
+        .get_mut(bus_name)
+        .ok_or_else(|| EventsError::no_bus(bus_name))?
+        .rules
+        .get_mut(rule)
+        .ok_or_else(|| EventsError::no_rule(rule, bus_name))
+}
+
 #[derive(Debug)]
 struct Bus {
     name: String,
@@ -795,13 +823,7 @@ impl EventState {
         let input: RuleInput = parse(body)?;
         let bus_name = bus_name(input.event_bus_name.as_deref());
         let buses = self.read();
-        let bus = buses
-            .get(bus_name)
-            .ok_or_else(|| EventsError::no_bus(bus_name))?;
-        let rule = bus
-            .rules
-            .get(&input.name)
-            .ok_or_else(|| EventsError::no_rule(&input.name, bus_name))?;
+        let rule = find_rule(&buses, bus_name, &input.name)?;
         let mut out = rule.describe(bus_name);
         if let Some(map) = out.as_object_mut() {
             map.insert("CreatedBy".into(), Value::String(ACCOUNT_ID.into()));
@@ -864,13 +886,7 @@ impl EventState {
         }
         let bus_name = bus_name(input.event_bus_name.as_deref());
         let mut buses = self.write();
-        let bus = buses
-            .get_mut(bus_name)
-            .ok_or_else(|| EventsError::no_bus(bus_name))?;
-        let rule = bus
-            .rules
-            .get_mut(&input.rule)
-            .ok_or_else(|| EventsError::no_rule(&input.rule, bus_name))?;
+        let rule = find_rule_mut(&mut buses, bus_name, &input.rule)?;
         let mut accepted = Vec::new();
         let mut failed = Vec::new();
         for target in input.targets {
@@ -928,13 +944,7 @@ impl EventState {
         let input: ListTargetsInput = parse(body)?;
         let bus_name = bus_name(input.event_bus_name.as_deref());
         let buses = self.read();
-        let bus = buses
-            .get(bus_name)
-            .ok_or_else(|| EventsError::no_bus(bus_name))?;
-        let rule = bus
-            .rules
-            .get(&input.rule)
-            .ok_or_else(|| EventsError::no_rule(&input.rule, bus_name))?;
+        let rule = find_rule(&buses, bus_name, &input.rule)?;
         let all: Vec<Value> = rule
             .targets
             .values()
@@ -958,13 +968,7 @@ impl EventState {
         }
         let bus_name = bus_name(input.event_bus_name.as_deref());
         let mut buses = self.write();
-        let bus = buses
-            .get_mut(bus_name)
-            .ok_or_else(|| EventsError::no_bus(bus_name))?;
-        let rule = bus
-            .rules
-            .get_mut(&input.rule)
-            .ok_or_else(|| EventsError::no_rule(&input.rule, bus_name))?;
+        let rule = find_rule_mut(&mut buses, bus_name, &input.rule)?;
         // An id the rule does not have is removed already: no failure.
         for id in &input.ids {
             rule.targets.remove(id);
