@@ -193,15 +193,7 @@ fn consumer(sqs: &aws_sdk_sqs::Client, url: &str, cfg: &BenchConfig, apply: Arc<
 
 /// Peak resident set size of this process, in MiB (VmHWM).
 pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    crate::fleet::peak_rss_mb(std::process::id())
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {

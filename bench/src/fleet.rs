@@ -351,8 +351,8 @@ fn postgres_cpu_secs(postmaster: u32) -> f64 {
     total
 }
 
-/// Peak resident set size (VmHWM) in MB.
-fn peak_rss_mb(pid: u32) -> f64 {
+/// Peak resident set size (VmHWM) of process `pid`, in MiB; 0 when it cannot be read.
+pub(crate) fn peak_rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
