@@ -4,7 +4,8 @@
 //! they stay invisible for the visibility timeout. These tests stop a real worker while its
 //! long polls are in flight and check that the next worker gets every message at once; and that
 //! a second copy of a message that arrives while the first is handled is kept, not left to come
-//! back again and again.
+//! back again and again; and that a worker killed after its commit but before its batched
+//! delete went out costs the message a redelivery, absorbed by the inbox, not a second effect.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -144,6 +145,79 @@ async fn a_worker_stopped_under_load_hands_over_every_message_at_once() {
     );
 }
 
+/// Sums one counter over the EMF lines a worker wrote for its handler (`--metrics-interval-secs`).
+fn emf_total(stdout: &str, metric: &str) -> f64 {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["handler"] == "inventory" && v.get("outcome").is_none())
+        .filter_map(|v| v[metric].as_f64())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_worker_killed_between_its_commit_and_its_batched_delete_applies_the_message_once() {
+    let clients = support::clients().await;
+    let topo = support::topology(&clients).await;
+    let (pool, db_url) = support::fresh_db().await;
+    let url = inventory_queue(&clients, &topo).await;
+
+    // Deletes wait up to 2 s to fill a batch, so the kill surely lands after the commit and
+    // before the delete; a 3 s visibility brings the message back soon after.
+    let mut a = support::inventory_worker(
+        &topo,
+        &db_url,
+        &[
+            "--delete-flush-ms",
+            "2000",
+            "--visibility-timeout-secs",
+            "3",
+        ],
+    );
+    wait_until_up(&pool).await;
+    support::send_bodies(&clients, &url, &[support::stock_received("flushed", 5)]).await;
+    support::wait_for(Duration::from_secs(20), "the restock committed", || async {
+        (support::scalar(&pool, "SELECT count(*) FROM processed_messages").await == 1).then_some(())
+    })
+    .await;
+    support::signal(&a, "-KILL");
+    let status = support::wait_exit(&mut a, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), None, "killed by a signal");
+    let (visible, hidden) = support::depth(&clients, &url).await;
+    assert_eq!(
+        visible + hidden,
+        1,
+        "the message must still be in its queue: the kill came after the delete was sent"
+    );
+
+    // The successor deletes at the default pace; the message comes back to it once its
+    // visibility runs out.
+    let mut b = support::inventory_worker(&topo, &db_url, &["--metrics-interval-secs", "1"]);
+    wait_until_all_handled(&clients, &pool, &url, 1, Duration::from_secs(30)).await;
+    support::signal(&b, "-TERM");
+    let status = support::wait_exit(&mut b, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "exit code");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut b.stdout.take().expect("stdout"), &mut out)
+        .expect("read the worker's stdout");
+    assert_eq!(
+        emf_total(&out, "MessagesDuplicate"),
+        1.0,
+        "the successor saw the message again and acknowledged it as a duplicate"
+    );
+    assert_eq!(emf_total(&out, "MessagesSucceeded"), 0.0);
+
+    // Applied once: one restock of 5, one movement.
+    assert_eq!(
+        support::scalar(&pool, "SELECT on_hand FROM stock WHERE sku = 'flushed'").await,
+        5
+    );
+    assert_eq!(
+        support::scalar(&pool, "SELECT count(*) FROM stock_movements").await,
+        1
+    );
+}
+
 /// Holds every event until `release` is notified; counts how often it is applied.
 struct Gate {
     calls: AtomicU32,
@@ -167,26 +241,8 @@ impl Apply for Gate {
 /// newest receipt handle can change its visibility or delete it (an older one is refused, or
 /// its delete silently does nothing).
 async fn strict_sqs() -> (aws_sdk_sqs::Client, tokio::task::JoinHandle<()>) {
-    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
-    let (addr, _state, server) = orderfleet_bench::sqs::spawn_local(0).await.unwrap();
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{addr}"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
-    (aws_sdk_sqs::Client::from_conf(config), server)
-}
-
-async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
-    sqs.create_queue()
-        .queue_name(name)
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_string()
+    let (sqs, _state, server) = support::bench_sqs().await;
+    (sqs, server)
 }
 
 async fn strict_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
@@ -209,8 +265,8 @@ async fn strict_depth(sqs: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
 #[tokio::test]
 async fn a_second_copy_that_arrives_while_the_first_runs_is_kept_hidden_and_deleted_with_it() {
     let (sqs, server) = strict_sqs().await;
-    let url = create_queue(&sqs, "copies").await;
-    let dlq_url = create_queue(&sqs, "copies-dlq").await;
+    let url = support::create_queue(&sqs, "copies").await;
+    let dlq_url = support::create_queue(&sqs, "copies-dlq").await;
     let facts = orderfleet::sqs::queue::QueueFacts {
         queue_url: url.clone(),
         dlq_url,

@@ -271,6 +271,40 @@ pub fn consumer_config(facts: &QueueFacts) -> ConsumerConfig {
     }
 }
 
+/// The in-memory benchmark SQS endpoint ([`orderfleet_bench::sqs`]) on an ephemeral port, for
+/// one test: a client for it, its state (request counts per action, queue counts) and the
+/// server task. Unlike the emulator it counts requests, and it keeps SQS's rule that only a
+/// message's newest receipt handle can delete it or change its visibility.
+pub async fn bench_sqs() -> (
+    aws_sdk_sqs::Client,
+    orderfleet_bench::sqs::BenchSqs,
+    tokio::task::JoinHandle<()>,
+) {
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    let (addr, state, server) = orderfleet_bench::sqs::spawn_local(0)
+        .await
+        .expect("start the benchmark SQS endpoint");
+    let config = aws_sdk_sqs::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(format!("http://{addr}"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .build();
+    (aws_sdk_sqs::Client::from_conf(config), state, server)
+}
+
+/// Creates the queue `name` with default attributes; returns its URL.
+pub async fn create_queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
+    sqs.create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .expect("CreateQueue")
+        .queue_url()
+        .expect("queue URL")
+        .to_string()
+}
+
 /// The single bigint a query returns, e.g. a `count(*)`.
 pub async fn scalar(pool: &Pool, sql: &str) -> i64 {
     pool.get()
