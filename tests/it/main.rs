@@ -32,6 +32,7 @@ mod privacy;
 mod readme;
 mod runtime_adaptive_depth;
 mod runtime_group_commit;
+mod runtime_receive_pacing;
 mod saga_compensation;
 mod saga_concurrency;
 mod saga_group_commit;

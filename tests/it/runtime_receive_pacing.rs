@@ -1,0 +1,240 @@
+//! How the receive loops pace themselves when messages are scarce, counted at the benchmark SQS
+//! endpoint (the emulator cannot count requests): while receives come back short or empty,
+//! one loop at a time receives (`Shared::trickling` and its turn), so a quiet queue with eight
+//! loops keeps one long poll open, not eight; and after a short receive the loop lingers
+//! (`--receive-linger-ms`), so a steady trickle is taken in fuller receives, each message
+//! still handled once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::outcome::HandlerError;
+use orderfleet::runtime::lease::Leases;
+use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
+use orderfleet::sqs::queue::QueueFacts;
+use orderfleet::telemetry::metrics::{Counters, Snapshot};
+use orderfleet_bench::sqs::{BenchSqs, QueueCounts};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::support;
+
+/// Applies nothing; counts how often each event (by its EventBridge id) was handled.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<HashMap<String, u32>>,
+}
+
+#[async_trait]
+impl Apply for Recorder {
+    fn name(&self) -> &str {
+        "recorder"
+    }
+    async fn apply(&self, event: &Envelope, _: u32) -> Result<Executed, HandlerError> {
+        *self
+            .seen
+            .lock()
+            .unwrap()
+            .entry(event.id.clone())
+            .or_default() += 1;
+        Ok(Executed::Applied { emitted: 0 })
+    }
+}
+
+/// The queue "work" (and its DLQ) on a fresh benchmark endpoint.
+struct Endpoint {
+    sqs: aws_sdk_sqs::Client,
+    state: BenchSqs,
+    server: tokio::task::JoinHandle<()>,
+    facts: QueueFacts,
+}
+
+impl Endpoint {
+    async fn start() -> Endpoint {
+        let (sqs, state, server) = support::bench_sqs().await;
+        let queue_url = support::create_queue(&sqs, "work").await;
+        let dlq_url = support::create_queue(&sqs, "work-dlq").await;
+        let facts = QueueFacts {
+            queue_url,
+            dlq_url,
+            max_receive_count: 5,
+            visibility_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(345_600),
+        };
+        Endpoint {
+            sqs,
+            state,
+            server,
+            facts,
+        }
+    }
+
+    fn receives(&self) -> u64 {
+        self.state.stats().get("ReceiveMessage")
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A consumer of the endpoint's queue, recording what it handles.
+struct Running {
+    recorder: Arc<Recorder>,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn start(endpoint: &Endpoint, cfg: ConsumerConfig) -> Running {
+        runtime::validate(&cfg, &endpoint.facts).expect("valid settings");
+        let recorder = Arc::new(Recorder::default());
+        let counters = Arc::new(Counters::default());
+        let stop = CancellationToken::new();
+        // No lease task: every message is handled at once, well inside its 30 s visibility.
+        let consumer = Consumer {
+            cfg,
+            sqs: endpoint.sqs.clone(),
+            handler: recorder.clone(),
+            leases: Leases::default(),
+            counters: counters.clone(),
+            relay_wake: None,
+        };
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        Running {
+            recorder,
+            counters,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops as a worker does (the receives in flight run to their end, deletes are flushed).
+    async fn stop(self) -> (Snapshot, HashMap<String, u32>) {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("consumer");
+        let seen = std::mem::take(&mut *self.recorder.seen.lock().unwrap());
+        (self.counters.snapshot(), seen)
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_queue_read_by_eight_receive_loops_keeps_one_long_poll_open() {
+    const RECEIVERS: u64 = 8;
+    const WAIT_SECS: i32 = 1;
+    let endpoint = Endpoint::start().await;
+    let cfg = ConsumerConfig {
+        concurrency: 80,
+        receivers: RECEIVERS as usize,
+        wait_time_secs: WAIT_SECS,
+        ..support::consumer_config(&endpoint.facts)
+    };
+    let started = Instant::now();
+    let run = Running::start(&endpoint, cfg);
+    // The window watched: nothing is sent, so every receive waits its full second.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (s, seen) = run.stop().await;
+    let elapsed = started.elapsed();
+
+    let receives = endpoint.receives();
+    let periods = (elapsed.as_secs_f64() / WAIT_SECS as f64).ceil() as u64;
+    let context = format!(
+        "{receives} ReceiveMessage in {elapsed:?} ({periods} wait periods, {RECEIVERS} loops): {s:?}"
+    );
+    eprintln!("{context}");
+    assert!(seen.is_empty() && s.received == 0, "{context}");
+    assert!(
+        receives >= 2,
+        "the queue was not polled throughout: {context}"
+    );
+    // One long poll at a time gives one receive per period; allow twice that, plus the
+    // receives a stop lets finish. A poll per loop would be RECEIVERS per period.
+    assert!(
+        receives <= 2 * periods + 2,
+        "more than one long poll open at a time: {context}"
+    );
+    assert!(
+        receives * 3 <= RECEIVERS * periods,
+        "not well below one poll per loop: {context}"
+    );
+    assert_eq!(s.empty_receives, receives, "{context}");
+}
+
+/// Sends `n` messages to `queue`, one every `every`, as a steady trickle.
+async fn trickle(state: &BenchSqs, queue: &str, n: usize, every: Duration) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for _ in 0..n {
+        tick.tick().await;
+        let body = support::stock_received("TRICKLE", 1);
+        ids.push(Envelope::decode(&body).expect("envelope").id);
+        state.preload(queue, [body]);
+    }
+    ids
+}
+
+/// Consumes a trickle of `n` messages with `linger`; returns the ReceiveMessage calls that
+/// brought at least one message, after checking each message was handled once and the queue
+/// is empty.
+async fn receives_for_a_trickle(linger: Duration, n: usize) -> u64 {
+    let endpoint = Endpoint::start().await;
+    let cfg = ConsumerConfig {
+        concurrency: 80,
+        receivers: 8,
+        receive_linger: linger,
+        ..support::consumer_config(&endpoint.facts)
+    };
+    let run = Running::start(&endpoint, cfg);
+    let sent = trickle(&endpoint.state, "work", n, Duration::from_millis(4)).await;
+    let c = run.counters.clone();
+    support::wait_for(Duration::from_secs(30), "every message handled", || {
+        let c = c.clone();
+        async move { (c.snapshot().succeeded >= n as u64).then_some(()) }
+    })
+    .await;
+    let (s, seen) = run.stop().await;
+    let receives = endpoint.receives();
+    let context = format!("linger {linger:?}: {receives} ReceiveMessage: {s:?}");
+
+    for id in &sent {
+        assert_eq!(seen.get(id), Some(&1), "{id} not handled once; {context}");
+    }
+    assert_eq!(seen.len(), n, "{context}");
+    assert_eq!((s.succeeded, s.duplicates), (n as u64, 0), "{context}");
+    assert_eq!(
+        endpoint.state.counts("work"),
+        Some(QueueCounts::default()),
+        "every message deleted; {context}"
+    );
+    let with_messages = receives - s.empty_receives;
+    eprintln!(
+        "{context}; {with_messages} brought messages, {:.2} per receive",
+        n as f64 / with_messages as f64
+    );
+    with_messages
+}
+
+#[tokio::test]
+async fn a_steady_trickle_is_received_in_fewer_fuller_receives_with_a_linger() {
+    // One message every 4 ms for about 2 s.
+    const N: usize = 500;
+    let without = receives_for_a_trickle(Duration::ZERO, N).await;
+    let with = receives_for_a_trickle(Duration::from_millis(20), N).await;
+    // 20 ms lets about five messages gather per receive; without it most receives take one.
+    // The margins are wide: a stalled machine fills both kinds of receive.
+    assert!(
+        with * 2 <= without,
+        "a 20 ms linger took {with} receives, no linger {without}: not half as many"
+    );
+    assert!(
+        N as u64 >= 2 * with,
+        "a 20 ms linger took {with} receives for {N} messages: fewer than two per receive"
+    );
+}
