@@ -1,7 +1,8 @@
 //! The data lake: events published on the bus reach S3 through Firehose (moto), one record
 //! each, under date partitions; `orderfleet lake stats` counts them; and a Firehose that
 //! rejects some records of a batch (an HTTP fake of its JSON 1.1 API, since moto never does)
-//! gets exactly those again, so nothing is lost or duplicated.
+//! gets exactly those again, so nothing is lost or duplicated. The handler commits in groups: an
+//! event delivered twice, inside one group or to two consumers of the queue, is archived once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use orderfleet::domain::redaction::Redactor;
 use orderfleet::handlers::analytics::Analytics;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
+use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Consumer, Executed};
 use orderfleet::store::lake::{
@@ -714,4 +716,192 @@ async fn an_event_too_big_for_firehose_is_refused_for_good_and_archives_nothing(
         .unwrap()
         .get(0);
     assert_eq!(rows, 0);
+}
+
+/// The archived rows: (event key, how many rows carry it), by key.
+async fn archived_keys(pool: &Pool) -> Vec<(String, i64)> {
+    pool.get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT event_key, count(*) FROM lake_outbox GROUP BY event_key ORDER BY event_key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_event_delivered_twice_inside_one_group_is_archived_once() {
+    let (pool, _) = support::fresh_db().await;
+    let now = chrono::Utc::now().to_rfc3339();
+    let first = envelope("OrderPlaced", &now, "evt-group-1");
+    let second = envelope("OrderPlaced", &now, "evt-group-2");
+    // The first event three times (the third on a later receive), the second once, together.
+    let group = vec![(&first, 1), (&second, 1), (&first, 1), (&first, 2)];
+    let outcome = execute_group(&analytics(), &pool, &group).await;
+
+    assert_eq!(outcome.transactions, 1, "one group, one transaction");
+    let answers: Vec<_> = outcome.results.iter().map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        answers,
+        vec![
+            Some(&Executed::Applied { emitted: 0 }),
+            Some(&Executed::Applied { emitted: 0 }),
+            Some(&Executed::Duplicate),
+            Some(&Executed::Duplicate),
+        ]
+    );
+    assert_eq!(
+        archived_keys(&pool).await,
+        vec![
+            ("evt-group-1".to_string(), 1),
+            ("evt-group-2".to_string(), 1)
+        ]
+    );
+}
+
+/// One analytics consumer applying through a group commit, as a worker builds it.
+struct GroupedArchiver {
+    counters: Arc<Counters>,
+    group: GroupCommit,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    lease_stop: CancellationToken,
+}
+
+impl GroupedArchiver {
+    fn start(clients: &Clients, pool: &Pool, cfg: runtime::ConsumerConfig) -> GroupedArchiver {
+        let counters = Arc::new(Counters::default());
+        let group = GroupCommit::counting_into(
+            Arc::new(analytics()),
+            pool.clone(),
+            GroupConfig {
+                max_group: 32,
+                transactions: 2,
+                timeout: Duration::from_secs(20),
+            },
+            counters.clone(),
+        );
+        let leases = Leases::default();
+        let lease_stop = CancellationToken::new();
+        tokio::spawn(leases.clone().run(
+            clients.sqs.clone(),
+            runtime::LEASE_TICK,
+            lease_stop.clone(),
+        ));
+        let stop = CancellationToken::new();
+        let consumer = Consumer {
+            cfg,
+            sqs: clients.sqs.clone(),
+            handler: Arc::new(group.clone()),
+            leases,
+            counters: counters.clone(),
+            relay_wake: None,
+        };
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        GroupedArchiver {
+            counters,
+            group,
+            stop,
+            task,
+            lease_stop,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("consumer");
+        self.lease_stop.cancel();
+    }
+}
+
+#[tokio::test]
+async fn events_delivered_twice_to_two_grouping_consumers_of_one_queue_are_archived_once() {
+    let clients = support::clients().await;
+    // The consumers only write `lake_outbox`; no shipper runs, so no lake is needed.
+    let topo = support::topology(&clients).await;
+    let (pool, _) = support::fresh_db().await;
+    let facts = orderfleet::sqs::queue::inspect_queue(
+        &clients.sqs,
+        &topo.queue_name(HandlerName::Analytics),
+    )
+    .await
+    .expect("analytics queue");
+    const EVENTS: usize = 40;
+    // Each event sent twice in a row, so the two copies often arrive in one receive (one
+    // group) or in the two consumers at once.
+    let bodies: Vec<String> = (0..EVENTS)
+        .map(|i| {
+            support::event_body(
+                "OrderPlaced",
+                STOREFRONT_SOURCE,
+                json!({"order_id": format!("ord-twice-{i}"), "event_id": format!("evt-twice-{i:02}")}),
+            )
+        })
+        .collect();
+    let twice: Vec<String> = bodies.iter().flat_map(|b| [b.clone(), b.clone()]).collect();
+    let cfg = runtime::ConsumerConfig {
+        concurrency: 30,
+        receivers: 2,
+        ..support::consumer_config(&facts)
+    };
+    runtime::validate(&cfg, &facts).expect("valid settings");
+    let a = GroupedArchiver::start(&clients, &pool, cfg.clone());
+    let b = GroupedArchiver::start(&clients, &pool, cfg);
+    support::send_bodies(&clients, &facts.queue_url, &twice).await;
+
+    let handled = |x: &GroupedArchiver| {
+        let s = x.counters.snapshot();
+        s.succeeded + s.duplicates
+    };
+    support::wait_for(Duration::from_secs(60), "every message handled", || {
+        let n = handled(&a) + handled(&b);
+        async move { (n >= 2 * EVENTS as u64).then_some(()) }
+    })
+    .await;
+    support::wait_for(Duration::from_secs(30), "the queue empty", || async {
+        (support::depth(&clients, &facts.queue_url).await == (0, 0)).then_some(())
+    })
+    .await;
+    let (sa, sb) = (a.counters.snapshot(), b.counters.snapshot());
+    let (ga, gb) = (a.group.stats(), b.group.stats());
+    a.shutdown().await;
+    b.shutdown().await;
+    let context = format!("{sa:?} {ga:?}\n{sb:?} {gb:?}");
+    eprintln!("{context}");
+
+    assert!(
+        sa.received > 0 && sb.received > 0,
+        "both consumers took messages: {context}"
+    );
+    assert_eq!(
+        sa.succeeded + sb.succeeded,
+        EVENTS as u64,
+        "each event applied once: {context}"
+    );
+    assert!(
+        sa.duplicates + sb.duplicates >= EVENTS as u64,
+        "every second copy acknowledged as a duplicate: {context}"
+    );
+    assert_eq!(
+        sa.retried + sb.retried + sa.dead_lettered + sb.dead_lettered,
+        0,
+        "{context}"
+    );
+    assert!(
+        ga.transactions == ga.groups && gb.transactions == gb.groups,
+        "a duplicate made a group fall apart into transactions of its own: {context}"
+    );
+    let want: Vec<(String, i64)> = (0..EVENTS)
+        .map(|i| (format!("evt-twice-{i:02}"), 1))
+        .collect();
+    assert_eq!(
+        archived_keys(&pool).await,
+        want,
+        "one lake record per event"
+    );
 }
