@@ -144,6 +144,21 @@ pub struct RelayPass {
     pub failed: usize,
     /// Rows EventBridge will never accept, moved to `outbox_dead_letters`.
     pub dead_lettered: usize,
+    /// The pass took as many rows as a pass may: more are probably waiting.
+    pub full: bool,
+}
+
+/// Rows one relay pass takes at most: ten PutEvents calls.
+pub const RELAY_PASS_ROWS: usize = 100;
+/// PutEvents' limit on the entries of one call.
+const PUT_EVENTS_MAX_ENTRIES: usize = 10;
+
+/// One PutEvents call of a relay pass: its rows' ids, its entries and their size.
+#[derive(Default)]
+struct Call {
+    ids: Vec<i64>,
+    entries: Vec<PutEventsRequestEntry>,
+    bytes: usize,
 }
 
 /// Moves outbox row `id` to `outbox_dead_letters` with `reason`, in the caller's transaction
@@ -186,27 +201,31 @@ impl Relay {
         self.wake.clone()
     }
 
-    /// Publishes up to 10 unpublished rows. Rows are locked with `FOR UPDATE SKIP LOCKED`, so
-    /// any number of relays can run at once without publishing a row twice in the normal case;
-    /// a crash after PutEvents and before the commit republishes, which consumers absorb.
-    /// A row EventBridge will never accept is moved to `outbox_dead_letters` instead.
+    /// Publishes up to [`RELAY_PASS_ROWS`] unpublished rows, in PutEvents calls of at most 10
+    /// entries (the API's limit) and 256 KB, sent at once. Rows are locked with `FOR UPDATE
+    /// SKIP LOCKED`, so any number of relays can run at once without publishing a row twice in
+    /// the normal case; a crash after PutEvents and before the commit republishes the pass,
+    /// which consumers absorb. A row EventBridge will never accept is moved to
+    /// `outbox_dead_letters` instead.
+    ///
+    /// One pass is one transaction: under a backlog, the reads, the delete and the commit are
+    /// paid once per hundred events rather than once per ten, and the calls' round trips
+    /// overlap instead of queueing behind each other.
     pub async fn publish_once(&self) -> Result<RelayPass> {
-        /// Rows one pass takes: one PutEvents call.
-        const RELAY_BATCH: usize = 10;
         let mut client = self.pool.get().await.context("relay: database pool")?;
         let tx = client.transaction().await?;
         // One query per source, each the first rows of the index on (source, attempts, id)
         // (migration 0020): a pass reads what it takes, not every unpublished row. Rows that
         // failed before sink behind fresh ones (`attempts`), so one event EventBridge keeps
         // refusing for a while cannot hold up everything after it.
-        let mut rows = Vec::with_capacity(RELAY_BATCH);
+        let mut rows = Vec::with_capacity(RELAY_PASS_ROWS);
         for source in &self.sources {
-            let want = (RELAY_BATCH - rows.len()) as i64;
+            let want = (RELAY_PASS_ROWS - rows.len()) as i64;
             if want == 0 {
                 break;
             }
             rows.extend(
-                tx.query(
+                tx.query_cached(
                     "SELECT id, event_id, source, detail_type, detail FROM outbox
                      WHERE published_at IS NULL AND source = $1
                      ORDER BY attempts, id LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -216,14 +235,17 @@ impl Relay {
                 .context("relay: reading the outbox")?,
             );
         }
+        let mut pass = RelayPass {
+            full: rows.len() == RELAY_PASS_ROWS,
+            ..RelayPass::default()
+        };
         if rows.is_empty() {
-            return Ok(RelayPass::default());
+            return Ok(pass);
         }
-        let mut pass = RelayPass::default();
-        // PutEvents refuses a request over 256 KB; take the rows that fit. A row that alone is
-        // over the limit can never be sent: it goes to the dead letters at once.
-        let mut size = 0;
-        let mut batch: Vec<(i64, PutEventsRequestEntry)> = Vec::with_capacity(rows.len());
+        // PutEvents refuses a request over 256 KB or over 10 entries: the rows are cut into
+        // calls that fit. A row that alone is over the limit can never be sent: it goes to the
+        // dead letters at once.
+        let mut calls: Vec<Call> = Vec::new();
         for row in &rows {
             let id: i64 = row.get(0);
             let (source, detail_type): (String, String) = (row.get(2), row.get(3));
@@ -243,80 +265,99 @@ impl Relay {
                 pass.dead_lettered += 1;
                 continue;
             }
-            if size + entry > MAX_PUT_EVENTS_BYTES {
-                break;
+            let fits = calls.last().is_some_and(|c| {
+                c.ids.len() < PUT_EVENTS_MAX_ENTRIES && c.bytes + entry <= MAX_PUT_EVENTS_BYTES
+            });
+            if !fits {
+                calls.push(Call::default());
             }
-            size += entry;
-            batch.push((
-                id,
+            let call = calls.last_mut().expect("a call was just pushed");
+            call.bytes += entry;
+            call.ids.push(id);
+            call.entries.push(
                 PutEventsRequestEntry::builder()
                     .event_bus_name(&self.bus_name)
                     .source(source)
                     .detail_type(detail_type)
                     .detail(detail)
                     .build(),
-            ));
+            );
         }
-        if batch.is_empty() {
-            tx.commit()
-                .await
-                .context("relay: committing the dead letters")?;
-            return Ok(pass);
-        }
-        let (ids, entries): (Vec<i64>, Vec<_>) = batch.into_iter().unzip();
-        let call = self.events.put_events().set_entries(Some(entries)).send();
-        // A whole-call failure (throttling, network, timeout) says nothing about the entries:
-        // they stay, and are retried. A hung call would hold the rows' locks and stop the relay.
-        let result = match tokio::time::timeout(self.call_timeout, call).await {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err(error_chain(&e)),
-            Err(_) => Err(format!("PutEvents timed out after {:?}", self.call_timeout)),
-        };
-        let out = match result {
-            Ok(out) => out,
-            Err(err) => {
-                tx.execute_cached(
-                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
-                    &[&ids, &err],
-                )
-                .await?;
-                tx.commit().await?;
-                anyhow::bail!("relay: PutEvents failed: {err}");
+        let answers = futures_util::future::join_all(calls.iter_mut().map(|call| {
+            let request = self
+                .events
+                .put_events()
+                .set_entries(Some(std::mem::take(&mut call.entries)))
+                .send();
+            // A hung call would hold the rows' locks and stop the relay.
+            async move {
+                match tokio::time::timeout(self.call_timeout, request).await {
+                    Ok(Ok(out)) => Ok(out),
+                    Ok(Err(e)) => Err(error_chain(&e)),
+                    Err(_) => Err(format!("PutEvents timed out after {:?}", self.call_timeout)),
+                }
             }
-        };
-        // Entries of the response line up with the request; an entry with an error code failed
-        // on its own: for good (dead letters) or for now (stays in the outbox for the next pass).
+        }))
+        .await;
         let mut published = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
-            match out.entries().get(i) {
-                Some(entry) if entry.error_code().is_none() => published.push(*id),
-                Some(entry) => {
-                    let code = entry.error_code().unwrap_or_default();
-                    let err = format!("{code}: {}", entry.error_message().unwrap_or_default());
-                    if entry_refused_for_good(code) {
-                        tracing::error!(outbox_id = id, code, error = %err, "relay: EventBridge refused an event for good; moved to the outbox dead letters");
-                        dead_letter(&tx, *id, &err).await?;
-                        pass.dead_lettered += 1;
-                        continue;
-                    }
-                    pass.failed += 1;
+        let mut call_failed = None;
+        for (call, answer) in calls.iter().zip(answers) {
+            let out = match answer {
+                Ok(out) => out,
+                // A whole-call failure (throttling, network, timeout) says nothing about the
+                // entries: they stay, and are retried.
+                Err(err) => {
                     tx.execute_cached(
-                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
-                        &[id, &err],
+                        "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)",
+                        &[&call.ids, &err],
                     )
                     .await?;
+                    call_failed = Some(err);
+                    continue;
                 }
-                None => pass.failed += 1,
+            };
+            // Entries of the response line up with the request; an entry with an error code
+            // failed on its own: for good (dead letters) or for now (stays in the outbox for
+            // the next pass).
+            for (i, id) in call.ids.iter().enumerate() {
+                match out.entries().get(i) {
+                    Some(entry) if entry.error_code().is_none() => published.push(*id),
+                    Some(entry) => {
+                        let code = entry.error_code().unwrap_or_default();
+                        let err = format!("{code}: {}", entry.error_message().unwrap_or_default());
+                        if entry_refused_for_good(code) {
+                            tracing::error!(outbox_id = id, code, error = %err, "relay: EventBridge refused an event for good; moved to the outbox dead letters");
+                            dead_letter(&tx, *id, &err).await?;
+                            pass.dead_lettered += 1;
+                            continue;
+                        }
+                        pass.failed += 1;
+                        tx.execute_cached(
+                            "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
+                            &[id, &err],
+                        )
+                        .await?;
+                    }
+                    None => pass.failed += 1,
+                }
             }
         }
         // A published row has done its job (the lake archives every event): deleting it keeps
         // the outbox as small as its backlog, and costs less than updating a JSONB row.
-        tx.execute_cached("DELETE FROM outbox WHERE id = ANY($1)", &[&published])
-            .await?;
+        if !published.is_empty() {
+            tx.execute_cached("DELETE FROM outbox WHERE id = ANY($1)", &[&published])
+                .await?;
+        }
         tx.commit()
             .await
             .context("relay: removing published rows")?;
         pass.published = published.len();
+        if let Some(err) = call_failed {
+            anyhow::bail!(
+                "relay: PutEvents failed: {err} ({} of this pass's events published)",
+                pass.published
+            );
+        }
         Ok(pass)
     }
 
@@ -330,11 +371,7 @@ impl Relay {
             }
             match self.publish_once().await {
                 // A full pass, or one that only moved rows aside, leaves more to do at once.
-                Ok(pass)
-                    if pass.failed == 0
-                        && (pass.published + pass.dead_lettered == 10
-                            || pass.dead_lettered > 0) =>
-                {
+                Ok(pass) if pass.failed == 0 && (pass.full || pass.dead_lettered > 0) => {
                     backoff = Duration::from_millis(100);
                     continue;
                 }
