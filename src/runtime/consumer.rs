@@ -172,11 +172,37 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
         let mut held = vec![first];
-        while held.len() < 10 {
-            match permits.clone().try_acquire_owned() {
-                Ok(p) => held.push(p),
-                Err(_) => break,
+        take_free_permits(&permits, &mut held);
+        // At the in-flight ceiling with a backlog (the last receive came back full), slots
+        // come back one at a time as handlers finish, and a receive then would ask for one or
+        // two messages. Wait up to the linger for a full receive's worth of slots instead:
+        // the messages wait in the queue either way, and the receive costs a tenth as much.
+        let full_receive = 10.min(shared.cfg.concurrency);
+        if held.len() < full_receive
+            && !shared.trickling.load(Relaxed)
+            && !shared.cfg.receive_linger.is_zero()
+        {
+            let want = (full_receive - held.len()) as u32;
+            let more = tokio::select! {
+                biased;
+                _ = shared.stop.cancelled() => {
+                    for permit in held {
+                        shared.limit.give_back(permit);
+                    }
+                    return;
+                }
+                more = tokio::time::timeout(
+                    shared.cfg.receive_linger,
+                    permits.clone().acquire_many_owned(want),
+                ) => more,
+            };
+            if let Ok(Ok(mut more)) = more {
+                while more.num_permits() > 1 {
+                    held.extend(more.split(1));
+                }
+                held.push(more);
             }
+            take_free_permits(&permits, &mut held);
         }
         let request = shared
             .sqs
@@ -254,6 +280,16 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                 }
                 error_backoff = (error_backoff * 2).min(Duration::from_secs(10));
             }
+        }
+    }
+}
+
+/// Adds to `held` the permits that are free now, up to ten in all (one receive's worth).
+fn take_free_permits(permits: &Arc<tokio::sync::Semaphore>, held: &mut Vec<OwnedSemaphorePermit>) {
+    while held.len() < 10 {
+        match permits.clone().try_acquire_owned() {
+            Ok(p) => held.push(p),
+            Err(_) => break,
         }
     }
 }

@@ -205,7 +205,9 @@ pub struct ConsumerArgs {
     /// it waits this long before the next one: receives come back fuller (fewer SQS requests
     /// per message) for at most this much latency per hop. A receive that returned nothing
     /// long-polls again at once, so a quiet queue answers its first message without delay.
-    /// 0 turns the wait off.
+    /// At the in-flight ceiling with a backlog, a loop also waits up to this long for ten free
+    /// slots before it receives, rather than asking for the one or two a finishing handler
+    /// just freed. 0 turns both waits off.
     #[arg(long, env = "ORDERFLEET_RECEIVE_LINGER_MS", default_value_t = 20)]
     pub receive_linger_ms: u64,
     /// On SIGTERM, once the receives in flight have returned, running handlers (and those the

@@ -3,7 +3,9 @@
 //! one loop at a time receives (`Shared::trickling` and its turn), so a quiet queue with eight
 //! loops keeps one long poll open, not eight; and after a short receive the loop lingers
 //! (`--receive-linger-ms`), so a steady trickle is taken in fuller receives, each message
-//! still handled once.
+//! still handled once. And when messages are plentiful but the consumer is at its in-flight
+//! ceiling, a loop waits for a full receive's worth of free slots rather than asking for the
+//! one or two that a finishing handler just freed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,10 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support;
 
-/// Applies nothing; counts how often each event (by its EventBridge id) was handled.
+/// Applies nothing (after about `work`, standing in for a handler's time); counts how often each
+/// event (by its EventBridge id) was handled.
 #[derive(Default)]
 struct Recorder {
     seen: Mutex<HashMap<String, u32>>,
+    work: Duration,
 }
 
 #[async_trait]
@@ -34,6 +38,10 @@ impl Apply for Recorder {
         "recorder"
     }
     async fn apply(&self, event: &Envelope, _: u32) -> Result<Executed, HandlerError> {
+        if !self.work.is_zero() {
+            // Between none and twice `work`, so that handlers finish one at a time.
+            tokio::time::sleep(self.work.mul_f64(2.0 * fastrand::f64())).await;
+        }
         *self
             .seen
             .lock()
@@ -93,8 +101,16 @@ struct Running {
 
 impl Running {
     fn start(endpoint: &Endpoint, cfg: ConsumerConfig) -> Running {
+        Running::start_working(endpoint, cfg, Duration::ZERO)
+    }
+
+    /// [`Running::start`] with a handler that takes `work` per message.
+    fn start_working(endpoint: &Endpoint, cfg: ConsumerConfig, work: Duration) -> Running {
         runtime::validate(&cfg, &endpoint.facts).expect("valid settings");
-        let recorder = Arc::new(Recorder::default());
+        let recorder = Arc::new(Recorder {
+            work,
+            ..Recorder::default()
+        });
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
         // No lease task: every message is handled at once, well inside its 30 s visibility.
@@ -236,5 +252,63 @@ async fn a_steady_trickle_is_received_in_fewer_fuller_receives_with_a_linger() {
     assert!(
         N as u64 >= 2 * with,
         "a 20 ms linger took {with} receives for {N} messages: fewer than two per receive"
+    );
+}
+
+/// Consumes a backlog of `n` messages deeper than the ceiling, with handlers slow enough to
+/// keep every slot busy (40 in flight at about 5 ms each, finishing one at a time); returns
+/// the messages per receive that brought any, after checking each was handled once.
+async fn per_receive_at_the_ceiling(linger: Duration, n: usize) -> f64 {
+    let endpoint = Endpoint::start().await;
+    let sent: Vec<String> = (0..n)
+        .map(|_| {
+            let body = support::stock_received("BACKLOG", 1);
+            let id = Envelope::decode(&body).expect("envelope").id;
+            endpoint.state.preload("work", [body]);
+            id
+        })
+        .collect();
+    let cfg = ConsumerConfig {
+        concurrency: 40,
+        receivers: 4,
+        receive_linger: linger,
+        ..support::consumer_config(&endpoint.facts)
+    };
+    let run = Running::start_working(&endpoint, cfg, Duration::from_millis(5));
+    let c = run.counters.clone();
+    support::wait_for(Duration::from_secs(60), "every message handled", || {
+        let c = c.clone();
+        async move { (c.snapshot().succeeded >= n as u64).then_some(()) }
+    })
+    .await;
+    let (s, seen) = run.stop().await;
+    let with_messages = endpoint.receives() - s.empty_receives;
+    let per_receive = n as f64 / with_messages as f64;
+    let context = format!(
+        "linger {linger:?}: {with_messages} receives with messages, {per_receive:.2} per receive: {s:?}"
+    );
+    eprintln!("{context}");
+    for id in &sent {
+        assert_eq!(seen.get(id), Some(&1), "{id} not handled once; {context}");
+    }
+    assert_eq!((s.succeeded, s.duplicates), (n as u64, 0), "{context}");
+    per_receive
+}
+
+#[tokio::test]
+async fn a_consumer_at_its_in_flight_ceiling_still_receives_in_tens() {
+    const N: usize = 1_500;
+    // Without the linger a loop asks for the slots free at that moment: one or two.
+    let without = per_receive_at_the_ceiling(Duration::ZERO, N).await;
+    let with = per_receive_at_the_ceiling(Duration::from_millis(20), N).await;
+    // Ten per receive at best; the first receives (before the target grows) and the last
+    // ones (the backlog running out) come back short.
+    assert!(
+        with >= 6.0,
+        "{with:.2} messages per receive at the ceiling with a 20 ms linger: fewer than six"
+    );
+    assert!(
+        with >= 2.0 * without,
+        "{with:.2} messages per receive with a linger, {without:.2} without: not twice as many"
     );
 }
