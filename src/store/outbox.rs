@@ -202,15 +202,16 @@ impl Relay {
     }
 
     /// Publishes up to [`RELAY_PASS_ROWS`] unpublished rows, in PutEvents calls of at most 10
-    /// entries (the API's limit) and 256 KB, sent at once. Rows are locked with `FOR UPDATE
+    /// entries (the API's limit) and 256 KB, sent one after another. Rows are locked with `FOR UPDATE
     /// SKIP LOCKED`, so any number of relays can run at once without publishing a row twice in
     /// the normal case; a crash after PutEvents and before the commit republishes the pass,
     /// which consumers absorb. A row EventBridge will never accept is moved to
     /// `outbox_dead_letters` instead.
     ///
     /// One pass is one transaction: under a backlog, the reads, the delete and the commit are
-    /// paid once per hundred events rather than once per ten, and the calls' round trips
-    /// overlap instead of queueing behind each other.
+    /// paid once per hundred events rather than once per ten. The calls are not sent side by
+    /// side: in the fleet benchmark that raised each worker's peak RSS by 5 to 10 MB
+    /// (docs/BENCHMARKS.md, "Memory").
     pub async fn publish_once(&self) -> Result<RelayPass> {
         let mut client = self.pool.get().await.context("relay: database pool")?;
         let tx = client.transaction().await?;
@@ -283,22 +284,27 @@ impl Relay {
                     .build(),
             );
         }
-        let answers = futures_util::future::join_all(calls.iter_mut().map(|call| {
+        let mut answers = Vec::with_capacity(calls.len());
+        for call in calls.iter_mut() {
             let request = self
                 .events
                 .put_events()
                 .set_entries(Some(std::mem::take(&mut call.entries)))
                 .send();
             // A hung call would hold the rows' locks and stop the relay.
-            async move {
-                match tokio::time::timeout(self.call_timeout, request).await {
-                    Ok(Ok(out)) => Ok(out),
-                    Ok(Err(e)) => Err(error_chain(&e)),
-                    Err(_) => Err(format!("PutEvents timed out after {:?}", self.call_timeout)),
-                }
+            let answer = match tokio::time::timeout(self.call_timeout, request).await {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => Err(error_chain(&e)),
+                Err(_) => Err(format!("PutEvents timed out after {:?}", self.call_timeout)),
+            };
+            // After a whole-call failure (throttling, an outage) the next call would most
+            // likely fail too: the rest of the pass is left, untried, for the next one.
+            let failed = answer.is_err();
+            answers.push(answer);
+            if failed {
+                break;
             }
-        }))
-        .await;
+        }
         let mut published = Vec::new();
         let mut call_failed = None;
         for (call, answer) in calls.iter().zip(answers) {

@@ -1,13 +1,19 @@
 //! The relay under a backlog: a pass takes up to a hundred rows and publishes them in PutEvents
-//! calls of ten, sent at once, in one transaction; rival relays share a backlog without
-//! publishing an event twice. Counted at the benchmark endpoint, which serves EventBridge's
-//! PutEvents and counts its calls and entries.
+//! calls of ten, in one transaction; rival relays share a backlog without
+//! publishing an event twice; a throttled call ends the pass and loses nothing. Counted at the
+//! benchmark endpoint, which serves EventBridge's PutEvents and counts its calls and entries,
+//! or, for the throttling, at an HTTP fake of EventBridge that keeps what it was sent.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use aws_sdk_eventbridge::config::{BehaviorVersion, Credentials, Region};
 use deadpool_postgres::Pool;
 use orderfleet::store::outbox::{Relay, RELAY_PASS_ROWS};
+use serde_json::{json, Value};
 
 use crate::support;
+use crate::support::platforms::Fake;
 
 const SOURCE: &str = "orderfleet.orders";
 
@@ -26,6 +32,17 @@ async fn backlog(pool: &Pool, n: i32) {
         .unwrap();
 }
 
+/// An EventBridge client against `url`.
+fn events_client(url: &str) -> aws_sdk_eventbridge::Client {
+    let config = aws_sdk_eventbridge::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .build();
+    aws_sdk_eventbridge::Client::from_conf(config)
+}
+
 /// An EventBridge client against the benchmark endpoint, and its state.
 async fn bench_events() -> (
     aws_sdk_eventbridge::Client,
@@ -35,17 +52,7 @@ async fn bench_events() -> (
     let (addr, state, server) = orderfleet_bench::sqs::spawn_local(0)
         .await
         .expect("start the benchmark endpoint");
-    let config = aws_sdk_eventbridge::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{addr}"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
-    (
-        aws_sdk_eventbridge::Client::from_conf(config),
-        state,
-        server,
-    )
+    (events_client(&format!("http://{addr}")), state, server)
 }
 
 fn relay(pool: &Pool, events: &aws_sdk_eventbridge::Client) -> Relay {
@@ -115,4 +122,87 @@ async fn two_relays_racing_over_one_backlog_publish_each_event_once() {
         support::scalar(&pool, "SELECT count(*) FROM outbox").await,
         0
     );
+}
+
+#[tokio::test]
+async fn a_throttled_call_ends_the_pass_and_loses_nothing() {
+    let (pool, _) = support::fresh_db().await;
+    backlog(&pool, 25).await;
+    // An EventBridge that takes the first call and throttles everything after it (retries
+    // included) until the test lets it through.
+    let throttle = Arc::new(AtomicBool::new(false));
+    let throttled = throttle.clone();
+    let fake = Fake::start(move |req, before| {
+        assert_eq!(
+            req.headers.get("x-amz-target").map(String::as_str),
+            Some("AWSEvents.PutEvents")
+        );
+        if !before.is_empty() && throttled.load(Ordering::SeqCst) {
+            return (
+                400,
+                json!({"__type": "ThrottlingException", "message": "Rate exceeded"}),
+            );
+        }
+        let entries = req.json()["Entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ids: Vec<Value> = (0..entries.len())
+            .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
+            .collect();
+        (200, json!({"FailedEntryCount": 0, "Entries": ids}))
+    })
+    .await;
+    let relay = relay(&pool, &events_client(&fake.url));
+    let attempts = |pool: Pool| async move {
+        let c = pool.get().await.unwrap();
+        let rows = c
+            .query(
+                "SELECT attempts, count(*) FROM outbox GROUP BY attempts ORDER BY attempts",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+
+    throttle.store(true, Ordering::SeqCst);
+    let err = relay
+        .publish_once()
+        .await
+        .expect_err("a throttled call fails the pass");
+    assert!(
+        format!("{err:#}").contains("ThrottlingException"),
+        "{err:#}"
+    );
+    // The first call's ten left the outbox; the throttled call's ten count an attempt; the
+    // last five were not tried (the pass stopped at the throttling).
+    assert_eq!(attempts(pool.clone()).await, vec![(0, 5), (1, 10)]);
+    let sent: Vec<usize> = fake
+        .seen()
+        .iter()
+        .map(|r| r.json()["Entries"].as_array().map_or(0, Vec::len))
+        .collect();
+    assert_eq!(sent[0], 10, "{sent:?}");
+    assert!(
+        sent[1..].iter().all(|&n| n == 10),
+        "only the throttled call was retried: {sent:?}"
+    );
+
+    throttle.store(false, Ordering::SeqCst);
+    let pass = relay.publish_once().await.unwrap();
+    assert_eq!((pass.published, pass.failed), (15, 0));
+    assert_eq!(
+        support::scalar(&pool, "SELECT count(*) FROM outbox").await,
+        0
+    );
+    let published: usize = fake
+        .seen()
+        .iter()
+        .skip(sent.len())
+        .map(|r| r.json()["Entries"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(published, 15, "the rest went in the next pass");
 }
