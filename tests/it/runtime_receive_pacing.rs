@@ -138,6 +138,37 @@ impl Running {
         let seen = std::mem::take(&mut *self.recorder.seen.lock().unwrap());
         (self.counters.snapshot(), seen)
     }
+
+    /// Waits until every message of `sent` is handled, stops, and checks that each was
+    /// handled once and deleted. Returns the ReceiveMessage calls that brought messages.
+    async fn finish(self, endpoint: &Endpoint, sent: &[String], what: &str) -> u64 {
+        let n = sent.len();
+        let c = self.counters.clone();
+        support::wait_for(Duration::from_secs(60), "every message handled", || {
+            let c = c.clone();
+            async move { (c.snapshot().succeeded >= n as u64).then_some(()) }
+        })
+        .await;
+        let (s, seen) = self.stop().await;
+        let receives = endpoint.receives();
+        let with_messages = receives - s.empty_receives;
+        let context = format!(
+            "{what}: {receives} ReceiveMessage, {with_messages} brought messages, {:.2} per receive: {s:?}",
+            n as f64 / with_messages as f64
+        );
+        eprintln!("{context}");
+        for id in sent {
+            assert_eq!(seen.get(id), Some(&1), "{id} not handled once; {context}");
+        }
+        assert_eq!(seen.len(), n, "{context}");
+        assert_eq!((s.succeeded, s.duplicates), (n as u64, 0), "{context}");
+        assert_eq!(
+            endpoint.state.counts("work"),
+            Some(QueueCounts::default()),
+            "every message deleted; {context}"
+        );
+        with_messages
+    }
 }
 
 #[tokio::test]
@@ -209,32 +240,8 @@ async fn receives_for_a_trickle(linger: Duration, n: usize) -> u64 {
     };
     let run = Running::start(&endpoint, cfg);
     let sent = trickle(&endpoint.state, "work", n, Duration::from_millis(4)).await;
-    let c = run.counters.clone();
-    support::wait_for(Duration::from_secs(30), "every message handled", || {
-        let c = c.clone();
-        async move { (c.snapshot().succeeded >= n as u64).then_some(()) }
-    })
-    .await;
-    let (s, seen) = run.stop().await;
-    let receives = endpoint.receives();
-    let context = format!("linger {linger:?}: {receives} ReceiveMessage: {s:?}");
-
-    for id in &sent {
-        assert_eq!(seen.get(id), Some(&1), "{id} not handled once; {context}");
-    }
-    assert_eq!(seen.len(), n, "{context}");
-    assert_eq!((s.succeeded, s.duplicates), (n as u64, 0), "{context}");
-    assert_eq!(
-        endpoint.state.counts("work"),
-        Some(QueueCounts::default()),
-        "every message deleted; {context}"
-    );
-    let with_messages = receives - s.empty_receives;
-    eprintln!(
-        "{context}; {with_messages} brought messages, {:.2} per receive",
-        n as f64 / with_messages as f64
-    );
-    with_messages
+    run.finish(&endpoint, &sent, &format!("linger {linger:?}"))
+        .await
 }
 
 #[tokio::test]
@@ -257,7 +264,8 @@ async fn a_steady_trickle_is_received_in_fewer_fuller_receives_with_a_linger() {
 
 /// Consumes a backlog of `n` messages deeper than the ceiling, with handlers slow enough to
 /// keep every slot busy (40 in flight at about 5 ms each, finishing one at a time); returns
-/// the messages per receive that brought any, after checking each was handled once.
+/// the messages per receive that brought any, after checking each was handled once and
+/// deleted.
 async fn per_receive_at_the_ceiling(linger: Duration, n: usize) -> f64 {
     let endpoint = Endpoint::start().await;
     let sent: Vec<String> = (0..n)
@@ -275,24 +283,10 @@ async fn per_receive_at_the_ceiling(linger: Duration, n: usize) -> f64 {
         ..support::consumer_config(&endpoint.facts)
     };
     let run = Running::start_working(&endpoint, cfg, Duration::from_millis(5));
-    let c = run.counters.clone();
-    support::wait_for(Duration::from_secs(60), "every message handled", || {
-        let c = c.clone();
-        async move { (c.snapshot().succeeded >= n as u64).then_some(()) }
-    })
-    .await;
-    let (s, seen) = run.stop().await;
-    let with_messages = endpoint.receives() - s.empty_receives;
-    let per_receive = n as f64 / with_messages as f64;
-    let context = format!(
-        "linger {linger:?}: {with_messages} receives with messages, {per_receive:.2} per receive: {s:?}"
-    );
-    eprintln!("{context}");
-    for id in &sent {
-        assert_eq!(seen.get(id), Some(&1), "{id} not handled once; {context}");
-    }
-    assert_eq!((s.succeeded, s.duplicates), (n as u64, 0), "{context}");
-    per_receive
+    let with_messages = run
+        .finish(&endpoint, &sent, &format!("linger {linger:?}"))
+        .await;
+    n as f64 / with_messages as f64
 }
 
 #[tokio::test]
