@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support;
+use crate::support::{self, GroupedConsumer};
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use base64::Engine as _;
 use deadpool_postgres::Pool;
@@ -26,7 +26,7 @@ use orderfleet::domain::redaction::Redactor;
 use orderfleet::handlers::analytics::Analytics;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
-use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
+use orderfleet::runtime::group::{execute_group, GroupConfig};
 use orderfleet::runtime::lease::Leases;
 use orderfleet::runtime::{self, Consumer, Executed};
 use orderfleet::store::lake::{
@@ -765,58 +765,22 @@ async fn an_event_delivered_twice_inside_one_group_is_archived_once() {
 }
 
 /// One analytics consumer applying through a group commit, as a worker builds it.
-struct GroupedArchiver {
-    counters: Arc<Counters>,
-    group: GroupCommit,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    lease_stop: CancellationToken,
-}
-
-impl GroupedArchiver {
-    fn start(clients: &Clients, pool: &Pool, cfg: runtime::ConsumerConfig) -> GroupedArchiver {
-        let counters = Arc::new(Counters::default());
-        let group = GroupCommit::counting_into(
-            Arc::new(analytics()),
-            pool.clone(),
-            GroupConfig {
-                max_group: 32,
-                transactions: 2,
-                timeout: Duration::from_secs(20),
-            },
-            counters.clone(),
-        );
-        let leases = Leases::default();
-        let lease_stop = CancellationToken::new();
-        tokio::spawn(leases.clone().run(
-            clients.sqs.clone(),
-            runtime::LEASE_TICK,
-            lease_stop.clone(),
-        ));
-        let stop = CancellationToken::new();
-        let consumer = Consumer {
-            cfg,
-            sqs: clients.sqs.clone(),
-            handler: Arc::new(group.clone()),
-            leases,
-            counters: counters.clone(),
-            relay_wake: None,
-        };
-        let task = tokio::spawn(consumer.run(stop.clone()));
-        GroupedArchiver {
-            counters,
-            group,
-            stop,
-            task,
-            lease_stop,
-        }
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.task.await.expect("join").expect("consumer");
-        self.lease_stop.cancel();
-    }
+fn grouped_archiver(
+    clients: &Clients,
+    pool: &Pool,
+    cfg: runtime::ConsumerConfig,
+) -> GroupedConsumer {
+    GroupedConsumer::start(
+        clients,
+        pool,
+        Arc::new(analytics()),
+        cfg,
+        GroupConfig {
+            max_group: 32,
+            transactions: 2,
+            timeout: Duration::from_secs(20),
+        },
+    )
 }
 
 #[tokio::test]
@@ -850,16 +814,12 @@ async fn events_delivered_twice_to_two_grouping_consumers_of_one_queue_are_archi
         ..support::consumer_config(&facts)
     };
     runtime::validate(&cfg, &facts).expect("valid settings");
-    let a = GroupedArchiver::start(&clients, &pool, cfg.clone());
-    let b = GroupedArchiver::start(&clients, &pool, cfg);
+    let a = grouped_archiver(&clients, &pool, cfg.clone());
+    let b = grouped_archiver(&clients, &pool, cfg);
     support::send_bodies(&clients, &facts.queue_url, &twice).await;
 
-    let handled = |x: &GroupedArchiver| {
-        let s = x.counters.snapshot();
-        s.succeeded + s.duplicates
-    };
     support::wait_for(Duration::from_secs(60), "every message handled", || {
-        let n = handled(&a) + handled(&b);
+        let n = a.handled_count() + b.handled_count();
         async move { (n >= 2 * EVENTS as u64).then_some(()) }
     })
     .await;

@@ -11,83 +11,28 @@ use std::time::Duration;
 
 use orderfleet::domain::names::HandlerName;
 use orderfleet::runtime::adapt::FLOOR;
-use orderfleet::runtime::group::{GroupCommit, GroupConfig};
-use orderfleet::runtime::lease::Leases;
-use orderfleet::runtime::{self, Consumer, ConsumerConfig};
+use orderfleet::runtime::group::GroupConfig;
+use orderfleet::runtime::ConsumerConfig;
 use orderfleet::sqs::queue::QueueFacts;
-use orderfleet::telemetry::metrics::Counters;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::saga::stock;
-use crate::support::{self};
+use crate::support::{self, GroupedConsumer};
 
 /// One inventory consumer applying through a group commit that shares its counters, as the
 /// worker builds it.
-struct Running {
-    counters: Arc<Counters>,
-    group: GroupCommit,
-    stop: CancellationToken,
-    background: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    fn start(
-        clients: &orderfleet::infra::aws::Clients,
-        pool: &deadpool_postgres::Pool,
-        cfg: ConsumerConfig,
-        group: GroupConfig,
-    ) -> Self {
-        let counters = Arc::new(Counters::default());
-        let group = GroupCommit::counting_into(
-            Arc::new(orderfleet::handlers::inventory::Inventory),
-            pool.clone(),
-            group,
-            counters.clone(),
-        );
-        let leases = Leases::default();
-        let background = CancellationToken::new();
-        tokio::spawn(leases.clone().run(
-            clients.sqs.clone(),
-            runtime::LEASE_TICK,
-            background.clone(),
-        ));
-        let stop = CancellationToken::new();
-        let consumer = Consumer {
-            cfg,
-            sqs: clients.sqs.clone(),
-            handler: Arc::new(group.clone()),
-            leases,
-            counters: counters.clone(),
-            relay_wake: None,
-        };
-        let task = tokio::spawn(consumer.run(stop.clone()));
-        Running {
-            counters,
-            group,
-            stop,
-            background,
-            task,
-        }
-    }
-
-    async fn handled(&self, n: u64, within: Duration) {
-        let c = self.counters.clone();
-        support::wait_for(within, &format!("{n} messages handled"), || {
-            let c = c.clone();
-            async move {
-                let s = c.snapshot();
-                (s.succeeded + s.duplicates >= n).then_some(())
-            }
-        })
-        .await;
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.task.await.unwrap().unwrap();
-        self.background.cancel();
-    }
+fn start(
+    clients: &orderfleet::infra::aws::Clients,
+    pool: &deadpool_postgres::Pool,
+    cfg: ConsumerConfig,
+    group: GroupConfig,
+) -> GroupedConsumer {
+    GroupedConsumer::start(
+        clients,
+        pool,
+        Arc::new(orderfleet::handlers::inventory::Inventory),
+        cfg,
+        group,
+    )
 }
 
 async fn inventory_queue(clients: &orderfleet::infra::aws::Clients) -> QueueFacts {
@@ -108,7 +53,7 @@ async fn a_single_message_on_a_quiet_queue_is_applied_alone_and_the_target_stays
         receivers: 8,
         ..support::consumer_config(&facts)
     };
-    let run = Running::start(
+    let run = start(
         &clients,
         &pool,
         cfg,
@@ -169,7 +114,7 @@ async fn a_backlog_grows_the_target_and_the_groups_within_the_flags_then_shrinks
         receivers: 2,
         ..support::consumer_config(&facts)
     };
-    let run = Running::start(
+    let run = start(
         &clients,
         &pool,
         cfg,

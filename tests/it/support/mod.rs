@@ -330,3 +330,75 @@ pub fn applied(
 ) -> bool {
     matches!(r, Ok(orderfleet::runtime::Executed::Applied { .. }))
 }
+
+/// One consumer applying through a group commit that shares its counters, as the worker builds
+/// it (`GroupCommit::counting_into`), with its lease task.
+pub struct GroupedConsumer {
+    pub counters: std::sync::Arc<orderfleet::telemetry::metrics::Counters>,
+    pub group: orderfleet::runtime::group::GroupCommit,
+    /// Cancelled when the consumer is told to stop.
+    pub stop: tokio_util::sync::CancellationToken,
+    background: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl GroupedConsumer {
+    pub fn start(
+        clients: &orderfleet::infra::aws::Clients,
+        pool: &Pool,
+        handler: std::sync::Arc<dyn orderfleet::handlers::AnyHandler>,
+        cfg: orderfleet::runtime::ConsumerConfig,
+        group: orderfleet::runtime::group::GroupConfig,
+    ) -> Self {
+        use orderfleet::runtime::{self, group::GroupCommit, lease::Leases, Consumer};
+        use std::sync::Arc;
+        let counters = Arc::new(orderfleet::telemetry::metrics::Counters::default());
+        let group = GroupCommit::counting_into(handler, pool.clone(), group, counters.clone());
+        let leases = Leases::default();
+        let background = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(leases.clone().run(
+            clients.sqs.clone(),
+            runtime::LEASE_TICK,
+            background.clone(),
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let consumer = Consumer {
+            cfg,
+            sqs: clients.sqs.clone(),
+            handler: Arc::new(group.clone()),
+            leases,
+            counters: counters.clone(),
+            relay_wake: None,
+        };
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        GroupedConsumer {
+            counters,
+            group,
+            stop,
+            background,
+            task,
+        }
+    }
+
+    /// Messages handled so far, applied or recognised as duplicates.
+    pub fn handled_count(&self) -> u64 {
+        let s = self.counters.snapshot();
+        s.succeeded + s.duplicates
+    }
+
+    /// Waits until `n` messages are handled.
+    pub async fn handled(&self, n: u64, within: Duration) {
+        wait_for(within, &format!("{n} messages handled"), || {
+            let done = self.handled_count() >= n;
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops as a worker does, then the lease task.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.task.await.expect("join").expect("consumer");
+        self.background.cancel();
+    }
+}
