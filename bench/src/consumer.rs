@@ -143,18 +143,6 @@ impl Endpoint {
     }
 }
 
-fn sqs_client(url: &str) -> aws_sdk_sqs::Client {
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
-        .region(aws_sdk_sqs::config::Region::new("us-east-1"))
-        .endpoint_url(url)
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "bench", "bench", None, None, "bench",
-        ))
-        .build();
-    aws_sdk_sqs::Client::from_conf(config)
-}
-
 /// An EventBridge envelope as the bench sends it; `detail` is merged in.
 pub fn bench_body(detail: Value) -> String {
     json!({
@@ -214,7 +202,7 @@ pub async fn run(
     let body = bench_body(json!({"sku": "bench-{i}", "quantity": 1}));
     let endpoint = Endpoint::start(exe_dir, "bench", cfg.messages, &body).await?;
     let queue_url = format!("{}/000000000000/bench", endpoint.url);
-    let sqs = sqs_client(&endpoint.url);
+    let sqs = crate::sqs::sqs_client(&endpoint.url);
     progress(format!(
         "bench-sqs at {}; {} messages preloaded",
         endpoint.url, cfg.messages

@@ -2288,6 +2288,30 @@ pub async fn serve(
     Ok(())
 }
 
+/// An SQS client for the endpoint at `url` (static test credentials, us-east-1).
+pub fn sqs_client(url: &str) -> aws_sdk_sqs::Client {
+    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_sqs::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .build();
+    aws_sdk_sqs::Client::from_conf(config)
+}
+
+/// An EventBridge client for the endpoint at `url`, as [`sqs_client`].
+pub fn events_client(url: &str) -> aws_sdk_eventbridge::Client {
+    use aws_sdk_eventbridge::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_eventbridge::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .build();
+    aws_sdk_eventbridge::Client::from_conf(config)
+}
+
 /// Binds `127.0.0.1:port` (0 = an ephemeral port), starts [`serve`] on a new
 /// task and returns the bound address, the shared state and the server task.
 /// The server runs until the task is aborted or the runtime shuts down.

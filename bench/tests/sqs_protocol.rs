@@ -6,7 +6,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
     MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
@@ -14,7 +13,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 use md5::{Digest, Md5};
-use orderfleet_bench::sqs::{spawn_local, BenchSqs};
+use orderfleet_bench::sqs::{spawn_local, sqs_client, BenchSqs};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -36,14 +35,8 @@ impl Drop for Endpoint {
 
 async fn start() -> Endpoint {
     let (addr, state, server) = spawn_local(0).await.expect("bench endpoint starts");
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{addr}"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
     Endpoint {
-        client: Client::from_conf(config),
+        client: sqs_client(&format!("http://{addr}")),
         state,
         addr,
         server,

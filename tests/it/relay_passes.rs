@@ -7,9 +7,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use aws_sdk_eventbridge::config::{BehaviorVersion, Credentials, Region};
 use deadpool_postgres::Pool;
 use orderfleet::store::outbox::{Relay, RELAY_PASS_ROWS};
+use orderfleet_bench::sqs::events_client;
 use serde_json::{json, Value};
 
 use crate::support;
@@ -30,17 +30,6 @@ async fn backlog(pool: &Pool, n: i32) {
         )
         .await
         .unwrap();
-}
-
-/// An EventBridge client against `url`.
-fn events_client(url: &str) -> aws_sdk_eventbridge::Client {
-    let config = aws_sdk_eventbridge::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(url)
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
-    aws_sdk_eventbridge::Client::from_conf(config)
 }
 
 /// An EventBridge client against the benchmark endpoint, and its state.

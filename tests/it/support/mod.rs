@@ -280,17 +280,11 @@ pub async fn bench_sqs() -> (
     orderfleet_bench::sqs::BenchSqs,
     tokio::task::JoinHandle<()>,
 ) {
-    use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
     let (addr, state, server) = orderfleet_bench::sqs::spawn_local(0)
         .await
         .expect("start the benchmark SQS endpoint");
-    let config = aws_sdk_sqs::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(format!("http://{addr}"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
-        .build();
-    (aws_sdk_sqs::Client::from_conf(config), state, server)
+    let client = orderfleet_bench::sqs::sqs_client(&format!("http://{addr}"));
+    (client, state, server)
 }
 
 /// Creates the queue `name` with default attributes; returns its URL.
