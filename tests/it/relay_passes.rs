@@ -6,6 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use orderfleet::store::outbox::{Relay, RELAY_PASS_ROWS};
@@ -17,15 +18,16 @@ use crate::support::platforms::Fake;
 
 const SOURCE: &str = "orderfleet.orders";
 
-/// Writes `n` outbox rows of the orders' source.
+/// Writes `n` outbox rows of the orders' source, each detail stamped with its event id as the
+/// handlers' outbox writes do.
 async fn backlog(pool: &Pool, n: i32) {
     pool.get()
         .await
         .unwrap()
         .execute(
             "INSERT INTO outbox (event_id, source, detail_type, detail)
-             SELECT gen_random_uuid(), $1, 'Probe', jsonb_build_object('order_id', 'o-' || i)
-               FROM generate_series(1, $2::int) i",
+             SELECT id, $1, 'Probe', jsonb_build_object('order_id', 'o-' || i, 'event_id', id)
+               FROM (SELECT gen_random_uuid() AS id, i FROM generate_series(1, $2::int) i) e",
             &[&SOURCE, &n],
         )
         .await
@@ -194,4 +196,91 @@ async fn a_throttled_call_ends_the_pass_and_loses_nothing() {
         .map(|r| r.json()["Entries"].as_array().map_or(0, Vec::len))
         .sum();
     assert_eq!(published, 15, "the rest went in the next pass");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_connection_dies_after_putevents_republishes_the_same_events() {
+    let (pool, db) = support::fresh_db().await;
+    backlog(&pool, 10).await;
+    // EventBridge takes the call but answers slowly, the first time: long enough for the
+    // test to kill the relay's database session while the call is out.
+    let fake = Fake::start(|req, before| {
+        if before.is_empty() {
+            std::thread::sleep(Duration::from_millis(1_500));
+        }
+        let entries = req.json()["Entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ids: Vec<Value> = (0..entries.len())
+            .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
+            .collect();
+        (200, json!({"FailedEntryCount": 0, "Entries": ids}))
+    })
+    .await;
+    let relay = relay(&pool, &events_client(&fake.url));
+    let pass = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.publish_once().await }
+    });
+    // The relay's session holds the rows' locks while PutEvents is out: end it, as a crash
+    // of the worker right after the call would.
+    let admin = orderfleet::store::db::pool(&db, 1).expect("pool");
+    support::wait_for(
+        Duration::from_secs(10),
+        "the relay waiting on PutEvents",
+        || {
+            let admin = admin.clone();
+            async move {
+                let killed: i64 = admin
+                    .get()
+                    .await
+                    .unwrap()
+                    .query_one(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                      WHERE datname = current_database() AND pid <> pg_backend_pid()
+                        AND state = 'idle in transaction' AND query LIKE '%FROM outbox%'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (killed > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let err = pass.await.unwrap().expect_err("the pass cannot commit");
+    eprintln!("first pass: {err:#}");
+    assert_eq!(
+        support::scalar(&pool, "SELECT count(*) FROM outbox").await,
+        10,
+        "nothing was marked published: the rows stay"
+    );
+
+    let again = relay.publish_once().await.unwrap();
+    assert_eq!(again.published, 10);
+    assert_eq!(
+        support::scalar(&pool, "SELECT count(*) FROM outbox").await,
+        0
+    );
+    // Both calls carried the same events, with the same event ids: consumers recognise the
+    // second copy by its event_id (the inbox), so the crash costs a duplicate, not a loss.
+    let ids = |r: &crate::support::platforms::Seen| -> Vec<String> {
+        let mut ids: Vec<String> = r.json()["Entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let detail: Value = serde_json::from_str(e["Detail"].as_str().unwrap()).unwrap();
+                detail["event_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "one call, then its republication");
+    assert_eq!(ids(&seen[0]), ids(&seen[1]));
+    assert_eq!(ids(&seen[0]).len(), 10);
 }
