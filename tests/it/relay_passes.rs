@@ -14,7 +14,7 @@ use orderfleet_bench::sqs::events_client;
 use serde_json::{json, Value};
 
 use crate::support;
-use crate::support::platforms::Fake;
+use crate::support::platforms::{Fake, Seen};
 
 const SOURCE: &str = "orderfleet.orders";
 
@@ -44,6 +44,15 @@ async fn bench_events() -> (
         .await
         .expect("start the benchmark endpoint");
     (events_client(&format!("http://{addr}")), state, server)
+}
+
+/// EventBridge's answer to a PutEvents call whose every entry it took.
+fn accepted(req: &Seen, before: &[Seen]) -> (u16, Value) {
+    let entries = req.json()["Entries"].as_array().map_or(0, Vec::len);
+    let ids: Vec<Value> = (0..entries)
+        .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
+        .collect();
+    (200, json!({"FailedEntryCount": 0, "Entries": ids}))
 }
 
 fn relay(pool: &Pool, events: &aws_sdk_eventbridge::Client) -> Relay {
@@ -134,14 +143,7 @@ async fn a_throttled_call_ends_the_pass_and_loses_nothing() {
                 json!({"__type": "ThrottlingException", "message": "Rate exceeded"}),
             );
         }
-        let entries = req.json()["Entries"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let ids: Vec<Value> = (0..entries.len())
-            .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
-            .collect();
-        (200, json!({"FailedEntryCount": 0, "Entries": ids}))
+        accepted(req, before)
     })
     .await;
     let relay = relay(&pool, &events_client(&fake.url));
@@ -208,14 +210,7 @@ async fn a_relay_whose_connection_dies_after_putevents_republishes_the_same_even
         if before.is_empty() {
             std::thread::sleep(Duration::from_millis(1_500));
         }
-        let entries = req.json()["Entries"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let ids: Vec<Value> = (0..entries.len())
-            .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
-            .collect();
-        (200, json!({"FailedEntryCount": 0, "Entries": ids}))
+        accepted(req, before)
     })
     .await;
     let relay = relay(&pool, &events_client(&fake.url));
@@ -266,7 +261,7 @@ async fn a_relay_whose_connection_dies_after_putevents_republishes_the_same_even
     );
     // Both calls carried the same events, with the same event ids: consumers recognise the
     // second copy by its event_id (the inbox), so the crash costs a duplicate, not a loss.
-    let ids = |r: &crate::support::platforms::Seen| -> Vec<String> {
+    let ids = |r: &Seen| -> Vec<String> {
         let mut ids: Vec<String> = r.json()["Entries"]
             .as_array()
             .unwrap()
