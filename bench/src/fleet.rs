@@ -27,6 +27,7 @@
 //! `orderfleet report`, whose invariants must hold.
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -89,6 +90,8 @@ pub struct FleetConfig {
     /// Resource prefix (queues, bus, lake stream).
     pub prefix: String,
     pub keep_database: bool,
+    /// A directory to write each worker's output to (`worker-<i>-<handlers>.log`).
+    pub worker_logs: Option<PathBuf>,
     /// The lake's emulator (S3 and Firehose), for its CPU time.
     pub lake_emulator_pid: Option<u32>,
     /// Longest a phase may take before the run fails.
@@ -219,6 +222,8 @@ struct Output {
     bytes: AtomicU64,
     emf_bytes: AtomicU64,
     tail: Mutex<std::collections::VecDeque<String>>,
+    /// Every line, when the run keeps the workers' logs (`--worker-logs`).
+    file: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 }
 
 impl Output {
@@ -237,6 +242,10 @@ fn drain(reader: impl AsyncRead + Unpin + Send + 'static, out: Arc<Output>) {
             if line.starts_with("{\"_aws\"") {
                 out.emf_bytes.fetch_add(n, Relaxed);
             }
+            if let Some(file) = &out.file {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = writeln!(file, "{line}");
+            }
             let mut tail = out.tail.lock().unwrap_or_else(|e| e.into_inner());
             if tail.len() == 30 {
                 tail.pop_front();
@@ -254,7 +263,12 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: impl Into<String>, mut cmd: Command) -> Result<Proc> {
+    fn spawn(name: impl Into<String>, cmd: Command) -> Result<Proc> {
+        Self::spawn_logged(name, cmd, None)
+    }
+
+    /// [`Proc::spawn`], writing every line the process prints to `log` too.
+    fn spawn_logged(name: impl Into<String>, mut cmd: Command, log: Option<&Path>) -> Result<Proc> {
         let name = name.into();
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -262,7 +276,17 @@ impl Proc {
             .kill_on_drop(true);
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let pid = child.id().context("a child without a pid")?;
-        let output = Arc::new(Output::default());
+        let file = match log {
+            Some(path) => Some(Mutex::new(std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ))),
+            None => None,
+        };
+        let output = Arc::new(Output {
+            file,
+            ..Output::default()
+        });
         if let Some(stdout) = child.stdout.take() {
             drain(stdout, output.clone());
         }
@@ -619,9 +643,14 @@ async fn run_in(
         wenv.extend(cfg.worker_env.iter().cloned());
         let mut cmd = fleet_command(&cfg.bin_dir.join("orderfleet-worker"), &wenv);
         cmd.args(["--handler", &list]);
-        workers.push(Proc::spawn(
+        let log = cfg
+            .worker_logs
+            .as_ref()
+            .map(|dir| dir.join(format!("worker-{i}-{}.log", list.replace(',', "+"))));
+        workers.push(Proc::spawn_logged(
             format!("orderfleet-worker --handler {list}"),
             cmd,
+            log.as_deref(),
         )?);
     }
     env.extend(cfg.worker_env.iter().cloned());

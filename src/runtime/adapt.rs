@@ -8,19 +8,31 @@
 //!
 //! [`Depth`] is the pure decision, fed with observations and no clock, so it is tested on its
 //! own. Its rules:
-//! - a receive that comes back full (as many messages as it asked for) while the last backlog
-//!   reading, less what has been received since, still exceeds the target doubles the target,
-//!   at most to the ceiling;
+//! - a receive that comes back full (as many messages as it asked for) doubles the target, at
+//!   most to the ceiling, when either the last backlog reading, less what has been received
+//!   since, still exceeds the target, or the receive had to wait for a free slot: every slot
+//!   was taken, so the target, not the queue, was what held the consumer back;
 //! - the backlog (ApproximateNumberOfMessages) is only wanted after [`FULL_TO_READ`] full
 //!   receives in a row and below the ceiling, so a quiet queue costs no GetQueueAttributes; the
 //!   consumer reads it at most every [`BACKLOG_EVERY`];
-//! - [`SHORT_TO_SHRINK`] receives in a row that come back short (or empty) halve the target, at
-//!   least to the floor, and forget the backlog reading.
+//! - [`SHORT_TO_SHRINK`] receives in a row that come back short (or empty) halve the target,
+//!   at least to the floor, and forget the backlog reading, but only if the most messages in
+//!   flight since the last such decision were at most a quarter of the target. A queue that
+//!   runs dry between receives but still keeps 30 messages in flight keeps a target of 64:
+//!   shrinking it to the floor would make the next second's messages wait in the queue for
+//!   slots, and growing back takes full receives. (With half instead of a quarter, a steady 20
+//!   in flight swung the target between 20 and 40 on every few receives.)
 //!
 //! Doubling per full receive rather than per reading lets a large backlog reach the ceiling in
 //! a few receives (the reading caps how far it goes), instead of one step every few seconds.
 //! Halving needs several short receives so that one unlucky receive on a busy queue does not
 //! undo the growth.
+//!
+//! Before the rule on messages in flight, a steady 700 messages a second (the orders queue
+//! at 100 orders a second in the fleet benchmark) swung its target between 10 and 128 several
+//! times in eight seconds: the queue ran dry between receives, three short receives took the
+//! target back to the floor, and growing again waited for a backlog reading (one every two
+//! seconds), while messages sat in the queue (docs/BENCHMARKS.md, "Latency").
 //!
 //! [`Limit`] applies the target to the consumer's semaphore without a lock on the hot path:
 //! growing adds permits; shrinking forgets the free ones and records the rest as a debt, paid
@@ -51,6 +63,21 @@ pub struct Depth {
     backlog: Option<u64>,
     full_in_a_row: u32,
     short_in_a_row: u32,
+    /// The most messages in flight seen since the last shrink decision.
+    peak_in_use: usize,
+}
+
+/// What one receive saw, for [`Depth::on_receive`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Receive {
+    /// Messages it asked for.
+    pub asked: usize,
+    /// Messages it got.
+    pub got: usize,
+    /// Messages in flight once its own have started (those being handled plus `got`).
+    pub in_use: usize,
+    /// Whether it had to wait for a free slot before it could ask: every slot was taken.
+    pub waited_for_slot: bool,
 }
 
 /// A change of the target: from, to.
@@ -72,6 +99,7 @@ impl Depth {
             backlog: None,
             full_in_a_row: 0,
             short_in_a_row: 0,
+            peak_in_use: 0,
         }
     }
 
@@ -87,14 +115,18 @@ impl Depth {
         self.cap
     }
 
-    /// One receive asked for `asked` messages and got `got`.
-    pub fn on_receive(&mut self, asked: usize, got: usize) -> Option<Change> {
+    /// One receive, as it saw it.
+    pub fn on_receive(&mut self, r: Receive) -> Option<Change> {
         if let Some(b) = &mut self.backlog {
-            *b = b.saturating_sub(got as u64);
+            *b = b.saturating_sub(r.got as u64);
         }
-        if asked > 0 && got >= asked {
+        self.peak_in_use = self.peak_in_use.max(r.in_use);
+        if r.asked > 0 && r.got >= r.asked {
             self.short_in_a_row = 0;
             self.full_in_a_row = self.full_in_a_row.saturating_add(1);
+            if r.waited_for_slot {
+                return self.set(self.target * 2);
+            }
             self.grow()
         } else {
             self.full_in_a_row = 0;
@@ -103,6 +135,10 @@ impl Depth {
                 return None;
             }
             self.short_in_a_row = 0;
+            let peak = std::mem::take(&mut self.peak_in_use);
+            if peak * 4 > self.target {
+                return None;
+            }
             self.backlog = None;
             self.set(self.target / 2)
         }
@@ -212,16 +248,26 @@ impl Limit {
 mod tests {
     use super::*;
 
+    /// A full receive of ten that found a free slot at once, with `in_use` in flight after it.
     fn full(d: &mut Depth) -> Option<Change> {
-        d.on_receive(10, 10)
+        d.on_receive(got(10, 10, 10))
+    }
+
+    fn got(asked: usize, got: usize, in_use: usize) -> Receive {
+        Receive {
+            asked,
+            got,
+            in_use,
+            waited_for_slot: false,
+        }
     }
 
     #[test]
     fn a_quiet_queue_stays_at_the_floor_and_never_reads_the_backlog() {
         let mut d = Depth::new(512);
         for _ in 0..1000 {
-            assert_eq!(d.on_receive(10, 1), None);
-            assert_eq!(d.on_receive(10, 0), None);
+            assert_eq!(d.on_receive(got(10, 1, 1)), None);
+            assert_eq!(d.on_receive(got(10, 0, 0)), None);
             assert!(!d.wants_backlog());
         }
         assert_eq!(d.target(), FLOOR);
@@ -283,14 +329,14 @@ mod tests {
         while full(&mut d).is_some() {}
         assert_eq!(d.target(), 512);
         // One or two short receives on a busy queue change nothing.
-        assert_eq!(d.on_receive(10, 7), None);
-        assert_eq!(d.on_receive(10, 3), None);
+        assert_eq!(d.on_receive(got(10, 7, 7)), None);
+        assert_eq!(d.on_receive(got(10, 3, 3)), None);
         assert_eq!(full(&mut d), None);
         assert_eq!(d.target(), 512);
         // Then the queue runs dry.
         let mut seen = Vec::new();
         for _ in 0..100 {
-            if let Some(c) = d.on_receive(10, 2) {
+            if let Some(c) = d.on_receive(got(10, 2, 2)) {
                 seen.push(c.to);
             }
         }
@@ -303,11 +349,74 @@ mod tests {
     }
 
     #[test]
+    fn a_steady_stream_that_runs_dry_between_receives_keeps_the_depth_it_uses() {
+        let mut d = Depth::new(128);
+        full(&mut d);
+        full(&mut d);
+        d.on_backlog(1_000_000);
+        while full(&mut d).is_some() {}
+        assert_eq!(d.target(), 128);
+        // 700 messages a second at 26 ms each: about 20 in flight, up to 30 in a burst, and
+        // most receives come back short because the queue runs dry between them.
+        let mut seen = Vec::new();
+        for i in 0..1000 {
+            let r = if i % 4 == 0 {
+                got(10, 10, 30)
+            } else {
+                got(10, 4, 15 + i % 10)
+            };
+            if let Some(c) = d.on_receive(r) {
+                seen.push(c.to);
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![64],
+            "it settles where 30 in flight use a quarter or more"
+        );
+        assert_eq!(d.target(), 64);
+        assert_eq!(group_cap(d.target(), 2, 64), 32);
+        // When the stream stops, the target goes back to the floor.
+        for _ in 0..12 {
+            d.on_receive(got(10, 0, 0));
+        }
+        assert_eq!(d.target(), FLOOR);
+    }
+
+    #[test]
+    fn a_full_receive_that_waited_for_a_slot_doubles_the_target_without_a_reading() {
+        let mut d = Depth::new(100);
+        let saturated = Receive {
+            waited_for_slot: true,
+            ..got(10, 10, 10)
+        };
+        assert!(!d.wants_backlog());
+        assert_eq!(d.on_receive(saturated), Some(Change { from: 10, to: 20 }));
+        assert_eq!(d.on_receive(saturated), Some(Change { from: 20, to: 40 }));
+        // A short receive after waiting says the queue, not the target, ran out: no growth.
+        assert_eq!(
+            d.on_receive(Receive {
+                got: 6,
+                ..saturated
+            }),
+            None
+        );
+        assert_eq!(d.on_receive(saturated), Some(Change { from: 40, to: 80 }));
+        assert_eq!(d.on_receive(saturated), Some(Change { from: 80, to: 100 }));
+        assert_eq!(d.on_receive(saturated), None, "never past the ceiling");
+        // A full receive that found its slots free does not grow the target without a reading.
+        let mut d = Depth::new(100);
+        assert_eq!(full(&mut d), None);
+        assert_eq!(full(&mut d), None);
+        assert_eq!(d.target(), FLOOR);
+    }
+
+    #[test]
     fn a_cap_under_the_floor_is_a_fixed_depth() {
         let mut d = Depth::new(4);
         assert_eq!((d.floor(), d.target()), (4, 4));
-        d.on_receive(4, 4);
-        d.on_receive(4, 4);
+        d.on_receive(got(4, 4, 4));
+        d.on_receive(got(4, 4, 4));
         assert!(!d.wants_backlog());
         assert_eq!(d.on_backlog(1000), None);
         assert_eq!(group_cap(d.target(), 4, 256), 1);

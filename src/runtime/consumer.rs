@@ -165,11 +165,17 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
         // Back pressure: wait for one free slot, then take up to nine more that are free now.
         // The slots are the in-flight target's: a loop the target does not need waits here
         // rather than in a long poll.
-        let first = tokio::select! {
-            // Biased: once stopped, no new receive starts even if a permit is free.
-            biased;
-            _ = shared.stop.cancelled() => return,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        // A loop that has to wait here had every slot taken: the in-flight target, not the
+        // queue, is what holds the consumer back (see `adapt`).
+        let (first, waited_for_slot) = match permits.clone().try_acquire_owned() {
+            Ok(p) => (p, false),
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
+                // Biased: once stopped, no new receive starts even if a permit is free.
+                biased;
+                _ = shared.stop.cancelled() => return,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => (p, true), Err(_) => return },
+            },
         };
         let mut held = vec![first];
         take_free_permits(&permits, &mut held);
@@ -237,7 +243,15 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                 }
                 let short = !messages.is_empty() && messages.len() < held.len();
                 shared.trickling.store(messages.len() < held.len(), Relaxed);
-                let read_backlog = observe_receive(&shared, held.len(), messages.len());
+                let read_backlog = observe_receive(
+                    &shared,
+                    adapt::Receive {
+                        asked: held.len(),
+                        got: messages.len(),
+                        in_use: shared.counters.in_flight.load(Relaxed) as usize + messages.len(),
+                        waited_for_slot,
+                    },
+                );
                 let mut held = held.into_iter();
                 for (msg, permit) in messages.into_iter().zip(held.by_ref()) {
                     Counters::inc(&shared.counters.received);
@@ -297,9 +311,9 @@ fn take_free_permits(permits: &Arc<tokio::sync::Semaphore>, held: &mut Vec<Owned
 /// Feeds one receive to the in-flight target and applies a change. Returns whether this loop
 /// should now read the queue's backlog (at most one reading at a time, and one every
 /// [`adapt::BACKLOG_EVERY`]).
-fn observe_receive(shared: &Shared, asked: usize, got: usize) -> bool {
+fn observe_receive(shared: &Shared, receive: adapt::Receive) -> bool {
     let mut p = shared.depth.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(change) = p.depth.on_receive(asked, got) {
+    if let Some(change) = p.depth.on_receive(receive) {
         apply_change(shared, change, None);
     }
     let due = p
@@ -476,7 +490,13 @@ async fn process(
                 // Debug, not info: a line per message was most of the fleet's CloudWatch Logs
                 // bill and a third of the consumer's CPU (docs/BENCHMARKS.md). Successes are
                 // counted in the metrics; anything else is still logged at info or above.
-                tracing::debug!(outcome = "succeeded", emitted, elapsed_ms, "handled");
+                tracing::debug!(
+                    outcome = "succeeded",
+                    emitted,
+                    elapsed_ms,
+                    age_ms,
+                    "handled"
+                );
                 shared.acker.delete(receipt);
             }
             Ok(Some(Executed::Duplicate)) => {

@@ -415,6 +415,8 @@ struct State {
 }
 
 struct Request {
+    /// When the event joined the queue.
+    queued: std::time::Instant,
     event: Envelope,
     receive_count: u32,
     reply: oneshot::Sender<Result<Executed, HandlerError>>,
@@ -537,6 +539,11 @@ async fn run(inner: Arc<Inner>) {
     // The order ids of this runner's current group, released when it takes the next one.
     let mut orders = Vec::new();
     while let Some(group) = inner.next_group(&mut orders) {
+        let started = std::time::Instant::now();
+        let waited = group
+            .first()
+            .map(|r| started - r.queued)
+            .unwrap_or_default();
         let (events, replies): (Vec<(Envelope, u32)>, Vec<_>) = group
             .into_iter()
             .map(|r| ((r.event, r.receive_count), Some(r.reply)))
@@ -588,6 +595,13 @@ async fn run(inner: Arc<Inner>) {
                     (0..n).map(|_| Err(timed_out(backstop))).collect()
                 }
             };
+        tracing::debug!(
+            handler = inner.handler.name(),
+            events = n,
+            oldest_waited_ms = waited.as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "group ran"
+        );
         inner.groups.fetch_add(1, Relaxed);
         inner.events.fetch_add(n as u64, Relaxed);
         inner.largest.fetch_max(n as u64, Relaxed);
@@ -614,6 +628,7 @@ impl Apply for GroupCommit {
         let start_runner = {
             let mut state = self.inner.lock();
             state.queue.push_back(Request {
+                queued: std::time::Instant::now(),
                 event: event.clone(),
                 receive_count,
                 reply,

@@ -375,7 +375,18 @@ impl Relay {
             if stop.is_cancelled() {
                 return;
             }
-            match self.publish_once().await {
+            let started = tokio::time::Instant::now();
+            let result = self.publish_once().await;
+            if let Ok(pass) = &result {
+                if pass.published > 0 {
+                    tracing::debug!(
+                        published = pass.published,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "relay pass"
+                    );
+                }
+            }
+            match result {
                 // A full pass, or one that only moved rows aside, leaves more to do at once.
                 Ok(pass) if pass.failed == 0 && (pass.full || pass.dead_lettered > 0) => {
                     backoff = Duration::from_millis(100);

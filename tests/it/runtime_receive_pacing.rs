@@ -306,3 +306,59 @@ async fn a_consumer_at_its_in_flight_ceiling_still_receives_in_tens() {
         "{with:.2} messages per receive with a linger, {without:.2} without: not twice as many"
     );
 }
+
+#[tokio::test]
+async fn a_steady_stream_keeps_the_in_flight_target_it_uses() {
+    // 500 messages a second, each handled in about 40 ms: about 20 in flight, twice the
+    // floor. The queue runs dry between receives, so most receives come back short.
+    const N: usize = 1_500;
+    let endpoint = Endpoint::start().await;
+    let cfg = ConsumerConfig {
+        concurrency: 128,
+        receivers: 8,
+        ..support::consumer_config(&endpoint.facts)
+    };
+    let run = Running::start_working(&endpoint, cfg, Duration::from_millis(40));
+    // The target every 5 ms while the stream runs.
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let (c, samples, stop) = (run.counters.clone(), samples.clone(), run.stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                samples.lock().unwrap().push(c.snapshot().in_flight_target);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let sent = trickle(&endpoint.state, "work", N, Duration::from_millis(2)).await;
+    let streamed = samples.lock().unwrap().clone();
+    run.finish(&endpoint, &sent, "a steady stream").await;
+    sampler.await.unwrap();
+
+    // Leave out the first second, while the target grows from the floor.
+    let settled = &streamed[streamed.len().min(200)..];
+    let at_floor = settled
+        .iter()
+        .filter(|&&t| t == runtime::adapt::FLOOR as u64)
+        .count();
+    let mut changes: Vec<u64> = settled.to_vec();
+    changes.dedup();
+    let context = format!(
+        "{} samples after the first second, {at_floor} at the floor; the target went {changes:?}",
+        settled.len()
+    );
+    eprintln!("{context}");
+    assert!(settled.len() >= 50, "{context}");
+    // Shrinking on short receives alone took the target back to the floor within a few
+    // receives, where messages wait in the queue for slots until it grows again.
+    assert!(
+        at_floor * 20 <= settled.len(),
+        "the target sat at the floor in more than a twentieth of the stream: {context}"
+    );
+    // Nor does it swing: shrinking whenever half the slots were unused moved it between 20
+    // and 40 every few receives (about 70 changes in these two seconds).
+    assert!(
+        changes.len() <= 10,
+        "the target kept changing while the stream was steady: {context}"
+    );
+}

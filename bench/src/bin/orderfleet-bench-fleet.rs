@@ -55,6 +55,10 @@ struct Args {
     /// Keep the scratch database for inspection.
     #[arg(long)]
     keep_database: bool,
+    /// Write each worker's output (its JSON log and EMF lines) to a file in this directory,
+    /// `worker-<i>-<handlers>.log`, for a look at where the time goes.
+    #[arg(long, value_name = "DIR")]
+    worker_logs: Option<std::path::PathBuf>,
     /// PostgreSQL admin connection; the scratch database is created next to it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -158,6 +162,7 @@ async fn run() -> Result<()> {
         worker_env,
         prefix: args.prefix,
         keep_database: args.keep_database,
+        worker_logs: args.worker_logs,
         lake_emulator_pid: args.lake_emulator_pid,
         phase_timeout: Duration::from_secs(args.phase_timeout_secs),
     };
