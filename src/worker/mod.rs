@@ -109,8 +109,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub group_commit_max: usize,
     /// Transactions of one grouping handler running at once (at most --db-pool-size). The
-    /// in-flight messages are shared among them, so fewer transactions make larger groups.
-    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_TRANSACTIONS", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    /// in-flight messages are shared among them, so fewer transactions make larger groups. At
+    /// 1, the next group gathers while one commits; a second group mostly waits for the first's
+    /// locks (the SKUs, the customers) and in the fleet benchmark added latency and no
+    /// throughput.
+    #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_TRANSACTIONS", default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     pub group_commit_transactions: usize,
     /// Where metrics go: EMF lines on stdout, PutMetricData, both, or none.
     #[arg(long, env = "ORDERFLEET_METRICS_SINK", default_value = "emf")]

@@ -48,8 +48,9 @@ pub struct Args {
     #[arg(long, default_value_t = 4000)]
     pub saga_orders: usize,
     /// Concurrent delivery tasks of the saga phase. The saga phase's defaults are the settings
-    /// of a busy fleet (many events in flight, large groups); `--saga-workers 8 --saga-batch 32
-    /// --saga-group-max 32 --saga-group-transactions 4` runs it as the worker's defaults would.
+    /// of a busy fleet (many events in flight, large groups); `--saga-group-max 64
+    /// --saga-group-transactions 1` uses the worker's ceilings (`--group-commit-max`,
+    /// `--group-commit-transactions`).
     #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     pub saga_workers: usize,
     /// Events each saga task takes from the outbox at once.
