@@ -22,6 +22,7 @@ use crate::domain::envelope::Envelope;
 use crate::domain::outcome::HandlerError;
 use crate::domain::redaction::Redactor;
 use crate::handlers::{Context, Handler};
+use crate::store::db::Tx;
 use crate::store::lake;
 
 /// The analytics handler.
@@ -39,7 +40,8 @@ impl Analytics {
 
 #[async_trait]
 impl Handler for Analytics {
-    type Batch = ();
+    /// The group's records, written in one insert by [`Handler::finish`].
+    type Batch = lake::Records;
 
     fn name(&self) -> &str {
         "analytics"
@@ -52,10 +54,18 @@ impl Handler for Analytics {
         true
     }
 
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, lake::Records>,
+    ) -> Result<(), HandlerError> {
         // Any detail-type is archived, catalogued or not: the lake is the record of what was
-        // on the bus. A false return is a redelivery whose record is already queued.
-        lake::enqueue(cx.tx, event, &self.redactor).await?;
+        // on the bus. The record is written with the rest of the transaction's, at its end.
+        cx.batch.add(event, &self.redactor)
+    }
+
+    async fn finish(&self, tx: &Tx, records: lake::Records) -> Result<(), HandlerError> {
+        records.write(tx).await?;
         Ok(())
     }
 }

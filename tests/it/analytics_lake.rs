@@ -764,6 +764,51 @@ async fn an_event_delivered_twice_inside_one_group_is_archived_once() {
     );
 }
 
+#[tokio::test]
+async fn a_group_writes_every_record_and_an_id_reused_across_detail_types_is_archived_once() {
+    let (pool, _) = support::fresh_db().await;
+    let now = chrono::Utc::now().to_rfc3339();
+    // A group's records go in one insert at its end. Two events that share an id but not a
+    // detail-type are two events to the inbox, and one record to the lake: the second meets
+    // the first inside that one statement.
+    let placed = envelope("OrderPlaced", &now, "evt-reused");
+    let shipped = envelope("OrderShipped", &now, "evt-reused");
+    let others: Vec<Envelope> = (0..20)
+        .map(|i| envelope("OrderAccepted", &now, &format!("evt-many-{i:02}")))
+        .collect();
+    let mut group = vec![(&placed, 1), (&shipped, 1)];
+    group.extend(others.iter().map(|e| (e, 1)));
+    let outcome = execute_group(&analytics(), &pool, &group).await;
+
+    assert_eq!(outcome.transactions, 1, "one group, one transaction");
+    assert!(
+        outcome
+            .results
+            .iter()
+            .all(|r| matches!(r, Ok(Executed::Applied { emitted: 0 }))),
+        "{:?}",
+        outcome.results
+    );
+    let archived = archived_keys(&pool).await;
+    assert_eq!(archived.len(), 21, "{archived:?}");
+    assert!(archived.iter().all(|(_, n)| *n == 1), "{archived:?}");
+    let kept: String = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT detail_type FROM lake_outbox WHERE event_key = 'evt-reused'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kept, "OrderPlaced",
+        "the first of the two is the one archived"
+    );
+}
+
 /// One analytics consumer applying through a group commit, as a worker builds it.
 fn grouped_archiver(
     clients: &Clients,

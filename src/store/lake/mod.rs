@@ -8,7 +8,7 @@
 //! event outbox:
 //!
 //! 1. The analytics handler ([`crate::handlers::analytics`]) turns the event into its lake
-//!    record ([`record_for`]) and inserts it into `lake_outbox` ([`enqueue`]) in its own
+//!    record ([`record_for`]) and inserts it into `lake_outbox` ([`Records`]) in its own
 //!    transaction, next to its inbox row. The SQS message is deleted only after that commit, so
 //!    an event is either in `lake_outbox` or still on its queue: never lost. `event_key` is
 //!    unique, so a redelivered event cannot add a second row (the inbox already stops it; the
@@ -59,7 +59,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::{error_chain, HandlerError};
 use crate::domain::redaction::Redactor;
-use crate::store::db::Tx;
+use crate::store::db::{Cached, Tx};
 
 /// Records per PutRecordBatch call: the API's limit.
 pub const MAX_BATCH_RECORDS: usize = 500;
@@ -95,22 +95,43 @@ pub fn record_for(event: &Envelope, redactor: &Redactor) -> Result<Vec<u8>, Hand
     Ok(record)
 }
 
-/// Adds `event`'s record to `lake_outbox` in `tx`. Returns false when a record with the same
-/// event key is already there (a redelivery): nothing is added. The conflict names no target
-/// so that widening the key to (event key, detail-type), as the inbox's was in migration 0010,
-/// needs no change here; until then a storefront event that reuses another event's id passes
-/// the inbox but finds that id's record here and is not archived a second time.
-pub async fn enqueue(tx: &Tx, event: &Envelope, redactor: &Redactor) -> Result<bool, HandlerError> {
-    let record = record_for(event, redactor)?;
-    let n = tx
-        .execute(
-            "INSERT INTO lake_outbox (event_key, detail_type, record) VALUES ($1, $2, $3)
+/// The lake records of one transaction's events, written to `lake_outbox` in one statement
+/// at its end ([`Records::write`]): a group of analytics events costs one insert, not one per
+/// event. The conflict names no target so that widening the key to (event key, detail-type),
+/// as the inbox's was in migration 0010, needs no change here; until then a storefront event
+/// that reuses another event's id passes the inbox but finds that id's record here (or earlier
+/// in the same statement) and is not archived a second time.
+#[derive(Debug, Default)]
+pub struct Records {
+    keys: Vec<String>,
+    detail_types: Vec<String>,
+    records: Vec<Vec<u8>>,
+}
+
+impl Records {
+    /// Adds `event`'s record, redacted by `redactor` (see [`record_for`]).
+    pub fn add(&mut self, event: &Envelope, redactor: &Redactor) -> Result<(), HandlerError> {
+        self.records.push(record_for(event, redactor)?);
+        self.keys.push(event.event_key().to_string());
+        self.detail_types.push(event.detail_type.clone());
+        Ok(())
+    }
+
+    /// Inserts the records into `lake_outbox` in `tx`. Returns how many were new: a record
+    /// whose event key is already there (a redelivery) is not added again.
+    pub async fn write(self, tx: &Tx) -> Result<u64, HandlerError> {
+        if self.records.is_empty() {
+            return Ok(0);
+        }
+        tx.execute_cached(
+            "INSERT INTO lake_outbox (event_key, detail_type, record)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])
              ON CONFLICT DO NOTHING",
-            &[&event.event_key(), &event.detail_type, &record],
+            &[&self.keys, &self.detail_types, &self.records],
         )
         .await
-        .map_err(|e| HandlerError::from_db("writing the lake outbox", &e))?;
-    Ok(n == 1)
+        .map_err(|e| HandlerError::from_db("writing the lake outbox", &e))
+    }
 }
 
 /// What one [`LakeShipper::ship_once`] pass did.
