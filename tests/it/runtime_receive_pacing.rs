@@ -356,9 +356,10 @@ async fn a_steady_stream_keeps_the_in_flight_target_it_uses() {
         "the target sat at the floor in more than a twentieth of the stream: {context}"
     );
     // Nor does it swing: shrinking whenever half the slots were unused moved it between 20
-    // and 40 every few receives (about 70 changes in these two seconds).
+    // and 40 every few receives (about 70 changes in these two seconds); the rule kept makes
+    // one or two. The bound leaves room for a loaded machine's pauses.
     assert!(
-        changes.len() <= 10,
+        changes.len() <= 20,
         "the target kept changing while the stream was steady: {context}"
     );
 }

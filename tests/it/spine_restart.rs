@@ -162,14 +162,16 @@ async fn a_worker_killed_between_its_commit_and_its_batched_delete_applies_the_m
     let (pool, db_url) = support::fresh_db().await;
     let url = inventory_queue(&clients, &topo).await;
 
-    // Deletes wait up to 2 s to fill a batch, so the kill surely lands after the commit and
-    // before the delete; a 3 s visibility brings the message back soon after.
+    // Deletes wait up to 10 s to fill a batch, so the kill surely lands after the commit and
+    // before the delete, even when a loaded machine notices the commit late (with 2 s, a full
+    // `make test` once saw the delete go out first); a 3 s visibility brings the message back
+    // soon after.
     let mut a = support::inventory_worker(
         &topo,
         &db_url,
         &[
             "--delete-flush-ms",
-            "2000",
+            "10000",
             "--visibility-timeout-secs",
             "3",
         ],
@@ -183,6 +185,9 @@ async fn a_worker_killed_between_its_commit_and_its_batched_delete_applies_the_m
     support::signal(&a, "-KILL");
     let status = support::wait_exit(&mut a, Duration::from_secs(10)).await;
     assert_eq!(status.code(), None, "killed by a signal");
+    // A request the worker had already sent would still reach the emulator: let it land
+    // before counting, so that such a delete fails here and not as a missing duplicate later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (visible, hidden) = support::depth(&clients, &url).await;
     assert_eq!(
         visible + hidden,
