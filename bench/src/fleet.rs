@@ -643,6 +643,9 @@ async fn run_in(
         wenv.extend(cfg.worker_env.iter().cloned());
         let mut cmd = fleet_command(&cfg.bin_dir.join("orderfleet-worker"), &wenv);
         cmd.args(["--handler", &list]);
+        if let Some(dir) = &cfg.worker_logs {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         let log = cfg
             .worker_logs
             .as_ref()
