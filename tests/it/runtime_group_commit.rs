@@ -13,14 +13,12 @@ use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::{Context, Handler};
 use orderfleet::runtime::group::{execute_group, GroupCommit, GroupConfig};
-use orderfleet::runtime::lease::Leases;
-use orderfleet::runtime::{self, Apply, Consumer, ConsumerConfig, Executed};
+use orderfleet::runtime::{self, Apply, ConsumerConfig, Executed};
 use orderfleet::store::db::Cached;
 use orderfleet::telemetry::metrics::Counters;
 use orderfleet_testkit::examples::envelope;
 use serde_json::json;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::saga::stock;
 use crate::support::{self, applied, refs};
@@ -269,35 +267,11 @@ async fn a_busy_queue_is_committed_in_groups_and_every_message_applied_once() {
             timeout: Duration::from_secs(20),
         },
     );
-    let leases = Leases::default();
-    let background = CancellationToken::new();
-    tokio::spawn(
-        leases
-            .clone()
-            .run(clients.sqs.clone(), runtime::LEASE_TICK, background.clone()),
-    );
-    let counters = Arc::new(Counters::default());
-    let stop = CancellationToken::new();
-    let consumer = Consumer {
-        cfg,
-        sqs: clients.sqs.clone(),
-        handler: Arc::new(group.clone()),
-        leases,
-        counters: counters.clone(),
-        relay_wake: None,
-    };
-    let task = tokio::spawn(consumer.run(stop.clone()));
-    support::wait_for(Duration::from_secs(60), "every message handled", || {
-        let c = counters.clone();
-        async move {
-            let s = c.snapshot();
-            (s.succeeded + s.duplicates >= 120).then_some(())
-        }
-    })
-    .await;
-    stop.cancel();
-    task.await.unwrap().unwrap();
-    background.cancel();
+    // Its own counters and a fixed cap of 32: this test is about grouping, not the depth.
+    let run = support::GroupedConsumer::run(&clients, group, Arc::new(Counters::default()), cfg);
+    run.handled(120, Duration::from_secs(60)).await;
+    let (counters, group) = (run.counters.clone(), run.group.clone());
+    run.shutdown().await;
 
     let s = counters.snapshot();
     // Each distinct event applied once; SQS may deliver any message more than once.

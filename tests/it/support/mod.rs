@@ -344,10 +344,26 @@ impl GroupedConsumer {
         cfg: orderfleet::runtime::ConsumerConfig,
         group: orderfleet::runtime::group::GroupConfig,
     ) -> Self {
-        use orderfleet::runtime::{self, group::GroupCommit, lease::Leases, Consumer};
+        let counters = std::sync::Arc::new(orderfleet::telemetry::metrics::Counters::default());
+        let group = orderfleet::runtime::group::GroupCommit::counting_into(
+            handler,
+            pool.clone(),
+            group,
+            counters.clone(),
+        );
+        Self::run(clients, group, counters, cfg)
+    }
+
+    /// A consumer counting into `counters` and applying through `group`, however that was
+    /// built (one made with `GroupCommit::new` keeps its own counters and a fixed group cap).
+    pub fn run(
+        clients: &orderfleet::infra::aws::Clients,
+        group: orderfleet::runtime::group::GroupCommit,
+        counters: std::sync::Arc<orderfleet::telemetry::metrics::Counters>,
+        cfg: orderfleet::runtime::ConsumerConfig,
+    ) -> Self {
+        use orderfleet::runtime::{self, lease::Leases, Consumer};
         use std::sync::Arc;
-        let counters = Arc::new(orderfleet::telemetry::metrics::Counters::default());
-        let group = GroupCommit::counting_into(handler, pool.clone(), group, counters.clone());
         let leases = Leases::default();
         let background = tokio_util::sync::CancellationToken::new();
         tokio::spawn(leases.clone().run(
