@@ -31,6 +31,18 @@ pub async fn execute(
     event: &Envelope,
     receive_count: u32,
 ) -> Result<Executed, HandlerError> {
+    execute_handing_off(handler, pool, event, receive_count, None).await
+}
+
+/// [`execute`], publishing what the handler emitted through `handoff` once it committed (see
+/// [`outbox::Handoff`]); without one, the rows wait for a relay.
+pub async fn execute_handing_off(
+    handler: &dyn AnyHandler,
+    pool: &Pool,
+    event: &Envelope,
+    receive_count: u32,
+    handoff: Option<&outbox::Handoff>,
+) -> Result<Executed, HandlerError> {
     let open = OpenTransaction::new(pool.get().await?);
     let tx = open.tx();
     // Pipelined: the claim is sent right behind BEGIN, without waiting for it. BEGIN fails
@@ -71,21 +83,24 @@ pub async fn execute(
         return Err(e);
     }
     let n = emitted.len();
-    commit_with_outbox(open, &handler.source(), emitted).await?;
+    commit_with_outbox(open, &handler.source(), emitted, handoff).await?;
     Ok(Executed::Applied { emitted: n })
 }
 
 /// Writes `emitted` to the outbox and commits `open`'s transaction. Pipelined: the outbox
 /// rows and `COMMIT` leave together. The rows' statement is prepared first, so nothing can
 /// overtake it. If the insert fails, the transaction is aborted and PostgreSQL answers the
-/// `COMMIT` with a rollback.
+/// `COMMIT` with a rollback. With a `handoff`, the rows are written claimed and published by it
+/// once committed.
 pub(super) async fn commit_with_outbox(
     open: OpenTransaction,
     source: &str,
     emitted: Vec<NewEvent>,
+    handoff: Option<&outbox::Handoff>,
 ) -> Result<(), HandlerError> {
     let tx = open.tx();
-    let rows = match outbox::OutboxRows::prepare(tx, source, emitted).await {
+    let claim = handoff.and_then(outbox::Handoff::claim);
+    let rows = match outbox::OutboxRows::prepare(tx, source, emitted, claim).await {
         Ok(rows) => rows,
         Err(e) => {
             roll_back(open).await;
@@ -119,7 +134,11 @@ pub(super) async fn commit_with_outbox(
     let (written, committed) = tokio::join!(written, tx.batch_execute("COMMIT"));
     committed.map_err(|e| HandlerError::from_db("committing", &e))?;
     open.finished();
-    written
+    written?;
+    if let (Some(handoff), Some(rows)) = (handoff, rows) {
+        handoff.committed(rows);
+    }
+    Ok(())
 }
 
 /// Ends `open`'s transaction with ROLLBACK and gives the connection back; if even that fails,
@@ -173,11 +192,26 @@ pub async fn committed(pool: &Pool, handler: &str, event: &Envelope) -> Option<b
 pub struct Transactional {
     pub handler: Arc<dyn AnyHandler>,
     pub pool: Pool,
+    /// Publishes what a committed event emitted (see [`outbox::Handoff`]).
+    pub handoff: Option<outbox::Handoff>,
 }
 
 impl Transactional {
     pub fn new(handler: Arc<dyn AnyHandler>, pool: Pool) -> Arc<Self> {
-        Arc::new(Transactional { handler, pool })
+        Self::handing_off(handler, pool, None)
+    }
+
+    /// [`Transactional::new`], publishing on commit through `handoff`.
+    pub fn handing_off(
+        handler: Arc<dyn AnyHandler>,
+        pool: Pool,
+        handoff: Option<outbox::Handoff>,
+    ) -> Arc<Self> {
+        Arc::new(Transactional {
+            handler,
+            pool,
+            handoff,
+        })
     }
 }
 
@@ -187,7 +221,14 @@ impl Apply for Transactional {
         self.handler.name()
     }
     async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError> {
-        execute(&*self.handler, &self.pool, event, receive_count).await
+        execute_handing_off(
+            &*self.handler,
+            &self.pool,
+            event,
+            receive_count,
+            self.handoff.as_ref(),
+        )
+        .await
     }
     async fn applied(&self, event: &Envelope) -> Option<bool> {
         committed(&self.pool, self.handler.name(), event).await

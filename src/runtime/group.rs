@@ -50,13 +50,13 @@ use std::panic::AssertUnwindSafe;
 
 use super::adapt;
 use super::consumer::{panic_text, payload_text};
-use super::execute::{commit_with_outbox, execute, roll_back, Apply, Executed};
+use super::execute::{commit_with_outbox, execute_handing_off, roll_back, Apply, Executed};
 use crate::domain::envelope::Envelope;
 use crate::domain::outcome::HandlerError;
 use crate::handlers::{AnyHandler, Context, GroupState};
 use crate::store::db::OpenTransaction;
 use crate::store::inbox;
-use crate::store::outbox::NewEvent;
+use crate::store::outbox::{Handoff, NewEvent};
 use crate::telemetry::metrics::Counters;
 
 /// Rounds of dropping a failed event and grouping the rest again before the remaining events
@@ -84,6 +84,9 @@ pub struct Limits<'a> {
     /// times out first, since its clock also runs while the event waits for a group, and
     /// counts it.)
     pub counters: Option<&'a Counters>,
+    /// Publishes what a committed transaction emitted (see [`crate::store::outbox::Handoff`]);
+    /// without one, the rows wait for a relay.
+    pub handoff: Option<&'a Handoff>,
 }
 
 impl Default for Limits<'_> {
@@ -92,6 +95,7 @@ impl Default for Limits<'_> {
             event_timeout: Duration::from_secs(30),
             wanted: &|_| true,
             counters: None,
+            handoff: None,
         }
     }
 }
@@ -183,7 +187,10 @@ pub async fn execute_group_with(
         let deadline = tokio::time::Instant::now() + limits.event_timeout;
         let run = crate::handlers::DEADLINE.scope(
             deadline,
-            guarded(execute(handler, pool, event, receive_count), limits),
+            guarded(
+                execute_handing_off(handler, pool, event, receive_count, limits.handoff),
+                limits,
+            ),
         );
         results[i] = Some(
             tokio::time::timeout(limits.event_timeout, run)
@@ -340,7 +347,7 @@ async fn try_group(
             error: HandlerError::retry(NOT_WANTED),
         };
     }
-    match commit_with_outbox(open, &handler.source(), emitted).await {
+    match commit_with_outbox(open, &handler.source(), emitted, limits.handoff).await {
         Ok(()) => Round::Committed(answers),
         Err(e) => Round::Broken(e),
     }
@@ -402,6 +409,7 @@ struct Inner {
     largest: AtomicU64,
     /// Caught panics are counted here (the consumer's counters, in a worker).
     counters: Arc<Counters>,
+    handoff: Option<Handoff>,
 }
 
 #[derive(Default)]
@@ -453,8 +461,18 @@ impl GroupCommit {
                 transactions: AtomicU64::new(0),
                 largest: AtomicU64::new(0),
                 counters,
+                handoff: None,
             }),
         }
+    }
+
+    /// Publishes what its groups commit through `handoff` (see
+    /// [`crate::store::outbox::Handoff`]). Call before the first clone.
+    pub fn handing_off(mut self, handoff: Option<Handoff>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("handing_off is called before GroupCommit is cloned")
+            .handoff = handoff;
+        self
     }
 
     /// Events waiting for a free transaction.
@@ -554,6 +572,7 @@ async fn run(inner: Arc<Inner>) {
             (inner.handler.clone(), inner.pool.clone(), inner.cfg.timeout);
         let waiting = replies.clone();
         let counters = inner.counters.clone();
+        let handoff = inner.handoff.clone();
         // Its own task, so that nothing it does can take the runner down; aborting it drops
         // the open transaction, which closes the connection.
         let mut task = tokio::spawn(async move {
@@ -566,6 +585,7 @@ async fn run(inner: Arc<Inner>) {
                 event_timeout,
                 wanted: &wanted,
                 counters: Some(&counters),
+                handoff: handoff.as_ref(),
             };
             execute_group_with(&*handler, &pool, &refs, &limits).await
         });

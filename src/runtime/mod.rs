@@ -37,7 +37,7 @@ use crate::sqs::queue::QueueFacts;
 use backoff::RetryPolicy;
 
 pub use consumer::Consumer;
-pub use execute::{committed, execute, Apply, Executed, Transactional};
+pub use execute::{committed, execute, execute_handing_off, Apply, Executed, Transactional};
 
 /// How often the lease task looks for leases to extend.
 pub const LEASE_TICK: Duration = Duration::from_secs(1);

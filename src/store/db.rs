@@ -112,6 +112,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_by_source",
         include_str!("../../migrations/0020_outbox_by_source.sql"),
     ),
+    (
+        21,
+        "outbox_claims",
+        include_str!("../../migrations/0021_outbox_claims.sql"),
+    ),
 ];
 
 /// The TLS connector. TLS is negotiated as the URL's `sslmode` says (libpq's default, `prefer`,

@@ -19,16 +19,19 @@
 //! commit republishes the batch; consumers absorb it by `event_id`. PutEvents is bounded by
 //! [`crate::infra::aws::CALL_TIMEOUT`]: a hung call would otherwise hold the rows' locks and the relay.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use aws_sdk_eventbridge::operation::put_events::PutEventsOutput;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::domain::outcome::{error_chain, HandlerError};
@@ -45,8 +48,20 @@ pub struct NewEvent {
 /// stamped into its detail. Built by [`OutboxRows::prepare`], which does any round trip first, so
 /// that [`OutboxRows::write`] sends its statement the moment it is first polled and can be
 /// pipelined with the `COMMIT` after it.
+///
+/// Rows written with a claim (see [`Handoff`]) are the committing task's to publish until the
+/// claim runs out; relays leave them alone until then.
 pub struct OutboxRows {
     statement: Statement,
+    source: String,
+    ids: Vec<Uuid>,
+    detail_types: Vec<String>,
+    details: Vec<Value>,
+    claim: Option<Duration>,
+}
+
+/// Rows a committed transaction wrote under a claim, for its [`Handoff`] to publish.
+pub struct Claimed {
     source: String,
     ids: Vec<Uuid>,
     detail_types: Vec<String>,
@@ -54,19 +69,23 @@ pub struct OutboxRows {
 }
 
 impl OutboxRows {
-    /// `None` when there is nothing to write.
+    /// `None` when there is nothing to write. With `claim`, the rows are written claimed for
+    /// that long (see [`Handoff`]).
     pub async fn prepare(
         tx: &Tx,
         source: &str,
         events: Vec<NewEvent>,
+        claim: Option<Duration>,
     ) -> Result<Option<Self>, HandlerError> {
         if events.is_empty() {
             return Ok(None);
         }
+        // `now()` is the transaction's start: the claim runs from before the commit, so it
+        // never outlasts its length counted from when the rows became visible.
         let statement = tx
             .prepare_cached(
-                "INSERT INTO outbox (event_id, source, detail_type, detail)
-                 SELECT id, $1, detail_type, detail
+                "INSERT INTO outbox (event_id, source, detail_type, detail, claimed_until)
+                 SELECT id, $1, detail_type, detail, now() + $5::float8 * interval '1 second'
                    FROM unnest($2::uuid[], $3::text[], $4::jsonb[]) AS e(id, detail_type, detail)",
             )
             .await
@@ -77,6 +96,7 @@ impl OutboxRows {
             ids: Vec::with_capacity(events.len()),
             detail_types: Vec::with_capacity(events.len()),
             details: Vec::with_capacity(events.len()),
+            claim,
         };
         for ev in events {
             let id = Uuid::new_v4();
@@ -93,13 +113,30 @@ impl OutboxRows {
 
     /// Writes the rows in one statement.
     pub async fn write(&self, tx: &Tx) -> Result<(), HandlerError> {
+        let claim = self.claim.map(|c| c.as_secs_f64());
         tx.execute(
             &self.statement,
-            &[&self.source, &self.ids, &self.detail_types, &self.details],
+            &[
+                &self.source,
+                &self.ids,
+                &self.detail_types,
+                &self.details,
+                &claim,
+            ],
         )
         .await
         .map_err(|e| HandlerError::from_db("writing the outbox", &e))?;
         Ok(())
+    }
+
+    /// The rows, if they were written claimed; call once their transaction committed.
+    pub fn into_claimed(self) -> Option<Claimed> {
+        self.claim.map(|_| Claimed {
+            source: self.source,
+            ids: self.ids,
+            detail_types: self.detail_types,
+            details: self.details,
+        })
     }
 }
 
@@ -135,6 +172,9 @@ pub struct Relay {
     sources: Vec<String>,
     wake: Arc<Notify>,
     call_timeout: Duration,
+    /// Whether this process's [`Handoff`] publishes on commit: off after a hand-off failed,
+    /// on again once a relay pass published (see [`Handoff::claim`]).
+    direct: Arc<AtomicBool>,
 }
 
 /// What one relay pass did.
@@ -153,12 +193,124 @@ pub const RELAY_PASS_ROWS: usize = 100;
 /// PutEvents' limit on the entries of one call.
 const PUT_EVENTS_MAX_ENTRIES: usize = 10;
 
-/// One PutEvents call of a relay pass: its rows' ids, its entries and their size.
-#[derive(Default)]
-struct Call {
-    ids: Vec<i64>,
+/// One PutEvents call: its rows' keys (outbox ids for the relay, event ids for a hand-off),
+/// its entries and their size.
+struct Call<K> {
+    ids: Vec<K>,
     entries: Vec<PutEventsRequestEntry>,
     bytes: usize,
+}
+
+/// An event too big for EventBridge ever to accept, and why.
+struct TooBig<K> {
+    id: K,
+    detail_type: String,
+    reason: String,
+}
+
+/// Cuts `rows` (key, source, detail-type, detail) into PutEvents calls within the API's limits:
+/// 10 entries and 256 KB per call. A row over the limit alone can never be sent: it comes back
+/// apart, with the reason.
+fn cut_into_calls<K>(
+    bus_name: &str,
+    rows: impl IntoIterator<Item = (K, String, String, String)>,
+) -> (Vec<Call<K>>, Vec<TooBig<K>>) {
+    let mut calls: Vec<Call<K>> = Vec::new();
+    let mut too_big = Vec::new();
+    for (id, source, detail_type, detail) in rows {
+        let entry = event_size(&source, &detail_type, &detail);
+        if entry > MAX_PUT_EVENTS_BYTES {
+            let reason = format!(
+                "the entry is {entry} bytes; EventBridge accepts at most {MAX_PUT_EVENTS_BYTES}"
+            );
+            too_big.push(TooBig {
+                id,
+                detail_type,
+                reason,
+            });
+            continue;
+        }
+        let fits = calls.last().is_some_and(|c| {
+            c.ids.len() < PUT_EVENTS_MAX_ENTRIES && c.bytes + entry <= MAX_PUT_EVENTS_BYTES
+        });
+        if !fits {
+            calls.push(Call {
+                ids: Vec::new(),
+                entries: Vec::new(),
+                bytes: 0,
+            });
+        }
+        let call = calls.last_mut().expect("a call was just pushed");
+        call.bytes += entry;
+        call.ids.push(id);
+        call.entries.push(
+            PutEventsRequestEntry::builder()
+                .event_bus_name(bus_name)
+                .source(source)
+                .detail_type(detail_type)
+                .detail(detail)
+                .build(),
+        );
+    }
+    (calls, too_big)
+}
+
+/// Sends `calls` one after another, each bounded by `timeout` (a hung call would hold its rows).
+/// After a whole-call failure (throttling, an outage) the next call would most likely fail
+/// too: the answers stop there, and the calls after it are left unsent.
+async fn send_calls<K>(
+    events: &aws_sdk_eventbridge::Client,
+    timeout: Duration,
+    calls: &mut [Call<K>],
+) -> Vec<Result<PutEventsOutput, String>> {
+    let mut answers = Vec::with_capacity(calls.len());
+    for call in calls.iter_mut() {
+        let request = events
+            .put_events()
+            .set_entries(Some(std::mem::take(&mut call.entries)))
+            .send();
+        let answer = match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err(error_chain(&e)),
+            Err(_) => Err(format!("PutEvents timed out after {timeout:?}")),
+        };
+        let failed = answer.is_err();
+        answers.push(answer);
+        if failed {
+            break;
+        }
+    }
+    answers
+}
+
+/// What became of one entry of a call EventBridge answered.
+enum Fate {
+    Published,
+    /// Refused with this error; `for_good` when it will always be (see
+    /// [`entry_refused_for_good`]).
+    Refused {
+        error: String,
+        for_good: bool,
+    },
+}
+
+/// The fate of entry `i` of a call answered with `out`. Entries of the response line up with
+/// the request; a missing one is treated as refused for now.
+fn fate(out: &PutEventsOutput, i: usize) -> Fate {
+    match out.entries().get(i) {
+        Some(entry) if entry.error_code().is_none() => Fate::Published,
+        Some(entry) => {
+            let code = entry.error_code().unwrap_or_default();
+            Fate::Refused {
+                error: format!("{code}: {}", entry.error_message().unwrap_or_default()),
+                for_good: entry_refused_for_good(code),
+            }
+        }
+        None => Fate::Refused {
+            error: "PutEvents answered without this entry".into(),
+            for_good: false,
+        },
+    }
 }
 
 /// Moves outbox row `id` to `outbox_dead_letters` with `reason`, in the caller's transaction
@@ -192,6 +344,31 @@ impl Relay {
             sources,
             wake: Arc::new(Notify::new()),
             call_timeout: crate::infra::aws::CALL_TIMEOUT,
+            direct: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// The hand-off through which this process's committing tasks publish their own events
+    /// (see [`Handoff`]); it shares this relay's wake-up and EventBridge client.
+    pub fn handoff(&self) -> Handoff {
+        self.handoff_claiming(CLAIM)
+    }
+
+    /// [`Relay::handoff`] with claims of `claim` instead of [`CLAIM`].
+    pub fn handoff_claiming(&self, claim: Duration) -> Handoff {
+        Handoff {
+            inner: Arc::new(HandoffInner {
+                pool: self.pool.clone(),
+                events: self.events.clone(),
+                call_timeout: self.call_timeout,
+                bus_name: self.bus_name.clone(),
+                claim,
+                direct: self.direct.clone(),
+                wake: self.wake.clone(),
+                tasks: TaskTracker::new(),
+                published: AtomicU64::new(0),
+                handed_back: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -229,6 +406,7 @@ impl Relay {
                 tx.query_cached(
                     "SELECT id, event_id, source, detail_type, detail FROM outbox
                      WHERE published_at IS NULL AND source = $1
+                       AND (claimed_until IS NULL OR claimed_until < now())
                      ORDER BY attempts, id LIMIT $2 FOR UPDATE SKIP LOCKED",
                     &[source, &want],
                 )
@@ -246,65 +424,24 @@ impl Relay {
         // PutEvents refuses a request over 256 KB or over 10 entries: the rows are cut into
         // calls that fit. A row that alone is over the limit can never be sent: it goes to the
         // dead letters at once.
-        let mut calls: Vec<Call> = Vec::new();
-        for row in &rows {
-            let id: i64 = row.get(0);
-            let (source, detail_type): (String, String) = (row.get(2), row.get(3));
-            let detail = row.get::<_, Value>(4).to_string();
-            let entry = event_size(&source, &detail_type, &detail);
-            if entry > MAX_PUT_EVENTS_BYTES {
-                let reason = format!(
-                    "the entry is {entry} bytes; EventBridge accepts at most {MAX_PUT_EVENTS_BYTES}"
-                );
-                tracing::error!(
-                    outbox_id = id,
-                    detail_type,
-                    bytes = entry,
-                    "relay: event too big for EventBridge; moved to the outbox dead letters"
-                );
-                dead_letter(&tx, id, &reason).await?;
-                pass.dead_lettered += 1;
-                continue;
-            }
-            let fits = calls.last().is_some_and(|c| {
-                c.ids.len() < PUT_EVENTS_MAX_ENTRIES && c.bytes + entry <= MAX_PUT_EVENTS_BYTES
-            });
-            if !fits {
-                calls.push(Call::default());
-            }
-            let call = calls.last_mut().expect("a call was just pushed");
-            call.bytes += entry;
-            call.ids.push(id);
-            call.entries.push(
-                PutEventsRequestEntry::builder()
-                    .event_bus_name(&self.bus_name)
-                    .source(source)
-                    .detail_type(detail_type)
-                    .detail(detail)
-                    .build(),
+        let (mut calls, too_big) = cut_into_calls(
+            &self.bus_name,
+            rows.iter().map(|row| {
+                let detail = row.get::<_, Value>(4).to_string();
+                (row.get::<_, i64>(0), row.get(2), row.get(3), detail)
+            }),
+        );
+        for row in too_big {
+            tracing::error!(
+                outbox_id = row.id,
+                detail_type = row.detail_type,
+                reason = row.reason,
+                "relay: event too big for EventBridge; moved to the outbox dead letters"
             );
+            dead_letter(&tx, row.id, &row.reason).await?;
+            pass.dead_lettered += 1;
         }
-        let mut answers = Vec::with_capacity(calls.len());
-        for call in calls.iter_mut() {
-            let request = self
-                .events
-                .put_events()
-                .set_entries(Some(std::mem::take(&mut call.entries)))
-                .send();
-            // A hung call would hold the rows' locks and stop the relay.
-            let answer = match tokio::time::timeout(self.call_timeout, request).await {
-                Ok(Ok(out)) => Ok(out),
-                Ok(Err(e)) => Err(error_chain(&e)),
-                Err(_) => Err(format!("PutEvents timed out after {:?}", self.call_timeout)),
-            };
-            // After a whole-call failure (throttling, an outage) the next call would most
-            // likely fail too: the rest of the pass is left, untried, for the next one.
-            let failed = answer.is_err();
-            answers.push(answer);
-            if failed {
-                break;
-            }
-        }
+        let answers = send_calls(&self.events, self.call_timeout, &mut calls).await;
         let mut published = Vec::new();
         let mut call_failed = None;
         for (call, answer) in calls.iter().zip(answers) {
@@ -322,29 +459,27 @@ impl Relay {
                     continue;
                 }
             };
-            // Entries of the response line up with the request; an entry with an error code
-            // failed on its own: for good (dead letters) or for now (stays in the outbox for
-            // the next pass).
+            // An entry with an error code failed on its own: for good (dead letters) or for
+            // now (stays in the outbox for the next pass).
             for (i, id) in call.ids.iter().enumerate() {
-                match out.entries().get(i) {
-                    Some(entry) if entry.error_code().is_none() => published.push(*id),
-                    Some(entry) => {
-                        let code = entry.error_code().unwrap_or_default();
-                        let err = format!("{code}: {}", entry.error_message().unwrap_or_default());
-                        if entry_refused_for_good(code) {
-                            tracing::error!(outbox_id = id, code, error = %err, "relay: EventBridge refused an event for good; moved to the outbox dead letters");
-                            dead_letter(&tx, *id, &err).await?;
-                            pass.dead_lettered += 1;
-                            continue;
-                        }
+                match fate(&out, i) {
+                    Fate::Published => published.push(*id),
+                    Fate::Refused {
+                        error,
+                        for_good: true,
+                    } => {
+                        tracing::error!(outbox_id = id, error = %error, "relay: EventBridge refused an event for good; moved to the outbox dead letters");
+                        dead_letter(&tx, *id, &error).await?;
+                        pass.dead_lettered += 1;
+                    }
+                    Fate::Refused { error, .. } => {
                         pass.failed += 1;
                         tx.execute_cached(
                             "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = $1",
-                            &[id, &err],
+                            &[id, &error],
                         )
                         .await?;
                     }
-                    None => pass.failed += 1,
                 }
             }
         }
@@ -358,6 +493,10 @@ impl Relay {
             .await
             .context("relay: removing published rows")?;
         pass.published = published.len();
+        if pass.published > 0 && pass.failed == 0 && call_failed.is_none() {
+            // EventBridge takes events again: committing tasks may publish their own again.
+            self.direct.store(true, Relaxed);
+        }
         if let Some(err) = call_failed {
             anyhow::bail!(
                 "relay: PutEvents failed: {err} ({} of this pass's events published)",
@@ -427,6 +566,234 @@ impl Relay {
             }
         }
         Ok(total)
+    }
+}
+
+/// How long a committing task's claim on the rows it wrote lasts: three PutEvents timeouts, so
+/// that a live hand-off finishes (or hands its rows back) well inside it. Past it, any relay
+/// publishes the rows: that is how the events of a process that died between its commit and
+/// its hand-off still leave.
+pub const CLAIM: Duration = Duration::from_secs(30);
+
+/// Publishing on commit: the task that committed a handler's events publishes them itself,
+/// straight after its commit, instead of waking the relay to find them again.
+///
+/// The rows are written *claimed* ([`OutboxRows::prepare`] with [`Handoff::claim`]):
+/// `claimed_until` is set, and relays pass over them until it is past. After the commit the
+/// hand-off sends them with PutEvents (the same calls, limits and timeout as a relay pass),
+/// then deletes what EventBridge took. The relay pass it replaces read the rows back under a
+/// lock in a transaction of its own, one pass at a time per process; a hand-off needs no read,
+/// no transaction and no turn.
+///
+/// Rivals, crashes and failures:
+/// - A relay (in this process or another) never takes a claimed row while the claim holds, so
+///   a live hand-off and a relay do not both send it.
+/// - A process that dies after its commit and before its hand-off finished leaves its rows
+///   claimed: once the claim ([`CLAIM`]) runs out, any relay publishes them. The events are
+///   late, not lost.
+/// - A death after PutEvents and before the delete publishes them again then; consumers absorb
+///   the copy by `event_id`, as they do a relay's.
+/// - Anything a hand-off could not publish (a whole call failing, an entry refused, an entry
+///   too big for EventBridge) it hands back: the claim is cleared, `attempts` and `last_error`
+///   are set, and the relay is woken to retry or dead-letter it under its usual rules. After a
+///   call or an entry failed, this process stops claiming (its rows go to the relay, which
+///   backs off) until a relay pass publishes again.
+/// - If the database refuses the delete or the hand-back, the rows keep their claim and the
+///   relay takes them when it runs out, as after a crash.
+#[derive(Clone)]
+pub struct Handoff {
+    inner: Arc<HandoffInner>,
+}
+
+struct HandoffInner {
+    pool: Pool,
+    events: aws_sdk_eventbridge::Client,
+    call_timeout: Duration,
+    bus_name: String,
+    claim: Duration,
+    direct: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+    tasks: TaskTracker,
+    published: AtomicU64,
+    handed_back: AtomicU64,
+}
+
+/// What one hand-off did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct HandedOff {
+    pub published: usize,
+    /// Rows given back to the relay, unpublished.
+    pub handed_back: usize,
+}
+
+impl Handoff {
+    /// How long to claim the rows about to be written, or `None` to write them for the relay
+    /// (after a hand-off failed, until a relay pass publishes again).
+    pub fn claim(&self) -> Option<Duration> {
+        self.inner.direct.load(Relaxed).then_some(self.inner.claim)
+    }
+
+    /// After the commit of rows written with [`OutboxRows::prepare`]: publishes them in a task
+    /// of its own if they were claimed, and otherwise wakes the relay for them.
+    pub fn committed(&self, rows: OutboxRows) {
+        match rows.into_claimed() {
+            Some(claimed) => {
+                let this = self.clone();
+                self.inner.tasks.spawn(async move {
+                    this.publish(claimed).await;
+                });
+            }
+            None => self.inner.wake.notify_one(),
+        }
+    }
+
+    /// Publishes `rows`, deletes what EventBridge took and hands the rest back to the relay.
+    pub async fn publish(&self, rows: Claimed) -> HandedOff {
+        let inner = &*self.inner;
+        let started = tokio::time::Instant::now();
+        let Claimed {
+            source,
+            ids,
+            detail_types,
+            details,
+        } = rows;
+        let (mut calls, too_big) = cut_into_calls(
+            &inner.bus_name,
+            ids.into_iter()
+                .zip(detail_types)
+                .zip(details)
+                .map(|((id, detail_type), detail)| {
+                    (id, source.clone(), detail_type, detail.to_string())
+                }),
+        );
+        let mut back: Vec<(Uuid, String)> = too_big.into_iter().map(|t| (t.id, t.reason)).collect();
+        let answers = send_calls(&inner.events, inner.call_timeout, &mut calls).await;
+        let mut failed = false;
+        let mut published = Vec::new();
+        let mut answers = answers.into_iter();
+        for call in &calls {
+            match answers.next() {
+                Some(Ok(out)) => {
+                    for (i, id) in call.ids.iter().enumerate() {
+                        match fate(&out, i) {
+                            Fate::Published => published.push(*id),
+                            Fate::Refused { error, for_good } => {
+                                failed |= !for_good;
+                                back.push((*id, error));
+                            }
+                        }
+                    }
+                }
+                Some(Err(error)) => {
+                    failed = true;
+                    back.extend(call.ids.iter().map(|id| (*id, error.clone())));
+                }
+                None => back.extend(call.ids.iter().map(|id| {
+                    (
+                        *id,
+                        "not sent: an earlier PutEvents call of its hand-off failed".into(),
+                    )
+                })),
+            }
+        }
+        if failed {
+            inner.direct.store(false, Relaxed);
+        }
+        let done = HandedOff {
+            published: published.len(),
+            handed_back: back.len(),
+        };
+        if let Err(e) = self.settle(&published, &back).await {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                published = done.published,
+                handed_back = done.handed_back,
+                "hand-off: the outbox could not be updated; its rows wait for their claim to run out"
+            );
+        }
+        inner.published.fetch_add(done.published as u64, Relaxed);
+        inner
+            .handed_back
+            .fetch_add(done.handed_back as u64, Relaxed);
+        if !back.is_empty() {
+            tracing::warn!(
+                handed_back = done.handed_back,
+                published = done.published,
+                first_error = back[0].1.as_str(),
+                "hand-off: events not published on commit; the relay takes them"
+            );
+            inner.wake.notify_one();
+        } else {
+            tracing::debug!(
+                published = done.published,
+                took_ms = started.elapsed().as_millis() as u64,
+                "published on commit"
+            );
+        }
+        done
+    }
+
+    /// Deletes the published rows and hands the others back, in two pipelined statements.
+    async fn settle(&self, published: &[Uuid], back: &[(Uuid, String)]) -> Result<()> {
+        let client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .context("hand-off: database pool")?;
+        let (ids, errors): (Vec<Uuid>, Vec<&str>) =
+            back.iter().map(|(id, e)| (*id, e.as_str())).unzip();
+        let deleted = async {
+            if published.is_empty() {
+                return Ok(());
+            }
+            client
+                .execute_cached("DELETE FROM outbox WHERE event_id = ANY($1)", &[&published])
+                .await
+                .map(drop)
+                .context("hand-off: removing published rows")
+        };
+        let handed_back = async {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            client
+                .execute_cached(
+                    "UPDATE outbox o
+                        SET claimed_until = NULL, attempts = o.attempts + 1, last_error = b.error
+                       FROM unnest($1::uuid[], $2::text[]) AS b(event_id, error)
+                      WHERE o.event_id = b.event_id",
+                    &[&ids, &errors],
+                )
+                .await
+                .map(drop)
+                .context("hand-off: giving rows back to the relay")
+        };
+        let (deleted, handed_back) = tokio::join!(deleted, handed_back);
+        deleted.and(handed_back)
+    }
+
+    /// Events published on commit, and events handed back, since this hand-off began.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.inner.published.load(Relaxed),
+            self.inner.handed_back.load(Relaxed),
+        )
+    }
+
+    /// At a stop: waits up to `deadline` for the hand-offs in flight. One still running after
+    /// it leaves its rows to the relay once their claim runs out.
+    pub async fn finish(&self, deadline: Duration) {
+        self.inner.tasks.close();
+        if tokio::time::timeout(deadline, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.inner.tasks.len(),
+                "hand-offs still running at the stop; their events leave once their claim runs out"
+            );
+        }
     }
 }
 

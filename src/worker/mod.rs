@@ -24,7 +24,7 @@ use crate::runtime::lease::Leases;
 use crate::runtime::retention;
 use crate::runtime::{self, notify, Apply, Consumer, ConsumerConfig};
 use crate::store::inbox::InboxRetention;
-use crate::store::outbox::Relay;
+use crate::store::outbox::{Handoff, Relay};
 use crate::telemetry::emf::{Reporter, Sink};
 use crate::telemetry::logging::LogFormat;
 use crate::telemetry::metrics::Counters;
@@ -85,6 +85,11 @@ pub struct WorkerArgs {
     /// Do not run the outbox relay in this process (run it elsewhere).
     #[arg(long, env = "ORDERFLEET_NO_RELAY")]
     pub no_relay: bool,
+    /// Leave every emitted event to the relay. By default the task that commits a handler's
+    /// events publishes them straight after its commit, and the relay takes only what that
+    /// did not publish (see `Handoff` in `src/store/outbox.rs`). Implied by `--no-relay`.
+    #[arg(long, env = "ORDERFLEET_NO_PUBLISH_ON_COMMIT")]
+    pub no_publish_on_commit: bool,
     /// How often the relay looks for unpublished events when nothing woke it.
     #[arg(long, env = "ORDERFLEET_RELAY_POLL_MS", default_value_t = 200)]
     pub relay_poll_ms: u64,
@@ -141,20 +146,24 @@ impl WorkerArgs {
         pool: &Pool,
         cfg: &ConsumerConfig,
         counters: &Arc<Counters>,
+        handoff: Option<Handoff>,
     ) -> Arc<dyn Apply> {
         if self.group_commit_max > 1 && handler.group_commit() {
-            Arc::new(GroupCommit::counting_into(
-                handler,
-                pool.clone(),
-                GroupConfig {
-                    max_group: self.group_commit_max,
-                    transactions: self.group_commit_transactions.min(self.db_pool_size),
-                    timeout: cfg.handler_timeout,
-                },
-                counters.clone(),
-            ))
+            Arc::new(
+                GroupCommit::counting_into(
+                    handler,
+                    pool.clone(),
+                    GroupConfig {
+                        max_group: self.group_commit_max,
+                        transactions: self.group_commit_transactions.min(self.db_pool_size),
+                        timeout: cfg.handler_timeout,
+                    },
+                    counters.clone(),
+                )
+                .handing_off(handoff),
+            )
         } else {
-            runtime::Transactional::new(handler, pool.clone())
+            runtime::Transactional::handing_off(handler, pool.clone(), handoff)
         }
     }
 }
@@ -385,6 +394,8 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         topo.bus_name.clone(),
         sources,
     );
+    // Publishing on commit is the relay's fast lane: with no relay here, there is none.
+    let handoff = (run_relay && !args.no_publish_on_commit).then(|| relay.handoff());
     let mut all_counters = Vec::new();
     for name in &names {
         let queue = topo.queue_name(*name);
@@ -396,14 +407,15 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         let handler: Arc<dyn AnyHandler> = deps::build(*name, &deps)?;
         let counters = Arc::new(Counters::default());
         all_counters.push((*name, counters.clone()));
-        let handler = args.applier(handler, &pool, &cfg, &counters);
+        let handler = args.applier(handler, &pool, &cfg, &counters, handoff.clone());
         consumers.push(Consumer {
             cfg,
             sqs: clients.sqs.clone(),
             handler,
             leases: leases.clone(),
             counters,
-            relay_wake: run_relay.then(|| relay.waker()),
+            // A hand-off wakes the relay itself for what it does not publish.
+            relay_wake: (run_relay && handoff.is_none()).then(|| relay.waker()),
         });
     }
 
@@ -495,6 +507,11 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
             Ok(Err(e)) => result = Err(e),
             Err(e) => result = Err(anyhow::anyhow!("consumer task: {e}")),
         }
+    }
+    // Hand-offs still in flight get a second: the relay's drain below publishes what they
+    // handed back, and rows of one that outlasts it wait for their claim to run out.
+    if let Some(handoff) = &handoff {
+        handoff.finish(Duration::from_secs(1)).await;
     }
     background.cancel();
     let _ = lease_task.await;

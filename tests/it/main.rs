@@ -30,6 +30,7 @@ mod personalization_personalize;
 mod personalization_recommendations;
 mod privacy;
 mod readme;
+mod relay_handoff;
 mod relay_passes;
 mod runtime_adaptive_depth;
 mod runtime_group_commit;

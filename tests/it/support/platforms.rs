@@ -50,6 +50,7 @@ impl Seen {
 
 pub type Answer = dyn Fn(&Seen, &[Seen]) -> (u16, Value) + Send + Sync;
 
+#[derive(Clone)]
 pub struct Fake {
     pub url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
