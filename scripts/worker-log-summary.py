@@ -15,6 +15,7 @@ orders when it ran last). Per handler, in milliseconds (p50 / p99):
 - groups: events per group, how long the group's oldest event waited for it, and how long it
   took;
 - relay: rows per pass and how long a pass took (read, PutEvents, delete, commit);
+- published on commit: events per hand-off and how long one took (PutEvents, then the delete);
 - target: each change of the in-flight target in the window, as from -> to.
 """
 import collections
@@ -67,6 +68,7 @@ def main():
         targets = collections.defaultdict(list)
         groups = collections.defaultdict(list)
         passes = []
+        handoffs = []
         for x in window:
             message = x.get("message")
             if message == "handled":
@@ -77,6 +79,8 @@ def main():
                 groups[x["handler"]].append(x)
             elif message == "relay pass":
                 passes.append(x)
+            elif message == "published on commit":
+                handoffs.append(x)
             elif message == "in-flight target changed":
                 targets[x["handler"]].append(f"{x['from']}->{x['to']}")
         for handler, (age, elapsed) in sorted(handled.items()):
@@ -91,6 +95,12 @@ def main():
             print(
                 f"  relay: {len(passes)} passes; rows {both([p['published'] for p in passes])};"
                 f" took {both([p['took_ms'] for p in passes])}"
+            )
+        if handoffs:
+            print(
+                f"  published on commit: {len(handoffs)} hand-offs;"
+                f" events {both([h['published'] for h in handoffs])};"
+                f" took {both([h['took_ms'] for h in handoffs])}"
             )
         for handler, changes in sorted(targets.items()):
             print(f"  {handler} target: {len(changes)} changes: {' '.join(changes)}")

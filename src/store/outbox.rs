@@ -80,12 +80,13 @@ impl OutboxRows {
         if events.is_empty() {
             return Ok(None);
         }
-        // `now()` is the transaction's start: the claim runs from before the commit, so it
-        // never outlasts its length counted from when the rows became visible.
+        // The claim runs from the insert, which is sent with the COMMIT: a transaction that
+        // waited long for locks does not eat into its hand-off's time.
         let statement = tx
             .prepare_cached(
                 "INSERT INTO outbox (event_id, source, detail_type, detail, claimed_until)
-                 SELECT id, $1, detail_type, detail, now() + $5::float8 * interval '1 second'
+                 SELECT id, $1, detail_type, detail,
+                        clock_timestamp() + $5::float8 * interval '1 second'
                    FROM unnest($2::uuid[], $3::text[], $4::jsonb[]) AS e(id, detail_type, detail)",
             )
             .await
@@ -368,6 +369,8 @@ impl Relay {
                 tasks: TaskTracker::new(),
                 published: AtomicU64::new(0),
                 handed_back: AtomicU64::new(0),
+                to_delete: Default::default(),
+                delete_scheduled: AtomicBool::new(false),
             }),
         }
     }
@@ -575,13 +578,17 @@ impl Relay {
 /// its hand-off still leave.
 pub const CLAIM: Duration = Duration::from_secs(30);
 
+/// How long published rows wait to be deleted together (see [`Handoff::delete_soon`]).
+pub const DELETE_LINGER: Duration = Duration::from_millis(50);
+
 /// Publishing on commit: the task that committed a handler's events publishes them itself,
 /// straight after its commit, instead of waking the relay to find them again.
 ///
 /// The rows are written *claimed* ([`OutboxRows::prepare`] with [`Handoff::claim`]):
 /// `claimed_until` is set, and relays pass over them until it is past. After the commit the
 /// hand-off sends them with PutEvents (the same calls, limits and timeout as a relay pass),
-/// then deletes what EventBridge took. The relay pass it replaces read the rows back under a
+/// then queues what EventBridge took for deletion: one statement deletes what every hand-off
+/// of the process published within [`DELETE_LINGER`]. The relay pass it replaces read the rows back under a
 /// lock in a transaction of its own, one pass at a time per process; a hand-off needs no read,
 /// no transaction and no turn.
 ///
@@ -598,8 +605,9 @@ pub const CLAIM: Duration = Duration::from_secs(30);
 ///   are set, and the relay is woken to retry or dead-letter it under its usual rules. After a
 ///   call or an entry failed, this process stops claiming (its rows go to the relay, which
 ///   backs off) until a relay pass publishes again.
-/// - If the database refuses the delete or the hand-back, the rows keep their claim and the
-///   relay takes them when it runs out, as after a crash.
+/// - If the database refuses the hand-back, the rows keep their claim and the relay takes them
+///   when it runs out, as after a crash. A refused delete is retried with the next one; rows
+///   whose claim runs out first are sent again by a relay, and absorbed.
 #[derive(Clone)]
 pub struct Handoff {
     inner: Arc<HandoffInner>,
@@ -616,6 +624,9 @@ struct HandoffInner {
     tasks: TaskTracker,
     published: AtomicU64,
     handed_back: AtomicU64,
+    /// Published rows waiting for [`Handoff::delete_published`].
+    to_delete: std::sync::Mutex<Vec<Uuid>>,
+    delete_scheduled: AtomicBool,
 }
 
 /// What one hand-off did.
@@ -703,14 +714,14 @@ impl Handoff {
             published: published.len(),
             handed_back: back.len(),
         };
-        if let Err(e) = self.settle(&published, &back).await {
+        if let Err(e) = self.hand_back(&back).await {
             tracing::warn!(
                 error = %format!("{e:#}"),
-                published = done.published,
                 handed_back = done.handed_back,
-                "hand-off: the outbox could not be updated; its rows wait for their claim to run out"
+                "hand-off: could not give rows back to the relay; they wait for their claim to run out"
             );
         }
+        self.delete_soon(published);
         inner.published.fetch_add(done.published as u64, Relaxed);
         inner
             .handed_back
@@ -733,44 +744,95 @@ impl Handoff {
         done
     }
 
-    /// Deletes the published rows and hands the others back, in two pipelined statements.
-    async fn settle(&self, published: &[Uuid], back: &[(Uuid, String)]) -> Result<()> {
+    /// Clears the claim of rows this hand-off could not publish and counts the attempt, so
+    /// that the relay takes them under its rules.
+    async fn hand_back(&self, back: &[(Uuid, String)]) -> Result<()> {
+        if back.is_empty() {
+            return Ok(());
+        }
+        let (ids, errors): (Vec<Uuid>, Vec<&str>) =
+            back.iter().map(|(id, e)| (*id, e.as_str())).unzip();
         let client = self
             .inner
             .pool
             .get()
             .await
             .context("hand-off: database pool")?;
-        let (ids, errors): (Vec<Uuid>, Vec<&str>) =
-            back.iter().map(|(id, e)| (*id, e.as_str())).unzip();
+        client
+            .execute_cached(
+                "UPDATE outbox o
+                    SET claimed_until = NULL, attempts = o.attempts + 1, last_error = b.error
+                   FROM unnest($1::uuid[], $2::text[]) AS b(event_id, error)
+                  WHERE o.event_id = b.event_id",
+                &[&ids, &errors],
+            )
+            .await
+            .context("hand-off: giving rows back to the relay")?;
+        Ok(())
+    }
+
+    /// Queues published rows for deletion. The deletes of all hand-offs within
+    /// [`DELETE_LINGER`] go in one statement: one connection and one statement per linger
+    /// rather than per commit. Until then the rows stay claimed, so no relay sends them; a
+    /// process that dies meanwhile has them sent again once the claim runs out.
+    fn delete_soon(&self, ids: Vec<Uuid>) {
+        if ids.is_empty() {
+            return;
+        }
+        self.inner
+            .to_delete
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(ids);
+        if !self.inner.delete_scheduled.swap(true, Relaxed) {
+            let this = self.clone();
+            self.inner.tasks.spawn(async move {
+                tokio::time::sleep(DELETE_LINGER).await;
+                this.delete_published().await;
+            });
+        }
+    }
+
+    /// Deletes the rows queued by [`Handoff::delete_soon`]. If the database refuses, they go
+    /// back in the queue for the next hand-off's delete.
+    async fn delete_published(&self) {
+        // Cleared before the queue is taken: rows queued from here on schedule a delete of
+        // their own.
+        self.inner.delete_scheduled.store(false, Relaxed);
+        let ids = std::mem::take(
+            &mut *self
+                .inner
+                .to_delete
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        if ids.is_empty() {
+            return;
+        }
         let deleted = async {
-            if published.is_empty() {
-                return Ok(());
-            }
-            client
-                .execute_cached("DELETE FROM outbox WHERE event_id = ANY($1)", &[&published])
+            let client = self
+                .inner
+                .pool
+                .get()
                 .await
-                .map(drop)
+                .context("hand-off: database pool")?;
+            client
+                .execute_cached("DELETE FROM outbox WHERE event_id = ANY($1)", &[&ids])
+                .await
                 .context("hand-off: removing published rows")
         };
-        let handed_back = async {
-            if ids.is_empty() {
-                return Ok(());
-            }
-            client
-                .execute_cached(
-                    "UPDATE outbox o
-                        SET claimed_until = NULL, attempts = o.attempts + 1, last_error = b.error
-                       FROM unnest($1::uuid[], $2::text[]) AS b(event_id, error)
-                      WHERE o.event_id = b.event_id",
-                    &[&ids, &errors],
-                )
-                .await
-                .map(drop)
-                .context("hand-off: giving rows back to the relay")
-        };
-        let (deleted, handed_back) = tokio::join!(deleted, handed_back);
-        deleted.and(handed_back)
+        if let Err(e) = deleted.await {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                rows = ids.len(),
+                "hand-off: published rows not deleted yet; retried with the next delete"
+            );
+            self.inner
+                .to_delete
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ids);
+        }
     }
 
     /// Events published on commit, and events handed back, since this hand-off began.
@@ -781,8 +843,9 @@ impl Handoff {
         )
     }
 
-    /// At a stop: waits up to `deadline` for the hand-offs in flight. One still running after
-    /// it leaves its rows to the relay once their claim runs out.
+    /// At a stop: waits up to `deadline` for the hand-offs in flight and the deletes they
+    /// queued. One still running after it leaves its rows to the relay once their claim runs
+    /// out.
     pub async fn finish(&self, deadline: Duration) {
         self.inner.tasks.close();
         if tokio::time::timeout(deadline, self.inner.tasks.wait())
