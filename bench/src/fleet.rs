@@ -96,6 +96,9 @@ pub struct FleetConfig {
     pub lake_emulator_pid: Option<u32>,
     /// Longest a phase may take before the run fails.
     pub phase_timeout: Duration,
+    /// Every PutEvents waits this long at the endpoint (its `--put-events-delay-ms`): a real
+    /// region's round trip, which loopback does not have.
+    pub put_events_delay_ms: u64,
 }
 
 /// The figures of one phase.
@@ -166,6 +169,8 @@ pub struct WorkerReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct FleetReport {
     pub processes: usize,
+    /// What the endpoint added to every PutEvents (`--put-events-delay-ms`).
+    pub put_events_delay_ms: u64,
     pub throughput: PhaseReport,
     pub latency: Option<PhaseReport>,
     pub workers: Vec<WorkerReport>,
@@ -183,7 +188,7 @@ impl FleetReport {
             let f = 10f64.powi(places);
             (x * f).round() / f
         };
-        json!({
+        let mut summary = json!({
             "processes": self.processes,
             "orders": t.orders,
             "complete_orders_per_sec": round(t.complete_orders_per_sec, 1),
@@ -208,7 +213,12 @@ impl FleetReport {
             "log_bytes_per_order": round(t.log_bytes_per_order, 0),
             "usd_per_1000_orders": round(t.usd_per_1000_orders, 5),
             "largest_cost": t.largest_cost,
-        })
+        });
+        // Only when set, so that the figures of runs without it read as before.
+        if self.put_events_delay_ms > 0 {
+            summary["put_events_delay_ms"] = json!(self.put_events_delay_ms);
+        }
+        summary
     }
 }
 
@@ -553,9 +563,10 @@ async fn run_checked(what: &str, mut cmd: Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn start_endpoint(bin_dir: &Path) -> Result<(Proc, String)> {
+async fn start_endpoint(bin_dir: &Path, put_events_delay_ms: u64) -> Result<(Proc, String)> {
     let mut cmd = Command::new(bin_dir.join("orderfleet-bench-sqs"));
     cmd.args(["--port", "0", "--host", "127.0.0.1"]);
+    cmd.arg(format!("--put-events-delay-ms={put_events_delay_ms}"));
     let mut endpoint = Proc::spawn("orderfleet-bench-sqs", cmd)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -583,7 +594,8 @@ async fn run_in(
     scratch: &Path,
     progress: &impl Fn(String),
 ) -> Result<FleetReport> {
-    let (mut endpoint, endpoint_url) = start_endpoint(&cfg.bin_dir).await?;
+    let (mut endpoint, endpoint_url) =
+        start_endpoint(&cfg.bin_dir, cfg.put_events_delay_ms).await?;
     progress(format!("fleet: endpoint at {endpoint_url}"));
     let hash_key = std::env::var("ORDERFLEET_LAKE_HASH_KEY").unwrap_or_else(|_| {
         // A fresh 32-byte key for this run's lake.
@@ -700,6 +712,7 @@ async fn run_in(
     endpoint.stop(Duration::from_secs(5)).await;
     let (throughput, latency) = result?;
     Ok(FleetReport {
+        put_events_delay_ms: cfg.put_events_delay_ms,
         processes: workers.len(),
         throughput,
         latency,

@@ -1348,6 +1348,9 @@ struct Inner {
     /// Random per instance, embedded in receipt handles so that a handle from
     /// an earlier run of a standalone server is rejected.
     instance: u32,
+    /// Microseconds every PutEvents waits before it is served: the network and service time
+    /// of a real region, which loopback does not have (0: none).
+    put_events_delay_us: AtomicU64,
 }
 
 /// Cloneable handle to the in-memory SQS state. Clones share the same
@@ -1375,8 +1378,17 @@ impl BenchSqs {
                 next_request_id: AtomicU64::new(1),
                 events: EventState::new(),
                 instance: fastrand::u32(..),
+                put_events_delay_us: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Makes every PutEvents wait `delay` before it is served (and its events delivered), as
+    /// a call to a real region would.
+    pub fn set_put_events_delay(&self, delay: Duration) {
+        self.inner
+            .put_events_delay_us
+            .store(delay.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Request counts per operation since start or the last reset, SQS and
@@ -1567,10 +1579,14 @@ impl BenchSqs {
                 // Checked after SQS so that the SQS path pays nothing for it.
                 None => match target.strip_prefix("AWSEvents.") {
                     Some(name) => {
+                        let delay = self.inner.put_events_delay_us.load(Ordering::Relaxed);
+                        if name == "PutEvents" && delay > 0 {
+                            tokio::time::sleep(Duration::from_micros(delay)).await;
+                        }
                         return self
                             .inner
                             .events
-                            .respond(self, name, &body, self.request_id())
+                            .respond(self, name, &body, self.request_id());
                     }
                     None => Err(SqsError::new(
                         ErrorKind::UnknownOperation,

@@ -477,3 +477,48 @@ async fn rules_and_targets_are_refused_rather_than_served_wrongly() {
         .expect("list rules");
     assert!(rules.rules().is_empty());
 }
+
+#[tokio::test]
+async fn a_put_events_delay_holds_each_put_events_call_and_no_other_call() {
+    let endpoint = start().await;
+    let topo = topology();
+    within(provision(&endpoint.clients, &topo))
+        .await
+        .expect("provision");
+    endpoint
+        .state
+        .set_put_events_delay(Duration::from_millis(1_000));
+    let queue = topo.queue_name(HandlerName::Inventory);
+    let placed = json!({"event_id": "e-1", "order_id": "o-1"});
+
+    let started = std::time::Instant::now();
+    put_all(
+        &endpoint.clients,
+        vec![entry(
+            Some(&topo.bus_name),
+            "orderfleet.orders",
+            "OrderAccepted",
+            &placed,
+        )],
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1_000),
+        "PutEvents answered after {took:?}"
+    );
+    assert_eq!(drain(&endpoint.clients, &queue).await.len(), 1, "delivered");
+    // Other calls are not held.
+    let started = std::time::Instant::now();
+    within(
+        endpoint
+            .clients
+            .events
+            .list_rules()
+            .event_bus_name(&topo.bus_name)
+            .send(),
+    )
+    .await
+    .expect("list rules");
+    assert!(started.elapsed() < Duration::from_millis(1_000));
+}

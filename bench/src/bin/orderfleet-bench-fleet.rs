@@ -59,6 +59,11 @@ struct Args {
     /// `worker-<i>-<handlers>.log`, for a look at where the time goes.
     #[arg(long, value_name = "DIR")]
     worker_logs: Option<std::path::PathBuf>,
+    /// Every PutEvents (the relays', the hand-offs' and the driver's) waits this long at the
+    /// endpoint before it is served: a real region's round trip, which loopback does not have.
+    /// Shown in the summary when set.
+    #[arg(long, default_value_t = 0)]
+    put_events_delay_ms: u64,
     /// PostgreSQL admin connection; the scratch database is created next to it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -165,6 +170,7 @@ async fn run() -> Result<()> {
         worker_logs: args.worker_logs,
         lake_emulator_pid: args.lake_emulator_pid,
         phase_timeout: Duration::from_secs(args.phase_timeout_secs),
+        put_events_delay_ms: args.put_events_delay_ms,
     };
     let report = fleet::run(&cfg, |line| eprintln!("{line}")).await?;
     for phase in std::iter::once(&report.throughput).chain(report.latency.as_ref()) {

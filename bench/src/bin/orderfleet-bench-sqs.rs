@@ -28,12 +28,17 @@ struct Args {
     /// Body of each preloaded message; `{i}` is replaced by its index.
     #[arg(long, default_value = "{\"seq\":{i}}")]
     preload_body: String,
+    /// Every PutEvents waits this long before it is served (and its events delivered): the
+    /// network and service time of a real region, which loopback does not have.
+    #[arg(long, default_value_t = 0)]
+    put_events_delay_ms: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let state = BenchSqs::new();
+    state.set_put_events_delay(std::time::Duration::from_millis(args.put_events_delay_ms));
     if let (Some(queue), Some(count)) = (&args.preload_queue, args.preload_count) {
         let template = &args.preload_body;
         state.preload(
