@@ -15,7 +15,8 @@ orders when it ran last). Per handler, in milliseconds (p50 / p99):
 - groups: events per group, how long the group's oldest event waited for it, and how long it
   took;
 - relay: rows per pass and how long a pass took (read, PutEvents, delete, commit);
-- published on commit: events per hand-off and how long one took (PutEvents, then the delete);
+- published on commit: events per hand-off and how long its PutEvents calls took (the delete
+  comes later, with other hand-offs');
 - target: each change of the in-flight target in the window, as from -> to.
 """
 import collections

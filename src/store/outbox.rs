@@ -28,7 +28,7 @@ use aws_sdk_eventbridge::operation::put_events::PutEventsOutput;
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use deadpool_postgres::Pool;
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_postgres::Statement;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -256,16 +256,25 @@ fn cut_into_calls<K>(
     (calls, too_big)
 }
 
-/// Sends `calls` one after another, each bounded by `timeout` (a hung call would hold its rows).
-/// After a whole-call failure (throttling, an outage) the next call would most likely fail
-/// too: the answers stop there, and the calls after it are left unsent.
+/// Sends `calls` one after another, each bounded by `timeout` (a hung call would hold its rows)
+/// and all of them by `deadline`, if given: no call starts after it, and one under way is cut
+/// off at it. After a whole-call failure (throttling, an outage, a timeout) the next call would
+/// most likely fail too: the answers stop there, and the calls after it are left unsent.
 async fn send_calls<K>(
     events: &aws_sdk_eventbridge::Client,
     timeout: Duration,
+    deadline: Option<tokio::time::Instant>,
     calls: &mut [Call<K>],
 ) -> Vec<Result<PutEventsOutput, String>> {
     let mut answers = Vec::with_capacity(calls.len());
     for call in calls.iter_mut() {
+        let timeout = match deadline {
+            Some(at) => match at.checked_duration_since(tokio::time::Instant::now()) {
+                Some(left) if !left.is_zero() => timeout.min(left),
+                _ => break,
+            },
+            None => timeout,
+        };
         let request = events
             .put_events()
             .set_entries(Some(std::mem::take(&mut call.entries)))
@@ -371,6 +380,7 @@ impl Relay {
                 handed_back: AtomicU64::new(0),
                 to_delete: Default::default(),
                 delete_scheduled: AtomicBool::new(false),
+                in_flight: Arc::new(Semaphore::new(HANDOFFS_IN_FLIGHT)),
             }),
         }
     }
@@ -444,7 +454,7 @@ impl Relay {
             dead_letter(&tx, row.id, &row.reason).await?;
             pass.dead_lettered += 1;
         }
-        let answers = send_calls(&self.events, self.call_timeout, &mut calls).await;
+        let answers = send_calls(&self.events, self.call_timeout, None, &mut calls).await;
         let mut published = Vec::new();
         let mut call_failed = None;
         for (call, answer) in calls.iter().zip(answers) {
@@ -496,7 +506,7 @@ impl Relay {
             .await
             .context("relay: removing published rows")?;
         pass.published = published.len();
-        if pass.published > 0 && pass.failed == 0 && call_failed.is_none() {
+        if pass.published > 0 && call_failed.is_none() {
             // EventBridge takes events again: committing tasks may publish their own again.
             self.direct.store(true, Relaxed);
         }
@@ -578,6 +588,11 @@ impl Relay {
 /// its hand-off still leave.
 pub const CLAIM: Duration = Duration::from_secs(30);
 
+/// Hand-offs of one process that call EventBridge at once. While that many are under way,
+/// commits write their rows for the relay instead; a hand-off that finds none free waits for
+/// one within its time.
+pub const HANDOFFS_IN_FLIGHT: usize = 16;
+
 /// How long published rows wait to be deleted together (see [`Handoff::delete_soon`]).
 pub const DELETE_LINGER: Duration = Duration::from_millis(50);
 
@@ -594,20 +609,29 @@ pub const DELETE_LINGER: Duration = Duration::from_millis(50);
 ///
 /// Rivals, crashes and failures:
 /// - A relay (in this process or another) never takes a claimed row while the claim holds, so
-///   a live hand-off and a relay do not both send it.
+///   a live hand-off and a relay do not both send it. A hand-off sends nothing after half its
+///   claim ([`CLAIM`]) has passed, and cuts off a call still out then: what it has not
+///   published by then it hands back, so its sends end before any relay may start.
 /// - A process that dies after its commit and before its hand-off finished leaves its rows
-///   claimed: once the claim ([`CLAIM`]) runs out, any relay publishes them. The events are
-///   late, not lost.
+///   claimed: once the claim runs out, a relay of their source publishes them (the handler's
+///   own worker after its restart, or another worker running that handler). The events are
+///   late, not lost. So are those of a hand-off still running when a stop's second for them
+///   ran out, and those of a commit whose task was cut off after the `COMMIT` had reached the
+///   server (a handler timeout).
 /// - A death after PutEvents and before the delete publishes them again then; consumers absorb
 ///   the copy by `event_id`, as they do a relay's.
-/// - Anything a hand-off could not publish (a whole call failing, an entry refused, an entry
-///   too big for EventBridge) it hands back: the claim is cleared, `attempts` and `last_error`
-///   are set, and the relay is woken to retry or dead-letter it under its usual rules. After a
-///   call or an entry failed, this process stops claiming (its rows go to the relay, which
-///   backs off) until a relay pass publishes again.
+/// - Anything a hand-off could not publish (a whole call failing or cut off, an entry refused,
+///   an entry too big for EventBridge) it hands back: the claim is cleared, `attempts` and
+///   `last_error` are set, and the relay is woken to retry or dead-letter it under its usual
+///   rules. After a whole call failed, this process stops claiming (its rows go to the relay,
+///   which backs off) until a relay pass publishes again without a call failing.
+/// - At most [`HANDOFFS_IN_FLIGHT`] hand-offs of a process call EventBridge at once; commits
+///   made while all are busy write their rows for the relay.
 /// - If the database refuses the hand-back, the rows keep their claim and the relay takes them
-///   when it runs out, as after a crash. A refused delete is retried with the next one; rows
-///   whose claim runs out first are sent again by a relay, and absorbed.
+///   when it runs out, as after a crash. A refused delete is retried every second; rows whose
+///   claim runs out first are sent again by a relay, and absorbed.
+/// - During a rolling deploy from a release without claims, the old relays do not know them
+///   and may send a row a hand-off is sending: a duplicate, absorbed like any other.
 #[derive(Clone)]
 pub struct Handoff {
     inner: Arc<HandoffInner>,
@@ -627,6 +651,8 @@ struct HandoffInner {
     /// Published rows waiting for [`Handoff::delete_published`].
     to_delete: std::sync::Mutex<Vec<Uuid>>,
     delete_scheduled: AtomicBool,
+    /// Hand-offs calling EventBridge now, at most [`HANDOFFS_IN_FLIGHT`].
+    in_flight: Arc<Semaphore>,
 }
 
 /// What one hand-off did.
@@ -638,10 +664,12 @@ pub struct HandedOff {
 }
 
 impl Handoff {
-    /// How long to claim the rows about to be written, or `None` to write them for the relay
-    /// (after a hand-off failed, until a relay pass publishes again).
+    /// How long to claim the rows about to be written, or `None` to write them for the relay:
+    /// after a PutEvents call of a hand-off failed (until a relay pass publishes again), and
+    /// while [`HANDOFFS_IN_FLIGHT`] hand-offs are under way.
     pub fn claim(&self) -> Option<Duration> {
-        self.inner.direct.load(Relaxed).then_some(self.inner.claim)
+        (self.inner.direct.load(Relaxed) && self.inner.in_flight.available_permits() > 0)
+            .then_some(self.inner.claim)
     }
 
     /// After the commit of rows written with [`OutboxRows::prepare`]: publishes them in a task
@@ -678,7 +706,29 @@ impl Handoff {
                 }),
         );
         let mut back: Vec<(Uuid, String)> = too_big.into_iter().map(|t| (t.id, t.reason)).collect();
-        let answers = send_calls(&inner.events, inner.call_timeout, &mut calls).await;
+        // Everything is sent, or given back, well before the claim runs out: past it a relay
+        // would send the same rows. Half the claim leaves the other half for the hand-back's
+        // wait for a connection.
+        let deadline = started + inner.claim / 2;
+        // At most HANDOFFS_IN_FLIGHT hand-offs call EventBridge at once in a process.
+        let permit = tokio::time::timeout_at(deadline, inner.in_flight.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let answers = match permit {
+            Some(permit) => {
+                let answers = send_calls(
+                    &inner.events,
+                    inner.call_timeout,
+                    Some(deadline),
+                    &mut calls,
+                )
+                .await;
+                drop(permit);
+                answers
+            }
+            None => Vec::new(),
+        };
         let mut failed = false;
         let mut published = Vec::new();
         let mut answers = answers.into_iter();
@@ -688,10 +738,7 @@ impl Handoff {
                     for (i, id) in call.ids.iter().enumerate() {
                         match fate(&out, i) {
                             Fate::Published => published.push(*id),
-                            Fate::Refused { error, for_good } => {
-                                failed |= !for_good;
-                                back.push((*id, error));
-                            }
+                            Fate::Refused { error, .. } => back.push((*id, error)),
                         }
                     }
                 }
@@ -699,12 +746,14 @@ impl Handoff {
                     failed = true;
                     back.extend(call.ids.iter().map(|id| (*id, error.clone())));
                 }
-                None => back.extend(call.ids.iter().map(|id| {
-                    (
-                        *id,
-                        "not sent: an earlier PutEvents call of its hand-off failed".into(),
-                    )
-                })),
+                None => {
+                    failed = true;
+                    back.extend(call.ids.iter().map(|id| {
+                        let why = "not sent: an earlier call of its hand-off failed, or the \
+                                   hand-off ran out of time";
+                        (*id, why.to_string())
+                    }))
+                }
             }
         }
         if failed {
@@ -752,12 +801,7 @@ impl Handoff {
         }
         let (ids, errors): (Vec<Uuid>, Vec<&str>) =
             back.iter().map(|(id, e)| (*id, e.as_str())).unzip();
-        let client = self
-            .inner
-            .pool
-            .get()
-            .await
-            .context("hand-off: database pool")?;
+        let client = self.client().await?;
         client
             .execute_cached(
                 "UPDATE outbox o
@@ -784,17 +828,23 @@ impl Handoff {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(ids);
+        self.schedule_delete(DELETE_LINGER);
+    }
+
+    /// Runs [`Handoff::delete_published`] after `after`, unless a run is already scheduled.
+    fn schedule_delete(&self, after: Duration) {
         if !self.inner.delete_scheduled.swap(true, Relaxed) {
             let this = self.clone();
             self.inner.tasks.spawn(async move {
-                tokio::time::sleep(DELETE_LINGER).await;
+                tokio::time::sleep(after).await;
                 this.delete_published().await;
             });
         }
     }
 
     /// Deletes the rows queued by [`Handoff::delete_soon`]. If the database refuses, they go
-    /// back in the queue for the next hand-off's delete.
+    /// back in the queue and the delete is tried again a second later (until the stop; rows
+    /// still queued then are sent again by a relay once their claim runs out).
     async fn delete_published(&self) {
         // Cleared before the queue is taken: rows queued from here on schedule a delete of
         // their own.
@@ -810,12 +860,7 @@ impl Handoff {
             return;
         }
         let deleted = async {
-            let client = self
-                .inner
-                .pool
-                .get()
-                .await
-                .context("hand-off: database pool")?;
+            let client = self.client().await?;
             client
                 .execute_cached("DELETE FROM outbox WHERE event_id = ANY($1)", &[&ids])
                 .await
@@ -825,14 +870,23 @@ impl Handoff {
             tracing::warn!(
                 error = %format!("{e:#}"),
                 rows = ids.len(),
-                "hand-off: published rows not deleted yet; retried with the next delete"
+                "hand-off: published rows not deleted yet; retrying in a second"
             );
             self.inner
                 .to_delete
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(ids);
+            self.schedule_delete(Duration::from_secs(1));
         }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.inner
+            .pool
+            .get()
+            .await
+            .context("hand-off: database pool")
     }
 
     /// Events published on commit, and events handed back, since this hand-off began.

@@ -16,14 +16,15 @@ use deadpool_postgres::Pool;
 use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::{Context, Handler};
-use orderfleet::runtime::{self, Executed};
+use orderfleet::runtime::group::{GroupCommit, GroupConfig};
+use orderfleet::runtime::{self, Apply, Executed};
 use orderfleet::store::outbox::{Handoff, Relay};
 use orderfleet_bench::sqs::events_client;
 use orderfleet_testkit::examples::envelope;
 use serde_json::{json, Value};
 
 use crate::support;
-use crate::support::platforms::{Fake, Seen};
+use crate::support::platforms::{put_events_accepted, put_events_throttled, Fake};
 
 /// Emits `detail.n` events per event it handles.
 struct Emitter;
@@ -34,6 +35,9 @@ impl Handler for Emitter {
 
     fn name(&self) -> &str {
         "emitter"
+    }
+    fn group_commit(&self) -> bool {
+        true
     }
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
         let n = event.detail["n"].as_u64().unwrap_or(1);
@@ -91,13 +95,17 @@ fn sent_ids(fake: &Fake) -> Vec<String> {
         .collect()
 }
 
-/// EventBridge's answer to a PutEvents call whose every entry it took.
-fn accepted(req: &Seen, before: &[Seen]) -> (u16, Value) {
-    let entries = req.json()["Entries"].as_array().map_or(0, Vec::len);
-    let ids: Vec<Value> = (0..entries)
-        .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
-        .collect();
-    (200, json!({"FailedEntryCount": 0, "Entries": ids}))
+/// Runs relay passes of `survivor` until one publishes something (the claims ran out), and
+/// returns how many events it published.
+async fn published_once_the_claim_ran_out(survivor: &Relay) -> usize {
+    support::wait_for(Duration::from_secs(10), "the claim to run out", || {
+        let survivor = survivor.clone();
+        async move {
+            let pass = survivor.publish_once().await.unwrap();
+            (pass.published > 0).then_some(pass.published)
+        }
+    })
+    .await
 }
 
 async fn outbox_ids(pool: &Pool) -> Vec<String> {
@@ -147,7 +155,7 @@ async fn a_committed_event_is_published_by_its_committer_once_and_leaves_the_out
     let stats = state.event_stats();
     assert_eq!(stats.put_events_entries, 12, "each event sent once");
     assert_eq!(stats.get("PutEvents"), 2, "12 entries take two calls");
-    // The rows are deleted right after PutEvents answers; wait for that statement.
+    // The published rows are deleted together, within 50 ms; wait for that statement.
     support::wait_for(Duration::from_secs(5), "an empty outbox", || {
         let pool = pool.clone();
         async move { outbox_ids(&pool).await.is_empty().then_some(()) }
@@ -168,7 +176,7 @@ async fn a_rival_relay_leaves_rows_alone_while_their_committer_publishes_them() 
     // process's) to look at the outbox meanwhile.
     let fake = Fake::start(|req, before| {
         std::thread::sleep(Duration::from_millis(1_000));
-        accepted(req, before)
+        put_events_accepted(req, before)
     })
     .await;
     let events = events_client(&fake.url);
@@ -196,7 +204,7 @@ async fn a_rival_relay_leaves_rows_alone_while_their_committer_publishes_them() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_that_dies_between_its_commit_and_its_hand_off_loses_nothing() {
     let (pool, db) = support::fresh_db().await;
-    let fake = Fake::start(accepted).await;
+    let fake = Fake::start(put_events_accepted).await;
     let url = fake.url.clone();
     // The doomed process commits with 2 s claims and dies before its hand-off task runs (on a
     // current-thread runtime, a spawned task waits for the next await of the thread).
@@ -212,14 +220,7 @@ async fn a_process_that_dies_between_its_commit_and_its_hand_off_loses_nothing()
     // Another process's relay: nothing while the claim holds, everything once it ran out.
     let survivor = relay(&pool, &events_client(&fake.url));
     assert_eq!(survivor.publish_once().await.unwrap().published, 0);
-    let published = support::wait_for(Duration::from_secs(10), "the claim to run out", || {
-        let survivor = survivor.clone();
-        async move {
-            let pass = survivor.publish_once().await.unwrap();
-            (pass.published > 0).then_some(pass.published)
-        }
-    })
-    .await;
+    let published = published_once_the_claim_ran_out(&survivor).await;
     assert_eq!(published, 7);
     assert_eq!(sent_ids(&fake), committed, "each event sent once");
     assert!(outbox_ids(&pool).await.is_empty());
@@ -234,7 +235,7 @@ async fn a_process_that_dies_while_its_hand_off_is_out_has_its_events_sent_again
         if before.is_empty() {
             std::thread::sleep(Duration::from_millis(1_500));
         }
-        accepted(req, before)
+        put_events_accepted(req, before)
     })
     .await;
     let url = fake.url.clone();
@@ -254,14 +255,12 @@ async fn a_process_that_dies_while_its_hand_off_is_out_has_its_events_sent_again
     assert_eq!(sent_ids(&fake), committed);
 
     let survivor = relay(&pool, &events_client(&fake.url));
-    let published = support::wait_for(Duration::from_secs(10), "the claim to run out", || {
-        let survivor = survivor.clone();
-        async move {
-            let pass = survivor.publish_once().await.unwrap();
-            (pass.published > 0).then_some(pass.published)
-        }
-    })
-    .await;
+    assert_eq!(
+        survivor.publish_once().await.unwrap().published,
+        0,
+        "the claim holds for a while after the death"
+    );
+    let published = published_once_the_claim_ran_out(&survivor).await;
     assert_eq!(published, 3);
     // At least once: the same events, with the same ids, went out again; consumers absorb the
     // copies by `event_id` (saga_idempotency.rs, relay_passes.rs).
@@ -278,12 +277,9 @@ async fn a_throttled_hand_off_gives_its_events_back_to_the_relay_which_publishes
     let throttled = throttle.clone();
     let fake = Fake::start(move |req, before| {
         if throttled.load(Ordering::SeqCst) {
-            return (
-                400,
-                json!({"__type": "ThrottlingException", "message": "Rate exceeded"}),
-            );
+            return put_events_throttled();
         }
-        accepted(req, before)
+        put_events_accepted(req, before)
     })
     .await;
     let relay = relay(&pool, &events_client(&fake.url));
@@ -341,4 +337,104 @@ async fn a_throttled_hand_off_gives_its_events_back_to_the_relay_which_publishes
         handoff.claim().is_some(),
         "once the relay publishes again, so does the hand-off"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_off_whose_call_outlasts_half_its_claim_gives_the_rows_back_before_a_relay_may_take_them(
+) {
+    let (pool, _) = support::fresh_db().await;
+    // EventBridge holds the first call for 5 s; the hand-off claims for 4 s, so it must stop
+    // waiting after 2 s, while no relay may take the rows yet.
+    let fake = Fake::start(|req, before| {
+        if before.is_empty() {
+            std::thread::sleep(Duration::from_millis(5_000));
+        }
+        put_events_accepted(req, before)
+    })
+    .await;
+    let relay = relay(&pool, &events_client(&fake.url));
+    let handoff = relay.handoff_claiming(Duration::from_secs(4));
+
+    let started = std::time::Instant::now();
+    commit(&pool, &handoff, 4).await;
+    let committed = outbox_ids(&pool).await;
+    support::wait_for(Duration::from_secs(10), "the hand-off to give up", || {
+        let handoff = handoff.clone();
+        async move { (handoff.counts() == (0, 4)).then_some(()) }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "gave the rows back after {:?}, past its claim",
+        started.elapsed()
+    );
+    let c = pool.get().await.unwrap();
+    let errors: Vec<(bool, String)> = c
+        .query(
+            "SELECT claimed_until IS NULL, last_error FROM outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(errors.len(), 4);
+    assert!(
+        errors
+            .iter()
+            .all(|(unclaimed, e)| *unclaimed && e.contains("timed out")),
+        "{errors:?}"
+    );
+    assert!(
+        handoff.claim().is_none(),
+        "a call failed: the relay takes over"
+    );
+    let pass = relay.publish_once().await.unwrap();
+    assert_eq!(pass.published, 4);
+    // EventBridge may have taken the cut-off call as well: the relay's copy is a duplicate of
+    // the same event ids, which consumers absorb.
+    assert_eq!(sent_ids(&fake)[4..], committed[..]);
+}
+
+#[tokio::test]
+async fn events_committed_in_groups_are_published_by_their_groups() {
+    let (pool, _) = support::fresh_db().await;
+    let (addr, state, _server) = orderfleet_bench::sqs::spawn_local(0)
+        .await
+        .expect("start the benchmark endpoint");
+    let handoff = relay(&pool, &events_client(&format!("http://{addr}"))).handoff();
+    let group = GroupCommit::new(
+        Arc::new(Emitter),
+        pool.clone(),
+        GroupConfig {
+            max_group: 32,
+            transactions: 1,
+            timeout: Duration::from_secs(20),
+        },
+    )
+    .handing_off(Some(handoff.clone()));
+    let events: Vec<Envelope> = (0..20)
+        .map(|_| envelope("Emit", &json!({"n": 3})))
+        .collect();
+    let done = futures_util::future::join_all(events.iter().map(|e| group.apply(e, 1))).await;
+    assert!(done
+        .iter()
+        .all(|d| matches!(d, Ok(Executed::Applied { emitted: 3 }))));
+    let stats = group.stats();
+    assert!(
+        stats.groups < 20,
+        "the events shared transactions: {stats:?}"
+    );
+    support::wait_for(Duration::from_secs(10), "the hand-offs", || {
+        let handoff = handoff.clone();
+        async move { (handoff.counts() == (60, 0)).then_some(()) }
+    })
+    .await;
+    assert_eq!(state.event_stats().put_events_entries, 60, "each once");
+    support::wait_for(Duration::from_secs(5), "an empty outbox", || {
+        let pool = pool.clone();
+        async move { outbox_ids(&pool).await.is_empty().then_some(()) }
+    })
+    .await;
 }

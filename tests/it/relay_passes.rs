@@ -11,10 +11,10 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use orderfleet::store::outbox::{Relay, RELAY_PASS_ROWS};
 use orderfleet_bench::sqs::events_client;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::support;
-use crate::support::platforms::{Fake, Seen};
+use crate::support::platforms::{put_events_accepted, put_events_throttled, Fake, Seen};
 
 const SOURCE: &str = "orderfleet.orders";
 
@@ -44,15 +44,6 @@ async fn bench_events() -> (
         .await
         .expect("start the benchmark endpoint");
     (events_client(&format!("http://{addr}")), state, server)
-}
-
-/// EventBridge's answer to a PutEvents call whose every entry it took.
-fn accepted(req: &Seen, before: &[Seen]) -> (u16, Value) {
-    let entries = req.json()["Entries"].as_array().map_or(0, Vec::len);
-    let ids: Vec<Value> = (0..entries)
-        .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
-        .collect();
-    (200, json!({"FailedEntryCount": 0, "Entries": ids}))
 }
 
 fn relay(pool: &Pool, events: &aws_sdk_eventbridge::Client) -> Relay {
@@ -138,12 +129,9 @@ async fn a_throttled_call_ends_the_pass_and_loses_nothing() {
             Some("AWSEvents.PutEvents")
         );
         if !before.is_empty() && throttled.load(Ordering::SeqCst) {
-            return (
-                400,
-                json!({"__type": "ThrottlingException", "message": "Rate exceeded"}),
-            );
+            return put_events_throttled();
         }
-        accepted(req, before)
+        put_events_accepted(req, before)
     })
     .await;
     let relay = relay(&pool, &events_client(&fake.url));
@@ -210,7 +198,7 @@ async fn a_relay_whose_connection_dies_after_putevents_republishes_the_same_even
         if before.is_empty() {
             std::thread::sleep(Duration::from_millis(1_500));
         }
-        accepted(req, before)
+        put_events_accepted(req, before)
     })
     .await;
     let relay = relay(&pool, &events_client(&fake.url));

@@ -136,6 +136,24 @@ async fn serve(
     }
 }
 
+/// EventBridge's answer to a PutEvents call whose every entry it took (for a [`Fake`] standing
+/// in for EventBridge).
+pub fn put_events_accepted(req: &Seen, before: &[Seen]) -> (u16, Value) {
+    let entries = req.json()["Entries"].as_array().map_or(0, Vec::len);
+    let ids: Vec<Value> = (0..entries)
+        .map(|i| json!({"EventId": format!("ev-{}-{i}", before.len())}))
+        .collect();
+    (200, json!({"FailedEntryCount": 0, "Entries": ids}))
+}
+
+/// EventBridge throttling a PutEvents call.
+pub fn put_events_throttled() -> (u16, Value) {
+    (
+        400,
+        json!({"__type": "ThrottlingException", "message": "Rate exceeded"}),
+    )
+}
+
 /// Answers as Shopify's Admin GraphQL API does for the fleet's queries and mutations: an
 /// order with one open fulfillment order, fulfilled once `fulfillmentCreate` was called.
 pub fn shopify_answer(req: &Seen, before: &[Seen]) -> (u16, Value) {
