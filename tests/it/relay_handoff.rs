@@ -24,7 +24,9 @@ use orderfleet_testkit::examples::envelope;
 use serde_json::{json, Value};
 
 use crate::support;
-use crate::support::platforms::{put_events_accepted, put_events_throttled, Fake};
+use crate::support::platforms::{
+    put_events_accepted, put_events_slow_at_first, put_events_throttled, Fake,
+};
 
 /// Emits `detail.n` events per event it handles.
 struct Emitter;
@@ -106,6 +108,21 @@ async fn published_once_the_claim_ran_out(survivor: &Relay) -> usize {
         }
     })
     .await
+}
+
+/// Each outbox row, oldest first: whether its claim is cleared, its attempts and its last
+/// error (what a hand-off that gave rows back leaves).
+async fn handed_back_rows(pool: &Pool) -> Vec<(bool, i32, String)> {
+    let c = pool.get().await.unwrap();
+    c.query(
+        "SELECT claimed_until IS NULL, attempts, last_error FROM outbox ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
 }
 
 async fn outbox_ids(pool: &Pool) -> Vec<String> {
@@ -231,13 +248,7 @@ async fn a_process_that_dies_while_its_hand_off_is_out_has_its_events_sent_again
     let (pool, db) = support::fresh_db().await;
     // EventBridge takes the hand-off's call but answers slowly the first time: the process dies
     // after the events reached it and before it could delete them.
-    let fake = Fake::start(|req, before| {
-        if before.is_empty() {
-            std::thread::sleep(Duration::from_millis(1_500));
-        }
-        put_events_accepted(req, before)
-    })
-    .await;
+    let fake = put_events_slow_at_first(Duration::from_millis(1_500)).await;
     let url = fake.url.clone();
     let seen = fake.clone();
     in_a_process_that_dies_after(move || async move {
@@ -295,17 +306,8 @@ async fn a_throttled_hand_off_gives_its_events_back_to_the_relay_which_publishes
         async move { (handoff.counts() == (0, 4)).then_some(()) }
     })
     .await;
+    let rows = handed_back_rows(&pool).await;
     let c = pool.get().await.unwrap();
-    let rows: Vec<(bool, i32, String)> = c
-        .query(
-            "SELECT claimed_until IS NULL, attempts, last_error FROM outbox ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
     assert_eq!(rows.len(), 4, "nothing lost");
     for (unclaimed, attempts, error) in &rows {
         assert!(*unclaimed && *attempts == 1, "{rows:?}");
@@ -345,13 +347,7 @@ async fn a_hand_off_whose_call_outlasts_half_its_claim_gives_the_rows_back_befor
     let (pool, _) = support::fresh_db().await;
     // EventBridge holds the first call for 5 s; the hand-off claims for 4 s, so it must stop
     // waiting after 2 s, while no relay may take the rows yet.
-    let fake = Fake::start(|req, before| {
-        if before.is_empty() {
-            std::thread::sleep(Duration::from_millis(5_000));
-        }
-        put_events_accepted(req, before)
-    })
-    .await;
+    let fake = put_events_slow_at_first(Duration::from_millis(5_000)).await;
     let relay = relay(&pool, &events_client(&fake.url));
     let handoff = relay.handoff_claiming(Duration::from_secs(4));
 
@@ -368,23 +364,13 @@ async fn a_hand_off_whose_call_outlasts_half_its_claim_gives_the_rows_back_befor
         "gave the rows back after {:?}, past its claim",
         started.elapsed()
     );
-    let c = pool.get().await.unwrap();
-    let errors: Vec<(bool, String)> = c
-        .query(
-            "SELECT claimed_until IS NULL, last_error FROM outbox ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(errors.len(), 4);
+    let rows = handed_back_rows(&pool).await;
+    assert_eq!(rows.len(), 4);
     assert!(
-        errors
-            .iter()
-            .all(|(unclaimed, e)| *unclaimed && e.contains("timed out")),
-        "{errors:?}"
+        rows.iter().all(|(unclaimed, attempts, e)| *unclaimed
+            && *attempts == 1
+            && e.contains("timed out")),
+        "{rows:?}"
     );
     assert!(
         handoff.claim().is_none(),

@@ -14,7 +14,9 @@ use orderfleet_bench::sqs::events_client;
 use serde_json::Value;
 
 use crate::support;
-use crate::support::platforms::{put_events_accepted, put_events_throttled, Fake, Seen};
+use crate::support::platforms::{
+    put_events_accepted, put_events_slow_at_first, put_events_throttled, Fake, Seen,
+};
 
 const SOURCE: &str = "orderfleet.orders";
 
@@ -194,13 +196,7 @@ async fn a_relay_whose_connection_dies_after_putevents_republishes_the_same_even
     backlog(&pool, 10).await;
     // EventBridge takes the call but answers slowly, the first time: long enough for the
     // test to kill the relay's database session while the call is out.
-    let fake = Fake::start(|req, before| {
-        if before.is_empty() {
-            std::thread::sleep(Duration::from_millis(1_500));
-        }
-        put_events_accepted(req, before)
-    })
-    .await;
+    let fake = put_events_slow_at_first(Duration::from_millis(1_500)).await;
     let relay = relay(&pool, &events_client(&fake.url));
     let pass = tokio::spawn({
         let relay = relay.clone();

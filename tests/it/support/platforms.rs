@@ -146,6 +146,18 @@ pub fn put_events_accepted(req: &Seen, before: &[Seen]) -> (u16, Value) {
     (200, json!({"FailedEntryCount": 0, "Entries": ids}))
 }
 
+/// A [`Fake`] EventBridge that takes every PutEvents call but answers the first one only after
+/// `hold` (holding, meanwhile, every other request to it).
+pub async fn put_events_slow_at_first(hold: std::time::Duration) -> Fake {
+    Fake::start(move |req, before| {
+        if before.is_empty() {
+            std::thread::sleep(hold);
+        }
+        put_events_accepted(req, before)
+    })
+    .await
+}
+
 /// EventBridge throttling a PutEvents call.
 pub fn put_events_throttled() -> (u16, Value) {
     (
