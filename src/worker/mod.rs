@@ -90,6 +90,11 @@ pub struct WorkerArgs {
     /// did not publish (see `Handoff` in `src/store/outbox.rs`). Implied by `--no-relay`.
     #[arg(long, env = "ORDERFLEET_NO_PUBLISH_ON_COMMIT")]
     pub no_publish_on_commit: bool,
+    /// How long the rows a commit publishes itself stay claimed: relays leave them alone until
+    /// then, and the task publishing them gives them back to the relay after half of it. After
+    /// a crash between a commit and its PutEvents, the events wait this long. At least 2.
+    #[arg(long, env = "ORDERFLEET_OUTBOX_CLAIM_SECS", default_value_t = 30)]
+    pub outbox_claim_secs: u64,
     /// How often the relay looks for unpublished events when nothing woke it.
     #[arg(long, env = "ORDERFLEET_RELAY_POLL_MS", default_value_t = 200)]
     pub relay_poll_ms: u64,
@@ -395,7 +400,11 @@ pub async fn run_until(args: WorkerArgs, stop: CancellationToken) -> Result<()> 
         sources,
     );
     // Publishing on commit is the relay's fast lane: with no relay here, there is none.
-    let handoff = (run_relay && !args.no_publish_on_commit).then(|| relay.handoff());
+    if args.outbox_claim_secs < 2 {
+        bail!("--outbox-claim-secs must be at least 2");
+    }
+    let handoff = (run_relay && !args.no_publish_on_commit)
+        .then(|| relay.handoff_claiming(Duration::from_secs(args.outbox_claim_secs)));
     let mut all_counters = Vec::new();
     for name in &names {
         let queue = topo.queue_name(*name);

@@ -1,5 +1,5 @@
 //! The real `orderfleet-worker` binary against the local stack: signals, crashes, restarts
-//! and the outbox relay.
+//! and the outbox relay, publishing on commit included.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -282,4 +282,158 @@ async fn recv(
     tokio::time::timeout(Duration::from_secs(20), read)
         .await
         .map_err(|_| format!("no {want}"))
+}
+
+/// An orders worker on `topo`, with `extra` arguments and environment.
+fn orders_worker(
+    topo: &Topology,
+    db_url: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> support::Proc {
+    Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--handler", "orders", "--prefix", &topo.prefix])
+        .args(["--database-url", db_url, "--wait-time-secs", "1"])
+        .args(["--heartbeat-secs", "1"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(support::Proc)
+        .expect("spawn orderfleet-worker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_publishing_on_commit_has_its_events_published_after_restart() {
+    let clients = support::clients().await;
+    let topo = support::topology(&clients).await;
+    let (pool, db_url) = support::fresh_db().await;
+    let orders_q =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Orders))
+            .await
+            .unwrap();
+    let analytics_q =
+        orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Analytics))
+            .await
+            .unwrap();
+    // Five orders of an unknown SKU: the orders handler commits an OrderRejected for each,
+    // which goes to analytics.
+    let bodies: Vec<String> = (0..5)
+        .map(|i| {
+            support::event_body(
+                "OrderPlaced",
+                "orderfleet.storefront",
+                json!({
+                    "event_id": format!("placed-k9p-{i}"),
+                    "order_id": format!("o-k9p-{i}"),
+                    "customer": {"id": "cus-1", "email": "ada@example.com", "name": "Ada"},
+                    "lines": [{"sku": "nope", "quantity": 1,
+                               "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
+                    "shipping_address": {"name": "Ada", "line1": "1 Road", "city": "London",
+                                         "postal_code": "N1", "country": "GB"},
+                    "payment_token": "tok",
+                    "placed_at": chrono::Utc::now().to_rfc3339(),
+                }),
+            )
+        })
+        .collect();
+    // The first worker's EventBridge takes connections and never answers: its hand-offs are
+    // out when it dies.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    // Claims of 10 s: a hand-off gives its rows back after 5, so the kill has that long.
+    let claim = ["--outbox-claim-secs", "10"];
+    let mut first = orders_worker(
+        &topo,
+        &db_url,
+        &claim,
+        &[("AWS_ENDPOINT_URL_EVENTBRIDGE", hole_url.as_str())],
+    );
+    support::send_bodies(&clients, &orders_q, &bodies).await;
+    support::wait_for(
+        Duration::from_secs(30),
+        "the rejections committed, claimed",
+        || async {
+            let claimed = support::scalar(
+                &pool,
+                "SELECT count(*) FROM outbox WHERE claimed_until > clock_timestamp()",
+            )
+            .await;
+            (claimed == 5).then_some(())
+        },
+    )
+    .await;
+    signal(&first, "-KILL");
+    assert_eq!(
+        wait_exit(&mut first, Duration::from_secs(10)).await.code(),
+        None
+    );
+    let committed: Vec<String> = {
+        let c = pool.get().await.unwrap();
+        c.query(
+            "SELECT event_id::text FROM outbox WHERE claimed_until IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(
+        committed.len(),
+        5,
+        "the kill came after the hand-offs gave up"
+    );
+
+    // The restart talks to the real (emulated) EventBridge; its relay takes the dead
+    // process's rows once their claim ran out.
+    let mut second = orders_worker(&topo, &db_url, &claim, &[]);
+    let delivered = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    support::wait_for(Duration::from_secs(40), "every rejection delivered", || {
+        let (sqs, q, seen) = (clients.sqs.clone(), analytics_q.clone(), delivered.clone());
+        async move {
+            let out = sqs
+                .receive_message()
+                .queue_url(q)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .ok()?;
+            let mut seen = seen.lock().unwrap();
+            for m in out.messages.unwrap_or_default() {
+                let e = Envelope::decode(m.body().unwrap_or_default()).unwrap();
+                if e.detail_type == "OrderRejected" {
+                    seen.insert(e.event_key().to_string());
+                }
+            }
+            (seen.len() == 5).then_some(())
+        }
+    })
+    .await;
+    let delivered: Vec<String> = delivered.lock().unwrap().iter().cloned().collect();
+    let mut committed_sorted = committed.clone();
+    committed_sorted.sort();
+    assert_eq!(
+        delivered, committed_sorted,
+        "the committed events, with their ids"
+    );
+    support::wait_for(Duration::from_secs(10), "an empty outbox", || async {
+        (support::scalar(&pool, "SELECT count(*) FROM outbox").await == 0).then_some(())
+    })
+    .await;
+    signal(&second, "-TERM");
+    assert_eq!(
+        wait_exit(&mut second, Duration::from_secs(20)).await.code(),
+        Some(0)
+    );
 }
