@@ -10,46 +10,7 @@ use crate::support;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::infra::aws::Clients;
 use orderfleet::infra::topology::Topology;
-use serde_json::{json, Value};
-
-/// An OrderPlaced whose every one of `lines` lines is wrong three ways (unknown SKU, quantity
-/// 0, negative price): the OrderRejected lists three reasons per line, several times the
-/// order's own size.
-fn invalid_order(order_id: &str, lines: usize) -> String {
-    let lines: Vec<Value> = (0..lines)
-        .map(|i| {
-            json!({"sku": format!("nope-{i:05}"), "quantity": 0,
-                   "unit_price": {"amount_minor": -1, "currency": "EUR"}})
-        })
-        .collect();
-    support::event_body(
-        "OrderPlaced",
-        "orderfleet.storefront",
-        json!({
-            "event_id": format!("placed-{order_id}"),
-            "order_id": order_id,
-            "customer": {"id": "cus-1", "email": "ada@example.com", "name": "Ada"},
-            "lines": lines,
-            "shipping_address": {"name": "Ada", "line1": "1 Road", "city": "London",
-                                 "postal_code": "N1", "country": "GB"},
-            "payment_token": "tok",
-            "placed_at": chrono::Utc::now().to_rfc3339(),
-        }),
-    )
-}
-
-fn orders_worker(topo: &Topology, db_url: &str) -> support::Proc {
-    Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
-        .args(["--handler", "orders", "--prefix", &topo.prefix])
-        .args(["--database-url", db_url, "--wait-time-secs", "1"])
-        .args(["--heartbeat-secs", "1", "--metrics-interval-secs", "1"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map(support::Proc)
-        .expect("spawn orderfleet-worker")
-}
+use serde_json::Value;
 
 async fn queue(clients: &Clients, topo: &Topology, h: HandlerName) -> String {
     orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(h))
@@ -80,14 +41,14 @@ async fn an_order_rejection_too_big_for_eventbridge_is_dead_lettered_and_later_e
     let analytics_q = queue(&clients, &topo, HandlerName::Analytics).await;
 
     // About 110 KB in, well within an SQS message; its rejection is over 256 KB.
-    let big = invalid_order("o-big", 1200);
+    let big = support::invalid_order("o-big", 1200);
     assert!(
         big.len() < 200 * 1024,
         "the order itself is {} bytes",
         big.len()
     );
     support::send_bodies(&clients, &orders_q, &[big]).await;
-    let mut child = orders_worker(&topo, &db_url);
+    let mut child = support::orders_worker(&topo, &db_url, &["--metrics-interval-secs", "1"], &[]);
 
     let reason: String = support::wait_for(
         Duration::from_secs(30),
@@ -117,7 +78,7 @@ async fn an_order_rejection_too_big_for_eventbridge_is_dead_lettered_and_later_e
     );
 
     // The relay goes on: a later (small) rejection reaches analytics promptly.
-    support::send_bodies(&clients, &orders_q, &[invalid_order("o-small", 1)]).await;
+    support::send_bodies(&clients, &orders_q, &[support::invalid_order("o-small", 1)]).await;
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     support::wait_for(
         Duration::from_secs(10),
@@ -126,17 +87,10 @@ async fn an_order_rejection_too_big_for_eventbridge_is_dead_lettered_and_later_e
             let (sqs, q) = (clients.sqs.clone(), analytics_q.clone());
             let seen = seen.clone();
             async move {
-                let out = sqs
-                    .receive_message()
-                    .queue_url(q)
-                    .max_number_of_messages(10)
-                    .wait_time_seconds(1)
-                    .send()
-                    .await
-                    .ok()?;
+                let bodies = support::receive_bodies(&sqs, &q).await;
                 let mut seen = seen.lock().unwrap();
-                for m in out.messages() {
-                    let v: Value = serde_json::from_str(m.body().unwrap_or("{}")).unwrap();
+                for body in bodies {
+                    let v: Value = serde_json::from_str(&body).unwrap();
                     seen.push(v["detail"]["order_id"].as_str().unwrap_or("").to_string());
                 }
                 seen.iter().any(|o| o == "o-small").then_some(())

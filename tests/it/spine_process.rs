@@ -284,27 +284,6 @@ async fn recv(
         .map_err(|_| format!("no {want}"))
 }
 
-/// An orders worker on `topo`, with `extra` arguments and environment.
-fn orders_worker(
-    topo: &Topology,
-    db_url: &str,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> support::Proc {
-    Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
-        .args(["--handler", "orders", "--prefix", &topo.prefix])
-        .args(["--database-url", db_url, "--wait-time-secs", "1"])
-        .args(["--heartbeat-secs", "1"])
-        .args(extra)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(support::Proc)
-        .expect("spawn orderfleet-worker")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_while_publishing_on_commit_has_its_events_published_after_restart() {
     let clients = support::clients().await;
@@ -318,26 +297,10 @@ async fn a_worker_killed_while_publishing_on_commit_has_its_events_published_aft
         orderfleet::sqs::queue::queue_url(&clients.sqs, &topo.queue_name(HandlerName::Analytics))
             .await
             .unwrap();
-    // Five orders of an unknown SKU: the orders handler commits an OrderRejected for each,
+    // Five invalid orders: the orders handler commits an OrderRejected for each,
     // which goes to analytics.
     let bodies: Vec<String> = (0..5)
-        .map(|i| {
-            support::event_body(
-                "OrderPlaced",
-                "orderfleet.storefront",
-                json!({
-                    "event_id": format!("placed-k9p-{i}"),
-                    "order_id": format!("o-k9p-{i}"),
-                    "customer": {"id": "cus-1", "email": "ada@example.com", "name": "Ada"},
-                    "lines": [{"sku": "nope", "quantity": 1,
-                               "unit_price": {"amount_minor": 100, "currency": "EUR"}}],
-                    "shipping_address": {"name": "Ada", "line1": "1 Road", "city": "London",
-                                         "postal_code": "N1", "country": "GB"},
-                    "payment_token": "tok",
-                    "placed_at": chrono::Utc::now().to_rfc3339(),
-                }),
-            )
-        })
+        .map(|i| support::invalid_order(&format!("o-k9p-{i}"), 1))
         .collect();
     // The first worker's EventBridge takes connections and never answers: its hand-offs are
     // out when it dies.
@@ -351,7 +314,7 @@ async fn a_worker_killed_while_publishing_on_commit_has_its_events_published_aft
     });
     // Claims of 10 s: a hand-off gives its rows back after 5, so the kill has that long.
     let claim = ["--outbox-claim-secs", "10"];
-    let mut first = orders_worker(
+    let mut first = support::orders_worker(
         &topo,
         &db_url,
         &claim,
@@ -396,22 +359,15 @@ async fn a_worker_killed_while_publishing_on_commit_has_its_events_published_aft
 
     // The restart talks to the real (emulated) EventBridge; its relay takes the dead
     // process's rows once their claim ran out.
-    let mut second = orders_worker(&topo, &db_url, &claim, &[]);
+    let mut second = support::orders_worker(&topo, &db_url, &claim, &[]);
     let delivered = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     support::wait_for(Duration::from_secs(40), "every rejection delivered", || {
         let (sqs, q, seen) = (clients.sqs.clone(), analytics_q.clone(), delivered.clone());
         async move {
-            let out = sqs
-                .receive_message()
-                .queue_url(q)
-                .max_number_of_messages(10)
-                .wait_time_seconds(1)
-                .send()
-                .await
-                .ok()?;
+            let bodies = support::receive_bodies(&sqs, &q).await;
             let mut seen = seen.lock().unwrap();
-            for m in out.messages.unwrap_or_default() {
-                let e = Envelope::decode(m.body().unwrap_or_default()).unwrap();
+            for body in bodies {
+                let e = Envelope::decode(&body).unwrap();
                 if e.detail_type == "OrderRejected" {
                     seen.insert(e.event_key().to_string());
                 }

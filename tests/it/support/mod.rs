@@ -162,6 +162,70 @@ impl Drop for Proc {
     }
 }
 
+/// An OrderPlaced whose every one of `lines` lines is wrong three ways (unknown SKU, quantity
+/// 0, negative price): the OrderRejected lists three reasons per line, several times the
+/// order's own size.
+pub fn invalid_order(order_id: &str, lines: usize) -> String {
+    let lines: Vec<Value> = (0..lines)
+        .map(|i| {
+            serde_json::json!({"sku": format!("nope-{i:05}"), "quantity": 0,
+                   "unit_price": {"amount_minor": -1, "currency": "EUR"}})
+        })
+        .collect();
+    event_body(
+        "OrderPlaced",
+        "orderfleet.storefront",
+        serde_json::json!({
+            "event_id": format!("placed-{order_id}"),
+            "order_id": order_id,
+            "customer": {"id": "cus-1", "email": "ada@example.com", "name": "Ada"},
+            "lines": lines,
+            "shipping_address": {"name": "Ada", "line1": "1 Road", "city": "London",
+                                 "postal_code": "N1", "country": "GB"},
+            "payment_token": "tok",
+            "placed_at": chrono::Utc::now().to_rfc3339(),
+        }),
+    )
+}
+
+/// An orders worker on `topo` polling for 1 s, with `extra` arguments and environment; its
+/// stdout (the EMF lines) is piped.
+pub fn orders_worker(topo: &Topology, db_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    std::process::Command::new(env!("CARGO_BIN_EXE_orderfleet-worker"))
+        .args(["--handler", "orders", "--prefix", &topo.prefix])
+        .args(["--database-url", db_url, "--wait-time-secs", "1"])
+        .args(["--heartbeat-secs", "1"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Proc)
+        .expect("spawn orderfleet-worker")
+}
+
+/// The bodies of one receive of up to ten messages from `queue_url` (1 s long poll; none on
+/// an error). The messages stay in flight.
+pub async fn receive_bodies(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Vec<String> {
+    match sqs
+        .receive_message()
+        .queue_url(queue_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .send()
+        .await
+    {
+        Ok(out) => out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|m| m.body)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Spawns the real `orderfleet-worker` running the inventory handler on `topo` and `db_url`,
 /// polling briefly so it stops fast; `extra` adds flags. Stdout is piped (EMF lines).
 pub fn inventory_worker(topo: &Topology, db_url: &str, extra: &[&str]) -> Proc {
