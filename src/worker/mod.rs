@@ -109,8 +109,11 @@ pub struct WorkerArgs {
     /// How often the worker deletes inbox rows past their retention.
     #[arg(long, env = "ORDERFLEET_INBOX_PRUNE_INTERVAL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub inbox_prune_interval_secs: u64,
-    /// Connections in the PostgreSQL pool.
-    #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 32)]
+    /// Connections in the PostgreSQL pool. A grouping handler holds one per transaction
+    /// (--group-commit-transactions); the others one per event being applied, so this bounds
+    /// how many of their events run at once. Each open connection costs the worker about
+    /// 140 KB and PostgreSQL a backend (docs/BENCHMARKS.md, "Memory").
+    #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
     /// Most events of one handler committed in one transaction (orders, inventory, and payments
     /// and fulfillment with the sandboxes); 1 commits each event alone. A ceiling: groups are

@@ -17,6 +17,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -76,15 +77,43 @@ pub trait Transport: Send + Sync + 'static {
 /// `<order>.<kind>.eml`, a function of the email's key: a repeat after a crash overwrites the
 /// first copy instead of adding a second, and a newcomer finds an order's emails by name. The
 /// file is written under a temporary name and renamed, so a reader never sees half of one.
+///
+/// One thread of its own writes the files, in turn. On tokio's blocking pool each write could
+/// start a thread, and every such thread keeps a heap of its own while it lives: the fleet
+/// benchmark's notifications process ran up to 11 threads instead of 4, and peaked 2 to 3 MB
+/// higher (docs/BENCHMARKS.md, "Memory"). A write takes well under a
+/// millisecond, so one thread keeps up with any queue. It ends with the last clone.
 #[derive(Debug, Clone)]
 pub struct FileOutbox {
     dir: PathBuf,
+    writer: mpsc::Sender<FileWrite>,
+}
+
+/// One email for the writer thread, and where its outcome goes.
+struct FileWrite {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<std::io::Result<()>>,
 }
 
 impl FileOutbox {
     /// An outbox in `dir`, created on the first send.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        FileOutbox { dir: dir.into() }
+        let dir = dir.into();
+        let (writer, writes) = mpsc::channel::<FileWrite>();
+        let thread_dir = dir.clone();
+        std::thread::Builder::new()
+            .name("email-files".into())
+            .spawn(move || {
+                for write in writes {
+                    // The sender is gone when its send was given up on; nothing to tell.
+                    let _ = write
+                        .done
+                        .send(write_file(&thread_dir, &write.path, &write.bytes));
+                }
+            })
+            .expect("starting the email outbox's writer thread");
+        FileOutbox { dir, writer }
     }
 
     /// The directory.
@@ -107,27 +136,17 @@ impl Transport for FileOutbox {
 
     async fn send(&self, key: &EmailKey, message: &Message) -> Result<Sent, SendError> {
         let path = self.path_for(key);
-        let dir = self.dir.clone();
         let bytes = message.formatted();
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<PathBuf> {
-            std::fs::create_dir_all(&dir)?;
-            let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
-            // 0600: a message holds the customer's address and order; nobody else on the
-            // host needs to read it.
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            std::io::Write::write_all(&mut file, &bytes)?;
-            drop(file);
-            std::fs::rename(&tmp, &path).inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp);
-            })?;
-            Ok(path)
-        })
-        .await
-        .map_err(|e| SendError::Transient(format!("writing to the outbox: {e}")))?;
+        let (done, written) = tokio::sync::oneshot::channel();
+        let gone = || SendError::Transient("the outbox's writer thread is gone".to_owned());
+        self.writer
+            .send(FileWrite {
+                path: path.clone(),
+                bytes,
+                done,
+            })
+            .map_err(|_| gone())?;
+        let written = written.await.map_err(|_| gone())?.map(|()| path);
         match written {
             Ok(path) => Ok(Sent {
                 provider_id: path.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -144,6 +163,24 @@ impl Transport for FileOutbox {
             ))),
         }
     }
+}
+
+/// Writes `bytes` to `path` in `dir` under a temporary name, then renames it into place.
+fn write_file(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    // 0600: a message holds the customer's address and order; nobody else on the host needs
+    // to read it.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    drop(file);
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
