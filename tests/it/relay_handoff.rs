@@ -191,11 +191,7 @@ async fn a_rival_relay_leaves_rows_alone_while_their_committer_publishes_them() 
     let (pool, _) = support::fresh_db().await;
     // EventBridge answers the hand-off's call slowly: long enough for a rival relay (another
     // process's) to look at the outbox meanwhile.
-    let fake = Fake::start(|req, before| {
-        std::thread::sleep(Duration::from_millis(1_000));
-        put_events_accepted(req, before)
-    })
-    .await;
+    let fake = Fake::start_holding(|_, _| Duration::from_millis(1_000), put_events_accepted).await;
     let events = events_client(&fake.url);
     let handoff = relay(&pool, &events).handoff();
     let rival = relay(&pool, &events);

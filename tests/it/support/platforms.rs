@@ -50,6 +50,9 @@ impl Seen {
 
 pub type Answer = dyn Fn(&Seen, &[Seen]) -> (u16, Value) + Send + Sync;
 
+/// How long a [`Fake`] holds a request before answering it, given the ones before it.
+pub type Hold = dyn Fn(&Seen, &[Seen]) -> std::time::Duration + Send + Sync;
+
 #[derive(Clone)]
 pub struct Fake {
     pub url: String,
@@ -60,16 +63,30 @@ impl Fake {
     pub async fn start(
         answer: impl Fn(&Seen, &[Seen]) -> (u16, Value) + Send + Sync + 'static,
     ) -> Fake {
+        Fake::start_holding(|_, _| std::time::Duration::ZERO, answer).await
+    }
+
+    /// A fake that holds each request for `hold` before answering it, and every request after
+    /// it meanwhile. The hold is a timer, not a sleeping thread: a test's runtime keeps both
+    /// its threads for the code under test (a blocked worker thread also strands the task
+    /// tokio last woke on it, which made a timeout under test fire seconds late).
+    pub async fn start_holding(
+        hold: impl Fn(&Seen, &[Seen]) -> std::time::Duration + Send + Sync + 'static,
+        answer: impl Fn(&Seen, &[Seen]) -> (u16, Value) + Send + Sync + 'static,
+    ) -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let answer: Arc<Answer> = Arc::new(answer);
+        let hold: Arc<Hold> = Arc::new(hold);
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
         let kept = seen.clone();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
-                let (seen, answer) = (kept.clone(), answer.clone());
+                let (seen, answer, hold, turn) =
+                    (kept.clone(), answer.clone(), hold.clone(), turn.clone());
                 tokio::spawn(async move {
-                    let _ = serve(socket, seen, answer).await;
+                    let _ = serve(socket, seen, answer, hold, turn).await;
                 });
             }
         });
@@ -86,6 +103,8 @@ async fn serve(
     socket: tokio::net::TcpStream,
     seen: Arc<Mutex<Vec<Seen>>>,
     answer: Arc<Answer>,
+    hold: Arc<Hold>,
+    turn: Arc<tokio::sync::Mutex<()>>,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(socket);
     loop {
@@ -120,12 +139,21 @@ async fn serve(
             headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         };
-        let (status, reply) = {
+        // Requests are answered one at a time, so a held one holds the rest. A request is
+        // kept as it arrives: a held call has reached the service, as a slow answer from
+        // the real one would have.
+        let turn = turn.lock().await;
+        let (wait, n) = {
             let mut seen = seen.lock().unwrap();
-            let reply = answer(&request, &seen);
-            seen.push(request);
-            reply
+            let n = seen.len();
+            seen.push(request.clone());
+            (hold(&request, &seen[..n]), n)
         };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let (status, reply) = answer(&request, &seen.lock().unwrap()[..n]);
+        drop(turn);
         let reply = reply.to_string();
         let head = format!(
             "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
@@ -149,12 +177,16 @@ pub fn put_events_accepted(req: &Seen, before: &[Seen]) -> (u16, Value) {
 /// A [`Fake`] EventBridge that takes every PutEvents call but answers the first one only after
 /// `hold` (holding, meanwhile, every other request to it).
 pub async fn put_events_slow_at_first(hold: std::time::Duration) -> Fake {
-    Fake::start(move |req, before| {
-        if before.is_empty() {
-            std::thread::sleep(hold);
-        }
-        put_events_accepted(req, before)
-    })
+    Fake::start_holding(
+        move |_, before| {
+            if before.is_empty() {
+                hold
+            } else {
+                std::time::Duration::ZERO
+            }
+        },
+        put_events_accepted,
+    )
     .await
 }
 
