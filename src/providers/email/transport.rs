@@ -80,9 +80,9 @@ pub trait Transport: Send + Sync + 'static {
 ///
 /// One thread of its own writes the files, in turn. On tokio's blocking pool each write could
 /// start a thread, and every such thread keeps a heap of its own while it lives: the fleet
-/// benchmark's notifications process ran up to 11 threads instead of 4, and peaked 2 to 3 MB
-/// higher (docs/BENCHMARKS.md, "Memory"). A write takes well under a
-/// millisecond, so one thread keeps up with any queue. It ends with the last clone.
+/// benchmark's notifications process ran up to 11 threads instead of 4, and peaked about 2 MB
+/// higher (docs/BENCHMARKS.md, "Memory"). A write takes well under a millisecond, so one
+/// thread keeps up with any queue. It ends with the last clone.
 #[derive(Debug, Clone)]
 pub struct FileOutbox {
     dir: PathBuf,
@@ -101,15 +101,12 @@ impl FileOutbox {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();
         let (writer, writes) = mpsc::channel::<FileWrite>();
-        let thread_dir = dir.clone();
         std::thread::Builder::new()
             .name("email-files".into())
             .spawn(move || {
                 for write in writes {
                     // The sender is gone when its send was given up on; nothing to tell.
-                    let _ = write
-                        .done
-                        .send(write_file(&thread_dir, &write.path, &write.bytes));
+                    let _ = write.done.send(write_file(&write.path, &write.bytes));
                 }
             })
             .expect("starting the email outbox's writer thread");
@@ -165,8 +162,10 @@ impl Transport for FileOutbox {
     }
 }
 
-/// Writes `bytes` to `path` in `dir` under a temporary name, then renames it into place.
-fn write_file(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path` under a temporary name in its directory, then renames it into
+/// place.
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
     // 0600: a message holds the customer's address and order; nobody else on the host needs
@@ -484,6 +483,62 @@ fn classify_ses_code(code: Option<&str>, message: &str, status: u16, from: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::email::{EmailKey, EmailKind};
+
+    fn message(subject: &str) -> Message {
+        Message::builder()
+            .from("shop@example.com".parse().unwrap())
+            .to("ana@example.com".parse().unwrap())
+            .subject(subject)
+            .body(String::from("hello"))
+            .unwrap()
+    }
+
+    /// Sends from many tasks and from clones all go through the one writer thread: each lands
+    /// in its own file, readable by its owner only; a repeat (a redelivery after a crash)
+    /// replaces its first copy; and dropping a clone leaves the others writing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_thread_writes_every_email_once_under_its_key() {
+        let dir = std::env::temp_dir().join(format!("orderfleet-outbox-{}", uuid::Uuid::new_v4()));
+        let outbox = FileOutbox::new(dir.join("nested"));
+        let sends: Vec<_> = (0..40)
+            .map(|i| {
+                let outbox = outbox.clone();
+                tokio::spawn(async move {
+                    let key = EmailKey::new(format!("ord-{i}"), EmailKind::Confirmation);
+                    outbox.send(&key, &message(&format!("first {i}"))).await
+                })
+            })
+            .collect();
+        for send in sends {
+            let sent = send.await.unwrap().unwrap();
+            assert!(sent.provider_id.unwrap().ends_with(".confirmation.eml"));
+        }
+        let key = EmailKey::new("ord-7", EmailKind::Confirmation);
+        drop(outbox.clone());
+        outbox.send(&key, &message("again 7")).await.unwrap();
+
+        let names: Vec<_> = std::fs::read_dir(outbox.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names.len(),
+            40,
+            "one file per key, no temporary left: {names:?}"
+        );
+        let again = std::fs::read_to_string(outbox.path_for(&key)).unwrap();
+        assert!(again.contains("Subject: again 7"), "{again}");
+        assert!(!again.contains("first 7"));
+        let mode = std::fs::metadata(outbox.path_for(&key))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn smtp_urls_give_host_port_and_tls_mode() {
