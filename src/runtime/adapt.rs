@@ -45,7 +45,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -184,6 +184,74 @@ impl Depth {
 /// group, at least 1, at most `max_group` (the flag).
 pub fn group_cap(target: usize, transactions: usize, max_group: usize) -> usize {
     (target / transactions.max(1)).clamp(1, max_group.max(1))
+}
+
+/// How long [`Arrivals`] counts before it takes a reading of the rate.
+pub const ARRIVALS_WINDOW: Duration = Duration::from_millis(100);
+/// The time constant of [`Arrivals`]' average: a reading this long weighs 63%.
+pub const ARRIVALS_MEMORY: Duration = Duration::from_millis(250);
+
+/// The rate messages arrive at, from what the receives return: the pause after a short
+/// receive (the receive linger) lasts about as long as most of a full receive's worth takes
+/// to gather (the consumer waits for seven of ten), and at most the `--receive-linger-ms`
+/// ceiling. A queue that gets a thousand messages a second waits 7 ms between its short
+/// receives, not 20: the next receive comes back about as full either way, and every hop an
+/// order crosses through that queue is quicker. A queue that trickles keeps the whole
+/// linger, where its receives need it.
+///
+/// Messages are counted over windows of at least [`ARRIVALS_WINDOW`] (receives of several
+/// loops that come back together would otherwise read as a burst), and each window's rate
+/// moves the estimate by a weight that grows with the window's length ([`ARRIVALS_MEMORY`]).
+/// Like [`Depth`] it is fed observations with their times, so it
+/// is tested without a clock.
+#[derive(Debug, Clone, Default)]
+pub struct Arrivals {
+    window_start: Option<Instant>,
+    counted: u64,
+    per_sec: Option<f64>,
+}
+
+impl Arrivals {
+    /// A receive that came back at `at` with `got` messages (none when it was empty).
+    pub fn on_receive(&mut self, at: Instant, got: usize) {
+        let Some(start) = self.window_start else {
+            // Whatever the first receive returned arrived before anyone was counting.
+            self.window_start = Some(at);
+            return;
+        };
+        self.counted += got as u64;
+        let elapsed = at.saturating_duration_since(start);
+        if elapsed < ARRIVALS_WINDOW {
+            return;
+        }
+        let rate = self.counted as f64 / elapsed.as_secs_f64();
+        // An average that forgets with time, not with readings: a window of 100 ms moves it a
+        // third of the way, twenty quiet seconds of a long poll all the way.
+        let weight = 1.0 - (-elapsed.as_secs_f64() / ARRIVALS_MEMORY.as_secs_f64()).exp();
+        self.per_sec = Some(match self.per_sec {
+            None => rate,
+            Some(before) => before + (rate - before) * weight,
+        });
+        self.window_start = Some(at);
+        self.counted = 0;
+    }
+
+    /// Messages a second, once a window has been read.
+    pub fn per_sec(&self) -> Option<f64> {
+        self.per_sec
+    }
+
+    /// The pause after a short receive: the time `want` messages take to arrive at the
+    /// estimated rate, at most `ceiling` (also the answer before the first reading, and for a
+    /// queue nothing arrives at).
+    pub fn linger(&self, want: usize, ceiling: Duration) -> Duration {
+        match self.per_sec {
+            Some(rate) if rate > 0.0 => {
+                Duration::try_from_secs_f64(want as f64 / rate).map_or(ceiling, |d| d.min(ceiling))
+            }
+            _ => ceiling,
+        }
+    }
 }
 
 /// The consumer's in-flight limit: a semaphore whose permits follow the target.
@@ -425,6 +493,83 @@ mod tests {
         assert!(!d.wants_backlog());
         assert_eq!(d.on_backlog(1000), None);
         assert_eq!(group_cap(d.target(), 4, 256), 1);
+    }
+
+    const CEILING: Duration = Duration::from_millis(20);
+
+    /// Receives of `got` messages every `every`, `n` of them, from `start`; the time after.
+    fn steady(a: &mut Arrivals, start: Instant, every: Duration, got: usize, n: u32) -> Instant {
+        let mut at = start;
+        for _ in 0..n {
+            at += every;
+            a.on_receive(at, got);
+        }
+        at
+    }
+
+    fn millis(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    #[test]
+    fn before_any_reading_the_linger_is_the_ceiling() {
+        let mut a = Arrivals::default();
+        assert_eq!(a.linger(10, CEILING), CEILING);
+        // One receive starts the count; what it returned is not counted.
+        a.on_receive(Instant::now(), 10);
+        assert_eq!((a.per_sec(), a.linger(10, CEILING)), (None, CEILING));
+    }
+
+    #[test]
+    fn a_thousand_messages_a_second_linger_the_time_ten_take_to_arrive() {
+        let mut a = Arrivals::default();
+        // Ten messages every 10 ms for two seconds.
+        steady(&mut a, Instant::now(), Duration::from_millis(10), 10, 200);
+        let rate = a.per_sec().unwrap();
+        assert!((rate - 1000.0).abs() < 1.0, "{rate}");
+        let linger = millis(a.linger(10, CEILING));
+        assert!((linger - 10.0).abs() < 0.1, "{linger}");
+        // A receive that may take fewer waits for fewer.
+        assert!((millis(a.linger(5, CEILING)) - 5.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn a_queue_that_trickles_keeps_the_whole_linger() {
+        let mut a = Arrivals::default();
+        // Two messages every 20 ms: a hundred a second, ten of which take 100 ms.
+        steady(&mut a, Instant::now(), Duration::from_millis(20), 2, 100);
+        assert_eq!(a.linger(10, CEILING), CEILING);
+    }
+
+    #[test]
+    fn receives_that_come_back_together_do_not_read_as_a_burst() {
+        let mut a = Arrivals::default();
+        let start = Instant::now();
+        a.on_receive(start, 0);
+        // Eight loops' receives of ten, all within one millisecond, then nothing until the
+        // window closes 100 ms later: 80 messages in 100 ms, not in one millisecond.
+        for i in 0..8 {
+            a.on_receive(start + Duration::from_micros(100 * i), 10);
+        }
+        a.on_receive(start + ARRIVALS_WINDOW, 0);
+        let rate = a.per_sec().unwrap();
+        assert!((rate - 800.0).abs() < 1.0, "{rate}");
+    }
+
+    #[test]
+    fn a_quiet_spell_forgets_a_busy_rate_at_once() {
+        let mut a = Arrivals::default();
+        let at = steady(&mut a, Instant::now(), Duration::from_millis(5), 25, 200);
+        assert!(a.linger(10, CEILING) < Duration::from_millis(3));
+        // A long poll that waited its 20 seconds and came back with one message.
+        a.on_receive(at + Duration::from_secs(20), 1);
+        assert_eq!(a.linger(10, CEILING), CEILING);
+        // A short window moves the average only part of the way: one burst is not a rate.
+        let mut b = Arrivals::default();
+        let at = steady(&mut b, Instant::now(), Duration::from_millis(100), 10, 30);
+        b.on_receive(at + ARRIVALS_WINDOW, 1000);
+        let rate = b.per_sec().unwrap();
+        assert!(rate > 1000.0 && rate < 5000.0, "{rate}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::acker::Acker;
-use super::adapt::{self, Depth, Limit};
+use super::adapt::{self, Arrivals, Depth, Limit};
 use super::backoff;
 use super::execute::{Apply, Executed};
 use super::lease::{LeaseGuard, Leases};
@@ -59,21 +59,25 @@ struct Shared {
     /// is still in flight; the second copy is not handled (the message is handled, and
     /// dead-lettered, once) but adopted by the first copy's lease (see [`Leases::adopt`]).
     in_flight_ids: std::sync::Mutex<HashMap<String, u64>>,
-    /// Set while receives come back short or empty: messages arrive slower than the loops
-    /// could take them. Then one loop at a time receives (it holds `turn` through its receive
+    /// Set while receives come back short or empty (or full only because a linger came
+    /// before them): messages arrive slower than the loops could take them. Then one loop at a time receives (it holds `turn` through its receive
     /// and its linger), so a trickle is not split into receives of one message each, and a
     /// quiet queue has one long poll open, not one per loop.
     trickling: std::sync::atomic::AtomicBool,
     turn: tokio::sync::Mutex<()>,
+    /// Whether the last receive was followed by a linger: then the next one (by whichever
+    /// loop takes the turn) comes back full because it waited, not because of a backlog.
+    lingered: std::sync::atomic::AtomicBool,
     /// How many messages may be in flight: the permits, and the target they follow.
     limit: Limit,
     depth: std::sync::Mutex<Pacing>,
 }
 
-/// The in-flight target and the pacing of backlog readings, changed once per receive (never
-/// per message) under one lock.
+/// The in-flight target, the pacing of backlog readings and the arrival rate that sets the
+/// linger, changed once per receive (never per message) under one lock.
 struct Pacing {
     depth: Depth,
+    arrivals: Arrivals,
     /// When the last backlog reading started; a reading is under way while `reading`.
     last_read: Option<Instant>,
     reading: bool,
@@ -111,12 +115,14 @@ impl Consumer {
             hard_stop: CancellationToken::new(),
             in_flight_ids: Default::default(),
             trickling: std::sync::atomic::AtomicBool::new(true),
+            lingered: std::sync::atomic::AtomicBool::new(false),
             turn: tokio::sync::Mutex::new(()),
             limit: Limit::new(depth.target()),
             depth: std::sync::Mutex::new(Pacing {
                 depth,
                 last_read: None,
                 reading: false,
+                arrivals: Arrivals::default(),
             }),
         });
         let tracker = TaskTracker::new();
@@ -183,7 +189,7 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
         // come back one at a time as handlers finish, and a receive then would ask for one or
         // two messages. Wait up to the linger for a full receive's worth of slots instead:
         // the messages wait in the queue either way, and the receive costs a tenth as much.
-        let full_receive = 10.min(shared.cfg.concurrency);
+        let full_receive = full_receive(&shared.cfg);
         if held.len() < full_receive
             && !shared.trickling.load(Relaxed)
             && !shared.cfg.receive_linger.is_zero()
@@ -242,9 +248,17 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                     Counters::inc(&shared.counters.empty_receives);
                 }
                 let short = !messages.is_empty() && messages.len() < held.len();
-                shared.trickling.store(messages.len() < held.len(), Relaxed);
-                let read_backlog = observe_receive(
+                // A receive that came back full right after a linger filled up during the
+                // pause: that is what the pause was for, not a sign of a backlog. The loops
+                // keep taking turns until a receive that did not wait comes back full too;
+                // otherwise every loop would start a long poll of its own, and during the next
+                // linger those polls would take the messages one at a time.
+                let after_linger = shared.lingered.load(Relaxed);
+                let backlog = !messages.is_empty() && messages.len() >= held.len() && !after_linger;
+                shared.trickling.store(!backlog, Relaxed);
+                let seen = observe_receive(
                     &shared,
+                    received_at,
                     adapt::Receive {
                         asked: held.len(),
                         got: messages.len(),
@@ -261,15 +275,18 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                 for permit in held {
                     shared.limit.give_back(permit);
                 }
-                if read_backlog {
+                if seen.read_backlog {
                     read_backlog_now(&shared).await;
                 }
                 // Messages are arriving, but slower than this loop receives them: let a few
-                // more gather before asking again.
-                if short && !shared.cfg.receive_linger.is_zero() {
+                // more gather before asking again, about as long as a full receive's worth
+                // takes to arrive (see `adapt::Arrivals`).
+                let linger = short && !seen.linger.is_zero();
+                shared.lingered.store(linger, Relaxed);
+                if linger {
                     tokio::select! {
                         _ = shared.stop.cancelled() => return,
-                        _ = tokio::time::sleep(shared.cfg.receive_linger) => {}
+                        _ = tokio::time::sleep(seen.linger) => {}
                     }
                 }
             }
@@ -311,8 +328,33 @@ fn take_free_permits(permits: &Arc<tokio::sync::Semaphore>, held: &mut Vec<Owned
 /// Feeds one receive to the in-flight target and applies a change. Returns whether this loop
 /// should now read the queue's backlog (at most one reading at a time, and one every
 /// [`adapt::BACKLOG_EVERY`]).
-fn observe_receive(shared: &Shared, receive: adapt::Receive) -> bool {
+/// The most messages one receive asks for: SQS's ten, or fewer under a smaller ceiling.
+fn full_receive(cfg: &ConsumerConfig) -> usize {
+    10.min(cfg.concurrency)
+}
+
+/// How many messages a linger waits for: seven of a receive's ten. A receive that comes back
+/// full is followed at once by another (it may have left messages behind), which on a steady
+/// stream mostly catches one or two; a pause that aims short of full (the timer rounds it up,
+/// and arrivals come in bursts) keeps to about one receive per pause, and the wait is shorter
+/// too.
+fn linger_for(cfg: &ConsumerConfig) -> usize {
+    (full_receive(cfg) * 7 / 10).max(1)
+}
+
+/// What a receive decided: whether to read the backlog now, and how long to linger if it came
+/// back short.
+struct Seen {
+    read_backlog: bool,
+    linger: Duration,
+}
+
+fn observe_receive(shared: &Shared, at: Instant, receive: adapt::Receive) -> Seen {
     let mut p = shared.depth.lock().unwrap_or_else(|e| e.into_inner());
+    p.arrivals.on_receive(at.into_std(), receive.got);
+    let linger = p
+        .arrivals
+        .linger(linger_for(&shared.cfg), shared.cfg.receive_linger);
     if let Some(change) = p.depth.on_receive(receive) {
         apply_change(shared, change, None);
     }
@@ -324,7 +366,10 @@ fn observe_receive(shared: &Shared, receive: adapt::Receive) -> bool {
         p.reading = true;
         p.last_read = Some(Instant::now());
     }
-    read
+    Seen {
+        read_backlog: read,
+        linger,
+    }
 }
 
 /// Reads ApproximateNumberOfMessages and feeds it to the in-flight target. Only called while

@@ -67,7 +67,8 @@ pub struct ConsumerConfig {
     /// The queue's maxReceiveCount: on that receive, a retry becomes a dead-letter.
     pub max_receive_count: u32,
     pub delete_flush: Duration,
-    /// Pause of a receive loop after a receive that came back short but not empty; and, at
+    /// The longest pause of a receive loop after a receive that came back short but not empty
+    /// (the rate messages arrive at sets it below that: `adapt::Arrivals`); and, at
     /// the in-flight ceiling, the longest a loop waits for a full receive's worth of slots.
     pub receive_linger: Duration,
     /// Running handlers get this long to finish after a stop is requested.

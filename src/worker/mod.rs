@@ -222,8 +222,9 @@ pub struct ConsumerArgs {
     pub delete_flush_ms: u64,
     /// While messages trickle in (receives come back short), one receive loop at a time
     /// receives, and after a receive that returned some messages but fewer than it asked for
-    /// it waits this long before the next one: receives come back fuller (fewer SQS requests
-    /// per message) for at most this much latency per hop. A receive that returned nothing
+    /// it waits before the next one: about as long as seven messages take to arrive at the
+    /// rate they have been arriving, and at most this long. Receives come back fuller (fewer SQS
+    /// requests per message) for at most this much latency per hop. A receive that returned nothing
     /// long-polls again at once, so a quiet queue answers its first message without delay.
     /// At the in-flight ceiling with a backlog, a loop also waits up to this long for ten free
     /// slots before it receives, rather than asking for the one or two a finishing handler

@@ -3,9 +3,10 @@
 //! one loop at a time receives (`Shared::trickling` and its turn), so a quiet queue with eight
 //! loops keeps one long poll open, not eight; and after a short receive the loop lingers
 //! (`--receive-linger-ms`), so a steady trickle is taken in fuller receives, each message
-//! still handled once. And when messages are plentiful but the consumer is at its in-flight
-//! ceiling, a loop waits for a full receive's worth of free slots rather than asking for the
-//! one or two that a finishing handler just freed.
+//! still handled once; the linger lasts about as long as seven messages take to arrive, so a
+//! busy trickle is not held for the whole of it. And when messages are plentiful but the
+//! consumer is at its in-flight ceiling, a loop waits for a full receive's worth of free slots
+//! rather than asking for the one or two that a finishing handler just freed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 use crate::support;
 
 /// Applies nothing (after about `work`, standing in for a handler's time); counts how often each
-/// event (by its EventBridge id) was handled.
+/// event (by its EventBridge id) was handled, and when it was first.
 #[derive(Default)]
 struct Recorder {
     seen: Mutex<HashMap<String, u32>>,
+    first_handled: Mutex<HashMap<String, Instant>>,
     work: Duration,
 }
 
@@ -42,6 +44,11 @@ impl Apply for Recorder {
             // Between none and twice `work`, so that handlers finish one at a time.
             tokio::time::sleep(self.work.mul_f64(2.0 * fastrand::f64())).await;
         }
+        self.first_handled
+            .lock()
+            .unwrap()
+            .entry(event.id.clone())
+            .or_insert_with(Instant::now);
         *self
             .seen
             .lock()
@@ -215,16 +222,33 @@ async fn a_quiet_queue_read_by_eight_receive_loops_keeps_one_long_poll_open() {
 
 /// Sends `n` messages to `queue`, one every `every`, as a steady trickle.
 async fn trickle(state: &BenchSqs, queue: &str, n: usize, every: Duration) -> Vec<String> {
-    let mut ids = Vec::with_capacity(n);
+    timed_trickle(state, queue, n, every)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// [`trickle`], with the time each message was sent.
+async fn timed_trickle(
+    state: &BenchSqs,
+    queue: &str,
+    n: usize,
+    every: Duration,
+) -> Vec<(String, Instant)> {
+    let mut sent = Vec::with_capacity(n);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for _ in 0..n {
         tick.tick().await;
         let body = support::stock_received("TRICKLE", 1);
-        ids.push(Envelope::decode(&body).expect("envelope").id);
+        sent.push((
+            Envelope::decode(&body).expect("envelope").id,
+            Instant::now(),
+        ));
         state.preload(queue, [body]);
     }
-    ids
+    sent
 }
 
 /// Consumes a trickle of `n` messages with `linger`; returns the ReceiveMessage calls that
@@ -260,6 +284,47 @@ async fn a_steady_trickle_is_received_in_fewer_fuller_receives_with_a_linger() {
         N as u64 >= 2 * with,
         "a 20 ms linger took {with} receives for {N} messages: fewer than two per receive"
     );
+}
+
+#[tokio::test]
+async fn a_busy_trickle_waits_about_as_long_as_seven_messages_take_not_the_whole_linger() {
+    // One message a millisecond for 1.5 s, with a ceiling of 100 ms on the linger. A linger
+    // of the whole ceiling after every short receive would keep a message waiting 50 ms on
+    // average (it arrives at a random point of the pause); a linger that follows the rate
+    // waits about 7 ms, the time seven messages take.
+    const N: usize = 1_500;
+    let ceiling = Duration::from_millis(100);
+    let endpoint = Endpoint::start().await;
+    let cfg = ConsumerConfig {
+        concurrency: 80,
+        receivers: 8,
+        receive_linger: ceiling,
+        ..support::consumer_config(&endpoint.facts)
+    };
+    let run = Running::start(&endpoint, cfg);
+    let recorder = run.recorder.clone();
+    let sent = timed_trickle(&endpoint.state, "work", N, Duration::from_millis(1)).await;
+    let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
+    let with_messages = run
+        .finish(&endpoint, &ids, &format!("linger ceiling {ceiling:?}"))
+        .await;
+    let handled = recorder.first_handled.lock().unwrap().clone();
+    let mut waits: Vec<Duration> = sent
+        .iter()
+        .map(|(id, at)| handled[id].saturating_duration_since(*at))
+        .collect();
+    waits.sort();
+    let median = waits[N / 2];
+    let per_receive = N as f64 / with_messages as f64;
+    let context = format!("median wait {median:?}, {per_receive:.1} messages per receive");
+    eprintln!("{context}");
+    assert!(
+        median < ceiling / 4,
+        "held for the linger's ceiling: {context}"
+    );
+    // The receives still come back nearly full: about one per pause, not a full one and
+    // then one that catches a straggler.
+    assert!(per_receive >= 6.0, "{context}");
 }
 
 /// Consumes a backlog of `n` messages deeper than the ceiling, with handlers slow enough to
