@@ -99,6 +99,8 @@ pub struct FleetConfig {
     /// Every PutEvents waits this long at the endpoint (its `--put-events-delay-ms`): a real
     /// region's round trip, which loopback does not have.
     pub put_events_delay_ms: u64,
+    /// Where the run's scratch directory goes (the system's temporary directory when `None`).
+    pub scratch_parent: Option<PathBuf>,
 }
 
 /// The figures of one phase.
@@ -513,7 +515,7 @@ pub async fn run(cfg: &FleetConfig, progress: impl Fn(String)) -> Result<FleetRe
         cfg.keep_database,
         progress,
         |admin, name, url| async move {
-            let scratch = tempdir()?;
+            let scratch = tempdir(cfg.scratch_parent.as_deref())?;
             let result = run_in(cfg, &admin, &name, &url, &scratch, progress).await;
             let _ = std::fs::remove_dir_all(&scratch);
             result
@@ -522,8 +524,14 @@ pub async fn run(cfg: &FleetConfig, progress: impl Fn(String)) -> Result<FleetRe
     .await
 }
 
-fn tempdir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("orderfleet-fleet-{}", std::process::id()));
+/// The run's scratch directory, under `parent` or the system's temporary directory: the
+/// workers' health files and the emails they write where a deployment would call SES
+/// (`--email-outbox-dir`), about 10,000 files a run.
+fn tempdir(parent: Option<&Path>) -> Result<PathBuf> {
+    let dir = parent
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("orderfleet-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }

@@ -64,6 +64,11 @@ struct Args {
     /// Shown in the summary when set.
     #[arg(long, default_value_t = 0)]
     put_events_delay_ms: u64,
+    /// Where the run's scratch directory goes: the workers' health files and the emails they
+    /// write as files (about 10,000 a run). Default: the system's temporary directory.
+    /// `scripts/bench-fleet.sh` passes /dev/shm when it has room (see that script).
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<std::path::PathBuf>,
     /// PostgreSQL admin connection; the scratch database is created next to it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -171,6 +176,7 @@ async fn run() -> Result<()> {
         lake_emulator_pid: args.lake_emulator_pid,
         phase_timeout: Duration::from_secs(args.phase_timeout_secs),
         put_events_delay_ms: args.put_events_delay_ms,
+        scratch_parent: args.scratch_dir,
     };
     let report = fleet::run(&cfg, |line| eprintln!("{line}")).await?;
     for phase in std::iter::once(&report.throughput).chain(report.latency.as_ref()) {
