@@ -251,18 +251,23 @@ async fn timed_trickle(
     sent
 }
 
-/// Consumes a trickle of `n` messages with `linger`; returns the ReceiveMessage calls that
-/// brought at least one message, after checking each message was handled once and the queue
-/// is empty.
-async fn receives_for_a_trickle(linger: Duration, n: usize) -> u64 {
-    let endpoint = Endpoint::start().await;
+/// A consumer of the endpoint's queue for a trickle: eight loops, 80 in flight, `linger`.
+fn trickle_consumer(endpoint: &Endpoint, linger: Duration) -> Running {
     let cfg = ConsumerConfig {
         concurrency: 80,
         receivers: 8,
         receive_linger: linger,
         ..support::consumer_config(&endpoint.facts)
     };
-    let run = Running::start(&endpoint, cfg);
+    Running::start(endpoint, cfg)
+}
+
+/// Consumes a trickle of `n` messages with `linger`; returns the ReceiveMessage calls that
+/// brought at least one message, after checking each message was handled once and the queue
+/// is empty.
+async fn receives_for_a_trickle(linger: Duration, n: usize) -> u64 {
+    let endpoint = Endpoint::start().await;
+    let run = trickle_consumer(&endpoint, linger);
     let sent = trickle(&endpoint.state, "work", n, Duration::from_millis(4)).await;
     run.finish(&endpoint, &sent, &format!("linger {linger:?}"))
         .await
@@ -295,13 +300,7 @@ async fn a_busy_trickle_waits_about_as_long_as_seven_messages_take_not_the_whole
     const N: usize = 1_500;
     let ceiling = Duration::from_millis(100);
     let endpoint = Endpoint::start().await;
-    let cfg = ConsumerConfig {
-        concurrency: 80,
-        receivers: 8,
-        receive_linger: ceiling,
-        ..support::consumer_config(&endpoint.facts)
-    };
-    let run = Running::start(&endpoint, cfg);
+    let run = trickle_consumer(&endpoint, ceiling);
     let recorder = run.recorder.clone();
     let sent = timed_trickle(&endpoint.state, "work", N, Duration::from_millis(1)).await;
     let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
