@@ -39,6 +39,9 @@
 //! target back to the floor, and growing again waited for a backlog reading (one every two
 //! seconds), while messages sat in the queue (docs/BENCHMARKS.md, "Latency").
 //!
+//! [`Arrivals`] estimates the rate messages arrive at, which sets the linger after a short
+//! receive.
+//!
 //! [`Limit`] applies the target to the consumer's semaphore without a lock on the hot path:
 //! growing adds permits; shrinking forgets the free ones and records the rest as a debt, paid
 //! by permits as they come back (one atomic load per message while there is no debt).
@@ -195,15 +198,15 @@ pub const ARRIVALS_MEMORY: Duration = Duration::from_millis(250);
 /// receive (the receive linger) lasts about as long as most of a full receive's worth takes
 /// to gather (the consumer waits for seven of ten), and at most the `--receive-linger-ms`
 /// ceiling. A queue that gets a thousand messages a second waits 7 ms between its short
-/// receives, not 20: the next receive comes back about as full either way, and every hop an
-/// order crosses through that queue is quicker. A queue that trickles keeps the whole
-/// linger, where its receives need it.
+/// receives, not 20: its receives still come back most of the way full (seven or more
+/// instead of ten), and every hop an order crosses through that queue is quicker. A queue
+/// that trickles keeps the whole linger, where its receives need it.
 ///
 /// Messages are counted over windows of at least [`ARRIVALS_WINDOW`] (receives of several
 /// loops that come back together would otherwise read as a burst), and each window's rate
 /// moves the estimate by a weight that grows with the window's length ([`ARRIVALS_MEMORY`]).
-/// Like [`Depth`] it is fed observations with their times, so it
-/// is tested without a clock.
+/// It is fed observations with the times they were made (it reads no clock of its own), so
+/// it is tested without waiting.
 #[derive(Debug, Clone, Default)]
 pub struct Arrivals {
     window_start: Option<Instant>,

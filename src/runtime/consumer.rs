@@ -60,14 +60,16 @@ struct Shared {
     /// dead-lettered, once) but adopted by the first copy's lease (see [`Leases::adopt`]).
     in_flight_ids: std::sync::Mutex<HashMap<String, u64>>,
     /// Set while receives come back short or empty (or full only because a linger came
-    /// before them): messages arrive slower than the loops could take them. Then one loop at a time receives (it holds `turn` through its receive
-    /// and its linger), so a trickle is not split into receives of one message each, and a
-    /// quiet queue has one long poll open, not one per loop.
+    /// before them): messages arrive slower than the loops could take them. Then one loop at
+    /// a time receives (it holds `turn` through its receive and its linger), so a trickle is
+    /// not split into receives of one message each, and a quiet queue has one long poll open,
+    /// not one per loop.
     trickling: std::sync::atomic::AtomicBool,
-    turn: tokio::sync::Mutex<()>,
-    /// Whether the last receive was followed by a linger: then the next one (by whichever
-    /// loop takes the turn) comes back full because it waited, not because of a backlog.
-    lingered: std::sync::atomic::AtomicBool,
+    /// The turn, and whether its last holder lingered after its receive: then the next
+    /// holder's receive comes back full because it waited, not because of a backlog. Only a
+    /// holder reads or sets it; a loop receiving outside the turn (no trickle) neither
+    /// discounts its receive nor marks a linger.
+    turn: tokio::sync::Mutex<bool>,
     /// How many messages may be in flight: the permits, and the target they follow.
     limit: Limit,
     depth: std::sync::Mutex<Pacing>,
@@ -115,8 +117,7 @@ impl Consumer {
             hard_stop: CancellationToken::new(),
             in_flight_ids: Default::default(),
             trickling: std::sync::atomic::AtomicBool::new(true),
-            lingered: std::sync::atomic::AtomicBool::new(false),
-            turn: tokio::sync::Mutex::new(()),
+            turn: tokio::sync::Mutex::new(false),
             limit: Limit::new(depth.target()),
             depth: std::sync::Mutex::new(Pacing {
                 depth,
@@ -159,7 +160,7 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
     let permits = shared.limit.semaphore().clone();
     loop {
         // While the queue trickles, loops take turns (see `Shared::trickling`).
-        let _turn = if shared.trickling.load(Relaxed) {
+        let mut turn = if shared.trickling.load(Relaxed) {
             tokio::select! {
                 biased;
                 _ = shared.stop.cancelled() => return,
@@ -253,7 +254,7 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                 // keep taking turns until a receive that did not wait comes back full too;
                 // otherwise every loop would start a long poll of its own, and during the next
                 // linger those polls would take the messages one at a time.
-                let after_linger = shared.lingered.load(Relaxed);
+                let after_linger = turn.as_deref_mut().is_some_and(std::mem::take);
                 let backlog = !messages.is_empty() && messages.len() >= held.len() && !after_linger;
                 shared.trickling.store(!backlog, Relaxed);
                 let seen = observe_receive(
@@ -282,7 +283,9 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                 // more gather before asking again, about as long as a full receive's worth
                 // takes to arrive (see `adapt::Arrivals`).
                 let linger = short && !seen.linger.is_zero();
-                shared.lingered.store(linger, Relaxed);
+                if let Some(lingered) = turn.as_deref_mut() {
+                    *lingered = linger;
+                }
                 if linger {
                     tokio::select! {
                         _ = shared.stop.cancelled() => return,
@@ -291,6 +294,10 @@ async fn receive_loop(shared: Arc<Shared>, tracker: TaskTracker) {
                 }
             }
             Err(e) => {
+                // A failed receive brought nothing a linger had gathered.
+                if let Some(lingered) = turn.as_deref_mut() {
+                    *lingered = false;
+                }
                 Counters::inc(&shared.counters.receive_errors);
                 tracing::warn!(
                     handler = shared.handler.name(),
@@ -325,9 +332,6 @@ fn take_free_permits(permits: &Arc<tokio::sync::Semaphore>, held: &mut Vec<Owned
     }
 }
 
-/// Feeds one receive to the in-flight target and applies a change. Returns whether this loop
-/// should now read the queue's backlog (at most one reading at a time, and one every
-/// [`adapt::BACKLOG_EVERY`]).
 /// The most messages one receive asks for: SQS's ten, or fewer under a smaller ceiling.
 fn full_receive(cfg: &ConsumerConfig) -> usize {
     10.min(cfg.concurrency)
@@ -349,6 +353,9 @@ struct Seen {
     linger: Duration,
 }
 
+/// Feeds one receive to the in-flight target (applying a change) and to the arrival rate.
+/// Says whether this loop should now read the queue's backlog (at most one reading at a time,
+/// and one every [`adapt::BACKLOG_EVERY`]) and how long a linger after it would be.
 fn observe_receive(shared: &Shared, at: Instant, receive: adapt::Receive) -> Seen {
     let mut p = shared.depth.lock().unwrap_or_else(|e| e.into_inner());
     p.arrivals.on_receive(at.into_std(), receive.got);

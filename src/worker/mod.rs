@@ -220,8 +220,8 @@ pub struct ConsumerArgs {
     /// requests.
     #[arg(long, env = "ORDERFLEET_DELETE_FLUSH_MS", default_value_t = 50)]
     pub delete_flush_ms: u64,
-    /// While messages trickle in (receives come back short), one receive loop at a time
-    /// receives, and after a receive that returned some messages but fewer than it asked for
+    /// While messages trickle in (receives come back short, or full only right after such a
+    /// wait), one receive loop at a time receives, and after a receive that returned some messages but fewer than it asked for
     /// it waits before the next one: about as long as seven messages take to arrive at the
     /// rate they have been arriving, and at most this long. Receives come back fuller (fewer SQS
     /// requests per message) for at most this much latency per hop. A receive that returned nothing
