@@ -221,11 +221,11 @@ pub struct ConsumerArgs {
     #[arg(long, env = "ORDERFLEET_DELETE_FLUSH_MS", default_value_t = 50)]
     pub delete_flush_ms: u64,
     /// While messages trickle in (receives come back short, or full only right after such a
-    /// wait), one receive loop at a time receives, and after a receive that returned some messages but fewer than it asked for
-    /// it waits before the next one: about as long as seven messages take to arrive at the
-    /// rate they have been arriving, and at most this long. Receives come back fuller (fewer SQS
-    /// requests per message) for at most this much latency per hop. A receive that returned nothing
-    /// long-polls again at once, so a quiet queue answers its first message without delay.
+    /// wait), one receive loop at a time receives, and after a receive that returned some
+    /// messages but fewer than it asked for it waits before the next one: about as long as
+    /// seven messages take to arrive at the rate they have been arriving, and at most this
+    /// long. Receives come back fuller (fewer SQS requests per message) for at most this much
+    /// latency per hop. A receive that returned nothing long-polls again at once, so a quiet queue answers its first message without delay.
     /// At the in-flight ceiling with a backlog, a loop also waits up to this long for ten free
     /// slots before it receives, rather than asking for the one or two a finishing handler
     /// just freed. 0 turns both waits off.

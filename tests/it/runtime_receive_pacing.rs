@@ -307,13 +307,7 @@ async fn a_busy_trickle_is_not_held_for_the_whole_linger_and_still_fills_its_rec
     let with_messages = run
         .finish(&endpoint, &ids, &format!("linger ceiling {ceiling:?}"))
         .await;
-    let handled = recorder.first_handled.lock().unwrap().clone();
-    let mut waits: Vec<Duration> = sent
-        .iter()
-        .map(|(id, at)| handled[id].saturating_duration_since(*at))
-        .collect();
-    waits.sort();
-    let median = waits[N / 2];
+    let median = median_wait(&sent, &[&recorder]);
     let per_receive = N as f64 / with_messages as f64;
     let context = format!("median wait {median:?}, {per_receive:.1} messages per receive");
     eprintln!("{context}");
@@ -325,6 +319,67 @@ async fn a_busy_trickle_is_not_held_for_the_whole_linger_and_still_fills_its_rec
     // runs so far), not a full one and then one that catches a straggler (five and a half).
     // The margin is for a loaded machine, whose stalls make every receive emptier.
     assert!(per_receive >= 5.0, "{context}");
+}
+
+/// The median time from a message's send to the first start of its handling, by whichever of
+/// `recorders` handled it.
+fn median_wait(sent: &[(String, Instant)], recorders: &[&Recorder]) -> Duration {
+    let mut handled = HashMap::new();
+    for r in recorders {
+        handled.extend(r.first_handled.lock().unwrap().clone());
+    }
+    let mut waits: Vec<Duration> = sent
+        .iter()
+        .map(|(id, at)| handled[id].saturating_duration_since(*at))
+        .collect();
+    waits.sort();
+    waits[waits.len() / 2]
+}
+
+#[tokio::test]
+async fn two_processes_of_one_handler_share_a_busy_trickle_each_message_handled_once() {
+    // Two consumers of one queue, as two worker processes of one handler: each estimates the
+    // rate from its own receives and takes its own turns. Every message is still handled
+    // once and deleted, both take part, and a busy trickle is still not held for the whole
+    // linger (each sees part of the rate; what arrives during one's pause the other's long
+    // poll may take).
+    const N: usize = 1_500;
+    let ceiling = Duration::from_millis(100);
+    let endpoint = Endpoint::start().await;
+    let (a, b) = (
+        trickle_consumer(&endpoint, ceiling),
+        trickle_consumer(&endpoint, ceiling),
+    );
+    let (ra, rb) = (a.recorder.clone(), b.recorder.clone());
+    let (ca, cb) = (a.counters.clone(), b.counters.clone());
+    let sent = timed_trickle(&endpoint.state, "work", N, Duration::from_millis(1)).await;
+    support::wait_for(Duration::from_secs(60), "every message handled", || {
+        let (ca, cb) = (ca.clone(), cb.clone());
+        async move { (ca.snapshot().succeeded + cb.snapshot().succeeded >= N as u64).then_some(()) }
+    })
+    .await;
+    let ((sa, seen_a), (sb, seen_b)) = (a.stop().await, b.stop().await);
+    let context = format!("first: {sa:?}; second: {sb:?}");
+    for (id, _) in &sent {
+        let times = seen_a.get(id).unwrap_or(&0) + seen_b.get(id).unwrap_or(&0);
+        assert_eq!(times, 1, "{id} handled {times} times; {context}");
+    }
+    assert!(
+        sa.succeeded > 0 && sb.succeeded > 0,
+        "one process idle: {context}"
+    );
+    assert_eq!((sa.duplicates, sb.duplicates), (0, 0), "{context}");
+    assert_eq!(
+        endpoint.state.counts("work"),
+        Some(QueueCounts::default()),
+        "every message deleted; {context}"
+    );
+    let median = median_wait(&sent, &[&ra, &rb]);
+    eprintln!("two processes: median wait {median:?}; {context}");
+    assert!(
+        median < ceiling / 4,
+        "held for the linger's ceiling: {median:?}"
+    );
 }
 
 /// Consumes a backlog of `n` messages deeper than the ceiling, with handlers slow enough to
