@@ -448,6 +448,13 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Handles one received message to its end: deleted, retried later, released or dead-lettered.
+///
+/// Every message in flight is one of these tasks, and a task's allocation is as large as the
+/// largest state its future can be in. The SQS calls of the rare endings (release, retry's
+/// visibility change, the dead-letter queue) are boxed: an SDK call's future is kilobytes, and
+/// inline it sized every message's task for an ending few of them reach. In the fleet benchmark
+/// that took about 2.6 MB off the four-handler process's peak (docs/BENCHMARKS.md, "Memory").
 async fn process(
     shared: Arc<Shared>,
     msg: Message,
@@ -485,7 +492,7 @@ async fn process(
             if !adopted {
                 // The first copy finished in the meantime; this one is released to be seen
                 // again (as a duplicate, if the first one's effect committed).
-                release(&shared, &receipt).await;
+                Box::pin(release(&shared, &receipt)).await;
             }
             return;
         }
@@ -562,12 +569,12 @@ async fn process(
             }
             Ok(None) => {
                 drop(lease);
-                release(&shared, &receipt).await
+                Box::pin(release(&shared, &receipt)).await
             }
             Err(HandlerError::Retry { reason, after }) => {
                 if count >= shared.cfg.max_receive_count {
                     let reason = format!("retries exhausted after {count} receives: {reason}");
-                    dead_letter(
+                    Box::pin(dead_letter(
                         &shared,
                         &msg,
                         &receipt,
@@ -575,7 +582,7 @@ async fn process(
                         &reason,
                         count,
                         lease,
-                    )
+                    ))
                     .await;
                 } else {
                     let delay = after.unwrap_or_else(|| shared.cfg.retry.delay(count));
@@ -588,11 +595,11 @@ async fn process(
                     );
                     // Dropped first, so that no extension overwrites the backoff.
                     drop(lease);
-                    set_visibility(&shared, &receipt, delay).await;
+                    Box::pin(set_visibility(&shared, &receipt, delay)).await;
                 }
             }
             Err(HandlerError::Permanent { reason }) => {
-                dead_letter(
+                Box::pin(dead_letter(
                     &shared,
                     &msg,
                     &receipt,
@@ -600,11 +607,11 @@ async fn process(
                     &reason,
                     count,
                     lease,
-                )
+                ))
                 .await;
             }
             Err(HandlerError::Poison { reason }) => {
-                dead_letter(
+                Box::pin(dead_letter(
                     &shared,
                     &msg,
                     &receipt,
@@ -612,7 +619,7 @@ async fn process(
                     &reason,
                     count,
                     lease,
-                )
+                ))
                 .await;
             }
         }
@@ -842,5 +849,35 @@ async fn dead_letter(
             drop(lease);
             set_visibility(shared, receipt, delay).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output_size<A, B, C, D, F>(_: &impl Fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every message in flight holds a `process` task for as long as it is handled, so its
+    /// size is paid per message. An SQS call inline in it would make it at least as large as
+    /// that call's future; the rare endings' calls are boxed, so it stays well below one.
+    #[test]
+    fn a_message_in_flight_does_not_carry_an_sqs_call_inline() {
+        let process = output_size(&process);
+        let send = std::mem::size_of_val(
+            &aws_sdk_sqs::Client::from_conf(
+                aws_sdk_sqs::Config::builder()
+                    .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())
+                    .build(),
+            )
+            .send_message()
+            .send(),
+        );
+        assert!(
+            process * 2 < send,
+            "process's future is {process} bytes, an SQS SendMessage future {send}"
+        );
     }
 }
