@@ -67,7 +67,7 @@ impl Apply for Noop {
     fn name(&self) -> &str {
         "bench"
     }
-    async fn apply(&self, event: &Envelope, _: u32) -> Result<Executed, HandlerError> {
+    async fn apply(&self, event: &Arc<Envelope>, _: u32) -> Result<Executed, HandlerError> {
         if let Some(sent) = event.detail.get("sent_us").and_then(Value::as_u64) {
             let now = self.epoch.elapsed().as_micros() as u64;
             let mut l = self.latencies_us.lock().unwrap_or_else(|p| p.into_inner());

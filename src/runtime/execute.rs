@@ -155,7 +155,13 @@ pub(super) async fn roll_back(open: OpenTransaction) {
 pub trait Apply: Send + Sync + 'static {
     /// The handler's name, for logs, metrics and the DLQ attributes.
     fn name(&self) -> &str;
-    async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError>;
+    /// `event` is shared: a handler that keeps it past the call (a group's queue) keeps the
+    /// consumer's copy rather than a deep clone of its JSON.
+    async fn apply(
+        &self,
+        event: &Arc<Envelope>,
+        receive_count: u32,
+    ) -> Result<Executed, HandlerError>;
 
     /// Whether `event`'s effects are committed, waiting for a transaction that is committing
     /// them right now. Asked after the consumer stopped waiting for [`Apply::apply`] (its
@@ -220,7 +226,11 @@ impl Apply for Transactional {
     fn name(&self) -> &str {
         self.handler.name()
     }
-    async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError> {
+    async fn apply(
+        &self,
+        event: &Arc<Envelope>,
+        receive_count: u32,
+    ) -> Result<Executed, HandlerError> {
         execute_handing_off(
             &*self.handler,
             &self.pool,

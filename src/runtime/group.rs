@@ -425,7 +425,7 @@ struct State {
 struct Request {
     /// When the event joined the queue.
     queued: std::time::Instant,
-    event: Envelope,
+    event: Arc<Envelope>,
     receive_count: u32,
     reply: oneshot::Sender<Result<Executed, HandlerError>>,
 }
@@ -562,7 +562,7 @@ async fn run(inner: Arc<Inner>) {
             .first()
             .map(|r| started - r.queued)
             .unwrap_or_default();
-        let (events, replies): (Vec<(Envelope, u32)>, Vec<_>) = group
+        let (events, replies): (Vec<(Arc<Envelope>, u32)>, Vec<_>) = group
             .into_iter()
             .map(|r| ((r.event, r.receive_count), Some(r.reply)))
             .unzip();
@@ -576,7 +576,7 @@ async fn run(inner: Arc<Inner>) {
         // Its own task, so that nothing it does can take the runner down; aborting it drops
         // the open transaction, which closes the connection.
         let mut task = tokio::spawn(async move {
-            let refs: Vec<(&Envelope, u32)> = events.iter().map(|(e, c)| (e, *c)).collect();
+            let refs: Vec<(&Envelope, u32)> = events.iter().map(|(e, c)| (&**e, *c)).collect();
             let wanted = |i: usize| {
                 let replies = waiting.lock().unwrap_or_else(|p| p.into_inner());
                 replies[i].as_ref().is_some_and(|r| !r.is_closed())
@@ -643,13 +643,17 @@ impl Apply for GroupCommit {
         self.inner.handler.name()
     }
 
-    async fn apply(&self, event: &Envelope, receive_count: u32) -> Result<Executed, HandlerError> {
+    async fn apply(
+        &self,
+        event: &Arc<Envelope>,
+        receive_count: u32,
+    ) -> Result<Executed, HandlerError> {
         let (reply, answer) = oneshot::channel();
         let start_runner = {
             let mut state = self.inner.lock();
             state.queue.push_back(Request {
                 queued: std::time::Instant::now(),
-                event: event.clone(),
+                event: Arc::clone(event),
                 receive_count,
                 reply,
             });

@@ -405,7 +405,12 @@ impl Fleet {
         };
         let c = &self.inner.counters;
         let result = match self.inner.groups.get(&handler) {
-            Some(group) => group.apply(event, receive_count).await,
+            // The group keeps the event until its group runs: its own copy, as a consumer's.
+            Some(group) => {
+                group
+                    .apply(&std::sync::Arc::new(event.clone()), receive_count)
+                    .await
+            }
             None => {
                 c.executions.fetch_add(1, Relaxed);
                 runtime::execute(&**h, &self.inner.pool_of(handler), event, receive_count).await

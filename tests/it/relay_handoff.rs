@@ -396,8 +396,8 @@ async fn events_committed_in_groups_are_published_by_their_groups() {
         },
     )
     .handing_off(Some(handoff.clone()));
-    let events: Vec<Envelope> = (0..20)
-        .map(|_| envelope("Emit", &json!({"n": 3})))
+    let events: Vec<Arc<Envelope>> = (0..20)
+        .map(|_| Arc::new(envelope("Emit", &json!({"n": 3}))))
         .collect();
     let done = futures_util::future::join_all(events.iter().map(|e| group.apply(e, 1))).await;
     assert!(done

@@ -85,14 +85,16 @@ async fn queued_group(
     let hold = envelope("Hold", &json!({}));
     let first = {
         let group = group.clone();
-        tokio::spawn(async move { group.apply(&hold, 1).await })
+        tokio::spawn(async move { group.apply(&Arc::new(hold), 1).await })
     };
     probe.started.notified().await;
     let queued: Vec<Envelope> = kinds.iter().map(|t| envelope(t, &json!({}))).collect();
     let mut waiting = Vec::new();
     for event in queued.clone() {
         let group = group.clone();
-        waiting.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+        waiting.push(tokio::spawn(async move {
+            group.apply(&Arc::new(event), 1).await
+        }));
     }
     support::wait_for(Duration::from_secs(10), "the events queued", || {
         let n = group.queued();
@@ -174,7 +176,8 @@ async fn a_panic_in_a_group_costs_only_that_event_a_retry_and_its_neighbours_com
     assert_eq!(stats.panics, 1);
     // The runner survived: received again, the good ones are duplicates.
     for event in queued.iter().filter(|e| e.detail_type == "Ok") {
-        assert_eq!(group.apply(event, 2).await.unwrap(), Executed::Duplicate);
+        let event = Arc::new(event.clone());
+        assert_eq!(group.apply(&event, 2).await.unwrap(), Executed::Duplicate);
     }
 }
 
@@ -381,11 +384,15 @@ async fn concurrent_groups_of_one_handler_never_share_an_order() {
                 &json!({"order_id": format!("o-{order}"), "n": round}),
             );
             let group = group.clone();
-            tasks.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+            tasks.push(tokio::spawn(async move {
+                group.apply(&Arc::new(event), 1).await
+            }));
         }
         let event = envelope("Tick", &json!({"n": round}));
         let group = group.clone();
-        tasks.push(tokio::spawn(async move { group.apply(&event, 1).await }));
+        tasks.push(tokio::spawn(async move {
+            group.apply(&Arc::new(event), 1).await
+        }));
     }
     for task in tasks {
         let answer = task.await.unwrap();

@@ -39,7 +39,7 @@ impl Apply for Recorder {
     fn name(&self) -> &str {
         "recorder"
     }
-    async fn apply(&self, event: &Envelope, _: u32) -> Result<Executed, HandlerError> {
+    async fn apply(&self, event: &Arc<Envelope>, _: u32) -> Result<Executed, HandlerError> {
         if !self.work.is_zero() {
             // Between none and twice `work`, so that handlers finish one at a time.
             tokio::time::sleep(self.work.mul_f64(2.0 * fastrand::f64())).await;

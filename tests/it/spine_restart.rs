@@ -234,7 +234,7 @@ impl Apply for Gate {
     fn name(&self) -> &str {
         "inventory"
     }
-    async fn apply(&self, _: &Envelope, _: u32) -> Result<Executed, HandlerError> {
+    async fn apply(&self, _: &Arc<Envelope>, _: u32) -> Result<Executed, HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.release.notified().await;
         Ok(Executed::Applied { emitted: 0 })
