@@ -11,8 +11,7 @@ use orderfleet::worker::{self, WorkerCli, WorkerCommand};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = WorkerCli::parse();
     if let Some(WorkerCommand::Healthcheck {
         health_file,
@@ -38,13 +37,22 @@ async fn main() -> ExitCode {
             }
         };
     }
-    orderfleet::telemetry::logging::init_logging(cli.worker.common.log_format);
-    match worker::run(cli.worker).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let runtime = match worker::runtime(cli.worker.worker_threads) {
+        Ok(runtime) => runtime,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "worker failed");
             eprintln!("orderfleet-worker: {e:#}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
-    }
+    };
+    runtime.block_on(async {
+        orderfleet::telemetry::logging::init_logging(cli.worker.common.log_format);
+        match worker::run(cli.worker).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "worker failed");
+                eprintln!("orderfleet-worker: {e:#}");
+                ExitCode::from(2)
+            }
+        }
+    })
 }

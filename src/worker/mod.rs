@@ -82,6 +82,15 @@ pub struct WorkerArgs {
     pub consumer: ConsumerArgs,
     #[command(flatten)]
     pub deps: deps::DepsArgs,
+    /// Threads that run the worker's tasks (tokio's worker threads); 0: one per CPU this
+    /// process may use. A worker mostly waits on SQS, PostgreSQL and EventBridge, and a fleet
+    /// grows by processes (one ECS task or systemd unit per handler), so one is the default:
+    /// threads that outnumber the CPUs a process gets (a 0.25-vCPU Fargate task sees two) spend
+    /// the CPU on waking each other. In the fleet benchmark, five workers on two vCPUs, one
+    /// thread each took about a sixth off the workers' CPU per order and 3 MB off the
+    /// four-handler process (docs/BENCHMARKS.md). Raise it for one process given several CPUs.
+    #[arg(long, env = "ORDERFLEET_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
     /// Do not run the outbox relay in this process (run it elsewhere).
     #[arg(long, env = "ORDERFLEET_NO_RELAY")]
     pub no_relay: bool,
@@ -323,6 +332,20 @@ pub async fn check_schema(pool: &Pool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The runtime a worker runs on: `threads` worker threads (`--worker-threads`), or one per CPU
+/// this process may use when it is 0.
+pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Runs the worker until SIGTERM or SIGINT. Returns once shutdown completed.
