@@ -87,8 +87,9 @@ pub struct WorkerArgs {
     /// grows by processes (one ECS task or systemd unit per handler), so one is the default:
     /// threads that outnumber the CPUs a process gets (a 0.25-vCPU Fargate task sees two) spend
     /// the CPU on waking each other. In the fleet benchmark, five workers on two vCPUs, one
-    /// thread each took about a sixth off the workers' CPU per order and 3 MB off the
-    /// four-handler process (docs/BENCHMARKS.md). Raise it for one process given several CPUs.
+    /// thread each took about an eighth off the workers' CPU per order and 2.5 MB off the
+    /// four-handler process's peak (docs/BENCHMARKS.md). Raise it for one process given
+    /// several CPUs.
     #[arg(long, env = "ORDERFLEET_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// Do not run the outbox relay in this process (run it elsewhere).
@@ -658,4 +659,33 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn a_worker_runs_on_one_thread_unless_told_otherwise() {
+        let cli = super::WorkerCli::try_parse_from(["orderfleet-worker", "--handler", "orders"])
+            .expect("parses");
+        assert_eq!(cli.worker.worker_threads, 1);
+        let one = super::runtime(cli.worker.worker_threads).expect("runtime");
+        assert_eq!(one.metrics().num_workers(), 1);
+        let per_cpu = super::runtime(0).expect("runtime");
+        assert_eq!(
+            per_cpu.metrics().num_workers(),
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
+        let cli = super::WorkerCli::try_parse_from([
+            "orderfleet-worker",
+            "--handler",
+            "orders",
+            "--worker-threads",
+            "3",
+        ])
+        .expect("parses");
+        let three = super::runtime(cli.worker.worker_threads).expect("runtime");
+        assert_eq!(three.metrics().num_workers(), 3);
+    }
 }
