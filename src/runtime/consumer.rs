@@ -454,7 +454,8 @@ impl Drop for Slot<'_> {
 /// largest state its future can be in. The SQS calls of the rare endings (release, retry's
 /// visibility change, the dead-letter queue) are boxed: an SDK call's future is kilobytes, and
 /// inline it sized every message's task for an ending few of them reach. In the fleet benchmark
-/// that took about 2.6 MB off the four-handler process's peak (docs/BENCHMARKS.md, "Memory").
+/// the four-handler process peaked about 2 MB lower for it (docs/BENCHMARKS.md, item 9 of
+/// "What changed since the first series").
 async fn process(
     shared: Arc<Shared>,
     msg: Message,

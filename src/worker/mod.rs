@@ -87,9 +87,11 @@ pub struct WorkerArgs {
     /// grows by processes (one ECS task or systemd unit per handler), so one is the default:
     /// threads that outnumber the CPUs a process gets (a 0.25-vCPU Fargate task sees two) spend
     /// the CPU on waking each other. In the fleet benchmark, five workers on two vCPUs, one
-    /// thread each took about an eighth off the workers' CPU per order and 2.5 MB off the
+    /// thread each took about an eighth off the workers' CPU per order and about 2.8 MB off the
     /// four-handler process's peak (docs/BENCHMARKS.md). Raise it for one process given
-    /// several CPUs.
+    /// several CPUs. With one thread a handler must never block it: nothing else in the
+    /// process, its own timeout and the leases included, runs until it yields. This flag, not
+    /// tokio's TOKIO_WORKER_THREADS, sets the count.
     #[arg(long, env = "ORDERFLEET_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// Do not run the outbox relay in this process (run it elsewhere).
@@ -669,8 +671,10 @@ mod tests {
     fn a_worker_runs_on_one_thread_unless_told_otherwise() {
         let cli = super::WorkerCli::try_parse_from(["orderfleet-worker", "--handler", "orders"])
             .expect("parses");
-        assert_eq!(cli.worker.worker_threads, 1);
-        let one = super::runtime(cli.worker.worker_threads).expect("runtime");
+        if std::env::var_os("ORDERFLEET_WORKER_THREADS").is_none() {
+            assert_eq!(cli.worker.worker_threads, 1);
+        }
+        let one = super::runtime(1).expect("runtime");
         assert_eq!(one.metrics().num_workers(), 1);
         let per_cpu = super::runtime(0).expect("runtime");
         assert_eq!(
