@@ -90,8 +90,8 @@ pub struct WorkerArgs {
     /// thread each took about an eighth off the workers' CPU per order and about 2.8 MB off the
     /// four-handler process's peak (docs/BENCHMARKS.md). Raise it for one process given
     /// several CPUs. With one thread a handler must never block it: nothing else in the
-    /// process, its own timeout and the leases included, runs until it yields. This flag, not
-    /// tokio's TOKIO_WORKER_THREADS, sets the count.
+    /// process, its own timeout and the leases included, runs until it yields. Above 0 this
+    /// flag, not tokio's TOKIO_WORKER_THREADS, sets the count; at 0 tokio's default applies.
     #[arg(long, env = "ORDERFLEET_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
     /// Do not run the outbox relay in this process (run it elsewhere).
@@ -237,7 +237,8 @@ pub struct ConsumerArgs {
     /// messages but fewer than it asked for it waits before the next one: about as long as
     /// seven messages take to arrive at the rate they have been arriving, and at most this
     /// long. Receives come back fuller (fewer SQS requests per message) for at most this much
-    /// latency per hop. A receive that returned nothing long-polls again at once, so a quiet queue answers its first message without delay.
+    /// latency per hop. A receive that returned nothing long-polls again at once, so a quiet
+    /// queue answers its first message without delay.
     /// At the in-flight ceiling with a backlog, a loop also waits up to this long for ten free
     /// slots before it receives, rather than asking for the one or two a finishing handler
     /// just freed. 0 turns both waits off.
@@ -337,15 +338,14 @@ pub async fn check_schema(pool: &Pool) -> Result<()> {
     Ok(())
 }
 
-/// The runtime a worker runs on: `threads` worker threads (`--worker-threads`), or one per CPU
-/// this process may use when it is 0.
+/// The runtime a worker runs on: `threads` worker threads (`--worker-threads`), or tokio's own
+/// default when it is 0 (one per CPU this process may use).
 pub fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")
