@@ -285,9 +285,15 @@ pg_up() {
         if [[ -f $PG_BIN_DIR/../lib/pg_stat_statements.so ]]; then
             preload=" -c shared_preload_libraries=pg_stat_statements"
         fi
+        # The planner's cost of a random page read, as docs/deploy.md recommends for the
+        # deployed database (its data is in memory or on SSDs): at PostgreSQL's default of 4,
+        # tables of a few thousand rows are scanned whole where the fleet looks rows up by key,
+        # and each scan costs as much as the table is large (docs/BENCHMARKS.md). Given at
+        # start, so that clusters created before it get it too.
+        local planner=" -c random_page_cost=1.1"
         log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
         if ! as_pg "$PG_BIN_DIR/pg_ctl" start -w -t 60 -D "$data" \
-            -l "$PG_BASE/postgres.log" -o "-p $PG_PORT$preload" </dev/null >/dev/null 2>&1 9>&-; then
+            -l "$PG_BASE/postgres.log" -o "-p $PG_PORT$planner$preload" </dev/null >/dev/null 2>&1 9>&-; then
             as_pg tail -n 30 "$PG_BASE/postgres.log" >&2 || true
             die "PostgreSQL failed to start (log: $PG_BASE/postgres.log)"
         fi

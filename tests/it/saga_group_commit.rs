@@ -658,3 +658,85 @@ async fn outcomes_handled_in_one_group_emit_what_each_order_needs_downstream() {
         assert_eq!(got, want, "{id}: the lines, in line order");
     }
 }
+
+/// Inventory's group lock finds its stock rows through the primary key in a large catalogue,
+/// under a generic plan (what a connection keeps after a few executions) and a custom one,
+/// at PostgreSQL's default cost settings: a shape that filtered every stock row made each
+/// inventory group cost as much as the catalogue is large.
+#[tokio::test]
+async fn inventory_locks_a_groups_stock_through_the_index_in_a_large_catalogue() {
+    use orderfleet::handlers::inventory::LOCK_GROUP_STOCK;
+
+    let (pool, _) = support::fresh_db().await;
+    let db = pool.get().await.unwrap();
+    db.batch_execute(&format!(
+        "INSERT INTO stock (sku, on_hand, reserved)
+           SELECT 'SKU-' || lpad(g::text, 6, '0'), 10, 0 FROM generate_series(1, 50000) g;
+         INSERT INTO reservations (order_id, sku, quantity, state)
+           SELECT 'ord-' || lpad(g::text, 5, '0'), 'SKU-' || lpad((g * 7)::text, 6, '0'), 1,
+                  'reserved'
+             FROM generate_series(1, 5000) g;
+         ANALYZE stock; ANALYZE reservations;
+         SET random_page_cost = 4; SET seq_page_cost = 1; SET cpu_tuple_cost = 0.01;
+         PREPARE lock_group_stock(text[], text[]) AS {LOCK_GROUP_STOCK};"
+    ))
+    .await
+    .unwrap();
+    let args = "('{SKU-000003,SKU-000001}', '{ord-00002,ord-00010}')";
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        db.batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let got: Vec<String> = db
+            .simple_query(&format!("EXECUTE lock_group_stock{args}"))
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            got,
+            ["SKU-000001", "SKU-000003", "SKU-000014", "SKU-000070"],
+            "{mode}: the named SKUs and the orders' reserved ones, in key order"
+        );
+        let plan: serde_json::Value = db
+            .query_one(
+                &format!("EXPLAIN (FORMAT JSON) EXECUTE lock_group_stock{args}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let mut scans = Vec::new();
+        plan_nodes(&plan[0]["Plan"], &mut scans);
+        assert!(
+            scans
+                .iter()
+                .any(|(node, rel)| node == "Index Scan" && rel == "stock"),
+            "{mode}: {scans:?}"
+        );
+        assert!(
+            !scans
+                .iter()
+                .any(|(node, rel)| node == "Seq Scan" && rel == "stock"),
+            "{mode}: every stock row filtered: {scans:?}"
+        );
+    }
+}
+
+/// Every (node type, relation) of a JSON plan, depth first.
+fn plan_nodes(node: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    out.push((
+        node["Node Type"].as_str().unwrap_or_default().to_string(),
+        node["Relation Name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    ));
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        plan_nodes(child, out);
+    }
+}

@@ -1,7 +1,7 @@
 //! The committed CloudFormation template: generated from the code's topology, routing exactly
 //! like it, and accepted by cfn-lint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use orderfleet::domain::catalogue::{Producer, EVENTS};
@@ -720,5 +720,27 @@ fn the_template_passes_cfn_lint() {
         out.status.code(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The deployed database plans with the cost the local cluster (`scripts/stack.sh`, which the
+/// benchmarks run on) starts with, so that the plans measured are the plans deployed.
+#[test]
+fn the_database_costs_a_random_page_read_as_the_local_cluster_does() {
+    let t = Template::load();
+    let group = t.resource("DbParameterGroup");
+    let cost = group["Properties"]["Parameters"]["random_page_cost"]
+        .as_str()
+        .expect("random_page_cost in the parameter group");
+    assert_eq!(
+        t.resource("Db")["Properties"]["DBParameterGroupName"],
+        json!({"Ref": "DbParameterGroup"})
+    );
+    let stack =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack.sh"))
+            .expect("scripts/stack.sh");
+    assert!(
+        stack.contains(&format!("-c random_page_cost={cost}")),
+        "scripts/stack.sh starts PostgreSQL without random_page_cost={cost}"
     );
 }

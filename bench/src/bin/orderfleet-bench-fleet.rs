@@ -69,6 +69,10 @@ struct Args {
     /// `scripts/bench-fleet.sh` passes /dev/shm when it has room (see that script).
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<std::path::PathBuf>,
+    /// Products in the catalogue, as `orderfleet seed --skus` (2 to 10,000); orders draw
+    /// their lines from all of them, so fewer SKUs means hotter stock rows.
+    #[arg(long, default_value_t = orderfleet::cli::simulator::DEFAULT_SKUS)]
+    skus: usize,
     /// PostgreSQL admin connection; the scratch database is created next to it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -177,6 +181,7 @@ async fn run() -> Result<()> {
         phase_timeout: Duration::from_secs(args.phase_timeout_secs),
         put_events_delay_ms: args.put_events_delay_ms,
         scratch_parent: args.scratch_dir,
+        skus: args.skus,
     };
     let report = fleet::run(&cfg, |line| eprintln!("{line}")).await?;
     for phase in std::iter::once(&report.throughput).chain(report.latency.as_ref()) {
