@@ -32,6 +32,9 @@ VENV="$ROOT/.venv"
 PG_PORT="${ORDERFLEET_PG_PORT:-55433}"
 MOTO_PORT="${ORDERFLEET_MOTO_PORT:-55500}"
 PG_OS_USER="${ORDERFLEET_PG_OS_USER:-postgres}"
+# The planner's cost of a random page read; the deployed database's parameter group sets the
+# same (xtask's deploy tests check that the two agree).
+PG_RANDOM_PAGE_COST=1.1
 PYTHON="${PYTHON:-python3}"
 
 PG_DB=orderfleet
@@ -269,6 +272,14 @@ pg_up() {
     require_pg_bin
     if pg_ready; then
         log "PostgreSQL already answering on 127.0.0.1:$PG_PORT, reusing it"
+        # A cluster started before the planner setting below was added keeps PostgreSQL's
+        # default until it is restarted.
+        local cost
+        cost="$(pg_psql -d postgres -tA -c 'show random_page_cost' 2>/dev/null || true)"
+        if [[ -n $cost && $cost != "$PG_RANDOM_PAGE_COST" ]]; then
+            log "warning: this PostgreSQL plans with random_page_cost = $cost, not" \
+                "$PG_RANDOM_PAGE_COST as the deployed database does; '$0 down' and up again to fix"
+        fi
     else
         locate_pg_base
         prepare_pg_base
@@ -290,7 +301,7 @@ pg_up() {
         # tables of a few thousand rows are scanned whole where the fleet looks rows up by key,
         # and each scan costs as much as the table is large (docs/BENCHMARKS.md). Given at
         # start, so that clusters created before it get it too.
-        local planner=" -c random_page_cost=1.1"
+        local planner=" -c random_page_cost=$PG_RANDOM_PAGE_COST"
         log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
         if ! as_pg "$PG_BIN_DIR/pg_ctl" start -w -t 60 -D "$data" \
             -l "$PG_BASE/postgres.log" -o "-p $PG_PORT$planner$preload" </dev/null >/dev/null 2>&1 9>&-; then

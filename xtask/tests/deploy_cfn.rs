@@ -740,7 +740,8 @@ fn the_database_costs_a_random_page_read_as_the_local_cluster_does() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack.sh"))
             .expect("scripts/stack.sh");
     assert!(
-        stack.contains(&format!("-c random_page_cost={cost}")),
+        stack.contains(&format!("\nPG_RANDOM_PAGE_COST={cost}\n"))
+            && stack.contains("-c random_page_cost=$PG_RANDOM_PAGE_COST"),
         "scripts/stack.sh starts PostgreSQL without random_page_cost={cost}"
     );
 }

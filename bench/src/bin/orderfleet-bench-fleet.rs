@@ -71,7 +71,8 @@ struct Args {
     scratch_dir: Option<std::path::PathBuf>,
     /// Products in the catalogue, as `orderfleet seed --skus` (2 to 10,000); orders draw
     /// their lines from all of them, so fewer SKUs means hotter stock rows.
-    #[arg(long, default_value_t = orderfleet::cli::simulator::DEFAULT_SKUS)]
+    #[arg(long, default_value_t = orderfleet::cli::simulator::DEFAULT_SKUS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=10_000))]
     skus: usize,
     /// PostgreSQL admin connection; the scratch database is created next to it.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
