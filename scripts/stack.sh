@@ -32,8 +32,10 @@ VENV="$ROOT/.venv"
 PG_PORT="${ORDERFLEET_PG_PORT:-55433}"
 MOTO_PORT="${ORDERFLEET_MOTO_PORT:-55500}"
 PG_OS_USER="${ORDERFLEET_PG_OS_USER:-postgres}"
-# The planner's cost of a random page read; the deployed database's parameter group sets the
-# same (xtask's deploy tests check that the two agree).
+# The planner's cost of a random page read, as docs/deploy.md recommends for the deployed
+# database, whose parameter group sets the same (xtask's deploy tests check that the two agree):
+# at PostgreSQL's default of 4, tables of a few thousand rows are read whole where the fleet
+# looks rows up by key, and each read costs as much as the table is large (docs/BENCHMARKS.md).
 PG_RANDOM_PAGE_COST=1.1
 PYTHON="${PYTHON:-python3}"
 
@@ -272,8 +274,8 @@ pg_up() {
     require_pg_bin
     if pg_ready; then
         log "PostgreSQL already answering on 127.0.0.1:$PG_PORT, reusing it"
-        # A cluster started before the planner setting below was added keeps PostgreSQL's
-        # default until it is restarted.
+        # The planner's cost is given at start (below): a cluster started without it keeps
+        # PostgreSQL's default until it is restarted.
         local cost
         cost="$(pg_psql -d postgres -tA -c 'show random_page_cost' 2>/dev/null || true)"
         if [[ -n $cost && $cost != "$PG_RANDOM_PAGE_COST" ]]; then
@@ -296,11 +298,7 @@ pg_up() {
         if [[ -f $PG_BIN_DIR/../lib/pg_stat_statements.so ]]; then
             preload=" -c shared_preload_libraries=pg_stat_statements"
         fi
-        # The planner's cost of a random page read, as docs/deploy.md recommends for the
-        # deployed database (its data is in memory or on SSDs): at PostgreSQL's default of 4,
-        # tables of a few thousand rows are scanned whole where the fleet looks rows up by key,
-        # and each scan costs as much as the table is large (docs/BENCHMARKS.md). Given at
-        # start, so that clusters created before it get it too.
+        # Given at start rather than written at initdb, so that an older cluster gets it too.
         local planner=" -c random_page_cost=$PG_RANDOM_PAGE_COST"
         log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
         if ! as_pg "$PG_BIN_DIR/pg_ctl" start -w -t 60 -D "$data" \

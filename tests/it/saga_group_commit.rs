@@ -710,36 +710,35 @@ async fn inventory_locks_a_groups_stock_through_the_index_in_a_large_catalogue()
                 "{mode}, {statement}: the named SKUs and the orders' reserved ones, in key order"
             );
         }
-        let by_key = |statement: &str| {
-            let db = &db;
-            let statement = statement.to_string();
-            async move {
-                let plan: serde_json::Value = db
-                    .query_one(
-                        &format!("EXPLAIN (FORMAT JSON) EXECUTE {statement}{args}"),
-                        &[],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                let mut stock = Vec::new();
-                stock_scans(&plan[0]["Plan"], &mut stock);
-                let by_key = !stock.is_empty()
-                    && stock.iter().all(|n| {
-                        (n["Index Cond"].is_string() || n["Recheck Cond"].is_string())
-                            && n["Filter"].is_null()
-                    });
-                (by_key, stock)
-            }
-        };
-        let (new, scans) = by_key("lock_group_stock").await;
-        assert!(new, "{mode}: stock not looked up by key: {scans:?}");
-        let (old, scans) = by_key("replaced").await;
+        let new = stock_scans_of(&db, &format!("lock_group_stock{args}")).await;
+        assert!(by_key(&new), "{mode}: stock not looked up by key: {new:?}");
+        let old = stock_scans_of(&db, &format!("replaced{args}")).await;
         assert!(
-            !old,
-            "{mode}: the replaced shape looked up by key: {scans:?}"
+            !by_key(&old),
+            "{mode}: the replaced shape looked up by key: {old:?}"
         );
     }
+}
+
+/// Whether every read of `stock` in a plan goes by an index condition and filters nothing.
+fn by_key(scans: &[serde_json::Value]) -> bool {
+    !scans.is_empty()
+        && scans.iter().all(|n| {
+            (n["Index Cond"].is_string() || n["Recheck Cond"].is_string()) && n["Filter"].is_null()
+        })
+}
+
+/// The plan nodes that read `stock` when `execute` (a prepared statement and its arguments)
+/// runs.
+async fn stock_scans_of(db: &tokio_postgres::Client, execute: &str) -> Vec<serde_json::Value> {
+    let plan: serde_json::Value = db
+        .query_one(&format!("EXPLAIN (FORMAT JSON) EXECUTE {execute}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut scans = Vec::new();
+    stock_scans(&plan[0]["Plan"], &mut scans);
+    scans
 }
 
 /// The plan nodes that read `stock`, depth first.
