@@ -8,6 +8,11 @@
 //! An order counts once: `personalization_orders` is keyed by order id, beside the inbox that
 //! is keyed by event. [`crate::store::recommendations`] reads the table.
 //!
+//! Without a tracker, counting is database work only, so the handler groups
+//! ([`crate::runtime::group`]): a group's orders are recorded and their pairs added in one
+//! statement when the group ends, instead of two statements per order. With a tracker, each
+//! order has a transaction of its own, since its PutEvents call would hold up a group.
+//!
 //! # Amazon Personalize
 //!
 //! With an event tracker configured ([`PersonalizeTracker`]), the order's SKUs are sent with
@@ -24,7 +29,11 @@
 //! - Two processes, one order (an `OrderCompleted` delivered twice under different ids): the
 //!   second's `personalization_orders` insert waits on the primary key until the first
 //!   commits, then does nothing: counted once, forwarded once. If the first rolls back, the
-//!   second counts and forwards.
+//!   second counts and forwards. Two groups that share orders or SKUs queue on each other
+//!   the same way without deadlocking: each inserts its orders in order-id order, then its
+//!   pairs in SKU order.
+//! - A crash or restart in the middle of a group: nothing of the group is committed; every
+//!   event of it is received again and counted then.
 //! - A crash before PutEvents: nothing was sent or counted; the redelivery does both.
 //! - A crash after PutEvents (or after some of an order's chunks) and before the commit: the
 //!   counts roll back and the redelivery sends the same events again, with the same `eventId`,
@@ -44,7 +53,7 @@ use crate::domain::envelope::Envelope;
 use crate::domain::events::{self, OrderCompleted};
 use crate::domain::outcome::{error_chain, HandlerError};
 use crate::handlers::{Context, Handler};
-use crate::store::db::Cached;
+use crate::store::db::{Cached, Tx};
 
 /// Events per PutEvents call: the API's limit.
 pub const MAX_EVENTS_PER_CALL: usize = 10;
@@ -155,15 +164,77 @@ where
     }
 }
 
+/// The orders of one transaction, by order id: what [`count`] writes. An order completed
+/// twice in one group (under two event ids) is kept once, as its first copy.
+#[derive(Debug, Default)]
+pub struct Orders(BTreeMap<String, (String, Vec<String>)>);
+
+/// Counts `orders` once each: records them in `personalization_orders` and adds their pairs
+/// to `co_purchases`, in one statement. Returns the ids of the orders counted now (the others
+/// were counted before, by this or another process).
+///
+/// Order rows are inserted in order-id order, and the pair rows are written after all of
+/// them, aggregated and in (sku, other_sku) order, so two transactions that share orders or
+/// SKUs queue on each other instead of deadlocking: one waiting on an order holds no pair
+/// yet, and pairs are always taken in the same order. An order another transaction has
+/// inserted but not committed makes this one wait; it is counted here only if that one rolls
+/// back.
+async fn count(tx: &Tx, orders: &Orders) -> Result<Vec<String>, HandlerError> {
+    if orders.0.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids = Vec::with_capacity(orders.0.len());
+    let mut customers = Vec::with_capacity(orders.0.len());
+    let mut skus = Vec::with_capacity(orders.0.len());
+    for (id, (customer, order_skus)) in &orders.0 {
+        ids.push(id.as_str());
+        customers.push(customer.as_str());
+        skus.push(json!(order_skus));
+    }
+    let rows = tx
+        .query_cached(
+            "WITH counted AS (
+                 INSERT INTO personalization_orders (order_id, customer_id, skus)
+                 SELECT o.id, o.customer, ARRAY(SELECT jsonb_array_elements_text(o.skus))
+                   FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS o(id, customer, skus)
+                  ORDER BY o.id
+                 ON CONFLICT (order_id) DO NOTHING
+                 RETURNING order_id, skus
+             ), pairs AS (
+                 INSERT INTO co_purchases (sku, other_sku, count)
+                 SELECT a, b, count(*) FROM counted, unnest(counted.skus) a, unnest(counted.skus) b
+                  WHERE a <> b GROUP BY a, b ORDER BY a, b
+                 ON CONFLICT (sku, other_sku)
+                 DO UPDATE SET count = co_purchases.count + excluded.count
+             )
+             SELECT order_id FROM counted",
+            &[&ids, &customers, &skus],
+        )
+        .await
+        .map_err(|e| HandlerError::from_db("counting completed orders", &e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
 #[async_trait]
 impl Handler for Personalization {
-    type Batch = ();
+    type Batch = Orders;
 
     fn name(&self) -> &str {
         "personalization"
     }
 
-    async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {
+    /// Without a tracker, counting an order is two inserts and nothing else, so a group's
+    /// orders are counted together, in one statement at the end ([`Handler::finish`]). With
+    /// one, each order's PutEvents call would hold up the group: one order per transaction.
+    fn group_commit(&self) -> bool {
+        self.tracker.is_none()
+    }
+
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, Orders>,
+    ) -> Result<(), HandlerError> {
         if event.detail_type != "OrderCompleted" {
             return Err(HandlerError::permanent(format!(
                 "personalization does not consume {}",
@@ -177,33 +248,33 @@ impl Handler for Personalization {
             *quantities.entry(line.sku.as_str()).or_default() += line.quantity;
         }
         let skus: Vec<String> = quantities.keys().map(|s| s.to_string()).collect();
-        let first = cx
-            .tx
-            .execute_cached(
-                "INSERT INTO personalization_orders (order_id, customer_id, skus)
-                 VALUES ($1, $2, $3) ON CONFLICT (order_id) DO NOTHING",
-                &[&order.order_id, &order.customer_id, &skus],
-            )
-            .await?
-            == 1;
-        if !first {
+        let Some(tracker) = &self.tracker else {
+            // Counted with the rest of the transaction's orders, at its end.
+            cx.batch
+                .0
+                .entry(order.order_id.clone())
+                .or_insert((order.customer_id.clone(), skus));
+            return Ok(());
+        };
+        // Forwarded only when counted now: the insert decides, once, who sends.
+        let mut this = Orders::default();
+        this.0
+            .insert(order.order_id.clone(), (order.customer_id.clone(), skus));
+        if count(cx.tx, &this).await?.is_empty() {
             tracing::debug!(order_id = %order.order_id, "order already counted");
             return Ok(());
         }
-        // Pairs in a fixed order, so that concurrent orders sharing SKUs lock rows in the
-        // same order instead of deadlocking.
-        cx.tx
-            .execute_cached(
-                "INSERT INTO co_purchases (sku, other_sku, count)
-                 SELECT a, b, 1 FROM unnest($1::text[]) a, unnest($1::text[]) b
-                  WHERE a <> b ORDER BY a, b
-                 ON CONFLICT (sku, other_sku) DO UPDATE SET count = co_purchases.count + 1",
-                &[&skus],
-            )
-            .await?;
-        if let Some(tracker) = &self.tracker {
-            self.forward(tracker, &order, &quantities, event.time)
-                .await?;
+        self.forward(tracker, &order, &quantities, event.time).await
+    }
+
+    async fn finish(&self, tx: &Tx, orders: Orders) -> Result<(), HandlerError> {
+        let counted = count(tx, &orders).await?;
+        if counted.len() < orders.0.len() {
+            tracing::debug!(
+                orders = orders.0.len(),
+                counted = counted.len(),
+                "some orders were already counted"
+            );
         }
         Ok(())
     }

@@ -1,11 +1,22 @@
 //! Bought-together recommendations: completed orders feed `co_purchases` once per order, and
-//! `recommendations::top_for_skus` ranks what was bought with the given SKUs.
+//! `recommendations::top_for_skus` ranks what was bought with the given SKUs. Without a
+//! Personalize tracker, orders are counted in groups: one transaction per group, each order
+//! once, rival groups without deadlock, nothing kept of a group lost before its commit.
 
-use crate::support;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::support::{self, applied, groups_at_once, refs};
+use async_trait::async_trait;
 use deadpool_postgres::Pool;
 use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::outcome::HandlerError;
 use orderfleet::handlers::personalization::Personalization;
+use orderfleet::handlers::{AnyHandler, Context, GroupState};
+use orderfleet::runtime::group::execute_group;
 use orderfleet::runtime::{self, Executed};
+use orderfleet::store::db::Tx;
 use orderfleet::store::recommendations::{top_for_skus, Recommendation};
 use serde_json::json;
 
@@ -152,4 +163,190 @@ async fn an_event_personalization_does_not_consume_is_refused_for_good() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "permanent", "{err}");
+}
+
+/// The `co_purchases` table, as (sku, other_sku) → count.
+async fn pair_counts(pool: &Pool) -> BTreeMap<(String, String), i64> {
+    let client = pool.get().await.unwrap();
+    client
+        .query("SELECT sku, other_sku, count FROM co_purchases", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect()
+}
+
+/// What `co_purchases` holds once each of `orders` is counted once: +1 for every ordered pair
+/// of distinct SKUs of an order.
+fn expected_pairs(orders: &[(String, Vec<(&str, i64)>)]) -> BTreeMap<(String, String), i64> {
+    let mut pairs = BTreeMap::new();
+    for (_, lines) in orders {
+        let skus: BTreeSet<&str> = lines.iter().map(|(sku, _)| *sku).collect();
+        for a in &skus {
+            for b in &skus {
+                if a != b {
+                    *pairs.entry((a.to_string(), b.to_string())).or_default() += 1;
+                }
+            }
+        }
+    }
+    pairs
+}
+
+/// `n` orders of three SKUs each out of six, so that every order shares SKUs with others.
+fn overlapping_orders(n: usize) -> Vec<(String, Vec<(&'static str, i64)>)> {
+    const SKUS: [&str; 6] = ["A", "B", "C", "D", "E", "F"];
+    (0..n)
+        .map(|i| {
+            let lines = (0..3).map(|k| (SKUS[(i + 2 * k) % 6], 1)).collect();
+            (format!("o{i:03}"), lines)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_group_of_completed_orders_counts_each_order_once_in_one_transaction() {
+    let (pool, _) = support::fresh_db().await;
+    let handler = Personalization::new(None);
+    assert!(AnyHandler::group_commit(&handler));
+    let orders: Vec<(String, Vec<(&str, i64)>)> = vec![
+        ("o1".into(), vec![("A", 1), ("B", 1), ("C", 2)]),
+        ("o2".into(), vec![("A", 1), ("B", 3)]),
+        ("o3".into(), vec![("B", 1)]),
+        ("o4".into(), vec![("A", 1), ("C", 1), ("A", 2)]),
+    ];
+    let mut events: Vec<Envelope> = orders
+        .iter()
+        .map(|(id, lines)| completed(&format!("ev-{id}"), id, lines))
+        .collect();
+    // The same event twice, and o1 completed again under another event id, in the group.
+    events.push(events[1].clone());
+    events.push(completed("ev-o1-again", "o1", &orders[0].1));
+
+    let outcome = execute_group(&handler, &pool, &refs(&events, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    let answers: Vec<_> = outcome.results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        answers,
+        [
+            vec![Executed::Applied { emitted: 0 }; 4],
+            vec![Executed::Duplicate, Executed::Applied { emitted: 0 }],
+        ]
+        .concat()
+    );
+    assert_eq!(pair_counts(&pool).await, expected_pairs(&orders));
+    assert_eq!(
+        support::scalar(&pool, "SELECT count(*) FROM personalization_orders").await,
+        4
+    );
+
+    // A later group with the same orders (another delivery of each) adds nothing.
+    let again: Vec<Envelope> = orders
+        .iter()
+        .map(|(id, lines)| completed(&format!("ev-{id}-later"), id, lines))
+        .collect();
+    let outcome = execute_group(&handler, &pool, &refs(&again, 1)).await;
+    assert!(outcome.results.iter().all(applied));
+    assert_eq!(pair_counts(&pool).await, expected_pairs(&orders));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rival_groups_completing_the_same_orders_in_opposite_order_count_each_once_without_deadlock(
+) {
+    let (pool, _) = support::fresh_db().await;
+    let orders = overlapping_orders(60);
+    // Four groups at once: two hold one copy each of the first thirty orders, in opposite
+    // orders; the other two the same for the last thirty. Every group shares SKUs with every
+    // other.
+    let copy = |tag: &str, orders: &[(String, Vec<(&str, i64)>)]| -> Vec<Envelope> {
+        orders
+            .iter()
+            .map(|(id, lines)| completed(&format!("ev-{id}-{tag}"), id, lines))
+            .collect::<Vec<_>>()
+    };
+    let (first, last) = orders.split_at(30);
+    let mut events = copy("a", first);
+    events.extend(copy("b", first).into_iter().rev());
+    events.extend(copy("a", last));
+    events.extend(copy("b", last).into_iter().rev());
+    groups_at_once(Arc::new(Personalization::new(None)), &pool, &events, 30).await;
+
+    assert_eq!(pair_counts(&pool).await, expected_pairs(&orders));
+    assert_eq!(
+        support::scalar(&pool, "SELECT count(*) FROM personalization_orders").await,
+        60
+    );
+}
+
+/// Personalization, but the first transaction to reach its end fails after the counting
+/// statement ran, as when the process dies or the connection drops before `COMMIT`.
+struct LosesFirstCommit {
+    inner: Personalization,
+    lost: AtomicBool,
+}
+
+#[async_trait]
+impl AnyHandler for LosesFirstCommit {
+    fn name(&self) -> &str {
+        AnyHandler::name(&self.inner)
+    }
+    fn source(&self) -> String {
+        AnyHandler::source(&self.inner)
+    }
+    fn group_commit(&self) -> bool {
+        true
+    }
+    async fn lock_group(
+        &self,
+        tx: &Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
+        AnyHandler::lock_group(&self.inner, tx, events, state).await
+    }
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, GroupState>,
+    ) -> Result<(), HandlerError> {
+        AnyHandler::handle(&self.inner, event, cx).await
+    }
+    async fn finish(&self, tx: &Tx, state: GroupState) -> Result<(), HandlerError> {
+        AnyHandler::finish(&self.inner, tx, state).await?;
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        Err(HandlerError::retry("connection lost before COMMIT"))
+    }
+}
+
+#[tokio::test]
+async fn a_group_lost_before_its_commit_counts_nothing_and_its_orders_count_once_after() {
+    let (pool, _) = support::fresh_db().await;
+    let orders = overlapping_orders(8);
+    let events: Vec<Envelope> = orders
+        .iter()
+        .map(|(id, lines)| completed(&format!("ev-{id}"), id, lines))
+        .collect();
+    let handler = LosesFirstCommit {
+        inner: Personalization::new(None),
+        lost: AtomicBool::new(false),
+    };
+    // The group's counting statement ran, then its transaction was lost: the runtime runs
+    // every event again alone, and those commit.
+    let outcome = execute_group(&handler, &pool, &refs(&events, 1)).await;
+    assert!(handler.lost.load(Ordering::SeqCst));
+    assert_eq!(outcome.transactions, 1 + 8, "{:?}", outcome.results);
+    assert!(outcome.results.iter().all(applied), "{:?}", outcome.results);
+    assert_eq!(pair_counts(&pool).await, expected_pairs(&orders));
+
+    // And the redelivery of the whole group (its messages were received again after a
+    // restart, say) finds every event claimed.
+    let outcome = execute_group(&handler, &pool, &refs(&events, 2)).await;
+    assert!(outcome
+        .results
+        .iter()
+        .all(|r| matches!(r, Ok(Executed::Duplicate))));
+    assert_eq!(pair_counts(&pool).await, expected_pairs(&orders));
 }

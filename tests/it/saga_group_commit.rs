@@ -5,17 +5,14 @@
 //! runtime's mechanics (panics, hangs, aborted transactions, a busy queue, groups that never
 //! share an order) are in `runtime_group_commit.rs`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::saga::*;
-use crate::support::{self, applied, refs};
-use async_trait::async_trait;
+use crate::support::{self, applied, groups_at_once, refs};
 use chrono::Utc;
 use orderfleet::domain::envelope::Envelope;
 use orderfleet::domain::names::HandlerName;
 use orderfleet::domain::outcome::HandlerError;
-use orderfleet::handlers::{AnyHandler, Context, GroupState};
 use orderfleet::runtime::group::execute_group;
 use orderfleet::runtime::{self, Executed};
 use orderfleet_testkit::examples::envelope;
@@ -49,79 +46,6 @@ async fn accepted_orders_of(
     assert_eq!(accepted.len(), ids.len());
     assert!(accepted.iter().all(|e| e.detail_type == "OrderAccepted"));
     accepted
-}
-
-/// A handler whose groups all wait for each other before taking their locks, so that they
-/// really contend instead of running one after the other.
-struct AtOnce {
-    inner: Arc<dyn AnyHandler>,
-    barrier: tokio::sync::Barrier,
-}
-
-#[async_trait]
-impl AnyHandler for AtOnce {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    fn source(&self) -> String {
-        self.inner.source()
-    }
-    fn group_commit(&self) -> bool {
-        true
-    }
-    async fn lock_group(
-        &self,
-        tx: &orderfleet::store::db::Tx,
-        events: &[&Envelope],
-        state: &mut GroupState,
-    ) -> Result<(), HandlerError> {
-        // Bounded, so that a group run a second time cannot hang the test.
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.barrier.wait()).await;
-        self.inner.lock_group(tx, events, state).await
-    }
-    async fn handle(
-        &self,
-        event: &Envelope,
-        cx: &mut Context<'_, GroupState>,
-    ) -> Result<(), HandlerError> {
-        self.inner.handle(event, cx).await
-    }
-    async fn finish(
-        &self,
-        tx: &orderfleet::store::db::Tx,
-        state: GroupState,
-    ) -> Result<(), HandlerError> {
-        self.inner.finish(tx, state).await
-    }
-}
-
-/// Runs `events` with `handler` in groups of `size`, all at once: each group waits for the
-/// others at a barrier before it locks. Asserts that every group committed whole (no deadlock,
-/// no fallback) and applied every event.
-async fn groups_at_once(
-    handler: Arc<dyn AnyHandler>,
-    pool: &deadpool_postgres::Pool,
-    events: &[Envelope],
-    size: usize,
-) {
-    let handler: Arc<dyn AnyHandler> = Arc::new(AtOnce {
-        inner: handler,
-        barrier: tokio::sync::Barrier::new(events.len().div_ceil(size)),
-    });
-    let mut tasks = tokio::task::JoinSet::new();
-    for chunk in events.chunks(size) {
-        let (handler, pool, chunk) = (handler.clone(), pool.clone(), chunk.to_vec());
-        tasks.spawn(async move { execute_group(&*handler, &pool, &refs(&chunk, 1)).await });
-    }
-    while let Some(done) = tasks.join_next().await {
-        let outcome = done.unwrap();
-        assert_eq!(
-            outcome.transactions, 1,
-            "the group fell apart: {:?}",
-            outcome.results
-        );
-        assert!(outcome.results.iter().all(applied));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,7 +9,14 @@ pub mod platforms;
 pub mod saga;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
+use orderfleet::domain::envelope::Envelope;
+use orderfleet::domain::outcome::HandlerError;
+use orderfleet::handlers::{AnyHandler, Context, GroupState};
+use orderfleet::runtime::group::execute_group;
 
 use deadpool_postgres::Pool;
 use orderfleet::infra::aws::Clients;
@@ -387,6 +394,79 @@ pub fn applied(
     r: &Result<orderfleet::runtime::Executed, orderfleet::domain::outcome::HandlerError>,
 ) -> bool {
     matches!(r, Ok(orderfleet::runtime::Executed::Applied { .. }))
+}
+
+/// A handler whose groups all wait for each other before taking their locks, so that they
+/// really contend instead of running one after the other.
+pub struct AtOnce {
+    pub inner: Arc<dyn AnyHandler>,
+    pub barrier: tokio::sync::Barrier,
+}
+
+#[async_trait]
+impl AnyHandler for AtOnce {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn source(&self) -> String {
+        self.inner.source()
+    }
+    fn group_commit(&self) -> bool {
+        true
+    }
+    async fn lock_group(
+        &self,
+        tx: &orderfleet::store::db::Tx,
+        events: &[&Envelope],
+        state: &mut GroupState,
+    ) -> Result<(), HandlerError> {
+        // Bounded, so that a group run a second time cannot hang the test.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.barrier.wait()).await;
+        self.inner.lock_group(tx, events, state).await
+    }
+    async fn handle(
+        &self,
+        event: &Envelope,
+        cx: &mut Context<'_, GroupState>,
+    ) -> Result<(), HandlerError> {
+        self.inner.handle(event, cx).await
+    }
+    async fn finish(
+        &self,
+        tx: &orderfleet::store::db::Tx,
+        state: GroupState,
+    ) -> Result<(), HandlerError> {
+        self.inner.finish(tx, state).await
+    }
+}
+
+/// Runs `events` with `handler` in groups of `size`, all at once: each group waits for the
+/// others at a barrier before it locks. Asserts that every group committed whole (no deadlock,
+/// no fallback) and applied every event.
+pub async fn groups_at_once(
+    handler: Arc<dyn AnyHandler>,
+    pool: &deadpool_postgres::Pool,
+    events: &[Envelope],
+    size: usize,
+) {
+    let handler: Arc<dyn AnyHandler> = Arc::new(AtOnce {
+        inner: handler,
+        barrier: tokio::sync::Barrier::new(events.len().div_ceil(size)),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in events.chunks(size) {
+        let (handler, pool, chunk) = (handler.clone(), pool.clone(), chunk.to_vec());
+        tasks.spawn(async move { execute_group(&*handler, &pool, &refs(&chunk, 1)).await });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.unwrap();
+        assert_eq!(
+            outcome.transactions, 1,
+            "the group fell apart: {:?}",
+            outcome.results
+        );
+        assert!(outcome.results.iter().all(applied));
+    }
 }
 
 /// One consumer applying through a group commit that shares its counters, as the worker builds
