@@ -1,7 +1,8 @@
-//! Group commit, per handler: several events of orders, payments or fulfillment in one
-//! transaction give what each event alone would have: the last unit sold once without
-//! deadlock, duplicates authorized once, a failing event judged alone while its neighbours
-//! commit, and each handler's decisions kept as they would be one event at a time. The
+//! Group commit, per handler: several events of orders, payments, fulfillment or the
+//! storefront (with the sandbox write-back) in one transaction give what each event alone
+//! would have: the last unit sold once without deadlock, duplicates authorized once, a
+//! failing event judged alone while its neighbours commit, and each handler's decisions kept
+//! as they would be one event at a time. The
 //! runtime's mechanics (panics, hangs, aborted transactions, a busy queue, groups that never
 //! share an order) are in `runtime_group_commit.rs`.
 
@@ -675,4 +676,137 @@ fn stock_scans(node: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
     for child in node["Plans"].as_array().into_iter().flatten() {
         stock_scans(child, out);
     }
+}
+
+/// An `OrderShipped` of `order_id` under event id `event_id`.
+fn shipped_event(event_id: &str, order_id: &str) -> Envelope {
+    use orderfleet::domain::events::{Meta, OrderShipped, SkuQuantity};
+    envelope(
+        "OrderShipped",
+        &OrderShipped {
+            meta: Meta::with_id(event_id),
+            order_id: order_id.into(),
+            carrier: "sandbox".into(),
+            tracking_number: format!("T-{order_id}"),
+            lines: vec![SkuQuantity {
+                sku: "SKU-1".into(),
+                quantity: 1,
+            }],
+            shipped_at: Utc::now(),
+        },
+    )
+}
+
+#[tokio::test]
+async fn storefront_events_in_one_group_write_back_once_and_a_refused_one_is_judged_alone() {
+    use orderfleet::domain::events::Currency;
+    use orderfleet::domain::platform::Platform;
+    use orderfleet::handlers::storefront::Storefront;
+    use orderfleet::handlers::AnyHandler;
+    use orderfleet::providers::platform::{http::JsonClient, shopify::Shopify, Sandbox};
+    use std::sync::Arc;
+
+    let (pool, _) = support::fresh_db().await;
+    let storefront = |apis: Vec<Arc<dyn orderfleet::providers::platform::PlatformApi>>| {
+        Storefront::new(
+            apis,
+            Currency::new("USD").unwrap(),
+            pool.clone(),
+            Duration::from_secs(5),
+        )
+    };
+    // Grouped with the sandbox write-back; not with a live API, whose calls would hold up
+    // the group.
+    let live = Arc::new(Shopify::new(
+        JsonClient::new(Duration::from_secs(5)),
+        "token".into(),
+        None,
+    ));
+    assert!(!AnyHandler::group_commit(&storefront(vec![live])));
+    let sandbox = storefront(vec![Arc::new(Sandbox::new(
+        Platform::Shopify,
+        pool.clone(),
+    ))]);
+    assert!(AnyHandler::group_commit(&sandbox));
+
+    // One order from Shopify, one from commercetools (whose API this fleet does not have),
+    // and orders of our own.
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "INSERT INTO platform_orders (order_id, platform, platform_order_id, shop, order_number)
+             VALUES ('shopify-1', 'shopify', 'gid://shopify/Order/1', 'tea.myshopify.com', '#1'),
+                    ('shopify-2', 'shopify', 'gid://shopify/Order/2', 'tea.myshopify.com', '#2'),
+                    ('ct-1', 'commercetools', 'ct-order-1', 'tea-project', '1')",
+        )
+        .await
+        .unwrap();
+    let sandbox_calls = || async {
+        let rows = pool
+            .get()
+            .await
+            .unwrap()
+            .query(
+                "SELECT s.idempotency_key, s.calls, p.state, p.attempts
+                   FROM sandbox_platform_calls s
+                   JOIN platform_calls p USING (idempotency_key) ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect::<Vec<(String, i32, String, i32)>>()
+    };
+
+    let events = vec![
+        shipped_event("s-shopify", "shopify-1"),
+        shipped_event("s-own-1", "own-1"),
+        // The same shipment under another event id: one write-back.
+        shipped_event("s-shopify-again", "shopify-1"),
+        shipped_event("s-own-2", "own-2"),
+        // A redelivery of an event of this group.
+        shipped_event("s-own-1", "own-1"),
+    ];
+    let outcome = execute_group(&sandbox, &pool, &refs(&events, 1)).await;
+    assert_eq!(outcome.transactions, 1, "{:?}", outcome.results);
+    assert!(
+        outcome.results[..4].iter().all(applied),
+        "{:?}",
+        outcome.results
+    );
+    assert!(matches!(outcome.results[4], Ok(Executed::Duplicate)));
+    assert_eq!(
+        sandbox_calls().await,
+        vec![("fulfill:shopify-1".into(), 1, "done".into(), 1)]
+    );
+
+    // A refused write-back (no commercetools API here) rolls its group back: it is judged
+    // alone, and the rest commit together. The Shopify write-back before it in the group was
+    // made, then rolled back with the group, so the regrouped rest ask the sandbox again,
+    // with the same idempotency key: one fulfillment, asked twice, as when a lone event's
+    // commit is lost. (With a live API nothing is grouped.)
+    let events = vec![
+        shipped_event("s-shopify-2", "shopify-2"),
+        shipped_event("s-ct", "ct-1"),
+        shipped_event("s-own-3", "own-3"),
+    ];
+    let outcome = execute_group(&sandbox, &pool, &refs(&events, 1)).await;
+    let results = &outcome.results;
+    assert!(applied(&results[0]) && applied(&results[2]), "{results:?}");
+    assert!(
+        matches!(&results[1], Err(HandlerError::Permanent { reason })
+            if reason.contains("no commercetools API is configured")),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(outcome.transactions, 3, "{results:?}");
+    assert_eq!(
+        sandbox_calls().await,
+        vec![
+            ("fulfill:shopify-1".into(), 1, "done".into(), 1),
+            ("fulfill:shopify-2".into(), 2, "done".into(), 2),
+        ]
+    );
 }

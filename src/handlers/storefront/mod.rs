@@ -23,6 +23,19 @@
 //! `platform_calls` (committed before it is made, like payments' provider attempts), bounded by
 //! the handler's time left, and marked done in the handler's transaction. Orders from
 //! elsewhere (the simulator, a storefront of the shop's own) are acknowledged.
+//!
+//! **Grouped when nothing calls out.** With the sandbox write-back (`--platform-api sandbox`,
+//! the default), no call here waits on a remote system, so events share transactions
+//! ([`crate::runtime::group`]): a group claims its events at once and commits once. Each
+//! event's outcome is what it would be alone: a webhook delivered twice is applied once, a
+//! write-back asked twice in one group is made once (the second sees the first's `done` in
+//! the group's transaction), a refused one is judged alone while its neighbours commit, and a
+//! rival group that takes an inventory item's row in the other order makes PostgreSQL abort
+//! one of them, whose events then run alone. A group rolled back (by a neighbour's failure, or
+//! lost before its commit) keeps only what a lone event would have kept: the `platform_calls`
+//! records, committed before each call, so the rerun asks the sandbox again with the same
+//! idempotency keys, and it answers with what it made the first time. With the live APIs
+//! every event has a transaction of its own, since a write-back call would hold up the group.
 
 pub mod commercetools;
 pub mod shopify;
@@ -377,6 +390,13 @@ impl Handler for Storefront {
 
     fn name(&self) -> &str {
         "storefront"
+    }
+
+    /// Whether every write-back goes to an API that answers locally (the sandbox, or no API
+    /// at all): then nothing here waits on a remote call, and events share transactions. With
+    /// a live API, an order's write-back call would hold up the group.
+    fn group_commit(&self) -> bool {
+        self.platforms.values().all(|api| api.answers_locally())
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

@@ -72,6 +72,12 @@ pub trait PlatformApi: Send + Sync + 'static {
     fn platform(&self) -> Platform;
     /// Applies `action` to the order; returns the platform's id of what it made or found.
     async fn apply(&self, call: &Call, action: &Action) -> Result<String, PlatformError>;
+
+    /// True when a call costs no remote wait (the sandbox), so the storefront handler may
+    /// group several events in one transaction.
+    fn answers_locally(&self) -> bool {
+        false
+    }
 }
 
 /// The default for local runs: records each call in `sandbox_platform_calls` once per key and
@@ -91,6 +97,10 @@ impl Sandbox {
 impl PlatformApi for Sandbox {
     fn platform(&self) -> Platform {
         self.platform
+    }
+
+    fn answers_locally(&self) -> bool {
+        true
     }
 
     async fn apply(&self, call: &Call, action: &Action) -> Result<String, PlatformError> {
