@@ -21,21 +21,22 @@
 //! **Back.** For an order that came from a platform, `OrderShipped`, `OrderCancelled` and
 //! `PaymentRefunded` are written back through [`PlatformApi`]: the call is recorded in
 //! `platform_calls` (committed before it is made, like payments' provider attempts), bounded by
-//! the handler's time left, and marked done in the handler's transaction. Orders from
+//! the handler's time left, and marked done as soon as the platform answers (committed too,
+//! so a rolled-back transaction does not make the call again). Orders from
 //! elsewhere (the simulator, a storefront of the shop's own) are acknowledged.
 //!
 //! **Grouped when nothing calls out.** With the sandbox write-back (`--platform-api sandbox`,
 //! the default), no call here waits on a remote system, so events share transactions
 //! ([`crate::runtime::group`]): a group claims its events at once and commits once. Each
 //! event's outcome is what it would be alone: a webhook delivered twice is applied once, a
-//! write-back asked twice in one group is made once (the second sees the first's `done` in
-//! the group's transaction), a refused one is judged alone while its neighbours commit, and a
+//! write-back asked twice in one group or by two groups at once is made once (the second
+//! sees the first's `done`), a refused one is judged alone while its neighbours commit, and a
 //! rival group that takes an inventory item's row in the other order makes PostgreSQL abort
-//! one of them, whose events then run alone. A group rolled back (by a neighbour's failure, or
-//! lost before its commit) keeps only what a lone event would have kept: the `platform_calls`
-//! records, committed before each call, so the rerun asks the sandbox again with the same
-//! idempotency keys, and it answers with what it made the first time. With the live APIs
-//! every event has a transaction of its own, since a write-back call would hold up the group.
+//! one of them (the event that hit the deadlock is retried later). A group rolled back (by a
+//! neighbour's failure, or lost before its commit) keeps what a lone event would have kept:
+//! the `platform_calls` records, committed around each call, so the rerun does not make a
+//! call that was done. With the live APIs every event has a transaction of its own, since a
+//! write-back call would hold up the group.
 
 pub mod commercetools;
 pub mod shopify;
@@ -301,21 +302,16 @@ impl Storefront {
             },
             idempotency_key: key,
         };
-        self.record_call(order_id, &call, &action).await?;
+        if !self.record_call(order_id, &call, &action).await? {
+            return Ok(()); // made meanwhile, by a rival process
+        }
         let outcome = cx.bounded(self.timeout, api.apply(&call, &action)).await;
         let what = format!("{platform} {} of order {order_id}", action.operation());
         match outcome {
             Ok(Ok(reference)) => {
                 tracing::info!(order_id, %platform, operation = action.operation(),
                     reference = %reference, "written back to the platform");
-                cx.tx
-                    .execute_cached(
-                        "UPDATE platform_calls SET state = 'done', result = $2, done_at = now()
-                          WHERE idempotency_key = $1",
-                        &[&call.idempotency_key, &reference],
-                    )
-                    .await?;
-                Ok(())
+                self.mark_done(&call, &reference).await
             }
             Ok(Err(PlatformError::Retry(reason))) => Err(HandlerError::retry(reason)),
             Ok(Err(PlatformError::Refused(reason))) => {
@@ -326,23 +322,30 @@ impl Storefront {
         }
     }
 
-    /// Commits, before the call, that it is about to be made (and how often it was).
+    /// Commits, before the call, that it is about to be made (and how often it was). False
+    /// when the call is done already: a rival process made it after this one looked.
+    ///
+    /// This and [`Storefront::mark_done`] run on a connection of their own and commit at once,
+    /// so the handler's transaction never holds a `platform_calls` row: in a group, a row it
+    /// held until the group's commit would make another process's group wait for it on a
+    /// connection PostgreSQL cannot tie to that group, a deadlock it cannot see.
     async fn record_call(
         &self,
         order_id: &str,
         call: &Call,
         action: &Action,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<bool, HandlerError> {
         let client = self.calls_pool.get().await.map_err(|e| {
             HandlerError::retry(format!("recording the platform call for {order_id}: {e}"))
         })?;
-        client
+        let recorded = client
             .execute_cached(
                 "INSERT INTO platform_calls (idempotency_key, order_id, platform, operation, state)
                  VALUES ($1, $2, $3, $4, 'started')
                  ON CONFLICT (idempotency_key) DO UPDATE
                     SET attempts = platform_calls.attempts + 1, last_call_at = now(),
-                        state = 'started'",
+                        state = 'started'
+                  WHERE platform_calls.state <> 'done'",
                 &[
                     &call.idempotency_key,
                     &order_id,
@@ -352,6 +355,24 @@ impl Storefront {
             )
             .await
             .map_err(|e| HandlerError::from_db("recording the platform call", &e))?;
+        Ok(recorded == 1)
+    }
+
+    /// Commits that the platform made the call, with its reference: whatever happens to the
+    /// handler's transaction, the call is not made again.
+    async fn mark_done(&self, call: &Call, reference: &str) -> Result<(), HandlerError> {
+        let client =
+            self.calls_pool.get().await.map_err(|e| {
+                HandlerError::retry(format!("recording the platform's answer: {e}"))
+            })?;
+        client
+            .execute_cached(
+                "UPDATE platform_calls SET state = 'done', result = $2, done_at = now()
+                  WHERE idempotency_key = $1",
+                &[&call.idempotency_key, &reference],
+            )
+            .await
+            .map_err(|e| HandlerError::from_db("recording the platform's answer", &e))?;
         Ok(())
     }
 
