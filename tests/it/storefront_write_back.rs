@@ -1,7 +1,8 @@
 //! The write-back clients against HTTP fakes of the platforms' APIs: what each call sends, that
 //! a call made again (the retry after a crash right after the platform acted) finds what the
 //! first made instead of acting twice, and how the platform's refusals and throttling map onto
-//! retry or give up.
+//! retry or give up; through the storefront handler, a lost answer is found and a refusal is
+//! recorded as failed.
 
 use std::time::Duration;
 
@@ -375,4 +376,53 @@ async fn a_fulfillment_whose_answer_was_lost_is_found_not_made_again() {
         .filter(|s| s.graphql() == "fulfillmentCreate")
         .count();
     assert_eq!(creates, 1, "one fulfillment on the platform");
+
+    // A refusal (a revoked token: 401) is recorded as failed, with the platform's words, and
+    // the event is permanent.
+    let revoked = Storefront::new(
+        vec![Arc::new(Shopify::new(
+            http(),
+            "shpat_revoked".into(),
+            Some(fake.url.clone()),
+        ))],
+        Currency::new("USD").unwrap(),
+        pool.clone(),
+        Duration::from_secs(5),
+    );
+    let cancelled = envelope(
+        "OrderCancelled",
+        &orderfleet::domain::events::OrderCancelled {
+            meta: Meta::with_id("cancelled-1"),
+            order_id: "shopify-820982911946154508".into(),
+            reason: orderfleet::domain::events::CancelReason::Requested,
+            lines: vec![],
+            total: Money {
+                amount_minor: 1000,
+                currency: Currency::new("USD").unwrap(),
+            },
+        },
+    );
+    let refused = orderfleet::runtime::execute(&revoked, &pool, &cancelled, 1).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(orderfleet::domain::outcome::HandlerError::Permanent { .. })
+        ),
+        "{refused:?}"
+    );
+    let row = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT state, result, done_at IS NULL FROM platform_calls
+              WHERE idempotency_key = 'cancel:shopify-820982911946154508'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (state, result, not_done): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(state, "failed");
+    assert!(result.contains("401"), "{result}");
+    assert!(not_done);
 }

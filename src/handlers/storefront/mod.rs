@@ -311,11 +311,11 @@ impl Storefront {
             Ok(Ok(reference)) => {
                 tracing::info!(order_id, %platform, operation = action.operation(),
                     reference = %reference, "written back to the platform");
-                self.mark_done(&call, &reference).await
+                self.record_answer(&call, "done", &reference).await
             }
             Ok(Err(PlatformError::Retry(reason))) => Err(HandlerError::retry(reason)),
             Ok(Err(PlatformError::Refused(reason))) => {
-                self.mark_failed(&call, &reason).await?;
+                self.record_answer(&call, "failed", &reason).await?;
                 Err(HandlerError::permanent(format!("{what}: {reason}")))
             }
             Err(limit) => Err(HandlerError::retry(out_of_time(&what, limit))),
@@ -325,7 +325,7 @@ impl Storefront {
     /// Commits, before the call, that it is about to be made (and how often it was). False
     /// when the call is done already: a rival process made it after this one looked.
     ///
-    /// This and [`Storefront::mark_done`] run on a connection of their own and commit at once,
+    /// This and [`Storefront::record_answer`] run on a connection of their own and commit at once,
     /// so the handler's transaction never holds a `platform_calls` row: in a group, a row it
     /// held until the group's commit would make another process's group wait for it on a
     /// connection PostgreSQL cannot tie to that group, a deadlock it cannot see.
@@ -358,37 +358,27 @@ impl Storefront {
         Ok(recorded == 1)
     }
 
-    /// Commits that the platform made the call, with its reference: whatever happens to the
-    /// handler's transaction, the call is not made again.
-    async fn mark_done(&self, call: &Call, reference: &str) -> Result<(), HandlerError> {
-        let client =
-            self.calls_pool.get().await.map_err(|e| {
-                HandlerError::retry(format!("recording the platform's answer: {e}"))
-            })?;
+    /// Commits the platform's answer: `done` with its reference (whatever happens to the
+    /// handler's transaction, the call is not made again), or `failed` with its refusal.
+    async fn record_answer(
+        &self,
+        call: &Call,
+        state: &str,
+        result: &str,
+    ) -> Result<(), HandlerError> {
+        let what = "recording the platform's answer";
+        let client = (self.calls_pool.get().await)
+            .map_err(|e| HandlerError::retry(format!("{what}: {e}")))?;
         client
             .execute_cached(
-                "UPDATE platform_calls SET state = 'done', result = $2, done_at = now()
+                "UPDATE platform_calls
+                    SET state = $2, result = $3,
+                        done_at = CASE WHEN $2 = 'done' THEN now() ELSE done_at END
                   WHERE idempotency_key = $1",
-                &[&call.idempotency_key, &reference],
+                &[&call.idempotency_key, &state, &result],
             )
             .await
-            .map_err(|e| HandlerError::from_db("recording the platform's answer", &e))?;
-        Ok(())
-    }
-
-    async fn mark_failed(&self, call: &Call, reason: &str) -> Result<(), HandlerError> {
-        let client =
-            self.calls_pool.get().await.map_err(|e| {
-                HandlerError::retry(format!("recording the platform's refusal: {e}"))
-            })?;
-        client
-            .execute_cached(
-                "UPDATE platform_calls SET state = 'failed', result = $2
-                  WHERE idempotency_key = $1",
-                &[&call.idempotency_key, &reason],
-            )
-            .await
-            .map_err(|e| HandlerError::from_db("recording the platform's refusal", &e))?;
+            .map_err(|e| HandlerError::from_db(what, &e))?;
         Ok(())
     }
 }
