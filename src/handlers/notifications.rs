@@ -58,6 +58,14 @@
 //! closed, only kept short: the send is the last thing before the commit. See
 //! `docs/notifications.md`.
 //!
+//! With the file outbox (the default transport) the window closes: the file's name is the
+//! email's key, so the copy overwrites the first. That is also why, with the file outbox and
+//! only with it, events share transactions ([`crate::runtime::group`]): a group is claimed,
+//! sent and recorded one event after the other and committed once, and a group rolled back
+//! (by a neighbour's failure, or lost before its commit) and run again writes the same files.
+//! Over SMTP or SES a send waits on a server, and a rolled-back group would deliver every
+//! email it had sent again: one event per transaction.
+//!
 //! # What happens if two processes, or a crash, land here
 //!
 //! - Two processes, the same `(order, kind)` (a duplicate event under another id, or two
@@ -70,6 +78,9 @@
 //! - A crash after the transport accepted it and before the commit: the email goes out again
 //!   on redelivery (at least once, the window above). The copy has the same Message-ID, so a
 //!   mail client that threads or de-duplicates by it shows one; the customer may still see two.
+//! - Two groups (the file outbox) claiming the same `(order, kind)`s in opposite orders: each
+//!   waits on the other's claim, PostgreSQL aborts one, and the event that hit it is retried
+//!   later, when the other's row stands: one email.
 //!
 //! - Two SES reports about one address at once (a bounce and a complaint): each is an upsert
 //!   on the address's hash, so the second waits on the row lock and then counts; the first
@@ -719,6 +730,15 @@ impl Handler for Notifications {
 
     fn name(&self) -> &str {
         "notifications"
+    }
+
+    /// With the file outbox, an email is a file whose name is its key, written locally: a
+    /// group's emails are written one after the other in one transaction, and a group rolled
+    /// back and run again overwrites the same files, so no email repeats. Over SMTP or SES a
+    /// send waits on a server and a rolled-back group would deliver each of its emails again:
+    /// one event per transaction, as the module documentation describes.
+    fn group_commit(&self) -> bool {
+        self.mailer.answers_locally()
     }
 
     async fn handle(&self, event: &Envelope, cx: &mut Context<'_>) -> Result<(), HandlerError> {

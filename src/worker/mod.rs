@@ -128,8 +128,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "ORDERFLEET_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
     /// Most events of one handler committed in one transaction (orders, inventory, analytics,
-    /// personalization without a Personalize tracker, and payments, fulfillment and the
-    /// storefront with the sandboxes); 1 commits each event alone. A ceiling: groups are
+    /// personalization without a Personalize tracker, notifications with the file outbox, and
+    /// payments, fulfillment and the storefront with the sandboxes); 1 commits each event alone. A ceiling: groups are
     /// capped at the messages in flight / --group-commit-transactions, so they grow only with
     /// the queue's backlog.
     #[arg(long, env = "ORDERFLEET_GROUP_COMMIT_MAX", default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]

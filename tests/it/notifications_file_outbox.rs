@@ -340,3 +340,83 @@ async fn customer_data_is_escaped_in_the_html_part_only() {
     let text = parsed.part("text/plain").unwrap();
     assert!(text.contains("Hello Ada <b>Lovelace</b> & Co"), "{text}");
 }
+
+#[tokio::test]
+async fn a_group_writes_each_email_once_and_a_group_run_again_rewrites_the_same_files() {
+    use orderfleet::domain::envelope::Envelope;
+    use orderfleet::domain::outcome::HandlerError;
+    use orderfleet::handlers::notifications::Notifications;
+    use orderfleet::handlers::AnyHandler;
+    use orderfleet::runtime::group::execute_group;
+
+    let outbox = TempDir::new("of-outbox-");
+    let (pool, _) = support::fresh_db().await;
+    let handler = Notifications::new(file_mailer(outbox.path()));
+    assert!(AnyHandler::group_commit(&handler), "the file outbox groups");
+
+    // A confirmation for o1 and o2, o1's again under another event id, and between them an
+    // OrderAccepted that cannot be read (poison): the group writes o1's and o2's files, reaches the
+    // bad event and rolls back; the bad one is judged alone and the rest run again together.
+    let mut broken = serde_json::to_value(accepted("grp-bad", "ada@example.com")).unwrap();
+    broken["lines"] = serde_json::json!("not a list");
+    let events: Vec<Envelope> = vec![
+        envelope("OrderAccepted", &accepted("grp-1", "ada@example.com")),
+        envelope("OrderAccepted", &accepted("grp-2", "grace@example.com")),
+        envelope("OrderAccepted", &broken),
+        envelope("OrderAccepted", &accepted("grp-1", "ada@example.com")),
+    ];
+    let outcome = execute_group(&handler, &pool, &support::refs(&events, 1)).await;
+    let results = &outcome.results;
+    assert!(
+        matches!(&results[2], Err(HandlerError::Poison { .. })),
+        "{results:?}"
+    );
+    for i in [0, 1, 3] {
+        assert!(
+            matches!(results[i], Ok(Executed::Applied { emitted: 0 })),
+            "{i}: {results:?}"
+        );
+    }
+    // The first round, the bad event alone, the rest together.
+    assert_eq!(outcome.transactions, 3, "{results:?}");
+
+    // One file per order and kind, though the first round wrote two of them before it rolled
+    // back: the second round wrote the same names.
+    let names: Vec<String> = eml_files(outbox.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["grp-1.confirmation.eml", "grp-2.confirmation.eml"]);
+    let rows = emails(&pool).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.status == "sent" && r.sent),
+        "{rows:?}"
+    );
+    assert_well_formed(
+        &read(outbox.path(), "grp-2.confirmation.eml"),
+        "grace@example.com",
+    );
+}
+
+#[tokio::test]
+async fn over_a_transport_that_sends_remotely_each_email_has_a_transaction_of_its_own() {
+    use async_trait::async_trait;
+    use orderfleet::handlers::notifications::Notifications;
+    use orderfleet::handlers::AnyHandler;
+    use orderfleet::providers::email::{EmailKey, SendError, Sent, Transport};
+
+    /// A transport that never sends: only its kind matters here.
+    struct Remote;
+    #[async_trait]
+    impl Transport for Remote {
+        fn name(&self) -> &'static str {
+            "ses"
+        }
+        async fn send(&self, _: &EmailKey, _: &lettre::Message) -> Result<Sent, SendError> {
+            unreachable!("not sent in this test")
+        }
+    }
+    let handler = Notifications::new(mailer(std::sync::Arc::new(Remote)));
+    assert!(!AnyHandler::group_commit(&handler));
+}

@@ -609,6 +609,12 @@ impl Mailer {
         self.send_within(key, message, self.send_timeout).await
     }
 
+    /// Whether its transport sends locally and harmlessly again
+    /// ([`transport::Transport::answers_locally`]).
+    pub fn answers_locally(&self) -> bool {
+        self.transport.answers_locally()
+    }
+
     /// The longest a send may take (`--email-send-timeout-secs`).
     pub fn send_timeout(&self) -> Duration {
         self.send_timeout

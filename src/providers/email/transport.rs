@@ -64,6 +64,14 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Sends `message`, the email of `key`.
     async fn send(&self, key: &EmailKey, message: &Message) -> Result<Sent, SendError>;
+
+    /// True when a send waits on nothing remote and sending again is harmless (the file
+    /// outbox: a repeat overwrites the first copy), so the notifications handler may send
+    /// several events' emails in one transaction: a group rolled back and run again writes
+    /// the same files, where a remote transport would deliver a second copy of each.
+    fn answers_locally(&self) -> bool {
+        false
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -129,6 +137,10 @@ impl FileOutbox {
 impl Transport for FileOutbox {
     fn name(&self) -> &'static str {
         "file"
+    }
+
+    fn answers_locally(&self) -> bool {
+        true
     }
 
     async fn send(&self, key: &EmailKey, message: &Message) -> Result<Sent, SendError> {
