@@ -420,3 +420,69 @@ async fn over_a_transport_that_sends_remotely_each_email_has_a_transaction_of_it
     let handler = Notifications::new(mailer(std::sync::Arc::new(Remote)));
     assert!(!AnyHandler::group_commit(&handler));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rival_groups_claiming_the_same_emails_in_opposite_order_send_each_once() {
+    use orderfleet::domain::envelope::Envelope;
+    use orderfleet::domain::outcome::HandlerError;
+    use orderfleet::handlers::notifications::Notifications;
+    use orderfleet::handlers::AnyHandler;
+    use orderfleet::runtime::group::execute_group;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let outbox = TempDir::new("of-outbox-");
+    let (pool, _) = support::fresh_db().await;
+    let handler: Arc<dyn AnyHandler> = Arc::new(support::AtOnce {
+        inner: Arc::new(Notifications::new(file_mailer(outbox.path()))),
+        barrier: tokio::sync::Barrier::new(2),
+    });
+    // Two processes' groups at once, with the same six orders' confirmations (each its own
+    // event ids) in opposite orders.
+    let orders: Vec<String> = (1..=6).map(|i| format!("rival-{i}")).collect();
+    let first: Vec<Envelope> = orders
+        .iter()
+        .map(|o| envelope("OrderAccepted", &accepted(o, "ada@example.com")))
+        .collect();
+    let second: Vec<Envelope> = orders
+        .iter()
+        .rev()
+        .map(|o| envelope("OrderAccepted", &accepted(o, "ada@example.com")))
+        .collect();
+    let run = |events: Vec<Envelope>| {
+        let (handler, pool) = (handler.clone(), pool.clone());
+        tokio::spawn(async move {
+            let outcome = execute_group(&*handler, &pool, &support::refs(&events, 1)).await;
+            (events, outcome)
+        })
+    };
+    let (a, b) = (run(first), run(second));
+    let (a, b) = tokio::time::timeout(Duration::from_secs(20), async {
+        (a.await.unwrap(), b.await.unwrap())
+    })
+    .await
+    .expect("the groups stalled");
+
+    // Each event was applied, or answered with a retry (PostgreSQL broke the deadlock by
+    // aborting one transaction): the retried ones are received again later.
+    let mut retried = Vec::new();
+    for (events, outcome) in [a, b] {
+        for (event, result) in events.into_iter().zip(outcome.results) {
+            match result {
+                Ok(Executed::Applied { .. }) => {}
+                Err(HandlerError::Retry { .. }) => retried.push(event),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let handler = Notifications::new(file_mailer(outbox.path()));
+    for event in &retried {
+        orderfleet::runtime::execute(&handler, &pool, event, 2)
+            .await
+            .unwrap();
+    }
+    assert_eq!(eml_files(outbox.path()).len(), orders.len());
+    let rows = emails(&pool).await;
+    assert_eq!(rows.len(), orders.len());
+    assert!(rows.iter().all(|r| r.status == "sent"), "{rows:?}");
+}
