@@ -169,6 +169,15 @@ where
 #[derive(Debug, Default)]
 pub struct Orders(BTreeMap<String, (String, Vec<String>)>);
 
+impl Orders {
+    /// Adds `order`, bought as `skus`, unless an earlier copy of it is here.
+    fn add(&mut self, order: &OrderCompleted, skus: Vec<String>) {
+        self.0
+            .entry(order.order_id.clone())
+            .or_insert_with(|| (order.customer_id.clone(), skus));
+    }
+}
+
 /// Counts `orders` once each: records them in `personalization_orders` and adds their pairs
 /// to `co_purchases`, in one statement. Returns the ids of the orders counted now (the others
 /// were counted before, by this or another process).
@@ -250,16 +259,12 @@ impl Handler for Personalization {
         let skus: Vec<String> = quantities.keys().map(|s| s.to_string()).collect();
         let Some(tracker) = &self.tracker else {
             // Counted with the rest of the transaction's orders, at its end.
-            cx.batch
-                .0
-                .entry(order.order_id.clone())
-                .or_insert((order.customer_id.clone(), skus));
+            cx.batch.add(&order, skus);
             return Ok(());
         };
         // Forwarded only when counted now: the insert decides, once, who sends.
         let mut this = Orders::default();
-        this.0
-            .insert(order.order_id.clone(), (order.customer_id.clone(), skus));
+        this.add(&order, skus);
         if count(cx.tx, &this).await?.is_empty() {
             tracing::debug!(order_id = %order.order_id, "order already counted");
             return Ok(());

@@ -325,10 +325,10 @@ impl Storefront {
     /// Commits, before the call, that it is about to be made (and how often it was). False
     /// when the call is done already: a rival process made it after this one looked.
     ///
-    /// This and [`Storefront::record_answer`] run on a connection of their own and commit at once,
-    /// so the handler's transaction never holds a `platform_calls` row: in a group, a row it
-    /// held until the group's commit would make another process's group wait for it on a
-    /// connection PostgreSQL cannot tie to that group, a deadlock it cannot see.
+    /// This and [`Storefront::record_answer`] run on a connection of their own and commit at
+    /// once, so the handler's transaction never holds a `platform_calls` row: in a group, a
+    /// row it held until the group's commit would make another process's group wait for it
+    /// on a connection PostgreSQL cannot tie to that group, a deadlock it cannot see.
     async fn record_call(
         &self,
         order_id: &str,
